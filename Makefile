@@ -1,0 +1,33 @@
+# Two entry points: `make tune` (the main job on embedded defaults) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Tox21 is downloaded from MoleculeNet by default; a local copy is used when one sits beside the repo.
+DATA ?= $(firstword $(wildcard ../shared/data/tox21.csv) default)
+CONFIG ?= configs/quick.yaml
+
+.PHONY: install tune test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# No GPU: take the CPU wheel first so the range below installs nothing more.
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+tune: install
+	$(VENV)/bin/toxtune tune --config $(CONFIG) --data $(DATA)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,189 @@
+"""Real services for end-to-end tests: an `mlflow server` and Ray nodes on 127.0.0.1.
+
+Each is started as a subprocess on a free loopback port and torn down even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Poll `url` until it answers 200, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s: {last}")
+
+
+def _kill_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+@dataclass
+class MlflowServer:
+    """A running `mlflow server` with a SQLite backend and served artifacts."""
+
+    url: str
+    port: int
+    root: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start (or restart, on the same port and store) the server and wait for it."""
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_http(f"{self.url}/health", timeout=90)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+
+    def log_tail(self, n: int = 40) -> str:
+        path = self.root / "server.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[MlflowServer]:
+    """Run a real tracking server on a free loopback port for the duration of the block."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = MlflowServer(url=f"http://127.0.0.1:{port}", port=port, root=root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class RayCluster:
+    """A local multi-process Ray cluster started with `ray start` (head + optional workers)."""
+
+    address: str
+    dashboard_url: str
+    temp_dir: Path
+    env: dict[str, str]
+
+    def add_node(self, num_cpus: int = 1, num_gpus: int = 0) -> None:
+        """Join one more node (its own raylet) to the cluster."""
+        _ray(
+            [
+                "start",
+                f"--address={self.address}",
+                f"--num-cpus={num_cpus}",
+                f"--num-gpus={num_gpus}",
+                "--node-ip-address=127.0.0.1",
+            ],
+            self.env,
+        )
+
+    def stop(self) -> None:
+        _ray(["stop", "--force"], self.env, check=False)
+
+
+def _ray(args: list[str], env: dict[str, str], check: bool = True) -> str:
+    out = subprocess.run(
+        [str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=180
+    )
+    if check and out.returncode != 0:
+        raise RuntimeError(f"ray {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    return out.stdout
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    temp_dir: Path, num_cpus: int = 2, num_gpus: int = 0, dashboard: bool = False
+) -> Iterator[RayCluster]:
+    """Start a real Ray head node on 127.0.0.1 (free ports); stop every node afterwards."""
+    # Ray's unix sockets need a short path.
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    short = Path(f"/tmp/rt{os.getpid()}_{free_port()}")
+    port, dash_port = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    args = [
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        f"--num-gpus={num_gpus}",
+        f"--temp-dir={short}",
+        "--disable-usage-stats",
+    ]
+    if dashboard:
+        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+        args += [f"--dashboard-port={dash_port}"]
+    else:
+        args += ["--include-dashboard=false"]
+    cluster = RayCluster(
+        address=f"127.0.0.1:{port}",
+        dashboard_url=f"http://127.0.0.1:{dash_port}",
+        temp_dir=short,
+        env=env,
+    )
+    try:
+        _ray(args, env)
+        if dashboard:
+            wait_http(f"{cluster.dashboard_url}/api/version", timeout=90)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(short, ignore_errors=True)

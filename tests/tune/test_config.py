@@ -1,0 +1,129 @@
+"""Config errors are refused before Ray starts, with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tune.cli import build_parser, resolve_job
+from tune.config import ConfigError, JobConfig, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_valid() -> None:
+    job = load_config()
+    assert isinstance(job, JobConfig)
+    assert job.tracking_uri.startswith("sqlite:///")
+    assert job.study_storage.startswith("sqlite:///")
+    assert job.study_storage != job.tracking_uri  # both own an `alembic_version` table
+
+
+@pytest.mark.parametrize("name", ["quick.yaml", "tox21.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    job = load_config(REPO / "configs" / name)
+    assert job.search.num_samples > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"search.bogus": 1}, "bogus"),
+        ({"nosuchsection.x": 1}, "nosuchsection"),
+        ({"search.num_samples": 0}, "search.num_samples"),
+        ({"search.num_samples": -3}, "search.num_samples"),
+        ({"search.num_samples": "many"}, "search.num_samples"),
+        ({"search.num_samples": 2.5}, "search.num_samples"),
+        ({"search.max_epochs": 0}, "search.max_epochs"),
+        ({"search.searcher": "grid"}, "search.searcher"),
+        ({"search.scheduler": "pbt"}, "search.scheduler"),
+        ({"search.reduction_factor": 1}, "search.reduction_factor"),
+        ({"search.grace_period": 50, "search.max_epochs": 10}, "grace_period"),
+        ({"search.time_limit_s": 0}, "search.time_limit_s"),
+        ({"search.evaluate_default": "yes"}, "search.evaluate_default"),
+        ({"resources.gpus_per_trial": 1.5}, "resources.gpus_per_trial"),
+        ({"resources.gpus_per_trial": -0.25}, "resources.gpus_per_trial"),
+        ({"resources.gpus_per_trial": "lots"}, "resources.gpus_per_trial"),
+        ({"resources.cpus_per_trial": 0}, "resources.cpus_per_trial"),
+        ({"faults.max_failed_trials": 0}, "faults.max_failed_trials"),
+        ({"faults.max_retries": -1}, "faults.max_retries"),
+        ({"data.targets": "NR-AR"}, "data.targets"),
+        ({"data.source": ""}, "data.source"),
+        ({"featurizer.n_bits": 0}, "n_bits"),
+        ({"featurizer.radius": -1}, "radius"),
+        ({"search.space": {"lr": {"low": 1e-2, "high": 1e-4}}}, "low"),
+        ({"search.space": {"activation": {"choices": []}}}, "activation"),
+        ({"search.space": {"depth": {"low": 1, "high": 2}}}, "depth"),
+        ({"search.space": {"lr": {"low": 0, "high": 1e-3, "log": True}}}, "lr"),
+        ({"search.space": {"n_layers": {"low": 1, "high": 9}}}, "n_layers"),
+        ({"search.space": {"activation": {"low": 1, "high": 2}}}, "categorical"),
+        ({"tracking.tracking_uri": "postgresql://u:secret@db/mlflow"}, "password"),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_field(overrides: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(overrides=overrides)
+
+
+def test_gpu_fraction_accepts_fraction_and_auto() -> None:
+    assert (
+        load_config(overrides={"resources.gpus_per_trial": "0.25"}).resources.gpus_per_trial == 0.25
+    )
+    assert (
+        load_config(overrides={"resources.gpus_per_trial": "auto"}).resources.gpus_per_trial
+        == "auto"
+    )
+
+
+def test_yaml_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_flags_override_the_file_and_resume_reads_the_saved_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("search:\n  num_samples: 7\n  max_epochs: 5\n")
+    args = build_parser().parse_args(["tune", "--config", str(cfg), "--max-epochs", "3"])
+    job = resolve_job(args)
+    assert (job.search.num_samples, job.search.max_epochs) == (7, 3)
+
+    saved = tmp_path / "results" / "myjob" / "toxtune_job.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(dump_config(job))
+    args = build_parser().parse_args(
+        [
+            "tune",
+            "--resume",
+            "myjob",
+            "--storage-path",
+            str(tmp_path / "results"),
+            "--num-samples",
+            "12",
+        ]
+    )
+    resumed = resolve_job(args)
+    assert resumed.name == "myjob"
+    assert (resumed.search.num_samples, resumed.search.max_epochs) == (12, 3)
+
+
+def test_resume_of_unknown_job_is_refused(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["tune", "--resume", "nope", "--storage-path", str(tmp_path)])
+    with pytest.raises(ConfigError, match="nope"):
+        resolve_job(args)
+
+
+def test_cli_reports_config_errors_without_traceback(capsys: pytest.CaptureFixture) -> None:
+    from tune.cli import main
+
+    assert main(["tune", "--num-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "search.num_samples" in err and "Traceback" not in err

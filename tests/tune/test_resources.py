@@ -1,0 +1,65 @@
+"""GPU-memory estimate, `auto` fractions and the failure/retry policy (plain code, no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tune.resources import (
+    CUDA_CONTEXT_BYTES,
+    TrialShape,
+    classify_failure,
+    estimate_trial_bytes,
+    gpu_fraction,
+    is_retryable,
+    next_gpu_share,
+)
+
+GIB = 2**30
+TOX21 = dict(n_rows=7823, fp_bytes_per_row=2048, n_descriptors=0, n_tasks=12)
+
+
+def test_estimate_counts_weights_optimizer_data_and_activations() -> None:
+    small = TrialShape(**TOX21, hidden=(256,), batch_size=64)
+    big = TrialShape(**TOX21, hidden=(2048, 2048, 2048), batch_size=512)
+    assert estimate_trial_bytes(small) > CUDA_CONTEXT_BYTES
+    # 16 bytes per weight: fp32 weights + grads + two AdamW moments.
+    assert estimate_trial_bytes(big) - estimate_trial_bytes(small) > 16 * (
+        big.n_weights - small.n_weights
+    )
+    # Fingerprint bytes stay uint8 on the device: 7.8k x 2048 is ~16 MB, not ~64 MB.
+    no_data = TrialShape(**{**TOX21, "n_rows": 0}, hidden=(256,), batch_size=64)
+    assert estimate_trial_bytes(small) - estimate_trial_bytes(no_data) < 20 * 2**20
+
+
+def test_fraction_packs_small_trials_and_gives_big_ones_more() -> None:
+    small = TrialShape(**TOX21, hidden=(512, 256), batch_size=128)
+    huge = TrialShape(**{**TOX21, "n_rows": 10_000_000}, hidden=(2048, 2048, 2048), batch_size=512)
+    f_small = gpu_fraction(small, 80 * GIB)
+    assert 0 < f_small <= 0.05  # twenty such trials fit an 80 GB GPU
+    assert gpu_fraction(small, 8 * GIB) > f_small
+    assert gpu_fraction(huge, 16 * GIB) == 1.0
+    with pytest.raises(ValueError, match="gpu_memory_bytes"):
+        gpu_fraction(small, 0)
+
+
+def test_oom_retry_doubles_the_share_up_to_one_gpu() -> None:
+    assert next_gpu_share(0.25) == pytest.approx(0.5)
+    assert next_gpu_share(0.05) == pytest.approx(0.1)
+    assert next_gpu_share(0.75) == 1.0
+    assert next_gpu_share(1.0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "retry"),
+    [
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "gpu_oom", True),
+        ("ray.exceptions.ActorDiedError: The actor died unexpectedly", "node_lost", True),
+        ("ray.exceptions.NodeDiedError: node 1234 died", "node_lost", True),
+        ("toxmodel.train.TrainingDiverged: non-finite training loss at epoch 3", "diverged", False),
+        ("ValueError: unknown activation 'foo'", "code_error", False),
+        ("", "code_error", False),
+    ],
+)
+def test_failures_are_classified_and_only_some_retried(text: str, kind: str, retry: bool) -> None:
+    assert classify_failure(text) == kind
+    assert is_retryable(kind) is retry

@@ -1,0 +1,1 @@
+"""tune: Ray Tune + Optuna hyperparameter search over `toxmodel`, tracked in MLflow."""

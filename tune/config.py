@@ -1,0 +1,319 @@
+"""The job configuration: typed sections, YAML loading, flag overrides, validation at the edge.
+
+Everything a tuning job needs is one `JobConfig`; it is validated once, before Ray starts,
+and every later stage reads typed fields instead of raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toxmodel.featurize import FeaturizerConfig
+from toxmodel.split import SplitConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the molecules come from."""
+
+    source: str = "default"  # a path, a URL, or "default" (MoleculeNet Tox21)
+    smiles_column: str = "smiles"
+    targets: list[str] | None = None  # None: every binary 0/1 column
+    cache_dir: str | None = None  # None: $TOXTUNE_CACHE_DIR or ~/.cache/toxtune
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The search: sampler, scheduler, budget."""
+
+    searcher: str = "optuna"  # optuna (TPE) | random
+    scheduler: str = "asha"  # asha | fifo
+    num_samples: int = 20  # total trials of the study (a resumed job grows it to this)
+    max_epochs: int = 30  # per trial
+    patience: int = 8  # early stopping inside a trial (0 = off)
+    time_limit_s: float | None = None  # wall-clock budget of the search
+    grace_period: int = 3  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 3  # ASHA: keep 1/reduction_factor at each rung
+    max_concurrent: int = 2  # trials in flight at once
+    seed: int = 0
+    evaluate_default: bool = True  # first trial = the known-good default point
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides of tune.space
+    final_seeds: int = 1  # retrain the best config over this many seeds, report mean/std
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one trial asks Ray for."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | str = 0.0  # a fraction in (0, 1], 0 for CPU only, or "auto"
+    gpu_memory_gb: float | None = None  # for "auto" without a visible GPU: memory per GPU
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Retries and the error budget."""
+
+    max_retries: int = 2  # per trial, for retryable failures only (OOM, lost node)
+    max_failed_trials: int = 5  # stop the job with a report after this many failed trials
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where trials run and where results are stored."""
+
+    address: str | None = None  # None: a local Ray; "auto" or host:port: join a cluster
+    storage_path: str = "toxtune_results"  # Ray experiment folder (shared storage on clusters)
+    num_cpus: int | None = None  # local Ray only
+    num_gpus: int | None = None  # local Ray only; logical GPUs work on a CPU machine
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow and the Optuna study storage."""
+
+    tracking_uri: str | None = None  # None: sqlite:///<storage_path>/mlflow.db
+    experiment_name: str = "toxtune"
+    run_name: str | None = None  # the job's name (Ray experiment + MLflow parent run)
+    registered_model_name: str = "toxtune-tox21"
+    alias: str = "champion"
+    study_storage: str | None = None  # None: sqlite:///<storage_path>/optuna.db
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole tuning job."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def name(self) -> str:
+        """The job's name: the Ray experiment folder and the MLflow parent run."""
+        return self.tracking.run_name or f"{self.tracking.experiment_name}-{self.search.searcher}"
+
+    @property
+    def storage_root(self) -> Path:
+        return Path(self.ray.storage_path).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = self.tracking.tracking_uri
+        return uri or f"sqlite:///{self.storage_root / 'mlflow.db'}"
+
+    @property
+    def study_storage(self) -> str:
+        """Optuna's database. A file of its own: MLflow and Optuna both own `alembic_version`."""
+        return self.tracking.study_storage or f"sqlite:///{self.storage_root / 'optuna.db'}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; convert YAML/CLI scalars where lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is typing.Any:
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, sub)
+        else:
+            kwargs[name] = _coerce(value, tp, sub)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _positive(value: float, where: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{where} must be {bound}, got {value}")
+
+
+def validate(job: JobConfig) -> JobConfig:
+    """Range checks that span fields; raises ConfigError naming the field."""
+    from tune.space import validate_overrides
+
+    s, r, f = job.search, job.resources, job.faults
+    if s.searcher not in ("optuna", "random"):
+        raise ConfigError(f"search.searcher must be optuna or random, got {s.searcher!r}")
+    if s.scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"search.scheduler must be asha or fifo, got {s.scheduler!r}")
+    for name in ("num_samples", "max_epochs", "grace_period", "max_concurrent", "final_seeds"):
+        _positive(getattr(s, name), f"search.{name}")
+    _positive(s.patience, "search.patience", allow_zero=True)
+    if s.reduction_factor < 2:
+        raise ConfigError(f"search.reduction_factor must be >= 2, got {s.reduction_factor}")
+    if s.time_limit_s is not None:
+        _positive(s.time_limit_s, "search.time_limit_s")
+    if s.grace_period > s.max_epochs:
+        raise ConfigError(
+            f"search.grace_period ({s.grace_period}) must not exceed "
+            f"search.max_epochs ({s.max_epochs})"
+        )
+    _positive(r.cpus_per_trial, "resources.cpus_per_trial")
+    if isinstance(r.gpus_per_trial, str):
+        if r.gpus_per_trial != "auto":
+            raise ConfigError(
+                f"resources.gpus_per_trial must be a number in [0, 1] or 'auto', "
+                f"got {r.gpus_per_trial!r}"
+            )
+    elif not 0 <= r.gpus_per_trial <= 1:
+        raise ConfigError(
+            f"resources.gpus_per_trial must be in (0, 1] (or 0 for CPU only), "
+            f"got {r.gpus_per_trial}"
+        )
+    if r.gpu_memory_gb is not None:
+        _positive(r.gpu_memory_gb, "resources.gpu_memory_gb")
+    _positive(f.max_retries, "faults.max_retries", allow_zero=True)
+    _positive(f.max_failed_trials, "faults.max_failed_trials")
+    for name in ("num_cpus", "num_gpus"):
+        value = getattr(job.ray, name)
+        if value is not None:
+            _positive(value, f"ray.{name}", allow_zero=name == "num_gpus")
+    if not job.data.source:
+        raise ConfigError("data.source must not be empty")
+    if not job.tracking.experiment_name:
+        raise ConfigError("tracking.experiment_name must not be empty")
+    validate_overrides(s.space)
+    _no_credentials(job)
+    return job
+
+
+def _no_credentials(job: JobConfig) -> None:
+    """Refuse URIs with embedded passwords: they would end up in logs and MLflow params."""
+    for where, uri in (
+        ("tracking.tracking_uri", job.tracking.tracking_uri),
+        ("tracking.study_storage", job.tracking.study_storage),
+        ("data.source", job.data.source),
+    ):
+        if uri and "://" in uri:
+            netloc = uri.split("://", 1)[1].split("/", 1)[0]
+            if "@" in netloc and ":" in netloc.split("@", 1)[0]:
+                raise ConfigError(
+                    f"{where} embeds a password; pass credentials through the environment "
+                    "(e.g. MLFLOW_TRACKING_PASSWORD, PGPASSWORD) instead"
+                )
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> JobConfig:
+    """Read a YAML config (or the defaults), apply dotted-key overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r} must be section.key")
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping")
+        target[key] = value
+    job = _build(JobConfig, raw, "")
+    if isinstance(job.featurizer.n_bits, int) and job.featurizer.n_bits <= 0:
+        raise ConfigError(f"featurizer.n_bits must be > 0, got {job.featurizer.n_bits}")
+    if job.featurizer.radius < 0:
+        raise ConfigError(f"featurizer.radius must be >= 0, got {job.featurizer.radius}")
+    return validate(job)
+
+
+def dump_config(job: JobConfig) -> str:
+    """The resolved config as YAML (what MLflow stores and `--resume` compares)."""
+    return yaml.safe_dump(job.to_dict(), sort_keys=False)

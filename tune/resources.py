@@ -1,0 +1,100 @@
+"""Per-trial resources: the GPU-memory estimate behind `gpus_per_trial: auto`, and failure policy.
+
+Ray's GPU fractions are scheduling only; they do not fence memory. So `auto` sizes each trial's
+fraction from an estimate of what it will hold on the device:
+
+    footprint = CUDA context                       (per process; every trial is a process)
+              + features  rows x fp bytes (uint8) + rows x descriptors x 4 + labels/mask x 8
+              + weights x 16 bytes                  (fp32 weights, grads, AdamW's two moments)
+              + activations  batch x (inputs + 4 x sum(hidden)) x 4 bytes, for the train batch
+                             and the (larger, forward-only) evaluation batch
+    fraction  = footprint x safety / GPU memory, rounded up to a multiple of 1/20, at most 1
+
+A trial that still runs out of GPU memory is retried with twice its share (`next_gpu_share`).
+Failures are classified so that only retryable ones (out of GPU memory, lost node or worker)
+are retried; a diverged trial or a code error fails at once and the search goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+CUDA_CONTEXT_BYTES = 500 * 2**20  # a CUDA context plus PyTorch's kernels, per process
+SAFETY = 1.3  # allocator fragmentation and cuBLAS workspaces
+EVAL_BATCH = 4096  # rows per evaluation batch (forward only)
+STEP = 1 / 20  # GPU fractions are rounded up to multiples of this
+
+GPU_OOM, NODE_LOST, DIVERGED, CODE_ERROR = "gpu_oom", "node_lost", "diverged", "code_error"
+RETRYABLE = frozenset({GPU_OOM, NODE_LOST})
+
+
+@dataclass(frozen=True)
+class TrialShape:
+    """What determines a trial's device memory."""
+
+    n_rows: int
+    fp_bytes_per_row: int  # uint8 fingerprint columns
+    n_descriptors: int
+    n_tasks: int
+    hidden: tuple[int, ...]
+    batch_size: int
+
+    @property
+    def n_inputs(self) -> int:
+        return self.fp_bytes_per_row + self.n_descriptors
+
+    @property
+    def n_weights(self) -> int:
+        sizes = [self.n_inputs, *self.hidden, self.n_tasks]
+        return sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
+def estimate_trial_bytes(shape: TrialShape) -> int:
+    """Bytes one trial holds on its GPU at peak (see the module docstring)."""
+    data = shape.n_rows * (shape.fp_bytes_per_row + 4 * shape.n_descriptors + 8 * shape.n_tasks)
+    weights = 16 * shape.n_weights
+    per_row = 4 * (shape.n_inputs + 4 * sum(shape.hidden) + 2 * shape.n_tasks)
+    activations = per_row * (shape.batch_size + EVAL_BATCH)
+    return int(CUDA_CONTEXT_BYTES + data + weights + activations)
+
+
+def gpu_fraction(shape: TrialShape, gpu_memory_bytes: int) -> float:
+    """The share of one GPU to ask Ray for, from the estimate; never 0, at most 1."""
+    if gpu_memory_bytes <= 0:
+        raise ValueError(f"gpu_memory_bytes must be > 0, got {gpu_memory_bytes}")
+    need = estimate_trial_bytes(shape) * SAFETY / gpu_memory_bytes
+    return min(1.0, max(STEP, round(math.ceil(need / STEP - 1e-9) * STEP, 4)))
+
+
+def next_gpu_share(current: float) -> float:
+    """The share for a retry after running out of GPU memory: double it, capped at one GPU."""
+    return min(1.0, max(STEP, round(round(current * 2 / STEP) * STEP, 4)))
+
+
+def classify_failure(error_text: str) -> str:
+    """Name a trial failure from its error text: gpu_oom, node_lost, diverged or code_error."""
+    text = error_text or ""
+    if "OutOfMemoryError" in text or "CUDA out of memory" in text:
+        return GPU_OOM
+    lost = (
+        "NodeDiedError",
+        "ActorDiedError",
+        "WorkerCrashedError",
+        "RayActorError",
+        "ActorUnavailableError",
+        "OutOfMemoryError: Task was killed",
+        "The actor died",
+        "node died",
+        "SYSTEM_ERROR",
+    )
+    if any(s in text for s in lost):
+        return NODE_LOST
+    if "TrainingDiverged" in text or "non-finite" in text:
+        return DIVERGED
+    return CODE_ERROR
+
+
+def is_retryable(kind: str) -> bool:
+    return kind in RETRYABLE

@@ -1,0 +1,143 @@
+"""The Ray Tune trainable: one trial = one process that trains one `toxmodel` MLP.
+
+The featurized data arrives once through Ray's object store (`tune.with_parameters`); a trial
+never reads the CSV or runs RDKit. Each epoch is reported to Tune with its metrics, and the
+trial's best epoch so far is reported with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune as ray_tune
+
+from toxmodel.featurize import Features, FeaturizerConfig
+from toxmodel.split import Split
+from toxmodel.train import EpochResult, fit
+from tune.space import to_run_configs
+
+CHECKPOINT_FILE = "model.pt"
+ABORT_KEY = "_toxtune_abort"  # set by the retry policy on a trial that must not be retried
+
+
+class NonRetryableTrialError(RuntimeError):
+    """Re-raised at once when a trial that failed for a non-retryable reason is restarted."""
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Chaos hooks for fault-injection tests and drills; empty in normal runs.
+
+    Keys are trial positions in sampling order (0 = the first trial of the job).
+    """
+
+    raise_in: frozenset[int] = frozenset()  # raise a plain exception at epoch 2
+    diverge_in: frozenset[int] = frozenset()  # poison the weights with NaN after epoch 1
+    slow_epochs_s: float = 0.0  # sleep per epoch, to widen windows for kill tests
+
+
+@dataclass
+class TrialData:
+    """Everything a trial needs, shipped once through the object store."""
+
+    features: Features
+    labels: np.ndarray  # float32 (n_valid, n_tasks), aligned with features rows
+    split: Split
+    tasks: list[str]
+    featurizer: FeaturizerConfig
+    max_epochs: int
+    patience: int
+    seed: int
+    faults: FaultPlan = field(default_factory=FaultPlan)
+
+
+def trial_device() -> tuple[str, str, float]:
+    """(torch device, Ray-assigned GPU ids, GPU share) for this trial's process."""
+    resources = ray.get_runtime_context().get_assigned_resources()
+    share = float(resources.get("GPU", 0.0))
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    device = "cuda:0" if ids and torch.cuda.is_available() else "cpu"
+    return device, ",".join(ids), share
+
+
+def cpu_threads() -> int:
+    """Torch threads = the CPUs Ray gave this trial (at least one)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
+
+
+def train_trial(config: dict[str, Any], data: TrialData) -> None:
+    """Train one configuration, reporting every epoch to Tune."""
+    if config.get(ABORT_KEY):
+        raise NonRetryableTrialError(str(config[ABORT_KEY]))
+    context = ray_tune.get_context()
+    index = int(config.get("_index", -1))
+    device, gpu_ids, share = trial_device()
+    model_config, train_config = to_run_configs(
+        config, max_epochs=data.max_epochs, patience=data.patience, seed=data.seed
+    )
+    node = ray.get_runtime_context()
+    static = {
+        "device": device,
+        "gpu_ids": gpu_ids,
+        "gpu_fraction": share,
+        "node_id": node.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+        "trial_index": index,
+    }
+    best = {"roc_auc": float("-inf"), "epoch": 0}
+    faults = data.faults
+
+    def on_epoch(epoch: EpochResult) -> bool:
+        if faults.slow_epochs_s:
+            import time
+
+            time.sleep(faults.slow_epochs_s)
+        if index in faults.raise_in and epoch.epoch >= 2:
+            raise RuntimeError(f"injected fault in trial {context.get_trial_id()}")
+        if index in faults.diverge_in and epoch.epoch == 1:
+            with torch.no_grad():
+                for p in epoch.model.parameters():
+                    p.fill_(float("nan"))
+        if epoch.is_best:
+            best.update(roc_auc=epoch.valid.roc_auc, epoch=epoch.epoch)
+        metrics: dict[str, Any] = {
+            "epoch": epoch.epoch,
+            "train_loss": epoch.train_loss,
+            **epoch.valid.flat("val"),
+            "best_val_roc_auc": best["roc_auc"],
+            "best_epoch": best["epoch"],
+            "lr": epoch.lr,
+            "epoch_seconds": epoch.seconds,
+            "finished_reason": epoch.stop_reason,
+            **static,
+        }
+        if epoch.is_best:
+            with tempfile.TemporaryDirectory() as tmp:
+                epoch.checkpoint(
+                    Path(tmp) / CHECKPOINT_FILE, extra={"trial_id": context.get_trial_id()}
+                )
+                ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
+        else:
+            ray_tune.report(metrics)
+        return False
+
+    fit(
+        data.features,
+        data.labels,
+        data.split,
+        data.tasks,
+        model_config,
+        train_config,
+        device=device,
+        callback=on_epoch,
+        num_threads=cpu_threads(),
+    )
