@@ -61,8 +61,7 @@ def tune_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_job(args: argparse.Namespace) -> Any:
     """The validated JobConfig: a resumed job's saved config (or --config), then the flags."""
-    from tune.config import ConfigError, load_config
-    from tune.search import CONFIG_FILE
+    from tune.config import CONFIG_FILE, ConfigError, load_config
 
     overrides = tune_overrides(args)
     config_path = args.config
@@ -78,10 +77,10 @@ def resolve_job(args: argparse.Namespace) -> Any:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    job = resolve_job(args)
     from tune.report import print_result
     from tune.search import run_job
 
-    job = resolve_job(args)
     result = run_job(job)
     print_result(job, result)
     return 0

@@ -18,6 +18,8 @@ import yaml
 from toxmodel.featurize import FeaturizerConfig
 from toxmodel.split import SplitConfig
 
+CONFIG_FILE = "toxtune_job.yaml"  # the resolved config, saved in the job's folder for --resume
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or out of range."""

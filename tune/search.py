@@ -28,7 +28,7 @@ from toxmodel.featurize import Features, featurize_cached, write_invalid_report
 from toxmodel.metrics import Metrics, evaluate
 from toxmodel.split import Split, missing_class_warnings, split_dataset
 from tune import tracking
-from tune.config import JobConfig, dump_config
+from tune.config import CONFIG_FILE, JobConfig, dump_config
 from tune.resources import (
     TrialShape,
     classify_failure,
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 METRIC, MODE = "best_val_roc_auc", "max"
 DONE_FILE = "toxtune_done.json"
-CONFIG_FILE = "toxtune_job.yaml"
 
 
 class SearchError(RuntimeError):
@@ -353,7 +352,7 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     trials kept, unfinished ones rerun, the Optuna study reloaded from its database); a finished
     one grows to `search.num_samples` trials that learn from all earlier ones.
     """
-    faults = faults or FaultPlan()
+    faults = faults or FaultPlan.from_env()
     tracking.check_tracking(job.tracking_uri)
     data = prepare_data(job, progress=progress)
     root = experiment_path(job)

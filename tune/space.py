@@ -72,6 +72,21 @@ DEFAULT_POINT: dict[str, Any] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _allowed_names(name: str, base: Param) -> set[Any] | None:
+    """The closed set of values a categorical parameter accepts (None: any number)."""
+    if name == "activation":
+        from toxmodel.model import ACTIVATIONS
+
+        return set(ACTIVATIONS)
+    if name in ("norm", "scheduler", "pos_weight"):
+        return set(base.choices)
+    return None
+
+
 def _param_from_override(name: str, spec: Any) -> Param:
     from tune.config import ConfigError
 
@@ -87,10 +102,16 @@ def _param_from_override(name: str, spec: Any) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list | tuple) or len(choices) == 0:
             raise ConfigError(f"search.space.{name}.choices must be a non-empty list")
-        if base.kind != "categorical" and not all(
-            isinstance(c, int | float) and not isinstance(c, bool) for c in choices
-        ):
-            raise ConfigError(f"search.space.{name}.choices must be numbers")
+        numeric = base.kind != "categorical" or all(_is_number(c) for c in base.choices)
+        if numeric and not all(_is_number(c) for c in choices):
+            raise ConfigError(f"search.space.{name}.choices must be numbers, got {choices}")
+        allowed = _allowed_names(name, base)
+        if allowed is not None and not set(choices) <= allowed:
+            bad = sorted(map(str, set(choices) - allowed))
+            raise ConfigError(
+                f"search.space.{name}: unknown choice(s) {', '.join(bad)}; "
+                f"valid: {', '.join(sorted(map(str, allowed)))}"
+            )
         return Param("categorical", choices=tuple(choices))
     if base.kind == "categorical":
         raise ConfigError(f"search.space.{name} is categorical: give `choices`")

@@ -7,8 +7,10 @@ trial's best epoch so far is reported with a checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,19 @@ class FaultPlan:
     raise_in: frozenset[int] = frozenset()  # raise a plain exception at epoch 2
     diverge_in: frozenset[int] = frozenset()  # poison the weights with NaN after epoch 1
     slow_epochs_s: float = 0.0  # sleep per epoch, to widen windows for kill tests
+    oom_below_share: float = 0.0  # raise CUDA OOM while the trial's GPU share is below this
+
+    @classmethod
+    def from_env(cls) -> FaultPlan:
+        """A plan from $TOXTUNE_FAULT_PLAN (JSON), for drills through the CLI; else none."""
+        raw = os.environ.get("TOXTUNE_FAULT_PLAN")
+        if not raw:
+            return cls()
+        spec = json.loads(raw)
+        for key in ("raise_in", "diverge_in"):
+            if key in spec:
+                spec[key] = frozenset(spec[key])
+        return cls(**spec)
 
 
 @dataclass
@@ -95,18 +110,13 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     }
     best = {"roc_auc": float("-inf"), "epoch": 0}
     faults = data.faults
+    started = time.time()
+    if share < faults.oom_below_share:
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at GPU share {share})")
 
     def on_epoch(epoch: EpochResult) -> bool:
         if faults.slow_epochs_s:
-            import time
-
             time.sleep(faults.slow_epochs_s)
-        if index in faults.raise_in and epoch.epoch >= 2:
-            raise RuntimeError(f"injected fault in trial {context.get_trial_id()}")
-        if index in faults.diverge_in and epoch.epoch == 1:
-            with torch.no_grad():
-                for p in epoch.model.parameters():
-                    p.fill_(float("nan"))
         if epoch.is_best:
             best.update(roc_auc=epoch.valid.roc_auc, epoch=epoch.epoch)
         metrics: dict[str, Any] = {
@@ -118,6 +128,8 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             "lr": epoch.lr,
             "epoch_seconds": epoch.seconds,
             "finished_reason": epoch.stop_reason,
+            "trial_started_at": started,
+            "reported_at": time.time(),
             **static,
         }
         if epoch.is_best:
@@ -128,6 +140,12 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
                 ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
         else:
             ray_tune.report(metrics)
+        if index in faults.raise_in and epoch.epoch >= 2:
+            raise RuntimeError(f"injected fault in trial {context.get_trial_id()}")
+        if index in faults.diverge_in and epoch.epoch == 1:
+            with torch.no_grad():
+                for p in epoch.model.parameters():
+                    p.fill_(float("nan"))
         return False
 
     fit(

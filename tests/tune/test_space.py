@@ -59,3 +59,20 @@ def test_numeric_choices_must_be_numbers(bad: dict) -> None:
 
     with pytest.raises(ConfigError, match="width_0"):
         build_space(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "name"),
+    [
+        ({"activation": {"choices": ["relu", "swish9"]}}, "swish9"),
+        ({"scheduler": {"choices": ["warp"]}}, "warp"),
+        ({"batch_size": {"choices": [64, "big"]}}, "batch_size"),
+    ],
+)
+def test_categorical_choices_are_checked_against_what_the_library_accepts(
+    bad: dict, name: str
+) -> None:
+    from tune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=name):
+        build_space(bad)

@@ -1,0 +1,160 @@
+"""Search benchmarks: trial utilisation, and TPE+ASHA against random search + FIFO.
+
+    python benchmarks/search.py utilisation --data ../shared/data/tox21.csv
+    python benchmarks/search.py compare --data ../shared/data/tox21.csv --seeds 0 1 2
+
+`utilisation`: two concurrent trials on a 2-CPU machine; the share of (wall time x concurrency),
+counted from the moment Ray is up, that trials spend inside training epochs.
+`compare`: the same trial budget and seeds for both; for each seed, the wall time TPE+ASHA needs
+to reach the final best validation ROC-AUC of random+FIFO, as a share of random+FIFO's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+from ray import tune as ray_tune
+
+from tune.config import JobConfig, load_config
+from tune.search import METRIC, MODE, init_ray, run_job
+
+
+def job_for(args: argparse.Namespace, root: Path, name: str, **extra: object) -> JobConfig:
+    overrides: dict[str, object] = {
+        "data.source": args.data,
+        "featurizer.n_bits": 2048,
+        "search.num_samples": args.trials,
+        "search.max_epochs": args.epochs,
+        "search.max_concurrent": 2,
+        "search.patience": 0,
+        "search.grace_period": 2,
+        "search.reduction_factor": 3,
+        "resources.cpus_per_trial": 1,
+        "ray.storage_path": str(root),
+        "ray.num_cpus": 2,
+        "tracking.run_name": name,
+        "tracking.experiment_name": "benchmark",
+        "tracking.registered_model_name": "benchmark",
+    }
+    overrides.update(extra)
+    return load_config(overrides=overrides)
+
+
+def histories(job: JobConfig) -> list[pd.DataFrame]:
+    analysis = ray_tune.ExperimentAnalysis(
+        str(job.storage_root / job.name), default_metric=METRIC, default_mode=MODE
+    )
+    return [df for df in analysis.trial_dataframes.values() if not df.empty]
+
+
+def run_timed(job: JobConfig) -> tuple[float, float, list[pd.DataFrame]]:
+    """(t0 after Ray is up, t_end, per-trial histories)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(job)
+    t0 = time.time()
+    run_job(job, progress=False)
+    t1 = time.time()
+    ray.shutdown()
+    return t0, t1, histories(job)
+
+
+def utilisation(args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = job_for(args, Path(tmp), "util", **{"search.scheduler": "fifo"})
+        # Warm the feature cache so the figure is about the search, not RDKit.
+        from tune.search import prepare_data
+
+        prepare_data(job, progress=False)
+        t0, _, hist = run_timed(job)
+    # Search end = last trial report; registration and test scoring come after.
+    end = max(float(h["reported_at"].max()) for h in hist)
+    training = sum(float(h["epoch_seconds"].sum()) for h in hist)
+    wall = end - t0
+    share = training / (wall * 2)
+    return {"trials": len(hist), "wall_s": wall, "training_s": training, "share": share}
+
+
+def best_curve(t0: float, hist: list[pd.DataFrame]) -> pd.DataFrame:
+    """Best validation ROC-AUC seen so far against seconds since Ray was up."""
+    points = pd.concat([h[["reported_at", "val_roc_auc"]] for h in hist], ignore_index=True)
+    points = points.sort_values("reported_at")
+    points["t"] = points["reported_at"] - t0
+    points["best"] = points["val_roc_auc"].cummax()
+    return points[["t", "best"]]
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, float]]:
+    rows = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            base = job_for(
+                args,
+                root,
+                f"random-{seed}",
+                **{"search.searcher": "random", "search.scheduler": "fifo", "search.seed": seed},
+            )
+            from tune.search import prepare_data
+
+            prepare_data(base, progress=False)
+            r0, _, rh = run_timed(base)
+            tuned = job_for(
+                args,
+                root,
+                f"tpe-{seed}",
+                **{"search.searcher": "optuna", "search.scheduler": "asha", "search.seed": seed},
+            )
+            t0, _, th = run_timed(tuned)
+        rcurve, tcurve = best_curve(r0, rh), best_curve(t0, th)
+        target = float(rcurve["best"].iloc[-1])
+        r_wall = float(rcurve["t"].iloc[-1])
+        reached = tcurve[tcurve["best"] >= target - 1e-12]
+        t_reach = float(reached["t"].iloc[0]) if len(reached) else float("nan")
+        rows.append(
+            {
+                "seed": seed,
+                "random_fifo_best": target,
+                "random_fifo_wall_s": r_wall,
+                "tpe_asha_best": float(tcurve["best"].iloc[-1]),
+                "tpe_asha_wall_s": float(tcurve["t"].iloc[-1]),
+                "tpe_asha_time_to_random_best_s": t_reach,
+                "ratio": t_reach / r_wall,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["utilisation", "compare"])
+    parser.add_argument("--data", default="../shared/data/tox21.csv")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    print(f"machine: {platform.platform()}, {platform.processor() or 'cpu'}")
+    if args.what == "utilisation":
+        out = utilisation(args)
+        print(json.dumps(out))
+        print(f"training share of wall x concurrency: {out['share']:.1%} (target >= 80%)")
+    else:
+        rows = compare(args)
+        ratios = [r["ratio"] for r in rows]
+        print(
+            f"TPE+ASHA time to random+FIFO's best / random+FIFO wall: "
+            f"median {np.nanmedian(ratios):.2f} (target <= 0.5); per seed {ratios}"
+        )
+
+
+if __name__ == "__main__":
+    main()

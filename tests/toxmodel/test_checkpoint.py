@@ -1,0 +1,202 @@
+"""Checkpoints: safe single-file format, exact round trip, and SMILES -> probabilities."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.toxmodel.conftest import make_split
+from toxmodel.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    Predictor,
+    load_checkpoint,
+    save_checkpoint,
+)
+from toxmodel.featurize import Features, FeaturizerConfig, featurize
+from toxmodel.model import MLP, ModelConfig
+from toxmodel.train import FitResult, TrainConfig, fit
+
+HEADS = ["C", "CC", "CCC", "CC(C)", "c1ccccc1", "c1ccncc1", "C1CCCCC1", "OCC"]
+TAILS = ["O", "N", "Cl", "F", "C(=O)O", "C(=O)N"]
+SMILES = [h + t for h in HEADS for t in TAILS]
+TASKS = ["has_n", "aromatic"]
+
+
+@dataclass
+class Trained:
+    result: FitResult
+    features: Features
+
+
+def train_on(featurizer: FeaturizerConfig) -> Trained:
+    feats = featurize(SMILES, featurizer, n_jobs=1)
+    labels = np.array([[float("N" in s), float("c1" in s)] for s in SMILES], dtype=np.float32)
+    model = ModelConfig(hidden=(32,), dropout=0.2)  # dropout: predictions must use eval mode
+    train = TrainConfig(epochs=3, batch_size=8, lr=1e-2, patience=0)
+    split = make_split(len(SMILES), 0.7, 0.3)
+    return Trained(fit(feats, labels, split, TASKS, model, train, num_threads=1), feats)
+
+
+@pytest.fixture(scope="module")
+def with_descriptors() -> Trained:
+    return train_on(FeaturizerConfig(n_bits=256, descriptors=True))
+
+
+@pytest.fixture(scope="module")
+def bits_only() -> Trained:
+    return train_on(FeaturizerConfig(n_bits=128, maccs=True))
+
+
+def direct_probabilities(trained: Trained) -> np.ndarray:
+    """What the in-memory model predicts for the training features (the oracle)."""
+    x = torch.from_numpy(trained.features.fingerprint).float()
+    if trained.result.scaler is not None:
+        desc = trained.result.scaler.transform(trained.features.descriptors)
+        x = torch.cat([x, torch.from_numpy(desc)], 1)
+    trained.result.model.eval()
+    with torch.inference_mode():
+        return torch.sigmoid(trained.result.model(x)).numpy()
+
+
+@pytest.mark.parametrize("fixture", ["with_descriptors", "bits_only"])
+def test_round_trip_gives_identical_predictions(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    trained: Trained = request.getfixturevalue(fixture)
+    path = trained.result.save(tmp_path / "model.pt", extra={"note": "test"})
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # atomic: no temp file left
+    predictor = load_checkpoint(path)
+    assert predictor.tasks == TASKS
+    assert predictor.featurizer == trained.result.featurizer
+    assert predictor.model_config == trained.result.model_config
+    assert predictor.extra["note"] == "test"
+    assert predictor.extra["epoch"] == trained.result.best_epoch
+    table = predictor.predict(SMILES)
+    np.testing.assert_array_equal(table[TASKS].to_numpy(), direct_probabilities(trained))
+    if trained.result.scaler is not None:
+        assert predictor.scaler is not None
+        np.testing.assert_array_equal(predictor.scaler.center, trained.result.scaler.center)
+        np.testing.assert_array_equal(predictor.scaler.scale, trained.result.scaler.scale)
+    else:
+        assert predictor.scaler is None
+
+
+def _walk(value: Any) -> list[type]:
+    if isinstance(value, dict):
+        return [dict] + [t for k, v in value.items() for t in [type(k), *_walk(v)]]
+    if isinstance(value, (list, tuple)):
+        return [type(value)] + [t for v in value for t in _walk(v)]
+    return [type(value)]
+
+
+def test_file_holds_only_plain_types_and_tensors(with_descriptors: Trained, tmp_path: Path) -> None:
+    extra = {"arr": np.arange(3), "n": np.int64(4), "path": tmp_path, "nested": {"t": (1, 2.5)}}
+    path = with_descriptors.result.save(tmp_path / "m.pt", extra=extra)
+    blob = torch.load(path, weights_only=True)
+    assert blob["format"] == FORMAT and blob["format_version"] == FORMAT_VERSION
+    assert {"state_dict", "model_config", "featurizer", "tasks", "n_inputs", "scaler"} <= set(blob)
+    plain = {dict, list, tuple, str, int, float, bool, type(None), torch.Tensor}
+    assert set(_walk(blob)) <= plain
+    loaded = load_checkpoint(path).extra
+    np.testing.assert_array_equal(loaded["arr"], np.arange(3))
+    assert loaded["n"] == 4 and type(loaded["n"]) is int
+    assert loaded["path"] == str(tmp_path)
+    assert loaded["nested"] == {"t": (1, 2.5)}
+
+
+def test_unsupported_extra_is_rejected_at_save(with_descriptors: Trained, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"extra\.obj"):
+        with_descriptors.result.save(tmp_path / "m.pt", extra={"obj": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Payload:
+    """Unpickling this would create `marker`: the attack weights_only=True must block."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+def test_pickled_objects_are_refused(bits_only: Trained, tmp_path: Path) -> None:
+    good = torch.load(bits_only.result.save(tmp_path / "good.pt"), weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**good, "extra": {"x": _Payload(marker)}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_foreign_or_future_files_are_rejected(bits_only: Trained, tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a toxtune checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    good = torch.load(bits_only.result.save(tmp_path / "good.pt"), weights_only=True)
+    torch.save({**good, "format_version": FORMAT_VERSION + 1}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="version"):
+        load_checkpoint(tmp_path / "future.pt")
+    torch.save({**good, "n_inputs": 7}, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        load_checkpoint(tmp_path / "broken.pt")
+
+
+def test_predict_marks_bad_rows_and_keeps_order(bits_only: Trained, tmp_path: Path) -> None:
+    predictor = load_checkpoint(bits_only.result.save(tmp_path / "m.pt"))
+    inputs = ["CCO", "not a smiles", "", "C" * 1500, "c1ccccc1N", "C1CC", "CCO"]
+    table = predictor.predict(inputs)
+    assert list(table.columns) == ["smiles", *TASKS, "error"]
+    assert table["smiles"].tolist() == inputs
+    bad = [False, True, True, True, False, True, False]
+    assert table["error"].ne("").tolist() == bad
+    assert "empty" in table["error"][2]
+    assert "longer than" in table["error"][3]
+    probs = table[TASKS].to_numpy()
+    assert np.isnan(probs[bad]).all()
+    good = probs[~np.array(bad)]
+    assert np.isfinite(good).all() and ((good >= 0) & (good <= 1)).all()
+    np.testing.assert_allclose(probs[0], probs[6], rtol=1e-6)  # same SMILES, same answer
+
+
+def test_predict_without_valid_rows_never_raises(bits_only: Trained, tmp_path: Path) -> None:
+    predictor = load_checkpoint(bits_only.result.save(tmp_path / "m.pt"))
+    table = predictor.predict(["", "((("])
+    assert table[TASKS].isna().all().all() and table["error"].ne("").all()
+    empty = predictor.predict([])
+    assert list(empty.columns) == ["smiles", *TASKS, "error"] and len(empty) == 0
+
+
+def test_predict_in_batches_matches_one_batch(with_descriptors: Trained, tmp_path: Path) -> None:
+    predictor = load_checkpoint(with_descriptors.result.save(tmp_path / "m.pt"))
+    whole = predictor.predict(SMILES)[TASKS].to_numpy()
+    batched = predictor.predict(SMILES, batch_size=5)[TASKS].to_numpy()
+    np.testing.assert_allclose(batched, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_featurizer_mismatch_is_a_clear_error() -> None:
+    model = MLP(64, 1, ModelConfig(hidden=(4,)))
+    predictor = Predictor(model, FeaturizerConfig(n_bits=32), ["t"], 64, ModelConfig(hidden=(4,)))
+    with pytest.raises(CheckpointError, match="expects 64"):
+        predictor.predict(["CCO"])
+
+
+def test_save_checkpoint_from_parts(tmp_path: Path) -> None:
+    config = ModelConfig(hidden=(8,), activation="selu", dropout=0.1)
+    model = MLP(32, 2, config)
+    path = save_checkpoint(
+        tmp_path / "sub" / "m.pt", model, config, FeaturizerConfig(n_bits=32), ["a", "b"], 32, None
+    )
+    predictor = load_checkpoint(path, device="cpu")
+    assert predictor.model_config == config
+    assert not predictor.model.training
+    probs = predictor.predict(["CCO", "c1ccccc1"])[["a", "b"]].to_numpy()
+    assert not any(math.isnan(v) for v in probs.ravel())

@@ -1,0 +1,227 @@
+"""Model checkpoints (one safe-to-load file) and the `Predictor` that serves them.
+
+A checkpoint holds only plain Python types and tensors, so `torch.load(weights_only=True)` can
+read it without unpickling arbitrary objects: a checkpoint from an untrusted source cannot run
+code. Everything needed to predict from SMILES is inside it: weights, model and featurizer
+settings, task names, input width and the descriptor scaler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from toxmodel import __version__
+from toxmodel.featurize import DescriptorScaler, FeaturizerConfig, featurize
+from toxmodel.model import MLP, ModelConfig
+
+FORMAT = "toxtune-mlp"
+FORMAT_VERSION = 1
+PREDICT_BATCH = 4096  # rows per forward pass at inference
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable toxtune checkpoint; the message says why."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    """`value` as plain Python types and CPU tensors, or TypeError naming where it failed."""
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # exact builtins: subclasses would need unpickling
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value), where)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"checkpoint {where}: dict keys must be str, got {key!r}")
+            out[key] = _plain(item, f"{where}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    raise TypeError(
+        f"checkpoint {where}: {type(value).__name__} is not a plain type, array or tensor"
+    )
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: MLP,
+    model_config: ModelConfig,
+    featurizer: FeaturizerConfig,
+    tasks: Sequence[str],
+    n_inputs: int,
+    scaler: DescriptorScaler | None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint file atomically (temp file + rename); returns its path."""
+    path = Path(path)
+    blob = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "toxmodel_version": __version__,
+        "torch_version": str(torch.__version__),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": _plain(model_config, "model_config"),
+        "featurizer": _plain(featurizer, "featurizer"),
+        "tasks": [str(t) for t in tasks],
+        "n_inputs": int(n_inputs),
+        "scaler": None if scaler is None else _plain(scaler, "scaler"),
+        "extra": _plain(dict(extra or {}), "extra"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(blob, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _to_numpy(value: Any) -> Any:
+    """Tensors back to numpy arrays, recursively (for `extra`)."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_numpy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_numpy(v) for v in value)
+    return value
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """Read a checkpoint with `weights_only=True`; anything but plain types/tensors is refused."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects other than plain types and tensors, "
+            f"so it is not a toxtune checkpoint or was tampered with ({exc})"
+        ) from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a toxtune checkpoint (format {FORMAT!r} expected)")
+    version = blob.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version}, this toxmodel reads {FORMAT_VERSION}"
+        )
+    try:
+        model_config = ModelConfig(**blob["model_config"])
+        featurizer = FeaturizerConfig(**blob["featurizer"])
+        tasks = list(blob["tasks"])
+        n_inputs = int(blob["n_inputs"])
+        model = MLP(n_inputs, len(tasks), model_config)
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: inconsistent checkpoint: {exc}") from exc
+    raw_scaler = blob.get("scaler")
+    scaler = None
+    if raw_scaler is not None:
+        scaler = DescriptorScaler(
+            center=raw_scaler["center"].numpy(), scale=raw_scaler["scale"].numpy()
+        )
+    model.to(torch.device(device)).eval()
+    return Predictor(
+        model=model,
+        featurizer=featurizer,
+        tasks=tasks,
+        n_inputs=n_inputs,
+        model_config=model_config,
+        scaler=scaler,
+        extra=_to_numpy(blob.get("extra", {})),
+    )
+
+
+@dataclass(eq=False)
+class Predictor:
+    """A loaded model that maps SMILES to per-task probabilities."""
+
+    model: MLP
+    featurizer: FeaturizerConfig
+    tasks: list[str]
+    n_inputs: int
+    model_config: ModelConfig
+    scaler: DescriptorScaler | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (inputs are moved there)."""
+        return next(self.model.parameters()).device
+
+    def predict(
+        self, smiles: Sequence[str], batch_size: int = PREDICT_BATCH, n_jobs: int | None = None
+    ) -> pd.DataFrame:
+        """One row per input, in order: `smiles`, one probability column per task, `error`.
+
+        Rows whose SMILES is empty, over-long or unparsable get NaN probabilities and the reason
+        in `error` ("" for rows that were predicted); bad input never raises.
+        """
+        items = list(smiles)
+        probs = np.full((len(items), len(self.tasks)), np.nan, dtype=np.float32)
+        errors = [""] * len(items)
+        feats = featurize(items, self.featurizer, n_jobs=n_jobs)
+        for bad in feats.invalid:
+            errors[bad.row] = bad.reason or "invalid SMILES"
+        if len(feats) and feats.n_features != self.n_inputs:
+            raise CheckpointError(
+                f"featurizer gives {feats.n_features} inputs but the model expects "
+                f"{self.n_inputs}: the installed RDKit/toxmodel featurizes differently"
+            )
+        if len(feats):
+            probs[feats.valid_rows] = self._probabilities(
+                feats.fingerprint, feats.descriptors, batch_size
+            )
+        table = pd.DataFrame({"smiles": pd.Series(items, dtype=object)})
+        for j, task in enumerate(self.tasks):
+            table[task] = probs[:, j]
+        table["error"] = errors
+        return table
+
+    def _probabilities(
+        self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
+    ) -> np.ndarray:
+        """Sigmoid outputs for featurized rows, in batches."""
+        if self.scaler is not None and descriptors.shape[1]:
+            descriptors = self.scaler.transform(descriptors)
+        device = self.device
+        self.model.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(fingerprint), batch_size):
+                stop = start + batch_size
+                x = torch.from_numpy(np.ascontiguousarray(fingerprint[start:stop])).to(device)
+                x = x.float()
+                if descriptors.shape[1]:
+                    d = torch.from_numpy(np.ascontiguousarray(descriptors[start:stop]))
+                    x = torch.cat([x, d.to(device, torch.float32)], 1)
+                out.append(torch.sigmoid(self.model(x)).float().cpu().numpy())
+        return np.concatenate(out)
