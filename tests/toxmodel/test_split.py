@@ -1,0 +1,208 @@
+"""Splits: disjoint and covering, seeded, stratified balance, scaffold separation, warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rdkit import Chem
+from rdkit.Chem.Scaffolds import MurckoScaffold
+
+from toxmodel.data import MoleculeTable, load_table
+from toxmodel.split import (
+    Split,
+    SplitConfig,
+    missing_class_warnings,
+    scaffold_groups,
+    split_dataset,
+    validate_split_config,
+)
+
+METHODS = ["random", "stratified", "scaffold"]
+
+
+def _scaffold_key(smiles: str, row: int) -> str:
+    """Independent Bemis-Murcko key ("" for acyclic); unparsable rows are unique keys."""
+    mol = Chem.MolFromSmiles(smiles) if smiles else None
+    if mol is None:
+        return f"invalid-{row}"
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol)
+
+
+def _check_partition(split: Split, n: int) -> None:
+    parts = [split.train, split.valid, split.test]
+    for part in parts:
+        assert part.dtype == np.int64
+        assert np.all(np.diff(part) > 0)  # sorted, no repeats
+    joined = np.concatenate(parts)
+    assert len(joined) == n and set(joined.tolist()) == set(range(n))
+
+
+def _positive_rates(labels: np.ndarray, split: Split) -> np.ndarray:
+    rates = []
+    for part in (split.train, split.valid, split.test):
+        y = labels[part]
+        rates.append(np.nansum(y, axis=0) / np.sum(~np.isnan(y), axis=0))
+    return np.array(rates)
+
+
+def _synthetic_labels(n: int, n_tasks: int, seed: int = 0) -> np.ndarray:
+    """Imbalanced multitask labels (2-15% positives) with ~20% missing."""
+    rng = np.random.default_rng(seed)
+    rates = np.linspace(0.02, 0.15, n_tasks)
+    labels = (rng.random((n, n_tasks)) < rates).astype(np.float32)
+    labels[rng.random((n, n_tasks)) < 0.2] = np.nan
+    return labels
+
+
+@pytest.fixture(scope="module")
+def tox21(tox21_path: Path) -> MoleculeTable:
+    return load_table(tox21_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_partition_and_sizes(method: str, tiny_smiles: list[str]) -> None:
+    smiles = tiny_smiles * 5  # 230 rows, repeated scaffolds
+    labels = _synthetic_labels(len(smiles), 3)
+    split = split_dataset(smiles, labels, SplitConfig(method=method, seed=3))
+    _check_partition(split, len(smiles))
+    sizes = np.array([len(split.train), len(split.valid), len(split.test)]) / len(smiles)
+    tolerance = 0.01 if method != "scaffold" else 0.1
+    np.testing.assert_allclose(sizes, [0.8, 0.1, 0.1], atol=tolerance)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_per_seed(method: str, tiny_smiles: list[str]) -> None:
+    smiles = tiny_smiles * 3
+    labels = _synthetic_labels(len(smiles), 2)
+    first = split_dataset(smiles, labels, SplitConfig(method=method, seed=7))
+    again = split_dataset(smiles, labels, SplitConfig(method=method, seed=7))
+    np.testing.assert_array_equal(first.train, again.train)
+    np.testing.assert_array_equal(first.valid, again.valid)
+    np.testing.assert_array_equal(first.test, again.test)
+
+
+@pytest.mark.parametrize("method", ["random", "stratified", "scaffold"])
+def test_seeds_differ(method: str, tiny_smiles: list[str]) -> None:
+    smiles = tiny_smiles * 3
+    labels = _synthetic_labels(len(smiles), 2)
+    tests = {
+        tuple(split_dataset(smiles, labels, SplitConfig(method=method, seed=s)).test)
+        for s in range(4)
+    }
+    assert len(tests) > 1
+
+
+def test_zero_fractions_give_empty_splits(tiny_smiles: list[str]) -> None:
+    labels = _synthetic_labels(len(tiny_smiles), 1)
+    for method in METHODS:
+        split = split_dataset(
+            tiny_smiles, labels, SplitConfig(method=method, train=0.9, valid=0.1, test=0.0)
+        )
+        assert split.test.size == 0 and split.valid.size > 0
+        _check_partition(split, len(tiny_smiles))
+        only = split_dataset(
+            tiny_smiles, labels, SplitConfig(method=method, train=1, valid=0, test=0)
+        )
+        assert only.train.size == len(tiny_smiles)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (SplitConfig(train=0.8, valid=0.3, test=0.1), "must sum to 1"),
+        (SplitConfig(train=0.9, valid=-0.1, test=0.2), "valid=-0.1"),
+        (SplitConfig(train=0.0, valid=0.5, test=0.5), "train=0.0 must be > 0"),
+        (SplitConfig(train=float("nan")), "train=nan"),
+        (SplitConfig(method="kmeans"), "unknown split method 'kmeans'"),
+    ],
+)
+def test_invalid_config(config: SplitConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_split_config(config)
+    with pytest.raises(ValueError, match=message):
+        split_dataset(["C", "CC"], np.zeros((2, 1)), config)
+
+
+def test_fractions_within_tolerance_accepted() -> None:
+    validate_split_config(SplitConfig(train=0.7, valid=0.2, test=0.1 + 5e-7))
+
+
+def test_shape_checks() -> None:
+    with pytest.raises(ValueError, match="3 SMILES but 2 label rows"):
+        split_dataset(["C", "CC", "CCC"], np.zeros((2, 1)), SplitConfig())
+    with pytest.raises(ValueError, match="empty"):
+        split_dataset([], np.zeros((0, 1)), SplitConfig())
+    split = split_dataset(["C", "CC", "CCC", "CCCC"], np.array([0, 1, 0, 1.0]), SplitConfig())
+    _check_partition(split, 4)  # 1-D labels are one task
+
+
+def test_stratified_balances_every_task() -> None:
+    n = 3000
+    labels = _synthetic_labels(n, 12, seed=1)
+    smiles = ["C"] * n
+    rates = []
+    for method in ("random", "stratified"):
+        split = split_dataset(smiles, labels, SplitConfig(method=method, seed=0))
+        rates.append(_positive_rates(labels, split))
+    random_dev = np.abs(rates[0][1:] - rates[0][0]).max()
+    stratified_dev = np.abs(rates[1][1:] - rates[1][0]).max()
+    assert stratified_dev < 0.02
+    assert stratified_dev < random_dev / 2
+
+
+def test_stratified_tox21(tox21: MoleculeTable) -> None:
+    split = split_dataset(tox21.smiles, tox21.labels, SplitConfig(method="stratified", seed=2))
+    _check_partition(split, len(tox21))
+    rates = _positive_rates(tox21.labels, split)
+    assert np.abs(rates[1:] - rates[0]).max() < 0.005
+    assert missing_class_warnings(tox21.labels, split, tox21.tasks) == []
+
+
+def test_scaffold_groups_include_invalid_and_acyclic() -> None:
+    smiles = ["CCO", "CCCC", "c1ccccc1O", "Cc1ccccc1", "C1CC", "", "c1ccncc1"]
+    groups = sorted(sorted(g.tolist()) for g in scaffold_groups(smiles))
+    assert groups == [[0, 1], [2, 3], [4], [5], [6]]
+
+
+def test_scaffold_never_shares_scaffolds(tiny_smiles: list[str]) -> None:
+    smiles = tiny_smiles * 4
+    split = split_dataset(smiles, _synthetic_labels(len(smiles), 1), SplitConfig("scaffold"))
+    _check_partition(split, len(smiles))
+    seen: dict[str, str] = {}
+    for name in ("train", "valid", "test"):
+        for row in getattr(split, name):
+            key = _scaffold_key(smiles[row], row)
+            assert seen.setdefault(key, name) == name, f"scaffold {key!r} in two splits"
+
+
+def test_scaffold_tox21(tox21: MoleculeTable) -> None:
+    split = split_dataset(tox21.smiles, tox21.labels, SplitConfig(method="scaffold", seed=0))
+    _check_partition(split, len(tox21))
+    assert abs(len(split.train) / len(tox21) - 0.8) < 0.02
+    keys = [_scaffold_key(s, row) for row, s in enumerate(tox21.smiles)]
+    owner: dict[str, int] = {}
+    for k, part in enumerate((split.train, split.valid, split.test)):
+        for row in part:
+            assert owner.setdefault(keys[row], k) == k, f"scaffold {keys[row]!r} in two splits"
+    assert owner[""] == 0  # the big acyclic group goes to train
+
+
+def test_missing_class_warnings_name_task_and_split() -> None:
+    labels = np.array(
+        [[1, 0, np.nan], [0, 0, np.nan], [1, 1, 1], [0, 1, 0], [np.nan, 0, np.nan]],
+        dtype=np.float32,
+    )
+    split = Split(
+        train=np.array([0, 1, 2], np.int64),
+        valid=np.array([3, 4], np.int64),
+        test=np.array([], np.int64),
+    )
+    messages = missing_class_warnings(labels, split, ["A", "B", "C"])
+    assert len(messages) == 3
+    assert any("valid split" in m and "'A'" in m and "no positives" in m for m in messages)
+    assert any("train split" in m and "'C'" in m and "no negatives" in m for m in messages)
+    assert any("valid split" in m and "'C'" in m for m in messages)
+    assert not any("test split" in m for m in messages)  # an empty split is not reported
+    assert not any("'B'" in m for m in messages)
