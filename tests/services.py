@@ -96,7 +96,9 @@ class MlflowServer:
 
     def log_tail(self, n: int = 40) -> str:
         path = self.root / "server.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+        )
 
 
 @contextlib.contextmanager

@@ -136,6 +136,16 @@ class StudySearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
 
 
+class SpaceSampler:
+    """Define-by-run space for Optuna; a class (not a lambda) so Ray can pickle the searcher."""
+
+    def __init__(self, space: dict[str, Param]) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        sample(trial, self.space)
+
+
 def fail_stale_trials(study: optuna.Study, keep: set[str]) -> int:
     """Mark study trials left RUNNING by a killed driver (and not being resumed) as failed."""
     n = 0
@@ -162,7 +172,7 @@ def make_searcher(
     if job.search.evaluate_default and first_run and point is None:
         log.warning("the default point lies outside search.space; not evaluating it first")
     searcher = StudySearch(
-        space=lambda trial: sample(trial, space),
+        space=SpaceSampler(space),
         metric=METRIC,
         mode=MODE,
         points_to_evaluate=[point] if point and len(study.trials) == 0 else None,

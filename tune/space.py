@@ -180,18 +180,38 @@ def sample(trial: Any, space: dict[str, Param]) -> dict[str, Any]:
     return params
 
 
+def _nearest(param: Param, value: Any) -> Any:
+    """`value` moved into `param`: clipped to a range, or the closest numeric choice."""
+    if param.contains(value):
+        return value
+    if param.kind == "categorical":
+        numbers = [c for c in param.choices if _is_number(c)]
+        if _is_number(value) and len(numbers) == len(param.choices):
+            return min(numbers, key=lambda c: abs(math.log(c / value)) if c > 0 else abs(c - value))
+        return None
+    return type(value)(min(max(value, param.low), param.high))
+
+
 def default_point(space: dict[str, Param]) -> dict[str, Any] | None:
-    """The known-good point restricted to its active parameters, or None if outside `space`."""
-    point = {
-        k: v
-        for k, v in DEFAULT_POINT.items()
-        if k != "norm" or DEFAULT_POINT["activation"] != "selu"
-    }
-    active = {k: v for k, v in point.items() if not k.startswith("width_")}
-    active.update({f"width_{i}": point[f"width_{i}"] for i in range(point["n_layers"])})
-    if all(space[k].contains(v) for k, v in active.items()):
-        return active
-    return None
+    """The known-good first point, moved into `space`; None if a categorical choice is gone.
+
+    Numeric values outside a narrowed space are clipped or moved to the nearest choice, so a
+    small space still starts from the same kind of network.
+    """
+    n_layers = _nearest(space["n_layers"], DEFAULT_POINT["n_layers"])
+    names = [k for k in DEFAULT_POINT if not k.startswith("width_")]
+    names += [f"width_{i}" for i in range(int(n_layers))]
+    point: dict[str, Any] = {}
+    for name in names:
+        if name == "norm" and DEFAULT_POINT["activation"] == "selu":
+            continue
+        value = DEFAULT_POINT.get(name, DEFAULT_POINT["width_1"])
+        moved = _nearest(space[name], value)
+        if moved is None:
+            return None
+        point[name] = moved
+    point["n_layers"] = n_layers
+    return point
 
 
 def to_run_configs(

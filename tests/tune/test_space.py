@@ -39,6 +39,12 @@ def test_default_point_is_inside_default_space_and_dropped_when_outside() -> Non
     point = default_point(build_space())
     assert point is not None and point["activation"] == DEFAULT_POINT["activation"]
     assert default_point(build_space({"activation": {"choices": ["tanh"]}})) is None
+    small = default_point(
+        build_space(
+            {"width_0": {"choices": [32, 64]}, "lr": {"low": 1e-2, "high": 0.1, "log": True}}
+        )
+    )
+    assert small is not None and small["width_0"] == 64 and small["lr"] == 1e-2
 
 
 def test_same_seed_same_samples() -> None:

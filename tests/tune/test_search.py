@@ -1,0 +1,170 @@
+"""End-to-end searches through the real Ray, Optuna and MLflow (tiny data, few epochs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from tune.config import JobConfig, load_config
+from tune.search import METRIC, run_job
+from tune.trainable import FaultPlan
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_job(tmp_path: Path, data: Path, **overrides: object) -> JobConfig:
+    base: dict[str, object] = {
+        "data.source": str(data),
+        "data.cache_dir": str(tmp_path / "cache"),
+        "featurizer.n_bits": 256,
+        "search.num_samples": 4,
+        "search.max_epochs": 3,
+        "search.grace_period": 1,
+        "search.reduction_factor": 2,
+        "search.max_concurrent": 2,
+        "search.patience": 0,
+        "search.space": {
+            "n_layers": {"low": 1, "high": 2},
+            "width_0": {"choices": [32, 64]},
+            "width_1": {"choices": [32]},
+            "batch_size": {"choices": [64]},
+        },
+        "resources.cpus_per_trial": 1,
+        "ray.storage_path": str(tmp_path / "results"),
+        "ray.num_cpus": 2,
+        "tracking.run_name": "tiny",
+        "tracking.experiment_name": "tiny-exp",
+        "tracking.registered_model_name": "tiny-model",
+    }
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(overrides=base)
+
+
+@pytest.fixture
+def no_ray():
+    """Each test gets its own local Ray, shut down afterwards even on failure."""
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def children(client: MlflowClient, parent_id: str) -> list:
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500
+    )
+
+
+def test_tiny_search_tracks_registers_and_scores_the_test_split(
+    tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = tiny_job(tmp_path, small_csv)
+    result = run_job(job, progress=False)
+
+    # Every trial ran, the best one is scored on the untouched test split.
+    assert len(result.trials) == job.search.num_samples
+    assert result.trials[METRIC].max() == pytest.approx(result.best_valid["val_roc_auc"], abs=1)
+    assert 0.0 <= result.test.roc_auc <= 1.0
+    # The first trial evaluated the known-good default point.
+    study = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    assert len(study.trials) == job.search.num_samples
+    assert study.trials[0].params["activation"] == "relu"
+
+    client = MlflowClient(job.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == job.search.num_samples
+    assert all(k.info.status in ("FINISHED", "FAILED", "KILLED") for k in kids)
+    assert all("val_roc_auc" in k.data.metrics for k in kids)
+    assert "test_roc_auc" in parent.data.metrics
+    version = client.get_model_version_by_alias(job.tracking.registered_model_name, "champion")
+    assert version.tags["trial_id"] == result.best_trial_id
+    assert version.tags["data_hash"]
+
+    # The registered model predicts from SMILES, flagging invalid rows.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{job.tracking.registered_model_name}@champion")
+    out = model.predict(pd.DataFrame({"smiles": ["CCO", "not a smiles"]}))
+    assert out["error"].iloc[0] == "" and out["error"].iloc[1] != ""
+
+
+def _overlap(trials: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in trials] + [(e, -1) for _, e in trials])
+    best = cur = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+@pytest.mark.parametrize(("share", "expected"), [(0.25, 4), (0.5, 2)])
+def test_fractional_gpus_pack_trials(
+    tmp_path: Path, small_csv: Path, no_ray: None, share: float, expected: int
+) -> None:
+    """One logical GPU, plenty of CPUs: concurrency is what the GPU share allows."""
+    job = tiny_job(
+        tmp_path,
+        small_csv,
+        **{
+            "resources.gpus_per_trial": share,
+            "resources.cpus_per_trial": 0.5,
+            "ray.num_cpus": 8,
+            "ray.num_gpus": 1,
+            "search.num_samples": 4,
+            "search.max_concurrent": 8,
+            "search.scheduler": "fifo",
+            "search.max_epochs": 2,
+        },
+    )
+    result = run_job(job, faults=FaultPlan(slow_epochs_s=3.0), progress=False)
+    trials = result.trials
+    assert (trials["gpu_fraction"] == share).all()
+    assert set(trials["gpu_ids"].astype(str)) == {"0"}  # each trial saw its assigned GPU
+    spans = list(zip(trials["trial_started_at"], trials["reported_at"], strict=True))
+    assert _overlap(spans) == expected
+
+
+def test_failed_and_diverged_trials_do_not_stop_the_search(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    job = tiny_job(tmp_path, small_csv, **{"search.num_samples": 4, "search.scheduler": "fifo"})
+    result = run_job(job, faults=FaultPlan(raise_in=frozenset({1}), diverge_in=frozenset({2})))
+    client = MlflowClient(job.tracking_uri)
+    kids = children(client, result.parent_run_id)
+    statuses = sorted(k.info.status for k in kids)
+    assert statuses.count("FAILED") == 2 and statuses.count("FINISHED") == 2
+    failed = [k for k in kids if k.info.status == "FAILED"]
+    kinds = sorted(k.data.tags["toxtune.failure_kind"] for k in failed)
+    assert kinds == ["code_error", "diverged"]
+    assert result.failed_trials == 2
+    assert len(result.trials) == 4
+
+
+def test_oom_is_retried_with_a_larger_gpu_share(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    job = tiny_job(
+        tmp_path,
+        small_csv,
+        **{
+            "resources.gpus_per_trial": 0.25,
+            "resources.cpus_per_trial": 0.5,
+            "ray.num_gpus": 1,
+            "ray.num_cpus": 4,
+            "search.num_samples": 2,
+            "search.scheduler": "fifo",
+        },
+    )
+    result = run_job(job, faults=FaultPlan(oom_below_share=0.5), progress=False)
+    assert len(result.trials) == 2
+    assert (result.trials["gpu_fraction"] == 0.5).all()
+    assert result.failed_trials == 0
