@@ -96,5 +96,21 @@ def classify_failure(error_text: str) -> str:
     return CODE_ERROR
 
 
+def last_error(trial: object) -> str:
+    """The text of a Ray trial's latest failure (its driver-side error file holds them all)."""
+    text = ""
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+    if not text:
+        text = trial.get_error() or ""  # type: ignore[attr-defined]
+    marker = text.rfind("Failure # ")
+    return text[marker:] if marker >= 0 else text
+
+
 def is_retryable(kind: str) -> bool:
     return kind in RETRYABLE

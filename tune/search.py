@@ -34,6 +34,7 @@ from tune.resources import (
     classify_failure,
     gpu_fraction,
     is_retryable,
+    last_error,
     next_gpu_share,
 )
 from tune.space import Param, build_space, default_point, describe, sample
@@ -225,7 +226,7 @@ class RetryPolicy(ray_tune.Callback):
         self.cpus = cpus
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        text = trial.get_error() or ""
+        text = last_error(trial)
         kind = classify_failure(text)
         if kind == "gpu_oom":
             share = float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
@@ -246,7 +247,7 @@ class ErrorBudget(ray_tune.Callback, ray_tune.Stopper):
         self.failed: dict[str, str] = {}
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.failed[trial.trial_id] = classify_failure(trial.get_error() or "")
+        self.failed[trial.trial_id] = classify_failure(last_error(trial))
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False

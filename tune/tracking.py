@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
 from toxmodel.metrics import Metrics
-from tune.resources import classify_failure
+from tune.resources import classify_failure, last_error
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrackingError(f"cannot create the MLflow database folder {path.parent}: {exc}")
+            raise TrackingError(
+                f"cannot create the MLflow database folder {path.parent}: {exc}"
+            ) from exc
         return
     if uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
@@ -243,7 +245,8 @@ class MlflowTrialCallback(ray_tune.Callback):
         found = self.client.search_runs(
             [exp],
             filter_string=(
-                f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+                f"tags.`{TRIAL_TAG}` = '{trial_id}' "
+                f"and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
             ),
             max_results=1,
         )
@@ -303,7 +306,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._do(f"result {trial.trial_id}#{step}", op)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        text = trial.get_error() or ""
+        text = last_error(trial)
         attempt = trial.run_metadata.num_failures
 
         def op() -> None:
@@ -327,7 +330,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._do(f"complete {trial.trial_id}", op)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        text = trial.get_error() or "unknown error"
+        text = last_error(trial) or "unknown error"
         kind = classify_failure(text)
 
         def op() -> None:
