@@ -236,6 +236,22 @@ class _DeviceData:
             return x
         return torch.cat([x, self.descriptors[idx]], 1)
 
+    def take(self, idx: Tensor) -> _DeviceData:
+        """The rows `idx` in that order, as a new contiguous (still compact) copy."""
+        return _DeviceData(
+            fingerprint=self.fingerprint[idx],
+            descriptors=None if self.descriptors is None else self.descriptors[idx],
+            targets=self.targets[idx],
+            mask=self.mask[idx],
+        )
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Float model inputs of rows start:stop (uint8 bits expanded only for this batch)."""
+        x = self.fingerprint[start:stop].float()
+        if self.descriptors is None:
+            return x
+        return torch.cat([x, self.descriptors[start:stop]], 1)
+
 
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """Batch bounds; a trailing single row joins the previous batch (BatchNorm needs >= 2)."""
@@ -389,13 +405,15 @@ def _fit(
         started = time.perf_counter()
         model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator)].to(dev)
+        # One gather per epoch; every batch is then a contiguous slice (no per-step indexing).
+        epoch_data = data.take(order)
         loss_sum = torch.zeros((), device=dev)
         count = torch.zeros((), device=dev)
         lr = optimizer.param_groups[0]["lr"]
         for start, stop in bounds:
-            idx = order[start:stop]
-            mask = data.mask[idx]
-            loss = masked_bce(model(data.inputs(idx)), data.targets[idx], mask, weight)
+            mask = epoch_data.mask[start:stop]
+            inputs = epoch_data.rows(start, stop)
+            loss = masked_bce(model(inputs), epoch_data.targets[start:stop], mask, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,7 +117,15 @@ class StudySearch(OptunaSearch):
         return params
 
     def _attach(self, trial_id: str) -> bool:
+        """Make sure `trial_id` maps to a still-running Optuna trial; False: don't tell it."""
+        if trial_id in self._completed_trials:
+            return False
         if trial_id in self._ot_trials:
+            number = self._ot_trials[trial_id]._trial_id
+            if self._ot_study._storage.get_trial(number).state.is_finished():
+                # A driver snapshot older than the study: the trial already finished there.
+                self._completed_trials.add(trial_id)
+                return False
             return True
         for frozen in self._ot_study.get_trials(deepcopy=False):
             if frozen.user_attrs.get("ray_trial_id") == trial_id:
@@ -332,8 +341,6 @@ def init_ray(job: JobConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
-    import os
-
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return
@@ -364,6 +371,8 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     one grows to `search.num_samples` trials that learn from all earlier ones.
     """
     faults = faults or FaultPlan.from_env()
+    # Snapshot the experiment every step, so a killed driver resumes from its latest state.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     tracking.check_tracking(job.tracking_uri)
     data = prepare_data(job, progress=progress)
     root = experiment_path(job)

@@ -16,7 +16,6 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.services import ray_cluster
 from tune.config import load_config
 from tune.search import run_job
 
@@ -38,7 +37,7 @@ def write_config(tmp_path: Path, data: Path, num_samples: int) -> Path:
             "space": {"n_layers": {"low": 1, "high": 1}, "width_0": {"choices": [32, 64]}},
         },
         "resources": {"cpus_per_trial": 1},
-        "ray": {"storage_path": str(tmp_path / "results")},
+        "ray": {"storage_path": str(tmp_path / "results"), "num_cpus": 2},
         "tracking": {"run_name": "killme", "experiment_name": "resume"},
     }
     path = tmp_path / "job.yaml"
@@ -47,6 +46,8 @@ def write_config(tmp_path: Path, data: Path, num_samples: int) -> Path:
 
 
 def finished_trials(storage: str, name: str) -> int:
+    if not Path(storage.removeprefix("sqlite:///")).exists():
+        return 0
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -59,49 +60,46 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
 ) -> None:
     config = write_config(tmp_path, small_csv, num_samples=6)
     job = load_config(config)
-    with ray_cluster(tmp_path / "ray", num_cpus=2) as cluster:
-        env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": 1.0})}
-        log = open(tmp_path / "driver1.log", "w")  # noqa: SIM115
-        driver = subprocess.Popen(
-            [TOXTUNE, "tune", "--config", str(config), "--address", cluster.address],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 240
-            while finished_trials(job.study_storage, job.name) < 2:
-                assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no trial finished in time"
-                time.sleep(0.5)
-        finally:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-        done_before = finished_trials(job.study_storage, job.name)
-        assert done_before < 6, "the search finished before the kill: widen the window"
-        before = {
-            t.user_attrs["ray_trial_id"]: t.params
-            for t in optuna.load_study(study_name=job.name, storage=job.study_storage).trials
-            if t.state == optuna.trial.TrialState.COMPLETE
-        }
+    env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": 1.0})}
+    log = open(tmp_path / "driver1.log", "w")  # noqa: SIM115
+    driver = subprocess.Popen(
+        [TOXTUNE, "tune", "--config", str(config)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while finished_trials(job.study_storage, job.name) < 2:
+            assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done_before = finished_trials(job.study_storage, job.name)
+    assert done_before < 6, "the search finished before the kill: widen the window"
+    before = {
+        t.user_attrs["ray_trial_id"]: t.params
+        for t in optuna.load_study(study_name=job.name, storage=job.study_storage).trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
 
-        out = subprocess.run(
-            [
-                TOXTUNE,
-                "tune",
-                "--resume",
-                job.name,
-                "--storage-path",
-                str(job.storage_root),
-                "--address",
-                cluster.address,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = subprocess.run(
+        [
+            TOXTUNE,
+            "tune",
+            "--resume",
+            job.name,
+            "--storage-path",
+            str(job.storage_root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     study = optuna.load_study(study_name=job.name, storage=job.study_storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
