@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -28,13 +28,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 60.0) -> None:
+def wait_http(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
     """Poll `url` until it answers 200, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
+    request = urllib.request.Request(url, headers=headers or {})
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with urllib.request.urlopen(request, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except Exception as exc:
@@ -122,9 +123,17 @@ class RayCluster:
     dashboard_url: str
     temp_dir: Path
     env: dict[str, str]
+    node_dirs: list[Path] = field(default_factory=list)
 
     def add_node(self, num_cpus: int = 1, num_gpus: int = 0) -> None:
-        """Join one more node (its own raylet) to the cluster."""
+        """Join one more node (its own raylet) to the cluster.
+
+        Each node gets its own temp dir, as on separate machines: nodes sharing one would
+        share a runtime-env cache, and a node fetching a job's working_dir replaces the very
+        directory the job's driver runs in on another node.
+        """
+        temp = Path(f"{self.temp_dir}_n{len(self.node_dirs)}")
+        self.node_dirs.append(temp)
         _ray(
             [
                 "start",
@@ -132,12 +141,15 @@ class RayCluster:
                 f"--num-cpus={num_cpus}",
                 f"--num-gpus={num_gpus}",
                 "--node-ip-address=127.0.0.1",
+                f"--temp-dir={temp}",
             ],
             self.env,
         )
 
     def stop(self) -> None:
         _ray(["stop", "--force"], self.env, check=False)
+        for path in [self.temp_dir, *self.node_dirs]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _ray(args: list[str], env: dict[str, str], check: bool = True) -> str:
@@ -160,6 +172,10 @@ def ray_cluster(
     port, dash_port = free_port(), free_port()
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    # Token auth as Ray defaults to for a new cluster, set explicitly so worker nodes and
+    # drivers agree with the head; the token is the user's default one, made if missing.
+    env["RAY_AUTH_MODE"] = "token"
+    _ray(["get-auth-token", "--generate"], env)
     args = [
         "start",
         "--head",
@@ -184,8 +200,9 @@ def ray_cluster(
     try:
         _ray(args, env)
         if dashboard:
-            wait_http(f"{cluster.dashboard_url}/api/version", timeout=90)
+            from tune.cluster import auth_headers
+
+            wait_http(f"{cluster.dashboard_url}/api/version", timeout=90, headers=auth_headers())
         yield cluster
     finally:
         cluster.stop()
-        shutil.rmtree(short, ignore_errors=True)

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         known = _known_errors()
         if isinstance(exc, known):
+            if args.verbose:
+                traceback.print_exc()
             print(f"toxtune {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -198,8 +198,23 @@ class ClusterInfo:
         return f"{text}; {self.autoscaling}" if self.autoscaling else text
 
 
+def auth_headers() -> dict[str, str]:
+    """The cluster's auth token as an HTTP header, if this machine holds one.
+
+    Ray enables token authentication by default; the token lives in `RAY_AUTH_TOKEN`,
+    the file `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`, read in that order (fresh on
+    every call: Ray's own loader caches the first answer). Without it the dashboard answers 401.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        with contextlib.suppress(OSError):
+            token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _get_json(url: str, timeout: float = 15.0) -> Any:
-    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    req = urllib.request.Request(url, headers={"Accept": "application/json", **auth_headers()})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read().decode())
 
@@ -537,7 +552,7 @@ def job_client(address: str) -> JobSubmissionClient:
 
     with _api_address(address):
         try:
-            return JobSubmissionClient(address)
+            return JobSubmissionClient(address, headers=auth_headers())
         except (ConnectionError, RuntimeError, OSError, ValueError) as exc:
             raise ClusterError(
                 f"cannot reach the Ray Jobs API at {address}: {str(exc).rstrip('.')}. Is the "

@@ -42,6 +42,13 @@ def format_result(job: JobConfig, result: JobResult) -> str:
         lines.append(f"  {task:<16} ROC-AUC {m['roc_auc']:.4f}  PR-AUC {m['pr_auc']:.4f}")
     if t.skipped:
         lines.append(f"  skipped (one class only in test): {', '.join(t.skipped)}")
+    s = result.test_seeds
+    if s:
+        lines.append(
+            f"retrained over {int(s['test_seeds'])} seeds: test ROC-AUC "
+            f"{s['test_roc_auc_mean']:.4f} ± {s['test_roc_auc_std']:.4f}  PR-AUC "
+            f"{s['test_pr_auc_mean']:.4f} ± {s['test_pr_auc_std']:.4f}"
+        )
     lines += [
         "",
         f"Ray experiment: {result.experiment_path}",

@@ -76,7 +76,11 @@ def next_gpu_share(current: float) -> float:
 def classify_failure(error_text: str) -> str:
     """Name a trial failure from its error text: gpu_oom, node_lost, diverged or code_error."""
     text = error_text or ""
-    if "OutOfMemoryError" in text or "CUDA out of memory" in text:
+    # Ray's memory monitor kills a worker for host RAM with its own OutOfMemoryError: not a GPU.
+    host_oom = ("ray.exceptions.OutOfMemoryError", "Task was killed", "running low on memory")
+    if not any(s in text for s in host_oom) and (
+        "OutOfMemoryError" in text or "CUDA out of memory" in text
+    ):
         return GPU_OOM
     lost = (
         "NodeDiedError",
@@ -84,7 +88,7 @@ def classify_failure(error_text: str) -> str:
         "WorkerCrashedError",
         "RayActorError",
         "ActorUnavailableError",
-        "OutOfMemoryError: Task was killed",
+        *host_oom,
         "The actor died",
         "node died",
         "SYSTEM_ERROR",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,11 +24,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from toxmodel.checkpoint import load_checkpoint
+from toxmodel.checkpoint import Predictor, load_checkpoint
 from toxmodel.data import MoleculeTable, load_table
 from toxmodel.featurize import Features, featurize_cached, write_invalid_report
 from toxmodel.metrics import Metrics, evaluate
 from toxmodel.split import Split, missing_class_warnings, split_dataset
+from toxmodel.train import fit
 from tune import tracking
 from tune.config import CONFIG_FILE, JobConfig, dump_config
 from tune.resources import (
@@ -38,7 +40,7 @@ from tune.resources import (
     last_error,
     next_gpu_share,
 )
-from tune.space import Param, build_space, default_point, describe, sample
+from tune.space import Param, build_space, default_point, describe, sample, to_run_configs
 from tune.trainable import ABORT_KEY, CHECKPOINT_FILE, FaultPlan, TrialData, train_trial
 
 log = logging.getLogger(__name__)
@@ -487,11 +489,9 @@ def _finish(
     if budget.stop_all():
         log.error("error budget spent: %d trials failed (%s)", len(budget.failed), budget.failed)
     trial_id, config, ckpt, result = _best_checkpoint(job, rounds)
-    predictor = load_checkpoint(ckpt)
     test_rows = data.split.test
-    smiles = [data.table.smiles[i] for i in data.features.valid_rows[test_rows]]
-    probs = predictor.predict(smiles)[predictor.tasks].to_numpy(dtype=np.float32)
-    test = evaluate(data.labels[test_rows], probs, data.table.tasks)
+    probs, test = _score_test(load_checkpoint(ckpt), data)
+    seeds = _retrain_over_seeds(job, data, config) if job.search.final_seeds > 1 else {}
     best_valid = {k: float(v) for k, v in result.items() if k.startswith("val_")}
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     space = build_space(job.search.space)
@@ -511,6 +511,7 @@ def _finish(
         trials=trials,
         study=_load_study(job),
         roc_data=(data.labels[test_rows], probs, data.table.tasks),
+        test_seeds=seeds,
     )
     tracking.log_job_summary(job.tracking_uri, parent, summary)
     version = tracking.register_best_model(
@@ -538,10 +539,48 @@ def _finish(
         best_config=clean,
         best_valid=best_valid,
         test=test,
+        test_seeds=seeds,
         parent_run_id=parent,
         model_version=str(getattr(version, "version", version)),
         failed_trials=len(budget.failed),
     )
+
+
+def _score_test(predictor: Predictor, data: PreparedData) -> tuple[np.ndarray, Metrics]:
+    """Predict the untouched test split from SMILES, as a user of the model would."""
+    test_rows = data.split.test
+    smiles = [data.table.smiles[i] for i in data.features.valid_rows[test_rows]]
+    probs = predictor.predict(smiles)[predictor.tasks].to_numpy(dtype=np.float32)
+    return probs, evaluate(data.labels[test_rows], probs, data.table.tasks)
+
+
+def _retrain_over_seeds(
+    job: JobConfig, data: PreparedData, config: dict[str, Any]
+) -> dict[str, float]:
+    """Retrain the best configuration over `final_seeds` seeds; test metrics' mean and std.
+
+    One seed's test score says little on a small split; the spread says how much of the
+    search's winning margin is noise. Runs in the driver, on its CPU.
+    """
+    scores: dict[str, list[float]] = {"roc_auc": [], "pr_auc": []}
+    for k in range(job.search.final_seeds):
+        model_config, train_config = to_run_configs(
+            config, job.search.max_epochs, job.search.patience, job.search.seed + k
+        )
+        result = fit(
+            data.features, data.labels, data.split, data.table.tasks, model_config, train_config
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            result.save(Path(tmp) / CHECKPOINT_FILE)
+            _, metrics = _score_test(load_checkpoint(Path(tmp) / CHECKPOINT_FILE), data)
+        log.info("seed %d: test ROC-AUC %.4f", job.search.seed + k, metrics.roc_auc)
+        scores["roc_auc"].append(metrics.roc_auc)
+        scores["pr_auc"].append(metrics.pr_auc)
+    out = {"test_seeds": float(job.search.final_seeds)}
+    for name, values in scores.items():
+        out[f"test_{name}_mean"] = float(np.mean(values))
+        out[f"test_{name}_std"] = float(np.std(values, ddof=1))
+    return out
 
 
 def _load_study(job: JobConfig) -> optuna.Study | None:

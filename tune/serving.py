@@ -1,66 +1,227 @@
 """The servable model: an MLflow pyfunc that takes a table of SMILES and returns probabilities.
 
-Input: a DataFrame with a `smiles` column. Output: one probability column per task and an
-`error` column ("" when the row was scored; the reason, with NaN probabilities, when not).
+Input: a DataFrame with a `smiles` column (other columns are ignored). Output: one float
+probability column per task and an `error` column ("" when the row was scored; the reason, with
+NaN probabilities, when the SMILES could not be parsed). Bad SMILES never raise.
+
+The model is logged as MLflow 3 "models from code": the model's code is a three-line entry file
+(`toxtune_model.py`, written at log time) that builds `ToxicityModel`; the checkpoint travels as
+the `checkpoint` artifact and is read with `torch.load(weights_only=True)`. Nothing is pickled,
+so loading a model cannot run code other than the entry file and the installed `toxtune`
+package. Serving therefore needs `toxtune` importable, e.g.
+`mlflow models serve -m models:/NAME@champion --env-manager local` in the project's venv.
+
+Logging uses an explicit `MlflowClient` (a logged model under the job run's experiment, linked
+to that run), never MLflow's global tracking URI or active run.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
+from mlflow.entities import LoggedModelOutput
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.data import DataError
 
-REQUIREMENTS = ["toxtune", "torch", "rdkit", "pandas", "numpy", "scikit-learn"]
+__all__ = [
+    "ToxicityModel",
+    "log_pyfunc_model",
+    "model_signature",
+    "predict_file",
+    "requirements",
+]
+
+SMILES = "smiles"
+ERROR = "error"
+CHECKPOINT_ARTIFACT = "checkpoint"
+ENTRY_FILE = "toxtune_model.py"
+ENTRY_CODE = '''"""toxtune pyfunc entry point (MLflow models from code): see tune/serving.py."""
+
+from mlflow.models import set_model
+
+from tune.serving import ToxicityModel
+
+set_model(ToxicityModel())
+'''
+# Third-party packages the model imports (toxtune itself must be installed where it is served).
+RUNTIME_PACKAGES = ("mlflow", "torch", "rdkit", "numpy", "pandas", "scikit-learn")
+PREDICT_CHUNK = 50_000  # rows per chunk in predict_file
+EXAMPLE_SMILES = ["CCO", "c1ccccc1O"]  # the logged input example (validated at log time)
 
 
 class ToxicityModel(PythonModel):
     """Wraps a toxmodel checkpoint; invalid SMILES are flagged per row, never raised."""
 
     def load_context(self, context: Any) -> None:
-        self._predictor = load_checkpoint(context.artifacts["checkpoint"])
+        """Load the checkpoint artifact on CPU (`TOXTUNE_SERVE_DEVICE` overrides)."""
+        device = os.environ.get("TOXTUNE_SERVE_DEVICE", "cpu")
+        self._predictor = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], device=device)
+        self.tasks = list(self._predictor.tasks)
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            if "smiles" not in model_input.columns:
-                raise ValueError(
-                    f"input needs a `smiles` column; got columns {list(model_input.columns)}"
-                )
-            smiles = model_input["smiles"]
-        else:
-            smiles = pd.Series(list(model_input))
-        smiles = smiles.fillna("").astype(str).tolist()
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        """SMILES table -> one probability column per task + `error`, row for row."""
+        smiles = _smiles_column(model_input)
         out = self._predictor.predict(smiles)
-        return out[[*self._predictor.tasks, "error"]].reset_index(drop=True)
+        return out[[*self.tasks, ERROR]].reset_index(drop=True)
 
 
-def signature(tasks: list[str]) -> ModelSignature:
+def _smiles_column(model_input: Any) -> list[str]:
+    """The `smiles` values as strings ("" for missing cells), or ValueError naming the column."""
+    if isinstance(model_input, pd.DataFrame):
+        if SMILES not in model_input.columns:
+            raise ValueError(
+                f"the model input needs a `{SMILES}` column of SMILES strings; "
+                f"got columns {list(model_input.columns)}"
+            )
+        values = model_input[SMILES].tolist()
+    elif isinstance(model_input, dict):
+        if SMILES not in model_input:
+            raise ValueError(f"the model input needs a `{SMILES}` field; got {sorted(model_input)}")
+        values = list(np.atleast_1d(np.asarray(model_input[SMILES], dtype=object)))
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    return ["" if _missing(v) else str(v) for v in values]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def model_signature(tasks: Sequence[str]) -> ModelSignature:
+    """Input: string column `smiles`. Output: a double per task and the string `error`."""
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "smiles")]),
-        outputs=Schema([*(ColSpec("double", t) for t in tasks), ColSpec("string", "error")]),
+        inputs=Schema([ColSpec("string", SMILES)]),
+        outputs=Schema([*(ColSpec("double", t) for t in tasks), ColSpec("string", ERROR)]),
     )
 
 
-def log_pyfunc_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
-    """Log the checkpoint as a pyfunc model under `run_id`; returns the logged model's URI."""
-    predictor = load_checkpoint(checkpoint_path)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ToxicityModel(),
-            artifacts={"checkpoint": str(checkpoint_path)},
-            signature=signature(list(predictor.tasks)),
-            pip_requirements=REQUIREMENTS,
-        )
-    return info.model_uri
+def requirements() -> list[str]:
+    """Pinned third-party requirements of the served model (local version labels dropped)."""
+    pins = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            version = importlib.metadata.version(name).split("+")[0]
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(name)
+        else:
+            pins.append(f"{name}=={version}")
+    return pins
+
+
+def log_pyfunc_model(
+    tracking_uri: str,
+    run_id: str,
+    checkpoint_path: Path,
+    name: str = "model",
+    tasks: Sequence[str] | None = None,
+) -> ModelInfo:
+    """Log the checkpoint as a pyfunc logged model of run `run_id`; returns its ModelInfo.
+
+    `info.model_uri` (`models:/<model_id>`) is what a registered version points at. `tasks`
+    default to the checkpoint's own.
+    """
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    checkpoint_path = Path(checkpoint_path)
+    if tasks is None:
+        tasks = load_checkpoint(checkpoint_path).tasks
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        model_type="toxtune-mlp",
+    )
+    meta = Model(
+        artifact_path=logged.artifact_location,
+        model_uuid=logged.model_id,
+        run_id=run_id,
+        model_id=logged.model_id,
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            entry = Path(tmp) / ENTRY_FILE
+            entry.write_text(ENTRY_CODE)
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                python_model=str(entry),
+                artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+                signature=model_signature(list(tasks)),
+                input_example=pd.DataFrame({SMILES: EXAMPLE_SMILES}),
+                pip_requirements=requirements(),
+                mlflow_model=meta,
+            )
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            client.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    return meta.get_model_info(client.finalize_logged_model(logged.model_id, "READY"))
+
+
+def resolve_model_uri(model_uri: str, tracking_uri: str) -> str:
+    """Where a `models:/` URI's files are stored, looked up with a client bound to the URI.
+
+    MLflow's own `models:/` resolution reads the global registry URI; this does not. Accepts
+    models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest and models:/<model id>; any
+    other URI is returned as it is.
+    """
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    head, _, rest = model_uri.removeprefix("models:/").strip("/").partition("/")
+    if "@" in head:
+        name, alias = head.split("@", 1)
+        version, sub = client.get_model_version_by_alias(name, alias).version, rest
+    elif rest:
+        name = head
+        version, _, sub = rest.partition("/")
+        if version == "latest":
+            found = client.search_model_versions(
+                f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
+            )
+            if not found:
+                raise mlflow.MlflowException(f"registered model {name!r} has no version")
+            version = found[0].version
+    else:
+        return client.get_logged_model(head).artifact_location
+    location = client.get_model_version_download_uri(name, str(version))
+    return f"{location.rstrip('/')}/{sub}" if sub else location
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Any:
+    """Download `model_uri` (models:/NAME@alias, models:/<id>, runs:/, a path) and load it.
+
+    With `tracking_uri` the URIs are resolved through explicit clients, so MLflow's global
+    tracking/registry URI is neither read nor changed; without it MLflow's defaults apply
+    (`MLFLOW_TRACKING_URI`).
+    """
+    if tracking_uri is None:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=str(dst) if dst else None)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=resolve_model_uri(model_uri, tracking_uri),
+        dst_path=str(dst) if dst else None,
+        tracking_uri=tracking_uri,
+        registry_uri=tracking_uri,
+    )
+    return mlflow.pyfunc.load_model(local)
 
 
 def predict_file(
@@ -70,23 +231,40 @@ def predict_file(
     tracking_uri: str | None = None,
     smiles_column: str = "smiles",
 ) -> Path:
-    """Score a CSV of SMILES with a logged/registered model; input columns are kept."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    """Score a CSV of SMILES with a logged/registered model; returns `output_csv`.
+
+    The output keeps the input's columns and adds `p_<task>` per task and `error` (columns
+    already in the input get a `_pred` suffix). Rows are read and scored in chunks, and the
+    output is written atomically.
+    """
+    input_csv, output_csv = Path(input_csv), Path(output_csv)
     if not input_csv.is_file():
         raise DataError(f"input file not found: {input_csv}")
-    frame = pd.read_csv(input_csv)
-    if smiles_column not in frame.columns:
+    header = pd.read_csv(input_csv, nrows=0)
+    if smiles_column not in header.columns:
         raise DataError(
-            f"{input_csv}: no SMILES column {smiles_column!r}; columns: {list(frame.columns)} "
+            f"{input_csv}: no SMILES column {smiles_column!r}; columns: {list(header.columns)} "
             "(choose one with --smiles-column)"
         )
-    model = mlflow.pyfunc.load_model(model_uri)
-    preds = model.predict(pd.DataFrame({"smiles": frame[smiles_column].fillna("").astype(str)}))
-    out = pd.concat(
-        [frame.reset_index(drop=True), preds.add_prefix("p_").rename(columns={"p_error": "error"})],
-        axis=1,
-    )
     output_csv.parent.mkdir(parents=True, exist_ok=True)
-    out.to_csv(output_csv, index=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(model_uri, tracking_uri, Path(tmp) / "model")
+        part = output_csv.with_name(f".{output_csv.name}.part")
+        try:
+            first = True
+            chunks = pd.read_csv(input_csv, dtype={smiles_column: str}, chunksize=PREDICT_CHUNK)
+            for chunk in chunks:
+                frame = chunk.reset_index(drop=True)
+                smiles = frame[smiles_column].fillna("").astype(str)
+                preds = model.predict(pd.DataFrame({SMILES: smiles}))
+                names = {c: c if c == ERROR else f"p_{c}" for c in preds.columns}
+                names = {c: f"{n}_pred" if n in frame.columns else n for c, n in names.items()}
+                out = pd.concat([frame, preds.rename(columns=names)], axis=1)
+                out.to_csv(part, mode="w" if first else "a", header=first, index=False)
+                first = False
+            if first:  # an input with a header only
+                header.to_csv(part, index=False)
+            os.replace(part, output_csv)
+        finally:
+            part.unlink(missing_ok=True)
     return output_csv

@@ -375,9 +375,13 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
 
 
 @pytest.fixture
-def connected(two_nodes: RayCluster) -> Iterator[RayCluster]:
+def connected(two_nodes: RayCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayCluster]:
     import ray
+    from ray._raylet import Config
 
+    # A driver joining a token-auth cluster must be in token mode too (Ray caches the mode).
+    monkeypatch.setenv("RAY_AUTH_MODE", two_nodes.env["RAY_AUTH_MODE"])
+    Config.initialize("")
     ray.init(address=two_nodes.address, logging_level="WARNING", log_to_driver=False)
     try:
         _wait_alive(2)

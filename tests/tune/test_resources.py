@@ -55,6 +55,12 @@ def test_oom_retry_doubles_the_share_up_to_one_gpu() -> None:
         ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "gpu_oom", True),
         ("ray.exceptions.ActorDiedError: The actor died unexpectedly", "node_lost", True),
         ("ray.exceptions.NodeDiedError: node 1234 died", "node_lost", True),
+        (
+            "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
+            "memory.",
+            "node_lost",
+            True,
+        ),
         ("toxmodel.train.TrainingDiverged: non-finite training loss at epoch 3", "diverged", False),
         ("ValueError: unknown activation 'foo'", "code_error", False),
         ("", "code_error", False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -67,6 +68,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job = tiny_job(tmp_path, small_csv)
+    job = replace(job, search=replace(job.search, final_seeds=2))
     result = run_job(job, progress=False)
 
     # Every trial ran, the best one is scored on the untouched test split.
@@ -86,6 +88,13 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     assert all(k.info.status in ("FINISHED", "FAILED", "KILLED") for k in kids)
     assert all("val_roc_auc" in k.data.metrics for k in kids)
     assert "test_roc_auc" in parent.data.metrics
+    # The winner was retrained over two more seeds; their spread is logged beside the score.
+    assert result.test_seeds["test_seeds"] == 2
+    assert 0.0 <= result.test_seeds["test_roc_auc_mean"] <= 1.0
+    assert result.test_seeds["test_roc_auc_std"] >= 0.0
+    assert parent.data.metrics["test_roc_auc_mean"] == pytest.approx(
+        result.test_seeds["test_roc_auc_mean"]
+    )
     version = client.get_model_version_by_alias(job.tracking.registered_model_name, "champion")
     assert version.tags["trial_id"] == result.best_trial_id
     assert version.tags["data_hash"]

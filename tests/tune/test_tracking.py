@@ -1,0 +1,459 @@
+"""MLflow tracking against real backends: SQLite and a real `mlflow server`, driven by Ray Tune.
+
+The callback tests run a real (tiny) Ray Tune experiment whose function trainable reports fake
+metrics: one trial finishes, one is stopped early by a stopper, one fails on every attempt and
+one fails once and then succeeds on retry. Everything is checked through `MlflowClient`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import ray
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from ray import tune as ray_tune
+
+from tests.services import MlflowServer, free_port
+from toxmodel.metrics import evaluate
+from tune.tracking import (
+    JOB_TAG,
+    PARENT_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    JobSummary,
+    MlflowTrialCallback,
+    TrackingError,
+    check_tracking,
+    child_runs,
+    classify_failure,
+    close_orphans,
+    default_tracking_uri,
+    finish_job_run,
+    log_job_summary,
+    start_job_run,
+)
+
+EPOCHS = 3
+TASKS = ["NR-AR", "SR-p53"]
+
+# Ship this module's functions to Ray workers by value, so a worker does not import the test
+# module (and with it MLflow, Optuna, torch): trial actors start seconds sooner.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One small local Ray instance for the module's Tune runs."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(params=["sqlite", "http"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, MlflowServer | None]:
+    """Each backend's tracking URI: embedded SQLite, then a real tracking server."""
+    if request.param == "sqlite":
+        return default_tracking_uri(tmp_path / "store"), None
+    server = request.getfixturevalue("mlflow_http")
+    return server.url, server
+
+
+def fake_trial(config: dict[str, Any]) -> None:
+    """Reports the metric keys of the real trainable; misbehaves as `config["kind"]` says."""
+    kind, epochs = config["kind"], config.get("epochs", EPOCHS)
+    marker = Path(config["marker_dir"]) / f"{kind}.failed-once"
+    start = 1
+    checkpoint = ray_tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            start = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
+    for epoch in range(start, epochs + 1):
+        if kind == "crash" and epoch == 2:
+            raise ValueError("deliberate bug in the crash trial")
+        if kind == "flaky" and epoch == 2 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("flaky trial fails once")
+        if epoch == config.get("signal_at"):
+            (Path(config["marker_dir"]) / f"at-{ray_tune.get_context().get_trial_id()}").touch()
+        time.sleep(config.get("sleep", 0.0))
+        metrics = {
+            "train_loss": 1.0 / epoch,
+            "val_loss": 1.2 / epoch,
+            "val_roc_auc": 0.5 + 0.01 * epoch,
+            "val_roc_auc/NR-AR": 0.6 + 0.01 * epoch,
+            "val_pr_auc/SR-p53": np.float32(0.3),
+            "val_pr_auc/NR-AR": float("nan"),  # a task lacking both classes
+            "val_roc_auc/odd(task)": 0.5,  # not a valid MLflow name as it is
+            "best_val_roc_auc": 0.5 + 0.01 * epoch,
+            "lr": 0.01,
+            "epoch_seconds": 0.01,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "device": "cpu",
+            "gpu_ids": "",
+            "gpu_fraction": 0.0,
+            "doomed": kind == "stopped",
+            "unrelated": 7.0,
+            "finished_reason": "max_epochs" if epoch == epochs else "",
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
+
+
+def stop_doomed(trial_id: str, result: dict[str, Any]) -> bool:
+    """The stopper playing the ASHA scheduler: stops the `stopped` trial after epoch 2."""
+    return bool(result.get("doomed")) and result["training_iteration"] >= 2
+
+
+def run_tune(
+    tmp_path: Path,
+    callback: MlflowTrialCallback,
+    kinds: list[str],
+    **config: Any,
+) -> ray_tune.ResultGrid:
+    tuner = ray_tune.Tuner(
+        fake_trial,
+        param_space={
+            "kind": ray_tune.grid_search(kinds),
+            "marker_dir": str(tmp_path),
+            "model": {"hidden": [8, 4], "dropout": 0.1},
+            **config,
+        },
+        tune_config=ray_tune.TuneConfig(reuse_actors=True),
+        run_config=ray_tune.RunConfig(
+            name="job",
+            storage_path=str(tmp_path / "ray"),
+            callbacks=[callback],
+            failure_config=ray_tune.FailureConfig(max_failures=1),
+            checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1),
+            stop=stop_doomed,
+            verbose=0,
+        ),
+    )
+    return tuner.fit()
+
+
+def bounce_when_signalled(server: MlflowServer, folder: Path, down_s: float) -> threading.Thread:
+    """Restart the tracking server (same port and store) once a trial writes its marker."""
+
+    def bounce() -> None:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob("at-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(down_s)
+        server.start()
+
+    thread = threading.Thread(target=bounce, daemon=True)
+    thread.start()
+    return thread
+
+
+def by_kind(client: MlflowClient, parent: str) -> dict[str, Run]:
+    kids = child_runs(client, parent)
+    out = {k.data.params["kind"]: k for k in kids}
+    assert len(out) == len(kids), "one child run per trial, no duplicates"
+    return out
+
+
+def steps(client: MlflowClient, run: Run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def artifacts(client: MlflowClient, run: Run, path: str | None = None) -> set[str]:
+    return {a.path for a in client.list_artifacts(run.info.run_id, path)}
+
+
+def test_trial_runs_statuses_metrics_and_errors(
+    backend: tuple[str, MlflowServer | None],
+    tmp_path: Path,
+    local_ray: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTP the server is also stopped and restarted mid-run: nothing may be lost."""
+    uri, server = backend
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    check_tracking(uri)
+    config = {"search": {"num_samples": 4}, "data": {"source": "x.csv"}}
+    parent = start_job_run(uri, "exp", "job-1", config, resume=False)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS)
+    if server is None:
+        grid = run_tune(tmp_path, callback, ["ok", "stopped", "crash", "flaky"])
+    else:
+        thread = bounce_when_signalled(server, tmp_path, down_s=2)
+        try:
+            grid = run_tune(
+                tmp_path, callback, ["ok", "stopped", "crash", "flaky"], signal_at=2, sleep=0.3
+            )
+        finally:
+            thread.join(timeout=120)
+        assert callback.deferrals > 0, "the server was never seen down: the test proved nothing"
+    finish_job_run(uri, parent, "FINISHED")
+
+    assert callback.pending == 0 and callback.dropped == []
+    client = MlflowClient(uri)
+    parents = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.`{JOB_TAG}` = 'job-1'"
+    )
+    assert [r.info.run_id for r in parents] == [parent]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.params["search.num_samples"] == "4"
+    assert "config.json" in artifacts(client, client.get_run(parent))
+
+    kids = by_kind(client, parent)
+    assert set(kids) == {"ok", "stopped", "crash", "flaky"}
+    trial_ids = {r.metrics["trial_id"] for r in grid}
+    assert len(trial_ids) == 4
+    assert {k.data.tags[TRIAL_TAG] for k in kids.values()} == trial_ids
+    for kid in kids.values():
+        assert kid.data.tags[PARENT_TAG] == parent
+        assert kid.info.status != "RUNNING"
+        assert kid.data.params["model.hidden"] == "[8, 4]"
+        assert kid.data.tags["device"] == "cpu" and kid.data.tags["node_id"]
+        assert kid.data.tags["node_ip"] and kid.data.tags["gpu_fraction"] == "0.0"
+        assert "unrelated" not in kid.data.metrics and "doomed" not in kid.data.metrics
+        assert "training_iteration" not in kid.data.metrics
+
+    ok = kids["ok"]
+    assert (ok.info.status, ok.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
+    assert ok.data.tags["toxtune.finished_reason"] == "max_epochs"
+    for key in ("train_loss", "val_roc_auc", "val_roc_auc/NR-AR", "val_pr_auc/SR-p53", "lr"):
+        assert steps(client, ok, key) == [1, 2, 3], key
+    assert steps(client, ok, "best_val_roc_auc") == [1, 2, 3]
+    assert all(
+        math.isnan(m.value) for m in client.get_metric_history(ok.info.run_id, "val_pr_auc/NR-AR")
+    )
+    assert steps(client, ok, "val_roc_auc/odd_task_") == [1, 2, 3]
+    assert steps(client, ok, "epoch_seconds") == [1, 2, 3]
+    history = client.get_metric_history(ok.info.run_id, "val_roc_auc/NR-AR")
+    assert [round(m.value, 4) for m in sorted(history, key=lambda m: m.step)] == [
+        0.61,
+        0.62,
+        0.63,
+    ]
+
+    stopped = kids["stopped"]
+    assert (stopped.info.status, stopped.data.tags[STATUS_TAG]) == ("FINISHED", "early_stopped")
+    assert steps(client, stopped, "val_roc_auc") == [1, 2]
+
+    crash = kids["crash"]
+    assert (crash.info.status, crash.data.tags[STATUS_TAG]) == ("FAILED", "failed")
+    assert "deliberate bug in the crash trial" in crash.data.tags["toxtune.error"]
+    assert len(crash.data.tags["toxtune.error"]) <= 500
+    assert crash.data.tags["toxtune.failure_kind"] == "code_error"
+    assert crash.data.tags["toxtune.retries"] == "1"
+    assert {"error.txt", "errors"} <= artifacts(client, crash)
+    assert artifacts(client, crash, "errors") == {"errors/attempt-1.txt", "errors/attempt-2.txt"}
+    full = client.download_artifacts(crash.info.run_id, "error.txt", str(tmp_path))
+    text = Path(full).read_text()
+    assert text.count("Failure # ") == 2 and "ValueError: deliberate bug" in text  # both attempts
+    assert "\x1b[" not in text  # terminal colour codes are stripped
+    assert steps(client, crash, "val_roc_auc") == [1]  # the retry resumed from epoch 1
+
+    flaky = kids["flaky"]
+    assert (flaky.info.status, flaky.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
+    assert flaky.data.tags["toxtune.retries"] == "1"
+    assert artifacts(client, flaky, "errors") == {"errors/attempt-1.txt"}
+    assert steps(client, flaky, "val_roc_auc") == [1, 2, 3]  # the same run continued
+
+    if server is None:
+        store = tmp_path / "store"
+        assert (store / "mlflow.db").is_file() and (store / "mlartifacts").is_dir()
+        assert ok.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    assert not {"mlruns", "mlflow.db", "mlartifacts"} & {p.name for p in tmp_path.iterdir()}
+
+
+def test_check_tracking_refuses_an_unreachable_server_fast() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="unreachable") as err:
+        check_tracking(url, timeout=2)
+    assert url in str(err.value) and "--tracking-uri" in str(err.value)
+    assert time.monotonic() - start < 5
+
+
+def test_check_tracking_sqlite_paths(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path / "new" / "deeper")
+    assert uri == f"sqlite:///{tmp_path.resolve()}/new/deeper/mlflow.db"
+    check_tracking(uri)
+    assert (tmp_path / "new" / "deeper").is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(TrackingError, match="cannot create"):
+        check_tracking(f"sqlite:///{blocker}/mlflow.db")
+    for bad in ("file:///tmp/mlruns", str(tmp_path / "mlruns")):
+        with pytest.raises(TrackingError, match="file store"):
+            check_tracking(bad)
+
+
+def test_resume_reopens_the_same_job_run(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    config = {"search": {"num_samples": 4, "space": "default"}, "name": "it's; odd"}
+    first = start_job_run(uri, "exp", "it's a job; rm -rf /", config, resume=False)
+    client = MlflowClient(uri)
+    assert client.get_run(first).data.params["search.num_samples"] == "4"
+    assert {"config.json", "config.yaml"} <= {a.path for a in client.list_artifacts(first)}
+    finish_job_run(uri, first, "KILLED")
+    assert client.get_run(first).info.status == "KILLED"
+
+    grown = {**config, "search": {"num_samples": 8, "space": "default"}}
+    again = start_job_run(uri, "exp", "it's a job; rm -rf /", grown, resume=True)
+    assert again == first
+    run = client.get_run(again)
+    assert run.info.status == "RUNNING" and run.data.tags["toxtune.resumes"] == "1"
+    assert run.data.params["search.num_samples"] == "4"  # MLflow params are immutable
+    assert "config/resume-1.json" in {a.path for a in client.list_artifacts(first, "config")}
+
+    fresh = start_job_run(uri, "exp", "it's a job; rm -rf /", config, resume=False)
+    other = start_job_run(uri, "exp", "another job", config, resume=True)
+    assert len({first, fresh, other}) == 3
+    assert start_job_run(uri, "exp", "it's a job; rm -rf /", config, resume=True) == fresh
+
+
+def test_close_orphans_kills_only_runs_that_will_not_continue(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    parent = start_job_run(uri, "exp", "job", {}, resume=False)
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+
+    def child(trial_id: str, status: str) -> str:
+        run = client.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: trial_id})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    keep, lost, done = child("t1", "RUNNING"), child("t2", "RUNNING"), child("t3", "FINISHED")
+    assert close_orphans(uri, parent, {"t1"}) == [lost]
+    assert client.get_run(lost).info.status == "KILLED"
+    assert client.get_run(lost).data.tags[STATUS_TAG] == "killed"
+    assert client.get_run(keep).info.status == "RUNNING"
+    assert client.get_run(done).info.status == "FINISHED"
+    finish_job_run(uri, parent, "failed")
+    assert client.get_run(keep).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", "gpu_oom"),
+        ("toxmodel.train.TrainingDiverged: non-finite loss at epoch 3", "diverged"),
+        ("ray.exceptions.NodeDiedError: the node died", "node_lost"),
+        ("ray.exceptions.ActorDiedError: The actor died unexpectedly", "node_lost"),
+        ("ray.exceptions.WorkerCrashedError: worker killed", "node_lost"),
+        ("ValueError: bad", "code_error"),
+        ("", "code_error"),
+    ],
+)
+def test_classify_failure(text: str, kind: str) -> None:
+    assert classify_failure(text) == kind
+
+
+def _study(n: int) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    study.optimize(
+        lambda t: (
+            -((t.suggest_float("lr", 1e-4, 1e-1, log=True) - 0.01) ** 2)
+            - 0.1 * t.suggest_int("layers", 1, 3)
+        ),
+        n_trials=n,
+    )
+    return study
+
+
+def _summary(tmp_path: Path, study: optuna.Study | None, test_metrics: Any) -> JobSummary:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(40, 2)).astype(float)
+    y[0, 1] = np.nan
+    p = np.clip(y * 0.6 + rng.random((40, 2)) * 0.4, 0, 1)
+    p[np.isnan(p)] = 0.5
+    report = tmp_path / "invalid_smiles.csv"
+    report.write_text("row,smiles,reason\n3,xyz,SMILES Parse Error\n")
+    return JobSummary(
+        n_rows=41,
+        n_valid=40,
+        content_hash="abc123",
+        source="tox21.csv",
+        invalid_report=report,
+        search_space={"lr": {"kind": "float", "low": 1e-4, "high": 0.1, "log": True}},
+        ray_address="local",
+        cluster={"nodes": 1, "cpus": 2.0, "gpus": 0.0},
+        best_trial_id="t_00001",
+        best_valid={"val_roc_auc": 0.8, "val_roc_auc/NR-AR": 0.75, "pr_auc": 0.4},
+        test_metrics=test_metrics,
+        trials=pd.DataFrame({"trial_id": ["t_00000", "t_00001"], "val_roc_auc": [0.7, 0.8]}),
+        best_params={"lr": 0.01},
+        study=study,
+        roc_data=(y, p, TASKS),
+    )
+
+
+def test_job_summary_metrics_artifacts_and_plots(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path / "store")
+    client = MlflowClient(uri)
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, size=(30, 2)).astype(np.float32)
+    metrics = evaluate(y, np.clip(y * 0.5 + rng.random((30, 2)) * 0.5, 0, 1), TASKS)
+
+    parent = start_job_run(uri, "exp", "summary", {}, resume=False)
+    log_job_summary(uri, parent, _summary(tmp_path, _study(6), metrics))
+    run = client.get_run(parent)
+    assert run.data.tags["dataset.content_hash"] == "abc123"
+    assert run.data.tags["dataset.invalid_rows"] == "1"
+    assert (run.data.tags["ray.nodes"], run.data.tags["ray.cpus"]) == ("1", "2.0")
+    assert run.data.tags["best_trial_id"] == "t_00001"
+    assert run.data.metrics["best_val_roc_auc"] == pytest.approx(0.8)
+    assert run.data.metrics["best_val_roc_auc/NR-AR"] == pytest.approx(0.75)
+    assert run.data.metrics["best_val_pr_auc"] == pytest.approx(0.4)
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics.roc_auc)
+    for task in TASKS:
+        assert run.data.metrics[f"test_roc_auc/{task}"] == pytest.approx(
+            metrics.per_task[task]["roc_auc"]
+        )
+    names = {a.path for a in client.list_artifacts(parent)}
+    assert {"trials.csv", "search_space.json", "best_params.json", "dataset", "plots"} <= names
+    assert {a.path for a in client.list_artifacts(parent, "dataset")} == {
+        "dataset/invalid_smiles.csv"
+    }
+    plots = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert plots == {
+        "plots/optimization_history.png",
+        "plots/param_importance.png",
+        "plots/roc_curves.png",
+    }
+    local = Path(client.download_artifacts(parent, "plots/roc_curves.png", str(tmp_path)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trials = pd.read_csv(client.download_artifacts(parent, "trials.csv", str(tmp_path)))
+    assert list(trials["trial_id"]) == ["t_00000", "t_00001"]
+
+    # A single complete trial: no importance plot, a note saying why; a plain test dict.
+    other = start_job_run(uri, "exp", "summary-1", {}, resume=False)
+    log_job_summary(
+        uri, other, _summary(tmp_path, _study(1), {"roc_auc": 0.7, "roc_auc/NR-AR": 0.65})
+    )
+    run = client.get_run(other)
+    assert "at least 2 complete trials" in run.data.tags["toxtune.note.param_importance"]
+    assert {a.path for a in client.list_artifacts(other, "plots")} == {
+        "plots/optimization_history.png",
+        "plots/roc_curves.png",
+    }
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(0.7)
+    assert run.data.metrics["test_roc_auc/NR-AR"] == pytest.approx(0.65)
+    assert not math.isnan(run.data.metrics["best_val_roc_auc"])

@@ -1,0 +1,191 @@
+"""A tiny tuning job against a real `mlflow server` over HTTP, and the served model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from tests.services import MlflowServer, free_port, wait_http
+from tests.tune.test_search import children, tiny_job
+from tune.search import run_job
+from tune.tracking import TrackingError, check_tracking
+from tune.trainable import FaultPlan
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def fresh_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_unreachable_server_is_refused_before_any_trial(tmp_path: Path, small_csv: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_tracking(url, timeout=2)
+    job = tiny_job(tmp_path, small_csv, **{"tracking.tracking_uri": url})
+    with pytest.raises(TrackingError, match=url):
+        run_job(job, progress=False)
+    assert not (job.storage_root / job.name).exists()  # nothing ran
+    assert not ray.is_initialized()
+
+
+def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
+    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, fresh_ray: None
+) -> None:
+    job = tiny_job(tmp_path, small_csv, **{"tracking.tracking_uri": mlflow_http.url})
+    result = run_job(job, progress=False)
+    client = MlflowClient(mlflow_http.url)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dataset.content_hash"] == parent.data.tags["dataset.content_hash"]
+    assert int(parent.data.tags["dataset.rows"]) > 0
+    assert parent.data.tags["best_trial_id"] == result.best_trial_id
+    assert "test_roc_auc" in parent.data.metrics
+    assert any(k.startswith("test_roc_auc/") for k in parent.data.metrics)
+    assert parent.data.params["search.num_samples"] == str(job.search.num_samples)
+    arts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"config.json", "search_space.json", "trials.csv", "plots"} <= arts
+    plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/roc_curves.png"} <= plots
+
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == job.search.num_samples
+    for kid in kids:
+        assert kid.data.tags["toxtune.status"] in ("finished", "early_stopped")
+        assert kid.data.tags["device"] == "cpu"
+        assert kid.data.tags["node_id"]
+        history = client.get_metric_history(kid.info.run_id, "val_roc_auc")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        assert "lr" in kid.data.params
+    version = client.get_model_version_by_alias(job.tracking.registered_model_name, "champion")
+    assert version.tags["searcher"] == "optuna"
+    assert version.tags["trial_id"] == result.best_trial_id
+    assert version.tags["split"].startswith("random")
+
+    # toxtune predict against the registered model, for real.
+    inp = tmp_path / "in.csv"
+    pd.DataFrame({"smiles": ["CCO", "c1ccccc1O", "bogus((", ""]}).to_csv(inp, index=False)
+    out = tmp_path / "out.csv"
+    proc = subprocess.run(
+        [
+            str(BIN / "toxtune"),
+            "predict",
+            str(inp),
+            "--model",
+            f"models:/{job.tracking.registered_model_name}@champion",
+            "--output",
+            str(out),
+            "--tracking-uri",
+            mlflow_http.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    preds = pd.read_csv(out, keep_default_na=False)
+    assert len(preds) == 4
+    assert preds["error"].iloc[0] == "" and preds["error"].iloc[2] != ""
+    assert preds["error"].iloc[3] != ""
+    prob_cols = [c for c in preds.columns if c.startswith("p_")]
+    assert len(prob_cols) == 3
+    assert 0.0 <= float(preds[prob_cols[0]].iloc[0]) <= 1.0
+
+    # mlflow models serve answers REST requests with SMILES.
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_http.url,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as in an activated venv
+    }
+    serve = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{job.tracking.registered_model_name}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=(tmp_path / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ping", timeout=120)
+        except TimeoutError as exc:
+            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:]) from exc
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["smiles"], "data": [["CCO"], ["not-a-smiles"]]}}
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        rows = answer["predictions"]
+        assert rows[0]["error"] == "" and 0.0 <= rows[0][prob_cols[0][2:]] <= 1.0
+        assert rows[1]["error"] != ""
+    finally:
+        os.killpg(serve.pid, 15)
+        serve.wait(timeout=30)
+
+
+def test_server_restart_mid_job_loses_no_result(
+    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, fresh_ray: None
+) -> None:
+    job = tiny_job(
+        tmp_path,
+        small_csv,
+        **{
+            "tracking.tracking_uri": mlflow_http.url,
+            "search.scheduler": "fifo",
+            "search.max_epochs": 4,
+        },
+    )
+
+    def bounce() -> None:
+        time.sleep(12)
+        mlflow_http.stop()
+        time.sleep(8)
+        mlflow_http.start()
+
+    thread = threading.Thread(target=bounce)
+    thread.start()
+    try:
+        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
+    finally:
+        thread.join()
+    client = MlflowClient(mlflow_http.url)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == job.search.num_samples
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
+        assert steps == [1, 2, 3, 4]  # every epoch of every trial arrived
