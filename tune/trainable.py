@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class FaultPlan:
     diverge_in: frozenset[int] = frozenset()  # poison the weights with NaN after epoch 1
     slow_epochs_s: float = 0.0  # sleep per epoch, to widen windows for kill tests
     oom_below_share: float = 0.0  # raise CUDA OOM while the trial's GPU share is below this
+    kill_in: frozenset[int] = frozenset()  # SIGKILL the trial's own worker process at epoch 2
+    marker_dir: str = ""  # kill_in fires once per trial: a marker file here records the kill
 
     @classmethod
     def from_env(cls) -> FaultPlan:
@@ -52,7 +55,7 @@ class FaultPlan:
         if not raw:
             return cls()
         spec = json.loads(raw)
-        for key in ("raise_in", "diverge_in"):
+        for key in ("raise_in", "diverge_in", "kill_in"):
             if key in spec:
                 spec[key] = frozenset(spec[key])
         return cls(**spec)
@@ -142,6 +145,11 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             ray_tune.report(metrics)
         if index in faults.raise_in and epoch.epoch >= 2:
             raise RuntimeError(f"injected fault in trial {context.get_trial_id()}")
+        if index in faults.kill_in and epoch.epoch == 2:
+            marker = Path(faults.marker_dir or tempfile.gettempdir()) / f"toxtune-killed-{index}"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
         if index in faults.diverge_in and epoch.epoch == 1:
             with torch.no_grad():
                 for p in epoch.model.parameters():

@@ -177,3 +177,24 @@ def test_oom_is_retried_with_a_larger_gpu_share(
     assert len(result.trials) == 2
     assert (result.trials["gpu_fraction"] == 0.5).all()
     assert result.failed_trials == 0
+
+
+def test_trial_whose_worker_is_killed_is_retried_and_the_job_completes(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    job = tiny_job(tmp_path, small_csv, **{"search.num_samples": 3, "search.scheduler": "fifo"})
+    faults = FaultPlan(kill_in=frozenset({1}), marker_dir=str(tmp_path))
+    result = run_job(job, faults=faults, progress=False)
+
+    assert (tmp_path / "toxtune-killed-1").exists()  # the worker really was SIGKILLed
+    assert result.failed_trials == 0
+    assert len(result.trials) == 3
+
+    # One child run per trial, all finished: the retried trial kept its run and its error.
+    client = MlflowClient(job.tracking_uri)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
+    assert {k.data.tags["toxtune.status"] for k in kids} == {"finished"}
+    retried = [k for k in kids if k.data.tags.get("toxtune.retries") == "1"]
+    assert len(retried) == 1
+    assert retried[0].data.tags["toxtune.last_failure_kind"] == "node_lost"
