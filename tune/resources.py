@@ -90,6 +90,8 @@ def classify_failure(error_text: str) -> str:
         "ActorUnavailableError",
         *host_oom,
         "The actor died",
+        "is temporarily unavailable",  # ActorUnavailableError's message, without its class name
+        "RPC error: Socket closed",
         "node died",
         "SYSTEM_ERROR",
     )

@@ -7,6 +7,7 @@ to it); the slow test submits a real job through the Jobs API and checks MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -578,3 +579,85 @@ def test_submit_runs_a_search_across_two_nodes(
         assert champion.version and champion.status == "READY"
         assert (storage / "cluster-e2e").is_dir()  # results on the given (shared) path
     print(f"timings: {timings} total_s={time.monotonic() - t0:.1f}", file=sys.stderr)
+
+
+def _kill_node(temp_dir: Path) -> int:
+    """SIGKILL every process of the node whose temp dir is `temp_dir`, as if its machine died."""
+    import psutil
+
+    victims = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or []):
+                victims.append(proc)
+    for proc in victims:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(victims)
+
+
+@pytest.mark.slow
+def test_job_completes_after_a_worker_node_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not TOX21.is_file():
+        pytest.skip(f"no local Tox21 copy at {TOX21}")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))  # 1 s epochs
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    csv = _tiny_csv(tmp_path / "tox21_small.csv")
+    config = _tiny_config(tmp_path / "tiny.yaml", csv)
+    raw = yaml.safe_load(config.read_text())
+    raw["search"]["max_epochs"] = 6
+    raw["resources"]["gpus_per_trial"] = 0
+    raw["tracking"]["experiment_name"] = raw["tracking"]["run_name"] = "node-loss"
+    config.write_text(yaml.safe_dump(raw))
+    with (
+        mlflow_server(tmp_path / "mlflow") as server,
+        ray_cluster(tmp_path / "ray", num_cpus=1, dashboard=True) as ray_c,
+    ):
+        head = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)}
+        ray_c.add_node(num_cpus=1)
+        worker = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)} - head
+        assert len(worker) == 1
+        cmd = [
+            str(BIN / "toxtune"), "submit", "--address", ray_c.dashboard_url,
+            "--config", str(config), "--tracking-uri", server.url,
+            "--storage-path", str(tmp_path / "shared-results"),
+        ]  # fmt: skip
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        job_id = next(ln.split()[2] for ln in out.stdout.splitlines() if ln.startswith("submitted"))
+        jobs = cluster.job_client(ray_c.dashboard_url)
+        mlf = MlflowClient(tracking_uri=server.url)
+
+        # Wait until a trial is training on the worker node, then take the node away.
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline, jobs.get_job_logs(job_id)[-4000:]
+            assert str(jobs.get_job_status(job_id)) in ("PENDING", "RUNNING")
+            exp = mlf.get_experiment_by_name("node-loss")
+            runs = mlf.search_runs([exp.experiment_id]) if exp else []
+            if any(r.data.tags.get("node_id") in worker for r in runs):
+                break
+            time.sleep(0.5)
+        assert _kill_node(ray_c.node_dirs[0]) > 0
+
+        status = cluster.wait_for_job(jobs, job_id, poll_s=1.0, quiet=True)
+        logs = jobs.get_job_logs(job_id)
+        assert status == "SUCCEEDED", logs[-6000:]
+        alive = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)}
+        assert alive == head  # the worker really left
+        runs = mlf.search_runs([exp.experiment_id], max_results=100)
+        kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        states = [
+            {k: v for k, v in r.data.tags.items() if k.startswith(("toxtune.", "node"))}
+            for r in kids
+            if r.info.status != "FINISHED"
+        ]
+        assert len(kids) == 4 and {r.info.status for r in kids} == {"FINISHED"}, json.dumps(states)
+        retried = [r for r in kids if r.data.tags.get("toxtune.retries")]
+        assert retried and all(r.data.tags["node_id"] in head for r in retried)

@@ -56,6 +56,12 @@ def test_oom_retry_doubles_the_share_up_to_one_gpu() -> None:
         ("ray.exceptions.ActorDiedError: The actor died unexpectedly", "node_lost", True),
         ("ray.exceptions.NodeDiedError: node 1234 died", "node_lost", True),
         (
+            "The actor a5ee is unavailable: The actor is temporarily unavailable: RpcError: RPC "
+            "error: Socket closed rpc_code: 14.",
+            "node_lost",
+            True,
+        ),
+        (
             "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
             "memory.",
             "node_lost",
