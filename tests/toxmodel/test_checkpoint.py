@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.toxmodel.conftest import make_split
 from toxmodel.checkpoint import (
@@ -200,3 +202,30 @@ def test_save_checkpoint_from_parts(tmp_path: Path) -> None:
     assert not predictor.model.training
     probs = predictor.predict(["CCO", "c1ccccc1"])[["a", "b"]].to_numpy()
     assert not any(math.isnan(v) for v in probs.ravel())
+
+
+@pytest.fixture(scope="module")
+def fuzz_predictor(bits_only: Trained, tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    return load_checkpoint(bits_only.result.save(tmp_path_factory.mktemp("fuzz") / "m.pt"))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=80),
+            st.text(alphabet="CNOSPFclcnos()[]=#123%+-@H.:/\\*0 ", max_size=60),
+        ),
+        max_size=6,
+    )
+)
+def test_fuzz_predict_answers_every_row(fuzz_predictor: Predictor, texts: list[str]) -> None:
+    table = fuzz_predictor.predict(texts, n_jobs=1)
+    assert table["smiles"].tolist() == texts  # one row per input, in order, none dropped
+    probs = table[TASKS].to_numpy()
+    failed = table["error"].ne("").to_numpy()
+    assert np.isnan(probs[failed]).all()  # a failed row says why and has no probabilities
+    ok = probs[~failed]
+    assert np.isfinite(ok).all() and ((ok >= 0) & (ok <= 1)).all()

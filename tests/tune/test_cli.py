@@ -73,3 +73,44 @@ def test_tune_refuses_bad_config_before_ray_starts(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "gpus_per_trial" in out.stderr
     assert not (tmp_path / "toxtune").exists()
+
+
+@pytest.mark.slow
+def test_ui_serves_the_job_backend_on_loopback_only(tmp_path: Path) -> None:
+    import os
+    import signal
+    import socket
+    import urllib.request
+
+    import psutil
+
+    from tests.services import free_port, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [TOXTUNE, "ui", "--storage-path", str(tmp_path / "results"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first and "sqlite:///" in first
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=90)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert resp.status == 200 and b"MLflow" in resp.read()
+        # Bound to 127.0.0.1: the machine's other addresses do not answer.
+        others = [
+            a.address
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")
+        ]
+        for ip in others:
+            with pytest.raises(OSError), socket.create_connection((ip, port), timeout=3):
+                pass
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
