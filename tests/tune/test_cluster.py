@@ -539,7 +539,7 @@ def test_submit_runs_a_search_across_two_nodes(
         cmd = [
             str(BIN / "toxtune"), "submit", "--address", ray_c.dashboard_url,
             "--config", str(config), "--tracking-uri", server.url,
-            "--storage-path", str(storage), "--wait",
+            "--storage-path", str(storage), "--follow",
         ]  # fmt: skip
         proc = subprocess.run(
             cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200, env=dict(os.environ)
@@ -561,6 +561,7 @@ def test_submit_runs_a_search_across_two_nodes(
         assert proc.returncode == 0, report
         assert str(client.get_job_status(job_id)) == "SUCCEEDED", report
         assert "--address auto" in proc.stdout and "--tracking-uri=" in proc.stdout
+        assert "best trial:" in proc.stdout  # --follow streamed the job's own report
 
         mlf = MlflowClient(tracking_uri=server.url)
         experiment = mlf.get_experiment_by_name("toxtune-cluster-e2e")
