@@ -510,19 +510,24 @@ def _tiny_config(path: Path, csv: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_submit_runs_a_search_across_two_nodes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _job_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Environment the cluster's nodes (started next) hand to the job; returns its data CSV."""
     if not TOX21.is_file():
         pytest.skip(f"no local Tox21 copy at {TOX21}")
-    from mlflow import MlflowClient
-
     # The job's driver and trials inherit the environment of `ray start`: toxtune on PATH.
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    csv = _tiny_csv(tmp_path / "tox21_small.csv")
+    return _tiny_csv(tmp_path / "tox21_small.csv")
+
+
+@pytest.mark.slow
+def test_submit_runs_a_search_across_two_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    csv = _job_environment(tmp_path, monkeypatch)
     config = _tiny_config(tmp_path / "tiny.yaml", csv)
     storage = tmp_path / "shared-results"
     timings: dict[str, float] = {}
@@ -601,18 +606,13 @@ def _kill_node(temp_dir: Path) -> int:
 def test_job_completes_after_a_worker_node_leaves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not TOX21.is_file():
-        pytest.skip(f"no local Tox21 copy at {TOX21}")
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    csv = _job_environment(tmp_path, monkeypatch)
     monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))  # 1 s epochs
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    csv = _tiny_csv(tmp_path / "tox21_small.csv")
     config = _tiny_config(tmp_path / "tiny.yaml", csv)
     raw = yaml.safe_load(config.read_text())
-    raw["search"]["max_epochs"] = 6
+    raw["search"]["max_epochs"] = 4
     raw["resources"]["gpus_per_trial"] = 0
     raw["tracking"]["experiment_name"] = raw["tracking"]["run_name"] = "node-loss"
     config.write_text(yaml.safe_dump(raw))
