@@ -6,6 +6,7 @@ Each is started as a subprocess on a free loopback port and torn down even when 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -206,3 +207,41 @@ def ray_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, log_dir: Path) -> Iterator[str]:
+    """Run `mlflow models serve` for `model_uri` on a free loopback port; yield its base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as in an activated venv
+    }
+    log = log_dir / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=log_dir, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ping", timeout=120)
+        except TimeoutError as exc:
+            raise AssertionError(log.read_text()[-3000:]) from exc
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _kill_group(proc, timeout=30)
+
+
+def invoke(url: str, smiles: list[str]) -> list[dict]:
+    """POST a `smiles` table to a served model's /invocations; return its prediction rows."""
+    body = {"dataframe_split": {"columns": ["smiles"], "data": [[s] for s in smiles]}}
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())["predictions"]

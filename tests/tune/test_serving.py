@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import MlflowServer, free_port, wait_http
+from tests.services import MlflowServer, invoke, model_server
 from toxmodel.data import DataError
 from toxmodel.featurize import FeaturizerConfig, featurize
 from toxmodel.model import ModelConfig
@@ -127,56 +123,10 @@ def test_served_over_http_from_the_tracking_server(
     frame = pd.DataFrame({"smiles": ["CCO", "not-a-smiles", "", None, "c1ccccc1O"]})
     _check_predictions(load_model("models:/tox-http@champion", uri).predict(frame))
 
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as in an activated venv
-    }
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        serve = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "models",
-                "serve",
-                "-m",
-                "models:/tox-http@champion",
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", timeout=120)
-        except TimeoutError as exc:
-            raise AssertionError(log.read_text()[-3000:]) from exc
-        body = {"dataframe_split": {"columns": ["smiles"], "data": [["CCO"], ["not-a-smiles"]]}}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            rows = json.loads(resp.read())["predictions"]
-        assert len(rows) == 2
-        assert rows[0]["error"] == ""
-        assert all(0.0 <= rows[0][t] <= 1.0 for t in TASKS)
-        assert rows[1]["error"] != ""
-        assert all(rows[1][t] is None or math.isnan(rows[1][t]) for t in TASKS)
-    finally:
-        os.killpg(serve.pid, 15)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, 9)
-            serve.wait(timeout=30)
+    with model_server("models:/tox-http@champion", uri, tmp_path) as url:
+        rows = invoke(url, ["CCO", "not-a-smiles"])
+    assert len(rows) == 2
+    assert rows[0]["error"] == ""
+    assert all(0.0 <= rows[0][t] <= 1.0 for t in TASKS)
+    assert rows[1]["error"] != ""
+    assert all(rows[1][t] is None or math.isnan(rows[1][t]) for t in TASKS)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +13,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from tests.services import MlflowServer, free_port, wait_http
+from tests.services import MlflowServer, free_port, invoke, model_server
 from tests.tune.test_search import children, tiny_job
 from tune.search import run_job
 from tune.tracking import TrackingError, check_tracking
@@ -109,52 +106,11 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
     assert 0.0 <= float(preds[prob_cols[0]].iloc[0]) <= 1.0
 
     # mlflow models serve answers REST requests with SMILES.
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": mlflow_http.url,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as in an activated venv
-    }
-    serve = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{job.tracking.registered_model_name}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=(tmp_path / "serve.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", timeout=120)
-        except TimeoutError as exc:
-            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:]) from exc
-        body = json.dumps(
-            {"dataframe_split": {"columns": ["smiles"], "data": [["CCO"], ["not-a-smiles"]]}}
-        ).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            answer = json.loads(resp.read())
-        rows = answer["predictions"]
-        assert rows[0]["error"] == "" and 0.0 <= rows[0][prob_cols[0][2:]] <= 1.0
-        assert rows[1]["error"] != ""
-    finally:
-        os.killpg(serve.pid, 15)
-        serve.wait(timeout=30)
+    model_uri = f"models:/{job.tracking.registered_model_name}@champion"
+    with model_server(model_uri, mlflow_http.url, tmp_path) as url:
+        rows = invoke(url, ["CCO", "not-a-smiles"])
+    assert rows[0]["error"] == "" and 0.0 <= rows[0][prob_cols[0][2:]] <= 1.0
+    assert rows[1]["error"] != ""
 
 
 def test_server_restart_mid_job_loses_no_result(
