@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,20 @@ def test_cli_reports_config_errors_without_traceback(capsys: pytest.CaptureFixtu
     assert main(["tune", "--num-samples", "0"]) == 2
     err = capsys.readouterr().err
     assert "search.num_samples" in err and "Traceback" not in err
+
+
+def _every_field() -> list[tuple[str, str]]:
+    job = JobConfig()
+    return [
+        (f"{section.name}.{f.name}", str(f.type))
+        for section in dataclasses.fields(JobConfig)
+        if dataclasses.is_dataclass(getattr(job, section.name))
+        for f in dataclasses.fields(getattr(job, section.name))
+    ]
+
+
+@pytest.mark.parametrize(("key", "annotation"), _every_field())
+def test_every_field_refuses_a_wrong_type_naming_it(key: str, annotation: str) -> None:
+    wrong: object = [1, 2] if "dict" in annotation else {"x": 1}
+    with pytest.raises(ConfigError, match=key.split(".")[1]):
+        load_config(overrides={key: wrong})
