@@ -392,8 +392,9 @@ def _fit(
     if cfg.pos_weight:
         weight = torch.from_numpy(pos_weights(labels[split.train])).to(dev)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_idx = torch.as_tensor(np.asarray(split.train), dtype=torch.long)
-    valid_idx = torch.as_tensor(np.asarray(split.valid), dtype=torch.long).to(dev)
+    # Copies: a split shipped through Ray's object store is a read-only view.
+    train_idx = torch.tensor(np.asarray(split.train), dtype=torch.long)
+    valid_idx = torch.tensor(np.asarray(split.valid), dtype=torch.long).to(dev)
     valid_labels = labels[np.asarray(split.valid)]
 
     history: list[dict[str, float]] = []
