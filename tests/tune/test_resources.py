@@ -55,6 +55,7 @@ def test_oom_retry_doubles_the_share_up_to_one_gpu() -> None:
         ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "gpu_oom", True),
         ("ray.exceptions.ActorDiedError: The actor died unexpectedly", "node_lost", True),
         ("ray.exceptions.NodeDiedError: node 1234 died", "node_lost", True),
+        ("ray.exceptions.WorkerCrashedError: worker killed", "node_lost", True),
         (
             "The actor a5ee is unavailable: The actor is temporarily unavailable: RpcError: RPC "
             "error: Socket closed rpc_code: 14.",

@@ -38,7 +38,6 @@ from tune.tracking import (
     TrackingError,
     check_tracking,
     child_runs,
-    classify_failure,
     close_orphans,
     default_tracking_uri,
     finish_job_run,
@@ -347,22 +346,6 @@ def test_close_orphans_kills_only_runs_that_will_not_continue(tmp_path: Path) ->
     finish_job_run(uri, parent, "failed")
     assert client.get_run(keep).info.status == "KILLED"
     assert client.get_run(parent).info.status == "FAILED"
-
-
-@pytest.mark.parametrize(
-    ("text", "kind"),
-    [
-        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", "gpu_oom"),
-        ("toxmodel.train.TrainingDiverged: non-finite loss at epoch 3", "diverged"),
-        ("ray.exceptions.NodeDiedError: the node died", "node_lost"),
-        ("ray.exceptions.ActorDiedError: The actor died unexpectedly", "node_lost"),
-        ("ray.exceptions.WorkerCrashedError: worker killed", "node_lost"),
-        ("ValueError: bad", "code_error"),
-        ("", "code_error"),
-    ],
-)
-def test_classify_failure(text: str, kind: str) -> None:
-    assert classify_failure(text) == kind
 
 
 def _study(n: int) -> optuna.Study:
