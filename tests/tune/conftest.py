@@ -51,3 +51,15 @@ def small_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         frame = pd.DataFrame(_synthetic_rows(), columns=["smiles", *TASKS])
     frame.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def no_ray() -> Iterator[None]:
+    """Each test gets its own local Ray, shut down afterwards even on failure."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

@@ -9,7 +9,6 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from tune.config import JobConfig, load_config
@@ -45,16 +44,6 @@ def tiny_job(tmp_path: Path, data: Path, **overrides: object) -> JobConfig:
     }
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(overrides=base)
-
-
-@pytest.fixture
-def no_ray():
-    """Each test gets its own local Ray, shut down afterwards even on failure."""
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def children(client: MlflowClient, parent_id: str) -> list:

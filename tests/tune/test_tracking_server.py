@@ -23,15 +23,6 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def fresh_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def test_unreachable_server_is_refused_before_any_trial(tmp_path: Path, small_csv: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingError, match="unreachable"):
@@ -44,7 +35,7 @@ def test_unreachable_server_is_refused_before_any_trial(tmp_path: Path, small_cs
 
 
 def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
-    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, fresh_ray: None
+    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, no_ray: None
 ) -> None:
     job = tiny_job(tmp_path, small_csv, **{"tracking.tracking_uri": mlflow_http.url})
     result = run_job(job, progress=False)
@@ -114,7 +105,7 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
 
 
 def test_server_restart_mid_job_loses_no_result(
-    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, fresh_ray: None
+    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, no_ray: None
 ) -> None:
     job = tiny_job(
         tmp_path,
