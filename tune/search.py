@@ -423,6 +423,9 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
             )
             fail_stale_trials(study, keep=set())
             tuner.fit()
+        # Every Tune run has ended: a study trial still RUNNING is an orphan of the killed driver
+        # (suggested after Tune's last snapshot), never to finish.
+        fail_stale_trials(optuna.load_study(study_name=job.name, storage=job.study_storage), set())
         _write_done(root, rounds, finished=True)
         result = _finish(job, data, rounds, parent, budget)
         status = "FINISHED"
