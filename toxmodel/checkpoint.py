@@ -23,10 +23,11 @@ import torch
 
 from toxmodel import __version__
 from toxmodel.featurize import DescriptorScaler, FeaturizerConfig, featurize
-from toxmodel.model import MLP, ModelConfig
+from toxmodel.model import MLP, Ensemble, ModelConfig
 
 FORMAT = "toxtune-mlp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one model
+ENSEMBLE_FORMAT_VERSION = 2  # several models averaged (an older reader refuses it by version)
 PREDICT_BATCH = 4096  # rows per forward pass at inference
 
 
@@ -77,14 +78,59 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one checkpoint file atomically (temp file + rename); returns its path."""
-    path = Path(path)
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": _weights(model),
+        "model_config": _plain(model_config, "model_config"),
+    }
+    return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra)
+
+
+def save_ensemble(
+    path: str | Path,
+    members: Sequence[tuple[MLP, ModelConfig]],
+    featurizer: FeaturizerConfig,
+    tasks: Sequence[str],
+    n_inputs: int,
+    scaler: DescriptorScaler | None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write several models as one checkpoint; it loads as a `Predictor` that averages them.
+
+    Members share the featurizer, tasks and descriptor scaler (they were trained on the same
+    split); their architectures may differ (e.g. the top-k trials of a search).
+    """
+    if not members:
+        raise ValueError("an ensemble checkpoint needs at least one member")
+    blob = {
+        "format_version": ENSEMBLE_FORMAT_VERSION,
+        "members": [
+            {"state_dict": _weights(m), "model_config": _plain(c, f"members[{i}].model_config")}
+            for i, (m, c) in enumerate(members)
+        ],
+    }
+    return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra)
+
+
+def _weights(model: MLP) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _write(
+    path: Path,
+    blob: dict[str, Any],
+    featurizer: FeaturizerConfig,
+    tasks: Sequence[str],
+    n_inputs: int,
+    scaler: DescriptorScaler | None,
+    extra: Mapping[str, Any] | None,
+) -> Path:
+    """Add the shared fields to `blob` and write it atomically (temp file + rename)."""
     blob = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "toxmodel_version": __version__,
         "torch_version": str(torch.__version__),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_config": _plain(model_config, "model_config"),
+        **blob,
         "featurizer": _plain(featurizer, "featurizer"),
         "tasks": [str(t) for t in tasks],
         "n_inputs": int(n_inputs),
@@ -129,17 +175,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a toxtune checkpoint (format {FORMAT!r} expected)")
     version = blob.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, ENSEMBLE_FORMAT_VERSION):
         raise CheckpointError(
-            f"{path}: checkpoint format version {version}, this toxmodel reads {FORMAT_VERSION}"
+            f"{path}: checkpoint format version {version}, this toxmodel reads "
+            f"{FORMAT_VERSION} and {ENSEMBLE_FORMAT_VERSION}"
         )
     try:
-        model_config = ModelConfig(**blob["model_config"])
         featurizer = FeaturizerConfig(**blob["featurizer"])
         tasks = list(blob["tasks"])
         n_inputs = int(blob["n_inputs"])
-        model = MLP(n_inputs, len(tasks), model_config)
-        model.load_state_dict(blob["state_dict"])
+        members = blob["members"] if version == ENSEMBLE_FORMAT_VERSION else [blob]
+        models: list[MLP] = []
+        for member in members:
+            member_config = ModelConfig(**member["model_config"])
+            models.append(MLP(n_inputs, len(tasks), member_config))
+            models[-1].load_state_dict(member["state_dict"])
+        model_config = models[0].config
+        model: MLP | Ensemble = models[0] if version == FORMAT_VERSION else Ensemble(models)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {exc}") from exc
     raw_scaler = blob.get("scaler")
@@ -162,13 +214,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
 
 @dataclass(eq=False)
 class Predictor:
-    """A loaded model that maps SMILES to per-task probabilities."""
+    """A loaded model (or ensemble) that maps SMILES to per-task probabilities."""
 
-    model: MLP
+    model: MLP | Ensemble
     featurizer: FeaturizerConfig
     tasks: list[str]
     n_inputs: int
-    model_config: ModelConfig
+    model_config: ModelConfig  # an ensemble's first member's
     scaler: DescriptorScaler | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

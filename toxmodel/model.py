@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: Mapping[str, type[nn.Module]] = MappingProxyType(
@@ -103,3 +104,27 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits (batch, n_tasks); apply a sigmoid for probabilities."""
         return self.head(self.body(x))
+
+
+class Ensemble(nn.Module):
+    """Several MLPs over the same inputs and tasks, averaged in probability space.
+
+    `forward` returns the logit of the members' mean probability, so an ensemble drops in
+    wherever an MLP's logits are expected (a sigmoid of its output is the averaged probability).
+    """
+
+    EPS = 1e-7  # keeps the logit finite when every member is certain
+
+    def __init__(self, members: list[MLP]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        shapes = {(m.n_inputs, m.n_tasks) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble members disagree on (inputs, tasks): {sorted(shapes)}")
+        self.members = nn.ModuleList(members)
+        self.n_inputs, self.n_tasks = members[0].n_inputs, members[0].n_tasks
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0)
+        return torch.logit(probs, eps=self.EPS)

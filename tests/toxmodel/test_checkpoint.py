@@ -21,6 +21,7 @@ from toxmodel.checkpoint import (
     Predictor,
     load_checkpoint,
     save_checkpoint,
+    save_ensemble,
 )
 from toxmodel.featurize import Features, FeaturizerConfig, featurize
 from toxmodel.model import MLP, ModelConfig
@@ -144,12 +145,48 @@ def test_foreign_or_future_files_are_rejected(bits_only: Trained, tmp_path: Path
     with pytest.raises(CheckpointError, match="not a toxtune checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
     good = torch.load(bits_only.result.save(tmp_path / "good.pt"), weights_only=True)
-    torch.save({**good, "format_version": FORMAT_VERSION + 1}, tmp_path / "future.pt")
+    torch.save({**good, "format_version": 99}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="version"):
         load_checkpoint(tmp_path / "future.pt")
     torch.save({**good, "n_inputs": 7}, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="inconsistent"):
         load_checkpoint(tmp_path / "broken.pt")
+
+
+def test_ensemble_checkpoint_averages_its_members_probabilities(
+    with_descriptors: Trained, tmp_path: Path
+) -> None:
+    """Two differently shaped members: the loaded ensemble predicts their mean probability."""
+    first = with_descriptors.result
+    wide = ModelConfig(hidden=(16, 8), activation="tanh")
+    torch.manual_seed(1)
+    second = MLP(first.n_inputs, len(TASKS), wide)  # untrained: far from the first member
+    path = save_ensemble(
+        tmp_path / "ensemble.pt",
+        [(first.model, first.model_config), (second, wide)],
+        first.featurizer,
+        TASKS,
+        first.n_inputs,
+        first.scaler,
+        extra={"members": 2},
+    )
+    ensemble = load_checkpoint(path)
+    smiles = SMILES[:10]
+    mean = (
+        load_checkpoint(first.save(tmp_path / "a.pt")).predict(smiles)[TASKS].to_numpy()
+        + _single(second, wide, first, tmp_path).predict(smiles)[TASKS].to_numpy()
+    ) / 2
+    np.testing.assert_allclose(ensemble.predict(smiles)[TASKS].to_numpy(), mean, atol=1e-5)
+    assert ensemble.extra["members"] == 2 and ensemble.tasks == TASKS
+    with pytest.raises(ValueError, match="at least one member"):
+        save_ensemble(tmp_path / "e.pt", [], first.featurizer, TASKS, first.n_inputs, None)
+
+
+def _single(model: MLP, config: ModelConfig, like: FitResult, tmp_path: Path) -> Predictor:
+    path = save_checkpoint(
+        tmp_path / "b.pt", model, config, like.featurizer, TASKS, like.n_inputs, like.scaler
+    )
+    return load_checkpoint(path)
 
 
 def test_predict_marks_bad_rows_and_keeps_order(bits_only: Trained, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from toxmodel.model import ACTIVATIONS, MLP, ModelConfig, make_activation
+from toxmodel.model import ACTIVATIONS, MLP, Ensemble, ModelConfig, make_activation
 
 NAMES = ["relu", "leaky_relu", "selu", "gelu", "tanh", "sigmoid", "elu", "silu"]
 
@@ -104,3 +104,22 @@ def test_mlp_rejects_empty_shapes() -> None:
         MLP(0, 1, ModelConfig())
     with pytest.raises(ValueError):
         MLP(4, 0, ModelConfig())
+
+
+def test_ensemble_output_is_the_logit_of_its_members_mean_probability() -> None:
+    torch.manual_seed(0)
+    members = [MLP(16, 3, ModelConfig(hidden=(8,), dropout=0.0)) for _ in range(3)]
+    ensemble = Ensemble(members).eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        mean = torch.stack([torch.sigmoid(m(x)) for m in members]).mean(0)
+        assert torch.allclose(torch.sigmoid(ensemble(x)), mean, atol=1e-6)
+        single = Ensemble(members[:1])(x)
+        assert torch.allclose(single, members[0](x), atol=1e-4)  # one member: itself
+
+
+def test_ensemble_refuses_members_of_different_shapes() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        Ensemble([MLP(16, 3, ModelConfig(hidden=(8,))), MLP(16, 2, ModelConfig(hidden=(8,)))])
+    with pytest.raises(ValueError, match="at least one"):
+        Ensemble([])
