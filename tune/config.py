@@ -52,6 +52,7 @@ class SearchConfig:
     evaluate_default: bool = True  # first trial = the known-good default point
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides of tune.space
     final_seeds: int = 1  # retrain the best config over this many seeds, report mean/std
+    ensemble: int = 1  # models in the registered one: the best trial + (ensemble - 1) retrains
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,14 @@ def validate(job: JobConfig) -> JobConfig:
         raise ConfigError(f"search.searcher must be optuna or random, got {s.searcher!r}")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"search.scheduler must be asha or fifo, got {s.scheduler!r}")
-    for name in ("num_samples", "max_epochs", "grace_period", "max_concurrent", "final_seeds"):
+    for name in (
+        "num_samples",
+        "max_epochs",
+        "grace_period",
+        "max_concurrent",
+        "final_seeds",
+        "ensemble",
+    ):
         _positive(getattr(s, name), f"search.{name}")
     _positive(s.patience, "search.patience", allow_zero=True)
     if s.reduction_factor < 2:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,12 +23,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from toxmodel.checkpoint import Predictor, load_checkpoint
+from toxmodel.checkpoint import Predictor, load_checkpoint, save_ensemble
 from toxmodel.data import MoleculeTable, load_table
 from toxmodel.featurize import Features, featurize_cached, write_invalid_report
 from toxmodel.metrics import Metrics, evaluate
 from toxmodel.split import Split, missing_class_warnings, split_dataset
-from toxmodel.train import fit
+from toxmodel.train import FitResult, fit
 from tune import tracking
 from tune.config import CONFIG_FILE, JobConfig, dump_config
 from tune.resources import (
@@ -47,6 +46,7 @@ log = logging.getLogger(__name__)
 
 METRIC, MODE = "best_val_roc_auc", "max"
 DONE_FILE = "toxtune_done.json"
+ENSEMBLE_DIR = "ensemble"  # under the experiment folder: the registered ensemble checkpoint
 
 
 class SearchError(RuntimeError):
@@ -493,8 +493,12 @@ def _finish(
         log.error("error budget spent: %d trials failed (%s)", len(budget.failed), budget.failed)
     trial_id, config, ckpt, result = _best_checkpoint(job, rounds)
     test_rows = data.split.test
+    s = job.search
+    retrained = _retrain(job, data, config, max(s.final_seeds, s.ensemble))
+    seeds = _seed_spread(data, retrained[: s.final_seeds]) if s.final_seeds > 1 else {}
+    if s.ensemble > 1:
+        ckpt = _save_ensemble(job, load_checkpoint(ckpt), retrained[1 : s.ensemble], trial_id)
     probs, test = _score_test(load_checkpoint(ckpt), data)
-    seeds = _retrain_over_seeds(job, data, config) if job.search.final_seeds > 1 else {}
     best_valid = {k: float(v) for k, v in result.items() if k.startswith("val_")}
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     space = build_space(job.search.space)
@@ -532,6 +536,7 @@ def _finish(
             "trial_id": trial_id,
             "val_roc_auc": f"{result.get(METRIC, float('nan')):.6f}",
             "test_roc_auc": f"{test.roc_auc:.6f}",
+            "ensemble": str(s.ensemble),
         },
     )
     return JobResult(
@@ -557,33 +562,71 @@ def _score_test(predictor: Predictor, data: PreparedData) -> tuple[np.ndarray, M
     return probs, evaluate(data.labels[test_rows], probs, data.table.tasks)
 
 
-def _retrain_over_seeds(
-    job: JobConfig, data: PreparedData, config: dict[str, Any]
-) -> dict[str, float]:
-    """Retrain the best configuration over `final_seeds` seeds; test metrics' mean and std.
-
-    One seed's test score says little on a small split; the spread says how much of the
-    search's winning margin is noise. Runs in the driver, on its CPU.
-    """
-    scores: dict[str, list[float]] = {"roc_auc": [], "pr_auc": []}
-    for k in range(job.search.final_seeds):
+def _retrain(job: JobConfig, data: PreparedData, config: dict[str, Any], n: int) -> list[FitResult]:
+    """The best configuration retrained with seeds `seed`, `seed + 1`, ... (n of them; n <= 1:
+    none). Runs in the driver, on its CPU, after the search."""
+    if n <= 1:
+        return []
+    results = []
+    for k in range(n):
         model_config, train_config = to_run_configs(
             config, job.search.max_epochs, job.search.patience, job.search.seed + k
         )
-        result = fit(
-            data.features, data.labels, data.split, data.table.tasks, model_config, train_config
+        results.append(
+            fit(
+                data.features, data.labels, data.split, data.table.tasks, model_config, train_config
+            )
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            result.save(Path(tmp) / CHECKPOINT_FILE)
-            _, metrics = _score_test(load_checkpoint(Path(tmp) / CHECKPOINT_FILE), data)
-        log.info("seed %d: test ROC-AUC %.4f", job.search.seed + k, metrics.roc_auc)
+        log.info(
+            "retrained seed %d: val ROC-AUC %.4f",
+            job.search.seed + k,
+            results[-1].best_valid.roc_auc,
+        )
+    return results
+
+
+def _predictor(result: FitResult) -> Predictor:
+    return Predictor(
+        model=result.model.eval(),
+        featurizer=result.featurizer,
+        tasks=list(result.tasks),
+        n_inputs=result.n_inputs,
+        model_config=result.model_config,
+        scaler=result.scaler,
+    )
+
+
+def _seed_spread(data: PreparedData, results: list[FitResult]) -> dict[str, float]:
+    """Test mean and std of single models over seeds.
+
+    One seed's test score says little on a small split; the spread says how much of the
+    search's winning margin is noise.
+    """
+    scores: dict[str, list[float]] = {"roc_auc": [], "pr_auc": []}
+    for result in results:
+        _, metrics = _score_test(_predictor(result), data)
         scores["roc_auc"].append(metrics.roc_auc)
         scores["pr_auc"].append(metrics.pr_auc)
-    out = {"test_seeds": float(job.search.final_seeds)}
+    out = {"test_seeds": float(len(results))}
     for name, values in scores.items():
         out[f"test_{name}_mean"] = float(np.mean(values))
         out[f"test_{name}_std"] = float(np.std(values, ddof=1))
     return out
+
+
+def _save_ensemble(job: JobConfig, best: Predictor, others: list[FitResult], trial_id: str) -> Path:
+    """The best trial's model plus the retrained ones, as one checkpoint (chosen on validation:
+    its configuration won the search; the members differ only by seed)."""
+    members = [(best.model, best.model_config)] + [(r.model, r.model_config) for r in others]
+    return save_ensemble(
+        experiment_path(job) / ENSEMBLE_DIR / CHECKPOINT_FILE,
+        members,
+        best.featurizer,
+        best.tasks,
+        best.n_inputs,
+        best.scaler,
+        extra={"trial_id": trial_id, "members": len(members), "seed": job.search.seed},
+    )
 
 
 def _load_study(job: JobConfig) -> optuna.Study | None:

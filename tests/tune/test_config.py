@@ -21,7 +21,7 @@ def test_defaults_are_valid() -> None:
     assert job.study_storage != job.tracking_uri  # both own an `alembic_version` table
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "tox21.yaml"])
+@pytest.mark.parametrize("name", ["quick.yaml", "tox21.yaml", "toxcast.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     job = load_config(REPO / "configs" / name)
     assert job.search.num_samples > 0
@@ -37,6 +37,7 @@ def test_shipped_configs_load(name: str) -> None:
         ({"search.num_samples": "many"}, "search.num_samples"),
         ({"search.num_samples": 2.5}, "search.num_samples"),
         ({"search.max_epochs": 0}, "search.max_epochs"),
+        ({"search.ensemble": 0}, "search.ensemble"),
         ({"search.searcher": "grid"}, "search.searcher"),
         ({"search.scheduler": "pbt"}, "search.scheduler"),
         ({"search.reduction_factor": 1}, "search.reduction_factor"),

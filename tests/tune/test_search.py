@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from toxmodel.checkpoint import load_checkpoint
+from toxmodel.model import Ensemble
 from tune.config import JobConfig, load_config
-from tune.search import METRIC, run_job
-from tune.trainable import FaultPlan
+from tune.search import ENSEMBLE_DIR, METRIC, _score_test, prepare_data, run_job
+from tune.trainable import CHECKPOINT_FILE, FaultPlan
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +59,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job = tiny_job(tmp_path, small_csv)
-    job = replace(job, search=replace(job.search, final_seeds=2))
+    job = replace(job, search=replace(job.search, final_seeds=2, ensemble=3))
     result = run_job(job, progress=False)
 
     # Every trial ran, the best one is scored on the untouched test split.
@@ -87,6 +89,14 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     version = client.get_model_version_by_alias(job.tracking.registered_model_name, "champion")
     assert version.tags["trial_id"] == result.best_trial_id
     assert version.tags["data_hash"]
+    # The registered model is the best trial plus two retrained seeds, averaged; the test score
+    # reported is that ensemble's, scored once.
+    assert version.tags["ensemble"] == "3"
+    ensemble = load_checkpoint(result.experiment_path / ENSEMBLE_DIR / CHECKPOINT_FILE)
+    assert isinstance(ensemble.model, Ensemble) and len(ensemble.model.members) == 3
+    assert ensemble.extra["trial_id"] == result.best_trial_id
+    data = prepare_data(job, progress=False)
+    assert _score_test(ensemble, data)[1].roc_auc == pytest.approx(result.test.roc_auc)
 
     # The registered model predicts from SMILES, flagging invalid rows.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking_uri)
