@@ -148,9 +148,31 @@ class RayCluster:
         )
 
     def stop(self) -> None:
-        _ray(["stop", "--force"], self.env, check=False)
         for path in [self.temp_dir, *self.node_dirs]:
+            kill_ray_node(path)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def kill_ray_node(temp_dir: Path) -> int:
+    """SIGKILL every process of the Ray node whose temp dir is `temp_dir`, and their children.
+
+    Scoped by temp dir on purpose: `ray stop` stops every Ray on the machine, a user's own
+    running jobs included.
+    """
+    import psutil
+
+    victims: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or []):
+                victims[proc.pid] = proc
+                victims.update((c.pid, c) for c in proc.children(recursive=True))
+    victims.pop(os.getpid(), None)
+    for proc in victims.values():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(list(victims.values()), timeout=10)
+    return len(victims)
 
 
 def _ray(args: list[str], env: dict[str, str], check: bool = True) -> str:

@@ -7,7 +7,6 @@ to it); the slow test submits a real job through the Jobs API and checks MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services import BIN, RayCluster, mlflow_server, ray_cluster
+from tests.services import BIN, RayCluster, kill_ray_node, mlflow_server, ray_cluster
 from tune import cluster
 from tune.cluster import ClusterError, ClusterInfo, NodeInfo
 from tune.config import JobConfig, RayConfig, ResourcesConfig, TrackingConfig
@@ -587,21 +586,6 @@ def test_submit_runs_a_search_across_two_nodes(
     print(f"timings: {timings} total_s={time.monotonic() - t0:.1f}", file=sys.stderr)
 
 
-def _kill_node(temp_dir: Path) -> int:
-    """SIGKILL every process of the node whose temp dir is `temp_dir`, as if its machine died."""
-    import psutil
-
-    victims = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or []):
-                victims.append(proc)
-    for proc in victims:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    return len(victims)
-
-
 @pytest.mark.slow
 def test_job_completes_after_a_worker_node_leaves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -645,7 +629,7 @@ def test_job_completes_after_a_worker_node_leaves(
             if any(r.data.tags.get("node_id") in worker for r in runs):
                 break
             time.sleep(0.5)
-        assert _kill_node(ray_c.node_dirs[0]) > 0
+        assert kill_ray_node(ray_c.node_dirs[0]) > 0
 
         status = cluster.wait_for_job(jobs, job_id, poll_s=1.0, quiet=True)
         logs = jobs.get_job_logs(job_id)
