@@ -168,6 +168,15 @@ def fail_stale_trials(study: optuna.Study, keep: set[str]) -> int:
     return n
 
 
+def finished_in_study(study: optuna.Study) -> frozenset[str]:
+    """Ray trial ids of the study's finished trials (complete, pruned or failed)."""
+    return frozenset(
+        str(t.user_attrs["ray_trial_id"])
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and "ray_trial_id" in t.user_attrs
+    )
+
+
 def make_searcher(
     job: JobConfig, space: dict[str, Param], first_run: bool
 ) -> tuple[StudySearch, optuna.Study]:
@@ -304,6 +313,9 @@ def _tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             time_budget_s=s.time_limit_s,
+            # A trial's process (torch imported, data fetched) serves the next trial: start-up
+            # is a third of a short trial otherwise (benchmarks/RESULTS.md, utilisation).
+            reuse_actors=True,
         ),
         run_config=ray_tune.RunConfig(
             name=name,
@@ -320,7 +332,9 @@ def _tuner(
     return tuner, study
 
 
-def _trial_data(job: JobConfig, data: PreparedData, faults: FaultPlan) -> TrialData:
+def _trial_data(
+    job: JobConfig, data: PreparedData, faults: FaultPlan, finished: frozenset[str] = frozenset()
+) -> TrialData:
     return TrialData(
         features=data.features,
         labels=data.labels,
@@ -331,6 +345,7 @@ def _trial_data(job: JobConfig, data: PreparedData, faults: FaultPlan) -> TrialD
         patience=job.search.patience,
         seed=job.search.seed,
         faults=faults,
+        finished=finished,
     )
 
 
@@ -401,10 +416,11 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
         if interrupted and ray_tune.Tuner.can_restore(str(job.storage_root / rounds[-1])):
             log.info("restoring interrupted search %s", rounds[-1])
             _, study = _tuner(job, data, rounds[-1], 1, False, callbacks, budget, faults)
+            trial_data = _trial_data(job, data, faults, finished_in_study(study))
             tuner = ray_tune.Tuner.restore(
                 str(job.storage_root / rounds[-1]),
                 trainable=ray_tune.with_resources(
-                    ray_tune.with_parameters(train_trial, data=_trial_data(job, data, faults)),
+                    ray_tune.with_parameters(train_trial, data=trial_data),
                     resources_for(job, data),
                 ),
                 resume_unfinished=True,

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: one trial = one process that trains one `toxmodel` MLP.
+"""The Ray Tune trainable: one trial trains one `toxmodel` MLP in one process (reused by the next).
 
 The featurized data arrives once through Ray's object store (`tune.with_parameters`); a trial
 never reads the CSV or runs RDKit. Each epoch is reported to Tune with its metrics, and the
@@ -74,6 +74,9 @@ class TrialData:
     patience: int
     seed: int
     faults: FaultPlan = field(default_factory=FaultPlan)
+    # Ray trial ids the Optuna study already finished. Set on restore after a killed driver:
+    # Tune's snapshot can lag the study by a trial, and such a trial must not train again.
+    finished: frozenset[str] = frozenset()
 
 
 def trial_device() -> tuple[str, str, float]:
@@ -96,6 +99,8 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     if config.get(ABORT_KEY):
         raise NonRetryableTrialError(str(config[ABORT_KEY]))
     context = ray_tune.get_context()
+    if context.get_trial_id() in data.finished:
+        return  # Tune then completes it with the result it last recorded
     index = int(config.get("_index", -1))
     device, gpu_ids, share = trial_device()
     model_config, train_config = to_run_configs(
