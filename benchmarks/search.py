@@ -2,17 +2,23 @@
 
     python benchmarks/search.py utilisation --data ../shared/data/tox21.csv
     python benchmarks/search.py compare --data ../shared/data/tox21.csv --seeds 0 1 2
+    python benchmarks/search.py packing --per-gpu 1 2 4 8 --trials 32   # on a GPU machine
 
 `utilisation`: two concurrent trials on a 2-CPU machine; the share of (wall time x concurrency),
 counted from the moment Ray is up, that trials spend inside training epochs.
 `compare`: the same trial budget and seeds for both; for each seed, the wall time TPE+ASHA needs
 to reach the final best validation ROC-AUC of random+FIFO, as a share of random+FIFO's wall time.
+`packing`: the same trials (random search, FIFO) with k trials sharing each GPU
+(`gpus_per_trial = 1/k`, the machine's CPUs split evenly); prints trials per hour for each k.
+Without a CUDA GPU it refuses, unless `--logical-gpus N` asks for Ray's logical GPUs on the CPU
+(which checks the schedule, not GPU throughput).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
+import torch
 from ray import tune as ray_tune
 
 from tune.config import JobConfig, load_config
@@ -134,19 +141,74 @@ def compare(args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
+def packing(args: argparse.Namespace) -> list[dict[str, float]]:
+    gpus = torch.cuda.device_count()
+    if args.logical_gpus:
+        gpus = args.logical_gpus
+    elif gpus == 0:
+        raise SystemExit(
+            "packing needs a CUDA GPU (none visible); --logical-gpus N runs the same schedule "
+            "on Ray's logical GPUs, which checks the script but measures no GPU"
+        )
+    cpus = os.cpu_count() or 1
+    rows = []
+    for k in args.per_gpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = job_for(
+                args,
+                Path(tmp),
+                f"pack-{k}",
+                **{
+                    "search.searcher": "random",
+                    "search.scheduler": "fifo",
+                    "search.max_concurrent": k * gpus,
+                    "resources.gpus_per_trial": 1.0 / k,
+                    "resources.cpus_per_trial": max(1.0, cpus // (k * gpus)),
+                    "ray.num_cpus": cpus,
+                    "ray.num_gpus": gpus,
+                },
+            )
+            from tune.search import prepare_data
+
+            prepare_data(job, progress=False)
+            t0, _, hist = run_timed(job)
+        end = max(float(h["reported_at"].max()) for h in hist)
+        rows.append(
+            {
+                "per_gpu": k,
+                "gpus": gpus,
+                "logical": bool(args.logical_gpus),
+                "trials": len(hist),
+                "wall_s": end - t0,
+                "trials_per_hour": len(hist) / (end - t0) * 3600,
+                "devices": sorted({str(d) for h in hist for d in h["device"].unique()}),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["utilisation", "compare"])
+    parser.add_argument("what", choices=["utilisation", "compare", "packing"])
     parser.add_argument("--data", default="../shared/data/tox21.csv")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--per-gpu", type=int, nargs="+", default=[1, 2, 4, 8], help="packing")
+    parser.add_argument("--logical-gpus", type=int, default=0, help="packing without a GPU")
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {platform.processor() or 'cpu'}")
     if args.what == "utilisation":
         out = utilisation(args)
         print(json.dumps(out))
         print(f"training share of wall x concurrency: {out['share']:.1%} (target >= 80%)")
+    elif args.what == "packing":
+        for row in packing(args):
+            print(
+                f"{row['per_gpu']} trial(s) per GPU: {row['trials_per_hour']:.0f} trials/hour "
+                f"({row['trials']} trials in {row['wall_s']:.0f} s on {row['devices']})"
+            )
     else:
         rows = compare(args)
         # A seed where TPE+ASHA never reached random+FIFO's best counts as never (inf).
