@@ -216,7 +216,9 @@ def nr_ar(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         result = tuned_job(args.config, str(rows), "random", 0, Path(tmp), "nr-ar", args.extra)
         wall = time.perf_counter() - t0
-        job = load_config(args.config, overrides={"data.source": str(rows)})
+        job = load_config(
+            args.config, overrides={"data.source": str(rows), "ray.storage_path": tmp}
+        )
         data = prepare_data(job, progress=False)
         ours_test = [data.table.smiles[i] for i in data.features.valid_rows[data.split.test]]
     if ours_test != tutorial_test:
