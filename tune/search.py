@@ -510,10 +510,14 @@ def _finish(
     trial_id, config, ckpt, result = _best_checkpoint(job, rounds)
     test_rows = data.split.test
     s = job.search
-    retrained = _retrain(job, data, config, max(s.final_seeds, s.ensemble))
-    seeds = _seed_spread(data, retrained[: s.final_seeds]) if s.final_seeds > 1 else {}
+    # Seed offsets: 0..final_seeds-1 for the spread, 1..ensemble-1 for the ensemble (offset 0 is
+    # the best trial itself); each is trained once.
+    spread = range(s.final_seeds) if s.final_seeds > 1 else range(0)
+    retrained = _retrain(job, data, config, sorted({*spread, *range(1, s.ensemble)}))
+    seeds = _seed_spread(data, [retrained[k] for k in spread]) if spread else {}
     if s.ensemble > 1:
-        ckpt = _save_ensemble(job, load_checkpoint(ckpt), retrained[1 : s.ensemble], trial_id)
+        members = [retrained[k] for k in range(1, s.ensemble)]
+        ckpt = _save_ensemble(job, load_checkpoint(ckpt), members, trial_id)
     probs, test = _score_test(load_checkpoint(ckpt), data)
     best_valid = {k: float(v) for k, v in result.items() if k.startswith("val_")}
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -578,26 +582,23 @@ def _score_test(predictor: Predictor, data: PreparedData) -> tuple[np.ndarray, M
     return probs, evaluate(data.labels[test_rows], probs, data.table.tasks)
 
 
-def _retrain(job: JobConfig, data: PreparedData, config: dict[str, Any], n: int) -> list[FitResult]:
-    """The best configuration retrained with seeds `seed`, `seed + 1`, ... (n of them; n <= 1:
-    none). Runs in the driver, on its CPU, after the search."""
-    if n <= 1:
-        return []
-    results = []
-    for k in range(n):
+def _retrain(
+    job: JobConfig, data: PreparedData, config: dict[str, Any], offsets: list[int]
+) -> dict[int, FitResult]:
+    """The best configuration retrained with seed `search.seed + k` for each offset k.
+
+    Runs in the driver, on its CPU, after the search.
+    """
+    results = {}
+    for k in offsets:
+        seed = job.search.seed + k
         model_config, train_config = to_run_configs(
-            config, job.search.max_epochs, job.search.patience, job.search.seed + k
+            config, job.search.max_epochs, job.search.patience, seed
         )
-        results.append(
-            fit(
-                data.features, data.labels, data.split, data.table.tasks, model_config, train_config
-            )
+        results[k] = fit(
+            data.features, data.labels, data.split, data.table.tasks, model_config, train_config
         )
-        log.info(
-            "retrained seed %d: val ROC-AUC %.4f",
-            job.search.seed + k,
-            results[-1].best_valid.roc_auc,
-        )
+        log.info("retrained seed %d: val ROC-AUC %.4f", seed, results[k].best_valid.roc_auc)
     return results
 
 
