@@ -252,11 +252,11 @@ class Predictor:
             probs[feats.valid_rows] = self._probabilities(
                 feats.fingerprint, feats.descriptors, batch_size
             )
-        table = pd.DataFrame({"smiles": pd.Series(items, dtype=object)})
-        for j, task in enumerate(self.tasks):
-            table[task] = probs[:, j]
-        table["error"] = errors
-        return table
+        columns = {task: probs[:, j] for j, task in enumerate(self.tasks)}
+        return pd.DataFrame(
+            {"smiles": pd.Series(items, dtype=object), **columns, "error": errors},
+            index=pd.RangeIndex(len(items)),
+        )
 
     def _probabilities(
         self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
