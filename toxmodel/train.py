@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toxmodel.checkpoint import save_checkpoint
+from toxmodel.checkpoint import Predictor, save_checkpoint
 from toxmodel.featurize import DescriptorScaler, Features, FeaturizerConfig
 from toxmodel.metrics import Metrics, evaluate
 from toxmodel.model import MLP, ModelConfig
@@ -155,6 +155,17 @@ class FitResult:
             self.n_inputs,
             self.scaler,
             meta,
+        )
+
+    def predictor(self) -> Predictor:
+        """The trained model as a `Predictor`, in memory (what loading its checkpoint gives)."""
+        return Predictor(
+            model=self.model.eval(),
+            featurizer=self.featurizer,
+            tasks=list(self.tasks),
+            n_inputs=self.n_inputs,
+            model_config=self.model_config,
+            scaler=self.scaler,
         )
 
 

@@ -602,17 +602,6 @@ def _retrain(
     return results
 
 
-def _predictor(result: FitResult) -> Predictor:
-    return Predictor(
-        model=result.model.eval(),
-        featurizer=result.featurizer,
-        tasks=list(result.tasks),
-        n_inputs=result.n_inputs,
-        model_config=result.model_config,
-        scaler=result.scaler,
-    )
-
-
 def _seed_spread(data: PreparedData, results: list[FitResult]) -> dict[str, float]:
     """Test mean and std of single models over seeds.
 
@@ -621,7 +610,7 @@ def _seed_spread(data: PreparedData, results: list[FitResult]) -> dict[str, floa
     """
     scores: dict[str, list[float]] = {"roc_auc": [], "pr_auc": []}
     for result in results:
-        _, metrics = _score_test(_predictor(result), data)
+        _, metrics = _score_test(result.predictor(), data)
         scores["roc_auc"].append(metrics.roc_auc)
         scores["pr_auc"].append(metrics.pr_auc)
     out = {"test_seeds": float(len(results))}
