@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
+from tune import plots
 from tune.resources import classify_failure, last_error
 
 if TYPE_CHECKING:
@@ -751,14 +752,14 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
         out = Path(tmp)
         summary.trials.to_csv(out / "trials.csv", index=False)
         client.log_artifact(run, str(out / "trials.csv"))
-        for name, plot in (
-            ("optimization_history", _plot_history),
-            ("param_importance", _plot_importance),
-            ("roc_curves", _plot_roc),
+        for name, draw in (
+            ("optimization_history", lambda path: plots.history(summary.study, path)),
+            ("param_importance", lambda path: plots.importance(summary.study, path)),
+            ("roc_curves", lambda path: plots.roc_curves(summary.roc_data, path)),
         ):
             path = out / f"{name}.png"
             try:
-                skipped = plot(summary, path)
+                skipped = draw(path)
             except Exception as exc:
                 skipped = f"failed: {type(exc).__name__}: {exc}"
             if skipped:
@@ -766,100 +767,6 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
                 client.set_tag(run, f"toxtune.note.{name}", skipped[:8000])
             else:
                 client.log_artifact(run, str(path), "plots")
-
-
-def _complete_trials(study: Any) -> list[Any]:
-    import optuna
-
-    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_history(summary: JobSummary, path: Path) -> str:
-    """Objective per trial and the best so far; returns why it was skipped, or ""."""
-    if summary.study is None:
-        return "no Optuna study given"
-    trials = _complete_trials(summary.study)
-    if not trials:
-        return "no complete trial"
-    import optuna
-
-    maximize = summary.study.direction == optuna.study.StudyDirection.MAXIMIZE
-    x = [t.number for t in trials]
-    y = np.array([t.value for t in trials], dtype=float)
-    best = np.maximum.accumulate(y) if maximize else np.minimum.accumulate(y)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(x, y, s=16, label="trial")
-    ax.step(x, best, where="post", color="C1", label="best so far")
-    ax.set(xlabel="trial", ylabel="objective (validation ROC-AUC)", title="Optimisation history")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return ""
-
-
-def _plot_importance(summary: JobSummary, path: Path) -> str:
-    """fANOVA hyperparameter importance; returns why it was skipped, or ""."""
-    if summary.study is None:
-        return "no Optuna study given"
-    n = len(_complete_trials(summary.study))
-    if n < 2:
-        return f"parameter importance needs at least 2 complete trials, got {n}"
-    import optuna
-
-    importance = optuna.importance.get_param_importances(summary.study)
-    if not importance:
-        return "no parameter varied between the complete trials"
-    names, values = zip(*sorted(importance.items(), key=lambda kv: kv[1]), strict=True)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
-    ax.barh(names, values)
-    ax.set(xlabel="importance (fANOVA)", title="Hyperparameter importance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return ""
-
-
-def _plot_roc(summary: JobSummary, path: Path) -> str:
-    """One ROC curve per task for the best model on the test split; "" when drawn."""
-    if summary.roc_data is None:
-        return "no test predictions given"
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y, p, tasks = summary.roc_data
-    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
-    cols = min(4, max(1, len(tasks)))
-    rows = max(1, math.ceil(len(tasks) / cols))
-    plt = _pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    for ax, (j, task) in zip(axes.flat, enumerate(tasks), strict=False):
-        keep = ~np.isnan(y[:, j]) & ~np.isnan(p[:, j])
-        if len(set(y[keep, j])) < 2:
-            ax.set_title(f"{task}: one class only", fontsize=9)
-            ax.axis("off")
-            continue
-        fpr, tpr, _ = roc_curve(y[keep, j], p[keep, j])
-        ax.plot(fpr, tpr)
-        ax.plot([0, 1], [0, 1], ls="--", color="grey")
-        ax.set_title(f"{task}  AUC {roc_auc_score(y[keep, j], p[keep, j]):.3f}", fontsize=9)
-    for ax in list(axes.flat)[len(tasks) :]:
-        ax.axis("off")
-    fig.suptitle("Test ROC curves of the best model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return ""
 
 
 # --------------------------------------------------------------------------------------------

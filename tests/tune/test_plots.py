@@ -1,0 +1,49 @@
+"""Summary plots stay readable in the MLflow UI whatever the number of tasks."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from tune.plots import MAX_ROC_PANELS, roc_curves
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def _predictions(n_tasks: int, one_class: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(60, n_tasks)).astype(float)
+    y[:, :one_class] = 0.0
+    y[rng.random(y.shape) < 0.2] = np.nan
+    p = np.clip(np.nan_to_num(y, nan=0.5) * 0.4 + rng.random(y.shape) * 0.6, 0, 1)
+    return y, p, [f"assay_{j}" for j in range(n_tasks)]
+
+
+def test_few_tasks_get_one_roc_panel_each(tmp_path: Path) -> None:
+    path = tmp_path / "roc.png"
+    assert roc_curves(_predictions(12), path) == ""
+    width, height = _png_size(path)
+    assert (width, height) == (1200, 900)  # 4 x 3 panels of 3 in at 100 dpi
+
+
+def test_many_tasks_get_one_readable_histogram(tmp_path: Path) -> None:
+    """617 ToxCast assays as a grid of curves would be a 46,500-pixel-tall image."""
+    path = tmp_path / "roc.png"
+    n_tasks = 200
+    assert n_tasks > MAX_ROC_PANELS
+    assert roc_curves(_predictions(n_tasks, one_class=5), path) == ""
+    width, height = _png_size(path)
+    assert width <= 1000 and height <= 600
+
+
+def test_no_scorable_task_is_skipped_with_a_reason(tmp_path: Path) -> None:
+    y, p, tasks = _predictions(MAX_ROC_PANELS + 1, one_class=MAX_ROC_PANELS + 1)
+    reason = roc_curves((y, p, tasks), tmp_path / "roc.png")
+    assert "both classes" in reason
+    assert not (tmp_path / "roc.png").exists()

@@ -1,0 +1,134 @@
+"""The job's summary plots (PNG files the parent MLflow run keeps under `plots/`).
+
+Each function draws one figure into `path` and returns "" when it did, or why it could not
+(no study, too few trials, no test predictions); the caller records the reason as a tag.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import optuna
+
+# More tasks than this (ToxCast has 617) get one histogram of per-task ROC-AUC instead of a
+# grid of curves, which would be a 46,000-pixel-tall image nobody can read.
+MAX_ROC_PANELS = 24
+
+
+def _complete_trials(study: optuna.Study) -> list[Any]:
+    import optuna
+
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def history(study: optuna.Study | None, path: Path) -> str:
+    """Objective per trial and the best so far."""
+    if study is None:
+        return "no Optuna study given"
+    trials = _complete_trials(study)
+    if not trials:
+        return "no complete trial"
+    import optuna
+
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    x = [t.number for t in trials]
+    y = np.array([t.value for t in trials], dtype=float)
+    best = np.maximum.accumulate(y) if maximize else np.minimum.accumulate(y)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(x, y, s=16, label="trial")
+    ax.step(x, best, where="post", color="C1", label="best so far")
+    ax.set(xlabel="trial", ylabel="objective (validation ROC-AUC)", title="Optimisation history")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ""
+
+
+def importance(study: optuna.Study | None, path: Path) -> str:
+    """fANOVA hyperparameter importance."""
+    if study is None:
+        return "no Optuna study given"
+    n = len(_complete_trials(study))
+    if n < 2:
+        return f"parameter importance needs at least 2 complete trials, got {n}"
+    import optuna
+
+    scores = optuna.importance.get_param_importances(study)
+    if not scores:
+        return "no parameter varied between the complete trials"
+    names, values = zip(*sorted(scores.items(), key=lambda kv: kv[1]), strict=True)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    ax.barh(names, values)
+    ax.set(xlabel="importance (fANOVA)", title="Hyperparameter importance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ""
+
+
+def roc_curves(roc_data: tuple[np.ndarray, np.ndarray, list[str]] | None, path: Path) -> str:
+    """The best model on the test split: one ROC curve per task, or (many tasks) a histogram."""
+    if roc_data is None:
+        return "no test predictions given"
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, p, tasks = roc_data
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    keeps = [~np.isnan(y[:, j]) & ~np.isnan(p[:, j]) for j in range(len(tasks))]
+    scorable = [len(set(y[keep, j])) == 2 for j, keep in enumerate(keeps)]
+    plt = _pyplot()
+    if len(tasks) > MAX_ROC_PANELS:
+        aucs = [
+            roc_auc_score(y[keep, j], p[keep, j]) for j, keep in enumerate(keeps) if scorable[j]
+        ]
+        if not aucs:
+            return "no task has both classes on the test split"
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.hist(aucs, bins=20, range=(0.0, 1.0))
+        ax.axvline(float(np.mean(aucs)), color="C1", label=f"mean {np.mean(aucs):.3f}")
+        title = f"Test ROC-AUC of the best model, {len(aucs)} tasks"
+        if len(aucs) < len(tasks):
+            title += f" ({len(tasks) - len(aucs)} more have one class only)"
+        ax.set(xlabel="test ROC-AUC", ylabel="tasks", title=title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return ""
+    cols = min(4, max(1, len(tasks)))
+    rows = max(1, math.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax, (j, task) in zip(axes.flat, enumerate(tasks), strict=False):
+        keep = keeps[j]
+        if not scorable[j]:
+            ax.set_title(f"{task}: one class only", fontsize=9)
+            ax.axis("off")
+            continue
+        fpr, tpr, _ = roc_curve(y[keep, j], p[keep, j])
+        ax.plot(fpr, tpr)
+        ax.plot([0, 1], [0, 1], ls="--", color="grey")
+        ax.set_title(f"{task}  AUC {roc_auc_score(y[keep, j], p[keep, j]):.3f}", fontsize=9)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    fig.suptitle("Test ROC curves of the best model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ""
