@@ -14,7 +14,7 @@ def top_trials(trials: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
     """The best `n` trials with the columns a reviewer reads first."""
     if trials.empty:
         return trials
-    cols = ["trial_id", METRIC, "best_epoch", "training_iteration", "finished_reason"]
+    cols = ["trial_id", METRIC, "best_epoch", "epochs", "status"]
     cols += [c for c in trials.columns if c.startswith("config/") and not c.startswith("config/_")]
     cols = [c for c in cols if c in trials.columns]
     table = trials[cols].head(n).copy()

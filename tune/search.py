@@ -45,6 +45,9 @@ from tune.trainable import ABORT_KEY, CHECKPOINT_FILE, FaultPlan, TrialData, tra
 log = logging.getLogger(__name__)
 
 METRIC, MODE = "best_val_roc_auc", "max"
+# What the console prints per finished trial; every metric still goes to Tune's results and
+# MLflow (per-task scores would print 24 rows per trial on Tox21, 1,234 on ToxCast).
+CONSOLE_METRICS = ("epoch", "val_roc_auc", "val_pr_auc", "best_val_roc_auc", "best_epoch", "device")
 DONE_FILE = "toxtune_done.json"
 ENSEMBLE_DIR = "ensemble"  # under the experiment folder: the registered ensemble checkpoint
 
@@ -300,10 +303,7 @@ def _tuner(
         if s.scheduler == "asha"
         else FIFOScheduler()
     )
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(train_trial, data=_trial_data(job, data, faults)),
-        resources_for(job, data),
-    )
+    trainable = _trainable(job, data, _trial_data(job, data, faults))
     tuner = ray_tune.Tuner(
         trainable,
         tune_config=ray_tune.TuneConfig(
@@ -330,6 +330,17 @@ def _tuner(
         ),
     )
     return tuner, study
+
+
+def _trainable(job: JobConfig, data: PreparedData, trial_data: TrialData) -> Any:
+    """`train_trial` with the shared data (one object-store copy) and its resources."""
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(train_trial, data=trial_data), resources_for(job, data)
+    )
+    # Tune's console reporter reads the columns to print from this attribute (Ray Train sets
+    # it the same way); a ProgressReporter is ignored by the default output engine.
+    trainable._progress_metrics = list(CONSOLE_METRICS)
+    return trainable
 
 
 def _trial_data(
@@ -419,10 +430,7 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
             trial_data = _trial_data(job, data, faults, finished_in_study(study))
             tuner = ray_tune.Tuner.restore(
                 str(job.storage_root / rounds[-1]),
-                trainable=ray_tune.with_resources(
-                    ray_tune.with_parameters(train_trial, data=trial_data),
-                    resources_for(job, data),
-                ),
+                trainable=_trainable(job, data, trial_data),
                 resume_unfinished=True,
                 resume_errored=False,
                 _resume_config=None,
@@ -464,8 +472,26 @@ def _write_done(root: Path, rounds: list[str], finished: bool) -> None:
     (root / DONE_FILE).write_text(json.dumps({"rounds": rounds, "finished": finished}))
 
 
+def _trial_ending(status: str, last: dict[str, Any]) -> dict[str, Any]:
+    """How a trial ended, in the words of the MLflow status tag, from its last result."""
+    reason = str(last.get("finished_reason") or "")
+    if status == "ERROR":
+        state = "failed"
+    elif reason:
+        state = "finished"
+    elif status == "TERMINATED":
+        state = "early_stopped"  # the scheduler stopped it
+    else:
+        state = status.lower()
+    return {"epochs": last.get("training_iteration", 0), "status": state, "finished_reason": reason}
+
+
 def collect_trials(job: JobConfig, rounds: list[str]) -> pd.DataFrame:
-    """One row per trial across all rounds of the job, best first."""
+    """One row per trial across all rounds of the job, best first.
+
+    A row holds the trial's best epoch (the one its checkpoint keeps); `epochs`, `status` and
+    `finished_reason` say how far it ran and how it ended.
+    """
     frames = []
     for name in rounds:
         path = job.storage_root / name
@@ -473,6 +499,16 @@ def collect_trials(job: JobConfig, rounds: list[str]) -> pd.DataFrame:
             continue
         grid = ray_tune.ExperimentAnalysis(str(path), default_metric=METRIC, default_mode=MODE)
         frame = grid.dataframe(metric=METRIC, mode=MODE)
+        if frame.empty:
+            continue
+        endings = pd.DataFrame(
+            [
+                {"trial_id": t.trial_id, **_trial_ending(t.status, t.last_result or {})}
+                for t in grid.trials
+            ]
+        )
+        frame = frame.drop(columns=["finished_reason"], errors="ignore")
+        frame = frame.merge(endings, on="trial_id", how="left")
         frame["round"] = name
         frames.append(frame)
     if not frames:
@@ -519,7 +555,9 @@ def _finish(
         members = [retrained[k] for k in range(1, s.ensemble)]
         ckpt = _save_ensemble(job, load_checkpoint(ckpt), members, trial_id)
     probs, test = _score_test(load_checkpoint(ckpt), data)
-    best_valid = {k: float(v) for k, v in result.items() if k.startswith("val_")}
+    # Validation scores of the checkpointed (best) epoch, not of the trial's last epoch.
+    best_row = trials.loc[trials["trial_id"] == trial_id].iloc[0]
+    best_valid = {k: float(v) for k, v in best_row.items() if k.startswith("val_")}
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     space = build_space(job.search.space)
     summary = tracking.JobSummary(

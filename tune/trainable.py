@@ -8,6 +8,7 @@ trial's best epoch so far is reported with a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -101,6 +102,8 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     context = ray_tune.get_context()
     if context.get_trial_id() in data.finished:
         return  # Tune then completes it with the result it last recorded
+    # Ray logs an INFO line per saved checkpoint; with one per best epoch it floods the console.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     index = int(config.get("_index", -1))
     device, gpu_ids, share = trial_device()
     model_config, train_config = to_run_configs(
