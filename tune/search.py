@@ -472,18 +472,15 @@ def _write_done(root: Path, rounds: list[str], finished: bool) -> None:
     (root / DONE_FILE).write_text(json.dumps({"rounds": rounds, "finished": finished}))
 
 
-def _trial_ending(status: str, last: dict[str, Any]) -> dict[str, Any]:
-    """How a trial ended, in the words of the MLflow status tag, from its last result."""
+def _trial_ending(job: JobConfig, status: str, last: dict[str, Any]) -> dict[str, Any]:
+    """How a trial ended, in the words of its MLflow status tag."""
+    epochs = int(last.get("training_iteration", 0) or 0)
     reason = str(last.get("finished_reason") or "")
-    if status == "ERROR":
-        state = "failed"
-    elif reason:
-        state = "finished"
-    elif status == "TERMINATED":
-        state = "early_stopped"  # the scheduler stopped it
+    if status == "TERMINATED":
+        state, reason, epochs = tracking.trial_ending(last, job.search.max_epochs)
     else:
-        state = status.lower()
-    return {"epochs": last.get("training_iteration", 0), "status": state, "finished_reason": reason}
+        state = "failed" if status == "ERROR" else status.lower()
+    return {"epochs": epochs, "status": state, "finished_reason": reason}
 
 
 def collect_trials(job: JobConfig, rounds: list[str]) -> pd.DataFrame:
@@ -503,7 +500,7 @@ def collect_trials(job: JobConfig, rounds: list[str]) -> pd.DataFrame:
             continue
         endings = pd.DataFrame(
             [
-                {"trial_id": t.trial_id, **_trial_ending(t.status, t.last_result or {})}
+                {"trial_id": t.trial_id, **_trial_ending(job, t.status, t.last_result or {})}
                 for t in grid.trials
             ]
         )

@@ -65,6 +65,7 @@ __all__ = [
     "log_job_summary",
     "register_best_model",
     "start_job_run",
+    "trial_ending",
 ]
 
 JOB_TAG, TRIAL_TAG, STATUS_TAG = "toxtune.job", "toxtune.trial_id", "toxtune.status"
@@ -412,6 +413,18 @@ class _Op:
     attempts: int = 0
 
 
+def trial_ending(last: Mapping[str, Any], max_epochs: int) -> tuple[str, str, int]:
+    """(status, finished_reason, epochs run) of a trial that completed, from its last result.
+
+    `finished`: it stopped itself (max_epochs, patience); `early_stopped`: the scheduler did.
+    """
+    reason = str(last.get("finished_reason") or "")
+    epochs = int(last.get("training_iteration", 0) or 0)
+    if not reason and max_epochs and epochs >= max_epochs:
+        reason = "max_epochs"
+    return ("finished" if reason else "early_stopped"), reason, epochs
+
+
 class MlflowTrialCallback(ray_tune.Callback):
     """Logs each trial as a child run of the job's parent run, from the driver.
 
@@ -618,15 +631,8 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._submit(f"recover {trial.trial_id}", op)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        reason = str(last.get("finished_reason") or "")
-        epochs = int(last.get("training_iteration", 0) or 0)
-        if not reason and self.max_epochs and epochs >= self.max_epochs:
-            reason = "max_epochs"
-        tags = {
-            STATUS_TAG: "finished" if reason else "early_stopped",
-            "toxtune.epochs": str(epochs),
-        }
+        status, reason, epochs = trial_ending(trial.last_result or {}, self.max_epochs)
+        tags = {STATUS_TAG: status, "toxtune.epochs": str(epochs)}
         if reason:
             tags["toxtune.finished_reason"] = reason
         self._submit(f"complete {trial.trial_id}", lambda: self._close(trial, "FINISHED", tags))
