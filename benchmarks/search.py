@@ -31,7 +31,7 @@ import torch
 from ray import tune as ray_tune
 
 from tune.config import JobConfig, load_config
-from tune.search import METRIC, MODE, init_ray, run_job
+from tune.search import METRIC, MODE, init_ray, prepare_data, run_job
 
 
 def job_for(args: argparse.Namespace, root: Path, name: str, **extra: object) -> JobConfig:
@@ -78,8 +78,6 @@ def utilisation(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         job = job_for(args, Path(tmp), "util", **{"search.scheduler": "fifo"})
         # Warm the feature cache so the figure is about the search, not RDKit.
-        from tune.search import prepare_data
-
         prepare_data(job, progress=False)
         t0, _, hist = run_timed(job)
     # Search end = last trial report; registration and test scoring come after.
@@ -110,8 +108,6 @@ def compare(args: argparse.Namespace) -> list[dict[str, float]]:
                 f"random-{seed}",
                 **{"search.searcher": "random", "search.scheduler": "fifo", "search.seed": seed},
             )
-            from tune.search import prepare_data
-
             prepare_data(base, progress=False)
             r0, _, rh = run_timed(base)
             tuned = job_for(
@@ -168,8 +164,6 @@ def packing(args: argparse.Namespace) -> list[dict[str, float]]:
                     "ray.num_gpus": gpus,
                 },
             )
-            from tune.search import prepare_data
-
             prepare_data(job, progress=False)
             t0, _, hist = run_timed(job)
         end = max(float(h["reported_at"].max()) for h in hist)

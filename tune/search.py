@@ -514,8 +514,9 @@ def collect_trials(job: JobConfig, rounds: list[str]) -> pd.DataFrame:
     return trials.sort_values(METRIC, ascending=False, na_position="last")
 
 
-def _best_checkpoint(job: JobConfig, rounds: list[str]) -> tuple[str, dict[str, Any], Path, dict]:
-    best: tuple[float, str, dict[str, Any], Path, dict] | None = None
+def _best_checkpoint(job: JobConfig, rounds: list[str]) -> tuple[str, dict[str, Any], Path]:
+    """(trial id, config, checkpoint file) of the best trial that left a checkpoint."""
+    best: tuple[float, str, dict[str, Any], Path] | None = None
     for name in rounds:
         path = job.storage_root / name
         if not ray_tune.Tuner.can_restore(str(path)):
@@ -528,10 +529,10 @@ def _best_checkpoint(job: JobConfig, rounds: list[str]) -> tuple[str, dict[str, 
                 continue
             if best is None or score > best[0]:
                 ckpt = Path(trial.checkpoint.path) / CHECKPOINT_FILE
-                best = (float(score), trial.trial_id, dict(trial.config), ckpt, result)
+                best = (float(score), trial.trial_id, dict(trial.config), ckpt)
     if best is None:
         raise SearchError(f"no trial of job {job.name} finished with a checkpoint")
-    return best[1], best[2], best[3], best[4]
+    return best[1], best[2], best[3]
 
 
 def _finish(
@@ -540,7 +541,7 @@ def _finish(
     trials = collect_trials(job, rounds)
     if budget.stop_all():
         log.error("error budget spent: %d trials failed (%s)", len(budget.failed), budget.failed)
-    trial_id, config, ckpt, result = _best_checkpoint(job, rounds)
+    trial_id, config, ckpt = _best_checkpoint(job, rounds)
     test_rows = data.split.test
     s = job.search
     # Seed offsets: 0..final_seeds-1 for the spread, 1..ensemble-1 for the ensemble (offset 0 is
@@ -589,7 +590,7 @@ def _finish(
             "split": f"{job.split.method}:{job.split.seed}",
             "data_hash": data.table.content_hash,
             "trial_id": trial_id,
-            "val_roc_auc": f"{result.get(METRIC, float('nan')):.6f}",
+            "val_roc_auc": f"{best_valid.get('val_roc_auc', float('nan')):.6f}",
             "test_roc_auc": f"{test.roc_auc:.6f}",
             "ensemble": str(s.ensemble),
         },
