@@ -1,19 +1,25 @@
-"""Molecule tables from CSV: the Tox21 download and cache, validation, and a dataset summary."""
+"""Molecule tables from CSV: reading, the Tox21 download and cache, validation, and a summary.
+
+Row numbers in messages and reports are the file's line numbers as an editor shows them (header =
+line 1); code keeps 0-based row indices (`MoleculeTable.line_of` maps one to the other).
+"""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import http.client
 import io
 import logging
+import math
 import os
 import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -42,11 +48,15 @@ TOX21_TASKS: list[str] = [
     "SR-p53",
 ]
 DOWNLOAD_TIMEOUT_S = 20.0
-# Missing-label spellings in label columns (SMILES cells are kept verbatim).
-MISSING_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "-"]
+# Missing-label spellings in label columns, compared case-insensitively after stripping
+# whitespace (SMILES cells are kept verbatim).
+MISSING_VALUES = ["", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", "None", "-"]
 ID_COLUMNS = {"id", "mol_id", "molecule_id", "compound_id", "cas", "name", "index", "inchikey"}
 _UNSUPPORTED_SUFFIXES = {".xlsx", ".xls", ".parquet", ".sdf", ".zip", ".json", ".pkl", ".feather"}
 _SHOW_VALUES = 5
+_MISSING = frozenset(v.lower() for v in MISSING_VALUES)
+_BOOLEANS = {"false": 0.0, "true": 1.0}
+_DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}  # sniffed in this order of preference
 
 
 class DataError(ValueError):
@@ -63,9 +73,15 @@ class MoleculeTable:
     source: str  # the path or URL given
     content_hash: str  # sha256 of the file's bytes: the feature-cache key
     conflicts: list[str]  # SMILES that occur more than once with conflicting labels
+    skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
+    lines: np.ndarray | None = None  # int64 line each row starts on (header = 1); None: row + 2
 
     def __len__(self) -> int:
         return len(self.smiles)
+
+    def line_of(self, row: int) -> int:
+        """The file line (header = line 1) on which 0-based data row `row` starts."""
+        return int(self.lines[row]) if self.lines is not None else int(row) + 2
 
     def subset(self, rows: np.ndarray | Sequence[int]) -> MoleculeTable:
         """The given rows (in that order) as a new table.
@@ -86,6 +102,8 @@ class MoleculeTable:
             source=self.source,
             content_hash=digest,
             conflicts=find_conflicts(smiles, labels),
+            skipped_columns=dict(self.skipped_columns),
+            lines=None if self.lines is None else self.lines[idx],
         )
 
 
@@ -115,12 +133,31 @@ def resolve_source(
         source = TOX21_URL
     if is_url(source):
         return _cached_download(str(source), Path(cache_dir or default_cache_dir()), smiles_column)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"data path is a directory, not a CSV file: {path}")
-    return path
+    return _local_file(source)
+
+
+def read_table(path: str | Path, smiles_column: str = "smiles") -> pd.DataFrame:
+    """Read a user's table exactly as `load_table` reads it; every cell comes back as text.
+
+    Contract (each failure is a DataError naming the file):
+    - `path` is a local file; a missing path, a directory, an unreadable or a 0-byte file fails.
+    - gzip is recognised by its content, whatever the name; a .gz name on plain bytes and names
+      such as .xlsx or .parquet are refused.
+    - The text is UTF-8, with or without a byte-order mark.
+    - The delimiter (comma, semicolon or tab) is sniffed from the header line: the one that
+      yields `smiles_column`, else the one that yields most columns; a non-comma choice is
+      logged at INFO.
+    - Header names are stripped of surrounding whitespace; an empty one becomes "Unnamed: i"
+      (0-based position); a name that occurs twice is refused. `smiles_column` must be present.
+    - Cells are str exactly as written (quotes removed, "" when empty; no missing-value or number
+      conversion). Blank lines are skipped; a row with more cells than the header is refused
+      with its line number, a shorter row is padded with "". Quoted cells may span lines.
+    - A header with no data rows gives an empty frame (load_table refuses it).
+    """
+    path = _local_file(path)
+    parsed = _parse(_decode(_read_bytes(path), path), path, smiles_column)
+    _require_smiles(parsed.frame, path, smiles_column)
+    return parsed.frame
 
 
 def load_table(
@@ -128,25 +165,42 @@ def load_table(
     smiles_column: str = "smiles",
     targets: Sequence[str] | None = None,
     cache_dir: Path | None = None,
+    *,
+    allow_single_class: bool = False,
 ) -> MoleculeTable:
     """Read a .csv or .csv.gz of SMILES plus binary task columns into a MoleculeTable.
 
-    `targets=None` takes every column (other than the SMILES column and id-like columns such as
-    mol_id) whose non-missing values are all 0/1. Rows are never dropped: an empty SMILES cell
-    becomes "" and is reported as invalid by featurization. Duplicate SMILES with conflicting
-    labels are kept and listed in `conflicts` (exact string match, not canonicalized).
+    The file is read by `read_table`. In label columns the spellings in MISSING_VALUES (any case)
+    are missing labels; 0/1, 0.0/1.0 and true/false are labels; anything else is an error that
+    names the column, the file line and the value.
+
+    `targets=None` takes every column besides the SMILES column whose non-missing cells are
+    mostly (more than half) 0/1; a stray other value in such a column is the error above. Columns
+    that are not tasks (id-like names such as mol_id, no values at all, or mostly other values)
+    are listed with the reason in `skipped_columns` and logged at WARNING. Requested `targets`
+    must exist and hold only labels.
+
+    A task whose labelled rows are all 0 or all 1 is an error naming it and its counts; with
+    `allow_single_class=True` such tasks are dropped and listed in `skipped_columns` instead.
+
+    Rows are never dropped: an empty SMILES cell becomes "" and is reported as invalid by
+    featurization. Duplicate SMILES with conflicting labels are kept and listed in `conflicts`
+    (exact string match, not canonicalized).
     """
     path = resolve_source(source, cache_dir, smiles_column)
     raw = _read_bytes(path)
-    frame = _parse_csv(raw, path, smiles_column)
-    if smiles_column not in frame.columns:
-        raise DataError(_missing_smiles_message(path, smiles_column, list(frame.columns)))
+    parsed = _parse(_decode(raw, path), path, smiles_column)
+    frame = parsed.frame
+    _require_smiles(frame, path, smiles_column)
     if len(frame) == 0:
         raise DataError(f"{path} has a header but no data rows (empty dataset)")
-    tasks = _select_targets(frame, smiles_column, targets, path)
-    labels = np.column_stack([_binary_column(frame[t], t, path) for t in tasks])
-    labels = labels.astype(np.float32)
-    smiles = [str(s).strip() for s in frame[smiles_column].fillna("").tolist()]
+    tasks, labels, skipped = _label_columns(frame, smiles_column, targets, parsed.lines, path)
+    tasks, labels, skipped = _check_classes(tasks, labels, skipped, allow_single_class, path)
+    if skipped:
+        log.warning(
+            "%s: %d column(s) not used as tasks: %s", path, len(skipped), _format_skipped(skipped)
+        )
+    smiles = [s.strip() for s in frame[smiles_column].tolist()]
     conflicts = find_conflicts(smiles, labels)
     if conflicts:
         shown = ", ".join(conflicts[:3])
@@ -164,6 +218,8 @@ def load_table(
         source=_describe_source(source),
         content_hash=hashlib.sha256(raw).hexdigest(),
         conflicts=conflicts,
+        skipped_columns=skipped,
+        lines=parsed.lines,
     )
 
 
@@ -197,15 +253,16 @@ class TaskSummary:
 
 @dataclass(frozen=True)
 class DataSummary:
-    """What `toxtune data` prints: sizes, invalid SMILES and per-task label balance."""
+    """What `toxtune data` prints: sizes, invalid SMILES, skipped columns, label balance."""
 
     source: str
     rows: int
     valid: int
-    invalid: list[tuple[int, str, str]]  # (row, smiles, reason)
+    invalid: list[tuple[int, str, str]]  # (file line, header = 1; smiles; reason)
     tasks: list[TaskSummary]
     conflicts: int
     n_features: int | None
+    skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
 
     def format(self, max_invalid: int = 50) -> str:
         """Human-readable multi-line text."""
@@ -215,9 +272,9 @@ class DataSummary:
             f"valid SMILES: {self.valid}",
             f"invalid SMILES: {len(self.invalid)}",
         ]
-        for row, smiles, reason in self.invalid[:max_invalid]:
+        for line, smiles, reason in self.invalid[:max_invalid]:
             shown = smiles if len(smiles) <= 60 else smiles[:57] + "..."
-            lines.append(f"  row {row}: {shown!r}: {reason}")
+            lines.append(f"  line {line}: {shown!r}: {reason}")
         if len(self.invalid) > max_invalid:
             more = len(self.invalid) - max_invalid
             lines.append(f"  ... and {more} more (write them all with --invalid-report)")
@@ -225,6 +282,12 @@ class DataSummary:
             lines.append(f"features per molecule: {self.n_features}")
         if self.conflicts:
             lines.append(f"duplicate SMILES with conflicting labels: {self.conflicts}")
+        if self.skipped_columns:
+            lines.append(f"columns not used as tasks: {len(self.skipped_columns)}")
+            skipped = list(self.skipped_columns.items())
+            lines.extend(f"  {name}: {why}" for name, why in skipped[:max_invalid])
+            if len(skipped) > max_invalid:
+                lines.append(f"  ... and {len(skipped) - max_invalid} more")
         width = max([len("task"), *(len(t.task) for t in self.tasks)])
         lines.append(f"tasks: {len(self.tasks)}")
         lines.append(
@@ -262,15 +325,16 @@ def describe(table: MoleculeTable, features: Features | None = None) -> DataSumm
         source=table.source,
         rows=len(table.smiles),
         valid=len(features.valid_rows),
-        invalid=[(i.row, i.smiles, i.reason) for i in features.invalid],
+        invalid=[(table.line_of(i.row), i.smiles, i.reason) for i in features.invalid],
         tasks=tasks,
         conflicts=len(table.conflicts),
         n_features=features.n_features,
+        skipped_columns=dict(table.skipped_columns),
     )
 
 
 def summarize(table: MoleculeTable, features: Features | None = None) -> str:
-    """A printable dataset summary: rows, valid/invalid SMILES (listed), per-task label counts."""
+    """A printable dataset summary: rows, invalid SMILES by file line, skipped columns, labels."""
     return describe(table, features).format()
 
 
@@ -301,7 +365,7 @@ def _cached_download(url: str, cache_dir: Path, smiles_column: str) -> Path:
             _download(url, fh)
         raw = tmp.read_bytes()
         try:
-            frame = _parse_csv(raw, Path(name), smiles_column)
+            frame = _parse(_decode(raw, Path(name)), Path(name), smiles_column).frame
         except DataError as exc:
             raise DataError(f"download from {url} is not a usable CSV: {exc}") from exc
         if smiles_column not in frame.columns or len(frame) == 0:
@@ -350,6 +414,15 @@ def _sha256_file(path: Path) -> str:
     return hasher.hexdigest()
 
 
+def _local_file(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"data path is a directory, not a CSV file: {path}")
+    return path
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
@@ -360,8 +433,8 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def _parse_csv(raw: bytes, path: Path, smiles_column: str) -> pd.DataFrame:
-    """Decompress (gzip by magic bytes), decode UTF-8 and parse; failures name the file."""
+def _decode(raw: bytes, path: Path) -> str:
+    """Decompress (gzip by magic bytes) and decode UTF-8 (BOM dropped); failures name the file."""
     suffix = path.suffix.lower()
     if suffix in _UNSUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{suffix}'; expected .csv or .csv.gz")
@@ -382,22 +455,88 @@ def _parse_csv(raw: bytes, path: Path, smiles_column: str) -> pd.DataFrame:
         ) from exc
     if not text.strip():
         raise DataError(f"data file is empty: {path}")
+    return text
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A table as text and the file line (header = 1) on which each of its rows starts."""
+
+    frame: pd.DataFrame
+    lines: np.ndarray  # int64, one per row
+
+
+def _parse(text: str, path: Path, smiles_column: str) -> _Parsed:
+    """Split the text into header and rows (see `read_table` for the rules)."""
+    delimiter = _sniff_delimiter(text, smiles_column)
+    if delimiter != ",":
+        name = _DELIMITERS[delimiter]
+        log.info("%s: reading as %s-separated (sniffed from the header line)", path, name)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    start = 1
     try:
-        header = pd.read_csv(io.StringIO(text), nrows=0)
-        columns = [str(c) for c in header.columns]
-        na_values = {c: MISSING_VALUES for c in columns if c.strip() != smiles_column}
-        frame = pd.read_csv(
-            io.StringIO(text),
-            keep_default_na=False,
-            na_values=na_values,
-            dtype={c: str for c in columns if c.strip() == smiles_column},
+        for record in reader:
+            if record and (len(record) > 1 or record[0].strip()):
+                if header is None:
+                    header = record
+                else:
+                    rows.append(record)
+                    lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path} could not be parsed as CSV (line {start}): {exc}") from exc
+    if header is None:
+        raise DataError(f"data file is empty: {path}")
+    names = _header_names(header, path)
+    for record, line in zip(rows, lines, strict=True):
+        if len(record) > len(names):
+            raise DataError(
+                f"{path} could not be parsed as CSV: line {line} has {len(record)} cells but "
+                f"the header has {len(names)}"
+            )
+        record.extend([""] * (len(names) - len(record)))
+    frame = pd.DataFrame(rows, columns=names, dtype=object)
+    return _Parsed(frame, np.asarray(lines, dtype=np.int64))
+
+
+def _sniff_delimiter(text: str, smiles_column: str) -> str:
+    """Comma, semicolon or tab: the one whose header cells include the SMILES column, else the
+    one giving most cells (ties go to the earlier in _DELIMITERS)."""
+    header = next((line for line in io.StringIO(text, newline="") if line.strip()), "")
+    header = header.rstrip("\r\n")
+    best, best_key = ",", (False, 0)
+    for delimiter in _DELIMITERS:
+        cells = [c.strip() for c in next(csv.reader([header], delimiter=delimiter), [])]
+        key = (smiles_column in cells, len(cells))
+        if key > best_key:
+            best, best_key = delimiter, key
+    return best
+
+
+def _header_names(header: list[str], path: Path) -> list[str]:
+    """Stripped column names ("Unnamed: i" when empty); a repeated name is a DataError."""
+    names = [cell.strip() or f"Unnamed: {i}" for i, cell in enumerate(header)]
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names, start=1):
+        positions.setdefault(name, []).append(i)
+    repeated = {name: where for name, where in positions.items() if len(where) > 1}
+    if repeated:
+        shown = "; ".join(
+            f"{name!r} (columns {', '.join(map(str, where))})" for name, where in repeated.items()
         )
-    except pd.errors.EmptyDataError as exc:
-        raise DataError(f"data file is empty: {path}") from exc
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise DataError(f"{path} could not be parsed as CSV: {exc}") from exc
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
+        raise DataError(
+            f"{path}: the header names a column more than once: {shown}; give each column "
+            "its own name"
+        )
+    return names
+
+
+def _require_smiles(frame: pd.DataFrame, path: Path, smiles_column: str) -> None:
+    if smiles_column not in frame.columns:
+        raise DataError(_missing_smiles_message(path, smiles_column, list(frame.columns)))
 
 
 def _missing_smiles_message(path: Path, smiles_column: str, columns: list[str]) -> str:
@@ -407,74 +546,182 @@ def _missing_smiles_message(path: Path, smiles_column: str, columns: list[str]) 
     return f"{path}: no SMILES column {smiles_column!r}{extra}; available columns: {shown}"
 
 
-def _is_id_column(name: str) -> bool:
+def _id_reason(name: str) -> str | None:
+    """Why a column is never taken as a task by its name alone, or None."""
     lowered = name.strip().lower()
-    return lowered in ID_COLUMNS or lowered.endswith("_id") or lowered.startswith("unnamed:")
+    if lowered.startswith("unnamed:"):
+        return "no column name"
+    if lowered in ID_COLUMNS or lowered.endswith("_id"):
+        return "id column"
+    return None
 
 
-def _select_targets(
-    frame: pd.DataFrame, smiles_column: str, targets: Sequence[str] | None, path: Path
-) -> list[str]:
-    """The task columns: the requested ones (validated) or every binary non-id column."""
+@dataclass(frozen=True)
+class _Cells:
+    """One label column read cell by cell."""
+
+    values: np.ndarray  # float64: 0/1, NaN where missing or not a label
+    present: np.ndarray  # bool: not a missing-value spelling
+    other: np.ndarray  # bool: present but not a 0/1 label
+
+
+def _cells(column: pd.Series) -> _Cells:
+    """Classify each cell once per distinct text: 0/1 label, missing, or other."""
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    parsed = [_label_value(str(u)) for u in uniques] + [math.nan]  # code -1: a NaN object
+    values = np.array([math.nan if v is None else v for v in parsed], dtype=np.float64)[codes]
+    other = np.array([v is None for v in parsed], dtype=bool)[codes]
+    return _Cells(values, other | ~np.isnan(values), other)
+
+
+def _label_value(text: str) -> float | None:
+    """0.0/1.0 for a label cell (0, 1, 0.0, 1.0, true, false), NaN when missing, else None."""
+    key = text.strip().lower()
+    if key in _MISSING:
+        return math.nan
+    if key in _BOOLEANS:
+        return _BOOLEANS[key]
+    try:
+        value = float(key)
+    except ValueError:
+        return None
+    return value if value in (0.0, 1.0) else None
+
+
+def _label_columns(
+    frame: pd.DataFrame,
+    smiles_column: str,
+    targets: Sequence[str] | None,
+    lines: np.ndarray,
+    path: Path,
+) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """The task columns, their float32 labels (NaN = missing) and the columns skipped, with why."""
     if targets is not None:
-        if isinstance(targets, str):
-            targets = [targets]
-        requested = [str(t).strip() for t in targets]
-        if not requested:
-            raise DataError(f"{path}: an empty list of target columns was given")
-        missing = [t for t in requested if t not in frame.columns]
-        if missing:
-            available = [c for c in frame.columns if c != smiles_column]
-            raise DataError(
-                f"{path}: target column(s) {missing} not found; available columns: "
-                f"{available[:30]}{' ...' if len(available) > 30 else ''}"
-            )
-        if smiles_column in requested:
-            raise DataError(f"{path}: the SMILES column {smiles_column!r} cannot be a target")
-        duplicates = sorted({t for t in requested if requested.count(t) > 1})
-        if duplicates:
-            raise DataError(f"{path}: target column(s) listed twice: {duplicates}")
-        return requested
-    tasks = [
-        str(c)
-        for c in frame.columns
-        if c != smiles_column and not _is_id_column(str(c)) and _looks_binary(frame[c])
-    ]
+        tasks = _requested_targets(frame, smiles_column, targets, path)
+        columns = [_target_labels(frame[t], t, lines, path) for t in tasks]
+        return tasks, np.column_stack(columns).astype(np.float32), {}
+    tasks: list[str] = []
+    columns: list[np.ndarray] = []
+    skipped: dict[str, str] = {}
+    for name in frame.columns:
+        if name == smiles_column:
+            continue
+        why = _id_reason(name)
+        if why is None:
+            cells = _cells(frame[name])
+            n_present, n_other = int(cells.present.sum()), int(cells.other.sum())
+            if n_present == 0:
+                why = "no values"
+            elif n_other * 2 >= n_present:  # mostly not 0/1: some other kind of column
+                why = _not_binary_reason(frame[name], cells)
+            elif n_other:
+                raise DataError(
+                    f"{path}: column {name!r} holds 0/1 labels in most rows, but "
+                    f"{_bad_cells(frame[name], cells, lines)}. Use 0 or 1, or an empty cell "
+                    "(or NA, n/a, ...) for a missing label; if it is not a label column, name "
+                    "the label columns with --targets"
+                )
+            else:
+                tasks.append(name)
+                columns.append(cells.values)
+                continue
+        skipped[name] = why
     if not tasks:
-        others = [c for c in frame.columns if c != smiles_column]
         raise DataError(
             f"{path}: no binary (0/1) label columns found besides {smiles_column!r} "
-            f"(columns: {others[:30]}); name the label columns with --targets"
+            f"(skipped: {_format_skipped(skipped) or 'no other columns'}); name the label "
+            "columns with --targets"
         )
-    return tasks
+    return tasks, np.column_stack(columns).astype(np.float32), skipped
 
 
-def _column_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 values with NaN for missing or non-numeric cells, mask of non-missing cells)."""
-    if column.dtype.kind in "fiub":
-        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
-        return values, ~np.isnan(values)
-    present = column.notna().to_numpy()
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    return values, present
-
-
-def _looks_binary(column: pd.Series) -> bool:
-    values, present = _column_values(column)
-    return bool(np.all((values[present] == 0) | (values[present] == 1)))
-
-
-def _binary_column(column: pd.Series, name: str, path: Path) -> np.ndarray:
-    """Float 0/1/NaN values of one task; DataError naming it when not binary or all missing."""
-    values, present = _column_values(column)
-    bad = present & ~((values == 0) | (values == 1))
-    if bad.any():
-        offending = pd.unique(column[bad].astype(str))[:_SHOW_VALUES]
+def _requested_targets(
+    frame: pd.DataFrame, smiles_column: str, targets: Sequence[str], path: Path
+) -> list[str]:
+    """The requested target names, checked against the header."""
+    if isinstance(targets, str):
+        targets = [targets]
+    requested = [str(t).strip() for t in targets]
+    if not requested:
+        raise DataError(f"{path}: an empty list of target columns was given")
+    missing = [t for t in requested if t not in frame.columns]
+    if missing:
+        available = [c for c in frame.columns if c != smiles_column]
         raise DataError(
-            f"{path}: target column {name!r} is not binary (0/1): {int(bad.sum())} rows hold "
-            f"other values, e.g. {', '.join(repr(v) for v in offending)} "
-            f"(first at data row {int(np.flatnonzero(bad)[0])})"
+            f"{path}: target column(s) {missing} not found; available columns: "
+            f"{available[:30]}{' ...' if len(available) > 30 else ''}"
         )
-    if not present.any():
+    if smiles_column in requested:
+        raise DataError(f"{path}: the SMILES column {smiles_column!r} cannot be a target")
+    duplicates = sorted({t for t in requested if requested.count(t) > 1})
+    if duplicates:
+        raise DataError(f"{path}: target column(s) listed twice: {duplicates}")
+    return requested
+
+
+def _target_labels(column: pd.Series, name: str, lines: np.ndarray, path: Path) -> np.ndarray:
+    """Labels of a requested target; DataError naming it when not binary or all missing."""
+    cells = _cells(column)
+    if cells.other.any():
+        raise DataError(
+            f"{path}: target column {name!r} is not binary (0/1): "
+            f"{_bad_cells(column, cells, lines)}"
+        )
+    if not cells.present.any():
         raise DataError(f"{path}: task {name!r} has no labels (every value is missing)")
-    return np.where(present, values, np.nan)
+    return cells.values
+
+
+def _bad_cells(column: pd.Series, cells: _Cells, lines: np.ndarray) -> str:
+    """'2 rows hold other values: line 3: '2', line 9: 'inactive'' (the first few shown)."""
+    rows = np.flatnonzero(cells.other)
+    shown = ", ".join(f"line {lines[r]}: {column.iat[r]!r}" for r in rows[:_SHOW_VALUES])
+    more = ", ..." if len(rows) > _SHOW_VALUES else ""
+    what = "row holds another value" if len(rows) == 1 else "rows hold other values"
+    return f"{len(rows)} {what}: {shown}{more}"
+
+
+def _not_binary_reason(column: pd.Series, cells: _Cells) -> str:
+    examples = pd.unique(column[cells.other].astype(str))[:3]
+    return (
+        f"not binary (0/1): {int(cells.other.sum())} of {int(cells.present.sum())} values are "
+        f"other, e.g. {', '.join(repr(v) for v in examples)}"
+    )
+
+
+def _check_classes(
+    tasks: list[str],
+    labels: np.ndarray,
+    skipped: dict[str, str],
+    allow_single_class: bool,
+    path: Path,
+) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """Refuse (or, when allowed, drop into `skipped`) tasks whose labels are all 0 or all 1."""
+    positives = np.sum(labels == 1, axis=0)
+    negatives = np.sum(labels == 0, axis=0)
+    single = {
+        task: f"{positives[j]} positives, {negatives[j]} negatives"
+        for j, task in enumerate(tasks)
+        if not (positives[j] and negatives[j])
+    }
+    if not single:
+        return tasks, labels, skipped
+    shown = ", ".join(f"{task!r} ({counts})" for task, counts in list(single.items())[:10])
+    shown += f", ... ({len(single)} in all)" if len(single) > 10 else ""
+    if not allow_single_class:
+        raise DataError(
+            f"{path}: task(s) with one class only, which a classifier can neither learn nor be "
+            f"scored on: {shown}. Fix the labels, leave the column(s) out of the targets, or "
+            "load with allow_single_class to skip such tasks"
+        )
+    keep = [j for j, task in enumerate(tasks) if task not in single]
+    if not keep:
+        raise DataError(f"{path}: every task has one class only: {shown}")
+    skipped = {**skipped, **{task: f"one class only ({c})" for task, c in single.items()}}
+    return [tasks[j] for j in keep], labels[:, keep], skipped
+
+
+def _format_skipped(skipped: dict[str, str], limit: int = 10) -> str:
+    items = list(skipped.items())
+    text = "; ".join(f"{name!r}: {why}" for name, why in items[:limit])
+    return text + (f"; ... ({len(items)} in all)" if len(items) > limit else "")

@@ -17,12 +17,14 @@ import pytest
 
 from toxmodel import data as data_module
 from toxmodel.data import (
+    MISSING_VALUES,
     TOX21_TASKS,
     TOX21_URL,
     DataError,
     default_cache_dir,
     describe,
     load_table,
+    read_table,
     resolve_source,
     summarize,
 )
@@ -125,6 +127,12 @@ def test_default_targets_skip_ids_and_non_binary(make_csv: Callable[..., Path]) 
     table = load_table(path)
     assert table.tasks == ["tox", "flag"]
     np.testing.assert_array_equal(table.labels[:, 1], [1, 0, 1])
+    assert list(table.skipped_columns) == ["compound_id", "weight", "note"]
+    assert table.skipped_columns["compound_id"] == "id column"
+    assert (
+        "not binary" in table.skipped_columns["weight"]
+        and "'16.0'" in table.skipped_columns["weight"]
+    )
 
 
 def test_explicit_targets_and_order(make_csv: Callable[..., Path]) -> None:
@@ -189,8 +197,8 @@ def test_non_utf8_names_file(make_csv: Callable[..., Path]) -> None:
 
 
 def test_utf8_bom_is_accepted(make_csv: Callable[..., Path]) -> None:
-    table = load_table(make_csv("\ufeffsmiles,A\nCCO,1\n"))
-    assert table.smiles == ["CCO"]
+    table = load_table(make_csv("\ufeffsmiles,A\nCCO,1\nCC,0\n"))
+    assert table.smiles == ["CCO", "CC"]
 
 
 def test_gz_name_without_gzip_content(make_csv: Callable[..., Path]) -> None:
@@ -245,16 +253,25 @@ def test_non_binary_target_shows_values(make_csv: Callable[..., Path]) -> None:
         load_table(path, targets=["act"])
     message = str(info.value)
     assert "'act' is not binary" in message
-    assert "'2'" in message and "'active'" in message
+    assert "line 3: '2'" in message and "line 4: 'active'" in message
     assert "2 rows" in message
 
 
-def test_all_missing_task_named(make_csv: Callable[..., Path]) -> None:
+def test_all_missing_target_named(make_csv: Callable[..., Path]) -> None:
     path = make_csv("smiles,A,Empty\nC,1,\nCC,0,\n")
     with pytest.raises(DataError, match="task 'Empty' has no labels"):
         load_table(path, targets=["A", "Empty"])
-    with pytest.raises(DataError, match="task 'Empty' has no labels"):
-        load_table(path)
+
+
+def test_all_empty_extra_column_is_skipped_and_reported(
+    make_csv: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = make_csv("smiles,A,notes\nC,1,\nCC,0,\nCCC,1, \n")
+    with caplog.at_level(logging.WARNING, logger="toxmodel.data"):
+        table = load_table(path)
+    assert table.tasks == ["A"]
+    assert table.skipped_columns == {"notes": "no values"}
+    assert any("notes" in r.getMessage() and "no values" in r.getMessage() for r in caplog.records)
 
 
 def test_no_binary_columns(make_csv: Callable[..., Path]) -> None:
@@ -285,6 +302,184 @@ def test_subset(make_csv: Callable[..., Path]) -> None:
     assert table.subset([2, 0]).content_hash == part.content_hash
     with pytest.raises(IndexError):
         table.subset([3])
+
+
+# ---------------------------------------------------------------- bad cells and odd layouts
+
+
+def _tox21_like(cells: dict[int, str] | None = None, n: int = 12) -> str:
+    """smiles + NR-AR + SR-MMP; SR-MMP alternates 0/1 except the given {data row: text}."""
+    rows = ["smiles,NR-AR,SR-MMP"]
+    for i in range(n):
+        rows.append(f"{'C' * (i + 1)},{i % 2},{(cells or {}).get(i, str((i + 1) % 2))}")
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("spelling", [*MISSING_VALUES, "n/A", "NONE", " na ", "Null"])
+def test_missing_spellings_are_missing_labels(make_csv: Callable[..., Path], spelling: str) -> None:
+    table = load_table(make_csv(_tox21_like({3: spelling})))
+    assert table.tasks == ["NR-AR", "SR-MMP"]
+    assert np.isnan(table.labels[3, 1]) and np.sum(np.isnan(table.labels)) == 1
+    assert table.skipped_columns == {}
+
+
+@pytest.mark.parametrize("value", ["?", "2", "inactive", "0.5"])
+def test_stray_cell_in_a_binary_column_names_column_line_and_value(
+    make_csv: Callable[..., Path], value: str
+) -> None:
+    path = make_csv(_tox21_like({3: value}))
+    with pytest.raises(DataError) as info:
+        load_table(path)  # auto-detected targets: SR-MMP used to vanish silently
+    message = str(info.value)
+    assert "'SR-MMP'" in message and f"line 5: {value!r}" in message and str(path) in message
+    with pytest.raises(DataError, match=rf"'SR-MMP' is not binary.*line 5: '{value}'"):
+        load_table(path, targets=["SR-MMP"])
+
+
+def test_binary_spellings_are_labels(make_csv: Callable[..., Path]) -> None:
+    path = make_csv("smiles,A\nC,1.0\nCC,0.0\nCCC,TRUE\nCCCC,false\nCCCCC, 1 \n")
+    np.testing.assert_array_equal(load_table(path).labels[:, 0], [1, 0, 1, 0, 1])
+
+
+def test_mostly_non_binary_column_is_skipped_with_reason(
+    make_csv: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = make_csv(
+        "smiles,mol_id,rings,activity,tox\n"
+        "C,M1,0,inactive,0\nCC,M2,1,active,1\nCCC,M3,2,inactive,0\nCCCC,M4,3,1,1\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="toxmodel.data"):
+        table = load_table(path)
+    assert table.tasks == ["tox"]
+    skipped = table.skipped_columns
+    assert list(skipped) == ["mol_id", "rings", "activity"]
+    assert skipped["mol_id"] == "id column"
+    assert "not binary" in skipped["rings"] and "'2'" in skipped["rings"]
+    assert "3 of 4" in skipped["activity"] and "'inactive'" in skipped["activity"]
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "mol_id" in warned and "rings" in warned and "activity" in warned
+    text = describe(table, featurize(table.smiles, FeaturizerConfig(n_bits=64), n_jobs=1)).format()
+    assert "columns not used as tasks: 3" in text and "mol_id: id column" in text
+
+
+def test_one_class_task_is_an_error_with_counts(make_csv: Callable[..., Path]) -> None:
+    path = make_csv("smiles,A,Neg,Pos\nC,1,0,1\nCC,0,0,\nCCC,1,,1\nCCCC,0,0,1\n")
+    for targets in (None, ["A", "Neg", "Pos"]):
+        with pytest.raises(DataError) as info:
+            load_table(path, targets=targets)
+        message = str(info.value)
+        assert "'Neg' (0 positives, 3 negatives)" in message
+        assert "'Pos' (3 positives, 0 negatives)" in message
+        assert "'A'" not in message and "allow_single_class" in message
+
+
+def test_allow_single_class_drops_and_reports(make_csv: Callable[..., Path]) -> None:
+    path = make_csv("smiles,A,Neg\nC,1,0\nCC,0,0\nCCC,1,\n")
+    table = load_table(path, allow_single_class=True)
+    assert table.tasks == ["A"] and table.labels.shape == (3, 1)
+    assert table.skipped_columns == {"Neg": "one class only (0 positives, 2 negatives)"}
+    text = describe(table, featurize(table.smiles, FeaturizerConfig(n_bits=64), n_jobs=1)).format()
+    assert "Neg: one class only (0 positives, 2 negatives)" in text
+    with pytest.raises(DataError, match="every task has one class only"):
+        load_table(path, targets=["Neg"], allow_single_class=True)
+
+
+def test_line_numbers_count_blank_lines_and_multiline_cells(
+    make_csv: Callable[..., Path],
+) -> None:
+    text = 'smiles,A,note\nCCO,1,ok\n\n"C1CC",0,"two\nlines"\nCC,0,\nCCC,1,x\n'
+    table = load_table(make_csv(text), targets=["A"])
+    assert table.lines.tolist() == [2, 4, 6, 7]
+    assert [table.line_of(i) for i in range(4)] == [2, 4, 6, 7]
+    assert table.subset([3, 1]).line_of(0) == 7
+    summary = describe(table, featurize(table.smiles, FeaturizerConfig(n_bits=64), n_jobs=1))
+    assert summary.invalid[0][:2] == (4, "C1CC")
+    bad = text.replace("CCC,1,x", "CCC,yes,x")
+    with pytest.raises(DataError, match=r"line 7: 'yes'"):
+        load_table(make_csv(bad), targets=["A"])
+
+
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab")])
+def test_semicolon_and_tab_files_are_sniffed(
+    make_csv: Callable[..., Path], caplog: pytest.LogCaptureFixture, sep: str, name: str
+) -> None:
+    text = SMALL.replace(",", sep).replace("CCO", "CCO |r|")  # a comma-free CXSMILES cell
+    with caplog.at_level(logging.INFO, logger="toxmodel.data"):
+        table = load_table(make_csv(text))
+    plain = load_table(make_csv(SMALL, "plain.csv"))
+    assert table.tasks == plain.tasks == ["A", "B"]
+    np.testing.assert_array_equal(table.labels, plain.labels)
+    assert any(f"{name}-separated" in r.getMessage() for r in caplog.records)
+
+
+def test_semicolon_file_with_commas_inside_cells(make_csv: Callable[..., Path]) -> None:
+    table = load_table(make_csv("smiles;A\nC1CC1 |r,c:1|;1\nCC;0\n"))
+    assert table.smiles == ["C1CC1 |r,c:1|", "CC"]
+
+
+def test_comma_file_is_not_logged(
+    make_csv: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="toxmodel.data"):
+        load_table(make_csv(SMALL))
+    assert not any("separated" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("header", ["smiles,t1,t1", "smiles,t1, t1 ", "smiles,t1,smiles"])
+def test_duplicate_column_names_are_refused(make_csv: Callable[..., Path], header: str) -> None:
+    name = header.split(",")[-1].strip()
+    with pytest.raises(DataError, match=rf"more than once: '{name}' \(columns"):
+        load_table(make_csv(f"{header}\nC,1,0\nCC,0,1\n"))
+
+
+def test_header_cells_are_stripped(make_csv: Callable[..., Path]) -> None:
+    table = load_table(make_csv(" smiles , A \nCCO,1\nCC,0\n"))
+    assert table.tasks == ["A"] and table.smiles == ["CCO", "CC"]
+
+
+def test_ragged_row_names_its_line(make_csv: Callable[..., Path]) -> None:
+    with pytest.raises(DataError, match=r"line 4 has 4 cells but the header has 2"):
+        load_table(make_csv("smiles,A\nC,1\n\nCC,0,1,1\n"))
+
+
+def test_unterminated_quote_names_its_line(make_csv: Callable[..., Path]) -> None:
+    with pytest.raises(DataError, match=r"could not be parsed as CSV \(line 3\)"):
+        load_table(make_csv('smiles,A\nC,1\n"CC,0\nCCC,1\n'))
+
+
+# ---------------------------------------------------------------- read_table
+
+
+def test_read_table_reads_like_load_table(make_csv: Callable[..., Path]) -> None:
+    text = "\ufeff smiles ;id;A\nCCO;007;1\n;x;NA\nCC;y;0\n"
+    frame = read_table(make_csv(text, "in.csv.gz"))  # gzip by content, BOM, semicolons
+    assert list(frame.columns) == ["smiles", "id", "A"]
+    assert frame.to_dict("list") == {
+        "smiles": ["CCO", "", "CC"],
+        "id": ["007", "x", "y"],
+        "A": ["1", "NA", "0"],
+    }
+    table = load_table(make_csv(text, "in.csv.gz"))
+    assert table.smiles == ["CCO", "", "CC"] and table.tasks == ["A"]
+
+
+def test_read_table_header_only_is_an_empty_frame(make_csv: Callable[..., Path]) -> None:
+    frame = read_table(make_csv("smiles,name\n"))
+    assert list(frame.columns) == ["smiles", "name"] and len(frame) == 0
+
+
+def test_read_table_refusals(make_csv: Callable[..., Path], tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="empty"):
+        read_table(make_csv(b"", "zero.csv"))
+    with pytest.raises(DataError, match="directory"):
+        read_table(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        read_table(tmp_path / "missing.csv")
+    with pytest.raises(DataError, match=r"no SMILES column 'smiles'.*'Drug'"):
+        read_table(make_csv("Drug,A\nC,1\n"))
+    assert read_table(make_csv("Drug,A\nC,1\n"), smiles_column="Drug")["Drug"].tolist() == ["C"]
+    with pytest.raises(DataError, match=r"more than once: 'A'"):
+        read_table(make_csv("smiles,A,A\nC,1,1\n"))
 
 
 # ---------------------------------------------------------------- sources, download and cache
@@ -375,8 +570,8 @@ def test_summarize_lists_invalid_and_counts(make_csv: Callable[..., Path]) -> No
     text = summarize(table, features)
     assert "rows: 4" in text
     assert "valid SMILES: 2" in text and "invalid SMILES: 2" in text
-    assert "row 1: 'C1CC'" in text and "unclosed ring" in text
-    assert "row 2: ''" in text and "empty SMILES" in text
+    assert "line 3: 'C1CC'" in text and "unclosed ring" in text  # header = line 1
+    assert "line 4: ''" in text and "empty SMILES" in text
     summary = describe(table, features)
     a, b = summary.tasks
     assert (a.labelled, a.positives, a.negatives) == (4, 2, 2)
@@ -397,6 +592,8 @@ def test_tox21_real(tox21_path: Path) -> None:
     assert np.isnan(table.labels).any()
     assert set(np.unique(table.labels[~np.isnan(table.labels)])) == {0.0, 1.0}
     assert table.content_hash == hashlib.sha256(tox21_path.read_bytes()).hexdigest()
+    assert table.skipped_columns == {}  # no id, empty or one-class columns
+    assert table.line_of(0) == 2 and table.line_of(7830) == 7832
     assert TOX21_URL.endswith("tox21.csv.gz")
 
 
@@ -405,15 +602,17 @@ def test_tox21_moleculenet_layout_with_mol_id(
 ) -> None:
     import pandas as pd
 
-    frame = pd.read_csv(tox21_path).iloc[:50]
-    frame["mol_id"] = [f"TOX{i}" for i in range(50)]
+    frame = pd.read_csv(tox21_path).iloc[:200]  # the first 100 rows lack NR-AR positives
+    frame["mol_id"] = [f"TOX{i}" for i in range(200)]
     frame = frame[[*TOX21_TASKS, "mol_id", "smiles"]]  # the column order of the MoleculeNet file
     table = load_table(make_csv(frame, "tox21.csv.gz"))
     assert table.tasks == TOX21_TASKS
+    assert table.skipped_columns == {"mol_id": "id column"}
 
 
 def test_toxcast_real(toxcast_path: Path) -> None:
     table = load_table(toxcast_path)
-    assert len(table.tasks) == 617
+    assert len(table.tasks) == 617  # every assay has positives and negatives
+    assert table.skipped_columns == {}
     assert table.labels.shape == (len(table), 617)
     assert len(table) > 8000
