@@ -60,7 +60,7 @@ class FeaturizerConfig:
 class InvalidSmiles:
     """One input row that could not be featurized, and why."""
 
-    row: int
+    row: int  # 0-based index into the SMILES given; reports show the file line (row + 2)
     smiles: str
     reason: str
 
@@ -209,15 +209,23 @@ def feature_cache_path(cache_dir: Path, content_hash: str, config: FeaturizerCon
     return Path(cache_dir).expanduser() / "features" / f"{content_hash[:16]}-{config.key()}.npz"
 
 
-def write_invalid_report(invalid: Sequence[InvalidSmiles], path: Path) -> Path:
-    """Write the invalid rows as CSV (row,smiles,reason); the file is written even when empty."""
+def write_invalid_report(
+    invalid: Sequence[InvalidSmiles], path: Path, lines: Sequence[int] | None = None
+) -> Path:
+    """Write the invalid rows as CSV (line,row,smiles,reason); written even when empty.
+
+    `line` is the input file's line as an editor shows it (header = line 1): `lines[row]` when
+    the table's line numbers are given (`MoleculeTable.lines`, exact with blank lines or quoted
+    multi-line cells), else row + 2. `row` is the 0-based data row, as in `InvalidSmiles.row`.
+    """
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "smiles", "reason"])
+        writer.writerow(["line", "row", "smiles", "reason"])
         for item in invalid:
-            writer.writerow([item.row, item.smiles, item.reason])
+            line = int(lines[item.row]) if lines is not None else item.row + 2
+            writer.writerow([line, item.row, item.smiles, item.reason])
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -299,12 +300,21 @@ def test_write_invalid_report(tmp_path: Path) -> None:
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows == [
-        ["row", "smiles", "reason"],
-        ["3", "C1CC", "unclosed ring"],
-        ["9", 'a,"b', "x, y"],
+        ["line", "row", "smiles", "reason"],  # line: the file line, header = line 1
+        ["5", "3", "C1CC", "unclosed ring"],
+        ["11", "9", 'a,"b', "x, y"],
     ]
     empty = write_invalid_report([], tmp_path / "none.csv")
-    assert empty.read_text().strip() == "row,smiles,reason"
+    assert empty.read_text().strip() == "line,row,smiles,reason"
+
+
+def test_invalid_report_uses_the_table_lines(make_csv: Callable[..., Path], tmp_path: Path) -> None:
+    table = load_table(make_csv('smiles,A\nCCO,1\n\n"C1\nCC",0\nxyz,1\nCC,0\n'))
+    features = featurize(table.smiles, FeaturizerConfig(n_bits=64), n_jobs=1)
+    path = write_invalid_report(features.invalid, tmp_path / "invalid.csv", lines=table.lines)
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    assert [(r[0], r[1], r[2]) for r in rows[1:]] == [("4", "1", "C1\nCC"), ("6", "2", "xyz")]
 
 
 # ---------------------------------------------------------------- descriptor scaling
