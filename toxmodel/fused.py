@@ -1,0 +1,693 @@
+"""Fused training: K MLPs of one shape trained in one pass, as stacked weights and batched products.
+
+    results = fit_many(features, labels, split, tasks, model_config, [cfg_a, cfg_b, cfg_c])
+
+returns what `[fit(..., cfg) for cfg in configs]` returns, member by member: each member has its
+own seed (initial weights, shuffling, dropout masks), learning rate, weight decay, schedule,
+patience and epoch limit, and gets its own `FitResult` (best-epoch weights, history, stop
+reason), so `.predictor()` and `.save()` work as after `fit`. Why: a small MLP leaves a GPU
+mostly idle and a CPU core's vector units waiting on Python; K of them as one batched product
+share one copy of the data and one set of kernel launches (the finalize step's seed retrains,
+or same-shape trials of a search).
+
+How it reproduces `fit` (the test trains members both ways and compares weights and histories):
+
+- initial weights: each member seeds the global generator and builds `MLP(...)`, as `fit` does;
+- dropout: each member draws its masks from its own generator, which starts in the state `fit`'s
+  global generator is in after initialisation, with the op `fit`'s dropout uses (on CPU
+  `bernoulli_`; on CUDA `native_dropout`, run on the member's generator state), in the same
+  order, so every member sees the masks it would see alone;
+- shuffling: each member permutes the training rows with `torch.Generator().manual_seed(seed)`;
+- optimiser: PyTorch's own fused kernels (`torch._fused_adamw_`, `_fused_adam_`, `_fused_sgd_`,
+  what `fit`'s `fused=True` optimisers run) over the stacked tensors, with the learning rate and
+  betas/momentum read each step from a shadow optimiser driven by `fit`'s own scheduler;
+- BatchNorm runs as one `batch_norm` over K x H columns; early stopping and best-epoch restore
+  are per member, and a member that stops leaves the stack.
+
+Members must share the model configuration (it is the shape), the batch size and the
+optimiser. `exact_dropout=False` trades that reproduction for speed on a GPU: one mask draw per
+layer for the whole stack from one generator (masks still independent across members, but a
+member's masks then depend on the group, not on its seed alone).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from toxmodel.featurize import DescriptorScaler, Features
+from toxmodel.metrics import Metrics, evaluate
+from toxmodel.model import MLP, ModelConfig
+from toxmodel.split import Split
+from toxmodel.train import (
+    EVAL_BATCH,
+    EpochResult,
+    FitResult,
+    RunContext,
+    TrainConfig,
+    TrainingDiverged,
+    _batches,
+    _check_inputs,
+    _DeviceData,
+    _optimizer,
+    _scheduler,
+    _tensor,
+    masked_bce,
+    pos_weights,
+    resolve_device,
+)
+
+MemberCallback = Callable[[int, EpochResult], bool | None]
+ALPHA_SELU = 1.7580993408473766  # AlphaDropout's -scale*alpha of SELU, as in ATen
+EPS_ADAM = 1e-8  # torch.optim.Adam/AdamW defaults, which `fit` uses
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One step of the MLP's forward pass, read off a template `MLP`."""
+
+    kind: str  # linear | batch | layer | act | dropout | alpha_dropout
+    prefix: str  # state-dict prefix, e.g. "body.0."
+    p: float = 0.0  # dropout probability
+    eps: float = 0.0  # norm epsilon
+    momentum: float = 0.0  # BatchNorm running-stat momentum
+    module: nn.Module | None = None  # the (stateless) activation
+
+
+def _plan(template: MLP) -> list[_Layer]:
+    """The forward pass of `template` as a list of layers (raises on a module it cannot stack)."""
+    plan: list[_Layer] = []
+    for i, module in enumerate(template.body):
+        prefix = f"body.{i}."
+        if isinstance(module, nn.Linear):
+            plan.append(_Layer("linear", prefix))
+        elif isinstance(module, nn.BatchNorm1d):
+            if not (module.affine and module.track_running_stats and module.momentum is not None):
+                raise ValueError("fused training supports affine BatchNorm with running stats")
+            plan.append(_Layer("batch", prefix, eps=module.eps, momentum=module.momentum))
+        elif isinstance(module, nn.LayerNorm):
+            plan.append(_Layer("layer", prefix, eps=module.eps))
+        elif isinstance(module, nn.AlphaDropout):
+            plan.append(_Layer("alpha_dropout", prefix, p=module.p))
+        elif isinstance(module, nn.Dropout):
+            plan.append(_Layer("dropout", prefix, p=module.p))
+        elif not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+            plan.append(_Layer("act", prefix, module=module))
+        else:
+            raise ValueError(f"fused training cannot stack a {type(module).__name__} layer")
+    plan.append(_Layer("linear", "head."))
+    return plan
+
+
+class _Schedule:
+    """The learning rate and betas/momentum `fit`'s optimiser would use, step by step.
+
+    A shadow optimiser over one dummy weight, driven by the scheduler `fit` builds: the values
+    are PyTorch's own, including OneCycle's momentum cycling and the cosine recursion.
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.optimizer = _optimizer(nn.Linear(1, 1), cfg, torch.device("cpu"))  # type: ignore[arg-type]
+        self.scheduler, self.per_batch = _scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.optimizer.step()  # no gradients, so nothing moves; the scheduler sees a step first
+
+    def hyper(self) -> tuple[float, float, float, float, float]:
+        """(lr, beta1, beta2, momentum, weight decay) for the coming step."""
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group.get("betas", (0.0, 0.0))
+        return (
+            float(group["lr"]),
+            float(beta1),
+            float(beta2),
+            float(group.get("momentum", 0.0)),
+            float(group["weight_decay"]),
+        )
+
+    def after_batch(self) -> None:
+        if self.per_batch and self.scheduler is not None:
+            self.scheduler.step()
+
+    def after_epoch(self) -> None:
+        if self.scheduler is not None and not self.per_batch:
+            self.scheduler.step()
+
+
+class _Noise:
+    """Dropout noise for the active members: each from its own generator, or one shared draw."""
+
+    def __init__(self, device: torch.device, seeds: list[int], cpu_states: list[Tensor]) -> None:
+        self.device = device
+        self.generators: list[torch.Generator] = []
+        for seed, state in zip(seeds, cpu_states, strict=True):
+            gen = torch.Generator(device=device)
+            if device.type == "cpu":
+                gen.set_state(state)  # where `fit`'s global generator is after initialisation
+            else:
+                gen.manual_seed(seed)  # initialisation ran on the CPU: the CUDA state is fresh
+            self.generators.append(gen)
+        self.shared = torch.Generator(device=device)
+        self.shared.manual_seed(hash(tuple(seeds)) % 2**63)  # ints hash alike in every run
+
+    def draw(self, active: list[int], shape: tuple[int, ...], p: float, exact: bool) -> Tensor:
+        """0/1 keep masks (K, *shape) with keep probability 1 - p (float32)."""
+        noise = torch.empty((len(active), *shape), device=self.device)
+        if not exact:
+            return noise.bernoulli_(1 - p, generator=self.shared)
+        for i, k in enumerate(active):
+            if self.device.type == "cuda":
+                noise[i] = self._native_dropout_mask(shape, p, self.generators[k])
+            else:
+                noise[i].bernoulli_(1 - p, generator=self.generators[k])
+        return noise
+
+    def _native_dropout_mask(
+        self, shape: tuple[int, ...], p: float, gen: torch.Generator
+    ) -> Tensor:
+        """CUDA `F.dropout` runs `native_dropout` on the default generator, which takes no
+        generator argument: run it there on this member's state, then swap the states back."""
+        default = torch.cuda.default_generators[self.device.index or 0]
+        saved = default.get_state()
+        default.set_state(gen.get_state())
+        _, mask = torch.native_dropout(torch.ones(shape, device=self.device), p, True)
+        gen.set_state(default.get_state())
+        default.set_state(saved)
+        return mask.to(torch.float32)
+
+
+class _Stack:
+    """The active members' weights, BatchNorm buffers and optimiser state, stacked on dim 0."""
+
+    def __init__(
+        self,
+        states: list[dict[str, Tensor]],
+        plan: list[_Layer],
+        optimizer: str,
+        device: torch.device,
+    ) -> None:
+        self.plan = plan
+        self.optimizer = optimizer
+        self.params: dict[str, Tensor] = {}
+        self.buffers: dict[str, Tensor] = {}
+        self.counters: list[str] = []  # BatchNorm num_batches_tracked keys
+        for key in states[0]:
+            if key.endswith("num_batches_tracked"):
+                self.counters.append(key)
+            elif key.endswith(("running_mean", "running_var")):
+                self.buffers[key] = torch.stack([s[key] for s in states])
+            else:
+                self.params[key] = torch.stack([s[key] for s in states]).requires_grad_()
+        n_slots = 2 if optimizer in ("adam", "adamw") else 1  # exp_avg, exp_avg_sq | momentum
+        self.slots = {
+            k: [torch.zeros_like(p.detach()) for _ in range(n_slots)]
+            for k, p in self.params.items()
+        }
+        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
+        self.steps = 0  # optimiser steps (= BatchNorm's num_batches_tracked)
+
+    def forward(self, x: Tensor, train: bool, noise: Callable[[tuple[int, ...], float], Tensor]):
+        """Logits (K, batch, tasks) for inputs (K, batch, n_inputs)."""
+        for layer in self.plan:
+            if layer.kind == "linear":
+                w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
+                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            elif layer.kind == "batch":
+                x = self._batch_norm(x, layer, train)
+            elif layer.kind == "layer":
+                x = self._layer_norm(x, layer)
+            elif layer.kind == "act":
+                assert layer.module is not None
+                x = _each(layer.module, x)
+            elif train:  # dropout: F.dropout's arithmetic on the member's own mask
+                mask = noise(tuple(x.shape[1:]), layer.p)
+                if layer.kind == "dropout":
+                    x = x * mask.div_(1 - layer.p)
+                else:
+                    a = 1.0 / math.sqrt((ALPHA_SELU**2 * layer.p + 1) * (1 - layer.p))
+                    shift = mask.add(-1).mul_(ALPHA_SELU * a).add_(ALPHA_SELU * a * layer.p)
+                    x = x * mask.mul_(a) + shift
+        return x
+
+    def _batch_norm(self, x: Tensor, layer: _Layer, train: bool) -> Tensor:
+        """K BatchNorms as one over K x H columns: per-column statistics are the members' own."""
+        k, rows, width = x.shape
+        flat = x.transpose(0, 1).reshape(rows, k * width)
+        out = F.batch_norm(
+            flat,
+            self.buffers[layer.prefix + "running_mean"].view(-1),
+            self.buffers[layer.prefix + "running_var"].view(-1),
+            self.params[layer.prefix + "weight"].reshape(-1),
+            self.params[layer.prefix + "bias"].reshape(-1),
+            training=train,
+            momentum=layer.momentum,
+            eps=layer.eps,
+        )
+        return out.view(rows, k, width).transpose(0, 1).contiguous()
+
+    def _layer_norm(self, x: Tensor, layer: _Layer) -> Tensor:
+        """Per-member LayerNorm: member by member on the CPU (see `_each`), stacked on a GPU."""
+        w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
+        width = (x.shape[-1],)
+        if x.device.type == "cpu":
+            return torch.stack(
+                [F.layer_norm(x[i], width, w[i], b[i], layer.eps) for i in range(len(x))]
+            )
+        return F.layer_norm(x, width, eps=layer.eps) * w.unsqueeze(1) + b.unsqueeze(1)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, hyper: list[tuple[float, float, float, float, float]]) -> None:
+        """One optimiser step; members with the same hyperparameters share one kernel call."""
+        self.steps += 1
+        self.step_count += 1
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for i, h in enumerate(hyper):
+            groups.setdefault(h, []).append(i)
+        keys = list(self.params)
+        for (lr, beta1, beta2, momentum, wd), members in groups.items():
+            # One call for the whole stack where it may; on the CPU per member (see `_each`).
+            whole = len(members) == len(hyper) and self.step_count.device.type != "cpu"
+
+            def pick(tensors: list[Tensor], members: list[int] = members, whole: bool = whole):
+                return tensors if whole else [t[i] for i in members for t in tensors]
+
+            params = pick([self.params[k].detach() for k in keys])
+            grads = pick([self.params[k].grad for k in keys])  # type: ignore[misc]
+            if self.optimizer == "sgd":
+                buffers = [] if momentum == 0 else pick([self.slots[k][0] for k in keys])
+                torch._fused_sgd_(
+                    params,
+                    grads,
+                    buffers,
+                    weight_decay=wd,
+                    momentum=momentum,
+                    lr=lr,
+                    dampening=0.0,
+                    nesterov=False,
+                    maximize=False,
+                    is_first_step=self.steps == 1 and momentum != 0,
+                )
+                continue
+            kernel = torch._fused_adamw_ if self.optimizer == "adamw" else torch._fused_adam_
+            kernel(
+                params,
+                grads,
+                pick([self.slots[k][0] for k in keys]),
+                pick([self.slots[k][1] for k in keys]),
+                [],
+                [self.step_count] * len(params),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=EPS_ADAM,
+                amsgrad=False,
+                maximize=False,
+            )
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop the members not in `rows` (positions in the stack) from every stacked tensor."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.step_count.device)
+        with torch.no_grad():
+            for key, p in self.params.items():
+                self.params[key] = p.detach()[idx].requires_grad_()
+                self.slots[key] = [s[idx] for s in self.slots[key]]
+            for key, b in self.buffers.items():
+                self.buffers[key] = b[idx]
+
+    def member_state(self, i: int) -> dict[str, Tensor]:
+        """Position `i`'s weights and buffers as an `MLP` state dict (copies)."""
+        state = {k: v.detach()[i].clone() for k, v in self.params.items()}
+        state.update({k: v[i].clone() for k, v in self.buffers.items()})
+        device = self.step_count.device
+        state.update({k: torch.tensor(self.steps, device=device) for k in self.counters})
+        return state
+
+
+def _each(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`fn` over the stack (K, ...): on the CPU member by member, on a GPU in one call.
+
+    CPU vector kernels run a tensor's last (numel mod vector width) elements through scalar code,
+    whose exp/tanh/log round differently from the vector path: a stacked tensor would move some
+    of a member's elements from one path to the other and break bit-equality with `fit`. GPU
+    kernels compute every element alike, so one call gives the same numbers there.
+    """
+    if x.device.type == "cpu":
+        return torch.stack([fn(x[i]) for i in range(len(x))])
+    return fn(x)
+
+
+def _masked_bce_many(
+    logits: Tensor, targets: Tensor, mask: Tensor, weight: Tensor | None, weighted: Tensor | None
+) -> Tensor:
+    """`masked_bce` per member: (K,) losses for logits (K, batch, tasks).
+
+    `weighted` (K,) bool picks the positive-weighted loss for members that asked for it when
+    only some did (each member's loss is then exactly the one `fit` computes).
+    """
+    if logits.device.type == "cpu":  # see `_each`
+        losses = []
+        for i in range(len(logits)):
+            use = weight if weighted is None or bool(weighted[i]) else None
+            losses.append(masked_bce(logits[i], targets[i], mask[i], use))
+        return torch.stack(losses)
+    mask = mask.to(logits.dtype)
+    targets = torch.where(mask > 0, targets, torch.zeros_like(targets))
+    loss = F.binary_cross_entropy_with_logits(
+        logits, targets, pos_weight=weight if weighted is None else None, reduction="none"
+    )
+    if weighted is not None:
+        with_weight = F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=weight, reduction="none"
+        )
+        loss = torch.where(weighted[:, None, None], with_weight, loss)
+    return (loss * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+
+
+def _check_configs(configs: Sequence[TrainConfig]) -> None:
+    if not configs:
+        raise ValueError("fit_many needs at least one TrainConfig")
+    for name in ("batch_size", "optimizer"):
+        values = {getattr(c, name) for c in configs}
+        if len(values) > 1:
+            raise ValueError(f"fused members must share {name}, got {sorted(map(str, values))}")
+
+
+def fit_many(
+    features: Features,
+    labels: np.ndarray,
+    split: Split,
+    tasks: Sequence[str],
+    model_config: ModelConfig,
+    train_configs: Sequence[TrainConfig],
+    device: str | torch.device = "cpu",
+    callback: MemberCallback | None = None,
+    num_threads: int | None = None,
+    exact_dropout: bool = True,
+) -> list[FitResult]:
+    """Train one MLP per `train_configs` entry in one fused pass; results in the same order.
+
+    Each result is what `fit(features, labels, split, tasks, model_config, cfg, device)` returns
+    for that config (bit for bit on the CPU; see the module docstring, and `exact_dropout`);
+    history "seconds" are the fused epoch's, shared by the members still training. Members must
+    share `batch_size` and `optimizer`. `callback(member, epoch_result)` runs per member after
+    each epoch; True stops that member. A member whose loss turns non-finite raises
+    TrainingDiverged for the whole call (the message names it). The caller's RNG state and
+    thread count are restored afterwards.
+    """
+    dev = resolve_device(device)
+    tasks = list(tasks)
+    labels = np.asarray(labels, dtype=np.float32)
+    _check_inputs(features, labels, split, tasks, model_config)
+    _check_configs(train_configs)
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(max(1, int(num_threads)))
+    rng_devices = [dev.index] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices, device_type="cuda"):
+            run = _FusedRun(features, labels, split, tasks, model_config, list(train_configs), dev)
+            return run.fit(callback, exact_dropout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Record:
+    """One member's progress: best epoch so far, epochs without improvement, history."""
+
+    cfg: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    best_valid: Metrics | None = None
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+    stop_reason: str = "max_epochs"
+
+    def score(self, epoch: int, valid: Metrics) -> tuple[bool, str]:
+        """`fit`'s bookkeeping for one epoch: (is this the best epoch, stop reason or "")."""
+        score = valid.roc_auc if math.isfinite(valid.roc_auc) else -valid.loss
+        is_best = score > self.best_score
+        if is_best:
+            self.best_score, self.best_epoch, self.best_valid = score, epoch, valid
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        if epoch == self.cfg.epochs:
+            return is_best, "max_epochs"
+        if self.cfg.patience and self.since_best >= self.cfg.patience:
+            return is_best, "early_stopping"
+        return is_best, ""
+
+
+class _FusedRun:
+    """The data on the device, the stacked members and their schedules, for one `fit_many`."""
+
+    def __init__(
+        self,
+        features: Features,
+        labels: np.ndarray,
+        split: Split,
+        tasks: list[str],
+        model_config: ModelConfig,
+        configs: list[TrainConfig],
+        dev: torch.device,
+    ) -> None:
+        self.features, self.split, self.tasks, self.dev = features, split, tasks, dev
+        self.model_config, self.configs = model_config, configs
+        self.scaler = None
+        descriptors = None
+        if features.descriptors.shape[1]:
+            self.scaler = DescriptorScaler.fit(features.descriptors[split.train])
+            descriptors = torch.from_numpy(self.scaler.transform(features.descriptors)).to(dev)
+        fingerprint = features.fingerprint
+        if fingerprint.dtype == np.bool_:
+            fingerprint = fingerprint.view(np.uint8)
+        self.data = _DeviceData(
+            fingerprint=_tensor(fingerprint).to(dev),
+            descriptors=descriptors,
+            targets=torch.from_numpy(np.nan_to_num(labels, nan=0.0)).to(dev),
+            mask=torch.from_numpy((~np.isnan(labels)).astype(np.float32)).to(dev),
+        )
+        # Initial weights, and the global RNG state after them, member by member as `fit` does.
+        self.models: list[MLP] = []
+        cpu_states: list[Tensor] = []
+        for cfg in configs:
+            torch.manual_seed(cfg.seed)
+            self.models.append(MLP(self.data.n_inputs, len(tasks), model_config))
+            cpu_states.append(torch.get_rng_state())
+        states = [{k: v.to(dev) for k, v in m.state_dict().items()} for m in self.models]
+        self.stack = _Stack(states, _plan(self.models[0]), configs[0].optimizer, dev)
+        self.noise = _Noise(dev, [c.seed for c in configs], cpu_states)
+        self.bounds = _batches(len(split.train), configs[0].batch_size)
+        shared: dict[TrainConfig, _Schedule] = {}  # members that differ only in seed share one
+        for cfg in configs:
+            if _schedule_key(cfg) not in shared:
+                shared[_schedule_key(cfg)] = _Schedule(cfg, len(self.bounds))
+        self.schedules = [shared[_schedule_key(c)] for c in configs]
+        self.weight = None
+        if any(c.pos_weight for c in configs):
+            self.weight = torch.from_numpy(pos_weights(labels[split.train])).to(dev)
+        self.shufflers = [torch.Generator().manual_seed(c.seed) for c in configs]
+        self.train_idx = torch.tensor(np.asarray(split.train), dtype=torch.long)
+        self.valid_idx = torch.tensor(np.asarray(split.valid), dtype=torch.long).to(dev)
+        self.valid_labels = labels[np.asarray(split.valid)]
+        self.active = list(range(len(configs)))  # the member at each stack position
+
+    def fit(self, callback: MemberCallback | None, exact_dropout: bool) -> list[FitResult]:
+        """Train until every member has stopped; each member's best epoch restored."""
+        records = [_Record(c) for c in self.configs]
+        context = RunContext(
+            self.model_config,
+            self.features.config,
+            tuple(self.tasks),
+            self.data.n_inputs,
+            self.scaler,
+        )
+        if callback is not None:
+            for model in self.models:
+                model.to(self.dev)
+        for epoch in range(1, max(c.epochs for c in self.configs) + 1):
+            started = time.perf_counter()
+            train_losses, lrs = self._train_epoch(exact_dropout)
+            train_seconds = time.perf_counter() - started
+            for i, k in enumerate(self.active):
+                if not math.isfinite(train_losses[i]):
+                    raise TrainingDiverged(
+                        f"member {k} (seed {self.configs[k].seed}): non-finite training loss "
+                        f"({train_losses[i]}) at epoch {epoch}: lower its learning rate",
+                        epoch,
+                    )
+            valids = _validate_many(
+                self.stack,
+                self.data,
+                self.valid_idx,
+                self.valid_labels,
+                self.tasks,
+                epoch,
+                self.active,
+            )
+            seconds = time.perf_counter() - started
+            keep = []
+            for i, k in enumerate(self.active):
+                record = records[k]
+                is_best, reason = record.score(epoch, valids[i])
+                if is_best:
+                    record.best_state = self.stack.member_state(i)
+                record.history.append(
+                    {
+                        "epoch": epoch,
+                        "train_loss": train_losses[i],
+                        **valids[i].flat("val"),
+                        "lr": lrs[i],
+                        "seconds": seconds,
+                        "train_seconds": train_seconds,
+                    }
+                )
+                if callback is not None:
+                    model = self.models[k]
+                    model.load_state_dict(self.stack.member_state(i))
+                    model.eval()
+                    result = EpochResult(
+                        epoch=epoch,
+                        train_loss=train_losses[i],
+                        valid=valids[i],
+                        is_best=is_best,
+                        seconds=seconds,
+                        lr=lrs[i],
+                        model=model,
+                        stop_reason=reason,
+                        train_seconds=train_seconds,
+                        context=context,
+                    )
+                    if callback(k, result) is True and not reason:
+                        reason = "callback"
+                if reason:
+                    record.stop_reason = reason
+                else:
+                    keep.append(i)
+            if len(keep) < len(self.active):
+                if keep:
+                    self.stack.keep(keep)
+                self.active = [self.active[i] for i in keep]
+            if not self.active:
+                break
+        return [
+            self._result(model, record) for model, record in zip(self.models, records, strict=True)
+        ]
+
+    def _train_epoch(self, exact_dropout: bool) -> tuple[list[float], list[float]]:
+        """One epoch for the active members: (mean training loss, last step's lr) per member."""
+        active, stack, dev = self.active, self.stack, self.dev
+        orders = torch.stack(
+            [
+                self.train_idx[torch.randperm(len(self.train_idx), generator=self.shufflers[k])]
+                for k in active
+            ]
+        ).to(dev)
+        n_active, n_rows = orders.shape
+        # One gather per epoch for all members; batches are then slices, as in `fit`.
+        rows = self.data.take(orders.reshape(-1))
+        fp = rows.fingerprint.view(n_active, n_rows, -1)
+        desc = None if rows.descriptors is None else rows.descriptors.view(n_active, n_rows, -1)
+        targets = rows.targets.view(n_active, n_rows, -1)
+        masks = rows.mask.view(n_active, n_rows, -1)
+        use = [self.configs[k].pos_weight for k in active]
+        weight = self.weight if any(use) else None
+        weighted = None if all(use) or not any(use) else torch.tensor(use, device=dev)
+        schedules = [self.schedules[k] for k in active]
+        distinct = list(dict.fromkeys(schedules))
+
+        def noise(shape: tuple[int, ...], p: float) -> Tensor:
+            return self.noise.draw(active, shape, p, exact_dropout)
+
+        loss_sum = torch.zeros(n_active, device=dev)
+        count = torch.zeros(n_active, device=dev)
+        hyper = [s.hyper() for s in schedules]
+        for start, stop in self.bounds:
+            x = fp[:, start:stop].float()
+            if desc is not None:
+                x = torch.cat([x, desc[:, start:stop]], 2)
+            mask = masks[:, start:stop]
+            loss = _masked_bce_many(
+                stack.forward(x, True, noise), targets[:, start:stop], mask, weight, weighted
+            )
+            stack.zero_grad()
+            loss.sum().backward()
+            hyper = [s.hyper() for s in schedules]
+            stack.step(hyper)
+            for schedule in distinct:
+                schedule.after_batch()
+            n = mask.flatten(1).sum(1)
+            loss_sum += loss.detach() * n
+            count += n
+        for schedule in distinct:
+            schedule.after_epoch()
+        return (loss_sum / count.clamp_min(1.0)).tolist(), [h[0] for h in hyper]
+
+    def _result(self, model: MLP, record: _Record) -> FitResult:
+        model.to(self.dev)
+        model.load_state_dict(record.best_state)
+        model.eval()
+        assert record.best_valid is not None  # epochs >= 1: the first finite score is best
+        return FitResult(
+            model=model,
+            best_epoch=record.best_epoch,
+            best_valid=record.best_valid,
+            history=record.history,
+            scaler=self.scaler,
+            model_config=self.model_config,
+            featurizer=self.features.config,
+            tasks=list(self.tasks),
+            n_inputs=self.data.n_inputs,
+            stop_reason=record.stop_reason,
+        )
+
+
+def _schedule_key(cfg: TrainConfig) -> TrainConfig:
+    """What a learning-rate schedule depends on: the config without seed, patience, weights."""
+    return replace(cfg, seed=0, patience=0, pos_weight=False)
+
+
+def _validate_many(
+    stack: _Stack,
+    data: _DeviceData,
+    idx: Tensor,
+    labels: np.ndarray,
+    tasks: list[str],
+    epoch: int,
+    active: list[int],
+) -> list[Metrics]:
+    """`fit`'s validation for every active member: same batches, loss and metrics."""
+    n_active = len(active)
+    with torch.inference_mode():
+        chunks = []
+        for s in range(0, len(idx), EVAL_BATCH):
+            x = data.inputs(idx[s : s + EVAL_BATCH])
+            x = x.unsqueeze(0).expand(n_active, -1, -1).contiguous()
+            chunks.append(stack.forward(x, False, _no_noise))
+        logits = torch.cat(chunks, 1)
+        finite = torch.isfinite(logits).flatten(1).all(1).tolist()
+        targets, mask = data.targets[idx], data.mask[idx]
+        losses = [float(masked_bce(logits[i], targets, mask).item()) for i in range(n_active)]
+        probs = _each(torch.sigmoid, logits).cpu().numpy()
+    for i, k in enumerate(active):
+        if not finite[i]:
+            raise TrainingDiverged(
+                f"member {k}: non-finite validation predictions at epoch {epoch}", epoch
+            )
+    return [evaluate(labels, probs[i], tasks, losses[i]) for i in range(n_active)]
+
+
+def _no_noise(shape: tuple[int, ...], p: float) -> Tensor:
+    raise AssertionError("no dropout at evaluation")
