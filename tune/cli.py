@@ -11,6 +11,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from toxmodel.checkpoint import CheckpointError
+from toxmodel.data import DataError
+from tune.errors import ToxtuneError
+
+# What the CLI reports as one line (the traceback only with --verbose). toxmodel's errors are
+# bad input (exit code 2); each ToxtuneError carries its own exit code.
+USER_ERRORS = (ToxtuneError, DataError, CheckpointError)
+
 # Flag -> dotted config key. Flags override the config file.
 TUNE_FLAGS: dict[str, tuple[str, str]] = {
     "data": ("data.source", "CSV path or URL of molecules (default: MoleculeNet Tox21)"),
@@ -30,8 +38,14 @@ TUNE_FLAGS: dict[str, tuple[str, str]] = {
     "num_gpus": ("ray.num_gpus", "GPUs of a local Ray (logical ones work on a CPU machine)"),
     "tracking_uri": ("tracking.tracking_uri", "MLflow tracking URI (default: SQLite)"),
     "experiment_name": ("tracking.experiment_name", "MLflow experiment"),
-    "run_name": ("tracking.run_name", "job name; re-running a name continues that job"),
-    "model_name": ("tracking.registered_model_name", "registered model name"),
+    "run_name": (
+        "tracking.run_name",
+        "job name (default: EXPERIMENT-TIMESTAMP); an existing name continues that job",
+    ),
+    "model_name": (
+        "tracking.registered_model_name",
+        "registered model name (default: toxtune-<data file stem>)",
+    ),
 }
 
 
@@ -61,20 +75,39 @@ def tune_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_job(args: argparse.Namespace) -> Any:
-    """The validated JobConfig: a resumed job's saved config (or --config), then the flags."""
-    from tune.config import CONFIG_FILE, ConfigError, load_config
+    """The validated, named JobConfig this command means.
+
+    `--resume NAME` continues the saved job NAME: its saved config plus the flags given (e.g. a
+    larger `--num-samples`); `--config` and `--run-name` would be ignored, so they are refused,
+    as is a NAME with no saved job. Otherwise a new job: `--config` plus flags, named by
+    `--run-name` (an existing name continues that job) or a fresh `<experiment>-<timestamp>`.
+    """
+    from tune.config import CONFIG_FILE, load_config, named
+    from tune.errors import ConfigError
 
     overrides = tune_overrides(args)
-    config_path = args.config
+    storage = Path(overrides.get("ray.storage_path", "toxtune_results")).expanduser()
     if args.resume:
-        storage = Path(overrides.get("ray.storage_path", "toxtune_results"))
+        ignored = [
+            f"--{flag.replace('_', '-')}"
+            for flag in ("config", "run_name")
+            if getattr(args, flag, None)
+        ]
+        if ignored:
+            raise ConfigError(
+                f"--resume {args.resume} continues that job with its saved config; "
+                f"{' and '.join(ignored)} would be ignored: leave them out"
+            )
         saved = storage / args.resume / CONFIG_FILE
-        if not saved.exists():
-            if config_path is None:
-                raise ConfigError(f"--resume {args.resume}: no saved job at {saved}")
-        else:
-            config_path = saved
-    return load_config(config_path, overrides)
+        if not saved.is_file():
+            jobs = sorted(p.parent.name for p in storage.glob(f"*/{CONFIG_FILE}"))
+            listed = ", ".join(jobs[-10:]) if jobs else "none"
+            raise ConfigError(
+                f"--resume {args.resume}: no saved job at {saved} (jobs under {storage}: {listed})"
+            )
+        return load_config(saved, overrides)
+    job = load_config(args.config, overrides)
+    return named(job, exists=lambda name: (job.storage_root / name).exists())
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -98,7 +131,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     )
     print(summarize(table, features))
     if args.invalid_report:
-        path = write_invalid_report(features.invalid, Path(args.invalid_report))
+        path = write_invalid_report(features.invalid, Path(args.invalid_report), table.lines)
         print(f"invalid rows written to {path}")
     return 0
 
@@ -139,8 +172,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from tune.cluster import submit
+    from tune.identity import new_name
 
-    return submit(args, tune_overrides(args))
+    overrides = tune_overrides(args)
+    if not args.resume and "tracking.run_name" not in overrides:
+        # Named here, so the submitted command, the job's metadata and the record agree.
+        base = overrides.get("tracking.experiment_name") or _config_experiment(args.config)
+        overrides["tracking.run_name"] = new_name(base)
+    return submit(args, overrides)
+
+
+def _config_experiment(path: Path | None) -> str:
+    from tune.config import load_config
+
+    return load_config(path).tracking.experiment_name
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -203,29 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from toxmodel.data import DataError
-    from tune.config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError) as exc:
+    except USER_ERRORS as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"toxtune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        known = _known_errors()
-        if isinstance(exc, known):
-            if args.verbose:
-                traceback.print_exc()
-            print(f"toxtune {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from tune.search import SearchError
-    from tune.tracking import TrackingError
-
-    return (SearchError, TrackingError, FileNotFoundError)
+        return int(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tune.errors import ClusterError
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -80,10 +82,6 @@ WORKING_DIR_EXCLUDES = (
 _SECRET_NAME = re.compile(
     r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|AUTH", re.I
 )
-
-
-class ClusterError(RuntimeError):
-    """A job cannot be submitted as asked, or the cluster cannot be reached; says what to change."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ and every later stage reads typed fields instead of raw dicts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -16,13 +19,12 @@ from typing import Any
 import yaml
 
 from toxmodel.featurize import FeaturizerConfig
-from toxmodel.split import SplitConfig
+from toxmodel.split import SplitConfig, validate_split_config
+from tune.errors import ConfigError
+from tune.identity import check_name, default_model_name, new_name
+from tune.space import validate_overrides
 
 CONFIG_FILE = "toxtune_job.yaml"  # the resolved config, saved in the job's folder for --resume
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or out of range."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class DataConfig:
     smiles_column: str = "smiles"
     targets: list[str] | None = None  # None: every binary 0/1 column
     cache_dir: str | None = None  # None: $TOXTUNE_CACHE_DIR or ~/.cache/toxtune
+    allow_single_class: bool = False  # drop (and report) one-class tasks instead of refusing
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ class TrackingConfig:
 
     tracking_uri: str | None = None  # None: sqlite:///<storage_path>/mlflow.db
     experiment_name: str = "toxtune"
-    run_name: str | None = None  # the job's name (Ray experiment + MLflow parent run)
-    registered_model_name: str = "toxtune-tox21"
+    run_name: str | None = None  # the job's name; None: <experiment_name>-<UTC timestamp>
+    registered_model_name: str | None = None  # None: toxtune-<data file stem>
     alias: str = "champion"
     study_storage: str | None = None  # None: sqlite:///<storage_path>/optuna.db
 
@@ -112,8 +115,19 @@ class JobConfig:
 
     @property
     def name(self) -> str:
-        """The job's name: the Ray experiment folder and the MLflow parent run."""
-        return self.tracking.run_name or f"{self.tracking.experiment_name}-{self.search.searcher}"
+        """The job's name: the Ray experiment folder, the Optuna study and the MLflow parent run.
+
+        Set by `named()` (the CLI and `run_job` call it); a job is never named by default, so two
+        commands cannot share one record by accident.
+        """
+        if not self.tracking.run_name:
+            raise ConfigError("the job has no name yet (tracking.run_name); see config.named()")
+        return self.tracking.run_name
+
+    @property
+    def model_name(self) -> str:
+        """The registered model's name: set, or derived from the data file (toxtune-<stem>)."""
+        return self.tracking.registered_model_name or default_model_name(self.data.source)
 
     @property
     def storage_root(self) -> Path:
@@ -170,14 +184,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -221,8 +238,6 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 
 def validate(job: JobConfig) -> JobConfig:
     """Range checks that span fields; raises ConfigError naming the field."""
-    from tune.space import validate_overrides
-
     s, r, f = job.search, job.resources, job.faults
     if s.searcher not in ("optuna", "random"):
         raise ConfigError(f"search.searcher must be optuna or random, got {s.searcher!r}")
@@ -271,9 +286,58 @@ def validate(job: JobConfig) -> JobConfig:
         raise ConfigError("data.source must not be empty")
     if not job.tracking.experiment_name:
         raise ConfigError("tracking.experiment_name must not be empty")
+    _check_names(job)
+    if not 0 <= s.seed < 2**32:
+        raise ConfigError(f"search.seed must be in [0, 2**32), got {s.seed}")
+    if not 0 <= job.split.seed < 2**32:
+        raise ConfigError(f"split.seed must be in [0, 2**32), got {job.split.seed}")
+    try:
+        validate_split_config(job.split)
+    except ValueError as exc:
+        raise ConfigError(f"split: {exc}") from exc
+    if job.split.valid <= 0:
+        raise ConfigError(
+            f"split.valid must be > 0 (trials are chosen on the validation split), "
+            f"got {job.split.valid}"
+        )
     validate_overrides(s.space)
     _no_credentials(job)
     return job
+
+
+# MLflow refuses registered-model names and aliases with these (its server answers 400).
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,255}$")
+
+
+def _check_names(job: JobConfig) -> None:
+    """Job, model and alias names MLflow and the storage accept; checked before any work."""
+    if job.tracking.run_name is not None:
+        check_name(job.tracking.run_name)
+    if job.tracking.registered_model_name is not None and not _MODEL_NAME.match(
+        job.tracking.registered_model_name
+    ):
+        raise ConfigError(
+            f"tracking.registered_model_name {job.tracking.registered_model_name!r} is not a "
+            "valid model name: use letters, digits, '_', '.' and '-'"
+        )
+    alias = job.tracking.alias
+    if not _ALIAS.match(alias) or re.fullmatch(r"[vV]\d+|latest", alias):
+        raise ConfigError(
+            f"tracking.alias {alias!r} is not a valid alias: letters, digits, '_' and '-', "
+            "starting with a letter, not 'latest' or v<number>"
+        )
+
+
+def named(job: JobConfig, exists: Any = None) -> JobConfig:
+    """The job with a name: its own, or a fresh `<experiment_name>-<UTC timestamp>`.
+
+    `exists(name) -> bool` says whether a name is taken (the fresh name then gets a suffix).
+    """
+    if job.tracking.run_name:
+        return job
+    name = new_name(job.tracking.experiment_name, exists)
+    return dataclasses.replace(job, tracking=dataclasses.replace(job.tracking, run_name=name))
 
 
 def _no_credentials(job: JobConfig) -> None:

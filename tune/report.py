@@ -24,6 +24,8 @@ def top_trials(trials: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
 
 def format_result(job: JobConfig, result: JobResult) -> str:
     lines = [f"== toxtune job {result.name}: {len(result.trials)} trials =="]
+    for column, why in result.skipped_columns.items():
+        lines.append(f"column {column!r} not used as a task: {why}")
     if result.failed_trials:
         lines.append(f"failed trials: {result.failed_trials}")
     with pd.option_context("display.width", 160, "display.max_columns", 30):
@@ -54,8 +56,7 @@ def format_result(job: JobConfig, result: JobResult) -> str:
         f"Ray experiment: {result.experiment_path}",
         f"MLflow: {job.tracking_uri}  experiment {job.tracking.experiment_name!r}, "
         f"run {result.parent_run_id}",
-        f"model: models:/{job.tracking.registered_model_name}/{result.model_version} "
-        f"(alias models:/{job.tracking.registered_model_name}@{job.tracking.alias})",
+        f"model: models:/{job.model_name}/{result.model_version} ({result.alias_note})",
         "review: toxtune ui"
         + (
             f" --tracking-uri {job.tracking_uri}"

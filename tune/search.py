@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ from toxmodel.metrics import Metrics, evaluate
 from toxmodel.split import Split, missing_class_warnings, split_dataset
 from toxmodel.train import FitResult, fit
 from tune import tracking
-from tune.config import CONFIG_FILE, JobConfig, dump_config
+from tune.config import CONFIG_FILE, JobConfig, dump_config, named
+from tune.errors import JobMismatchError, SearchError
+from tune.identity import Fingerprint, check_continuation, read_fingerprint, write_fingerprint
 from tune.resources import (
     TrialShape,
     classify_failure,
@@ -50,10 +52,6 @@ METRIC, MODE = "best_val_roc_auc", "max"
 CONSOLE_METRICS = ("epoch", "val_roc_auc", "val_pr_auc", "best_val_roc_auc", "best_epoch", "device")
 DONE_FILE = "toxtune_done.json"
 ENSEMBLE_DIR = "ensemble"  # under the experiment folder: the registered ensemble checkpoint
-
-
-class SearchError(RuntimeError):
-    """The job could not run or finish (error budget spent, nothing succeeded, ...)."""
 
 
 @dataclass
@@ -82,15 +80,38 @@ class JobResult:
     test_seeds: dict[str, float] = field(default_factory=dict)
     parent_run_id: str = ""
     model_version: str | None = None
+    skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
+    alias_note: str = ""  # what happened to the registered model's alias, and why
     failed_trials: int = 0
 
 
-def prepare_data(job: JobConfig, progress: bool = True) -> PreparedData:
-    """CSV -> featurized arrays -> split (cached on disk by content hash and settings)."""
-    from toxmodel.data import default_cache_dir
+def load_job_table(job: JobConfig) -> MoleculeTable:
+    """The job's molecule table, read and validated (cheap: no featurization yet)."""
+    return load_table(
+        job.data.source,
+        job.data.smiles_column,
+        job.data.targets,
+        _cache_dir(job),
+        allow_single_class=job.data.allow_single_class,
+    )
 
-    cache_dir = Path(job.data.cache_dir).expanduser() if job.data.cache_dir else default_cache_dir()
-    table = load_table(job.data.source, job.data.smiles_column, job.data.targets, cache_dir)
+
+def fingerprint(job: JobConfig, table: MoleculeTable) -> Fingerprint:
+    """What a continuation of this job must match (see tune.identity)."""
+    return Fingerprint(
+        content_hash=table.content_hash,
+        tasks=list(table.tasks),
+        featurizer=asdict(job.featurizer),
+        split=asdict(job.split),
+    )
+
+
+def prepare_data(
+    job: JobConfig, progress: bool = True, table: MoleculeTable | None = None
+) -> PreparedData:
+    """CSV -> featurized arrays -> split (cached on disk by content hash and settings)."""
+    cache_dir = _cache_dir(job)
+    table = table if table is not None else load_job_table(job)
     features = featurize_cached(
         table.smiles, job.featurizer, cache_dir, table.content_hash, progress=progress
     )
@@ -98,12 +119,47 @@ def prepare_data(job: JobConfig, progress: bool = True) -> PreparedData:
     split = split_dataset([table.smiles[i] for i in features.valid_rows], labels, job.split)
     job.storage_root.mkdir(parents=True, exist_ok=True)
     report = write_invalid_report(
-        features.invalid, job.storage_root / job.name / "invalid_smiles.csv"
+        features.invalid, job.storage_root / job.name / "invalid_smiles.csv", table.lines
     )
     warnings = missing_class_warnings(labels, split, table.tasks)
     for w in warnings:
         log.warning(w)
     return PreparedData(table, features, labels, split, report, warnings)
+
+
+def _cache_dir(job: JobConfig) -> Path:
+    from toxmodel.data import default_cache_dir
+
+    return Path(job.data.cache_dir).expanduser() if job.data.cache_dir else default_cache_dir()
+
+
+def claim_job(job: JobConfig, table: MoleculeTable) -> None:
+    """Make sure this command may write job `job.name`'s record, before any work is done.
+
+    A job folder that exists is continued only on the same data, targets, featurizer and split
+    (JobMismatchError otherwise). A new job must not find a study of its name in a shared study
+    database (another job's trials would be continued).
+    """
+    root = experiment_path(job)
+    now = fingerprint(job, table)
+    job.storage_root.mkdir(parents=True, exist_ok=True)
+    if (root / CONFIG_FILE).exists():
+        saved = read_fingerprint(root)
+        if saved is None:
+            log.warning("job %s has no saved data fingerprint (made by an older toxtune)", job.name)
+        check_continuation(job.name, saved, now)
+    else:
+        try:
+            study = optuna.load_study(study_name=job.name, storage=job.study_storage)
+        except KeyError:
+            study = None
+        if study is not None and study.trials:
+            raise JobMismatchError(
+                f"job {job.name!r} is new here ({root} does not exist) but the study database "
+                f"{job.study_storage} already holds a study of that name with "
+                f"{len(study.trials)} trials; pick another --run-name"
+            )
+    write_fingerprint(root, now)
 
 
 class StudySearch(OptunaSearch):
@@ -401,8 +457,11 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     faults = faults or FaultPlan.from_env()
     # Snapshot the experiment every step, so a killed driver resumes from its latest state.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    job = named(job, exists=lambda name: (job.storage_root / name).exists())
     tracking.check_tracking(job.tracking_uri)
-    data = prepare_data(job, progress=progress)
+    table = load_job_table(job)
+    claim_job(job, table)
+    data = prepare_data(job, progress=progress, table=table)
     root = experiment_path(job)
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_FILE).write_text(dump_config(job))
@@ -575,13 +634,14 @@ def _finish(
         study=_load_study(job),
         roc_data=(data.labels[test_rows], probs, data.table.tasks),
         test_seeds=seeds,
+        skipped_columns=dict(data.table.skipped_columns),
     )
     tracking.log_job_summary(job.tracking_uri, parent, summary)
-    version = tracking.register_best_model(
+    registration = tracking.register_best_model(
         job.tracking_uri,
         parent,
         ckpt,
-        job.tracking.registered_model_name,
+        job.model_name,
         job.tracking.alias,
         tags={
             "searcher": job.search.searcher,
@@ -605,7 +665,9 @@ def _finish(
         test=test,
         test_seeds=seeds,
         parent_run_id=parent,
-        model_version=str(getattr(version, "version", version)),
+        skipped_columns=dict(data.table.skipped_columns),
+        model_version=registration.version,
+        alias_note=registration.note,
         failed_trials=len(budget.failed),
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from toxmodel.model import ModelConfig
 from toxmodel.train import TrainConfig
+from tune.errors import ConfigError
 
 MAX_LAYERS = 3
 
@@ -88,8 +89,6 @@ def _allowed_names(name: str, base: Param) -> set[Any] | None:
 
 
 def _param_from_override(name: str, spec: Any) -> Param:
-    from tune.config import ConfigError
-
     base = SPACE[name]
     if not isinstance(spec, dict):
         raise ConfigError(
@@ -142,8 +141,6 @@ def validate_overrides(overrides: dict[str, Any]) -> None:
 
 def build_space(overrides: dict[str, Any] | None = None) -> dict[str, Param]:
     """The default space with `search.space` overrides applied."""
-    from tune.config import ConfigError
-
     space = dict(SPACE)
     for name, spec in (overrides or {}).items():
         if name not in SPACE:

@@ -42,12 +42,12 @@ from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
 from tune import plots
+from tune.errors import TrackingError
 from tune.resources import classify_failure, last_error
 
 if TYPE_CHECKING:
     import optuna
     from mlflow.entities import Run
-    from mlflow.entities.model_registry import ModelVersion
 
     from toxmodel.metrics import Metrics
 
@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "JobSummary",
     "MlflowTrialCallback",
+    "Registration",
     "TrackingError",
     "check_tracking",
-    "classify_failure",
     "close_orphans",
     "default_tracking_uri",
     "finish_job_run",
@@ -86,10 +86,6 @@ FLUSH_AT_END_S = 120.0
 _BATCH = 1000  # MLflow's limit on metrics per log_batch
 _KEY_BAD = re.compile(r"[^/\w.\- :]")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class TrackingError(RuntimeError):
-    """The tracking backend cannot be used; raised before any trial runs."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,6 +701,7 @@ class JobSummary:
     study: optuna.Study | None = None
     roc_data: tuple[np.ndarray, np.ndarray, list[str]] | None = None
     test_seeds: dict[str, float] = field(default_factory=dict)
+    skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
 
 
 def _summary_metrics(summary: JobSummary) -> dict[str, float]:
@@ -744,6 +741,8 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
         "ray.gpus": str(summary.cluster.get("gpus", 0)),
         "best_trial_id": summary.best_trial_id,
     }
+    if summary.skipped_columns:
+        tags["dataset.skipped_columns"] = json.dumps(summary.skipped_columns)
     client.log_batch(run, tags=[RunTag(k, v[:8000]) for k, v in tags.items()])
     now = int(time.time() * 1000)
     batch = [Metric(safe_key(k), v, now, 0) for k, v in _summary_metrics(summary).items()]
@@ -779,6 +778,20 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
 # Model registration
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A registered model version and what happened to the alias, in words a user reads."""
+
+    name: str
+    version: str
+    alias: str
+    alias_moved: bool
+    note: str  # e.g. "@champion moved to version 3" or why it stayed
+
+
+COMPARABLE_TAGS = ("data_hash", "split")  # scores are comparable only when these agree
+
+
 def register_best_model(
     tracking_uri: str,
     parent_run_id: str,
@@ -786,15 +799,15 @@ def register_best_model(
     model_name: str,
     alias: str = "champion",
     tags: dict[str, str] | None = None,
-) -> ModelVersion:
+) -> Registration:
     """Log the checkpoint as a pyfunc model under the job run, register it, maybe move `alias`.
 
     `tags` become the version's tags (searcher, seed, split, data_hash, trial_id, ...). The
-    alias moves to the new version when there is no holder, or when the new version's
-    `val_roc_auc` tag is at least the holder's (ties go to the newer model). A version without
-    a parseable `val_roc_auc` never displaces a holder that has one; a holder without one is
-    always replaced. Validation scores are only comparable on the same data and split: keep
-    `data_hash`/`split` fixed under one model name, or register under a new name.
+    alias moves to the new version when there is no holder, or when the holder was scored on the
+    same data and split (`data_hash`, `split` tags) and the new version's `val_roc_auc` is at
+    least the holder's (ties go to the newer model). A holder scored on other data or another
+    split is never displaced: validation scores are not comparable across them, so the new
+    version is registered without the alias, and the returned note says why.
     """
     from tune.serving import log_pyfunc_model
 
@@ -817,21 +830,45 @@ def register_best_model(
         model_name, source=source, run_id=parent_run_id, tags=tags, model_id=info.model_id
     )
     _wait_ready(client, model_name, version.version)
-    holder_score = None
+    moved, note = _alias_decision(client, model_name, alias, tags)
+    if moved:
+        client.set_registered_model_alias(model_name, alias, version.version)
+        note = f"@{alias} moved to version {version.version}" + (f" ({note})" if note else "")
+    client.set_model_version_tag(model_name, version.version, "toxtune.alias_note", note)
+    return Registration(model_name, str(version.version), alias, moved, note)
+
+
+def _alias_decision(
+    client: MlflowClient, model_name: str, alias: str, tags: Mapping[str, str]
+) -> tuple[bool, str]:
+    """(move the alias?, why) for a new version with `tags` against the alias's holder."""
     try:
         holder = client.get_model_version_by_alias(model_name, alias)
-        holder_score = _score(holder.tags.get(ALIAS_METRIC_TAG))
-        has_holder = True
     except MlflowException:
-        has_holder = False
-    new_score = _score(tags.get(ALIAS_METRIC_TAG))
-    if (
-        not has_holder
-        or holder_score is None
-        or (new_score is not None and new_score >= holder_score)
-    ):
-        client.set_registered_model_alias(model_name, alias, version.version)
-    return client.get_model_version(model_name, version.version)
+        return True, ""
+    where = f"@{alias} stays on version {holder.version}"
+    differs = [k for k in COMPARABLE_TAGS if holder.tags.get(k) != tags.get(k)]
+    if differs:
+        shown = ", ".join(
+            f"{k} {holder.tags.get(k)!r} there, {tags.get(k)!r} here" for k in differs
+        )
+        return False, (
+            f"{where}: it was scored on other data or another split ({shown}), so the two "
+            "validation scores are not comparable; move it by hand if this model should serve"
+        )
+    holder_score, new_score = (
+        _score(holder.tags.get(ALIAS_METRIC_TAG)),
+        _score(tags.get(ALIAS_METRIC_TAG)),
+    )
+    if holder_score is None:
+        return True, f"version {holder.version} had no validation score"
+    if new_score is not None and new_score >= holder_score:
+        return (
+            True,
+            f"val ROC-AUC {new_score:.4f} >= {holder_score:.4f} of version {holder.version}",
+        )
+    shown_new = "none" if new_score is None else f"{new_score:.4f}"
+    return False, f"{where}: its val ROC-AUC {holder_score:.4f} beats this version's {shown_new}"
 
 
 def _score(text: str | None) -> float | None:

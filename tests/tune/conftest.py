@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, mlflow_server
+from tune.config import JobConfig, load_config
 
 
 @pytest.fixture
@@ -63,3 +65,38 @@ def no_ray() -> Iterator[None]:
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+def tiny_job(tmp_path: Path, data: Path, **overrides: object) -> JobConfig:
+    base: dict[str, object] = {
+        "data.source": str(data),
+        "data.cache_dir": str(tmp_path / "cache"),
+        "featurizer.n_bits": 256,
+        "search.num_samples": 4,
+        "search.max_epochs": 3,
+        "search.grace_period": 1,
+        "search.reduction_factor": 2,
+        "search.max_concurrent": 2,
+        "search.patience": 0,
+        "search.space": {
+            "n_layers": {"low": 1, "high": 2},
+            "width_0": {"choices": [32, 64]},
+            "width_1": {"choices": [32]},
+            "batch_size": {"choices": [64]},
+        },
+        "resources.cpus_per_trial": 1,
+        "ray.storage_path": str(tmp_path / "results"),
+        "ray.num_cpus": 2,
+        "tracking.run_name": "tiny",
+        "tracking.experiment_name": "tiny-exp",
+        "tracking.registered_model_name": None,
+    }
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(overrides=base)
+
+
+def children(client: MlflowClient, parent_id: str) -> list:
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500
+    )

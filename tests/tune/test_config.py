@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,38 @@ def test_resume_of_unknown_job_is_refused(tmp_path: Path) -> None:
         resolve_job(args)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--config", "bad.yaml"],
+        ["--run-name", "other"],
+        ["--config", "x.yaml", "--run-name", "other"],
+    ],
+)
+@pytest.mark.parametrize("name", ["myjob", "TYPO"])
+def test_resume_refuses_flags_it_would_ignore_and_unknown_names(
+    tmp_path: Path, extra: list[str], name: str
+) -> None:
+    """`--resume n1 --config bad.yaml --run-name other` used to run n1 and ignore both;
+    `--resume TYPO --config x.yaml` used to start a brand-new search named TYPO."""
+    saved = tmp_path / "results" / "myjob" / "toxtune_job.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(dump_config(load_config(overrides={"tracking.run_name": "myjob"})))
+    (tmp_path / "x.yaml").write_text("search:\n  num_samples: 3\n")
+    argv = ["tune", "--resume", name, "--storage-path", str(tmp_path / "results"), *extra]
+    with pytest.raises(ConfigError, match="--resume") as err:
+        resolve_job(build_parser().parse_args(argv))
+    assert extra[0] in str(err.value)
+    alone = build_parser().parse_args(
+        ["tune", "--resume", name, "--storage-path", str(saved.parents[1])]
+    )
+    if name == "TYPO":
+        with pytest.raises(ConfigError, match=r"no saved job.*myjob"):
+            resolve_job(alone)
+    else:
+        assert resolve_job(alone).name == "myjob"
+
+
 def test_cli_reports_config_errors_without_traceback(capsys: pytest.CaptureFixture) -> None:
     from tune.cli import main
 
@@ -146,3 +179,30 @@ def test_every_field_refuses_a_wrong_type_naming_it(key: str, annotation: str) -
     wrong: object = [1, 2] if "dict" in annotation else {"x": 1}
     with pytest.raises(ConfigError, match=key.split(".")[1]):
         load_config(overrides={key: wrong})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"resources.cpus_per_trial": "nan"}, "resources.cpus_per_trial"),
+        ({"search.time_limit_s": float("nan")}, "search.time_limit_s"),
+        ({"resources.gpus_per_trial": "inf"}, "resources.gpus_per_trial"),
+        ({"search.seed": -1}, "search.seed"),
+        ({"search.seed": 99999999999}, "search.seed"),
+        ({"split.method": "bogus"}, "bogus"),
+        ({"split.train": 1.3}, "sum to 1"),
+        ({"split.valid": 0, "split.train": 0.9}, "split.valid"),
+        ({"tracking.registered_model_name": "a/b:c"}, "registered_model_name"),
+        ({"tracking.registered_model_name": ""}, "registered_model_name"),
+        ({"tracking.alias": ""}, "tracking.alias"),
+        ({"tracking.alias": "v3"}, "tracking.alias"),
+        ({"tracking.run_name": "../escaped"}, "tracking.run_name"),
+    ],
+)
+def test_values_that_would_fail_after_the_search_are_refused_at_load(
+    overrides: dict[str, object], named: str
+) -> None:
+    """Each of these used to pass validation and fail later (after featurizing, after Ray
+    started, or after the whole search, at registration)."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(overrides=overrides)

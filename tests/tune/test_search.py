@@ -11,48 +11,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.tune.conftest import children, tiny_job
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.model import Ensemble
-from tune.config import JobConfig, load_config
 from tune.search import ENSEMBLE_DIR, METRIC, _score_test, prepare_data, run_job
 from tune.trainable import CHECKPOINT_FILE, FaultPlan
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_job(tmp_path: Path, data: Path, **overrides: object) -> JobConfig:
-    base: dict[str, object] = {
-        "data.source": str(data),
-        "data.cache_dir": str(tmp_path / "cache"),
-        "featurizer.n_bits": 256,
-        "search.num_samples": 4,
-        "search.max_epochs": 3,
-        "search.grace_period": 1,
-        "search.reduction_factor": 2,
-        "search.max_concurrent": 2,
-        "search.patience": 0,
-        "search.space": {
-            "n_layers": {"low": 1, "high": 2},
-            "width_0": {"choices": [32, 64]},
-            "width_1": {"choices": [32]},
-            "batch_size": {"choices": [64]},
-        },
-        "resources.cpus_per_trial": 1,
-        "ray.storage_path": str(tmp_path / "results"),
-        "ray.num_cpus": 2,
-        "tracking.run_name": "tiny",
-        "tracking.experiment_name": "tiny-exp",
-        "tracking.registered_model_name": "tiny-model",
-    }
-    base.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return load_config(overrides=base)
-
-
-def children(client: MlflowClient, parent_id: str) -> list:
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500
-    )
 
 
 def test_tiny_search_tracks_registers_and_scores_the_test_split(
@@ -93,7 +58,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     assert parent.data.metrics["test_roc_auc_mean"] == pytest.approx(
         result.test_seeds["test_roc_auc_mean"]
     )
-    version = client.get_model_version_by_alias(job.tracking.registered_model_name, "champion")
+    version = client.get_model_version_by_alias(job.model_name, "champion")
     assert version.tags["trial_id"] == result.best_trial_id
     assert version.tags["data_hash"]
     # The registered model is the best trial plus two retrained seeds, averaged; the test score
@@ -107,7 +72,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
 
     # The registered model predicts from SMILES, flagging invalid rows.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{job.tracking.registered_model_name}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{job.model_name}@champion")
     out = model.predict(pd.DataFrame({"smiles": ["CCO", "not a smiles"]}))
     assert out["error"].iloc[0] == "" and out["error"].iloc[1] != ""
 

@@ -18,7 +18,7 @@ from toxmodel.model import ModelConfig
 from toxmodel.split import Split
 from toxmodel.train import TrainConfig, fit
 from tune.serving import load_model, predict_file
-from tune.tracking import default_tracking_uri, register_best_model, start_job_run
+from tune.tracking import Registration, default_tracking_uri, register_best_model, start_job_run
 
 BIN = Path(sys.executable).parent
 TASKS = ["NR-AR", "SR-p53"]
@@ -47,10 +47,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.save(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
-def _register(uri: str, checkpoint: Path, name: str, score: str, trial: str) -> str:
+def _register(
+    uri: str, checkpoint: Path, name: str, score: str, trial: str, **tags: str
+) -> Registration:
     parent = start_job_run(uri, "exp", f"job-{trial}", {}, resume=False)
-    tags = {**VERSION_TAGS, "trial_id": trial, "val_roc_auc": score}
-    return str(register_best_model(uri, parent, checkpoint, name, tags=tags).version)
+    tags = {**VERSION_TAGS, "trial_id": trial, "val_roc_auc": score, **tags}
+    return register_best_model(uri, parent, checkpoint, name, tags=tags)
 
 
 def _check_predictions(out: pd.DataFrame) -> None:
@@ -71,13 +73,23 @@ def test_register_alias_load_and_predict(
     monkeypatch.chdir(tmp_path)
     uri = default_tracking_uri(tmp_path / "store")
     client = MlflowClient(uri)
-    assert _register(uri, checkpoint, "tox", "0.700000", "t1") == "1"
-    assert _register(uri, checkpoint, "tox", "0.600000", "t2") == "2"  # worse: alias stays
+    first = _register(uri, checkpoint, "tox", "0.700000", "t1")
+    assert (first.version, first.alias_moved) == ("1", True)
+    worse = _register(uri, checkpoint, "tox", "0.600000", "t2")
+    assert (worse.version, worse.alias_moved) == ("2", False)
+    assert "stays on version 1" in worse.note and "0.7000" in worse.note
     assert str(client.get_model_version_by_alias("tox", "champion").version) == "1"
-    assert _register(uri, checkpoint, "tox", "0.800000", "t3") == "3"  # better: alias moves
+    better = _register(uri, checkpoint, "tox", "0.800000", "t3")
+    assert (better.version, better.alias_moved) == ("3", True)
+    assert better.note.startswith("@champion moved to version 3")
     champion = client.get_model_version_by_alias("tox", "champion")
     assert str(champion.version) == "3"
-    assert champion.tags == {**VERSION_TAGS, "trial_id": "t3", "val_roc_auc": "0.800000"}
+    assert champion.tags == {
+        **VERSION_TAGS,
+        "trial_id": "t3",
+        "val_roc_auc": "0.800000",
+        "toxtune.alias_note": better.note,
+    }
     assert champion.run_id and champion.source
 
     model = load_model("models:/tox@champion", uri)
@@ -94,6 +106,23 @@ def test_register_alias_load_and_predict(
     assert model.metadata.model_id and model.metadata.run_id == champion.run_id
     assert load_model("models:/tox/2", uri).metadata.model_id != model.metadata.model_id
     assert not {"mlruns", "mlflow.db", "mlartifacts"} & {p.name for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("changed", "value"), [("data_hash", "other-data"), ("split", "stratified:0")]
+)
+def test_alias_is_never_taken_by_a_model_scored_on_other_data_or_split(
+    checkpoint: Path, tmp_path: Path, changed: str, value: str
+) -> None:
+    """A higher validation score on other data or another split is not a better model."""
+    uri = default_tracking_uri(tmp_path / "store")
+    _register(uri, checkpoint, "tox", "0.700000", "t1")
+    other = _register(uri, checkpoint, "tox", "0.990000", "t2", **{changed: value})
+    assert (other.version, other.alias_moved) == ("2", False)
+    assert changed in other.note and "not comparable" in other.note
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("tox", "champion").version) == "1"
+    assert client.get_model_version("tox", "2").tags["toxtune.alias_note"] == other.note
 
 
 def test_predict_file_keeps_columns_and_flags_bad_rows(checkpoint: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, free_port, invoke, model_server
-from tests.tune.test_search import children, tiny_job
+from tests.tune.conftest import children, tiny_job
 from tune.search import run_job
 from tune.tracking import TrackingError, check_tracking
 from tune.trainable import FaultPlan
@@ -62,7 +62,7 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
         history = client.get_metric_history(kid.info.run_id, "val_roc_auc")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         assert "lr" in kid.data.params
-    version = client.get_model_version_by_alias(job.tracking.registered_model_name, "champion")
+    version = client.get_model_version_by_alias(job.model_name, "champion")
     assert version.tags["searcher"] == "optuna"
     assert version.tags["trial_id"] == result.best_trial_id
     assert version.tags["split"].startswith("random")
@@ -77,7 +77,7 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
             "predict",
             str(inp),
             "--model",
-            f"models:/{job.tracking.registered_model_name}@champion",
+            f"models:/{job.model_name}@champion",
             "--output",
             str(out),
             "--tracking-uri",
@@ -97,7 +97,7 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
     assert 0.0 <= float(preds[prob_cols[0]].iloc[0]) <= 1.0
 
     # mlflow models serve answers REST requests with SMILES.
-    model_uri = f"models:/{job.tracking.registered_model_name}@champion"
+    model_uri = f"models:/{job.model_name}@champion"
     with model_server(model_uri, mlflow_http.url, tmp_path) as url:
         rows = invoke(url, ["CCO", "not-a-smiles"])
     assert rows[0]["error"] == "" and 0.0 <= rows[0][prob_cols[0][2:]] <= 1.0

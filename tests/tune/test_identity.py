@@ -1,0 +1,98 @@
+"""Job names and data fingerprints: what keeps two jobs from sharing one record."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from tune.config import load_config, named
+from tune.errors import ConfigError, JobMismatchError
+from tune.identity import (
+    Fingerprint,
+    check_continuation,
+    check_name,
+    default_model_name,
+    new_name,
+    read_fingerprint,
+    write_fingerprint,
+)
+
+NOON = dt.datetime(2026, 11, 26, 12, 0, 5, tzinfo=dt.timezone.utc)
+
+
+def test_default_names_are_timestamped_and_never_reuse_a_taken_one() -> None:
+    taken = {"toxtune-20261126-120005", "toxtune-20261126-120005-2"}
+    assert new_name("toxtune", now=NOON) == "toxtune-20261126-120005"
+    assert new_name("toxtune", taken.__contains__, now=NOON) == "toxtune-20261126-120005-3"
+
+
+def test_two_unnamed_jobs_get_different_names(tmp_path: Path) -> None:
+    job = load_config(overrides={"ray.storage_path": str(tmp_path)})
+    first = named(job)
+    (tmp_path / first.name).mkdir()
+    second = named(job, exists=lambda n: (tmp_path / n).exists())
+    assert first.name != second.name
+    assert first.name.startswith("toxtune-") and second.name.startswith("toxtune-")
+    assert named(first).name == first.name  # a named job keeps its name
+
+
+@pytest.mark.parametrize("bad", ["../escaped", "a/b", "..", ".hidden", "", "x" * 201, "a b"])
+def test_unsafe_job_names_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="not a valid job name"):
+        check_name(bad)
+    with pytest.raises(ConfigError, match="run_name"):
+        load_config(overrides={"tracking.run_name": bad})
+
+
+@pytest.mark.parametrize(
+    ("source", "model"),
+    [
+        ("default", "toxtune-tox21"),
+        ("data/clintox_upper.csv", "toxtune-clintox_upper"),
+        ("/x/sider.csv.gz", "toxtune-sider"),
+        ("https://host/path/toxcast_data.csv.gz?x=1", "toxtune-toxcast_data"),
+        ("odd name!.csv", "toxtune-odd-name"),
+    ],
+)
+def test_registered_model_name_follows_the_data_unless_set(source: str, model: str) -> None:
+    assert default_model_name(source) == model
+    assert load_config(overrides={"data.source": source}).model_name == model
+    job = load_config(overrides={"data.source": source, "tracking.registered_model_name": "mine"})
+    assert job.model_name == "mine"
+
+
+def _fp(**changes: object) -> Fingerprint:
+    base: dict[str, object] = {
+        "content_hash": "a" * 64,
+        "tasks": ["t1", "t2"],
+        "featurizer": {"n_bits": 1024, "radius": 2},
+        "split": {"method": "random", "seed": 0},
+    }
+    base.update(changes)
+    return Fingerprint(**base)  # type: ignore[arg-type]
+
+
+def test_fingerprint_round_trips_and_same_data_continues(tmp_path: Path) -> None:
+    write_fingerprint(tmp_path / "job", _fp())
+    saved = read_fingerprint(tmp_path / "job")
+    assert saved == _fp()
+    check_continuation("job", saved, _fp())  # nothing differs: no error
+    assert read_fingerprint(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize(
+    ("change", "named_in_error"),
+    [
+        ({"content_hash": "b" * 64}, "data content"),
+        ({"tasks": ["t1"]}, "targets"),
+        ({"featurizer": {"n_bits": 2048, "radius": 2}}, "featurizer.n_bits"),
+        ({"split": {"method": "scaffold", "seed": 0}}, "split.method"),
+    ],
+)
+def test_continuation_on_changed_data_or_settings_is_refused_naming_what(
+    change: dict[str, object], named_in_error: str
+) -> None:
+    with pytest.raises(JobMismatchError, match=named_in_error):
+        check_continuation("job1", _fp(), _fp(**change))
