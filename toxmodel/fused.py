@@ -1,33 +1,37 @@
-"""Fused training: K MLPs of one shape trained in one pass, as stacked weights and batched products.
+"""Fused training: K MLPs of one shape trained in one pass over stacked weights.
 
     results = fit_many(features, labels, split, tasks, model_config, [cfg_a, cfg_b, cfg_c])
 
 returns what `[fit(..., cfg) for cfg in configs]` returns, member by member: each member has its
 own seed (initial weights, shuffling, dropout masks), learning rate, weight decay, schedule,
 patience and epoch limit, and gets its own `FitResult` (best-epoch weights, history, stop
-reason), so `.predictor()` and `.save()` work as after `fit`. Why: a small MLP leaves a GPU
-mostly idle and a CPU core's vector units waiting on Python; K of them as one batched product
-share one copy of the data and one set of kernel launches (the finalize step's seed retrains,
-or same-shape trials of a search).
+reason), so `.predictor()` and `.save()` work as after `fit`. Why: one small MLP leaves a GPU
+mostly idle, launch-bound; K of them as one batched product (`baddbmm`) share one copy of the
+data on the device and one set of kernel launches per step. Uses: the finalize step's seed
+retrains, or same-shape trials of a search.
 
-How it reproduces `fit` (the test trains members both ways and compares weights and histories):
+How it reproduces `fit` (tests/toxmodel/test_fused.py compares weights and histories):
 
 - initial weights: each member seeds the global generator and builds `MLP(...)`, as `fit` does;
-- dropout: each member draws its masks from its own generator, which starts in the state `fit`'s
-  global generator is in after initialisation, with the op `fit`'s dropout uses (on CPU
-  `bernoulli_`; on CUDA `native_dropout`, run on the member's generator state), in the same
-  order, so every member sees the masks it would see alone;
+- dropout: each member draws its masks from its own generator, which starts where `fit`'s global
+  generator is after initialisation, with the op `fit`'s dropout runs (CPU: `bernoulli_`; CUDA:
+  `native_dropout` on the member's generator state), in the same order;
 - shuffling: each member permutes the training rows with `torch.Generator().manual_seed(seed)`;
 - optimiser: PyTorch's own fused kernels (`torch._fused_adamw_`, `_fused_adam_`, `_fused_sgd_`,
-  what `fit`'s `fused=True` optimisers run) over the stacked tensors, with the learning rate and
-  betas/momentum read each step from a shadow optimiser driven by `fit`'s own scheduler;
-- BatchNorm runs as one `batch_norm` over K x H columns; early stopping and best-epoch restore
-  are per member, and a member that stops leaves the stack.
+  what `fit`'s `fused=True` optimisers run), with the learning rate and betas/momentum read each
+  step from a shadow optimiser driven by the scheduler `fit` builds;
+- BatchNorm is one `batch_norm` over K x H columns (per-column statistics are per member);
+  early stopping and best-epoch restore are per member; a member that stops leaves the stack.
 
-Members must share the model configuration (it is the shape), the batch size and the
-optimiser. `exact_dropout=False` trades that reproduction for speed on a GPU: one mask draw per
-layer for the whole stack from one generator (masks still independent across members, but a
-member's masks then depend on the group, not on its seed alone).
+On the CPU the result is bit-identical to `fit` at any thread count: there the products,
+activations, losses and optimiser steps run member by member on slices of the stack (see
+`_linear` and `_each` for why stacked kernels round differently on a CPU), and what fusion
+saves is the per-step Python, data handling and validation overhead. On a GPU the products are
+batched and equal to `fit` within float tolerance (cuBLAS may pick other kernels for a batched
+product). Members must share the model configuration (it is the shape), the batch size and the
+optimiser. `exact_dropout=False` trades the mask reproduction for speed on a GPU: one mask draw
+per layer for the whole stack from one generator (masks stay independent across members, but a
+member's masks then depend on the group rather than on its seed alone).
 """
 
 from __future__ import annotations
@@ -216,7 +220,7 @@ class _Stack:
         for layer in self.plan:
             if layer.kind == "linear":
                 w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
-                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+                x = _linear(x, w, b)
             elif layer.kind == "batch":
                 x = self._batch_norm(x, layer, train)
             elif layer.kind == "layer":
@@ -235,18 +239,22 @@ class _Stack:
         return x
 
     def _batch_norm(self, x: Tensor, layer: _Layer, train: bool) -> Tensor:
-        """K BatchNorms as one over K x H columns: per-column statistics are the members' own."""
+        """K BatchNorms; the running statistics are updated in place in the stacked buffers.
+
+        On a GPU one `batch_norm` over K x H columns (per-column statistics are per member);
+        on the CPU member by member, as `fit` computes them (see `_each`).
+        """
+        mean = self.buffers[layer.prefix + "running_mean"]
+        var = self.buffers[layer.prefix + "running_var"]
+        w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
+        options = {"training": train, "momentum": layer.momentum, "eps": layer.eps}
+        if x.device.type == "cpu":
+            parts = zip(x.unbind(0), mean, var, w.unbind(0), b.unbind(0), strict=True)
+            return torch.stack([F.batch_norm(*part, **options) for part in parts])
         k, rows, width = x.shape
         flat = x.transpose(0, 1).reshape(rows, k * width)
         out = F.batch_norm(
-            flat,
-            self.buffers[layer.prefix + "running_mean"].view(-1),
-            self.buffers[layer.prefix + "running_var"].view(-1),
-            self.params[layer.prefix + "weight"].reshape(-1),
-            self.params[layer.prefix + "bias"].reshape(-1),
-            training=train,
-            momentum=layer.momentum,
-            eps=layer.eps,
+            flat, mean.view(-1), var.view(-1), w.reshape(-1), b.reshape(-1), **options
         )
         return out.view(rows, k, width).transpose(0, 1).contiguous()
 
@@ -255,9 +263,8 @@ class _Stack:
         w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
         width = (x.shape[-1],)
         if x.device.type == "cpu":
-            return torch.stack(
-                [F.layer_norm(x[i], width, w[i], b[i], layer.eps) for i in range(len(x))]
-            )
+            parts = zip(x.unbind(0), w.unbind(0), b.unbind(0), strict=True)
+            return torch.stack([F.layer_norm(xi, width, wi, bi, layer.eps) for xi, wi, bi in parts])
         return F.layer_norm(x, width, eps=layer.eps) * w.unsqueeze(1) + b.unsqueeze(1)
 
     def zero_grad(self) -> None:
@@ -333,6 +340,19 @@ class _Stack:
         return state
 
 
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """K affine maps: one batched product on a GPU, `fit`'s own `F.linear` per member on the CPU.
+
+    On the CPU a batched product splits its work across threads unlike a single product, so
+    with more than one thread it rounds differently; per member, each product is the very
+    `addmm` that `fit` runs, and the results stay bit-identical at any thread count.
+    """
+    if x.device.type == "cpu":
+        parts = zip(x.unbind(0), w.unbind(0), b.unbind(0), strict=True)
+        return torch.stack([F.linear(xi, wi, bi) for xi, wi, bi in parts])
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
 def _each(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """`fn` over the stack (K, ...): on the CPU member by member, on a GPU in one call.
 
@@ -341,8 +361,8 @@ def _each(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     of a member's elements from one path to the other and break bit-equality with `fit`. GPU
     kernels compute every element alike, so one call gives the same numbers there.
     """
-    if x.device.type == "cpu":
-        return torch.stack([fn(x[i]) for i in range(len(x))])
+    if x.device.type == "cpu":  # unbind: its backward is one stack, not K zero-filled copies
+        return torch.stack([fn(member) for member in x.unbind(0)])
     return fn(x)
 
 

@@ -107,6 +107,17 @@ def test_optimizers_schedules_and_mixed_settings_equal_separate_fits(
     assert [len(r.history) for r in fused] == [4, 5, 6]
 
 
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_equal_with_two_threads_and_wide_layers(norm: str) -> None:
+    """Products large enough for the CPU's BLAS to split them across threads."""
+    d = with_descriptors(synthetic(n=400, n_bits=2048), n_desc=40)
+    model = ModelConfig(hidden=(1024, 64), dropout=0.2, input_dropout=0.1, norm=norm)
+    configs = [replace(c, epochs=2, batch_size=128) for c in MEMBERS]
+    args = (d.features, d.labels, d.split, d.tasks, model)
+    one_by_one = [fit(*args, cfg, num_threads=2) for cfg in configs]
+    assert_same(one_by_one, fit_many(*args, configs, num_threads=2))
+
+
 def test_members_early_stop_at_their_own_epochs_and_keep_their_best_weights() -> None:
     d = synthetic(n=600, n_bits=48)
     configs = [
