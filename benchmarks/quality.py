@@ -17,7 +17,7 @@
    random split and on a scaffold split, for each split seed (training seed = split seed).
 
 `protocol`: the MoleculeNet protocol (80/10/10, mean test ROC-AUC over tasks, mean and std over
-split seeds). For each split seed a whole toxtune job runs (`tune.search.run_job`: Optuna TPE +
+split seeds). For each split seed a whole toxtune job runs (`tune.job.run_job`: Optuna TPE +
 ASHA on Ray, MLflow in a temporary SQLite store) with the config file, its split seed and search
 seed set to that seed. The search and the ensemble choose on validation only; the job scores the
 test split once, for the registered model. That figure is the one reported.
@@ -48,9 +48,12 @@ from toxmodel.featurize import FeaturizerConfig, featurize
 from toxmodel.metrics import Metrics, evaluate
 from toxmodel.split import SplitConfig, split_dataset
 from toxmodel.train import FitResult, fit
+from tune import settings
 from tune.config import load_config
-from tune.search import METRIC, JobResult, prepare_data, run_job
+from tune.job import JobResult, run_job
+from tune.prepare import prepare_data
 from tune.space import DEFAULT_POINT, to_run_configs
+from tune.study import METRIC
 
 
 def tutorial_baseline(data: str, epochs: int) -> tuple[Metrics, list[str]]:
@@ -232,6 +235,7 @@ def nr_ar(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    settings.configure_process()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )

@@ -30,8 +30,12 @@ import ray
 import torch
 from ray import tune as ray_tune
 
+from tune import settings
 from tune.config import JobConfig, load_config
-from tune.search import METRIC, MODE, init_ray, prepare_data, run_job
+from tune.job import run_job
+from tune.prepare import prepare_data
+from tune.search import init_ray
+from tune.study import METRIC, MODE
 
 
 def job_for(args: argparse.Namespace, root: Path, name: str, **extra: object) -> JobConfig:
@@ -183,6 +187,7 @@ def packing(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 def main() -> None:
+    settings.configure_process()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["utilisation", "compare", "packing"])
     parser.add_argument("--data", default="../shared/data/tox21.csv")

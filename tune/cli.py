@@ -13,6 +13,7 @@ from typing import Any
 
 from toxmodel.checkpoint import CheckpointError
 from toxmodel.data import DataError
+from tune import settings
 from tune.errors import ToxtuneError
 
 # What the CLI reports as one line (the traceback only with --verbose). toxmodel's errors are
@@ -112,10 +113,11 @@ def resolve_job(args: argparse.Namespace) -> Any:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     job = resolve_job(args)
+    from tune.drills import FaultPlan
+    from tune.job import run_job
     from tune.report import print_result
-    from tune.search import run_job
 
-    result = run_job(job)
+    result = run_job(job, faults=FaultPlan.from_env())
     print_result(job, result)
     return 0
 
@@ -241,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Keeping one checkpoint per trial makes Tune snapshot its state after each new best epoch
-    # (what resume relies on); Ray then warns on every snapshot within 5 s. Expected here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    settings.configure_process()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -26,6 +26,36 @@ from tune.space import validate_overrides
 
 CONFIG_FILE = "toxtune_job.yaml"  # the resolved config, saved in the job's folder for --resume
 
+# Command-line flag -> (dotted config key, help). Flags override the config file; `toxtune tune`
+# and `toxtune submit` take them, and a submitted job gets them back as `toxtune tune` flags.
+TUNE_FLAGS: dict[str, tuple[str, str]] = {
+    "data": ("data.source", "CSV path or URL of molecules (default: MoleculeNet Tox21)"),
+    "smiles_column": ("data.smiles_column", "name of the SMILES column"),
+    "num_samples": ("search.num_samples", "number of trials"),
+    "max_epochs": ("search.max_epochs", "epochs per trial"),
+    "searcher": ("search.searcher", "optuna (TPE) or random"),
+    "scheduler": ("search.scheduler", "asha or fifo"),
+    "max_concurrent": ("search.max_concurrent", "trials in flight at once"),
+    "time_limit": ("search.time_limit_s", "wall-clock budget of the search in seconds"),
+    "seed": ("search.seed", "seed of the sampler and of training"),
+    "split": ("split.method", "random, stratified or scaffold"),
+    "cpus_per_trial": ("resources.cpus_per_trial", "CPUs per trial"),
+    "gpus_per_trial": ("resources.gpus_per_trial", "GPU share per trial, e.g. 0.25, or auto"),
+    "address": ("ray.address", "Ray cluster to join: auto or HOST:PORT (default: local)"),
+    "storage_path": ("ray.storage_path", "results folder (shared storage on a cluster)"),
+    "num_gpus": ("ray.num_gpus", "GPUs of a local Ray (logical ones work on a CPU machine)"),
+    "tracking_uri": ("tracking.tracking_uri", "MLflow tracking URI (default: SQLite)"),
+    "experiment_name": ("tracking.experiment_name", "MLflow experiment"),
+    "run_name": (
+        "tracking.run_name",
+        "job name (default: EXPERIMENT-TIMESTAMP); an existing name continues that job",
+    ),
+    "model_name": (
+        "tracking.registered_model_name",
+        "registered model name (default: toxtune-<data file stem>)",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -38,6 +68,9 @@ class DataConfig:
     allow_single_class: bool = False  # drop (and report) one-class tasks instead of refusing
 
 
+DEFAULT_GRACE_PERIOD = 3  # ASHA's grace period when the config leaves it unset
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """The search: sampler, scheduler, budget."""
@@ -48,7 +81,9 @@ class SearchConfig:
     max_epochs: int = 30  # per trial
     patience: int = 8  # early stopping inside a trial (0 = off)
     time_limit_s: float | None = None  # wall-clock budget of the search
-    grace_period: int = 3  # ASHA: epochs before a trial can be stopped
+    # ASHA: epochs before a trial can be stopped; None (unset): min(3, max_epochs), so a small
+    # --max-epochs is never refused over a default (validate() fills it in)
+    grace_period: int | None = None
     reduction_factor: int = 3  # ASHA: keep 1/reduction_factor at each rung
     max_concurrent: int = 2  # trials in flight at once
     seed: int = 0
@@ -65,6 +100,7 @@ class ResourcesConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | str = 0.0  # a fraction in (0, 1], 0 for CPU only, or "auto"
     gpu_memory_gb: float | None = None  # for "auto" without a visible GPU: memory per GPU
+    pending_timeout_s: float = 600.0  # on a cluster: fail when no trial starts within this
 
 
 @dataclass(frozen=True)
@@ -128,6 +164,12 @@ class JobConfig:
     def model_name(self) -> str:
         """The registered model's name: set, or derived from the data file (toxtune-<stem>)."""
         return self.tracking.registered_model_name or default_model_name(self.data.source)
+
+    @property
+    def job_dir(self) -> Path:
+        """The job's folder under the results storage (its first Ray experiment, config,
+        data fingerprint, invalid-SMILES report and rounds file)."""
+        return self.storage_root / self.name
 
     @property
     def storage_root(self) -> Path:
@@ -237,30 +279,30 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 
 
 def validate(job: JobConfig) -> JobConfig:
-    """Range checks that span fields; raises ConfigError naming the field."""
+    """Range checks that span fields; raises ConfigError naming the field.
+
+    Returns the job with the values it leaves to the budget filled in (search.grace_period).
+    """
     s, r, f = job.search, job.resources, job.faults
     if s.searcher not in ("optuna", "random"):
         raise ConfigError(f"search.searcher must be optuna or random, got {s.searcher!r}")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"search.scheduler must be asha or fifo, got {s.scheduler!r}")
-    for name in (
-        "num_samples",
-        "max_epochs",
-        "grace_period",
-        "max_concurrent",
-        "final_seeds",
-        "ensemble",
-    ):
+    for name in ("num_samples", "max_epochs", "max_concurrent", "final_seeds", "ensemble"):
         _positive(getattr(s, name), f"search.{name}")
     _positive(s.patience, "search.patience", allow_zero=True)
     if s.reduction_factor < 2:
         raise ConfigError(f"search.reduction_factor must be >= 2, got {s.reduction_factor}")
     if s.time_limit_s is not None:
         _positive(s.time_limit_s, "search.time_limit_s")
+    if s.grace_period is None:
+        s = dataclasses.replace(s, grace_period=min(DEFAULT_GRACE_PERIOD, s.max_epochs))
+        job = dataclasses.replace(job, search=s)
+    _positive(s.grace_period, "search.grace_period")
     if s.grace_period > s.max_epochs:
         raise ConfigError(
             f"search.grace_period ({s.grace_period}) must not exceed "
-            f"search.max_epochs ({s.max_epochs})"
+            f"search.max_epochs ({s.max_epochs}); lower it, or leave it unset to fit the budget"
         )
     _positive(r.cpus_per_trial, "resources.cpus_per_trial")
     if isinstance(r.gpus_per_trial, str):
@@ -274,6 +316,7 @@ def validate(job: JobConfig) -> JobConfig:
             f"resources.gpus_per_trial must be in (0, 1] (or 0 for CPU only), "
             f"got {r.gpus_per_trial}"
         )
+    _positive(r.pending_timeout_s, "resources.pending_timeout_s")
     if r.gpu_memory_gb is not None:
         _positive(r.gpu_memory_gb, "resources.gpu_memory_gb")
     _positive(f.max_retries, "faults.max_retries", allow_zero=True)

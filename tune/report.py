@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from tune.config import JobConfig
-from tune.search import METRIC, JobResult
+from tune.job import JobResult
+from tune.study import METRIC
 
 TOP = 5
 

@@ -120,3 +120,35 @@ def last_error(trial: object) -> str:
 
 def is_retryable(kind: str) -> bool:
     return kind in RETRYABLE
+
+
+def local_request_problem(
+    cpus_per_trial: float,
+    gpus_per_trial: float | str,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    visible_gpus: int,
+    cpu_count: int,
+) -> str | None:
+    """Why a local Ray could never start one trial, or None when it can.
+
+    A local job knows its machine before Ray starts; without this check an impossible request
+    leaves every trial PENDING for ever. `num_cpus`/`num_gpus` are the local Ray's (None: the
+    machine's `cpu_count` and `visible_gpus`).
+    """
+    cpus = num_cpus if num_cpus is not None else cpu_count
+    gpus = num_gpus if num_gpus is not None else visible_gpus
+    wants_gpu = gpus_per_trial == "auto" or float(gpus_per_trial) > 0
+    if cpus_per_trial > cpus:
+        return (
+            f"resources.cpus_per_trial is {cpus_per_trial:g} but this local Ray has {cpus} "
+            f"CPUs: no trial could ever start. Use --cpus-per-trial {cpus} or less"
+        )
+    if wants_gpu and gpus == 0:
+        return (
+            f"resources.gpus_per_trial is {gpus_per_trial} but this machine has 0 GPUs visible "
+            f"(ray.num_gpus {num_gpus}): no trial could ever start. Use --gpus-per-trial 0 to "
+            "train on the CPU, or --num-gpus N for N logical GPUs (Ray schedules them; trials "
+            "then still train on the CPU)"
+        )
+    return None

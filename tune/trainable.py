@@ -7,15 +7,12 @@ trial's best epoch so far is reported with a checkpoint.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -25,6 +22,7 @@ from ray import tune as ray_tune
 from toxmodel.featurize import Features, FeaturizerConfig
 from toxmodel.split import Split
 from toxmodel.train import EpochResult, fit
+from tune import settings
 from tune.space import to_run_configs
 
 CHECKPOINT_FILE = "model.pt"
@@ -35,31 +33,12 @@ class NonRetryableTrialError(RuntimeError):
     """Re-raised at once when a trial that failed for a non-retryable reason is restarted."""
 
 
-@dataclass(frozen=True)
-class FaultPlan:
-    """Chaos hooks for fault-injection tests and drills; empty in normal runs.
+class TrialHook(Protocol):
+    """Called by a trial at its start and after each reported epoch (drills inject faults so)."""
 
-    Keys are trial positions in sampling order (0 = the first trial of the job).
-    """
+    def on_start(self, index: int, share: float) -> None: ...
 
-    raise_in: frozenset[int] = frozenset()  # raise a plain exception at epoch 2
-    diverge_in: frozenset[int] = frozenset()  # poison the weights with NaN after epoch 1
-    slow_epochs_s: float = 0.0  # sleep per epoch, to widen windows for kill tests
-    oom_below_share: float = 0.0  # raise CUDA OOM while the trial's GPU share is below this
-    kill_in: frozenset[int] = frozenset()  # SIGKILL the trial's own worker process at epoch 2
-    marker_dir: str = ""  # kill_in fires once per trial: a marker file here records the kill
-
-    @classmethod
-    def from_env(cls) -> FaultPlan:
-        """A plan from $TOXTUNE_FAULT_PLAN (JSON), for drills through the CLI; else none."""
-        raw = os.environ.get("TOXTUNE_FAULT_PLAN")
-        if not raw:
-            return cls()
-        spec = json.loads(raw)
-        for key in ("raise_in", "diverge_in", "kill_in"):
-            if key in spec:
-                spec[key] = frozenset(spec[key])
-        return cls(**spec)
+    def on_epoch(self, index: int, epoch: EpochResult, trial_id: str) -> None: ...
 
 
 @dataclass
@@ -74,7 +53,7 @@ class TrialData:
     max_epochs: int
     patience: int
     seed: int
-    faults: FaultPlan = field(default_factory=FaultPlan)
+    hooks: tuple[TrialHook, ...] = ()  # none in normal runs; tune.drills.FaultPlan in drills
     # Ray trial ids the Optuna study already finished. Set on restore after a killed driver:
     # Tune's snapshot can lag the study by a trial, and such a trial must not train again.
     finished: frozenset[str] = frozenset()
@@ -102,8 +81,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     context = ray_tune.get_context()
     if context.get_trial_id() in data.finished:
         return  # Tune then completes it with the result it last recorded
-    # Ray logs an INFO line per saved checkpoint; with one per best epoch it floods the console.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    settings.quiet_worker_logs()
     index = int(config.get("_index", -1))
     device, gpu_ids, share = trial_device()
     model_config, train_config = to_run_configs(
@@ -120,14 +98,12 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         "trial_index": index,
     }
     best = {"roc_auc": float("-inf"), "epoch": 0}
-    faults = data.faults
     started = time.time()
-    if share < faults.oom_below_share:
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at GPU share {share})")
+    trial_id = context.get_trial_id()
+    for hook in data.hooks:
+        hook.on_start(index, share)
 
     def on_epoch(epoch: EpochResult) -> bool:
-        if faults.slow_epochs_s:
-            time.sleep(faults.slow_epochs_s)
         if epoch.is_best:
             best.update(roc_auc=epoch.valid.roc_auc, epoch=epoch.epoch)
         metrics: dict[str, Any] = {
@@ -145,23 +121,12 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         }
         if epoch.is_best:
             with tempfile.TemporaryDirectory() as tmp:
-                epoch.checkpoint(
-                    Path(tmp) / CHECKPOINT_FILE, extra={"trial_id": context.get_trial_id()}
-                )
+                epoch.checkpoint(Path(tmp) / CHECKPOINT_FILE, extra={"trial_id": trial_id})
                 ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
         else:
             ray_tune.report(metrics)
-        if index in faults.raise_in and epoch.epoch >= 2:
-            raise RuntimeError(f"injected fault in trial {context.get_trial_id()}")
-        if index in faults.kill_in and epoch.epoch == 2:
-            marker = Path(faults.marker_dir or tempfile.gettempdir()) / f"toxtune-killed-{index}"
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-        if index in faults.diverge_in and epoch.epoch == 1:
-            with torch.no_grad():
-                for p in epoch.model.parameters():
-                    p.fill_(float("nan"))
+        for hook in data.hooks:
+            hook.on_epoch(index, epoch, trial_id)
         return False
 
     fit(

@@ -9,7 +9,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, mlflow_server
+from tune import settings
 from tune.config import JobConfig, load_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def toxtune_process() -> None:
+    """The process-wide settings the `toxtune` entry point makes (tests call run_job directly)."""
+    settings.configure_process()
 
 
 @pytest.fixture

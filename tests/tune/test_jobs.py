@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.tune.conftest import children, tiny_job
 from tune.errors import JobMismatchError
-from tune.search import run_job
+from tune.job import run_job
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tune.config import load_config
-from tune.search import run_job
+from tune.job import run_job
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,12 @@ from mlflow.tracking import MlflowClient
 from tests.tune.conftest import children, tiny_job
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.model import Ensemble
-from tune.search import ENSEMBLE_DIR, METRIC, _score_test, prepare_data, run_job
-from tune.trainable import CHECKPOINT_FILE, FaultPlan
+from tune.drills import FaultPlan
+from tune.finalize import ENSEMBLE_DIR, score_test
+from tune.job import run_job
+from tune.prepare import prepare_data
+from tune.study import METRIC
+from tune.trainable import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +72,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     assert isinstance(ensemble.model, Ensemble) and len(ensemble.model.members) == 3
     assert ensemble.extra["trial_id"] == result.best_trial_id
     data = prepare_data(job, progress=False)
-    assert _score_test(ensemble, data)[1].roc_auc == pytest.approx(result.test.roc_auc)
+    assert score_test(ensemble, data)[1].roc_auc == pytest.approx(result.test.roc_auc)
 
     # The registered model predicts from SMILES, flagging invalid rows.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking_uri)

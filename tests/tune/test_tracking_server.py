@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, free_port, invoke, model_server
 from tests.tune.conftest import children, tiny_job
-from tune.search import run_job
+from tune.drills import FaultPlan
+from tune.job import run_job
 from tune.tracking import TrackingError, check_tracking
-from tune.trainable import FaultPlan
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -1,0 +1,154 @@
+"""The one place that touches Ray Tune's and Optuna's private attributes.
+
+Everything here works around a gap in a public API; each use names the versions it was checked
+against. `check()` looks every one of them up on the installed versions and raises, naming the
+attribute, when an upgrade removed one (a test calls it), so an upgrade fails loudly here instead
+of silently somewhere else. Outside this module, `tune/` uses public Ray and Optuna APIs only.
+
+Checked against: ray 2.60.0, optuna 5.0.0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import optuna
+import ray
+from ray import tune as ray_tune
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+CHECKED_VERSIONS = {"ray": "2.60.0", "optuna": "5.0.0"}
+RAY_TRIAL_ATTR = "ray_trial_id"  # the study's user attribute naming a trial's Ray trial id
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch over a persistent study that survives the driver.
+
+    Trials are tagged with their Ray trial id in the study, so a restored driver can re-attach
+    results to the right Optuna trial even when Ray's searcher snapshot predates it. Uses
+    OptunaSearch's private `_ot_trials`, `_completed_trials` and `_ot_study` (ray 2.60.0) and a
+    FrozenTrial's `_trial_id` (optuna 5.0.0): OptunaSearch has no public re-attach hook.
+    """
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        if params is not None:
+            params["_index"] = ot_trial.number
+        return params
+
+    def _attach(self, trial_id: str) -> bool:
+        """Make sure `trial_id` maps to a still-running Optuna trial; False: don't tell it."""
+        if trial_id in self._completed_trials:
+            return False
+        if trial_id in self._ot_trials:
+            number = self._ot_trials[trial_id].number
+            if self._ot_study.trials[number].state.is_finished():
+                # A driver snapshot older than the study: the trial already finished there.
+                self._completed_trials.add(trial_id)
+                return False
+            return True
+        for frozen in self._ot_study.get_trials(deepcopy=False):
+            if frozen.user_attrs.get(RAY_TRIAL_ATTR) == trial_id:
+                if frozen.state != optuna.trial.TrialState.RUNNING:
+                    self._completed_trials.add(trial_id)
+                    return False
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+                return True
+        log.warning("trial %s is unknown to the Optuna study; its result is not told", trial_id)
+        return False
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._attach(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if self._attach(trial_id):
+            super().on_trial_complete(trial_id, result, error)
+
+
+def with_console_metrics(trainable: Any, names: list[str]) -> Any:
+    """Make Tune's console print only `names` per result (ray 2.60.0: the default output engine
+    reads a trainable's private `_progress_metrics`, as Ray Train sets it, and ignores a
+    ProgressReporter). Per-task metrics still reach Tune's results and MLflow."""
+    trainable._progress_metrics = list(names)
+    return trainable
+
+
+def init_local_ray(num_cpus: int | None, num_gpus: int | None, **kwargs: Any) -> None:
+    """A private local Ray bound to 127.0.0.1 (ray 2.60.0: only the private `_node_ip_address`
+    argument of ray.init keeps a local node off the machine's other addresses)."""
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        **kwargs,
+    )
+
+
+def restore_tuner(path: str, trainable: Any, callbacks: list[Any]) -> ray_tune.Tuner:
+    """Restore an interrupted experiment with this driver's callbacks.
+
+    ray 2.60.0: `Tuner.restore` keeps the RunConfig pickled with the experiment, whose callbacks
+    hold the killed driver's MLflow run and error budget; the public API cannot replace them,
+    so the restored tuner's private `_local_tuner._run_config.callbacks` is set. The private
+    `_resume_config=None` keeps Tune from reading a resume config that predates the study.
+    """
+    tuner = ray_tune.Tuner.restore(
+        path,
+        trainable=trainable,
+        resume_unfinished=True,
+        resume_errored=False,
+        _resume_config=None,
+    )
+    tuner._local_tuner._run_config.callbacks = list(callbacks)
+    return tuner
+
+
+def stop_retrying(trial: Any) -> None:
+    """Fail `trial` for good on its next start (ray 2.60.0: no public per-trial retry limit,
+    so the live trial's `max_failures` is lowered to the failures it already had)."""
+    trial.max_failures = trial.run_metadata.num_failures
+
+
+def check() -> None:
+    """Raise RuntimeError naming each private attribute above that this Ray/Optuna lacks.
+
+    Instances are inspected where that is cheap; otherwise the attribute's assignment is looked
+    for in the source of the class that sets it.
+    """
+    from ray.tune.experiment import Trial
+    from ray.tune.experimental import output
+    from ray.tune.impl.tuner_internal import TunerInternal
+
+    missing = []
+    search = OptunaSearch(metric="m", mode="max")
+    for attr in ("_ot_trials", "_completed_trials", "_ot_study"):
+        if not hasattr(search, attr):
+            missing.append(f"ray.tune.search.optuna.OptunaSearch.{attr}")
+    frozen = optuna.trial.create_trial(value=0.0, params={}, distributions={})
+    if not hasattr(frozen, "_trial_id"):
+        missing.append("optuna.trial.FrozenTrial._trial_id")
+    for fn, arg in ((ray.init, "_node_ip_address"), (ray_tune.Tuner.restore, "_resume_config")):
+        # ray.init takes its private arguments through **kwargs: look for the name it pops.
+        if arg not in inspect.signature(fn).parameters and f'"{arg}"' not in inspect.getsource(fn):
+            missing.append(f"{fn.__qualname__}({arg}=...)")
+    for where, text in (
+        (TunerInternal.__init__, "self._run_config"),
+        (ray_tune.Tuner.__init__, "self._local_tuner"),
+        (Trial.__init__, "self.max_failures"),
+        (output, "_progress_metrics"),
+    ):
+        if text not in inspect.getsource(where):
+            missing.append(f"{getattr(where, '__qualname__', where.__name__)}: {text}")
+    if missing:
+        raise RuntimeError(
+            f"toxtune was written against {CHECKED_VERSIONS}; this ray {ray.__version__} / "
+            f"optuna {optuna.__version__} lacks: {', '.join(missing)} (see tune/bridge.py)"
+        )

@@ -1,0 +1,90 @@
+"""A tuning job as four stages: prepare, search, finalize, record.
+
+    job = named(job)                         # a fresh name unless continuing one on purpose
+    data = prepare(job)                      # CSV -> checked table -> record claimed -> features
+    outcome = search(job, data, parent)      # Ray Tune trials chosen by the Optuna study
+    final = finalize(job, data, best)        # retrain seeds / ensemble, score the test split once
+    registration = record(job, data, ...)    # MLflow summary, plots, registered model
+
+Every stage reads the typed `JobConfig`; the MLflow parent run is opened before the search and
+closed (FINISHED or FAILED) whatever happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from toxmodel.metrics import Metrics
+from tune import tracking, trials
+from tune.config import CONFIG_FILE, JobConfig, dump_config, named
+from tune.drills import FaultPlan
+from tune.finalize import finalize
+from tune.prepare import prepare
+from tune.record import record
+from tune.search import Rounds, search
+
+
+@dataclass
+class JobResult:
+    """What a finished job hands back to the CLI."""
+
+    name: str
+    experiment_path: Path
+    trials: pd.DataFrame
+    best_trial_id: str
+    best_config: dict[str, Any]
+    best_valid: dict[str, float]
+    test: Metrics
+    test_seeds: dict[str, float] = field(default_factory=dict)
+    parent_run_id: str = ""
+    model_version: str | None = None
+    failed_trials: int = 0
+    skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
+    alias_note: str = ""  # what happened to the registered model's alias, and why
+
+
+def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = True) -> JobResult:
+    """Search, evaluate on the test split, track in MLflow, register the best model.
+
+    A job whose folder exists continues (same data and settings only): an interrupted search is
+    restored, a finished one grows to `search.num_samples` trials.
+    """
+    job = named(job, exists=lambda name: (job.storage_root / name).exists())
+    tracking.check_tracking(job.tracking_uri)
+    data = prepare(job, progress=progress)
+    (job.job_dir / CONFIG_FILE).write_text(dump_config(job))
+    parent = tracking.start_job_run(
+        job.tracking_uri,
+        job.tracking.experiment_name,
+        job.name,
+        job.to_dict(),
+        resume=bool(Rounds.load(job.job_dir).names),
+    )
+    status = "FAILED"
+    try:
+        outcome = search(job, data, parent, faults)
+        final = finalize(job, data, trials.best(outcome.trials, job.name))
+        table = trials.table(outcome.trials)
+        registration = record(job, data, table, final, parent, outcome.cluster)
+        status = "FINISHED"
+    finally:
+        tracking.finish_job_run(job.tracking_uri, parent, status)
+    return JobResult(
+        name=job.name,
+        experiment_path=job.job_dir,
+        trials=table,
+        best_trial_id=final.trial_id,
+        best_config=final.params,
+        best_valid=final.valid,
+        test=final.test,
+        test_seeds=final.test_seeds,
+        parent_run_id=parent,
+        model_version=registration.version,
+        failed_trials=len(outcome.failed),
+        skipped_columns=dict(data.table.skipped_columns),
+        alias_note=registration.note,
+    )

@@ -1,0 +1,151 @@
+"""Stage 1, prepare: CSV -> validated table -> the job's record claimed -> features -> split.
+
+Contract: `prepare(job)` either refuses (DataError, JobMismatchError) before anything is written
+or featurized, or returns the featurized, split data and leaves the job's folder holding its data
+fingerprint and the invalid-SMILES report. Featurization is cached on disk by content hash and
+featurizer settings, so a resumed or repeated job does not featurize again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toxmodel.data import DataError, MoleculeTable, default_cache_dir, load_table
+from toxmodel.featurize import Features, featurize_cached, write_invalid_report
+from toxmodel.split import Split, missing_class_warnings, split_dataset
+from tune import study
+from tune.config import CONFIG_FILE, JobConfig
+from tune.errors import JobMismatchError
+from tune.identity import (
+    Fingerprint,
+    check_continuation,
+    read_fingerprint,
+    write_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+INVALID_REPORT = "invalid_smiles.csv"
+
+
+@dataclass
+class PreparedData:
+    """The featurized dataset and its split, computed once per job."""
+
+    table: MoleculeTable
+    features: Features
+    labels: np.ndarray  # float32 (n_valid, n_tasks), aligned with features rows
+    split: Split
+    invalid_report: Path
+    warnings: list[str]
+
+
+def prepare(job: JobConfig, progress: bool = True) -> PreparedData:
+    """Load and check the table, claim the job's record, then featurize and split."""
+    table = load_job_table(job)
+    claim_job(job, table)
+    return prepare_data(job, progress=progress, table=table)
+
+
+def load_job_table(job: JobConfig) -> MoleculeTable:
+    """The job's molecule table, read and validated (cheap: no featurization yet)."""
+    return load_table(
+        job.data.source,
+        job.data.smiles_column,
+        job.data.targets,
+        _cache_dir(job),
+        allow_single_class=job.data.allow_single_class,
+    )
+
+
+def fingerprint(job: JobConfig, table: MoleculeTable) -> Fingerprint:
+    """What a continuation of this job must match (see tune.identity)."""
+    return Fingerprint(
+        content_hash=table.content_hash,
+        tasks=list(table.tasks),
+        featurizer=asdict(job.featurizer),
+        split=asdict(job.split),
+    )
+
+
+def claim_job(job: JobConfig, table: MoleculeTable) -> None:
+    """Make sure this command may write job `job.name`'s record, before any work is done.
+
+    A job folder that exists is continued only on the same data, targets, featurizer and split
+    (JobMismatchError otherwise). A new job must not find a study of its name in a shared study
+    database (it would continue another job's trials).
+    """
+    root = job.job_dir
+    now = fingerprint(job, table)
+    job.storage_root.mkdir(parents=True, exist_ok=True)
+    if (root / CONFIG_FILE).exists():
+        saved = read_fingerprint(root)
+        if saved is None:
+            log.warning(
+                "job %s has no saved data fingerprint (made by an older toxtune)",
+                job.name,
+            )
+        check_continuation(job.name, saved, now)
+    else:
+        n = study.count_trials(job)
+        if n:
+            raise JobMismatchError(
+                f"job {job.name!r} is new here ({root} does not exist) but the study database "
+                f"{job.study_storage} already holds a study of that name with {n} trials; "
+                "pick another --run-name"
+            )
+    write_fingerprint(root, now)
+
+
+def prepare_data(
+    job: JobConfig, progress: bool = True, table: MoleculeTable | None = None
+) -> PreparedData:
+    """Featurize (cached) and split `table` (read from the job's source when not given)."""
+    table = table if table is not None else load_job_table(job)
+    features = featurize_cached(
+        table.smiles,
+        job.featurizer,
+        _cache_dir(job),
+        table.content_hash,
+        progress=progress,
+    )
+    labels = table.labels[features.valid_rows]
+    split = split_dataset([table.smiles[i] for i in features.valid_rows], labels, job.split)
+    report = write_invalid_report(features.invalid, job.job_dir / INVALID_REPORT, table.lines)
+    check_validation(labels, split, table.tasks, job.split.method)
+    warnings = missing_class_warnings(labels, split, table.tasks)
+    for w in warnings:
+        log.warning(w)
+    return PreparedData(table, features, labels, split, report, warnings)
+
+
+def check_validation(labels: np.ndarray, split: Split, tasks: list[str], method: str) -> None:
+    """Refuse a split whose validation part holds both classes of no task at all: every trial
+    would score NaN and the search could choose nothing (seen with a task of 2 positives, or a
+    scaffold split of a handful of molecules)."""
+    valid = labels[split.valid]
+    counts = [
+        (int(np.sum(valid[:, j] == 1)), int(np.sum(valid[:, j] == 0))) for j in range(len(tasks))
+    ]
+    if any(pos and neg for pos, neg in counts):
+        return
+    totals = [
+        (int(np.sum(labels[:, j] == 1)), int(np.sum(labels[:, j] == 0))) for j in range(len(tasks))
+    ]
+    shown = "; ".join(
+        f"{task!r}: {pos} positives, {neg} negatives in validation ({tp} and {tn} in all)"
+        for task, (pos, neg), (tp, tn) in list(zip(tasks, counts, totals, strict=True))[:10]
+    )
+    raise DataError(
+        f"the {method} split leaves no task with both classes in its {len(split.valid)} "
+        f"validation rows, so no trial could be scored: {shown}. More labelled rows of the rare "
+        "class, a larger split.valid, or split.method stratified would help"
+    )
+
+
+def _cache_dir(job: JobConfig) -> Path:
+    return Path(job.data.cache_dir).expanduser() if job.data.cache_dir else default_cache_dir()

@@ -1,0 +1,65 @@
+"""Stage 4, record: the job's MLflow record once the search is over, and the registered model.
+
+Contract: `record(...)` logs the dataset fingerprint, search space, cluster, trials table, plots
+and the validation/test metrics to the job's parent run, then registers the final model (the
+alias moves only as `tracking.register_best_model` decides, and the returned note says how).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tune import study, tracking
+from tune.config import JobConfig
+from tune.finalize import FinalModel
+from tune.prepare import PreparedData
+from tune.space import build_space, describe
+
+
+def record(
+    job: JobConfig,
+    data: PreparedData,
+    trials: pd.DataFrame,
+    final: FinalModel,
+    parent_run_id: str,
+    cluster: dict[str, float],
+) -> tracking.Registration:
+    """Log the job summary to the parent run and register the final model."""
+    summary = tracking.JobSummary(
+        n_rows=len(data.table.smiles),
+        n_valid=len(data.features),
+        content_hash=data.table.content_hash,
+        source=job.data.source,
+        invalid_report=data.invalid_report,
+        search_space=describe(build_space(job.search.space)),
+        ray_address=job.ray.address or "local",
+        cluster=cluster,
+        best_trial_id=final.trial_id,
+        best_params=final.params,
+        best_valid=final.valid,
+        test_metrics=final.test,
+        trials=trials,
+        study=study.load(job),
+        roc_data=(data.labels[data.split.test], final.test_probs, data.table.tasks),
+        test_seeds=final.test_seeds,
+        skipped_columns=dict(data.table.skipped_columns),
+    )
+    tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
+    return tracking.register_best_model(
+        job.tracking_uri,
+        parent_run_id,
+        final.checkpoint,
+        job.model_name,
+        job.tracking.alias,
+        tags={
+            "searcher": job.search.searcher,
+            "scheduler": job.search.scheduler,
+            "seed": str(job.search.seed),
+            "split": f"{job.split.method}:{job.split.seed}",
+            "data_hash": data.table.content_hash,
+            "trial_id": final.trial_id,
+            "val_roc_auc": f"{final.valid.get('val_roc_auc', float('nan')):.6f}",
+            "test_roc_auc": f"{final.test.roc_auc:.6f}",
+            "ensemble": str(job.search.ensemble),
+        },
+    )

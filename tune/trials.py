@@ -1,0 +1,106 @@
+"""Ray Tune's results, read once: one record per trial across every round of a job.
+
+The trials table, the MLflow status words and the best-checkpoint choice all come from these
+records, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from ray import tune as ray_tune
+
+from tune.config import JobConfig
+from tune.errors import SearchError
+from tune.study import METRIC, MODE
+from tune.tracking import trial_ending
+from tune.trainable import CHECKPOINT_FILE
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial: its best epoch's row, how far it ran and how it ended, its checkpoint."""
+
+    trial_id: str
+    round: str  # the Ray experiment (job name, or <name>-r<k> for a grown job)
+    row: dict[str, Any]  # the best epoch's metrics and `config/...` columns
+    config: dict[str, Any]
+    epochs: int
+    status: str  # finished | early_stopped | failed | ... (the MLflow status tag's words)
+    finished_reason: str
+    checkpoint: Path | None  # the best epoch's checkpoint file
+
+    @property
+    def score(self) -> float:
+        value = self.row.get(METRIC)
+        return float(value) if value is not None and np.isfinite(value) else float("nan")
+
+
+def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
+    """Every trial of every round that left an experiment state, in Ray's order."""
+    records = []
+    for name in rounds:
+        path = job.storage_root / name
+        if not ray_tune.Tuner.can_restore(str(path)):
+            continue
+        grid = ray_tune.ExperimentAnalysis(str(path), default_metric=METRIC, default_mode=MODE)
+        frame = grid.dataframe(metric=METRIC, mode=MODE)
+        rows = {r["trial_id"]: r for r in frame.to_dict("records")} if not frame.empty else {}
+        for trial in grid.trials:
+            if trial.trial_id not in rows:
+                continue
+            epochs, status, reason = _ending(job, trial.status, trial.last_result or {})
+            ckpt = Path(trial.checkpoint.path) / CHECKPOINT_FILE if trial.checkpoint else None
+            records.append(
+                TrialRecord(
+                    trial_id=trial.trial_id,
+                    round=name,
+                    row=rows[trial.trial_id],
+                    config=dict(trial.config),
+                    epochs=epochs,
+                    status=status,
+                    finished_reason=reason,
+                    checkpoint=ckpt,
+                )
+            )
+    return records
+
+
+def _ending(job: JobConfig, status: str, last: dict[str, Any]) -> tuple[int, str, str]:
+    """(epochs run, status word, finished reason) of a trial, as its MLflow run says them."""
+    if status == "TERMINATED":
+        state, reason, epochs = trial_ending(last, job.search.max_epochs)
+        return epochs, state, reason
+    epochs = int(last.get("training_iteration", 0) or 0)
+    reason = str(last.get("finished_reason") or "")
+    return epochs, "failed" if status == "ERROR" else status.lower(), reason
+
+
+def table(records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per trial, best first: the best epoch plus `epochs`, `status`, `round`."""
+    if not records:
+        return pd.DataFrame()
+    rows = [
+        {
+            **{k: v for k, v in r.row.items() if k != "finished_reason"},
+            "epochs": r.epochs,
+            "status": r.status,
+            "finished_reason": r.finished_reason,
+            "round": r.round,
+        }
+        for r in records
+    ]
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(METRIC, ascending=False, na_position="last", ignore_index=True)
+
+
+def best(records: list[TrialRecord], job_name: str) -> TrialRecord:
+    """The best trial (validation only) that left a checkpoint."""
+    scored = [r for r in records if r.checkpoint is not None and np.isfinite(r.score)]
+    if not scored:
+        raise SearchError(f"no trial of job {job_name} finished with a checkpoint")
+    return max(scored, key=lambda r: r.score)
