@@ -1,0 +1,68 @@
+"""The tracking backend without a server: MLflow's HTTP fast-fail settings, held and released."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from tune.tracking.backend import FAST_FAIL_HTTP, fast_fail_http
+
+RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in FAST_FAIL_HTTP:
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_settings_hold_inside_and_go_after() -> None:
+    with fast_fail_http():
+        assert {k: os.environ.get(k) for k in FAST_FAIL_HTTP} == FAST_FAIL_HTTP
+    assert not set(FAST_FAIL_HTTP) & set(os.environ)
+
+
+def test_a_variable_the_user_set_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RETRIES, "3")
+    with fast_fail_http():
+        assert os.environ[RETRIES] == "3"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
+    assert os.environ[RETRIES] == "3"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_nested_holders_keep_the_settings_until_the_outer_leaves() -> None:
+    with fast_fail_http():
+        with fast_fail_http({**FAST_FAIL_HTTP, "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}):
+            assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"  # the held value
+        assert os.environ[RETRIES] == "0"
+    assert RETRIES not in os.environ
+
+
+def test_a_thread_leaving_does_not_pull_the_settings_from_another() -> None:
+    """Two holders in two threads: the first to leave must not unset the other's settings."""
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[str | None] = []
+
+    def first() -> None:
+        with fast_fail_http():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with fast_fail_http():
+            second_in.set()
+            first_out.wait(10)
+            seen.append(os.environ.get(RETRIES))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == ["0"]
+    assert RETRIES not in os.environ

@@ -1,0 +1,53 @@
+"""MLflow tracking (the record stage): one parent run per job, one child run per trial.
+
+    check_tracking(uri)                         # backend.py: refuse an unusable backend first
+    parent = start_job_run(uri, exp, name, config, resume)     # runs.py: the job's run
+    MlflowTrialCallback(uri, exp, parent, max_epochs)  # callback.py: trial runs
+    log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots
+    register_best_model(uri, parent, checkpoint, name)         # registry.py: version, alias
+    finish_job_run(uri, parent, status)                        # runs.py: closed whatever happens
+
+Modules, one idea each: `backend` (URIs, clients, health checks, experiments, HTTP fast-fail),
+`names` (tag keys, MLflow-safe keys), `runs` (the
+parent run's lifecycle, orphans, params), `callback` (the Ray Tune callback and its replay
+queue), `summary` (the job summary and Description), `registry` (registration, alias policy).
+Every call uses an explicit client for the job's URI; nothing sets MLflow's global state.
+"""
+
+from tune.errors import TrackingError
+from tune.tracking.backend import (
+    check_tracking,
+    client_for,
+    default_tracking_uri,
+    ensure_experiment,
+    fast_fail_http,
+)
+from tune.tracking.callback import MlflowTrialCallback, trial_ending
+from tune.tracking.names import JOB_TAG, KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG
+from tune.tracking.registry import Registration, register_best_model
+from tune.tracking.runs import child_runs, close_orphans, finish_job_run, start_job_run
+from tune.tracking.summary import JobSummary, log_job_summary
+
+__all__ = [
+    "JOB_TAG",
+    "KIND_TAG",
+    "PARENT_TAG",
+    "STATUS_TAG",
+    "TRIAL_TAG",
+    "JobSummary",
+    "MlflowTrialCallback",
+    "Registration",
+    "TrackingError",
+    "check_tracking",
+    "child_runs",
+    "client_for",
+    "close_orphans",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "fast_fail_http",
+    "finish_job_run",
+    "log_job_summary",
+    "register_best_model",
+    "start_job_run",
+    "trial_ending",
+]

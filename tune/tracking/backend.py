@@ -1,0 +1,257 @@
+"""The tracking backend: URIs, explicit clients, health checks, experiments, HTTP fast-fail.
+
+Contract: every MLflow call in toxtune goes through a client from `client_for(uri)` (never
+MLflow's global tracking URI or active run); `check_tracking(uri)` refuses an unusable backend
+before any trial runs.
+
+MLflow HTTP retries. MLflow 3 (checked on 3.17) reads `MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
+`..._BACKOFF_FACTOR` and `..._TIMEOUT` from the environment on every request
+(`mlflow.utils.rest_utils.http_request`); neither `MlflowClient` nor `RestStore` accepts them,
+and `call_endpoint` passes none, so there is no per-client or per-thread setting. Its defaults
+(7 retries with exponential backoff, a 120 s timeout) would stall the Tune loop for minutes while
+a server is down, and toxtune has its own replay queue (`callback.py`). So `fast_fail_http()`
+sets them for the process while a block of toxtune's own MLflow calls runs, leaving alone any the
+user set. It is counted: nested or concurrent holders share one setting, and the variables go
+only when the last holder leaves. Other threads' MLflow calls in the same process see the same
+values while a holder is inside; in a toxtune driver there are none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tune.errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# MLflow's HTTP settings while toxtune logs (see the module docstring).
+FAST_FAIL_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+MAX_BACKOFF_S = 15.0
+
+
+def default_tracking_uri(root: Path) -> str:
+    """`sqlite:///<root>/mlflow.db` with an absolute path: the embedded default backend."""
+    return f"sqlite:///{Path(root).expanduser().resolve() / 'mlflow.db'}"
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a SQLite backend keeps artifacts: `mlartifacts/` beside the database, never cwd."""
+    path = sqlite_path(uri)
+    return path.expanduser().resolve().parent / "mlartifacts" if path else None
+
+
+def client_for(uri: str) -> MlflowClient:
+    """A client bound to `uri` for tracking and registry (no global MLflow state)."""
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP fast-fail (see the module docstring for why it is process-wide)
+
+_held_lock = threading.Lock()
+_held: dict[str, int] = {}  # variable -> holders, for the variables fast_fail_http set
+
+
+@contextlib.contextmanager
+def fast_fail_http(settings: Mapping[str, str] = FAST_FAIL_HTTP) -> Iterator[None]:
+    """Turn MLflow's HTTP retries down for the process while the block runs.
+
+    A variable the user set is left as it is. One this context set stays until its last holder
+    leaves; a holder that asks for another value of a variable already held gets the held one.
+    """
+    mine = []
+    with _held_lock:
+        for key, value in settings.items():
+            if key in _held:
+                _held[key] += 1
+            elif key in os.environ:
+                continue  # the user's choice
+            else:
+                os.environ[key] = value
+                _held[key] = 1
+            mine.append(key)
+    try:
+        yield
+    finally:
+        with _held_lock:
+            for key in mine:
+                _held[key] -= 1
+                if not _held[key]:
+                    del _held[key]
+                    os.environ.pop(key, None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error worth retrying later: server down/overloaded, timeout, SQLite lock."""
+    if isinstance(
+        exc,
+        requests.exceptions.ConnectionError
+        | requests.exceptions.Timeout
+        | ConnectionError
+        | TimeoutError,
+    ):
+        return True
+    if isinstance(exc, requests.exceptions.HTTPError):
+        response = exc.response
+        return response is None or response.status_code >= 500 or response.status_code == 429
+    text = str(exc)
+    if isinstance(exc, MlflowException):
+        if exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        if text.startswith("API request to"):  # rest_utils: connection error / retries spent
+            return True
+    return "database is locked" in text
+
+
+def retrying(what: str, fn: Callable[[], T], deadline_s: float = 60.0) -> T:
+    """Run `fn` with HTTP fast-fail, retrying transient failures until `deadline_s` passes."""
+    end = time.monotonic() + deadline_s
+    delay = 1.0
+    while True:
+        try:
+            with fast_fail_http():
+                return fn()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > end:
+                raise
+            log.warning("MLflow unavailable during %s (%s); retrying in %.0fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+def server_alive(uri: str, timeout: float = 3.0) -> bool:
+    """A tracking server answers /health (always True for a database URI)."""
+    if not is_http(uri):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and experiments
+
+
+def check_tracking(uri: str, timeout: float = 10) -> None:
+    """Refuse an unreachable tracking server or an unusable SQLite path, saying what to do.
+
+    Called before any trial runs, so a typo in the URI costs seconds, not a search.
+    """
+    if is_http(uri):
+        _check_server(uri, timeout)
+        return
+    path = sqlite_path(uri)
+    if path is not None:
+        folder = path.expanduser().resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"tracking URI {uri}: cannot create the database folder {folder} ({exc}); "
+                "choose a writable path with --tracking-uri sqlite:///PATH/mlflow.db"
+            ) from exc
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise TrackingError(
+                f"tracking URI {uri}: {path} is not writable; choose a writable path with "
+                "--tracking-uri sqlite:///PATH/mlflow.db"
+            )
+        return
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"tracking URI {uri!r}: MLflow 3's file store is refused; use sqlite:///PATH/mlflow.db "
+            "or http://HOST:PORT"
+        )
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    health = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as resp:
+            status = resp.status
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it "
+            f"(e.g. `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri "
+            f"sqlite:///mlflow.db`) or pass another --tracking-uri"
+        ) from exc
+    if status != 200:
+        raise TrackingError(
+            f"MLflow tracking server {uri} answered HTTP {status} on /health; "
+            "check that it is an MLflow server and healthy, or pass another --tracking-uri"
+        )
+    try:
+        with fast_fail_http({**FAST_FAIL_HTTP, "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}):
+            client_for(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is up but refused an API call ({exc}); check "
+            "its credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN) and version"
+        ) from exc
+
+
+def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """The experiment's id; a new one on SQLite keeps its artifacts under `mlartifacts/`."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", name)
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root = artifact_root(uri)
+    location = (root / re.sub(r"[^\w.-]+", "_", name)).as_uri() if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def search_all(client: MlflowClient, exp_ids: list[str], filter_string: str) -> list[Run]:
+    """Every run matching the filter (all pages), newest first."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            exp_ids,
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
