@@ -44,6 +44,7 @@ from tune.tracking import (
     log_job_summary,
     start_job_run,
 )
+from tune.tracking.backend import EXPERIMENT_KIND_TAG, experiment_url
 
 EPOCHS = 3
 TASKS = ["NR-AR", "SR-p53"]
@@ -323,6 +324,31 @@ def test_resume_reopens_the_same_job_run(tmp_path: Path) -> None:
     other = start_job_run(uri, "exp", "another job", config, resume=True)
     assert len({first, fresh, other}) == 3
     assert start_job_run(uri, "exp", "it's a job; rm -rf /", config, resume=True) == fresh
+
+
+def test_experiments_are_tagged_for_the_training_runs_view(tmp_path: Path) -> None:
+    """MLflow 3 shows an experiment without a kind as GenAI (traces); toxtune's are training."""
+    uri = default_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    start_job_run(uri, "fresh", "job", {}, resume=False)
+    kind = client.get_experiment_by_name("fresh").tags[EXPERIMENT_KIND_TAG]
+    assert kind == "custom_model_development"
+
+    older = client.create_experiment("older")  # made before toxtune tagged its experiments
+    start_job_run(uri, "older", "job", {}, resume=False)
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    start_job_run(uri, "chosen", "job", {}, resume=False)
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+    # MLflow 3.17's UI follows its workflow switch, not the tag: toxtune's links set it.
+    assert experiment_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert experiment_url("http://h:5000", "7", "abc").endswith(
+        "/#/experiments/7/runs/abc?workflowType=machine_learning"
+    )
 
 
 def test_close_orphans_kills_only_runs_that_will_not_continue(tmp_path: Path) -> None:

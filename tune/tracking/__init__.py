@@ -20,6 +20,7 @@ from tune.tracking.backend import (
     client_for,
     default_tracking_uri,
     ensure_experiment,
+    experiment_url,
     fast_fail_http,
 )
 from tune.tracking.callback import MlflowTrialCallback, trial_ending
@@ -44,6 +45,7 @@ __all__ = [
     "close_orphans",
     "default_tracking_uri",
     "ensure_experiment",
+    "experiment_url",
     "fast_fail_http",
     "finish_job_run",
     "log_job_summary",

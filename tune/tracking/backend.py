@@ -2,7 +2,7 @@
 
 Contract: every MLflow call in toxtune goes through a client from `client_for(uri)` (never
 MLflow's global tracking URI or active run); `check_tracking(uri)` refuses an unusable backend
-before any trial runs.
+before any trial runs; `ensure_experiment` returns an experiment tagged as a model-training one.
 
 MLflow HTTP retries. MLflow 3 (checked on 3.17) reads `MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
 `..._BACKOFF_FACTOR` and `..._TIMEOUT` from the environment on every request
@@ -49,6 +49,14 @@ FAST_FAIL_HTTP = {
 }
 MAX_BACKOFF_S = 15.0
 
+# The experiment tag MLflow 3's UI reads for an experiment's kind (the experiment-kind selector
+# in mlflow/server/js; `mlflow/demo` sets it too). MLflow 3.17's UI opens an experiment in the
+# view of its workflow switch (GenAI by default, or `?workflowType=` in the URL) whatever the
+# tag says, so links toxtune prints carry `workflowType=machine_learning` (`experiment_url`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"
+
 
 def default_tracking_uri(root: Path) -> str:
     """`sqlite:///<root>/mlflow.db` with an absolute path: the embedded default backend."""
@@ -72,6 +80,12 @@ def artifact_root(uri: str) -> Path | None:
 def client_for(uri: str) -> MlflowClient:
     """A client bound to `uri` for tracking and registry (no global MLflow state)."""
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_url(ui: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (its training-runs table) or of one run in it."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_WORKFLOW}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,22 +235,29 @@ def _check_server(uri: str, timeout: float) -> None:
 
 
 def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
-    """The experiment's id; a new one on SQLite keeps its artifacts under `mlartifacts/`."""
+    """The experiment's id, tagged as a model-training experiment (`EXPERIMENT_KIND_TAG`).
+
+    A new one on SQLite keeps its artifacts under `mlartifacts/`; a deleted one is restored; an
+    existing one without a kind gets it (a kind someone chose is left alone).
+    """
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            log.warning("MLflow experiment %r was deleted; restoring it", name)
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    root = artifact_root(uri)
-    location = (root / re.sub(r"[^\w.-]+", "_", name)).as_uri() if root else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        root = artifact_root(uri)
+        location = (root / re.sub(r"[^\w.-]+", "_", name)).as_uri() if root else None
+        try:
+            return client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+            )
+        except MlflowException:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        log.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
 
 
 def search_all(client: MlflowClient, exp_ids: list[str], filter_string: str) -> list[Run]:
