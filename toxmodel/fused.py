@@ -248,7 +248,7 @@ class _Stack:
         var = self.buffers[layer.prefix + "running_var"]
         w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
         options = {"training": train, "momentum": layer.momentum, "eps": layer.eps}
-        if x.device.type == "cpu":
+        if _per_member(x):
             parts = zip(x.unbind(0), mean, var, w.unbind(0), b.unbind(0), strict=True)
             return torch.stack([F.batch_norm(*part, **options) for part in parts])
         k, rows, width = x.shape
@@ -262,7 +262,7 @@ class _Stack:
         """Per-member LayerNorm: member by member on the CPU (see `_each`), stacked on a GPU."""
         w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
         width = (x.shape[-1],)
-        if x.device.type == "cpu":
+        if _per_member(x):
             parts = zip(x.unbind(0), w.unbind(0), b.unbind(0), strict=True)
             return torch.stack([F.layer_norm(xi, width, wi, bi, layer.eps) for xi, wi, bi in parts])
         return F.layer_norm(x, width, eps=layer.eps) * w.unsqueeze(1) + b.unsqueeze(1)
@@ -282,7 +282,7 @@ class _Stack:
         keys = list(self.params)
         for (lr, beta1, beta2, momentum, wd), members in groups.items():
             # One call for the whole stack where it may; on the CPU per member (see `_each`).
-            whole = len(members) == len(hyper) and self.step_count.device.type != "cpu"
+            whole = len(members) == len(hyper) and not _per_member(self.step_count)
 
             def pick(tensors: list[Tensor], members: list[int] = members, whole: bool = whole):
                 return tensors if whole else [t[i] for i in members for t in tensors]
@@ -340,6 +340,11 @@ class _Stack:
         return state
 
 
+def _per_member(x: Tensor) -> bool:
+    """Run ops member by member on slices (the CPU; see `_each`) rather than on the stack."""
+    return x.device.type == "cpu"
+
+
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """K affine maps: one batched product on a GPU, `fit`'s own `F.linear` per member on the CPU.
 
@@ -347,7 +352,7 @@ def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     with more than one thread it rounds differently; per member, each product is the very
     `addmm` that `fit` runs, and the results stay bit-identical at any thread count.
     """
-    if x.device.type == "cpu":
+    if _per_member(x):
         parts = zip(x.unbind(0), w.unbind(0), b.unbind(0), strict=True)
         return torch.stack([F.linear(xi, wi, bi) for xi, wi, bi in parts])
     return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
@@ -361,7 +366,7 @@ def _each(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     of a member's elements from one path to the other and break bit-equality with `fit`. GPU
     kernels compute every element alike, so one call gives the same numbers there.
     """
-    if x.device.type == "cpu":  # unbind: its backward is one stack, not K zero-filled copies
+    if _per_member(x):  # unbind: its backward is one stack, not K zero-filled copies
         return torch.stack([fn(member) for member in x.unbind(0)])
     return fn(x)
 
@@ -374,7 +379,7 @@ def _masked_bce_many(
     `weighted` (K,) bool picks the positive-weighted loss for members that asked for it when
     only some did (each member's loss is then exactly the one `fit` computes).
     """
-    if logits.device.type == "cpu":  # see `_each`
+    if _per_member(logits):  # see `_each`
         losses = []
         for i in range(len(logits)):
             use = weight if weighted is None or bool(weighted[i]) else None
