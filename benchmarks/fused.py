@@ -7,13 +7,14 @@ After a search, a job retrains the best trial's configuration with seeds search.
 k in {0..final_seeds-1} and {1..ensemble-1} (tune.search._finish; 5 retrains for tox21.yaml).
 This trains those retrains of the search's default point (its first trial, a typical winner's
 shape: 1024-512 ReLU) with the config's featurizer, split, max_epochs and patience, one by one
-and then fused, in one process, and prints both wall times, the ratio and whether every
-member's weights came out identical.
+and then fused, in one process (with --repeats, alternately), and prints the wall times, the
+ratio of the best of each, and whether every member's weights came out identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/toxtune-bench", help="feature cache folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override search.max_epochs")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each way, alternated")
     args = parser.parse_args()
 
     job = load_config(args.config)
@@ -66,26 +68,35 @@ def main() -> None:
         f"patience {s.patience}"
     )
     args_fit = (features, labels, split, table.tasks, model_config)
-    started = time.perf_counter()
-    one_by_one = [fit(*args_fit, cfg, device=args.device) for cfg in configs]
-    t_seq = time.perf_counter() - started
-    started = time.perf_counter()
-    fused = fit_many(*args_fit, configs, device=args.device)
-    t_fused = time.perf_counter() - started
+    walls: dict[str, list[float]] = {"one by one": [], "fused": []}
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    for rep in range(args.repeats):  # alternate the order: ABBA...
+        order = ["one by one", "fused"] if rep % 2 == 0 else ["fused", "one by one"]
+        for way in order:
+            started = time.perf_counter()
+            if way == "fused":
+                fused = fit_many(*args_fit, configs, device=args.device)
+            else:
+                one_by_one = [fit(*args_fit, cfg, device=args.device) for cfg in configs]
+            walls[way].append(time.perf_counter() - started)
+            print(f"  {way}: {walls[way][-1]:.1f} s (load average {os.getloadavg()[0]:.2f})")
 
     identical = 0
-    for a, b in zip(one_by_one, fused, strict=True):
+    for cfg, a, b in zip(configs, one_by_one, fused, strict=True):
         sa, sb = a.model.state_dict(), b.model.state_dict()
         same = all(torch.equal(sa[k], sb[k]) for k in sa) and a.best_epoch == b.best_epoch
         identical += same
         print(
-            f"  seed {a.history and configs[one_by_one.index(a)].seed}: epochs "
-            f"{len(a.history)}/{len(b.history)}, best {a.best_epoch}/{b.best_epoch}, "
-            f"val ROC-AUC {a.best_valid.roc_auc:.4f}/{b.best_valid.roc_auc:.4f} "
-            f"(one by one/fused), identical weights: {same}"
+            f"  seed {cfg.seed}: epochs {len(a.history)}/{len(b.history)}, best "
+            f"{a.best_epoch}/{b.best_epoch}, val ROC-AUC {a.best_valid.roc_auc:.4f}/"
+            f"{b.best_valid.roc_auc:.4f} (one by one/fused), identical weights: {same}"
         )
+    t_seq, t_fused = min(walls["one by one"]), min(walls["fused"])
     n_epochs = sum(len(r.history) for r in fused)
-    print(f"one by one: {t_seq:.1f} s | fused: {t_fused:.1f} s ({n_epochs} member-epochs)")
+    print(
+        f"one by one: {t_seq:.1f} s | fused: {t_fused:.1f} s (best of {args.repeats}; "
+        f"{n_epochs} member-epochs)"
+    )
     print(f"fused / one by one: {t_fused / t_seq:.2f} (speed-up {t_seq / t_fused:.2f}x)")
     print(f"members with identical weights and best epoch: {identical} of {len(configs)}")
 
