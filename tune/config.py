@@ -23,6 +23,7 @@ from toxmodel.split import SplitConfig, validate_split_config
 from tune.errors import ConfigError
 from tune.identity import check_name, default_model_name, new_name
 from tune.space import validate_overrides
+from tune.storage import Storage
 
 CONFIG_FILE = "toxtune_job.yaml"  # the resolved config, saved in the job's folder for --resume
 
@@ -166,14 +167,22 @@ class JobConfig:
         return self.tracking.registered_model_name or default_model_name(self.data.source)
 
     @property
+    def storage(self) -> Storage:
+        """Where the job's results live (a local folder or an object store; tune.storage)."""
+        return Storage.open(self.ray.storage_path)
+
+    @property
     def job_dir(self) -> Path:
-        """The job's folder under the results storage (its first Ray experiment, config,
-        data fingerprint, invalid-SMILES report and rounds file)."""
+        """The job's local folder; only for local storage (use `storage` for any URI)."""
         return self.storage_root / self.name
 
     @property
     def storage_root(self) -> Path:
-        return Path(self.ray.storage_path).expanduser().resolve()
+        """The results folder as a local path; ConfigError for an object-store URI."""
+        storage = self.storage
+        if not storage.is_local:
+            raise ConfigError(f"ray.storage_path {storage.uri} is not a local folder")
+        return storage.local()
 
     @property
     def tracking_uri(self) -> str:
@@ -330,6 +339,8 @@ def validate(job: JobConfig) -> JobConfig:
     if not job.tracking.experiment_name:
         raise ConfigError("tracking.experiment_name must not be empty")
     _check_names(job)
+    _no_credentials(job)
+    _check_storage(job)
     if not 0 <= s.seed < 2**32:
         raise ConfigError(f"search.seed must be in [0, 2**32), got {s.seed}")
     if not 0 <= job.split.seed < 2**32:
@@ -344,7 +355,6 @@ def validate(job: JobConfig) -> JobConfig:
             f"got {job.split.valid}"
         )
     validate_overrides(s.space)
-    _no_credentials(job)
     return job
 
 
@@ -383,12 +393,31 @@ def named(job: JobConfig, exists: Any = None) -> JobConfig:
     return dataclasses.replace(job, tracking=dataclasses.replace(job.tracking, run_name=name))
 
 
+def _check_storage(job: JobConfig) -> None:
+    """An object-store job keeps nothing on the driver's disk: its MLflow backend and Optuna
+    study must be servers every node and a restarted driver reach, not SQLite files."""
+    storage = job.storage
+    if storage.is_local:
+        return
+    for where, uri, what in (
+        ("tracking.tracking_uri", job.tracking.tracking_uri, "an MLflow server (http://...)"),
+        ("tracking.study_storage", job.tracking.study_storage, "a database URL (postgresql://...)"),
+    ):
+        if not uri or uri.startswith("sqlite:"):
+            raise ConfigError(
+                f"ray.storage_path is the object store {storage.uri}, so {where} must be "
+                f"{what}: a SQLite file would live in the driver's working directory and be "
+                "lost with it (set it with a flag or in the config)"
+            )
+
+
 def _no_credentials(job: JobConfig) -> None:
     """Refuse URIs with embedded passwords: they would end up in logs and MLflow params."""
     for where, uri in (
         ("tracking.tracking_uri", job.tracking.tracking_uri),
         ("tracking.study_storage", job.tracking.study_storage),
         ("data.source", job.data.source),
+        ("ray.storage_path", job.ray.storage_path),
     ):
         if uri and "://" in uri:
             netloc = uri.split("://", 1)[1].split("/", 1)[0]

@@ -15,10 +15,12 @@ import datetime as dt
 import json
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, JobMismatchError
+
+if TYPE_CHECKING:
+    from tune.storage import Storage
 
 FINGERPRINT_FILE = "toxtune_fingerprint.json"
 # A job name is a folder under the results storage and an MLflow run name: one path segment.
@@ -89,12 +91,12 @@ class Fingerprint:
         return out
 
 
-def read_fingerprint(job_dir: Path) -> Fingerprint | None:
-    """The fingerprint saved in a job's folder, or None (a new job, or one made before 0.2)."""
-    path = job_dir / FINGERPRINT_FILE
-    if not path.is_file():
+def read_fingerprint(storage: Storage, name: str) -> Fingerprint | None:
+    """The fingerprint saved in job `name`'s folder, or None (a new job, or an older one)."""
+    text = storage.read_text(name, FINGERPRINT_FILE)
+    if text is None:
         return None
-    raw = json.loads(path.read_text())
+    raw = json.loads(text)
     return Fingerprint(
         content_hash=str(raw["content_hash"]),
         tasks=[str(t) for t in raw["tasks"]],
@@ -103,9 +105,8 @@ def read_fingerprint(job_dir: Path) -> Fingerprint | None:
     )
 
 
-def write_fingerprint(job_dir: Path, fingerprint: Fingerprint) -> None:
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / FINGERPRINT_FILE).write_text(json.dumps(asdict(fingerprint), indent=1))
+def write_fingerprint(storage: Storage, name: str, fingerprint: Fingerprint) -> None:
+    storage.write_text(name, FINGERPRINT_FILE, text=json.dumps(asdict(fingerprint), indent=1))
 
 
 def check_continuation(name: str, saved: Fingerprint | None, now: Fingerprint) -> None:

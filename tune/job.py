@@ -12,6 +12,7 @@ closed (FINISHED or FAILED) whatever happens.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tune.drills import FaultPlan
 from tune.finalize import finalize
 from tune.prepare import prepare
 from tune.record import record
-from tune.search import Rounds, search
+from tune.search import Rounds, refuse_impossible_local_request, search
 
 
 @dataclass
@@ -33,7 +34,7 @@ class JobResult:
     """What a finished job hands back to the CLI."""
 
     name: str
-    experiment_path: Path
+    experiment_path: str  # the job's folder: a local path or an object-store URI
     trials: pd.DataFrame
     best_trial_id: str
     best_config: dict[str, Any]
@@ -53,29 +54,33 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     A job whose folder exists continues (same data and settings only): an interrupted search is
     restored, a finished one grows to `search.num_samples` trials.
     """
-    job = named(job, exists=lambda name: (job.storage_root / name).exists())
+    job = named(job, exists=job.storage.exists)
+    refuse_impossible_local_request(job)
+    job.storage.check_writable()
     tracking.check_tracking(job.tracking_uri)
     data = prepare(job, progress=progress)
-    (job.job_dir / CONFIG_FILE).write_text(dump_config(job))
+    job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))
     parent = tracking.start_job_run(
         job.tracking_uri,
         job.tracking.experiment_name,
         job.name,
         job.to_dict(),
-        resume=bool(Rounds.load(job.job_dir).names),
+        resume=bool(Rounds.load(job).names),
     )
     status = "FAILED"
     try:
-        outcome = search(job, data, parent, faults)
-        final = finalize(job, data, trials.best(outcome.trials, job.name))
-        table = trials.table(outcome.trials)
-        registration = record(job, data, table, final, parent, outcome.cluster)
+        with tempfile.TemporaryDirectory(prefix="toxtune-job-") as scratch:
+            outcome = search(job, data, parent, faults)
+            best = trials.best(outcome.trials, job, outcome.seconds)
+            final = finalize(job, data, best, Path(scratch))
+            table = trials.table(outcome.trials)
+            registration = record(job, data, table, final, parent, outcome.cluster)
         status = "FINISHED"
     finally:
         tracking.finish_job_run(job.tracking_uri, parent, status)
     return JobResult(
         name=job.name,
-        experiment_path=job.job_dir,
+        experiment_path=job.storage.uri_of(job.name),
         trials=table,
         best_trial_id=final.trial_id,
         best_config=final.params,

@@ -40,7 +40,7 @@ class PreparedData:
     features: Features
     labels: np.ndarray  # float32 (n_valid, n_tasks), aligned with features rows
     split: Split
-    invalid_report: Path
+    invalid_report: str  # URI (or local path) of the invalid-SMILES report
     warnings: list[str]
 
 
@@ -79,11 +79,10 @@ def claim_job(job: JobConfig, table: MoleculeTable) -> None:
     (JobMismatchError otherwise). A new job must not find a study of its name in a shared study
     database (it would continue another job's trials).
     """
-    root = job.job_dir
+    storage = job.storage
     now = fingerprint(job, table)
-    job.storage_root.mkdir(parents=True, exist_ok=True)
-    if (root / CONFIG_FILE).exists():
-        saved = read_fingerprint(root)
+    if storage.exists(job.name, CONFIG_FILE):
+        saved = read_fingerprint(storage, job.name)
         if saved is None:
             log.warning(
                 "job %s has no saved data fingerprint (made by an older toxtune)",
@@ -94,11 +93,11 @@ def claim_job(job: JobConfig, table: MoleculeTable) -> None:
         n = study.count_trials(job)
         if n:
             raise JobMismatchError(
-                f"job {job.name!r} is new here ({root} does not exist) but the study database "
+                f"job {job.name!r} is new in {storage.uri} but the study database "
                 f"{job.study_storage} already holds a study of that name with {n} trials; "
                 "pick another --run-name"
             )
-    write_fingerprint(root, now)
+    write_fingerprint(storage, job.name, now)
 
 
 def prepare_data(
@@ -115,7 +114,9 @@ def prepare_data(
     )
     labels = table.labels[features.valid_rows]
     split = split_dataset([table.smiles[i] for i in features.valid_rows], labels, job.split)
-    report = write_invalid_report(features.invalid, job.job_dir / INVALID_REPORT, table.lines)
+    with job.storage.staged(job.name, INVALID_REPORT) as local:
+        write_invalid_report(features.invalid, local, table.lines)
+    report = job.storage.uri_of(job.name, INVALID_REPORT)
     check_validation(labels, split, table.tasks, job.split.method)
     warnings = missing_class_warnings(labels, split, table.tasks)
     for w in warnings:

@@ -7,12 +7,16 @@ alias moves only as `tracking.register_best_model` decides, and the returned not
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 
+from toxmodel.featurize import write_invalid_report
 from tune import study, tracking
 from tune.config import JobConfig
 from tune.finalize import FinalModel
-from tune.prepare import PreparedData
+from tune.prepare import INVALID_REPORT, PreparedData
 from tune.space import build_space, describe
 
 
@@ -25,26 +29,31 @@ def record(
     cluster: dict[str, float],
 ) -> tracking.Registration:
     """Log the job summary to the parent run and register the final model."""
-    summary = tracking.JobSummary(
-        n_rows=len(data.table.smiles),
-        n_valid=len(data.features),
-        content_hash=data.table.content_hash,
-        source=job.data.source,
-        invalid_report=data.invalid_report,
-        search_space=describe(build_space(job.search.space)),
-        ray_address=job.ray.address or "local",
-        cluster=cluster,
-        best_trial_id=final.trial_id,
-        best_params=final.params,
-        best_valid=final.valid,
-        test_metrics=final.test,
-        trials=trials,
-        study=study.load(job),
-        roc_data=(data.labels[data.split.test], final.test_probs, data.table.tasks),
-        test_seeds=final.test_seeds,
-        skipped_columns=dict(data.table.skipped_columns),
-    )
-    tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
+    with tempfile.TemporaryDirectory(prefix="toxtune-record-") as tmp:
+        # A local copy of the invalid-SMILES report to log (the job's own may be in a bucket).
+        report = write_invalid_report(
+            data.features.invalid, Path(tmp) / INVALID_REPORT, data.table.lines
+        )
+        summary = tracking.JobSummary(
+            n_rows=len(data.table.smiles),
+            n_valid=len(data.features),
+            content_hash=data.table.content_hash,
+            source=job.data.source,
+            invalid_report=report,
+            search_space=describe(build_space(job.search.space)),
+            ray_address=job.ray.address or "local",
+            cluster=cluster,
+            best_trial_id=final.trial_id,
+            best_params=final.params,
+            best_valid=final.valid,
+            test_metrics=final.test,
+            trials=trials,
+            study=study.load(job),
+            roc_data=(data.labels[data.split.test], final.test_probs, data.table.tasks),
+            test_seeds=final.test_seeds,
+            skipped_columns=dict(data.table.skipped_columns),
+        )
+        tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
     return tracking.register_best_model(
         job.tracking_uri,
         parent_run_id,

@@ -14,22 +14,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune as ray_tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.stopper import CombinedStopper
 
 from tune import bridge, study, tracking
+from tune.cluster import check_cluster_storage
 from tune.config import JobConfig
 from tune.drills import FaultPlan
-from tune.errors import SearchError
-from tune.faults import ErrorBudget, RetryPolicy
+from tune.errors import ConfigError, SearchError
+from tune.faults import ErrorBudget, PendingWatch, RetryPolicy
 from tune.prepare import PreparedData
-from tune.resources import TrialShape, gpu_fraction
+from tune.resources import TrialShape, gpu_fraction, local_request_problem
 from tune.space import build_space
 from tune.study import METRIC, MODE
 from tune.trainable import TrialData, train_trial
@@ -58,16 +60,16 @@ class Rounds:
     finished: bool = False
 
     @classmethod
-    def load(cls, job_dir: Path) -> Rounds:
-        path = job_dir / DONE_FILE
-        if not path.exists():
+    def load(cls, job: JobConfig) -> Rounds:
+        text = job.storage.read_text(job.name, DONE_FILE)
+        if text is None:
             return cls()
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         return cls(list(raw["rounds"]), bool(raw.get("finished", False)))
 
-    def save(self, job_dir: Path) -> None:
+    def save(self, job: JobConfig) -> None:
         text = json.dumps({"rounds": self.names, "finished": self.finished})
-        (job_dir / DONE_FILE).write_text(text)
+        job.storage.write_text(job.name, DONE_FILE, text=text)
 
     @property
     def interrupted(self) -> bool:
@@ -82,6 +84,26 @@ class SearchOutcome:
     trials: list[TrialRecord]
     failed: dict[str, str]  # trial id -> failure kind, for trials that failed for good
     cluster: dict[str, float]
+    seconds: float = 0.0  # wall time of this command's search
+
+
+def refuse_impossible_local_request(job: JobConfig) -> None:
+    """A local job (no cluster address) whose trials could never start is refused before Ray
+    starts, naming what it asked for and what this machine has."""
+    if job.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    problem = local_request_problem(
+        job.resources.cpus_per_trial,
+        job.resources.gpus_per_trial,
+        job.ray.num_cpus,
+        job.ray.num_gpus,
+        torch.cuda.device_count(),
+        os.cpu_count() or 1,
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def search(
@@ -91,48 +113,61 @@ def search(
     faults: FaultPlan | None = None,
 ) -> SearchOutcome:
     """Restore an interrupted round, run a new one for any trials still due, read the results."""
+    started = time.monotonic()
     init_ray(job)
-    rounds = Rounds.load(job.job_dir)
+    if job.ray.address or os.environ.get("RAY_ADDRESS"):
+        # Every node must see the results folder: refuse before any trial runs (names the node).
+        check_cluster_storage(job.storage.uri)
+    rounds = Rounds.load(job)
     callback = tracking.MlflowTrialCallback(
         job.tracking_uri,
         job.tracking.experiment_name,
         parent_run_id,
         job.search.max_epochs,
+        dataset=tracking.dataset_info(data.table, job.split),
     )
     budget = ErrorBudget(job.faults.max_failed_trials)
-    callbacks = [callback, RetryPolicy(job.resources.cpus_per_trial), budget]
+    watch = PendingWatch(job.resources.pending_timeout_s, _asked(job))
+    callbacks = [callback, RetryPolicy(job.resources.cpus_per_trial), budget, watch]
     found = study.load(job)
-    if rounds.interrupted and ray_tune.Tuner.can_restore(str(job.storage_root / rounds.names[-1])):
+    if rounds.interrupted and ray_tune.Tuner.can_restore(job.storage.uri_of(rounds.names[-1])):
         log.info("restoring interrupted search %s", rounds.names[-1])
         finished = study.finished_ray_ids(found) if found is not None else frozenset()
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
-        bridge.restore_tuner(str(job.storage_root / rounds.names[-1]), trainable, callbacks).fit()
+        bridge.restore_tuner(job.storage.uri_of(rounds.names[-1]), trainable, callbacks).fit()
     remaining = study.remaining(job)
     if remaining > 0:
         first_run = not rounds.names
         name = job.name if first_run else f"{job.name}-r{len(rounds.names) + 1}"
         rounds.names.append(name)
         rounds.finished = False
-        rounds.save(job.job_dir)
+        rounds.save(job)
         tuner, found = _tuner(job, data, name, remaining, first_run, callbacks, faults)
         study.fail_stale_trials(found)
         tuner.fit()
+    if watch.problem:
+        raise SearchError(watch.problem)
     # Every Tune run has ended: a study trial still RUNNING is an orphan of a killed driver
     # (suggested after Tune's last snapshot), never to finish.
     found = study.load(job)
     if found is not None:
         study.fail_stale_trials(found)
     rounds.finished = True
-    rounds.save(job.job_dir)
+    rounds.save(job)
     if budget.stop_all():
         log.error(
             "error budget spent: %d trials failed (%s)",
             len(budget.failed),
             budget.failed,
         )
-    return SearchOutcome(
-        rounds.names, read_trials(job, rounds.names), budget.failed, cluster_size()
-    )
+    records = read_trials(job, rounds.names)
+    seconds = time.monotonic() - started
+    return SearchOutcome(rounds.names, records, budget.failed, cluster_size(), seconds)
+
+
+def _asked(job: JobConfig) -> str:
+    r = job.resources
+    return f"{r.cpus_per_trial:g} CPU and {r.gpus_per_trial} GPU"
 
 
 def _tuner(
@@ -156,7 +191,7 @@ def _tuner(
         if s.scheduler == "asha"
         else FIFOScheduler()
     )
-    budget = next(c for c in callbacks if isinstance(c, ErrorBudget))
+    stoppers = [c for c in callbacks if isinstance(c, ray_tune.Stopper)]
     tuner = ray_tune.Tuner(
         _trainable(job, data, _trial_data(job, data, faults)),
         tune_config=ray_tune.TuneConfig(
@@ -172,7 +207,7 @@ def _tuner(
         ),
         run_config=ray_tune.RunConfig(
             name=name,
-            storage_path=str(job.storage_root),
+            storage_path=job.storage.uri,
             failure_config=ray_tune.FailureConfig(max_failures=job.faults.max_retries),
             checkpoint_config=ray_tune.CheckpointConfig(
                 num_to_keep=1,
@@ -180,7 +215,7 @@ def _tuner(
                 checkpoint_score_order=MODE,
             ),
             callbacks=callbacks,
-            stop=budget,
+            stop=CombinedStopper(*stoppers),
             verbose=1,
         ),
     )

@@ -7,7 +7,6 @@ records, so they cannot disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,6 @@ from tune.config import JobConfig
 from tune.errors import SearchError
 from tune.study import METRIC, MODE
 from tune.tracking import trial_ending
-from tune.trainable import CHECKPOINT_FILE
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class TrialRecord:
     epochs: int
     status: str  # finished | early_stopped | failed | ... (the MLflow status tag's words)
     finished_reason: str
-    checkpoint: Path | None  # the best epoch's checkpoint file
+    checkpoint: ray_tune.Checkpoint | None  # the best epoch's (in the results storage)
 
     @property
     def score(self) -> float:
@@ -44,17 +42,16 @@ def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
     """Every trial of every round that left an experiment state, in Ray's order."""
     records = []
     for name in rounds:
-        path = job.storage_root / name
-        if not ray_tune.Tuner.can_restore(str(path)):
+        path = job.storage.uri_of(name)
+        if not ray_tune.Tuner.can_restore(path):
             continue
-        grid = ray_tune.ExperimentAnalysis(str(path), default_metric=METRIC, default_mode=MODE)
+        grid = ray_tune.ExperimentAnalysis(path, default_metric=METRIC, default_mode=MODE)
         frame = grid.dataframe(metric=METRIC, mode=MODE)
         rows = {r["trial_id"]: r for r in frame.to_dict("records")} if not frame.empty else {}
         for trial in grid.trials:
             if trial.trial_id not in rows:
                 continue
             epochs, status, reason = _ending(job, trial.status, trial.last_result or {})
-            ckpt = Path(trial.checkpoint.path) / CHECKPOINT_FILE if trial.checkpoint else None
             records.append(
                 TrialRecord(
                     trial_id=trial.trial_id,
@@ -64,7 +61,7 @@ def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
                     epochs=epochs,
                     status=status,
                     finished_reason=reason,
-                    checkpoint=ckpt,
+                    checkpoint=trial.checkpoint,
                 )
             )
     return records
@@ -98,9 +95,17 @@ def table(records: list[TrialRecord]) -> pd.DataFrame:
     return frame.sort_values(METRIC, ascending=False, na_position="last", ignore_index=True)
 
 
-def best(records: list[TrialRecord], job_name: str) -> TrialRecord:
+def best(records: list[TrialRecord], job: JobConfig, seconds: float = 0.0) -> TrialRecord:
     """The best trial (validation only) that left a checkpoint."""
     scored = [r for r in records if r.checkpoint is not None and np.isfinite(r.score)]
     if not scored:
-        raise SearchError(f"no trial of job {job_name} finished with a checkpoint")
+        limit = job.search.time_limit_s
+        why = ""
+        if limit is not None and seconds >= limit:
+            why = (
+                f": the search's time limit ({limit:g} s, search.time_limit_s / --time-limit) "
+                f"was reached after {seconds:.0f} s, before any trial finished an epoch; "
+                "raise the limit"
+            )
+        raise SearchError(f"no trial of job {job.name} finished with a checkpoint{why}")
     return max(scored, key=lambda r: r.score)

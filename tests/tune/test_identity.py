@@ -18,6 +18,7 @@ from tune.identity import (
     read_fingerprint,
     write_fingerprint,
 )
+from tune.storage import Storage
 
 NOON = dt.datetime(2026, 11, 26, 12, 0, 5, tzinfo=dt.timezone.utc)
 
@@ -75,11 +76,12 @@ def _fp(**changes: object) -> Fingerprint:
 
 
 def test_fingerprint_round_trips_and_same_data_continues(tmp_path: Path) -> None:
-    write_fingerprint(tmp_path / "job", _fp())
-    saved = read_fingerprint(tmp_path / "job")
+    storage = Storage.open(str(tmp_path))
+    write_fingerprint(storage, "job", _fp())
+    saved = read_fingerprint(storage, "job")
     assert saved == _fp()
     check_continuation("job", saved, _fp())  # nothing differs: no error
-    assert read_fingerprint(tmp_path / "none") is None
+    assert read_fingerprint(storage, "none") is None
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     # The registered model is the best trial plus two retrained seeds, averaged; the test score
     # reported is that ensemble's, scored once.
     assert version.tags["ensemble"] == "3"
-    ensemble = load_checkpoint(result.experiment_path / ENSEMBLE_DIR / CHECKPOINT_FILE)
+    ensemble = load_checkpoint(Path(result.experiment_path) / ENSEMBLE_DIR / CHECKPOINT_FILE)
     assert isinstance(ensemble.model, Ensemble) and len(ensemble.model.members) == 3
     assert ensemble.extra["trial_id"] == result.best_trial_id
     data = prepare_data(job, progress=False)
@@ -173,3 +173,39 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_job_completes(
     retried = [k for k in kids if k.data.tags.get("toxtune.retries") == "1"]
     assert len(retried) == 1
     assert retried[0].data.tags["toxtune.last_failure_kind"] == "node_lost"
+
+
+def test_a_time_limit_that_ends_the_search_early_is_named(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    """`--time-limit 1` used to end with 'no trial finished with a checkpoint' and nothing
+    about the time limit."""
+    from tune.errors import SearchError
+
+    job = tiny_job(tmp_path, small_csv, **{"search.time_limit_s": 1})
+    with pytest.raises(SearchError, match=r"time limit \(1 s"):
+        run_job(job, faults=FaultPlan(slow_epochs_s=3.0), progress=False)
+
+
+def test_trials_pending_on_a_cluster_fail_after_the_bound_naming_resources(
+    tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster pending can be legitimate (autoscaling), so it is bounded, not refused:
+    3 CPUs per trial on a 2-CPU cluster fails after `resources.pending_timeout_s`."""
+    from tests.services import ray_cluster
+    from tune.errors import SearchError
+
+    with ray_cluster(tmp_path / "ray", num_cpus=2) as cluster:
+        monkeypatch.setenv("RAY_AUTH_MODE", cluster.env["RAY_AUTH_MODE"])
+        job = tiny_job(
+            tmp_path,
+            small_csv,
+            **{
+                "ray.address": cluster.address,
+                "ray.num_cpus": None,
+                "resources.cpus_per_trial": 3,
+                "resources.pending_timeout_s": 5,
+            },
+        )
+        with pytest.raises(SearchError, match=r"3 CPU and 0.0 GPU.*'CPU': 2\.0"):
+            run_job(job, progress=False)

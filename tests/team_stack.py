@@ -1,0 +1,189 @@
+"""A team's storage and tracking stack, started for real on 127.0.0.1 for the tests.
+
+- an S3-compatible object store: moto's server (`ThreadedMotoServer`), with a bucket;
+- PostgreSQL from Debian's packages (`initdb` + `pg_ctl`, run as the `postgres` user when the
+  tests run as root, since the server refuses to run as root), with one database for MLflow's
+  backend store and one for the Optuna study;
+- an `mlflow server` on that PostgreSQL, its artifacts in the bucket.
+
+Each starts on a free port and is torn down even when a test fails. Credentials are fake and
+live in the environment only (`AWS_ACCESS_KEY_ID` ...), as a team's would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.services import free_port, wait_http
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+BIN = Path(sys.executable).parent
+
+
+def postgres_available() -> bool:
+    return (PG_BIN / "initdb").exists()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    env: dict[str, str]  # what a process needs to reach the bucket
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}"
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "toxtune-team") -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port, with `bucket` made; the variables to reach it
+    are set in os.environ for the block (pyarrow, boto3 and MLflow all read them)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        yield S3Server(endpoint, bucket, env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def bucket_keys(s3: S3Server, prefix: str = "") -> list[str]:
+    """Every object key in the bucket under `prefix` (not pyarrow's folder markers)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return keys
+
+
+@dataclass
+class Postgres:
+    port: int
+    root: Path
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), name])
+        return self.url(name)
+
+
+def _as_postgres(cmd: list[str]) -> subprocess.CompletedProcess:
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[Postgres]:
+    """A PostgreSQL server of its own (trust auth on loopback only), stopped afterwards.
+
+    Its data folder is a fresh /tmp folder, owned by `postgres` when the tests run as root
+    (pytest's tmp_path sits under a root-only folder the server user cannot enter).
+    """
+    root = Path(tempfile.mkdtemp(prefix="toxtune-pg-"))
+    data = root / "pgdata"
+    data.mkdir()
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (root, data):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    _as_postgres(
+        [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+    )
+    port = free_port()
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    log = str(root / "server.log")  # without -l the server keeps pg_ctl's pipes open
+    _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", log, "-w", "start"])
+    try:
+        yield Postgres(port, root)
+    finally:
+        with contextlib.suppress(Exception):
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class TeamMlflow:
+    url: str
+    proc: subprocess.Popen
+
+
+@contextlib.contextmanager
+def team_mlflow(backend_uri: str, artifacts_uri: str, log: Path) -> Iterator[TeamMlflow]:
+    """`mlflow server` on PostgreSQL with artifacts in the bucket (proxied: clients need no S3
+    access of their own for artifacts)."""
+    port = free_port()
+    out = log.open("w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            artifacts_uri,
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=os.environ.copy(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=120)
+        yield TeamMlflow(url, proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        out.close()
+        time.sleep(0.2)

@@ -1,0 +1,117 @@
+"""Results storage as a URI: a local folder or an object store, never a local folder named
+after a URI. The object store here is a real S3-compatible server (moto) on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from tests.team_stack import bucket_keys, postgres_available, postgres_server, s3_server
+from tests.tune.conftest import tiny_job
+from tune.config import load_config
+from tune.errors import ConfigError
+from tune.job import run_job
+from tune.storage import Storage
+
+
+def test_local_storage_reads_writes_and_stages_files(tmp_path: Path) -> None:
+    storage = Storage.open(str(tmp_path / "results"))
+    assert storage.is_local and Storage.open(f"file://{tmp_path}/results") == storage
+    assert storage.read_text("job", "a.txt") is None
+    storage.write_text("job", "a.txt", text="hello")
+    assert (tmp_path / "results" / "job" / "a.txt").read_text() == "hello"
+    with storage.staged("job", "b.csv") as local:
+        local.write_text("x\n")
+    assert storage.read_text("job", "b.csv") == "x\n"
+    storage.check_writable()
+    assert not list((tmp_path / "results").glob(".toxtune-write-check-*"))
+
+
+def test_an_unwritable_local_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"file/results cannot be written"):
+        Storage.open(str(blocker / "results")).check_writable()
+
+
+def test_a_uri_is_never_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--storage-path s3://bucket/toxtune` used to write to ./s3:/bucket/toxtune."""
+    monkeypatch.chdir(tmp_path)
+    job = load_config(
+        overrides={
+            "ray.storage_path": "s3://bucket/toxtune",
+            "tracking.tracking_uri": "http://127.0.0.1:5000",
+            "tracking.study_storage": "postgresql://127.0.0.1/optuna",
+        }
+    )
+    assert not job.storage.is_local and job.storage.uri == "s3://bucket/toxtune"
+    with pytest.raises(ConfigError, match="not a local folder"):
+        _ = job.storage_root
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({}, "tracking.tracking_uri must be an MLflow server"),
+        ({"tracking.tracking_uri": "http://h:5000"}, "tracking.study_storage must be a database"),
+        (
+            {
+                "tracking.tracking_uri": "sqlite:///m.db",
+                "tracking.study_storage": "postgresql://h/o",
+            },
+            "tracking.tracking_uri",
+        ),
+    ],
+)
+def test_object_store_jobs_refuse_sqlite_files_that_die_with_the_driver(
+    overrides: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(overrides={"ray.storage_path": "s3://bucket/toxtune", **overrides})
+
+
+def test_credentials_in_a_storage_uri_are_refused() -> None:
+    with pytest.raises(ConfigError, match="embeds a password"):
+        load_config(overrides={"ray.storage_path": "s3://AKIA:secret@bucket/x"})
+
+
+def test_an_unknown_scheme_is_refused_naming_the_uri() -> None:
+    with pytest.raises(ConfigError, match=r"bogus://b/x: cannot open it"):
+        Storage.open("bogus://b/x").check_writable()
+
+
+@pytest.mark.slow
+def test_object_store_reads_writes_and_refuses_a_missing_bucket() -> None:
+    with s3_server() as s3:
+        storage = Storage.open(f"{s3.uri}/toxtune")
+        storage.check_writable()
+        storage.write_text("job", "a.txt", text="hello")
+        assert storage.read_text("job", "a.txt") == "hello"
+        with storage.staged("job", "b.csv") as local:
+            local.write_text("x\n")
+        assert set(bucket_keys(s3)) == {"toxtune/job/a.txt", "toxtune/job/b.csv"}
+        with pytest.raises(ConfigError, match=r"s3://no-such-bucket/x .*bucket does not exist"):
+            Storage.open("s3://no-such-bucket/x").check_writable()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not postgres_available(), reason="PostgreSQL server binaries not installed")
+def test_a_misspelled_bucket_is_refused_before_ray_starts(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    with s3_server() as s3, postgres_server() as pg:
+        job = tiny_job(
+            tmp_path,
+            small_csv,
+            **{
+                "ray.storage_path": f"s3://{s3.bucket}-typo/toxtune",
+                "tracking.tracking_uri": "http://127.0.0.1:9",
+                "tracking.study_storage": pg.create_database("optuna"),
+            },
+        )
+        with pytest.raises(ConfigError, match=rf"s3://{s3.bucket}-typo/toxtune cannot be written"):
+            run_job(job, progress=False)
+        assert not ray.is_initialized()

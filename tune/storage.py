@@ -1,0 +1,167 @@
+"""Where a job's results live: a URI, carried as a pyarrow filesystem plus a path.
+
+`ray.storage_path` may be a local path (the default, `toxtune_results`), `file://...`, or any
+URI pyarrow (and so Ray Tune) opens: `s3://bucket/prefix`, `gs://...`, `abfs://...`, `hdfs://...`.
+Everything a job writes goes through a `Storage`: Ray Tune's experiment state and checkpoints
+(Ray is given the URI), the saved config `--resume` reads, the data fingerprint, the rounds
+file, the invalid-SMILES report and the ensemble checkpoint. A URI is never turned into a
+`pathlib.Path` (which silently made `s3:/bucket` a folder under the working directory).
+
+Credentials come from the environment only (`AWS_*`, an instance profile, `GOOGLE_*`): a URI
+with embedded credentials is refused by the config, and `check_writable` is run before Ray
+starts, so a missing bucket, missing credentials or an unknown scheme is refused by name.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from tune.errors import ConfigError
+
+LOCAL_SCHEMES = frozenset({"", "file"})
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A results location: `uri` as Ray Tune takes it; `fs` and `root` opened on first use
+    (opening an object store may ask the network, e.g. for a bucket's region)."""
+
+    uri: str
+    scheme: str  # "" for a local path
+
+    @classmethod
+    def open(cls, location: str) -> Storage:
+        """The storage at `location` (a local path or a URI); nothing is contacted yet."""
+        scheme = urlparse(location).scheme.lower() if "://" in location else ""
+        if scheme in LOCAL_SCHEMES:
+            local = location[len("file://") :] if scheme else location
+            return cls(str(Path(local).expanduser().resolve()), "")
+        return cls(location.rstrip("/"), scheme)
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == ""
+
+    @cached_property
+    def _opened(self) -> tuple[pafs.FileSystem, str]:
+        if self.is_local:
+            return pafs.LocalFileSystem(), self.uri
+        try:
+            fs, root = pafs.FileSystem.from_uri(self.uri)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"ray.storage_path {self.uri}: cannot open it: {_reason(exc)}. Use a local "
+                "path or a URI pyarrow opens (file://, s3://, gs://, abfs://, hdfs://)"
+            ) from exc
+        return fs, root.rstrip("/")
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._opened[0]
+
+    @property
+    def root(self) -> str:
+        return self._opened[1]
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path of `parts` under the root."""
+        return "/".join([self.root, *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
+    def local(self, *parts: str) -> Path:
+        """A local `Path` of `parts`; only for local storage (ValueError otherwise)."""
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not a local folder")
+        return Path(self.path(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read_text(self, *parts: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        if not self.exists(*parts):
+            return None
+        with self.fs.open_input_stream(self.path(*parts)) as stream:
+            return stream.read().decode("utf-8")
+
+    def write_text(self, *parts: str, text: str) -> str:
+        """Write `text` (creating folders); returns the file's URI."""
+        path = self.path(*parts)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(text.encode("utf-8"))
+        return self.uri_of(*parts)
+
+    def upload(self, source: Path, *parts: str) -> str:
+        """Copy a local file or folder to `parts`; returns its URI."""
+        dest = self.path(*parts)
+        if source.is_dir():
+            self.fs.create_dir(dest, recursive=True)
+            pafs.copy_files(str(source), dest, destination_filesystem=self.fs)
+        else:
+            self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(source), dest, destination_filesystem=self.fs)
+        return self.uri_of(*parts)
+
+    @contextmanager
+    def staged(self, *parts: str) -> Iterator[Path]:
+        """A local path to write `parts` to: the file itself for local storage, else a
+        temporary file uploaded when the block ends without error."""
+        if self.is_local:
+            target = self.local(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            yield target
+            return
+        with tempfile.TemporaryDirectory(prefix="toxtune-stage-") as tmp:
+            target = Path(tmp) / parts[-1]
+            yield target
+            if target.exists():
+                self.upload(target, *parts)
+
+    def check_writable(self) -> None:
+        """Write, read back and delete a marker under the root; ConfigError naming the URI and
+        the reason (no bucket, no credentials, no permission, unknown host)."""
+        name = f".toxtune-write-check-{uuid.uuid4().hex}"
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            self.write_text(name, text=name)
+            if self.read_text(name) != name:
+                raise OSError("the marker read back differs from what was written")
+            self.fs.delete_file(self.path(name))
+        except OSError as exc:
+            raise ConfigError(
+                f"ray.storage_path {self.uri} cannot be written: {_reason(exc)}"
+            ) from exc
+
+
+def _reason(exc: OSError) -> str:
+    text = str(exc)
+    hints = {
+        "NO_SUCH_BUCKET": "the bucket does not exist",
+        "ACCESS_DENIED": "access denied (check the credentials in the environment)",
+        "InvalidAccessKeyId": "the access key in the environment is not valid",
+        "SignatureDoesNotMatch": "the secret key in the environment does not match",
+        "No response body": "no answer from the endpoint",
+    }
+    lowered = text.lower()
+    if "bucket" in lowered and "not found" in lowered:
+        return f"the bucket does not exist ({text.splitlines()[0][:300]})"
+    for key, hint in hints.items():
+        if key.lower() in text.lower():
+            return f"{hint} ({text.splitlines()[0][:300]})"
+    if "resolve host" in text.lower() or "NETWORK_CONNECTION" in text:
+        return f"the endpoint cannot be reached ({text.splitlines()[0][:300]})"
+    if "credentials" in text.lower():
+        return f"no credentials found in the environment ({text.splitlines()[0][:300]})"
+    return text.splitlines()[0][:400] if text else type(exc).__name__
