@@ -33,6 +33,7 @@ from tune.tracking import (
     PARENT_TAG,
     STATUS_TAG,
     TRIAL_TAG,
+    DatasetInfo,
     JobSummary,
     MlflowTrialCallback,
     TrackingError,
@@ -42,12 +43,21 @@ from tune.tracking import (
     default_tracking_uri,
     finish_job_run,
     log_job_summary,
+    source_tags,
     start_job_run,
 )
 from tune.tracking.backend import EXPERIMENT_KIND_TAG, experiment_url
 
 EPOCHS = 3
 TASKS = ["NR-AR", "SR-p53"]
+DATASET = DatasetInfo(
+    name="tox21",
+    content_hash="5e" * 32,
+    source="/data/tox21.csv",
+    rows=41,
+    targets=tuple(TASKS),
+    split="random:0 (0.8/0.1/0.1)",
+)
 
 # Ship this module's functions to Ray workers by value, so a worker does not import the test
 # module (and with it MLflow, Optuna, torch): trial actors start seconds sooner.
@@ -180,6 +190,14 @@ def artifacts(client: MlflowClient, run: Run, path: str | None = None) -> set[st
     return {a.path for a in client.list_artifacts(run.info.run_id, path)}
 
 
+def datasets(client: MlflowClient, run_id: str) -> list[tuple[str, str, str]]:
+    """(name, digest, context) of each dataset input of a run."""
+    return [
+        (d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in client.get_run(run_id).inputs.dataset_inputs
+    ]
+
+
 def test_trial_runs_statuses_metrics_and_errors(
     backend: tuple[str, MlflowServer | None],
     tmp_path: Path,
@@ -192,7 +210,7 @@ def test_trial_runs_statuses_metrics_and_errors(
     check_tracking(uri)
     config = {"search": {"num_samples": 4}, "data": {"source": "x.csv"}}
     parent = start_job_run(uri, "exp", "job-1", config, resume=False)
-    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS, dataset=DATASET)
     if server is None:
         grid = run_tune(tmp_path, callback, ["ok", "stopped", "crash", "flaky"])
     else:
@@ -215,6 +233,9 @@ def test_trial_runs_statuses_metrics_and_errors(
     assert client.get_run(parent).info.status == "FINISHED"
     assert client.get_run(parent).data.params["search.num_samples"] == "4"
     assert "config.json" in artifacts(client, client.get_run(parent))
+    one_input = [("tox21", "5e" * 8, "train")]  # once, however often it was replayed
+    assert datasets(client, parent) == one_input
+    assert source_tags().items() <= client.get_run(parent).data.tags.items()
 
     kids = by_kind(client, parent)
     assert set(kids) == {"ok", "stopped", "crash", "flaky"}
@@ -229,6 +250,9 @@ def test_trial_runs_statuses_metrics_and_errors(
         assert kid.data.tags["node_ip"] and kid.data.tags["gpu_fraction"] == "0.0"
         assert "unrelated" not in kid.data.metrics and "doomed" not in kid.data.metrics
         assert "training_iteration" not in kid.data.metrics
+        assert datasets(client, kid.info.run_id) == one_input
+        assert kid.data.tags["mlflow.source.name"] == "toxtune"
+        assert source_tags().items() <= kid.data.tags.items()
 
     ok = kids["ok"]
     assert (ok.info.status, ok.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
@@ -425,6 +449,9 @@ def test_job_summary_metrics_artifacts_and_plots(tmp_path: Path) -> None:
     log_job_summary(uri, parent, _summary(tmp_path, _study(6), metrics))
     run = client.get_run(parent)
     assert run.data.tags["dataset.content_hash"] == "abc123"
+    assert datasets(client, parent) == [("tox21", "abc123", "train")]
+    profile = json.loads(run.inputs.dataset_inputs[0].dataset.profile)
+    assert (profile["num_rows"], profile["num_targets"]) == (41, 2)
     assert run.data.tags["dataset.invalid_rows"] == "1"
     assert (run.data.tags["ray.nodes"], run.data.tags["ray.cpus"]) == ("1", "2.0")
     assert run.data.tags["best_trial_id"] == "t_00001"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import threading
@@ -42,7 +43,11 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
     client = MlflowClient(mlflow_http.url)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["dataset.content_hash"] == parent.data.tags["dataset.content_hash"]
+    content_hash = hashlib.sha256(small_csv.read_bytes()).hexdigest()  # the table's hash
+    assert parent.data.tags["dataset.content_hash"] == content_hash
+    dataset = [(small_csv.stem, content_hash[:16])]  # the UI's Datasets column: name (digest)
+    assert [(d.dataset.name, d.dataset.digest) for d in parent.inputs.dataset_inputs] == dataset
+    assert parent.data.tags["mlflow.source.name"] == "toxtune"
     assert int(parent.data.tags["dataset.rows"]) > 0
     assert parent.data.tags["best_trial_id"] == result.best_trial_id
     assert "test_roc_auc" in parent.data.metrics
@@ -62,6 +67,9 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
         history = client.get_metric_history(kid.info.run_id, "val_roc_auc")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         assert "lr" in kid.data.params
+        inputs = client.get_run(kid.info.run_id).inputs.dataset_inputs
+        assert [(d.dataset.name, d.dataset.digest) for d in inputs] == dataset
+        assert kid.data.tags["mlflow.source.name"] == "toxtune"
     version = client.get_model_version_by_alias(job.model_name, "champion")
     assert version.tags["searcher"] == "optuna"
     assert version.tags["trial_id"] == result.best_trial_id

@@ -2,13 +2,13 @@
 
     check_tracking(uri)                         # backend.py: refuse an unusable backend first
     parent = start_job_run(uri, exp, name, config, resume)     # runs.py: the job's run
-    MlflowTrialCallback(uri, exp, parent, max_epochs)  # callback.py: trial runs
+    MlflowTrialCallback(uri, exp, parent, max_epochs, dataset)  # callback.py: trial runs
     log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots
     register_best_model(uri, parent, checkpoint, name)         # registry.py: version, alias
     finish_job_run(uri, parent, status)                        # runs.py: closed whatever happens
 
 Modules, one idea each: `backend` (URIs, clients, health checks, experiments, HTTP fast-fail),
-`names` (tag keys, MLflow-safe keys), `runs` (the
+`names` (tag keys, MLflow-safe keys), `provenance` (dataset input, source tags), `runs` (the
 parent run's lifecycle, orphans, params), `callback` (the Ray Tune callback and its replay
 queue), `summary` (the job summary and Description), `registry` (registration, alias policy).
 Every call uses an explicit client for the job's URI; nothing sets MLflow's global state.
@@ -25,6 +25,7 @@ from tune.tracking.backend import (
 )
 from tune.tracking.callback import MlflowTrialCallback, trial_ending
 from tune.tracking.names import JOB_TAG, KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG
+from tune.tracking.provenance import DatasetInfo, dataset_info, source_tags
 from tune.tracking.registry import Registration, register_best_model
 from tune.tracking.runs import child_runs, close_orphans, finish_job_run, start_job_run
 from tune.tracking.summary import JobSummary, log_job_summary
@@ -35,6 +36,7 @@ __all__ = [
     "PARENT_TAG",
     "STATUS_TAG",
     "TRIAL_TAG",
+    "DatasetInfo",
     "JobSummary",
     "MlflowTrialCallback",
     "Registration",
@@ -43,6 +45,7 @@ __all__ = [
     "child_runs",
     "client_for",
     "close_orphans",
+    "dataset_info",
     "default_tracking_uri",
     "ensure_experiment",
     "experiment_url",
@@ -50,6 +53,7 @@ __all__ = [
     "finish_job_run",
     "log_job_summary",
     "register_best_model",
+    "source_tags",
     "start_job_run",
     "trial_ending",
 ]

@@ -2,8 +2,8 @@
 
 Contract: one MLflow run per trial (a retried or resumed trial continues its own run, found by
 tag), tagged with its status (`toxtune.status` = running | retrying | finished | early_stopped |
-failed, or killed by `close_orphans`), its node and device, its error text when it fails, and
-the metrics of every epoch.
+failed, or killed by `close_orphans`), its node and device, its error text when it fails, the
+job's dataset as an input, and the metrics of every epoch.
 
 Trials on other nodes need neither MLflow access nor the driver's disk: all logging happens
 here, in the driver.
@@ -13,8 +13,9 @@ Resilience: every MLflow call goes through an ordered buffer. When the server is
 (`on_step_end` runs every loop step) and, with a deadline, at `on_experiment_end`; so a server
 restart mid-job loses no result. Replays are safe because every operation is idempotent: metrics
 carry the timestamp taken when the result arrived (MLflow drops exact duplicates), params are
-logged only when missing, runs are looked up by tag before one is made. MLflow's own HTTP
-retries are turned down meanwhile (`backend.fast_fail_http`).
+logged only when missing, dataset inputs are deduplicated by MLflow, runs are looked up by
+tag before one is made. MLflow's own HTTP retries are turned down meanwhile
+(`backend.fast_fail_http`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tune.tracking.backend import (
     server_alive,
 )
 from tune.tracking.names import KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_params, safe_key
+from tune.tracking.provenance import DatasetInfo, log_dataset, source_tags
 from tune.tracking.runs import log_params
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,8 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     Child runs are tagged `mlflow.parentRunId` and `toxtune.trial_id`. A completed trial counts
     as finished when its last result has a `finished_reason` or reached `max_epochs`; otherwise
-    the scheduler stopped it early.
+    the scheduler stopped it early. `dataset` (see `provenance.dataset_info`) is logged as the
+    input of the parent run when the search starts and of every trial run.
     """
 
     def __init__(
@@ -109,11 +112,13 @@ class MlflowTrialCallback(ray_tune.Callback):
         experiment: str,
         parent_run_id: str,
         max_epochs: int,
+        dataset: DatasetInfo | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment  # informational: children go to the parent's experiment
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
+        self.dataset = dataset
         self.dropped: list[str] = []  # operations MLflow refused for good (logged as warnings)
         self.deferrals = 0  # times an operation waited for an unreachable server
         self._client: MlflowClient | None = None
@@ -209,6 +214,7 @@ class MlflowTrialCallback(ray_tune.Callback):
             run_id, status = found[0].info.run_id, found[0].info.status
         else:
             tags = {
+                **source_tags(),
                 PARENT_TAG: self.parent_run_id,
                 TRIAL_TAG: trial_id,
                 KIND_TAG: "trial",
@@ -219,6 +225,8 @@ class MlflowTrialCallback(ray_tune.Callback):
             run_id, status = run.info.run_id, run.info.status
         config = {k: v for k, v in dict(trial.config).items() if not str(k).startswith("_")}
         log_params(self.client, run_id, flat_params(config))
+        if self.dataset is not None:
+            log_dataset(self.client, run_id, self.dataset)
         self._runs[trial_id] = run_id
         self._status[trial_id] = status
         return run_id
@@ -244,6 +252,15 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._status[trial.trial_id] = status
 
     # -- Tune hooks ---------------------------------------------------------------------------
+
+    def setup(self, **info: Any) -> None:
+        """The search starts: the parent run gets the dataset input now, not only at the end."""
+        dataset = self.dataset
+        if dataset is not None:
+            self._submit(
+                "dataset of the job run",
+                lambda: log_dataset(self.client, self.parent_run_id, dataset),
+            )
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)  # a retry may run on another node

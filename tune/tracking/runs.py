@@ -1,7 +1,7 @@
 """The job's parent run: opened (or reopened) before the search, closed whatever happens.
 
 Contract: `start_job_run` returns the one parent run of a job (tagged `toxtune.job=<name>`,
-`toxtune.kind=job`, with the flattened config as params); `finish_job_run`
+`toxtune.kind=job`, with the flattened config as params and the source tags); `finish_job_run`
 ends it and any trial run left open, and never raises (it runs in `finally` blocks);
 `close_orphans` ends trial runs a killed driver left RUNNING. Params are logged once: MLflow
 params are immutable, so a resumed run keeps its first ones and a change is only warned about.
@@ -25,6 +25,7 @@ from tune.tracking.names import (
     flat_params,
     jsonable,
 )
+from tune.tracking.provenance import source_tags
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -77,7 +78,7 @@ def start_job_run(
             run_id = run.info.run_id
             count = int(run.data.tags.get("toxtune.resumes", "0")) + 1
             client.update_run(run_id, status="RUNNING")
-            tags = {"toxtune.resumes": str(count), STATUS_TAG: "running"}
+            tags = {**source_tags(), "toxtune.resumes": str(count), STATUS_TAG: "running"}
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             log_params(client, run_id, flat_params(plain))
             client.log_dict(run_id, plain, f"config/resume-{count}.json")
@@ -85,7 +86,7 @@ def start_job_run(
     run = client.create_run(
         exp_id,
         run_name=job_key,
-        tags={JOB_TAG: job_key, KIND_TAG: "job", STATUS_TAG: "running"},
+        tags={**source_tags(), JOB_TAG: job_key, KIND_TAG: "job", STATUS_TAG: "running"},
     )
     run_id = run.info.run_id
     log_params(client, run_id, flat_params(plain))

@@ -1,9 +1,10 @@
 """The job's summary on its parent run, once the search is over.
 
 Contract: `log_job_summary(uri, run_id, summary)` writes what a reviewer reads first: the
-dataset's fingerprint, the cluster, the best trial, validation and test metrics (`best_val_*`,
-`test_*`, per task too), the trials table, the search space, and the plots under `plots/` (a
-plot that cannot be drawn is skipped with a `toxtune.note.<plot>` tag saying why).
+dataset (as tags and as an MLflow dataset input), the cluster, the best trial, validation and
+test metrics (`best_val_*`, `test_*`, per task too), the trials table, the search space, and the
+plots under `plots/` (a plot that cannot be drawn is skipped with a `toxtune.note.<plot>` tag
+saying why).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlflow.entities import Metric, RunTag
 from tune import plots
 from tune.tracking.backend import client_for
 from tune.tracking.names import jsonable, safe_key
+from tune.tracking.provenance import DatasetInfo, data_stem, log_dataset
 
 if TYPE_CHECKING:
     import optuna
@@ -46,6 +48,7 @@ class JobSummary:
     {"roc_auc": .., "roc_auc/<task>": ..}, logged as `test_*`. `study` (an Optuna study) feeds
     the history and importance plots; `roc_data` is (y_true, y_prob, tasks) of the best model
     on the test split, for the ROC plot. `test_seeds` holds extra metrics logged as named.
+    `dataset` is the job's dataset input; without it one is made from the fields above.
     """
 
     n_rows: int
@@ -65,6 +68,20 @@ class JobSummary:
     roc_data: tuple[np.ndarray, np.ndarray, list[str]] | None = None
     test_seeds: dict[str, float] = field(default_factory=dict)
     skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
+    dataset: DatasetInfo | None = None
+
+    def dataset_info(self) -> DatasetInfo:
+        if self.dataset is not None:
+            return self.dataset
+        tasks = tuple(self.roc_data[2]) if self.roc_data is not None else ()
+        return DatasetInfo(
+            name=data_stem(str(self.source)),
+            content_hash=self.content_hash,
+            source=str(self.source),
+            rows=self.n_rows,
+            targets=tasks,
+            split="",
+        )
 
 
 def summary_metrics(summary: JobSummary) -> dict[str, float]:
@@ -86,7 +103,7 @@ def summary_metrics(summary: JobSummary) -> dict[str, float]:
 
 
 def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) -> None:
-    """Dataset fingerprint, search space, cluster, best trial, metrics, tables and plots."""
+    """Dataset (tags and input), search space, cluster, best trial, metrics, tables and plots."""
     client = client_for(tracking_uri)
     run = parent_run_id
     tags = {
@@ -104,6 +121,7 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
     if summary.skipped_columns:
         tags["dataset.skipped_columns"] = json.dumps(summary.skipped_columns)
     client.log_batch(run, tags=[RunTag(k, v[:8000]) for k, v in tags.items()])
+    log_dataset(client, run, summary.dataset_info())
     metrics = summary_metrics(summary)
     now = int(time.time() * 1000)
     batch = [Metric(safe_key(k), v, now, 0) for k, v in metrics.items()]
