@@ -18,6 +18,7 @@ from tests.services import MlflowServer, free_port, invoke, model_server
 from tests.tune.conftest import children, tiny_job
 from tune.drills import FaultPlan
 from tune.job import run_job
+from tune.serving import load_model
 from tune.tracking import TrackingError, check_tracking
 
 pytestmark = pytest.mark.slow
@@ -100,15 +101,20 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
     assert len(preds) == 4
     assert preds["error"].iloc[0] == "" and preds["error"].iloc[2] != ""
     assert preds["error"].iloc[3] != ""
-    prob_cols = [c for c in preds.columns if c.startswith("p_")]
-    assert len(prob_cols) == 3
-    assert 0.0 <= float(preds[prob_cols[0]].iloc[0]) <= 1.0
+    tasks = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
+    assert len(tasks) == 3
+    # The registered model's own predictions of the same molecules, loaded in this process.
+    model_uri = f"models:/{job.model_name}@champion"
+    own = load_model(model_uri, mlflow_http.url).predict(pd.DataFrame({"smiles": ["CCO"]}))
+    expected = [float(own[task].iloc[0]) for task in tasks]
+    got = [float(preds[f"p_{task}"].iloc[0]) for task in tasks]
+    assert got == pytest.approx(expected, abs=1e-6)
 
     # mlflow models serve answers REST requests with SMILES.
-    model_uri = f"models:/{job.model_name}@champion"
     with model_server(model_uri, mlflow_http.url, tmp_path) as url:
         rows = invoke(url, ["CCO", "not-a-smiles"])
-    assert rows[0]["error"] == "" and 0.0 <= rows[0][prob_cols[0][2:]] <= 1.0
+    assert rows[0]["error"] == ""
+    assert [rows[0][task] for task in tasks] == pytest.approx(expected, abs=1e-6)
     assert rows[1]["error"] != ""
 
 
