@@ -7,6 +7,7 @@ one fails once and then succeeds on retry. Everything is checked through `Mlflow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -493,3 +494,54 @@ def test_job_summary_metrics_artifacts_and_plots(tmp_path: Path) -> None:
     assert run.data.metrics["test_roc_auc"] == pytest.approx(0.7)
     assert run.data.metrics["test_roc_auc/NR-AR"] == pytest.approx(0.65)
     assert not math.isnan(run.data.metrics["best_val_roc_auc"])
+
+
+def test_job_summary_description_says_what_the_terminal_says(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path / "store")
+    client = MlflowClient(uri)
+    trials = pd.DataFrame(
+        {
+            "trial_id": [f"t_{i:05d}" for i in range(7)],
+            "best_val_roc_auc": [0.70, 0.81, 0.65, 0.79, float("nan"), 0.74, 0.72],
+            "best_epoch": [3, 4, 2, 5, 0, 3, 1],
+            "epochs": [5, 6, 2, 8, 1, 4, 2],
+            "status": ["finished"] * 4 + ["failed", "early_stopped", "finished"],
+            "config/lr": [0.01, 0.003, 0.1, 0.02, 0.05, 0.2, 0.3],
+            "config/_index": list(range(7)),
+        }
+    )
+    summary = dataclasses.replace(
+        _summary(tmp_path, _study(6), {"roc_auc": 0.7712, "pr_auc": 0.3321}),
+        trials=trials,
+        best_trial_id="t_00001",
+        best_valid={"val_roc_auc": 0.81, "val_pr_auc": 0.4567},
+        test_seeds={
+            "test_seeds": 3.0,
+            "test_roc_auc_mean": 0.765,
+            "test_roc_auc_std": 0.012,
+            "test_pr_auc_mean": 0.33,
+            "test_pr_auc_std": 0.02,
+        },
+        dataset=DATASET,
+    )
+    parent = start_job_run(uri, "exp", "described", {}, resume=False)
+    log_job_summary(uri, parent, summary)
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+
+    assert "**Best trial `t_00001`** of 7 on `tox21`" in note
+    assert "| validation (best trial) | 0.8100 | 0.4567 |" in note
+    assert "| test (random:0 split) | 0.7712 | 0.3321 |" in note
+    assert "| test, retrained over 3 seeds | 0.7650 ± 0.0120 | 0.3300 ± 0.0200 |" in note
+    table = [line for line in note.splitlines() if line.startswith("| t_")]
+    assert [row.split(" | ")[0] for row in table] == [
+        "| t_00001",
+        "| t_00003",
+        "| t_00005",
+        "| t_00006",
+        "| t_00000",
+    ]  # the best 5 by validation, as the terminal lists them; no `_index` column
+    assert "| trial_id | best_val_roc_auc | best_epoch | epochs | status | lr |" in note
+    assert "Best configuration: lr=0.01" in note
+    for name in ("optimization_history", "param_importance", "roc_curves"):
+        link = f"get-artifact?path=plots%2F{name}.png&run_uuid={parent}"
+        assert f"[{name}]({link})" in note

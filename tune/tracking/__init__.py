@@ -3,7 +3,7 @@
     check_tracking(uri)                         # backend.py: refuse an unusable backend first
     parent = start_job_run(uri, exp, name, config, resume)     # runs.py: the job's run
     MlflowTrialCallback(uri, exp, parent, max_epochs, dataset)  # callback.py: trial runs
-    log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots
+    log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots, text
     register_best_model(uri, parent, checkpoint, name)         # registry.py: version, alias
     finish_job_run(uri, parent, status)                        # runs.py: closed whatever happens
 

@@ -14,6 +14,7 @@ from typing import Any
 
 JOB_TAG, TRIAL_TAG, STATUS_TAG = "toxtune.job", "toxtune.trial_id", "toxtune.status"
 KIND_TAG, PARENT_TAG = "toxtune.kind", "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the MLflow UI (markdown)
 
 _KEY_BAD = re.compile(r"[^/\w.\- :]")
 

@@ -2,17 +2,20 @@
 
 Contract: `log_job_summary(uri, run_id, summary)` writes what a reviewer reads first: the
 dataset (as tags and as an MLflow dataset input), the cluster, the best trial, validation and
-test metrics (`best_val_*`, `test_*`, per task too), the trials table, the search space, and the
+test metrics (`best_val_*`, `test_*`, per task too), the trials table, the search space, the
 plots under `plots/` (a plot that cannot be drawn is skipped with a `toxtune.note.<plot>` tag
-saying why).
+saying why), and a short markdown Description (`mlflow.note.content`) with the facts the
+terminal prints at the end: best trial, validation and test ROC-AUC, top trials, plot links.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from mlflow.entities import Metric, RunTag
 
 from tune import plots
 from tune.tracking.backend import client_for
-from tune.tracking.names import jsonable, safe_key
+from tune.tracking.names import NOTE_TAG, jsonable, safe_key
 from tune.tracking.provenance import DatasetInfo, data_stem, log_dataset
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 1000  # MLflow's limit on metrics per log_batch
+TOP = 5  # trials in the Description's table, as the terminal prints them
 PLOTS = ("optimization_history", "param_importance", "roc_curves")
 
 
@@ -103,7 +107,7 @@ def summary_metrics(summary: JobSummary) -> dict[str, float]:
 
 
 def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) -> None:
-    """Dataset (tags and input), search space, cluster, best trial, metrics, tables and plots."""
+    """Dataset, search space, cluster, best trial, metrics, tables, plots and Description."""
     client = client_for(tracking_uri)
     run = parent_run_id
     tags = {
@@ -132,6 +136,7 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
     client.log_dict(run, jsonable(summary.cluster), "cluster.json")
     if summary.invalid_report and Path(summary.invalid_report).is_file():
         client.log_artifact(run, str(summary.invalid_report), "dataset")
+    drawn = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         summary.trials.to_csv(out / "trials.csv", index=False)
@@ -147,6 +152,8 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
                 client.set_tag(run, f"toxtune.note.{name}", skipped[:8000])
             else:
                 client.log_artifact(run, str(path), "plots")
+                drawn.append(f"plots/{name}.png")
+    client.set_tag(run, NOTE_TAG, describe(summary, metrics, drawn, run))
 
 
 def _draw(name: str, summary: JobSummary, path: Path) -> str:
@@ -155,3 +162,89 @@ def _draw(name: str, summary: JobSummary, path: Path) -> str:
     if name == "param_importance":
         return plots.importance(summary.study, path)
     return plots.roc_curves(summary.roc_data, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The Description (markdown)
+
+
+def _num(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number):
+        return "n/a"
+    return str(int(number)) if number.is_integer() and abs(number) < 1e6 else f"{number:.4g}"
+
+
+def _score(metrics: Mapping[str, float], key: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _cell(value: Any) -> str:
+    return _num(value).replace("|", "\\|")
+
+
+def top_trials(trials: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
+    """The best `n` trials with the columns the terminal's table shows (config names bare)."""
+    if trials.empty:
+        return trials
+    score = next((c for c in ("best_val_roc_auc", "val_roc_auc") if c in trials.columns), None)
+    cols = ["trial_id", score, "best_epoch", "epochs", "status"]
+    cols += [c for c in trials.columns if c.startswith("config/") and not c.startswith("config/_")]
+    table = trials[[c for c in cols if c and c in trials.columns]]
+    if score is not None:
+        table = table.sort_values(score, ascending=False, na_position="last")
+    table = table.head(n)
+    return table.rename(columns=lambda c: c.removeprefix("config/"))
+
+
+def _markdown_table(frame: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
+    lines.append("|" + "---|" * len(frame.columns))
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return lines
+
+
+def artifact_link(run_id: str, path: str) -> str:
+    """A link to one artifact, relative to the MLflow UI's root (the server's `get-artifact`)."""
+    return "get-artifact?" + urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+
+
+def describe(
+    summary: JobSummary, metrics: Mapping[str, float], plot_paths: list[str], run_id: str
+) -> str:
+    """The parent run's Description: the end-of-job facts in a few markdown lines."""
+    info = summary.dataset_info()
+    test_name = f"test ({info.split.split(' ')[0]} split)" if info.split else "test"
+    lines = [
+        f"**Best trial `{summary.best_trial_id}`** of {len(summary.trials)} on "
+        f"`{info.name}` ({summary.n_valid} of {summary.n_rows} molecules valid, "
+        f"{len(info.targets) or '?'} tasks, digest `{info.digest}`).",
+        "",
+        "| | ROC-AUC | PR-AUC |",
+        "|---|---|---|",
+        f"| validation (best trial) | {_score(metrics, 'best_val_roc_auc')} | "
+        f"{_score(metrics, 'best_val_pr_auc')} |",
+        f"| {test_name} | {_score(metrics, 'test_roc_auc')} | {_score(metrics, 'test_pr_auc')} |",
+    ]
+    seeds = summary.test_seeds
+    if seeds.get("test_seeds"):
+        lines.append(
+            f"| test, retrained over {int(seeds['test_seeds'])} seeds | "
+            f"{_score(seeds, 'test_roc_auc_mean')} ± {_score(seeds, 'test_roc_auc_std')} | "
+            f"{_score(seeds, 'test_pr_auc_mean')} ± {_score(seeds, 'test_pr_auc_std')} |"
+        )
+    top = top_trials(summary.trials)
+    if not top.empty:
+        lines += ["", f"Top {len(top)} trials (validation):", "", *_markdown_table(top)]
+    if summary.best_params:
+        shown = ", ".join(f"{k}={_num(v)}" for k, v in sorted(summary.best_params.items()))
+        lines += ["", f"Best configuration: {shown}"]
+    if plot_paths:
+        links = " · ".join(f"[{Path(p).stem}]({artifact_link(run_id, p)})" for p in plot_paths)
+        lines += ["", f"Plots (Artifacts tab, `plots/`): {links}"]
+    return "\n".join(lines)[:60000]
