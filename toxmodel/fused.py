@@ -69,6 +69,7 @@ from toxmodel.train import (
 )
 
 MemberCallback = Callable[[int, EpochResult], bool | None]
+NoiseFn = Callable[[tuple[int, ...], float, bool], Tensor]  # (shape, p, alpha) -> keep masks
 ALPHA_SELU = 1.7580993408473766  # AlphaDropout's -scale*alpha of SELU, as in ATen
 EPS_ADAM = 1e-8  # torch.optim.Adam/AdamW defaults, which `fit` uses
 
@@ -159,13 +160,19 @@ class _Noise:
         self.shared = torch.Generator(device=device)
         self.shared.manual_seed(hash(tuple(seeds)) % 2**63)  # ints hash alike in every run
 
-    def draw(self, active: list[int], shape: tuple[int, ...], p: float, exact: bool) -> Tensor:
-        """0/1 keep masks (K, *shape) with keep probability 1 - p (float32)."""
+    def draw(
+        self, active: list[int], shape: tuple[int, ...], p: float, exact: bool, alpha: bool
+    ) -> Tensor:
+        """0/1 keep masks (K, *shape) with keep probability 1 - p (float32).
+
+        `fit`'s CUDA `F.dropout` draws with `native_dropout`; everything else (CPU dropout,
+        `F.alpha_dropout` anywhere) with `bernoulli_`: each member draws the way `fit` would.
+        """
         noise = torch.empty((len(active), *shape), device=self.device)
         if not exact:
             return noise.bernoulli_(1 - p, generator=self.shared)
         for i, k in enumerate(active):
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and not alpha:
                 noise[i] = self._native_dropout_mask(shape, p, self.generators[k])
             else:
                 noise[i].bernoulli_(1 - p, generator=self.generators[k])
@@ -215,7 +222,7 @@ class _Stack:
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         self.steps = 0  # optimiser steps (= BatchNorm's num_batches_tracked)
 
-    def forward(self, x: Tensor, train: bool, noise: Callable[[tuple[int, ...], float], Tensor]):
+    def forward(self, x: Tensor, train: bool, noise: NoiseFn) -> Tensor:
         """Logits (K, batch, tasks) for inputs (K, batch, n_inputs)."""
         for layer in self.plan:
             if layer.kind == "linear":
@@ -229,7 +236,7 @@ class _Stack:
                 assert layer.module is not None
                 x = _each(layer.module, x)
             elif train:  # dropout: F.dropout's arithmetic on the member's own mask
-                mask = noise(tuple(x.shape[1:]), layer.p)
+                mask = noise(tuple(x.shape[1:]), layer.p, layer.kind == "alpha_dropout")
                 if layer.kind == "dropout":
                     x = x * mask.div_(1 - layer.p)
                 else:
@@ -633,8 +640,8 @@ class _FusedRun:
         schedules = [self.schedules[k] for k in active]
         distinct = list(dict.fromkeys(schedules))
 
-        def noise(shape: tuple[int, ...], p: float) -> Tensor:
-            return self.noise.draw(active, shape, p, exact_dropout)
+        def noise(shape: tuple[int, ...], p: float, alpha: bool) -> Tensor:
+            return self.noise.draw(active, shape, p, exact_dropout, alpha)
 
         loss_sum = torch.zeros(n_active, device=dev)
         count = torch.zeros(n_active, device=dev)
@@ -714,5 +721,5 @@ def _validate_many(
     return [evaluate(labels, probs[i], tasks, losses[i]) for i in range(n_active)]
 
 
-def _no_noise(shape: tuple[int, ...], p: float) -> Tensor:
+def _no_noise(shape: tuple[int, ...], p: float, alpha: bool) -> Tensor:
     raise AssertionError("no dropout at evaluation")
