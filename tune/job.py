@@ -2,6 +2,7 @@
 
     job = named(job)                         # a fresh name unless continuing one on purpose
     data = prepare(job)                      # CSV -> checked table -> record claimed -> features
+                                             # (a finished job, or one on other data, refused)
     outcome = search(job, data, parent)      # Ray Tune trials chosen by the Optuna study
     final = finalize(job, data, best)        # retrain seeds / ensemble, score the test split once
     registration = record(job, data, ...)    # MLflow summary, plots, registered model
@@ -20,11 +21,12 @@ from typing import Any
 import pandas as pd
 
 from toxmodel.metrics import Metrics
-from tune import tracking, trials
+from tune import study, tracking, trials
 from tune.config import CONFIG_FILE, JobConfig, dump_config, named
 from tune.drills import FaultPlan
+from tune.errors import JobMismatchError
 from tune.finalize import finalize
-from tune.prepare import prepare
+from tune.prepare import claim_job, load_job_table, prepare_data
 from tune.record import record
 from tune.search import Rounds, refuse_impossible_local_request, search
 
@@ -48,6 +50,18 @@ class JobResult:
     alias_note: str = ""  # what happened to the registered model's alias, and why
 
 
+def refuse_finished(job: JobConfig) -> None:
+    """A job that finished its trials and registered its model has nothing to continue:
+    running it again would only register an identical model version."""
+    rounds = Rounds.load(job)
+    if rounds.finished and rounds.registered and study.remaining(job) <= 0:
+        raise JobMismatchError(
+            f"job {job.name!r} already ran its {job.search.num_samples} trials and registered "
+            f"models:/{rounds.registered}; nothing to continue. To grow it, pass a larger "
+            "--num-samples; for a new search, leave out --resume/--run-name"
+        )
+
+
 def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = True) -> JobResult:
     """Search, evaluate on the test split, track in MLflow, register the best model.
 
@@ -58,7 +72,10 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     refuse_impossible_local_request(job)
     job.storage.check_writable()
     tracking.check_tracking(job.tracking_uri)
-    data = prepare(job, progress=progress)
+    molecules = load_job_table(job)  # 1. prepare: read and check, claim the record ...
+    claim_job(job, molecules)
+    refuse_finished(job)
+    data = prepare_data(job, progress=progress, table=molecules)  # ... featurize and split
     job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))
     parent = tracking.start_job_run(
         job.tracking_uri,
@@ -75,6 +92,9 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
             final = finalize(job, data, best, Path(scratch))
             table = trials.table(outcome.trials)
             registration = record(job, data, table, final, parent, outcome.cluster)
+        rounds = Rounds.load(job)
+        rounds.registered = f"{registration.name}/{registration.version}"
+        rounds.save(job)
         status = "FINISHED"
     finally:
         tracking.finish_job_run(job.tracking_uri, parent, status)

@@ -1,8 +1,8 @@
 """Stage 1, prepare: CSV -> validated table -> the job's record claimed -> features -> split.
 
-Contract: `prepare(job)` either refuses (DataError, JobMismatchError) before anything is written
-or featurized, or returns the featurized, split data and leaves the job's folder holding its data
-fingerprint and the invalid-SMILES report. Featurization is cached on disk by content hash and
+Contract: `load_job_table` + `claim_job` refuse (DataError, JobMismatchError) before anything is
+featurized; `prepare_data` then returns the featurized, split data and leaves the job's folder
+holding its data fingerprint and the invalid-SMILES report. Featurization is cached on disk by content hash and
 featurizer settings, so a resumed or repeated job does not featurize again.
 """
 
@@ -42,13 +42,6 @@ class PreparedData:
     split: Split
     invalid_report: str  # URI (or local path) of the invalid-SMILES report
     warnings: list[str]
-
-
-def prepare(job: JobConfig, progress: bool = True) -> PreparedData:
-    """Load and check the table, claim the job's record, then featurize and split."""
-    table = load_job_table(job)
-    claim_job(job, table)
-    return prepare_data(job, progress=progress, table=table)
 
 
 def load_job_table(job: JobConfig) -> MoleculeTable:

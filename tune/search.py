@@ -58,6 +58,7 @@ class Rounds:
 
     names: list[str] = field(default_factory=list)
     finished: bool = False
+    registered: str = ""  # "model/version" once the record stage registered the job's model
 
     @classmethod
     def load(cls, job: JobConfig) -> Rounds:
@@ -65,10 +66,14 @@ class Rounds:
         if text is None:
             return cls()
         raw = json.loads(text)
-        return cls(list(raw["rounds"]), bool(raw.get("finished", False)))
+        return cls(
+            list(raw["rounds"]), bool(raw.get("finished", False)), str(raw.get("registered", ""))
+        )
 
     def save(self, job: JobConfig) -> None:
-        text = json.dumps({"rounds": self.names, "finished": self.finished})
+        text = json.dumps(
+            {"rounds": self.names, "finished": self.finished, "registered": self.registered}
+        )
         job.storage.write_text(job.name, DONE_FILE, text=text)
 
     @property

@@ -46,6 +46,14 @@ def test_second_job_on_other_data_leaves_the_first_untouched(
     model_before = client.get_model_version_by_alias("toxtune-small", "champion")
     ray.shutdown()
 
+    # Running the finished job again (same data, same name) has nothing to continue: it would
+    # only register an identical model version.
+    again = tiny_job(tmp_path, small_csv, **{"tracking.run_name": first.name})
+    with pytest.raises(JobMismatchError, match="nothing to continue"):
+        run_job(again, progress=False)
+    assert len(client.search_model_versions(f"name='{first_job.model_name}'")) == 1
+    assert _snapshot(client, first.parent_run_id) == before
+
     second_job = tiny_job(tmp_path, other, **{"tracking.run_name": None})
     second = run_job(second_job, progress=False)
 
