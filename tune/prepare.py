@@ -2,8 +2,8 @@
 
 Contract: `load_job_table` + `claim_job` refuse (DataError, JobMismatchError) before anything is
 featurized; `prepare_data` then returns the featurized, split data and leaves the job's folder
-holding its data fingerprint and the invalid-SMILES report. Featurization is cached on disk by content hash and
-featurizer settings, so a resumed or repeated job does not featurize again.
+holding its data fingerprint and the invalid-SMILES report. Featurization is cached on disk by
+content hash and featurizer settings, so a resumed or repeated job does not featurize again.
 """
 
 from __future__ import annotations
