@@ -223,7 +223,7 @@ def ray_cluster(
     try:
         _ray(args, env)
         if dashboard:
-            from tune.cluster import auth_headers
+            from tune.cluster.info import auth_headers
 
             wait_http(f"{cluster.dashboard_url}/api/version", timeout=90, headers=auth_headers())
         yield cluster
@@ -257,8 +257,8 @@ def model_server(model_uri: str, tracking_uri: str, log_dir: Path) -> Iterator[s
         _kill_group(proc, timeout=30)
 
 
-def invoke(url: str, smiles: list[str]) -> list[dict]:
-    """POST a `smiles` table to a served model's /invocations; return its prediction rows."""
+def invoke_raw(url: str, smiles: list[str]) -> bytes:
+    """POST a `smiles` table to a served model's /invocations; return the body as sent."""
     body = {"dataframe_split": {"columns": ["smiles"], "data": [[s] for s in smiles]}}
     request = urllib.request.Request(
         f"{url}/invocations",
@@ -266,4 +266,18 @@ def invoke(url: str, smiles: list[str]) -> list[dict]:
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=60) as resp:
-        return json.loads(resp.read())["predictions"]
+        return resp.read()
+
+
+def strict_json(raw: bytes) -> object:
+    """Parse JSON as strict parsers (JavaScript's JSON.parse) do: NaN/Infinity are errors."""
+
+    def refuse(token: str) -> object:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def invoke(url: str, smiles: list[str]) -> list[dict]:
+    """POST a `smiles` table to a served model's /invocations; return its prediction rows."""
+    return json.loads(invoke_raw(url, smiles))["predictions"]

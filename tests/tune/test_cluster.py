@@ -22,9 +22,12 @@ import pytest
 import yaml
 
 from tests.services import BIN, RayCluster, kill_ray_node, mlflow_server, ray_cluster
-from tune import cluster
-from tune.cluster import ClusterError, ClusterInfo, NodeInfo
+from tune.cli import cluster as cluster_cli
+from tune.cluster import checks, storage, submission
+from tune.cluster import info as cinfo
+from tune.cluster.info import ClusterInfo, NodeInfo
 from tune.config import JobConfig, RayConfig, ResourcesConfig, TrackingConfig
+from tune.errors import ClusterError
 
 REPO = Path(__file__).resolve().parents[2]
 TOX21 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tox21.csv"
@@ -59,26 +62,26 @@ AUTOSCALING = ClusterInfo((node(0, gpus=0),), autoscaling="cluster.yaml autoscal
 
 def test_address_explicit_wins_and_is_normalised() -> None:
     env = {"RAY_ADDRESS": "http://other:8265"}
-    assert cluster.resolve_address("http://head:8265/", env) == "http://head:8265"
+    assert submission.resolve_address("http://head:8265/", env) == "http://head:8265"
 
 
 def test_address_falls_back_to_ray_address_only_when_http() -> None:
-    assert cluster.resolve_address(None, {"RAY_ADDRESS": "https://h:8265"}) == "https://h:8265"
+    assert submission.resolve_address(None, {"RAY_ADDRESS": "https://h:8265"}) == "https://h:8265"
     with pytest.raises(ClusterError, match=r"--address is required.*RAY_ADDRESS=10.0.0.1:6379"):
-        cluster.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"})
+        submission.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"})
     with pytest.raises(ClusterError, match=r"--address is required.*http://127.0.0.1:8265"):
-        cluster.resolve_address(None, {})
+        submission.resolve_address(None, {})
 
 
 @pytest.mark.parametrize("bad", ["10.0.0.1:6379", "ray://head:10001", "auto", "http://"])
 def test_address_must_be_the_dashboard_url(bad: str) -> None:
     with pytest.raises(ClusterError, match="not an http"):
-        cluster.resolve_address(bad, {})
+        submission.resolve_address(bad, {})
 
 
 def test_address_with_credentials_is_refused() -> None:
     with pytest.raises(ClusterError, match="credentials"):
-        cluster.resolve_address("http://u:p@head:8265", {})
+        submission.resolve_address("http://u:p@head:8265", {})
 
 
 # --- checks of a job against the cluster ------------------------------------------------------
@@ -99,35 +102,35 @@ def test_multi_node_job_refuses_tracking_only_one_node_sees(
     uri: str | None, problem: str, info: ClusterInfo
 ) -> None:
     with pytest.raises(ClusterError) as err:
-        cluster.check_job(job(uri, storage="/mnt/shared/r"), info)
+        checks.check_job(job(uri, storage="/mnt/shared/r"), info)
     assert problem in str(err.value)
     assert HINT in str(err.value)
 
 
 def test_single_node_cluster_accepts_the_default_tracking() -> None:
-    warnings = cluster.check_job(job(None, storage="/data/r"), ONE)
+    warnings = checks.check_job(job(None, storage="/data/r"), ONE)
     assert not any("tracking" in w for w in warnings)
 
 
 def test_multi_node_job_with_a_tracking_server_passes() -> None:
     for uri in ("http://10.0.0.5:5000", "https://mlflow.example.org", "postgresql://db/mlflow"):
-        assert cluster.check_job(job(uri, storage="/mnt/shared/r"), TWO_MACHINES) == []
+        assert checks.check_job(job(uri, storage="/mnt/shared/r"), TWO_MACHINES) == []
 
 
 def test_loopback_tracking_warns_on_one_machine_and_is_refused_across_machines() -> None:
-    warnings = cluster.check_job(job("http://127.0.0.1:5000", "/tmp/r"), TWO_ONE_MACHINE)
+    warnings = checks.check_job(job("http://127.0.0.1:5000", "/tmp/r"), TWO_ONE_MACHINE)
     assert any("127.0.0.1" in w and "one machine" in w for w in warnings)
     for uri in ("http://localhost:5000", "http://127.0.0.1:5000", "http://[::1]:5000"):
         with pytest.raises(ClusterError, match=r"each node itself.*MLFLOW_HOST:5000"):
-            cluster.check_job(job(uri, "/tmp/r"), TWO_MACHINES)
+            checks.check_job(job(uri, "/tmp/r"), TWO_MACHINES)
     with pytest.raises(ClusterError, match="each node itself"):
-        cluster.check_job(job("http://localhost:5000", "/tmp/r"), AUTOSCALING)
+        checks.check_job(job("http://localhost:5000", "/tmp/r"), AUTOSCALING)
 
 
 @pytest.mark.parametrize("storage", ["toxtune_results", "results/run1", "~/results"])
 def test_multi_node_job_refuses_a_relative_storage_path(storage: str) -> None:
     with pytest.raises(ClusterError) as err:
-        cluster.check_job(job("http://10.0.0.5:5000", storage), TWO_ONE_MACHINE)
+        checks.check_job(job("http://10.0.0.5:5000", storage), TWO_ONE_MACHINE)
     assert "ray.storage_path" in str(err.value) and "not an absolute path" in str(err.value)
     assert "--storage-path" in str(err.value)
 
@@ -137,26 +140,26 @@ def test_multi_node_job_refuses_a_relative_storage_path(storage: str) -> None:
     ["/mnt/shared/r", "file:///mnt/shared/r", "s3://bucket/r", "gs://b/r", "abfss://c@a/r"],
 )
 def test_multi_node_job_accepts_shared_storage(storage: str) -> None:
-    assert cluster.check_job(job("http://10.0.0.5:5000", storage), TWO_MACHINES) == []
+    assert checks.check_job(job("http://10.0.0.5:5000", storage), TWO_MACHINES) == []
 
 
 def test_single_node_relative_storage_is_a_warning() -> None:
-    warnings = cluster.check_job(job(None, "toxtune_results"), ONE)
+    warnings = checks.check_job(job(None, "toxtune_results"), ONE)
     assert any("relative" in w and "--storage-path" in w for w in warnings)
 
 
 def test_resume_without_config_only_warns_about_the_saved_tracking_uri() -> None:
-    warnings = cluster.check_job(job(None, "/mnt/r"), TWO_MACHINES, saved_config=True)
+    warnings = checks.check_job(job(None, "/mnt/r"), TWO_MACHINES, saved_config=True)
     assert any("saved job's tracking URI" in w for w in warnings)
 
 
 def test_a_trial_no_node_can_hold_is_refused() -> None:
     with pytest.raises(ClusterError, match=r"no node can hold one trial.*8 CPU"):
-        cluster.check_job(job(None, "/r", cpus=16), ClusterInfo((node(0, cpus=8),)))
+        checks.check_job(job(None, "/r", cpus=16), ClusterInfo((node(0, cpus=8),)))
     with pytest.raises(ClusterError, match=r"gpus_per_trial=0\.5"):
-        cluster.check_job(job(None, "/r", gpus=0.5), ClusterInfo((node(0, gpus=0),)))
+        checks.check_job(job(None, "/r", gpus=0.5), ClusterInfo((node(0, gpus=0),)))
     # an autoscaling cluster may add the node the trial needs
-    assert cluster.check_job(job("http://h:5000", "/r", gpus=0.5), AUTOSCALING) == []
+    assert checks.check_job(job("http://h:5000", "/r", gpus=0.5), AUTOSCALING) == []
 
 
 def test_cluster_info_says_why_it_is_multi_node() -> None:
@@ -167,9 +170,7 @@ def test_cluster_info_says_why_it_is_multi_node() -> None:
 
 
 def test_autoscaling_is_read_from_a_cluster_config(tmp_path: Path) -> None:
-    assert "up to 4 worker node(s)" in (
-        cluster.autoscaling_from_config(REPO / "cluster.yaml") or ""
-    )
+    assert "up to 4 worker node(s)" in (cinfo.autoscaling_from_config(REPO / "cluster.yaml") or "")
     fixed = tmp_path / "fixed.yaml"
     fixed.write_text(
         yaml.safe_dump(
@@ -180,17 +181,18 @@ def test_autoscaling_is_read_from_a_cluster_config(tmp_path: Path) -> None:
             }
         )
     )
-    assert cluster.autoscaling_from_config(fixed) is None
-    assert cluster._cluster_config_path("none") is None
+    assert cinfo.autoscaling_from_config(fixed) is None
+    assert cinfo.cluster_config_path("none") is None
     with pytest.raises(ClusterError, match="no such file"):
-        cluster._cluster_config_path(tmp_path / "missing.yaml")
+        cinfo.cluster_config_path(tmp_path / "missing.yaml")
 
 
 # --- the entrypoint, the working dir, the runtime env --------------------------------------------
 
 
 def test_entrypoint_quotes_values_and_round_trips_through_the_cli() -> None:
-    from tune.cli import build_parser, tune_overrides
+    from tune.cli import build_parser
+    from tune.cli.tune_job import tune_overrides
 
     overrides = {
         "search.num_samples": "4",
@@ -200,7 +202,7 @@ def test_entrypoint_quotes_values_and_round_trips_through_the_cli() -> None:
         "data.targets": ["NR-AR", "SR p53"],
         "ray.address": "ignored",
     }
-    line = cluster.render_entrypoint(overrides)
+    line = submission.render_entrypoint(overrides)
     argv = shlex.split(line)
     assert argv[:6] == ["toxtune", "tune", "--config", "job.yaml", "--address", "auto"]
     assert "--run-name=it's a run; rm -rf /" in argv  # one argument, never a shell command
@@ -213,14 +215,14 @@ def test_entrypoint_quotes_values_and_round_trips_through_the_cli() -> None:
 
 def test_entrypoint_renders_resume_and_no_config() -> None:
     argv = shlex.split(
-        cluster.render_entrypoint({"tracking.run_name": "job1"}, config_name=None, resume="job1")
+        submission.render_entrypoint({"tracking.run_name": "job1"}, config_name=None, resume="job1")
     )
     assert argv == ["toxtune", "tune", "--address", "auto", "--resume=job1"]
 
 
 def test_entrypoint_refuses_an_override_without_a_flag() -> None:
     with pytest.raises(ClusterError, match=r"featurizer.n_bits.*--config"):
-        cluster.render_entrypoint({"featurizer.n_bits": "512"})
+        submission.render_entrypoint({"featurizer.n_bits": "512"})
 
 
 def test_working_dir_holds_the_config_and_the_local_data(tmp_path: Path) -> None:
@@ -238,7 +240,7 @@ def test_working_dir_holds_the_config_and_the_local_data(tmp_path: Path) -> None
     root = tmp_path / "wd"
     root.mkdir()
     j = replace(job(), data=replace(job().data, source=str(data)))
-    out, notes = cluster.prepare_working_dir(root, j, {"search.seed": "1"}, config, extra)
+    out, notes = submission.prepare_working_dir(root, j, {"search.seed": "1"}, config, extra)
     assert (root / "job.yaml").read_text() == config.read_text()
     assert (root / "_toxtune_data" / "mols.csv").read_text() == data.read_text()
     assert out == {"search.seed": "1", "data.source": "_toxtune_data/mols.csv"}
@@ -251,51 +253,80 @@ def test_working_dir_holds_the_config_and_the_local_data(tmp_path: Path) -> None
 def test_working_dir_refuses_a_missing_relative_data_file(tmp_path: Path) -> None:
     j = replace(job(), data=replace(job().data, source="nowhere/mols.csv"))
     with pytest.raises(ClusterError, match=r"nowhere/mols\.csv: no such file"):
-        cluster.prepare_working_dir(tmp_path, j, {}, None)
+        submission.prepare_working_dir(tmp_path, j, {}, None)
     j = replace(job(), data=replace(job().data, source="/cluster/only/mols.csv"))
-    _, notes = cluster.prepare_working_dir(tmp_path, j, {}, None)
+    _, notes = submission.prepare_working_dir(tmp_path, j, {}, None)
     assert any("must exist on the cluster's head node" in n for n in notes)
 
 
 def test_runtime_env_merges_and_refuses_secrets(tmp_path: Path) -> None:
-    env = cluster.runtime_env(tmp_path, json.dumps({"pip": ["xgboost"], "env_vars": {"A": "1"}}))
+    env = submission.runtime_env(tmp_path, json.dumps({"pip": ["xgboost"], "env_vars": {"A": "1"}}))
     assert env == {"pip": ["xgboost"], "env_vars": {"A": "1"}, "working_dir": str(tmp_path)}
     with pytest.raises(ClusterError, match="MLFLOW_TRACKING_PASSWORD, PGPASSWORD"):
-        cluster.runtime_env(
+        submission.runtime_env(
             tmp_path, json.dumps({"env_vars": {"PGPASSWORD": "x", "MLFLOW_TRACKING_PASSWORD": "y"}})
         )
     with pytest.raises(ClusterError, match="--working-dir"):
-        cluster.runtime_env(tmp_path, json.dumps({"working_dir": "."}))
+        submission.runtime_env(tmp_path, json.dumps({"working_dir": "."}))
     with pytest.raises(ClusterError, match="not valid JSON"):
-        cluster.runtime_env(tmp_path, "{pip")
+        submission.runtime_env(tmp_path, "{pip")
 
 
-def test_jobs_needs_a_job_id(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jobs_needs_a_job_id() -> None:
     from tune.cli import build_parser
 
     args = build_parser().parse_args(["jobs", "logs", "--address", "http://127.0.0.1:1"])
     with pytest.raises(ClusterError, match="needs a JOB_ID"):
-        cluster.jobs(args)
+        cluster_cli.cmd_jobs(args)
 
 
 def test_submit_refuses_before_contacting_the_jobs_api(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from tune.cli import build_parser, tune_overrides
+    from tune.cli import build_parser
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cluster, "cluster_info", lambda address, config=None: TWO_MACHINES)
+    monkeypatch.setattr(cinfo, "cluster_info", lambda address, config=None: TWO_MACHINES)
 
     class NoSubmit:
-        def submit_job(self, **kwargs: object) -> str:
+        def submit(self, *args: object, **kwargs: object) -> str:
             pytest.fail("submitted a job the checks should have refused")
 
-    monkeypatch.setattr(cluster, "job_client", lambda address: NoSubmit())
+    monkeypatch.setattr(cluster_cli, "job_client", lambda address: NoSubmit())
     args = build_parser().parse_args(
         ["submit", "--address", "http://10.0.0.1:8265", "--storage-path", "/mnt/shared/r"]
     )
     with pytest.raises(ClusterError, match=HINT):
-        cluster.submit(args, tune_overrides(args))
+        cluster_cli.cmd_submit(args)
+
+
+def test_the_library_never_rewrites_the_environment_and_refuses_an_overriding_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray's Jobs client lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS win over its argument: the
+    library refuses to build a client for another cluster than asked; the CLI pins the variable
+    for the duration of its command only."""
+    url = "http://127.0.0.1:1"
+    assert submission.address_override(url, {}) is None
+    assert submission.address_override(url, {"RAY_ADDRESS": url + "/"}) is None
+    assert submission.address_override(url, {"RAY_ADDRESS": "10.0.0.1:6379"}) == (
+        "$RAY_ADDRESS=10.0.0.1:6379"
+    )
+    assert submission.address_override(
+        url, {"RAY_API_SERVER_ADDRESS": "http://other:8265", "RAY_ADDRESS": url}
+    ) == ("$RAY_API_SERVER_ADDRESS=http://other:8265")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    import ray.job_submission  # noqa: F401 - importing Ray sets RAY_CLIENT_MODE itself
+
+    before = dict(os.environ)
+    with pytest.raises(ClusterError, match=r"\$RAY_ADDRESS=10\.0\.0\.1:6379 would override"):
+        submission.JobsClient.connect(url)
+    assert dict(os.environ) == before
+    with cluster_cli.pinned_api_address(url):
+        assert os.environ["RAY_API_SERVER_ADDRESS"] == url
+        assert submission.address_override(url) is None
+    assert dict(os.environ) == before
 
 
 # --- cluster.yaml ------------------------------------------------------------------------------
@@ -410,26 +441,27 @@ def _can_unshare() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 class TestRealCluster:
     """One head + one worker on 127.0.0.1, torn down before the end-to-end test starts."""
 
     def test_node_listing_of_a_real_cluster(self, two_nodes: RayCluster) -> None:
-        nodes = cluster.alive_nodes(two_nodes.dashboard_url)
+        nodes = cinfo.alive_nodes(two_nodes.dashboard_url)
         assert len(nodes) == 2 and sum(n.is_head for n in nodes) == 1
-        info = cluster.cluster_info(two_nodes.dashboard_url, "none")
+        info = cinfo.cluster_info(two_nodes.dashboard_url, "none")
         assert info.multi_node and not info.multi_machine and info.autoscaling is None
         # one machine: a loopback tracking server is accepted with a warning, SQLite is not
-        warnings = cluster.check_job(job("http://127.0.0.1:5000", "/tmp/r"), info)
+        warnings = checks.check_job(job("http://127.0.0.1:5000", "/tmp/r"), info)
         assert any("one machine" in w for w in warnings)
         with pytest.raises(ClusterError, match="SQLite"):
-            cluster.check_job(job("sqlite:////tmp/m.db", "/tmp/r"), info)
+            checks.check_job(job("sqlite:////tmp/m.db", "/tmp/r"), info)
 
     def test_shared_storage_seen_by_every_node(self, connected: RayCluster, tmp_path: Path) -> None:
         results = tmp_path / "results"
-        cluster.check_shared_storage(str(results), timeout_s=90)
+        storage.check_shared_storage(str(results), timeout_s=90)
         assert results.is_dir() and list(results.iterdir()) == []  # markers cleaned up
-        assert cluster.check_cluster_storage(str(results), timeout_s=90) == 2
-        cluster.check_shared_storage("s3://bucket/never-touched")  # cloud: left to Ray
+        assert storage.check_cluster_storage(str(results), timeout_s=90) == 2
+        storage.check_shared_storage("s3://bucket/never-touched")  # cloud: left to Ray
 
     @pytest.mark.skipif(not _can_unshare(), reason="needs root and mount namespaces (unshare)")
     def test_storage_one_node_cannot_see_is_refused(
@@ -455,13 +487,13 @@ class TestRealCluster:
         isolated = [n["NodeID"] for n in alive if n["NodeID"] not in before]
         assert len(isolated) == 1, alive
         with pytest.raises(ClusterError) as err:
-            cluster.check_shared_storage(str(private / "results"), timeout_s=90)
+            storage.check_shared_storage(str(private / "results"), timeout_s=90)
         message = str(err.value)
         assert isolated[0][:8] in message and "does not exist there" in message
         for other in before:
             assert other[:8] not in message  # the nodes that do see it are not blamed
         # a path outside the private mount is still shared by all three
-        cluster.check_shared_storage(str(tmp_path / "shared"), timeout_s=90)
+        storage.check_shared_storage(str(tmp_path / "shared"), timeout_s=90)
         assert len([n for n in ray.nodes() if n.get("Alive")]) == 3
 
 
@@ -537,7 +569,7 @@ def test_submit_runs_a_search_across_two_nodes(
     ):
         ray_c.add_node(num_cpus=1, num_gpus=2)
         timings["services_up_s"] = time.monotonic() - t0
-        node_ids = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)}
+        node_ids = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)}
         assert len(node_ids) == 2
         t1 = time.monotonic()
         cmd = [
@@ -553,8 +585,8 @@ def test_submit_runs_a_search_across_two_nodes(
             (ln.split()[2] for ln in proc.stdout.splitlines() if ln.startswith("submitted job")),
             None,
         )
-        client = cluster.job_client(ray_c.dashboard_url)
-        logs = client.get_job_logs(job_id) if job_id else ""
+        client = submission.JobsClient.connect(ray_c.dashboard_url)
+        logs = client.logs(job_id) if job_id else ""
         report = (
             f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n"
             f"{proc.stderr[-4000:]}\n--- job log ---\n{logs[-8000:]}\n--- mlflow ---\n"
@@ -563,7 +595,7 @@ def test_submit_runs_a_search_across_two_nodes(
         print(f"timings: {timings}", file=sys.stderr)
         assert job_id is not None, report
         assert proc.returncode == 0, report
-        assert str(client.get_job_status(job_id)) == "SUCCEEDED", report
+        assert client.status(job_id) == "SUCCEEDED", report
         assert "--address auto" in proc.stdout and "--tracking-uri=" in proc.stdout
         assert "best trial:" in proc.stdout  # --follow streamed the job's own report
 
@@ -604,9 +636,9 @@ def test_job_completes_after_a_worker_node_leaves(
         mlflow_server(tmp_path / "mlflow") as server,
         ray_cluster(tmp_path / "ray", num_cpus=1, dashboard=True) as ray_c,
     ):
-        head = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)}
+        head = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)}
         ray_c.add_node(num_cpus=1)
-        worker = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)} - head
+        worker = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)} - head
         assert len(worker) == 1
         cmd = [
             str(BIN / "toxtune"), "submit", "--address", ray_c.dashboard_url,
@@ -616,14 +648,14 @@ def test_job_completes_after_a_worker_node_leaves(
         out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
         job_id = next(ln.split()[2] for ln in out.stdout.splitlines() if ln.startswith("submitted"))
-        jobs = cluster.job_client(ray_c.dashboard_url)
+        jobs = submission.JobsClient.connect(ray_c.dashboard_url)
         mlf = MlflowClient(tracking_uri=server.url)
 
         # Wait until a trial is training on the worker node, then take the node away.
         deadline = time.monotonic() + 240
         while True:
-            assert time.monotonic() < deadline, jobs.get_job_logs(job_id)[-4000:]
-            assert str(jobs.get_job_status(job_id)) in ("PENDING", "RUNNING")
+            assert time.monotonic() < deadline, jobs.logs(job_id)[-4000:]
+            assert jobs.status(job_id) in ("PENDING", "RUNNING")
             exp = mlf.get_experiment_by_name("node-loss")
             runs = mlf.search_runs([exp.experiment_id]) if exp else []
             if any(r.data.tags.get("node_id") in worker for r in runs):
@@ -631,10 +663,10 @@ def test_job_completes_after_a_worker_node_leaves(
             time.sleep(0.5)
         assert kill_ray_node(ray_c.node_dirs[0]) > 0
 
-        status = cluster.wait_for_job(jobs, job_id, poll_s=1.0, quiet=True)
-        logs = jobs.get_job_logs(job_id)
+        status = jobs.wait(job_id, poll_s=1.0)
+        logs = jobs.logs(job_id)
         assert status == "SUCCEEDED", logs[-6000:]
-        alive = {n.node_id for n in cluster.alive_nodes(ray_c.dashboard_url)}
+        alive = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)}
         assert alive == head  # the worker really left
         runs = mlf.search_runs([exp.experiment_id], max_results=100)
         kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

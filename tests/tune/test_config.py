@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tune.cli import build_parser, resolve_job
+from tune.cli import build_parser
+from tune.cli.tune_job import resolve_job
 from tune.config import ConfigError, JobConfig, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +27,36 @@ def test_defaults_are_valid() -> None:
 def test_shipped_configs_load(name: str) -> None:
     job = load_config(REPO / "configs" / name)
     assert job.search.num_samples > 0
+    # configs/ at the root is the package's own folder, not a copy that could drift
+    assert (REPO / "configs" / name).resolve() == (REPO / "tune" / "configs" / name).resolve()
+
+
+def test_an_unset_grace_period_fits_the_epoch_budget(tmp_path: Path) -> None:
+    """`--max-epochs 2` used to be refused over a default the user never set:
+    `search.grace_period (3) must not exceed search.max_epochs (2)`."""
+    assert load_config().search.grace_period == 3
+    assert load_config(overrides={"search.max_epochs": "2"}).search.grace_period == 2
+    assert load_config(overrides={"search.max_epochs": 1}).search.grace_period == 1
+    job = resolve_job(build_parser().parse_args(["tune", "--max-epochs", "2"]))
+    assert (job.search.max_epochs, job.search.grace_period) == (2, 2)
+    # what the user set is kept, and the saved config reloads as it ran
+    chosen = load_config(overrides={"search.max_epochs": 10, "search.grace_period": 5})
+    assert chosen.search.grace_period == 5
+    saved = tmp_path / "job.yaml"
+    saved.write_text(dump_config(job))
+    assert load_config(saved) == job
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"search.grace_period": 3, "search.max_epochs": 2}, r"grace_period \(3\).*\(2\)"),
+        ({"search.grace_period": 0}, r"search\.grace_period must be > 0"),
+    ],
+)
+def test_a_grace_period_the_user_chose_is_checked(overrides: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load_config(overrides=overrides)
 
 
 @pytest.mark.parametrize(

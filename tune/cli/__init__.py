@@ -1,0 +1,57 @@
+"""The `toxtune` command: tune, configs, data, predict, ui, submit, jobs. Thin: parses, then calls.
+
+Each subcommand lives in a module of this package that adds its parser (`register`) and runs it:
+`tune_job` (tune), `configs` (configs, and built-in config names for --config), `data`,
+`predict`, `ui`, `cluster` (submit, jobs). Errors a user can act on are caught here, in one
+place: one line on stderr, `toxtune <command>: error: ...`, and the exit code of the error
+(2 for bad input, 1 for a job or a service that failed); the traceback only with --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from toxmodel.checkpoint import CheckpointError
+from toxmodel.data import DataError
+from tune import settings
+from tune.cli import cluster, configs, data, predict, tune_job, ui
+from tune.errors import ToxtuneError
+
+# What the CLI reports as one line (the traceback only with --verbose). toxmodel's errors are
+# bad input (exit code 2; it never imports tune); each ToxtuneError carries its own exit code.
+USER_ERRORS = (ToxtuneError, DataError, CheckpointError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="toxtune",
+        description="Hyperparameter search for molecular toxicity models: Ray Tune trials chosen "
+        "by Optuna, tracked in MLflow. `toxtune COMMAND --help` for each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (tune_job, configs, data, predict, ui, cluster):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings.configure_process()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"toxtune {args.command}: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+
+
+__all__ = ["USER_ERRORS", "build_parser", "main"]

@@ -1,0 +1,31 @@
+"""`toxtune data`: summarise a dataset (rows, invalid SMILES, label balance) before a search."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from toxmodel.data import default_cache_dir, load_table, summarize
+    from toxmodel.featurize import FeaturizerConfig, featurize_cached, write_invalid_report
+
+    cache = default_cache_dir()
+    table = load_table(args.data, args.smiles_column, args.targets, cache)
+    features = featurize_cached(
+        table.smiles, FeaturizerConfig(), cache, table.content_hash, progress=True
+    )
+    print(summarize(table, features))
+    if args.invalid_report:
+        path = write_invalid_report(features.invalid, Path(args.invalid_report), table.lines)
+        print(f"invalid rows written to {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="summarise a dataset before spending compute on it")
+    p.add_argument("--data", default="default", help="CSV path or URL (default: Tox21)")
+    p.add_argument("--smiles-column", default="smiles")
+    p.add_argument("--targets", nargs="+")
+    p.add_argument("--invalid-report", help="write the invalid SMILES rows to this CSV")
+    p.set_defaults(func=cmd_data)

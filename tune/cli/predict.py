@@ -1,0 +1,56 @@
+"""`toxtune predict`: score a CSV of SMILES with a registered model.
+
+Without --tracking-uri the model is looked up where `toxtune tune` registered it and where
+`toxtune ui` looks: the job config's tracking URI, by default the SQLite store under
+./toxtune_results (`--storage-path` to change the folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tune.cli.configs import config_arg
+
+
+def tracking_uri(args: argparse.Namespace) -> str:
+    """The tracking URI a `tune` with the same --config/--tracking-uri/--storage-path used."""
+    from tune.config import load_config
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("tracking.tracking_uri", args.tracking_uri),
+            ("ray.storage_path", args.storage_path),
+        )
+        if value is not None
+    }
+    return load_config(args.config, overrides).tracking_uri
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tune.serving import predict_file
+
+    out = predict_file(
+        args.model, Path(args.input), Path(args.output), tracking_uri(args), args.smiles_column
+    )
+    print(f"predictions written to {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict toxicity for a CSV of SMILES")
+    p.add_argument("input", help="CSV with a SMILES column (.csv or gzip, , ; or tab separated)")
+    p.add_argument("--model", required=True, help="e.g. models:/toxtune-tox21@champion")
+    p.add_argument("--output", default="predictions.csv", help="CSV to write (not the input)")
+    p.add_argument("--smiles-column", default="smiles")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store holding the model (default: the one `toxtune tune` uses, "
+        "sqlite under --storage-path)",
+    )
+    p.add_argument(
+        "--storage-path", help="results folder of `toxtune tune` (default: toxtune_results)"
+    )
+    p.add_argument("--config", type=config_arg, help="job config whose tracking URI to use")
+    p.set_defaults(func=cmd_predict)
