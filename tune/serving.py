@@ -1,8 +1,10 @@
 """The servable model: an MLflow pyfunc that takes a table of SMILES and returns probabilities.
 
-Input: a DataFrame with a `smiles` column (other columns are ignored). Output: one float
-probability column per task and an `error` column ("" when the row was scored; the reason, with
-NaN probabilities, when the SMILES could not be parsed). Bad SMILES never raise.
+Input: a DataFrame with a `smiles` column (other columns are ignored). Output: one probability
+column per task and an `error` column ("" when the row was scored; the reason when the SMILES
+could not be parsed). A row that could not be scored has None probabilities, so the served JSON
+holds `null` there (NaN is not JSON, and strict parsers refuse it); the probability columns are
+floats when every row was scored, objects (floats and None) otherwise. Bad SMILES never raise.
 
 The model is logged as MLflow 3 "models from code": the model's code is a three-line entry file
 (`toxtune_model.py`, written at log time) that builds `ToxicityModel`; the checkpoint travels as
@@ -34,7 +36,8 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from toxmodel.checkpoint import load_checkpoint
-from toxmodel.data import DataError
+from toxmodel.data import read_table
+from tune.errors import ServingError
 
 __all__ = [
     "ToxicityModel",
@@ -77,7 +80,24 @@ class ToxicityModel(PythonModel):
         """SMILES table -> one probability column per task + `error`, row for row."""
         smiles = _smiles_column(model_input)
         out = self._predictor.predict(smiles)
-        return out[[*self.tasks, ERROR]].reset_index(drop=True)
+        return unscored_as_none(out[[*self.tasks, ERROR]].reset_index(drop=True), self.tasks)
+
+
+def unscored_as_none(frame: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
+    """Probability cells of rows that were not scored (an `error`) become None, not NaN.
+
+    MLflow's scoring server writes a DataFrame with `to_dict` + `json.dump`, which turns NaN into
+    the bare token `NaN`; None becomes `null`.
+    """
+    bad = frame[ERROR] != ""
+    if not bad.any():
+        return frame
+    out = frame.copy()
+    for task in tasks:
+        column = out[task].astype(object)
+        column[bad] = None
+        out[task] = column
+    return out
 
 
 def _smiles_column(model_input: Any) -> list[str]:
@@ -233,38 +253,91 @@ def predict_file(
 ) -> Path:
     """Score a CSV of SMILES with a logged/registered model; returns `output_csv`.
 
-    The output keeps the input's columns and adds `p_<task>` per task and `error` (columns
-    already in the input get a `_pred` suffix). Rows are read and scored in chunks, and the
-    output is written atomically.
+    The input is read as `toxtune data` reads it (`toxmodel.data.read_table`: gzip by content,
+    comma/semicolon/tab, BOM, stripped header names, duplicate names refused) and its cells are
+    written back as they were. The output keeps the input's columns and adds `p_<task>` per task
+    and `error` (columns already in the input get a `_pred` suffix); it is checked before the
+    model is loaded (not a folder, not the input file, writable) and written atomically.
+    Errors: DataError for the input, ServingError for the model and the output.
     """
     input_csv, output_csv = Path(input_csv), Path(output_csv)
-    if not input_csv.is_file():
-        raise DataError(f"input file not found: {input_csv}")
-    header = pd.read_csv(input_csv, nrows=0)
-    if smiles_column not in header.columns:
-        raise DataError(
-            f"{input_csv}: no SMILES column {smiles_column!r}; columns: {list(header.columns)} "
-            "(choose one with --smiles-column)"
-        )
-    output_csv.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(model_uri, tracking_uri, Path(tmp) / "model")
-        part = output_csv.with_name(f".{output_csv.name}.part")
-        try:
-            first = True
-            chunks = pd.read_csv(input_csv, dtype={smiles_column: str}, chunksize=PREDICT_CHUNK)
-            for chunk in chunks:
-                frame = chunk.reset_index(drop=True)
-                smiles = frame[smiles_column].fillna("").astype(str)
-                preds = model.predict(pd.DataFrame({SMILES: smiles}))
-                names = {c: c if c == ERROR else f"p_{c}" for c in preds.columns}
-                names = {c: f"{n}_pred" if n in frame.columns else n for c, n in names.items()}
-                out = pd.concat([frame, preds.rename(columns=names)], axis=1)
-                out.to_csv(part, mode="w" if first else "a", header=first, index=False)
-                first = False
-            if first:  # an input with a header only
-                header.to_csv(part, index=False)
-            os.replace(part, output_csv)
-        finally:
-            part.unlink(missing_ok=True)
+    frame = read_table(input_csv, smiles_column)
+    part = _claim_output(output_csv, input_csv)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_model_or_explain(model_uri, tracking_uri, Path(tmp) / "model")
+            for start in range(0, max(len(frame), 1), PREDICT_CHUNK):
+                chunk = frame.iloc[start : start + PREDICT_CHUNK].reset_index(drop=True)
+                if len(chunk):
+                    preds = model.predict(pd.DataFrame({SMILES: chunk[smiles_column]}))
+                    # None (unscored) back to NaN: every chunk writes its numbers alike
+                    preds = preds.astype({c: "float32" for c in preds.columns if c != ERROR})
+                    names = {c: c if c == ERROR else f"p_{c}" for c in preds.columns}
+                    names = {c: f"{n}_pred" if n in chunk.columns else n for c, n in names.items()}
+                    chunk = pd.concat([chunk, preds.rename(columns=names)], axis=1)
+                chunk.to_csv(part, mode="w" if start == 0 else "a", header=start == 0, index=False)
+        os.replace(part, output_csv)
+    finally:
+        part.unlink(missing_ok=True)
     return output_csv
+
+
+def _claim_output(output_csv: Path, input_csv: Path) -> Path:
+    """Check the output path before any work, and create its temporary `.part` file."""
+    if output_csv.is_dir():
+        raise ServingError(f"--output {output_csv} is a folder; give a file name, e.g. preds.csv")
+    same = output_csv.exists() and os.path.samefile(output_csv, input_csv)
+    if same or output_csv.resolve() == input_csv.resolve():
+        raise ServingError(
+            f"--output {output_csv} is the input file; write the predictions to another file"
+        )
+    part = output_csv.with_name(f".{output_csv.name}.part")
+    try:
+        output_csv.parent.mkdir(parents=True, exist_ok=True)
+        part.touch()
+    except OSError as exc:
+        why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        raise ServingError(f"--output {output_csv} cannot be written ({why})") from exc
+    if output_csv.exists() and not os.access(output_csv, os.W_OK):
+        part.unlink(missing_ok=True)
+        raise ServingError(f"--output {output_csv} cannot be written (permission denied)")
+    return part
+
+
+def _check_store(tracking_uri: str) -> None:
+    """A SQLite store that does not exist is an error, not a new empty database."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ServingError(
+                f"no MLflow store at {path}: run `toxtune tune` in this folder first, or pass "
+                "--tracking-uri (or --storage-path) of the store the model was registered in"
+            )
+
+
+def _registered_models(tracking_uri: str, limit: int = 10) -> str:
+    """`name @alias..., ...` of the registry's models, for an error message ('' if none)."""
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        models = client.search_registered_models(max_results=limit)
+    except Exception:  # only a hint for an error message: never hide the real error
+        return ""
+    shown = []
+    for m in models:
+        aliases = " ".join(f"@{a}" for a in sorted(m.aliases or {}))
+        shown.append(f"{m.name} {aliases}".strip())
+    return ", ".join(shown)
+
+
+def load_model_or_explain(model_uri: str, tracking_uri: str | None, dst: Path | None = None) -> Any:
+    """`load_model`, with a missing or unreadable model as one ServingError naming the URI."""
+    if tracking_uri is not None and model_uri.startswith(("models:/", "runs:/")):
+        _check_store(tracking_uri)
+    try:
+        return load_model(model_uri, tracking_uri, dst)
+    except (mlflow.MlflowException, OSError) as exc:
+        where = f" in {tracking_uri}" if tracking_uri else ""
+        reason = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
+        known = _registered_models(tracking_uri) if tracking_uri else ""
+        hint = f"; registered models there: {known}" if known else ""
+        raise ServingError(f"cannot load model {model_uri}{where}: {reason}{hint}") from exc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import gzip
 import sys
 from pathlib import Path
 
@@ -11,12 +11,15 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import MlflowServer, invoke, model_server
+from tests.services import MlflowServer, invoke, invoke_raw, model_server, strict_json
+from toxmodel.checkpoint import load_checkpoint
 from toxmodel.data import DataError
 from toxmodel.featurize import FeaturizerConfig, featurize
 from toxmodel.model import ModelConfig
 from toxmodel.split import Split
 from toxmodel.train import TrainConfig, fit
+from tune import serving
+from tune.errors import ServingError
 from tune.serving import load_model, predict_file
 from tune.tracking import Registration, default_tracking_uri, register_best_model, start_job_run
 
@@ -47,6 +50,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.save(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
+@pytest.fixture(scope="module")
+def store(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as `toxtune tune` leaves it: toxtune_results/mlflow.db holding the models `tox`
+    and `toxtune-tox21`, each with its @champion (registered once for the predict tests)."""
+    root = tmp_path_factory.mktemp("tuned")
+    uri = default_tracking_uri(root / "toxtune_results")
+    _register(uri, checkpoint, "tox", "0.7", "t1")
+    _register(uri, checkpoint, "toxtune-tox21", "0.7", "t2")
+    return root
+
+
 def _register(
     uri: str, checkpoint: Path, name: str, score: str, trial: str, **tags: str
 ) -> Registration:
@@ -55,16 +69,24 @@ def _register(
     return register_best_model(uri, parent, checkpoint, name, tags=tags)
 
 
-def _check_predictions(out: pd.DataFrame) -> None:
-    """Rows: CCO (valid), not-a-smiles, "" and None (invalid), c1ccccc1O (valid)."""
+def _expected(checkpoint: Path, smiles: list[str]) -> pd.DataFrame:
+    """What the checkpoint's own Predictor says about `smiles` (the reference)."""
+    return load_checkpoint(checkpoint).predict(smiles)
+
+
+def _check_predictions(out: pd.DataFrame, checkpoint: Path) -> None:
+    """Rows: CCO (valid), not-a-smiles, "" and None (invalid), c1ccccc1O (valid). Valid rows
+    equal the checkpoint's own predictions; invalid rows have None (JSON null), not NaN."""
     assert list(out.columns) == [*TASKS, "error"]
     assert len(out) == 5
-    for row in (0, 4):
+    want = _expected(checkpoint, ["CCO", "c1ccccc1O"])
+    for row, ref in ((0, 0), (4, 1)):
         assert out["error"][row] == ""
-        assert all(0.0 <= out[t][row] <= 1.0 for t in TASKS)
+        for t in TASKS:
+            assert out[t][row] == pytest.approx(float(want[t][ref]), abs=1e-6)
     for row in (1, 2, 3):
         assert out["error"][row] != ""
-        assert all(math.isnan(out[t][row]) for t in TASKS)
+        assert all(out[t][row] is None for t in TASKS)
 
 
 def test_register_alias_load_and_predict(
@@ -100,7 +122,7 @@ def test_register_alias_load_and_predict(
     frame = pd.DataFrame(
         {"smiles": ["CCO", "not-a-smiles", "", None, "c1ccccc1O"], "extra": range(5)}
     )
-    _check_predictions(model.predict(frame))
+    _check_predictions(model.predict(frame), checkpoint)
     with pytest.raises(Exception, match="smiles"):
         model.predict(pd.DataFrame({"SMILES_col": ["CCO"]}))
     assert model.metadata.model_id and model.metadata.run_id == champion.run_id
@@ -125,22 +147,108 @@ def test_alias_is_never_taken_by_a_model_scored_on_other_data_or_split(
     assert client.get_model_version("tox", "2").tags["toxtune.alias_note"] == other.note
 
 
-def test_predict_file_keeps_columns_and_flags_bad_rows(checkpoint: Path, tmp_path: Path) -> None:
-    uri = default_tracking_uri(tmp_path / "store")
-    _register(uri, checkpoint, "tox", "0.7", "t1")
+def test_predict_file_keeps_columns_and_flags_bad_rows(
+    checkpoint: Path, store: Path, tmp_path: Path
+) -> None:
+    uri = default_tracking_uri(store / "toxtune_results")
     source = tmp_path / "in.csv"
-    source.write_text("id,structure\n1,CCO\n2,not-a-smiles\n3,\n4,c1ccccc1O\n")
+    source.write_text("id,structure\n007,CCO\n2,not-a-smiles\n3,\n4,c1ccccc1O\n")
     out = predict_file("models:/tox@champion", source, tmp_path / "out" / "p.csv", uri, "structure")
-    table = pd.read_csv(out, keep_default_na=False)
+    table = pd.read_csv(out, keep_default_na=False, dtype=str)
     assert list(table.columns) == ["id", "structure", "p_NR-AR", "p_SR-p53", "error"]
-    assert list(table["id"]) == [1, 2, 3, 4]
+    assert list(table["id"]) == ["007", "2", "3", "4"]  # cells written back as they were
     assert table["error"][0] == "" and table["error"][3] == ""
     assert table["error"][1] != "" and table["error"][2] != ""
-    assert 0.0 <= float(table["p_NR-AR"][0]) <= 1.0 and table["p_NR-AR"][1] == ""
+    want = _expected(checkpoint, ["CCO"])
+    assert float(table["p_NR-AR"][0]) == pytest.approx(float(want["NR-AR"][0]), abs=1e-6)
+    assert table["p_NR-AR"][1] == ""
     with pytest.raises(DataError, match="'smiles'"):
         predict_file("models:/tox@champion", source, tmp_path / "x.csv", uri)
     with pytest.raises(DataError, match="not found"):
         predict_file("models:/tox@champion", tmp_path / "missing.csv", tmp_path / "x.csv", uri)
+
+
+def test_predict_reads_input_as_toxtune_data_does(
+    checkpoint: Path, store: Path, tmp_path: Path
+) -> None:
+    """gzip content named .csv used to fail with UnicodeDecodeError, and a header `smiles ` (a
+    trailing space) was refused; both are read as `toxtune data` reads them."""
+    uri = default_tracking_uri(store / "toxtune_results")
+    gz = tmp_path / "gz.csv"
+    gz.write_bytes(gzip.compress(b"smiles\nCCO\nc1ccccc1O\n"))
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("id;smiles \n1;CCO\n2;c1ccccc1O\n")  # semicolons, padded header
+    want = _expected(checkpoint, ["CCO", "c1ccccc1O"])
+    for source in (gz, spaced):
+        out = predict_file("models:/tox@champion", source, tmp_path / f"{source.stem}.out", uri)
+        table = pd.read_csv(out)
+        assert list(table["smiles"]) == ["CCO", "c1ccccc1O"]
+        assert table["p_SR-p53"].to_numpy() == pytest.approx(want["SR-p53"].to_numpy(), abs=1e-6)
+    duplicated = tmp_path / "dup.csv"
+    duplicated.write_text("smiles,t1,t1\nCCO,0,1\n")
+    with pytest.raises(DataError, match="t1"):
+        predict_file("models:/tox@champion", duplicated, tmp_path / "d.out", uri)
+
+
+def test_predict_refuses_bad_outputs_and_models_before_scoring(
+    checkpoint: Path, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each used to be a traceback (IsADirectoryError after scoring everything, PermissionError,
+    MlflowException, EmptyDataError) or, for --output equal to the input, to overwrite it."""
+    uri = default_tracking_uri(store / "toxtune_results")
+    source = tmp_path / "in.csv"
+    source.write_text("smiles\nCCO\n")
+    (tmp_path / "a_file").write_text("x")
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        pytest.fail("the model was loaded although the output could not be written")
+
+    with monkeypatch.context() as m:
+        m.setattr(serving, "load_model", must_not_load)
+        with pytest.raises(ServingError, match="is a folder"):
+            predict_file("models:/tox@champion", source, tmp_path, uri)
+        with pytest.raises(ServingError, match="is the input file"):
+            predict_file("models:/tox@champion", source, source, uri)
+        with pytest.raises(ServingError, match="cannot be written"):
+            predict_file("models:/tox@champion", source, tmp_path / "a_file" / "p.csv", uri)
+        with pytest.raises(DataError, match="empty"):
+            predict_file("models:/tox@champion", empty, tmp_path / "p.csv", uri)
+    assert source.read_text() == "smiles\nCCO\n"
+    for wrong in ("models:/nope@champion", "models:/tox@nope", "models:/tox/9"):
+        with pytest.raises(ServingError, match=f"cannot load model {wrong}.*tox @champion"):
+            predict_file(wrong, source, tmp_path / "p.csv", uri)
+    with pytest.raises(ServingError, match="no MLflow store"):
+        predict_file(
+            "models:/tox@champion", source, tmp_path / "p.csv", f"sqlite:///{tmp_path}/x.db"
+        )
+    assert not (tmp_path / "x.db").exists()  # no empty store left behind
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_predict_without_tracking_uri_finds_the_store_tune_used(
+    store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The README's line, `toxtune predict --model models:/toxtune-tox21@champion molecules.csv
+    --output preds.csv`, used to look in a fresh ./mlflow.db instead of toxtune_results/."""
+    from tune.cli import main
+    from tune.config import load_config
+
+    monkeypatch.chdir(store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = load_config().tracking_uri  # what `toxtune tune` and `toxtune ui` use here
+    assert uri == f"sqlite:///{store / 'toxtune_results' / 'mlflow.db'}"
+    (store / "molecules.csv").write_text("smiles\nCCO\n")
+    argv = "predict --model models:/toxtune-tox21@champion molecules.csv --output preds.csv"
+    assert main(argv.split()) == 0, capsys.readouterr().err
+    assert "preds.csv" in capsys.readouterr().out
+    assert list(pd.read_csv(store / "preds.csv").columns) == [
+        "smiles",
+        *(f"p_{t}" for t in TASKS),
+        "error",
+    ]
+    assert not (store / "mlflow.db").exists()
 
 
 @pytest.mark.slow
@@ -150,12 +258,33 @@ def test_served_over_http_from_the_tracking_server(
     uri = mlflow_http.url
     _register(uri, checkpoint, "tox-http", "0.7", "t1")
     frame = pd.DataFrame({"smiles": ["CCO", "not-a-smiles", "", None, "c1ccccc1O"]})
-    _check_predictions(load_model("models:/tox-http@champion", uri).predict(frame))
+    _check_predictions(load_model("models:/tox-http@champion", uri).predict(frame), checkpoint)
 
     with model_server("models:/tox-http@champion", uri, tmp_path) as url:
         rows = invoke(url, ["CCO", "not-a-smiles"])
     assert len(rows) == 2
     assert rows[0]["error"] == ""
-    assert all(0.0 <= rows[0][t] <= 1.0 for t in TASKS)
+    want = _expected(checkpoint, ["CCO"])
+    assert all(rows[0][t] == pytest.approx(float(want[t][0]), abs=1e-6) for t in TASKS)
     assert rows[1]["error"] != ""
-    assert all(rows[1][t] is None or math.isnan(rows[1][t]) for t in TASKS)
+    assert all(rows[1][t] is None for t in TASKS)
+
+
+@pytest.mark.slow
+def test_readme_serve_line_answers_strict_json_with_null_for_invalid_smiles(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """README: `MLFLOW_TRACKING_URI=sqlite:///toxtune_results/mlflow.db mlflow models serve -m
+    models:/toxtune-tox21@champion --env-manager local` (on a free port here), run in the folder
+    `toxtune tune` ran in. Invalid SMILES used to come back as a bare NaN, which strict JSON
+    parsers refuse."""
+    store = tmp_path / "toxtune_results"
+    _register(default_tracking_uri(store), checkpoint, "toxtune-tox21", "0.7", "t1")
+    relative = "sqlite:///toxtune_results/mlflow.db"  # as the README writes it, from tmp_path
+    with model_server("models:/toxtune-tox21@champion", relative, tmp_path) as url:
+        raw = invoke_raw(url, ["CCO", "not-a-smiles"])
+    assert b"NaN" not in raw and b"null" in raw
+    rows = strict_json(raw)["predictions"]  # type: ignore[index]
+    assert rows[1]["error"] != "" and all(rows[1][t] is None for t in TASKS)
+    want = _expected(checkpoint, ["CCO"])
+    assert all(rows[0][t] == pytest.approx(float(want[t][0]), abs=1e-6) for t in TASKS)
