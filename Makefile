@@ -1,11 +1,12 @@
-# Two entry points: `make tune` (the main job on embedded defaults) and `make test`.
+# Two entry points: `make tune` (the main job on embedded defaults) and `make test`
+# (everything, real Ray/MLflow services included); `make test-fast` is the quick loop.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tox21 is downloaded from MoleculeNet by default; a local copy is used when one sits beside the repo.
 DATA ?= $(firstword $(wildcard ../shared/data/tox21.csv) default)
-CONFIG ?= configs/quick.yaml
+CONFIG ?= quick
 
-.PHONY: install tune test lint format clean
+.PHONY: install tune test test-fast lint format clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ tune: install
 
 test: install
 	$(PY) -m pytest
+
+# Everything not marked slow (no Ray cluster, MLflow server, served model or full job).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
