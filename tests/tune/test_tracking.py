@@ -258,24 +258,21 @@ def test_trial_runs_statuses_metrics_and_errors(
     ok = kids["ok"]
     assert (ok.info.status, ok.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
     assert ok.data.tags["toxtune.finished_reason"] == "max_epochs"
-    for key in ("train_loss", "val_roc_auc", "val_roc_auc/NR-AR", "val_pr_auc/SR-p53", "lr"):
-        assert steps(client, ok, key) == [1, 2, 3], key
-    assert steps(client, ok, "best_val_roc_auc") == [1, 2, 3]
-    assert all(
-        math.isnan(m.value) for m in client.get_metric_history(ok.info.run_id, "val_pr_auc/NR-AR")
-    )
-    assert steps(client, ok, "val_roc_auc/odd_task_") == [1, 2, 3]
-    assert steps(client, ok, "epoch_seconds") == [1, 2, 3]
+    for key in ("train_loss", "val_roc_auc", "best_val_roc_auc", "lr", "epoch_seconds"):
+        assert steps(client, ok, key) == [1, 2, 3], key  # headline metrics: every epoch
+    # Per-task scores: once, at the trial's end, from its best row (without a `best_epoch` in
+    # the results, the latest) at that row's step.
+    for key in ("val_roc_auc/NR-AR", "val_pr_auc/SR-p53", "val_roc_auc/odd_task_"):
+        assert steps(client, ok, key) == [3], key
+    nan_task = client.get_metric_history(ok.info.run_id, "val_pr_auc/NR-AR")
+    assert len(nan_task) == 1 and math.isnan(nan_task[0].value)
     history = client.get_metric_history(ok.info.run_id, "val_roc_auc/NR-AR")
-    assert [round(m.value, 4) for m in sorted(history, key=lambda m: m.step)] == [
-        0.61,
-        0.62,
-        0.63,
-    ]
+    assert [round(m.value, 4) for m in history] == [0.63]
 
     stopped = kids["stopped"]
     assert (stopped.info.status, stopped.data.tags[STATUS_TAG]) == ("FINISHED", "early_stopped")
     assert steps(client, stopped, "val_roc_auc") == [1, 2]
+    assert steps(client, stopped, "val_roc_auc/NR-AR") == [2]
 
     crash = kids["crash"]
     assert (crash.info.status, crash.data.tags[STATUS_TAG]) == ("FAILED", "failed")
@@ -290,12 +287,14 @@ def test_trial_runs_statuses_metrics_and_errors(
     assert text.count("Failure # ") == 2 and "ValueError: deliberate bug" in text  # both attempts
     assert "\x1b[" not in text  # terminal colour codes are stripped
     assert steps(client, crash, "val_roc_auc") == [1]  # the retry resumed from epoch 1
+    assert steps(client, crash, "val_roc_auc/NR-AR") == [1]  # a failed trial's too
 
     flaky = kids["flaky"]
     assert (flaky.info.status, flaky.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
     assert flaky.data.tags["toxtune.retries"] == "1"
     assert artifacts(client, flaky, "errors") == {"errors/attempt-1.txt"}
     assert steps(client, flaky, "val_roc_auc") == [1, 2, 3]  # the same run continued
+    assert steps(client, flaky, "val_roc_auc/NR-AR") == [3]
 
     if server is None:
         store = tmp_path / "store"

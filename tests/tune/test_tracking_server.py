@@ -68,6 +68,12 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
         history = client.get_metric_history(kid.info.run_id, "val_roc_auc")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         assert "lr" in kid.data.params
+        # Per-task scores: logged once, at the trial's best (checkpointed) epoch.
+        best_epoch = int(kid.data.metrics["best_epoch"])
+        per_task = [k for k in kid.data.metrics if k.startswith(("val_roc_auc/", "val_pr_auc/"))]
+        assert len(per_task) == 2 * 3
+        for key in per_task:
+            assert [m.step for m in client.get_metric_history(kid.info.run_id, key)] == [best_epoch]
         inputs = client.get_run(kid.info.run_id).inputs.dataset_inputs
         assert [(d.dataset.name, d.dataset.digest) for d in inputs] == dataset
         assert kid.data.tags["mlflow.source.name"] == "toxtune"

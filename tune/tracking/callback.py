@@ -2,8 +2,12 @@
 
 Contract: one MLflow run per trial (a retried or resumed trial continues its own run, found by
 tag), tagged with its status (`toxtune.status` = running | retrying | finished | early_stopped |
-failed, or killed by `close_orphans`), its node and device, its error text when it fails, the
-job's dataset as an input, and the metrics of every epoch.
+failed, or killed by `close_orphans`), its node and device, its error text when it fails, and
+the job's dataset as an input. Each epoch logs the headline metrics, the ones without a `/`
+(`train_loss`, `val_loss`, `val_roc_auc`, `val_pr_auc`, `best_val_roc_auc`, `lr`,
+`epoch_seconds`, ...); the per-task scores (`val_roc_auc/<task>`, ...) are logged once, when the
+trial ends, from its best epoch's row at that epoch's step, so the chart view opens on the
+headline curves and a 617-task job writes 10 rows an epoch instead of 1,244.
 
 Trials on other nodes need neither MLflow access nor the driver's disk: all logging happens
 here, in the driver.
@@ -13,8 +17,8 @@ Resilience: every MLflow call goes through an ordered buffer. When the server is
 (`on_step_end` runs every loop step) and, with a deadline, at `on_experiment_end`; so a server
 restart mid-job loses no result. Replays are safe because every operation is idempotent: metrics
 carry the timestamp taken when the result arrived (MLflow drops exact duplicates), params are
-logged only when missing, dataset inputs are deduplicated by MLflow, runs are looked up by
-tag before one is made. MLflow's own HTTP retries are turned down meanwhile
+logged only when missing, dataset inputs are deduplicated by MLflow, runs are looked up by tag
+before one is made. MLflow's own HTTP retries are turned down meanwhile
 (`backend.fast_fail_http`).
 """
 
@@ -81,6 +85,12 @@ def result_metrics(result: Mapping[str, Any], step: int, now: int) -> list[Metri
     ]
 
 
+def is_best_row(result: Mapping[str, Any]) -> bool:
+    """The trial's best epoch so far (the checkpointed one): `epoch == best_epoch` as the
+    trainable reports them; a trainable that reports no `best_epoch` counts its latest row."""
+    return "best_epoch" not in result or result.get("best_epoch") == result.get("epoch")
+
+
 def _error_summary(text: str) -> str:
     """The exception line of a traceback (its last unindented line), for a tag."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
@@ -126,6 +136,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._runs: dict[str, str] = {}
         self._status: dict[str, str] = {}
         self._tagged: set[str] = set()
+        self._best: dict[str, list[Metric]] = {}  # trial -> per-task metrics of its best row
         self._queue: deque[_Op] = deque()
         self._retry_at = 0.0
         self._backoff = 1.0
@@ -246,10 +257,13 @@ class MlflowTrialCallback(ray_tune.Callback):
                 self.client.log_batch(run_id, metrics=chunk, tags=tags if i == 0 else [])
 
     def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
+        """Log the best row's per-task scores (once), the ending tags, and end the run."""
         run_id = self._run_id(trial)
+        self._log_metrics(run_id, self._best.get(trial.trial_id, []), [])
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
         self._status[trial.trial_id] = status
+        self._best.pop(trial.trial_id, None)
 
     # -- Tune hooks ---------------------------------------------------------------------------
 
@@ -275,14 +289,17 @@ class MlflowTrialCallback(ray_tune.Callback):
     ) -> None:
         step = int(result.get("training_iteration", 0))
         now = int(time.time() * 1000)  # fixed now, so a replay is an exact (dropped) duplicate
-        metrics = result_metrics(result, step, now)
+        per_task = {k: v for k, v in result.items() if "/" in str(k)}
+        headline = result_metrics({k: v for k, v in result.items() if k not in per_task}, step, now)
+        if is_best_row(result):
+            self._best[trial.trial_id] = result_metrics(per_task, step, now)
         tags: list[RunTag] = []
         if trial.trial_id not in self._tagged:
             tags = [RunTag(k, str(result[k])[:500]) for k in RESULT_TAGS if k in result]
             self._tagged.add(trial.trial_id)
         self._submit(
             f"result {trial.trial_id}#{step}",
-            lambda: self._log_metrics(self._run_id(trial), metrics, tags),
+            lambda: self._log_metrics(self._run_id(trial), headline, tags),
         )
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
