@@ -20,18 +20,17 @@ How it reproduces `fit` (tests/toxmodel/test_fused.py compares weights and histo
 - optimiser: PyTorch's own fused kernels (`torch._fused_adamw_`, `_fused_adam_`, `_fused_sgd_`,
   what `fit`'s `fused=True` optimisers run), with the learning rate and betas/momentum read each
   step from a shadow optimiser driven by the scheduler `fit` builds;
-- BatchNorm is one `batch_norm` over K x H columns (per-column statistics are per member);
-  early stopping and best-epoch restore are per member; a member that stops leaves the stack.
+- early stopping and best-epoch restore are per member; a member that stops leaves the stack.
 
-On the CPU the result is bit-identical to `fit` at any thread count: there the products,
-activations, losses and optimiser steps run member by member on slices of the stack (see
-`_linear` and `_each` for why stacked kernels round differently on a CPU), and what fusion
-saves is the per-step Python, data handling and validation overhead. On a GPU the products are
-batched and equal to `fit` within float tolerance (cuBLAS may pick other kernels for a batched
-product). Members must share the model configuration (it is the shape), the batch size and the
-optimiser. `exact_dropout=False` trades the mask reproduction for speed on a GPU: one mask draw
-per layer for the whole stack from one generator (masks stay independent across members, but a
-member's masks then depend on the group rather than on its seed alone).
+On the CPU the result is bit-identical to `fit` at any thread count: there each member runs
+`fit`'s own ops on views of the stack (see `_Stack` for why stacked CPU kernels round
+differently), and fusion saves only per-step overhead. On a GPU the members run as batched ops
+(`baddbmm`; BatchNorm as one `batch_norm` over K x H columns; one loss; one optimiser call per
+group of equal settings) and equal `fit` within float tolerance (cuBLAS may pick other kernels
+for a batched product). Members must share the model configuration (it is the shape), the batch
+size and the optimiser. `exact_dropout=False` trades the mask reproduction for speed on a GPU:
+one mask draw per layer for the whole stack from one generator (masks stay independent across
+members, but a member's masks then depend on the group rather than on its seed alone).
 """
 
 from __future__ import annotations
@@ -193,7 +192,16 @@ class _Noise:
 
 
 class _Stack:
-    """The active members' weights, BatchNorm buffers and optimiser state, stacked on dim 0."""
+    """The active members' weights, BatchNorm buffers and optimiser state, stacked on dim 0.
+
+    `values` holds each weight once, as (K, ...). What autograd differentiates depends on the
+    mode: on a GPU the stacked tensors themselves (one batched op per layer); on the CPU one
+    leaf view per member (`leaves`), so each member runs exactly `fit`'s ops on its own tensors
+    with no stacking copies. Why per member on the CPU: CPU kernels round a stacked tensor
+    differently (BLAS splits a batched product across threads unlike a single one, and vector
+    loops run a tensor's last numel-mod-width elements through scalar exp/tanh/log code), which
+    would break bit-equality with `fit`; GPU kernels compute every element alike.
+    """
 
     def __init__(
         self,
@@ -204,7 +212,8 @@ class _Stack:
     ) -> None:
         self.plan = plan
         self.optimizer = optimizer
-        self.params: dict[str, Tensor] = {}
+        self.per_member = _per_member(device)
+        self.values: dict[str, Tensor] = {}
         self.buffers: dict[str, Tensor] = {}
         self.counters: list[str] = []  # BatchNorm num_batches_tracked keys
         for key in states[0]:
@@ -213,95 +222,124 @@ class _Stack:
             elif key.endswith(("running_mean", "running_var")):
                 self.buffers[key] = torch.stack([s[key] for s in states])
             else:
-                self.params[key] = torch.stack([s[key] for s in states]).requires_grad_()
+                self.values[key] = torch.stack([s[key] for s in states])
         n_slots = 2 if optimizer in ("adam", "adamw") else 1  # exp_avg, exp_avg_sq | momentum
         self.slots = {
-            k: [torch.zeros_like(p.detach()) for _ in range(n_slots)]
-            for k, p in self.params.items()
+            k: [torch.zeros_like(v) for _ in range(n_slots)] for k, v in self.values.items()
         }
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         self.steps = 0  # optimiser steps (= BatchNorm's num_batches_tracked)
+        self.leaves: dict[str, list[Tensor]] = {}
+        self._bind()
+
+    def _bind(self) -> None:
+        """Make the tensors autograd differentiates: the stacks, or one view per member."""
+        if self.per_member:
+            self.leaves = {
+                k: [member.requires_grad_() for member in v.unbind(0)]
+                for k, v in self.values.items()
+            }
+        else:
+            for v in self.values.values():
+                v.requires_grad_()
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values())))
 
     def forward(self, x: Tensor, train: bool, noise: NoiseFn) -> Tensor:
-        """Logits (K, batch, tasks) for inputs (K, batch, n_inputs)."""
+        """Logits (K, batch, tasks) for inputs (K, batch, n_inputs), or (batch, n_inputs) shared."""
+        if self.per_member:
+            xs = list(x.unbind(0)) if x.dim() == 3 else [x] * len(self)
+            return torch.stack(self._forward_members(xs, train, noise))
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(len(self), -1, -1).contiguous()
+        return self._forward_stacked(x, train, noise)
+
+    def _forward_members(self, xs: list[Tensor], train: bool, noise: NoiseFn) -> list[Tensor]:
+        """Each member through `fit`'s own ops on its own leaves (the CPU)."""
         for layer in self.plan:
+            w, b = self.leaves.get(layer.prefix + "weight"), self.leaves.get(layer.prefix + "bias")
             if layer.kind == "linear":
-                w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
-                x = _linear(x, w, b)
+                xs = [F.linear(x, w[i], b[i]) for i, x in enumerate(xs)]  # type: ignore[index]
             elif layer.kind == "batch":
-                x = self._batch_norm(x, layer, train)
+                mean = self.buffers[layer.prefix + "running_mean"]
+                var = self.buffers[layer.prefix + "running_var"]
+                xs = [
+                    F.batch_norm(x, mean[i], var[i], w[i], b[i], train, layer.momentum, layer.eps)  # type: ignore[index]
+                    for i, x in enumerate(xs)
+                ]
             elif layer.kind == "layer":
-                x = self._layer_norm(x, layer)
+                xs = [
+                    F.layer_norm(x, (x.shape[-1],), w[i], b[i], layer.eps)  # type: ignore[index]
+                    for i, x in enumerate(xs)
+                ]
             elif layer.kind == "act":
                 assert layer.module is not None
-                x = _each(layer.module, x)
-            elif train:  # dropout: F.dropout's arithmetic on the member's own mask
-                mask = noise(tuple(x.shape[1:]), layer.p, layer.kind == "alpha_dropout")
-                if layer.kind == "dropout":
-                    x = x * mask.div_(1 - layer.p)
-                else:
-                    a = 1.0 / math.sqrt((ALPHA_SELU**2 * layer.p + 1) * (1 - layer.p))
-                    shift = mask.add(-1).mul_(ALPHA_SELU * a).add_(ALPHA_SELU * a * layer.p)
-                    x = x * mask.mul_(a) + shift
+                xs = [layer.module(x) for x in xs]
+            elif train:
+                masks = noise(tuple(xs[0].shape), layer.p, layer.kind == "alpha_dropout")
+                xs = [_dropout(x, mask, layer) for x, mask in zip(xs, masks, strict=True)]
+        return xs
+
+    def _forward_stacked(self, x: Tensor, train: bool, noise: NoiseFn) -> Tensor:
+        """All members as batched ops on the stacks (a GPU)."""
+        for layer in self.plan:
+            w, b = self.values.get(layer.prefix + "weight"), self.values.get(layer.prefix + "bias")
+            if layer.kind == "linear":
+                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))  # type: ignore[union-attr]
+            elif layer.kind == "batch":  # K BatchNorms as one over K x H columns
+                k, rows, width = x.shape
+                out = F.batch_norm(
+                    x.transpose(0, 1).reshape(rows, k * width),
+                    self.buffers[layer.prefix + "running_mean"].view(-1),
+                    self.buffers[layer.prefix + "running_var"].view(-1),
+                    w.reshape(-1),  # type: ignore[union-attr]
+                    b.reshape(-1),  # type: ignore[union-attr]
+                    train,
+                    layer.momentum,
+                    layer.eps,
+                )
+                x = out.view(rows, k, width).transpose(0, 1).contiguous()
+            elif layer.kind == "layer":
+                x = F.layer_norm(x, (x.shape[-1],), eps=layer.eps)
+                x = x * w.unsqueeze(1) + b.unsqueeze(1)  # type: ignore[union-attr]
+            elif layer.kind == "act":
+                assert layer.module is not None
+                x = layer.module(x)
+            elif train:
+                x = _dropout(
+                    x, noise(tuple(x.shape[1:]), layer.p, layer.kind == "alpha_dropout"), layer
+                )
         return x
 
-    def _batch_norm(self, x: Tensor, layer: _Layer, train: bool) -> Tensor:
-        """K BatchNorms; the running statistics are updated in place in the stacked buffers.
-
-        On a GPU one `batch_norm` over K x H columns (per-column statistics are per member);
-        on the CPU member by member, as `fit` computes them (see `_each`).
-        """
-        mean = self.buffers[layer.prefix + "running_mean"]
-        var = self.buffers[layer.prefix + "running_var"]
-        w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
-        options = {"training": train, "momentum": layer.momentum, "eps": layer.eps}
-        if _per_member(x):
-            parts = zip(x.unbind(0), mean, var, w.unbind(0), b.unbind(0), strict=True)
-            return torch.stack([F.batch_norm(*part, **options) for part in parts])
-        k, rows, width = x.shape
-        flat = x.transpose(0, 1).reshape(rows, k * width)
-        out = F.batch_norm(
-            flat, mean.view(-1), var.view(-1), w.reshape(-1), b.reshape(-1), **options
-        )
-        return out.view(rows, k, width).transpose(0, 1).contiguous()
-
-    def _layer_norm(self, x: Tensor, layer: _Layer) -> Tensor:
-        """Per-member LayerNorm: member by member on the CPU (see `_each`), stacked on a GPU."""
-        w, b = self.params[layer.prefix + "weight"], self.params[layer.prefix + "bias"]
-        width = (x.shape[-1],)
-        if _per_member(x):
-            parts = zip(x.unbind(0), w.unbind(0), b.unbind(0), strict=True)
-            return torch.stack([F.layer_norm(xi, width, wi, bi, layer.eps) for xi, wi, bi in parts])
-        return F.layer_norm(x, width, eps=layer.eps) * w.unsqueeze(1) + b.unsqueeze(1)
+    def _trainable(self) -> dict[str, list[Tensor]]:
+        """Per weight key, the tensors autograd fills `.grad` of (per member, or the stack)."""
+        if self.per_member:
+            return self.leaves
+        return {k: [v] for k, v in self.values.items()}
 
     def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
+        for tensors in self._trainable().values():
+            for t in tensors:
+                t.grad = None
 
     @torch.no_grad()
     def step(self, hyper: list[tuple[float, float, float, float, float]]) -> None:
-        """One optimiser step; members with the same hyperparameters share one kernel call."""
+        """One optimiser step; members with the same hyperparameters share one kernel call
+        (on the CPU one call per member, as `fit` makes it)."""
         self.steps += 1
         self.step_count += 1
         groups: dict[tuple[float, ...], list[int]] = {}
         for i, h in enumerate(hyper):
-            groups.setdefault(h, []).append(i)
-        keys = list(self.params)
-        for (lr, beta1, beta2, momentum, wd), members in groups.items():
-            # One call for the whole stack where it may; on the CPU per member (see `_each`).
-            whole = len(members) == len(hyper) and not _per_member(self.step_count)
-
-            def pick(tensors: list[Tensor], members: list[int] = members, whole: bool = whole):
-                return tensors if whole else [t[i] for i in members for t in tensors]
-
-            params = pick([self.params[k].detach() for k in keys])
-            grads = pick([self.params[k].grad for k in keys])  # type: ignore[misc]
+            groups.setdefault(h if not self.per_member else (*h, i), []).append(i)
+        keys = list(self.values)
+        for (lr, beta1, beta2, momentum, wd, *_), members in groups.items():
+            params, grads, slots = self._group(keys, members)
             if self.optimizer == "sgd":
-                buffers = [] if momentum == 0 else pick([self.slots[k][0] for k in keys])
                 torch._fused_sgd_(
                     params,
                     grads,
-                    buffers,
+                    [] if momentum == 0 else slots[0],
                     weight_decay=wd,
                     momentum=momentum,
                     lr=lr,
@@ -315,8 +353,8 @@ class _Stack:
             kernel(
                 params,
                 grads,
-                pick([self.slots[k][0] for k in keys]),
-                pick([self.slots[k][1] for k in keys]),
+                slots[0],
+                slots[1],
                 [],
                 [self.step_count] * len(params),
                 lr=lr,
@@ -328,70 +366,84 @@ class _Stack:
                 maximize=False,
             )
 
+    def _group(
+        self, keys: list[str], members: list[int]
+    ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
+        """Params, grads and optimiser slots of `members`: whole stacks when it is all of them."""
+        slots = [[self.slots[k][j] for k in keys] for j in range(len(self.slots[keys[0]]))]
+        if self.per_member:
+            params = [self.leaves[k][i] for i in members for k in keys]
+            grads = [p.grad for p in params]
+        else:
+            params = [self.values[k].detach() for k in keys]
+            grads = [self.values[k].grad for k in keys]
+        if self.per_member or len(members) < len(self):
+            if not self.per_member:
+                params = [p[i] for i in members for p in params]
+                grads = [g[i] for i in members for g in grads]  # type: ignore[index]
+            slots = [[s[i] for i in members for s in group] for group in slots]
+        return params, grads, slots  # type: ignore[return-value]
+
     def keep(self, rows: list[int]) -> None:
         """Drop the members not in `rows` (positions in the stack) from every stacked tensor."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.step_count.device)
         with torch.no_grad():
-            for key, p in self.params.items():
-                self.params[key] = p.detach()[idx].requires_grad_()
+            for key, v in self.values.items():
+                self.values[key] = v.detach()[idx]
                 self.slots[key] = [s[idx] for s in self.slots[key]]
             for key, b in self.buffers.items():
                 self.buffers[key] = b[idx]
+        self._bind()
 
     def member_state(self, i: int) -> dict[str, Tensor]:
         """Position `i`'s weights and buffers as an `MLP` state dict (copies)."""
-        state = {k: v.detach()[i].clone() for k, v in self.params.items()}
+        state = {k: v.detach()[i].clone() for k, v in self.values.items()}
         state.update({k: v[i].clone() for k, v in self.buffers.items()})
         device = self.step_count.device
         state.update({k: torch.tensor(self.steps, device=device) for k in self.counters})
         return state
 
 
-def _per_member(x: Tensor) -> bool:
-    """Run ops member by member on slices (the CPU; see `_each`) rather than on the stack."""
-    return x.device.type == "cpu"
+def _per_member(device: torch.device) -> bool:
+    """Train member by member on views (the CPU: see `_Stack`) rather than on the stacks."""
+    return device.type == "cpu"
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """K affine maps: one batched product on a GPU, `fit`'s own `F.linear` per member on the CPU.
+def _dropout(x: Tensor, mask: Tensor, layer: _Layer) -> Tensor:
+    """F.dropout's (or F.alpha_dropout's) arithmetic with a given 0/1 keep mask.
 
-    On the CPU a batched product splits its work across threads unlike a single product, so
-    with more than one thread it rounds differently; per member, each product is the very
-    `addmm` that `fit` runs, and the results stay bit-identical at any thread count.
+    Out of place: a member's mask is a view of the stack's, which autograd saved for the
+    members before it.
     """
-    if _per_member(x):
-        parts = zip(x.unbind(0), w.unbind(0), b.unbind(0), strict=True)
-        return torch.stack([F.linear(xi, wi, bi) for xi, wi, bi in parts])
-    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-
-
-def _each(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`fn` over the stack (K, ...): on the CPU member by member, on a GPU in one call.
-
-    CPU vector kernels run a tensor's last (numel mod vector width) elements through scalar code,
-    whose exp/tanh/log round differently from the vector path: a stacked tensor would move some
-    of a member's elements from one path to the other and break bit-equality with `fit`. GPU
-    kernels compute every element alike, so one call gives the same numbers there.
-    """
-    if _per_member(x):  # unbind: its backward is one stack, not K zero-filled copies
-        return torch.stack([fn(member) for member in x.unbind(0)])
-    return fn(x)
+    if layer.kind == "dropout":
+        return x * mask.div(1 - layer.p)
+    a = 1.0 / math.sqrt((ALPHA_SELU**2 * layer.p + 1) * (1 - layer.p))
+    shift = mask.add(-1).mul(ALPHA_SELU * a).add(ALPHA_SELU * a * layer.p)
+    return x * mask.mul(a) + shift
 
 
 def _masked_bce_many(
-    logits: Tensor, targets: Tensor, mask: Tensor, weight: Tensor | None, weighted: Tensor | None
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    weight: Tensor | None,
+    weighted: list[bool] | None,
+    per_member: bool,
 ) -> Tensor:
     """`masked_bce` per member: (K,) losses for logits (K, batch, tasks).
 
-    `weighted` (K,) bool picks the positive-weighted loss for members that asked for it when
-    only some did (each member's loss is then exactly the one `fit` computes).
+    `weighted` picks the positive-weighted loss for the members that asked for it when only
+    some did (each member's loss is then exactly the one `fit` computes). `per_member`: one
+    `masked_bce` per member, as on the CPU (see `_Stack`).
     """
-    if _per_member(logits):  # see `_each`
-        losses = []
-        for i in range(len(logits)):
-            use = weight if weighted is None or bool(weighted[i]) else None
-            losses.append(masked_bce(logits[i], targets[i], mask[i], use))
-        return torch.stack(losses)
+    if per_member:
+        parts = zip(logits.unbind(0), targets.unbind(0), mask.unbind(0), strict=True)
+        return torch.stack(
+            [
+                masked_bce(x, t, m, weight if weighted is None or weighted[i] else None)
+                for i, (x, t, m) in enumerate(parts)
+            ]
+        )
     mask = mask.to(logits.dtype)
     targets = torch.where(mask > 0, targets, torch.zeros_like(targets))
     loss = F.binary_cross_entropy_with_logits(
@@ -401,7 +453,8 @@ def _masked_bce_many(
         with_weight = F.binary_cross_entropy_with_logits(
             logits, targets, pos_weight=weight, reduction="none"
         )
-        loss = torch.where(weighted[:, None, None], with_weight, loss)
+        use = torch.tensor(weighted, device=logits.device)[:, None, None]
+        loss = torch.where(use, with_weight, loss)
     return (loss * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
 
 
@@ -636,7 +689,7 @@ class _FusedRun:
         masks = rows.mask.view(n_active, n_rows, -1)
         use = [self.configs[k].pos_weight for k in active]
         weight = self.weight if any(use) else None
-        weighted = None if all(use) or not any(use) else torch.tensor(use, device=dev)
+        weighted = None if all(use) or not any(use) else use
         schedules = [self.schedules[k] for k in active]
         distinct = list(dict.fromkeys(schedules))
 
@@ -651,8 +704,9 @@ class _FusedRun:
             if desc is not None:
                 x = torch.cat([x, desc[:, start:stop]], 2)
             mask = masks[:, start:stop]
+            logits = stack.forward(x, True, noise)
             loss = _masked_bce_many(
-                stack.forward(x, True, noise), targets[:, start:stop], mask, weight, weighted
+                logits, targets[:, start:stop], mask, weight, weighted, stack.per_member
             )
             stack.zero_grad()
             loss.sum().backward()
@@ -705,14 +759,15 @@ def _validate_many(
     with torch.inference_mode():
         chunks = []
         for s in range(0, len(idx), EVAL_BATCH):
-            x = data.inputs(idx[s : s + EVAL_BATCH])
-            x = x.unsqueeze(0).expand(n_active, -1, -1).contiguous()
-            chunks.append(stack.forward(x, False, _no_noise))
+            chunks.append(stack.forward(data.inputs(idx[s : s + EVAL_BATCH]), False, _no_noise))
         logits = torch.cat(chunks, 1)
         finite = torch.isfinite(logits).flatten(1).all(1).tolist()
         targets, mask = data.targets[idx], data.mask[idx]
         losses = [float(masked_bce(logits[i], targets, mask).item()) for i in range(n_active)]
-        probs = _each(torch.sigmoid, logits).cpu().numpy()
+        if stack.per_member:  # as `fit` computes them (see `_Stack`)
+            probs = torch.stack([torch.sigmoid(x) for x in logits.unbind(0)]).cpu().numpy()
+        else:
+            probs = torch.sigmoid(logits).cpu().numpy()
     for i, k in enumerate(active):
         if not finite[i]:
             raise TrainingDiverged(
