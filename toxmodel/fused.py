@@ -118,7 +118,7 @@ class _Schedule:
     """
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
-        self.optimizer = _optimizer(nn.Linear(1, 1), cfg, torch.device("cpu"))  # type: ignore[arg-type]
+        self.optimizer = _optimizer(nn.Linear(1, 1), cfg, torch.device("cpu"))
         self.scheduler, self.per_batch = _scheduler(self.optimizer, cfg, steps_per_epoch)
         self.optimizer.step()  # no gradients, so nothing moves; the scheduler sees a step first
 
@@ -260,18 +260,17 @@ class _Stack:
         for layer in self.plan:
             w, b = self.leaves.get(layer.prefix + "weight"), self.leaves.get(layer.prefix + "bias")
             if layer.kind == "linear":
-                xs = [F.linear(x, w[i], b[i]) for i, x in enumerate(xs)]  # type: ignore[index]
+                xs = [F.linear(x, w[i], b[i]) for i, x in enumerate(xs)]
             elif layer.kind == "batch":
                 mean = self.buffers[layer.prefix + "running_mean"]
                 var = self.buffers[layer.prefix + "running_var"]
                 xs = [
-                    F.batch_norm(x, mean[i], var[i], w[i], b[i], train, layer.momentum, layer.eps)  # type: ignore[index]
+                    F.batch_norm(x, mean[i], var[i], w[i], b[i], train, layer.momentum, layer.eps)
                     for i, x in enumerate(xs)
                 ]
             elif layer.kind == "layer":
                 xs = [
-                    F.layer_norm(x, (x.shape[-1],), w[i], b[i], layer.eps)  # type: ignore[index]
-                    for i, x in enumerate(xs)
+                    F.layer_norm(x, (x.shape[-1],), w[i], b[i], layer.eps) for i, x in enumerate(xs)
                 ]
             elif layer.kind == "act":
                 assert layer.module is not None
@@ -286,15 +285,15 @@ class _Stack:
         for layer in self.plan:
             w, b = self.values.get(layer.prefix + "weight"), self.values.get(layer.prefix + "bias")
             if layer.kind == "linear":
-                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))  # type: ignore[union-attr]
+                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
             elif layer.kind == "batch":  # K BatchNorms as one over K x H columns
                 k, rows, width = x.shape
                 out = F.batch_norm(
                     x.transpose(0, 1).reshape(rows, k * width),
                     self.buffers[layer.prefix + "running_mean"].view(-1),
                     self.buffers[layer.prefix + "running_var"].view(-1),
-                    w.reshape(-1),  # type: ignore[union-attr]
-                    b.reshape(-1),  # type: ignore[union-attr]
+                    w.reshape(-1),
+                    b.reshape(-1),
                     train,
                     layer.momentum,
                     layer.eps,
@@ -302,7 +301,7 @@ class _Stack:
                 x = out.view(rows, k, width).transpose(0, 1).contiguous()
             elif layer.kind == "layer":
                 x = F.layer_norm(x, (x.shape[-1],), eps=layer.eps)
-                x = x * w.unsqueeze(1) + b.unsqueeze(1)  # type: ignore[union-attr]
+                x = x * w.unsqueeze(1) + b.unsqueeze(1)
             elif layer.kind == "act":
                 assert layer.module is not None
                 x = layer.module(x)
@@ -312,16 +311,14 @@ class _Stack:
                 )
         return x
 
-    def _trainable(self) -> dict[str, list[Tensor]]:
-        """Per weight key, the tensors autograd fills `.grad` of (per member, or the stack)."""
-        if self.per_member:
-            return self.leaves
-        return {k: [v] for k, v in self.values.items()}
-
     def zero_grad(self) -> None:
-        for tensors in self._trainable().values():
-            for t in tensors:
-                t.grad = None
+        tensors = (
+            [t for ts in self.leaves.values() for t in ts]
+            if self.per_member
+            else self.values.values()
+        )
+        for t in tensors:
+            t.grad = None
 
     @torch.no_grad()
     def step(self, hyper: list[tuple[float, float, float, float, float]]) -> None:
@@ -330,8 +327,8 @@ class _Stack:
         self.steps += 1
         self.step_count += 1
         groups: dict[tuple[float, ...], list[int]] = {}
-        for i, h in enumerate(hyper):
-            groups.setdefault(h if not self.per_member else (*h, i), []).append(i)
+        for i, h in enumerate(hyper):  # on the CPU every member is a group of its own
+            groups.setdefault((*h, i) if self.per_member else h, []).append(i)
         keys = list(self.values)
         for (lr, beta1, beta2, momentum, wd, *_), members in groups.items():
             params, grads, slots = self._group(keys, members)
@@ -369,20 +366,22 @@ class _Stack:
     def _group(
         self, keys: list[str], members: list[int]
     ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
-        """Params, grads and optimiser slots of `members`: whole stacks when it is all of them."""
-        slots = [[self.slots[k][j] for k in keys] for j in range(len(self.slots[keys[0]]))]
-        if self.per_member:
-            params = [self.leaves[k][i] for i in members for k in keys]
-            grads = [p.grad for p in params]
-        else:
+        """Params, grads and optimiser slots of `members`, one list each: whole stacks when a
+        GPU steps every member alike, else one tensor per member and weight (as `fit` has)."""
+        n_slots = len(self.slots[keys[0]])
+        if not self.per_member and len(members) == len(self):
             params = [self.values[k].detach() for k in keys]
             grads = [self.values[k].grad for k in keys]
-        if self.per_member or len(members) < len(self):
-            if not self.per_member:
-                params = [p[i] for i in members for p in params]
-                grads = [g[i] for i in members for g in grads]  # type: ignore[index]
-            slots = [[s[i] for i in members for s in group] for group in slots]
-        return params, grads, slots  # type: ignore[return-value]
+            return params, grads, [[self.slots[k][j] for k in keys] for j in range(n_slots)]
+        pairs = [(i, k) for i in members for k in keys]
+        if self.per_member:
+            params = [self.leaves[k][i] for i, k in pairs]
+            grads = [p.grad for p in params]
+        else:
+            params = [self.values[k].detach()[i] for i, k in pairs]
+            grads = [self.values[k].grad[i] for i, k in pairs]
+        slots = [[self.slots[k][j][i] for i, k in pairs] for j in range(n_slots)]
+        return params, grads, slots
 
     def keep(self, rows: list[int]) -> None:
         """Drop the members not in `rows` (positions in the stack) from every stacked tensor."""
