@@ -479,7 +479,9 @@ def _parse(text: str, path: Path, smiles_column: str) -> _Parsed:
     start = 1
     try:
         for record in reader:
-            if record and (len(record) > 1 or record[0].strip()):
+            # A blank line is no row; a quoted empty cell (`""`, what pandas writes for an empty
+            # SMILES in a one-column file) is a row whose SMILES is empty, reported as invalid.
+            if record and (len(record) > 1 or record[0].strip() or record[0] == ""):
                 if header is None:
                     header = record
                 else:

@@ -52,6 +52,7 @@ def record(
             roc_data=(data.labels[data.split.test], final.test_probs, data.table.tasks),
             test_seeds=final.test_seeds,
             skipped_columns=dict(data.table.skipped_columns),
+            dataset=tracking.dataset_info(data.table, job.split),
         )
         tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
     return tracking.register_best_model(

@@ -616,3 +616,13 @@ def test_toxcast_real(toxcast_path: Path) -> None:
     assert table.skipped_columns == {}
     assert table.labels.shape == (len(table), 617)
     assert len(table) > 8000
+
+
+def test_a_quoted_empty_smiles_is_a_row_not_a_blank_line(make_csv: Callable[..., Path]) -> None:
+    """pandas writes an empty SMILES of a one-column table as `""`: that row must reach
+    prediction (and get its error marker), not vanish like a blank line."""
+    from toxmodel.data import read_table
+
+    path = make_csv('smiles\nCCO\n\n""\nc1ccccc1O\n', "one_column.csv")
+    frame = read_table(path)
+    assert list(frame["smiles"]) == ["CCO", "", "c1ccccc1O"]
