@@ -8,7 +8,8 @@ k in {0..final_seeds-1} and {1..ensemble-1} (tune.search._finish; 5 retrains for
 This trains those retrains of the search's default point (its first trial, a typical winner's
 shape: 1024-512 ReLU) with the config's featurizer, split, max_epochs and patience, one by one
 and then fused, in one process (with --repeats, alternately), and prints the wall times, the
-ratio of the best of each, and whether every member's weights came out identical.
+ratio of the best of each (wall and process CPU time, the latter less sensitive to other load on
+the machine), and whether every member's weights came out identical.
 """
 
 from __future__ import annotations
@@ -69,17 +70,22 @@ def main() -> None:
     )
     args_fit = (features, labels, split, table.tasks, model_config)
     walls: dict[str, list[float]] = {"one by one": [], "fused": []}
+    cpus: dict[str, list[float]] = {"one by one": [], "fused": []}  # process CPU seconds
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     for rep in range(args.repeats):  # alternate the order: ABBA...
         order = ["one by one", "fused"] if rep % 2 == 0 else ["fused", "one by one"]
         for way in order:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if way == "fused":
                 fused = fit_many(*args_fit, configs, device=args.device)
             else:
                 one_by_one = [fit(*args_fit, cfg, device=args.device) for cfg in configs]
             walls[way].append(time.perf_counter() - started)
-            print(f"  {way}: {walls[way][-1]:.1f} s (load average {os.getloadavg()[0]:.2f})")
+            cpus[way].append(time.process_time() - cpu_started)
+            print(
+                f"  {way}: {walls[way][-1]:.1f} s wall, {cpus[way][-1]:.1f} s CPU "
+                f"(load average {os.getloadavg()[0]:.2f})"
+            )
 
     identical = 0
     for cfg, a, b in zip(configs, one_by_one, fused, strict=True):
@@ -98,6 +104,8 @@ def main() -> None:
         f"{n_epochs} member-epochs)"
     )
     print(f"fused / one by one: {t_fused / t_seq:.2f} (speed-up {t_seq / t_fused:.2f}x)")
+    c_seq, c_fused = min(cpus["one by one"]), min(cpus["fused"])
+    print(f"CPU time: one by one {c_seq:.1f} s, fused {c_fused:.1f} s, ratio {c_fused / c_seq:.2f}")
     print(f"members with identical weights and best epoch: {identical} of {len(configs)}")
 
 
