@@ -143,6 +143,7 @@ class RayCluster:
                 f"--num-gpus={num_gpus}",
                 "--node-ip-address=127.0.0.1",
                 f"--temp-dir={temp}",
+                *_agent_port(),
             ],
             self.env,
         )
@@ -173,6 +174,13 @@ def kill_ray_node(temp_dir: Path) -> int:
             proc.kill()
     psutil.wait_procs(list(victims.values()), timeout=10)
     return len(victims)
+
+
+def _agent_port() -> list[str]:
+    """A free port for the node's dashboard agent. Its default, 52365, is fixed: a second Ray
+    on the machine (another test run, a user's own) holds it, the agent of this node cannot
+    start, and job submission answers "No available agent" for ever."""
+    return [f"--dashboard-agent-listen-port={free_port()}"]
 
 
 def _ray(args: list[str], env: dict[str, str], check: bool = True) -> str:
@@ -208,6 +216,7 @@ def ray_cluster(
         f"--num-gpus={num_gpus}",
         f"--temp-dir={short}",
         "--disable-usage-stats",
+        *_agent_port(),
     ]
     if dashboard:
         args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]

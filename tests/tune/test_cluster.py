@@ -300,6 +300,36 @@ def test_submit_refuses_before_contacting_the_jobs_api(
         cluster_cli.cmd_submit(args)
 
 
+def test_submit_names_the_job_as_the_config_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The config's tracking.run_name used to be replaced by a fresh <experiment>-<timestamp>,
+    so the job ran under another name than the one the user gave."""
+    from tune.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cinfo, "cluster_info", lambda address, config=None: ONE)
+    sent: list[tuple[str, dict]] = []
+
+    class Recorder:
+        def submit(self, entrypoint: str, runtime_env: dict, metadata: dict, **kw: object) -> str:
+            sent.append((entrypoint, metadata))
+            return "raysubmit_1"
+
+    monkeypatch.setattr(cluster_cli, "job_client", lambda address: Recorder())
+    config = tmp_path / "job.yaml"
+    config.write_text("tracking: {run_name: cluster-e2e, experiment_name: exp}\n")
+    base = ["submit", "--address", "http://10.0.0.1:8265", "--storage-path", "/mnt/r"]
+    assert cluster_cli.cmd_submit(build_parser().parse_args([*base, "--config", str(config)])) == 0
+    assert "--run-name=cluster-e2e" in sent[-1][0]
+    assert sent[-1][1] == {"toxtune_job": "cluster-e2e"}
+    config.write_text("tracking: {experiment_name: exp}\n")
+    assert cluster_cli.cmd_submit(build_parser().parse_args([*base, "--config", str(config)])) == 0
+    fresh = sent[-1][1]["toxtune_job"]
+    assert fresh.startswith("exp-") and f"--run-name={fresh}" in sent[-1][0]
+    assert "submitted job raysubmit_1" in capsys.readouterr().out
+
+
 def test_the_library_never_rewrites_the_environment_and_refuses_an_overriding_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -327,6 +357,33 @@ def test_the_library_never_rewrites_the_environment_and_refuses_an_overriding_on
         assert os.environ["RAY_API_SERVER_ADDRESS"] == url
         assert submission.address_override(url) is None
     assert dict(os.environ) == before
+
+
+def test_submit_waits_for_a_starting_job_agent_and_reports_other_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head node that is still starting answers 500 "No available agent" (seen on a loaded
+    machine right after `ray start`); nothing was submitted, so trying again is safe."""
+    monkeypatch.setattr(submission.time, "sleep", lambda s: None)
+
+    class Sdk:
+        def __init__(self, failures: list[str]) -> None:
+            self.failures = failures
+
+        def submit_job(self, **kwargs: object) -> str:
+            if self.failures:
+                raise RuntimeError(self.failures.pop(0))
+            return "raysubmit_1"
+
+    busy = "Request failed with status code 500: No available agent to submit job"
+    client = submission.JobsClient("http://h:8265", Sdk([busy, busy]))
+    assert client.submit("toxtune tune", {}, {}) == "raysubmit_1"
+    client = submission.JobsClient("http://h:8265", Sdk(["Request failed: 400 bad runtime_env"]))
+    with pytest.raises(ClusterError, match="http://h:8265: Request failed: 400"):
+        client.submit("toxtune tune", {}, {})
+    client = submission.JobsClient("http://h:8265", Sdk([busy] * 3))
+    with pytest.raises(ClusterError, match="No available agent"):
+        client.submit("toxtune tune", {}, {}, agent_wait_s=-1)
 
 
 # --- cluster.yaml ------------------------------------------------------------------------------

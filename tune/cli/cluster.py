@@ -90,28 +90,22 @@ def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool) -> int
 # toxtune submit
 
 
-def _config_experiment(path: Path | None) -> str:
-    from tune.config import load_config
-
-    return load_config(path).tracking.experiment_name
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     """Check the job against the cluster, submit it, optionally wait or follow."""
     from tune.cluster.checks import check_job
     from tune.cluster.info import cluster_info
     from tune.cluster.submission import resolve_address, submit_job
-    from tune.config import load_config
-    from tune.identity import new_name
+    from tune.config import load_config, named
 
     overrides = tune_overrides(args)
-    if not args.resume and "tracking.run_name" not in overrides:
-        # Named here, so the submitted command, the job's metadata and the record agree.
-        base = overrides.get("tracking.experiment_name") or _config_experiment(args.config)
-        overrides["tracking.run_name"] = new_name(base)
-    address = resolve_address(args.address)
     config_path: Path | None = Path(args.config) if args.config else None
     job = load_config(config_path, overrides)  # validates; ConfigError names the field
+    if not args.resume:
+        # Named here (--run-name, the config's, or a fresh one), so the submitted command, the
+        # job's metadata and the record agree.
+        job = named(job)
+        overrides["tracking.run_name"] = job.name
+    address = resolve_address(args.address)
     with pinned_api_address(address):
         client = job_client(address)  # fails early, with the tunnel hint, if unreachable
         info = cluster_info(address, args.cluster_config)

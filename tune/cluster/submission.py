@@ -36,6 +36,7 @@ JOB_CONFIG_NAME = "job.yaml"  # the config file's name inside the job's working 
 DATA_DIR = "_toxtune_data"  # where a local data file is shipped inside the working directory
 MAX_DATA_BYTES = 200 * 2**20  # above this, a data file must live on shared storage or a URL
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+AGENT_WAIT_S = 60.0  # how long a submission waits for a starting head node's job agent
 # The variables Ray's JobSubmissionClient lets override the address it is given, in its order.
 RAY_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 ADDRESS_HINT = (
@@ -257,7 +258,7 @@ class JobsClient:
     """Ray's Jobs API at one dashboard address; every failure is a ClusterError."""
 
     address: str
-    _client: Any = field(repr=False)
+    sdk: Any = field(repr=False)  # ray.job_submission.JobSubmissionClient
 
     @classmethod
     def connect(cls, address: str) -> JobsClient:
@@ -281,42 +282,58 @@ class JobsClient:
             ) from exc
         return cls(address, client)
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` (a method of `sdk`), its failures as ClusterError."""
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ConnectionError, OSError) as exc:
             raise ClusterError(f"Ray Jobs API at {self.address}: {exc}") from exc
 
-    def submit(self, entrypoint: str, runtime_env: dict[str, Any], metadata: dict) -> str:
-        return str(
-            self._call(
-                self._client.submit_job,
-                entrypoint=entrypoint,
-                runtime_env=runtime_env,
-                metadata=metadata,
-            )
-        )
+    def submit(
+        self,
+        entrypoint: str,
+        runtime_env: dict[str, Any],
+        metadata: dict,
+        agent_wait_s: float = AGENT_WAIT_S,
+    ) -> str:
+        """Submit; the job's id. A head node still starting its job agent answers "No available
+        agent" (HTTP 500, nothing submitted): that is retried for up to `agent_wait_s`."""
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                return str(
+                    self.call(
+                        self.sdk.submit_job,
+                        entrypoint=entrypoint,
+                        runtime_env=runtime_env,
+                        metadata=metadata,
+                    )
+                )
+            except ClusterError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(2.0)
 
     def status(self, job_id: str) -> str:
-        return _status(self._call(self._client.get_job_status, job_id))
+        return _status(self.call(self.sdk.get_job_status, job_id))
 
     def details(self, job_id: str) -> JobDetails:
-        return _details(self._call(self._client.get_job_info, job_id), job_id)
+        return _details(self.call(self.sdk.get_job_info, job_id), job_id)
 
     def list(self) -> list[JobDetails]:
         """Every job the cluster knows, oldest first."""
-        rows = sorted(self._call(self._client.list_jobs), key=lambda j: j.start_time or 0)
+        rows = sorted(self.call(self.sdk.list_jobs), key=lambda j: j.start_time or 0)
         return [_details(j) for j in rows]
 
     def logs(self, job_id: str) -> str:
-        return str(self._call(self._client.get_job_logs, job_id) or "")
+        return str(self.call(self.sdk.get_job_logs, job_id) or "")
 
     def stop(self, job_id: str) -> bool:
-        return bool(self._call(self._client.stop_job, job_id))
+        return bool(self.call(self.sdk.stop_job, job_id))
 
     def tail(self, job_id: str) -> AsyncIterator[str]:
         """The job's log as it is written (ends when the job does)."""
-        return self._client.tail_job_logs(job_id)
+        return self.sdk.tail_job_logs(job_id)
 
     def wait(
         self, job_id: str, poll_s: float = 2.0, on_status: Callable[[str], None] | None = None
