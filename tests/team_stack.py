@@ -26,7 +26,8 @@ from pathlib import Path
 
 from tests.services import free_port, wait_http
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's PostgreSQL server binaries (the newest installed major version).
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/nonexistent"), key=str)
 BIN = Path(sys.executable).parent
 
 
@@ -129,7 +130,7 @@ def postgres_server() -> Iterator[Postgres]:
         [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
     )
     port = free_port()
-    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200"
     log = str(root / "server.log")  # without -l the server keeps pg_ctl's pipes open
     _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", log, "-w", "start"])
     try:

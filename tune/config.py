@@ -43,9 +43,16 @@ TUNE_FLAGS: dict[str, tuple[str, str]] = {
     "cpus_per_trial": ("resources.cpus_per_trial", "CPUs per trial"),
     "gpus_per_trial": ("resources.gpus_per_trial", "GPU share per trial, e.g. 0.25, or auto"),
     "address": ("ray.address", "Ray cluster to join: auto or HOST:PORT (default: local)"),
-    "storage_path": ("ray.storage_path", "results folder (shared storage on a cluster)"),
+    "storage_path": (
+        "ray.storage_path",
+        "results folder or URI, e.g. s3://bucket/toxtune (shared by every node on a cluster)",
+    ),
     "num_gpus": ("ray.num_gpus", "GPUs of a local Ray (logical ones work on a CPU machine)"),
     "tracking_uri": ("tracking.tracking_uri", "MLflow tracking URI (default: SQLite)"),
+    "study_storage": (
+        "tracking.study_storage",
+        "Optuna study database URL, e.g. postgresql://HOST/optuna (default: SQLite)",
+    ),
     "experiment_name": ("tracking.experiment_name", "MLflow experiment"),
     "run_name": (
         "tracking.run_name",
@@ -429,20 +436,26 @@ def _no_credentials(job: JobConfig) -> None:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    text: str | None = None,
+    where: str = "",
 ) -> JobConfig:
-    """Read a YAML config (or the defaults), apply dotted-key overrides, validate."""
+    """Read a YAML config (a file, or `text` read from `where`, or the defaults), apply
+    dotted-key overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        text, where = p.read_text(), str(p)
+    if text is not None:
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+            raise ConfigError(f"{where}: the top level must be a mapping of sections")
         raw = loaded or {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")

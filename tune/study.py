@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import optuna
+from sqlalchemy.pool import NullPool
 
 from tune.bridge import RAY_TRIAL_ATTR, StudySearch
 from tune.config import JobConfig
@@ -30,10 +31,20 @@ class SpaceSampler:
         sample(trial, self.space)
 
 
+def rdb(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage for `url`. A server database (PostgreSQL, MySQL) is reached without a
+    connection pool: each call opens and closes its connection, so the many short looks a job
+    and its searcher take never pile up idle connections on a team's shared server (its
+    `max_connections` is finite; pooled engines are only released at garbage collection)."""
+    if url.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(url)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
+
+
 def load(job: JobConfig) -> optuna.Study | None:
     """The job's study, or None when it has none yet."""
     try:
-        return optuna.load_study(study_name=job.name, storage=job.study_storage)
+        return optuna.load_study(study_name=job.name, storage=rdb(job.study_storage))
     except KeyError:
         return None
 
@@ -61,7 +72,7 @@ def make_searcher(
         sampler = optuna.samplers.TPESampler(seed=job.search.seed, n_startup_trials=5)
     else:
         sampler = optuna.samplers.RandomSampler(seed=job.search.seed)
-    storage = optuna.storages.RDBStorage(job.study_storage)
+    storage = rdb(job.study_storage)
     found = optuna.create_study(
         storage=storage, study_name=job.name, direction="maximize", load_if_exists=True
     )

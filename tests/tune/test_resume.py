@@ -18,13 +18,20 @@ from mlflow.tracking import MlflowClient
 
 from tune.config import load_config
 from tune.job import run_job
+from tune.study import rdb
 
 pytestmark = pytest.mark.slow
 
 TOXTUNE = str(Path(sys.executable).parent / "toxtune")
 
 
-def write_config(tmp_path: Path, data: Path, num_samples: int) -> Path:
+def write_config(
+    tmp_path: Path,
+    data: Path,
+    num_samples: int,
+    ray_: dict | None = None,
+    tracking: dict | None = None,
+) -> Path:
     cfg = {
         "data": {"source": str(data), "cache_dir": str(tmp_path / "cache")},
         "featurizer": {"n_bits": 256},
@@ -37,8 +44,8 @@ def write_config(tmp_path: Path, data: Path, num_samples: int) -> Path:
             "space": {"n_layers": {"low": 1, "high": 1}, "width_0": {"choices": [32, 64]}},
         },
         "resources": {"cpus_per_trial": 1},
-        "ray": {"storage_path": str(tmp_path / "results"), "num_cpus": 2},
-        "tracking": {"run_name": "killme", "experiment_name": "resume"},
+        "ray": {"storage_path": str(tmp_path / "results"), "num_cpus": 2, **(ray_ or {})},
+        "tracking": {"run_name": "killme", "experiment_name": "resume", **(tracking or {})},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -46,10 +53,10 @@ def write_config(tmp_path: Path, data: Path, num_samples: int) -> Path:
 
 
 def finished_trials(storage: str, name: str) -> int:
-    if not Path(storage.removeprefix("sqlite:///")).exists():
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         return 0
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=rdb(storage))
     except KeyError:
         return 0
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -58,7 +65,12 @@ def finished_trials(storage: str, name: str) -> int:
 def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
     tmp_path: Path, small_csv: Path
 ) -> None:
-    config = write_config(tmp_path, small_csv, num_samples=6)
+    kill_and_resume(tmp_path, write_config(tmp_path, small_csv, num_samples=6))
+
+
+def kill_and_resume(tmp_path: Path, config: Path) -> None:
+    """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
+    lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking)."""
     job = load_config(config)
     env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": 1.0})}
     log = open(tmp_path / "driver1.log", "w")  # noqa: SIM115
@@ -93,7 +105,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
             "--resume",
             job.name,
             "--storage-path",
-            str(job.storage_root),
+            job.storage.uri,
         ],
         capture_output=True,
         text=True,

@@ -97,3 +97,158 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
     model = mlflow.pyfunc.load_model(f"models:/{job.model_name}@champion")
     out = model.predict(pd.DataFrame({"smiles": ["CCO", "not a smiles"]}))
     assert out["error"].iloc[0] == "" and out["error"].iloc[1] != ""
+
+
+def test_driver_killed_resumes_from_the_bucket_and_the_postgres_study(
+    tmp_path: Path, small_csv: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's working directory is gone with the driver; the job continues from what the
+    bucket and PostgreSQL hold, with no trial lost or duplicated and no run left RUNNING."""
+    from tests.tune.test_resume import kill_and_resume, write_config
+
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    config = write_config(
+        tmp_path,
+        small_csv,
+        num_samples=6,
+        ray_={"storage_path": f"{stack.s3.uri}/toxtune"},
+        tracking={"tracking_uri": stack.mlflow.url, "study_storage": stack.study_storage},
+    )
+    kill_and_resume(tmp_path, config)
+    assert [p.name for p in workdir.iterdir()] == []
+    keys = bucket_keys(stack.s3, "toxtune/killme/")
+    assert any(k.endswith("toxtune_done.json") for k in keys)
+
+
+def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
+    tmp_path: Path, small_csv: Path, stack: Stack
+) -> None:
+    """A worker whose S3 endpoint is wrong (as a node without credentials or a route to the
+    bucket would be) fails the job before any trial runs, and only that node is blamed."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.services import _ray, ray_cluster
+    from tune.cluster.info import alive_nodes
+
+    with ray_cluster(tmp_path / "ray", num_cpus=2, dashboard=True) as cluster:
+        blind = Path(f"{cluster.temp_dir}_blind")
+        cluster.node_dirs.append(blind)
+        _ray(
+            [
+                "start",
+                f"--address={cluster.address}",
+                "--num-cpus=1",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={blind}",
+            ],
+            {**cluster.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},  # nothing listens there
+        )
+        config = tmp_path / "job.yaml"
+        job = tiny_job(
+            tmp_path,
+            small_csv,
+            **{
+                "ray.address": cluster.address,
+                "ray.num_cpus": None,
+                "ray.storage_path": f"{stack.s3.uri}/toxtune",
+                "tracking.tracking_uri": stack.mlflow.url,
+                "tracking.study_storage": stack.study_storage,
+            },
+        )
+        config.write_text(yaml.safe_dump(job.to_dict()))
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "toxtune"), "tune", "--config", str(config)],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        nodes = {n.node_id: n for n in alive_nodes(cluster.dashboard_url)}
+    assert out.returncode == 1, out.stderr[-3000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("toxtune tune: error:")]
+    assert len(error) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "not shared by all 2 nodes" in error[0]
+    blamed = [n for n in nodes.values() if n.node_id[:8] in error[0]]
+    assert len(blamed) == 1 and not blamed[0].is_head, error[0]  # the blind worker only
+    client = MlflowClient(stack.mlflow.url)
+    experiment = client.get_experiment_by_name(job.tracking.experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # the job's run only: no trial ran
+
+
+def test_submitted_job_on_two_nodes_sharing_no_folder_uses_the_bucket_and_postgres(
+    tmp_path: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each node has its own temp dir and the job its own working directory: the bucket and
+    PostgreSQL are all they share. Trials run on both nodes, the model is registered, and
+    `toxtune predict` and `mlflow models serve` load it from the object store."""
+    import subprocess
+    import sys
+
+    from tests.services import invoke, model_server, ray_cluster
+    from tests.tune.test_cluster import _job_environment, _tiny_config
+    from tune.cluster import submission
+
+    bin_dir = Path(sys.executable).parent
+    csv = _job_environment(tmp_path, monkeypatch)
+    config = _tiny_config(tmp_path / "tiny.yaml", csv)
+    with ray_cluster(tmp_path / "ray", num_cpus=1, num_gpus=2, dashboard=True) as ray_c:
+        ray_c.add_node(num_cpus=1, num_gpus=2)
+        cmd = [
+            str(bin_dir / "toxtune"), "submit", "--address", ray_c.dashboard_url,
+            "--config", str(config), "--tracking-uri", stack.mlflow.url,
+            "--storage-path", f"{stack.s3.uri}/team", "--study-storage", stack.study_storage,
+            "--follow",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+        job_id = next(
+            (ln.split()[2] for ln in proc.stdout.splitlines() if ln.startswith("submitted job")),
+            None,
+        )
+        logs = submission.JobsClient.connect(ray_c.dashboard_url).logs(job_id) if job_id else ""
+        report = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n--- job ---\n{logs[-6000:]}"
+        assert proc.returncode == 0, report
+
+    client = MlflowClient(stack.mlflow.url)
+    experiment = client.get_experiment_by_name("toxtune-cluster-e2e")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    trials = [r for r in runs if "node_id" in r.data.tags]
+    assert len(trials) >= 4
+    assert len({r.data.tags["node_id"] for r in trials}) == 2, report  # both nodes ran trials
+    keys = bucket_keys(stack.s3, "team/cluster-e2e/")
+    assert any(k.endswith("toxtune_done.json") for k in keys)
+    assert any("/checkpoint_" in k for k in keys)
+
+    # The registered model, from the object store: toxtune predict and the REST server.
+    source = tmp_path / "in.csv"
+    source.write_text("smiles\nCCO\nnot-a-smiles\n")
+    out = subprocess.run(
+        [
+            str(bin_dir / "toxtune"),
+            "predict",
+            "--model",
+            "models:/toxtune-cluster-e2e@champion",
+            str(source),
+            "--output",
+            str(tmp_path / "p.csv"),
+            "--tracking-uri",
+            stack.mlflow.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    predicted = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert predicted["error"][0] == "" and predicted["error"][1] != ""
+    with model_server("models:/toxtune-cluster-e2e@champion", stack.mlflow.url, tmp_path) as url:
+        rows = invoke(url, ["CCO", "not-a-smiles"])
+    assert rows[0]["error"] == "" and rows[1]["error"] != ""
+    # Both read the same registered model: the same probabilities for the same molecule.
+    for task in ("NR-AhR", "SR-ARE", "SR-MMP"):
+        assert rows[0][task] == pytest.approx(float(predicted[f"p_{task}"][0]), abs=1e-6)

@@ -7,11 +7,12 @@ to the job it sends, and partly with `toxtune ui`.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune.cli.configs import config_arg
-from tune.config import TUNE_FLAGS
+from tune.config import CONFIG_FILE, TUNE_FLAGS
+from tune.identity import check_name
+from tune.storage import Storage
 
 if TYPE_CHECKING:
     from tune.config import JobConfig
@@ -55,11 +56,11 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     as is a NAME with no saved job. Otherwise a new job: `--config` plus flags, named by
     `--run-name` (an existing name continues that job) or a fresh `<experiment>-<timestamp>`.
     """
-    from tune.config import CONFIG_FILE, load_config, named
+    from tune.config import load_config, named
     from tune.errors import ConfigError
 
     overrides = tune_overrides(args)
-    storage = Path(overrides.get("ray.storage_path", "toxtune_results")).expanduser()
+    storage = Storage.open(str(overrides.get("ray.storage_path", "toxtune_results")))
     if args.resume:
         ignored = [
             f"--{flag.replace('_', '-')}"
@@ -71,16 +72,24 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
                 f"--resume {args.resume} continues that job with its saved config; "
                 f"{' and '.join(ignored)} would be ignored: leave them out"
             )
-        saved = storage / args.resume / CONFIG_FILE
-        if not saved.is_file():
-            jobs = sorted(p.parent.name for p in storage.glob(f"*/{CONFIG_FILE}"))
-            listed = ", ".join(jobs[-10:]) if jobs else "none"
+        check_name(args.resume, "--resume")
+        where = storage.uri_of(args.resume, CONFIG_FILE)
+        saved = storage.read_text(args.resume, CONFIG_FILE)
+        if saved is None:
             raise ConfigError(
-                f"--resume {args.resume}: no saved job at {saved} (jobs under {storage}: {listed})"
+                f"--resume {args.resume}: no saved job at {where} (jobs there: {_listed(storage)})"
             )
-        return load_config(saved, overrides)
+        return load_config(None, overrides, text=saved, where=where)
     job = load_config(args.config, overrides)
-    return named(job, exists=lambda name: (job.storage_root / name).exists())
+    return named(job, exists=job.storage.exists)
+
+
+def _listed(storage: Storage) -> str:
+    """The newest saved jobs under a local results folder ("not listed" for an object store)."""
+    if not storage.is_local:
+        return "not listed for an object store"
+    jobs = sorted(p.parent.name for p in storage.local().glob(f"*/{CONFIG_FILE}"))
+    return ", ".join(jobs[-10:]) if jobs else "none"
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

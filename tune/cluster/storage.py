@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from tune.cluster.info import NodeInfo
-from tune.errors import ClusterError
+from tune.errors import ClusterError, ToxtuneError
 
 CLOUD_SCHEMES = frozenset({"s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs"})
 
@@ -29,48 +29,50 @@ def local_path(path: str) -> Path:
     return Path(path[len("file://") :] if path.startswith("file://") else path).expanduser()
 
 
-def _probe_marker(marker: str, token: str) -> tuple[bool, str]:
+def _probe_marker(location: str, marker: str, token: str) -> tuple[bool, str]:
     """Runs on one node: is the driver's marker there, and can this node write beside it?"""
     import ray
 
-    path = Path(marker)
+    from tune.storage import Storage
+
+    storage = Storage.open(location)
     try:
-        seen = path.read_text()
-    except FileNotFoundError:
-        return False, f"{path} does not exist there"
-    except OSError as exc:
-        return False, f"cannot read {path}: {exc}"
+        seen = storage.read_text(marker)
+    except (OSError, ToxtuneError) as exc:
+        return False, f"cannot read {storage.uri_of(marker)}: {exc}"
+    if seen is None:
+        return False, f"{storage.uri_of(marker)} does not exist there"
     if seen != token:
-        return False, f"{path} holds other content (a different file system at the same path)"
-    reply = path.parent / f"{path.name}.{ray.get_runtime_context().get_node_id()}"
+        return False, f"{storage.uri_of(marker)} holds other content (another file system there)"
+    reply = f"{marker}.{ray.get_runtime_context().get_node_id()}"
     try:
-        reply.write_text(token)
-    except OSError as exc:
-        return False, f"cannot write in {path.parent}: {exc}"
+        storage.write_text(reply, text=token)
+    except (OSError, ToxtuneError) as exc:
+        return False, f"cannot write in {storage.uri}: {exc}"
     return True, ""
 
 
 def check_shared_storage(path: str, timeout_s: float = 120.0) -> None:
-    """Check every alive node of the connected Ray cluster reads and writes the same `path`.
+    """Check every alive node of the connected Ray cluster reads and writes the same storage.
 
-    The driver writes a marker under `path`; one tiny task pinned to each alive node reads it
-    and writes a reply the driver must then see. Raises ClusterError naming the nodes that
-    cannot. Cloud URIs are skipped (Ray's pyarrow filesystems reach them from every node).
+    `path` is a local path or an object-store URI. The driver writes a marker there; one tiny
+    task pinned to each alive node reads it and writes a reply the driver must then see.
+    Raises ClusterError naming the nodes that cannot (no shared mount, no credentials or no
+    route to the object store on that node).
     """
-    if is_cloud_uri(path):
-        return
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from tune.storage import Storage
+
     if not ray.is_initialized():
         raise ClusterError("check_shared_storage runs inside a Ray job: call ray.init() first")
-    root = local_path(path).resolve()
+    storage = Storage.open(path)
     token = uuid.uuid4().hex
-    marker = root / f".toxtune-shared-check-{token}"
+    marker = f".toxtune-shared-check-{token}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        marker.write_text(token)
-    except OSError as exc:
+        storage.write_text(marker, text=token)
+    except (OSError, ToxtuneError) as exc:
         raise ClusterError(f"ray.storage_path {path}: cannot write {marker}: {exc}") from exc
     nodes = {
         n["NodeID"]: NodeInfo(
@@ -87,7 +89,7 @@ def check_shared_storage(path: str, timeout_s: float = 120.0) -> None:
         refs = {
             probe.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
-            ).remote(str(marker), token): node_id
+            ).remote(storage.uri, marker, token): node_id
             for node_id in nodes
         }
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -100,20 +102,20 @@ def check_shared_storage(path: str, timeout_s: float = 120.0) -> None:
                 ok, why = ray.get(ref)
             except Exception as exc:  # the node died, or the task could not run there
                 ok, why = False, f"the check failed there: {exc}"
-            if ok and not (marker.parent / f"{marker.name}.{node.node_id}").is_file():
+            if ok and not storage.exists(f"{marker}.{node.node_id}"):
                 ok, why = False, "its reply file is not visible to the driver"
             if not ok:
                 failures.append(f"{node.describe()}: {why}")
     finally:
-        for leftover in root.glob(f"{marker.name}*"):
+        for name in [marker, *(f"{marker}.{node_id}" for node_id in nodes)]:
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                storage.fs.delete_file(storage.path(name))
     if failures:
         raise ClusterError(
             f"ray.storage_path {path} is not shared by all {len(nodes)} nodes: "
             + "; ".join(sorted(failures))
-            + ". Mount the same shared folder (NFS/EFS) at this path on every node, or use a "
-            "cloud URI (s3://...)"
+            + ". Mount the same shared folder (NFS/EFS) at this path on every node, or use an "
+            "object store (s3://...) every node can reach with its credentials"
         )
 
 
