@@ -28,7 +28,7 @@ from tune.errors import JobMismatchError
 from tune.finalize import finalize
 from tune.prepare import claim_job, load_job_table, prepare_data
 from tune.record import record
-from tune.search import Rounds, refuse_impossible_local_request, search
+from tune.search import Rounds, check_ray_address, refuse_impossible_local_request, search
 
 
 @dataclass
@@ -69,6 +69,7 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     restored, a finished one grows to `search.num_samples` trials.
     """
     job = named(job, exists=job.storage.exists)
+    check_ray_address(job)
     refuse_impossible_local_request(job)
     job.storage.check_writable()
     tracking.check_tracking(job.tracking_uri)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from tune import bridge, study, tracking
 from tune.cluster import check_cluster_storage
 from tune.config import JobConfig
 from tune.drills import FaultPlan
-from tune.errors import ConfigError, SearchError
+from tune.errors import ClusterError, ConfigError, SearchError
 from tune.faults import ErrorBudget, PendingWatch, RetryPolicy
 from tune.prepare import PreparedData
 from tune.resources import TrialShape, gpu_fraction, local_request_problem
@@ -90,6 +91,23 @@ class SearchOutcome:
     failed: dict[str, str]  # trial id -> failure kind, for trials that failed for good
     cluster: dict[str, float]
     seconds: float = 0.0  # wall time of this command's search
+
+
+def check_ray_address(job: JobConfig, timeout_s: float = 10.0) -> None:
+    """A `host:port` cluster address must answer before anything else is done: `ray.init`
+    retries an unreachable one for minutes without a word."""
+    address = job.ray.address
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ClusterError(
+            f"ray.address {address}: no Ray cluster answers there ({exc}); give the head "
+            "node's GCS address (HOST:6379), or 'auto' inside the cluster"
+        ) from exc
 
 
 def refuse_impossible_local_request(job: JobConfig) -> None:

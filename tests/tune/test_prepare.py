@@ -55,3 +55,19 @@ def test_impossible_local_requests_are_refused_before_ray_starts(
         run_job(job, progress=False)
     assert not ray.is_initialized()
     assert not (tmp_path / "results" / "tiny").exists()  # refused before any work
+
+
+def test_an_unreachable_cluster_address_is_refused_at_once(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    """`--address 127.0.0.1:1` used to leave ray.init retrying for minutes."""
+    import time
+
+    from tune.errors import ClusterError
+
+    job = tiny_job(tmp_path, small_csv, **{"ray.address": "127.0.0.1:1", "ray.num_cpus": None})
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"127\.0\.0\.1:1: no Ray cluster answers"):
+        run_job(job, progress=False)
+    assert time.monotonic() - started < 30
+    assert not ray.is_initialized()
