@@ -175,3 +175,21 @@ def test_ui_serves_on_loopback_only_and_sigterm_stops_the_whole_server(tmp_path:
         for leftover in server:  # never leak a server when the test fails
             with contextlib.suppress(psutil.Error):
                 leftover.kill()
+
+
+def test_ui_links_the_training_runs_view_of_the_job_experiment(tmp_path: Path) -> None:
+    """MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the
+    model-training one; `toxtune ui` prints that link for the job's experiment."""
+    from tune import tracking
+    from tune.cli.ui import runs_link
+
+    uri = tracking.default_tracking_uri(tmp_path / "store")
+    assert runs_link(uri, "toxtune", "http://127.0.0.1:5000") is None
+    assert not (tmp_path / "store").exists()  # looking did not create a store
+    client = tracking.client_for(uri)
+    exp_id = tracking.ensure_experiment(client, uri, "toxtune")
+    link = runs_link(uri, "toxtune", "http://127.0.0.1:5000")
+    assert (
+        link == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    )
+    assert runs_link(uri, "other", "http://127.0.0.1:5000") is None

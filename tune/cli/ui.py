@@ -120,6 +120,19 @@ def serve(cmd: list[str], health_url: str) -> int:
     return proc.returncode or 0
 
 
+def runs_link(tracking_uri: str, experiment_name: str, ui_url: str) -> str | None:
+    """The UI link to the experiment's training-runs table, when the store already holds it."""
+    from tune import tracking
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        return None  # no store yet: do not create one just to look
+    try:
+        experiment = tracking.client_for(tracking_uri).get_experiment_by_name(experiment_name)
+    except Exception:  # the UI still starts; the link is a convenience
+        return None
+    return tracking.experiment_url(ui_url, experiment.experiment_id) if experiment else None
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from tune.config import load_config
 
@@ -128,6 +141,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = job.tracking_uri
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri} at {url}  (Ctrl-C to stop)", flush=True)
+    link = runs_link(uri, job.tracking.experiment_name, url)
+    if link:
+        # MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the
+        # model-training one (tune.tracking.experiment_url).
+        print(f"training runs of {job.tracking.experiment_name!r}: {link}", flush=True)
     if args.host not in LOOPBACK:
         print("warning: the UI is reachable from other machines and has no authentication")
     cmd = [
