@@ -235,6 +235,10 @@ def test_bad_input_gives_one_line_and_the_documented_exit_code(
     finally:
         while _OPEN:
             _OPEN.pop().close()
+        import ray
+
+        if ray.is_initialized():  # a job that got as far as Ray leaves this process's Ray up
+            ray.shutdown()
     err = capfd.readouterr().err
     if case.trial_logs:
         assert "tune.errors." not in err and "Error: " not in err.splitlines()[-1], err
