@@ -1,8 +1,10 @@
 """A tuning job as four stages: prepare, search, finalize, record.
 
     job = named(job)                         # a fresh name unless continuing one on purpose
-    data = prepare(job)                      # CSV -> checked table -> record claimed -> features
-                                             # (a finished job, or one on other data, refused)
+    table = load_job_table(job)              # CSV -> checked table
+    claim_job(job, table)                    # the record claimed (other data: refused)
+    refuse_finished(job)                     # nothing left to continue: refused
+    data = prepare_data(job, table=table)    # features (cached) -> split
     outcome = search(job, data, parent)      # Ray Tune trials chosen by the Optuna study
     final = finalize(job, data, best)        # retrain seeds / ensemble, score the test split once
     registration = record(job, data, ...)    # MLflow summary, plots, registered model

@@ -40,8 +40,6 @@ class PreparedData:
     features: Features
     labels: np.ndarray  # float32 (n_valid, n_tasks), aligned with features rows
     split: Split
-    invalid_report: str  # URI (or local path) of the invalid-SMILES report
-    warnings: list[str]
 
 
 def load_job_table(job: JobConfig) -> MoleculeTable:
@@ -109,12 +107,10 @@ def prepare_data(
     split = split_dataset([table.smiles[i] for i in features.valid_rows], labels, job.split)
     with job.storage.staged(job.name, INVALID_REPORT) as local:
         write_invalid_report(features.invalid, local, table.lines)
-    report = job.storage.uri_of(job.name, INVALID_REPORT)
     check_validation(labels, split, table.tasks, job.split.method)
-    warnings = missing_class_warnings(labels, split, table.tasks)
-    for w in warnings:
-        log.warning(w)
-    return PreparedData(table, features, labels, split, report, warnings)
+    for warning in missing_class_warnings(labels, split, table.tasks):
+        log.warning(warning)
+    return PreparedData(table, features, labels, split)
 
 
 def check_validation(labels: np.ndarray, split: Split, tasks: list[str], method: str) -> None:

@@ -49,6 +49,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             yield Stack(s3, pg, server, study)
 
 
+def _empty_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory for the driver: the tests check it stays empty."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
 def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servable_model(
     tmp_path: Path,
     small_csv: Path,
@@ -56,9 +64,7 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
     stack: Stack,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)
+    workdir = _empty_workdir(tmp_path, monkeypatch)
     job = tiny_job(
         tmp_path,
         small_csv,
@@ -106,9 +112,7 @@ def test_driver_killed_resumes_from_the_bucket_and_the_postgres_study(
     bucket and PostgreSQL hold, with no trial lost or duplicated and no run left RUNNING."""
     from tests.tune.test_resume import kill_and_resume, write_config
 
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)
+    workdir = _empty_workdir(tmp_path, monkeypatch)
     config = write_config(
         tmp_path,
         small_csv,
