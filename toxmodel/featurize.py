@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MAX_SMILES_LENGTH = 1000  # longer inputs are refused: nothing in Tox21/ToxCast comes close (~350)
 MACCS_BITS = 167
 COUNT_CLIP = 255  # Morgan counts are stored as uint8
-CACHE_FORMAT = 1  # bump when the npz layout changes; older files are then recomputed
+CACHE_FORMAT = 2  # bump when the npz layout changes; older files are then recomputed (2: keys)
 _MAX_REASON_CHARS = 300
 _GENERIC_REASON = "RDKit could not parse the SMILES"
 # Rough single-core seconds per molecule, used to decide when a process pool pays off.
@@ -74,6 +74,9 @@ class Features:
     valid_rows: np.ndarray  # int64 indices of the input rows that featurized
     invalid: list[InvalidSmiles]
     config: FeaturizerConfig
+    # The molecule key of each valid row: canonical SMILES of the molecule that was featurized
+    # (after standardization when it is on); None when the features were built without them.
+    canonical: list[str] | None = None
 
     @property
     def n_features(self) -> int:
@@ -81,6 +84,46 @@ class Features:
 
     def __len__(self) -> int:
         return int(self.fingerprint.shape[0])
+
+    def row_keys(self, n_rows: int) -> list[str]:
+        """The molecule key of every input row ("" for a row that did not featurize).
+
+        Rows with one key are one molecule: the featurizer saw the same structure for them.
+        """
+        if self.canonical is None:
+            raise ValueError("these features carry no canonical SMILES (built without them)")
+        keys = [""] * n_rows
+        for row, key in zip(self.valid_rows.tolist(), self.canonical, strict=True):
+            keys[row] = key
+        return keys
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> Features:
+        """The features of a table made of input rows `rows`, in that order (row i of the new
+        table is input row rows[i]); invalid rows stay invalid, renumbered to the new table."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        position = {int(r): i for i, r in enumerate(self.valid_rows.tolist())}
+        invalid_of = {item.row: item for item in self.invalid}
+        new_valid: list[int] = []
+        picked: list[int] = []
+        invalid: list[InvalidSmiles] = []
+        for new_row, old_row in enumerate(idx.tolist()):
+            if old_row in position:
+                new_valid.append(new_row)
+                picked.append(position[old_row])
+            elif old_row in invalid_of:
+                invalid.append(replace(invalid_of[old_row], row=new_row))
+            else:
+                raise IndexError(f"row {old_row} was not featurized here")
+        pick = np.asarray(picked, dtype=np.int64)
+        canonical = None if self.canonical is None else [self.canonical[i] for i in picked]
+        return Features(
+            fingerprint=self.fingerprint[pick],
+            descriptors=self.descriptors[pick],
+            valid_rows=np.asarray(new_valid, dtype=np.int64),
+            invalid=invalid,
+            config=self.config,
+            canonical=canonical,
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +219,23 @@ def featurize(
     return _assemble(results, config)
 
 
+def canonical_smiles(smiles: Sequence[str], config: FeaturizerConfig) -> list[str]:
+    """The molecule key of each SMILES: RDKit canonical (isomeric) SMILES of the molecule the
+    featurizer would see, so standardized when `config.standardize` is on ("" when invalid).
+
+    "OCC" and "CCO" share a key; with standardize, so does the salt "CCO.[Na+]". Keys are the
+    same as `Features.row_keys` of `featurize(smiles, config)`, which computes them as it goes
+    (and caches them); call this only where no features are at hand: it parses every SMILES
+    again (about 0.2 ms a molecule, 1.2 ms with standardize, on one core).
+    """
+    items = list(smiles)
+    mols, rows, _ = _parse_all(items, 0, config.standardize)
+    keys = [""] * len(items)
+    for row, key in zip(rows, _canonical(mols), strict=True):
+        keys[row] = key
+    return keys
+
+
 def featurize_cached(
     smiles: Sequence[str],
     config: FeaturizerConfig,
@@ -241,6 +301,7 @@ class _Chunk:
     maccs: np.ndarray  # packed MACCS bits (n, 21), or (n, 0)
     descriptors: np.ndarray
     invalid: list[InvalidSmiles]
+    canonical: list[str]  # molecule key per valid row
 
 
 def _available_cpus() -> int:
@@ -332,7 +393,8 @@ def _assemble(results: list[_Chunk], config: FeaturizerConfig) -> Features:
         descriptors = np.concatenate([r.descriptors for r in results], axis=0)
         valid_rows = np.concatenate([r.valid_rows for r in results]).astype(np.int64)
     invalid = [item for r in results for item in r.invalid]
-    return Features(fingerprint, descriptors, valid_rows, invalid, config)
+    canonical = [key for r in results for key in r.canonical]
+    return Features(fingerprint, descriptors, valid_rows, invalid, config, canonical)
 
 
 def _unpack(packed: np.ndarray, n_bits: int) -> np.ndarray:
@@ -347,7 +409,21 @@ def _featurize_chunk(task: tuple[int, list[Any], FeaturizerConfig]) -> _Chunk:
     maccs = _maccs_packed(mols) if config.maccs else np.zeros((len(mols), 0), np.uint8)
     n_desc = len(descriptor_names()) if config.descriptors else 0
     descriptors = _descriptors(mols) if n_desc else np.zeros((len(mols), 0), np.float32)
-    return _Chunk(np.asarray(rows, np.int64), morgan, maccs, descriptors, invalid)
+    return _Chunk(np.asarray(rows, np.int64), morgan, maccs, descriptors, invalid, _canonical(mols))
+
+
+def _canonical(mols: list[Any]) -> list[str]:
+    """Canonical isomeric SMILES of each molecule (the molecule key); "" where RDKit fails."""
+    from rdkit import Chem, rdBase
+
+    keys: list[str] = []
+    with rdBase.BlockLogs():
+        for mol in mols:
+            try:
+                keys.append(Chem.MolToSmiles(mol))
+            except Exception:
+                keys.append("")
+    return keys
 
 
 def _parse_all(
@@ -566,6 +642,7 @@ def _read_cache(path: Path, config: FeaturizerConfig, digest: str) -> Features |
                 valid_rows=data["valid_rows"].astype(np.int64, copy=False),
                 invalid=invalid,
                 config=config,
+                canonical=None if meta["canonical"] is None else list(map(str, meta["canonical"])),
             )
     except Exception as exc:
         log.warning("feature cache %s is unreadable (%s); recomputing", path, exc)
@@ -580,6 +657,7 @@ def _write_cache(path: Path, features: Features, digest: str) -> None:
         "smiles_digest": digest,
         "config": asdict(features.config),
         "invalid": [[item.row, item.smiles, item.reason] for item in features.invalid],
+        "canonical": features.canonical,
     }
     meta_bytes = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
