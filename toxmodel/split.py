@@ -50,19 +50,31 @@ def validate_split_config(config: SplitConfig) -> None:
         )
 
 
-def split_dataset(smiles: Sequence[str], labels: np.ndarray, config: SplitConfig) -> Split:
+def split_dataset(
+    smiles: Sequence[str],
+    labels: np.ndarray,
+    config: SplitConfig,
+    groups: np.ndarray | Sequence[int] | None = None,
+) -> Split:
     """Divide rows into train/valid/test index arrays (each sorted, disjoint, covering all rows).
 
-    random: a seeded permutation cut at the fractions.
-    stratified: iterative stratification (Sechidis et al. 2011) over the positives and the
-        negatives of every task (rarest first), so each split gets each task's positives and
-        labelled rows in proportion; rows with no label at all fill the remaining room at
-        random. Works for one or many tasks.
+    `groups` (one int per row; `molecule_groups` makes them) keeps rows that share a group in
+    one part: give one group per molecule, and validation and test never score a molecule that
+    training saw. None: every row is its own group. Where every group is one row, random and
+    stratified give the same split as without groups.
+
+    random: a seeded permutation of the groups, cut at the fractions (a group goes to the part
+        its middle row falls in).
+    stratified: iterative stratification (Sechidis et al. 2011) of groups over the positives and
+        the negatives of every task (rarest first), a group counting its rows' labels, so each
+        split gets each task's positives and labelled rows in proportion; groups with no label
+        at all fill the remaining room at random. Works for one or many tasks.
     scaffold: Bemis-Murcko scaffold groups (acyclic molecules share the empty scaffold; each
-        unparsable SMILES is its own group) assigned whole, Chemprop "scaffold_balanced" style:
-        groups bigger than half the valid/test size come first, then the small ones, each part
-        shuffled by the seed; a group goes to train if it fits, else valid, else test. No
-        scaffold appears in two splits; sizes are approximate.
+        unparsable SMILES is its own group), joined with `groups` where they overlap, assigned
+        whole, Chemprop "scaffold_balanced" style: groups bigger than half the valid/test size
+        come first, then the small ones, each part shuffled by the seed; a group goes to train
+        if it fits, else valid, else test. No scaffold appears in two splits; sizes are
+        approximate.
     """
     validate_split_config(config)
     y = np.asarray(labels, dtype=np.float64)
@@ -73,15 +85,32 @@ def split_dataset(smiles: Sequence[str], labels: np.ndarray, config: SplitConfig
         raise ValueError(f"{n} SMILES but {y.shape[0]} label rows")
     if n == 0:
         raise ValueError("cannot split an empty dataset")
+    group_of = _group_index(groups, n)
     rng = np.random.default_rng(config.seed)
     targets = _target_sizes(n, config)
     if config.method == "random":
-        assignment = _random_assignment(n, targets, rng)
+        assignment = _random_assignment(group_of, targets, rng)
     elif config.method == "stratified":
-        assignment = _stratified_assignment(y, targets, rng)
+        assignment = _stratified_assignment(y, group_of, targets, rng)
     else:
-        assignment = _scaffold_assignment(smiles, targets, config, rng)
+        assignment = _scaffold_assignment(smiles, group_of, targets, config, rng)
     return Split(*(np.flatnonzero(assignment == k).astype(np.int64) for k in range(3)))
+
+
+def molecule_groups(keys: Sequence[str]) -> np.ndarray:
+    """Group ids (int64, numbered in first-seen order) for rows keyed by molecule.
+
+    Rows with one key share a group; an empty key (a row with no molecule) is a group of its own.
+    """
+    ids: dict[str, int] = {}
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        if key:
+            out[i] = ids.setdefault(key, len(ids))
+        else:
+            out[i] = len(ids)
+            ids[f"\x00row:{i}"] = len(ids)
+    return out
 
 
 def missing_class_warnings(labels: np.ndarray, split: Split, tasks: Sequence[str]) -> list[str]:
@@ -126,62 +155,87 @@ def _target_sizes(n: int, config: SplitConfig) -> np.ndarray:
     return np.array([train_end, valid_end - train_end, n - valid_end], dtype=np.int64)
 
 
-def _random_assignment(n: int, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    assignment = np.empty(n, dtype=np.int64)
-    order = rng.permutation(n)
-    bounds = np.cumsum(targets)
-    assignment[order[: bounds[0]]] = 0
-    assignment[order[bounds[0] : bounds[1]]] = 1
-    assignment[order[bounds[1] :]] = 2
-    return assignment
+def _group_index(groups: np.ndarray | Sequence[int] | None, n: int) -> np.ndarray:
+    """Each row's group renumbered 0..G-1 in first-seen row order (so the rows themselves when
+    every group is one row)."""
+    if groups is None:
+        return np.arange(n, dtype=np.int64)
+    g = np.asarray(groups).reshape(-1)
+    if g.shape[0] != n:
+        raise ValueError(f"{n} rows but {g.shape[0]} group ids")
+    if g.size and not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"group ids must be integers, got dtype {g.dtype}")
+    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.reshape(-1)]
+
+
+def _cut(sizes: np.ndarray, quotas: np.ndarray) -> np.ndarray:
+    """Part (0, 1, 2) of each group when groups of `sizes` are laid end to end and cut at the
+    cumulative `quotas`: a group goes where its middle falls (a one-row group: where it lies)."""
+    middle = np.cumsum(sizes) - sizes + (sizes - 1) / 2.0
+    bounds = np.cumsum(quotas)
+    return np.minimum(np.searchsorted(bounds, middle, side="right"), 2).astype(np.int64)
+
+
+def _random_assignment(
+    group_of: np.ndarray, targets: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    sizes = np.bincount(group_of)
+    order = rng.permutation(sizes.size)
+    part = np.empty(sizes.size, dtype=np.int64)
+    part[order] = _cut(sizes[order], targets)
+    return part[group_of]
 
 
 def _stratified_assignment(
-    y: np.ndarray, targets: np.ndarray, rng: np.random.Generator
+    y: np.ndarray, group_of: np.ndarray, targets: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    """Iterative stratification over (task, class) pairs: positives and negatives of every task.
+    """Iterative stratification of groups over (task, class) pairs: positives and negatives of
+    every task, a group carrying the sum of its rows' labels.
 
     Balancing both classes keeps each task's labelled count, and so its positive rate, in
     proportion even where labels are missing unevenly.
     """
-    n = y.shape[0]
-    positive = np.concatenate([y == 1, y == 0], axis=1)
+    n_groups = int(group_of.max()) + 1
+    sizes = np.bincount(group_of, minlength=n_groups)
+    per_row = np.concatenate([y == 1, y == 0], axis=1).astype(np.int64)
+    carried = np.zeros((n_groups, per_row.shape[1]), dtype=np.int64)
+    np.add.at(carried, group_of, per_row)
     open_splits = targets > 0
     fractions = targets / targets.sum()
-    desired = fractions[:, None] * positive.sum(axis=0)[None, :].astype(np.float64)
+    desired = fractions[:, None] * carried.sum(axis=0)[None, :].astype(np.float64)
     capacity = targets.astype(np.float64).copy()
-    assignment = np.full(n, -1, dtype=np.int64)
-    remaining = positive.copy()
-    order = rng.permutation(n)
-    counts = remaining.sum(axis=0)
+    part = np.full(n_groups, -1, dtype=np.int64)
+    remaining = carried > 0
+    order = rng.permutation(n_groups)
+    counts = carried.sum(axis=0)
     while True:
         active = np.flatnonzero(counts > 0)
         if active.size == 0:
             break
         fewest = active[counts[active] == counts[active].min()]
         task = int(rng.choice(fewest))
-        rows = order[remaining[order, task]]
-        for row in rows:
+        for group in order[remaining[order, task]]:
             want = np.where(open_splits, desired[:, task], -np.inf)
             best = np.flatnonzero(want == want.max())
             if best.size > 1:
                 room = capacity[best]
                 best = best[room == room.max()]
             k = int(best[0]) if best.size == 1 else int(rng.choice(best))
-            assignment[row] = k
-            capacity[k] -= 1
-            desired[k] -= positive[row]
-            counts -= remaining[row]
-            remaining[row] = False
-    rest = order[assignment[order] < 0]
-    room = np.maximum(targets - np.bincount(assignment[assignment >= 0], minlength=3), 0)
+            part[group] = k
+            capacity[k] -= sizes[group]
+            desired[k] -= carried[group]
+            counts -= np.where(remaining[group], carried[group], 0)
+            remaining[group] = False
+    rest = order[part[order] < 0]
     if rest.size:
-        room = _share(rest.size, room, open_splits)
-        bounds = np.cumsum(room)
-        assignment[rest[: bounds[0]]] = 0
-        assignment[rest[bounds[0] : bounds[1]]] = 1
-        assignment[rest[bounds[1] :]] = 2
-    return assignment
+        filled = np.bincount(part[part >= 0], weights=sizes[part >= 0], minlength=3)
+        room = np.maximum(targets - filled.astype(np.int64), 0)
+        room = _share(int(sizes[rest].sum()), room, open_splits)
+        part[rest] = _cut(sizes[rest], room)
+    return part[group_of]
 
 
 def _share(total: int, room: np.ndarray, open_splits: np.ndarray) -> np.ndarray:
@@ -224,10 +278,18 @@ def scaffold_groups(smiles: Sequence[str]) -> list[np.ndarray]:
 
 
 def _scaffold_assignment(
-    smiles: Sequence[str], targets: np.ndarray, config: SplitConfig, rng: np.random.Generator
+    smiles: Sequence[str],
+    group_of: np.ndarray,
+    targets: np.ndarray,
+    config: SplitConfig,
+    rng: np.random.Generator,
 ) -> np.ndarray:
-    """Whole scaffold groups to splits, big groups first (Chemprop scaffold_balanced)."""
-    groups = scaffold_groups(smiles)
+    """Whole scaffold groups to splits, big groups first (Chemprop scaffold_balanced).
+
+    A scaffold group and a row group that share a row are one group (union-find): two SMILES of
+    one molecule may carry different scaffolds as written (a salt, a tautomer standardized).
+    """
+    groups = _join(scaffold_groups(smiles), group_of)
     half_valid, half_test = targets[1] / 2, targets[2] / 2
     big = [g for g in groups if len(g) > half_valid or len(g) > half_test]
     small = [g for g in groups if not (len(g) > half_valid or len(g) > half_test)]
@@ -245,3 +307,35 @@ def _scaffold_assignment(
         assignment[group] = k
         filled[k] += len(group)
     return assignment
+
+
+def _join(scaffolds: list[np.ndarray], group_of: np.ndarray) -> list[np.ndarray]:
+    """Row groups of the union of two partitions (connected components), ordered by their first
+    row as `scaffold_groups` orders its own; unchanged when every row group is one row."""
+    n = group_of.size
+    parent = np.arange(n, dtype=np.int64)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    def union(rows: np.ndarray) -> None:
+        root = find(int(rows[0]))
+        for r in rows[1:]:
+            other = find(int(r))
+            if other != root:
+                parent[max(root, other)] = min(root, other)
+                root = min(root, other)
+
+    for rows in scaffolds:
+        union(rows)
+    by_group = np.argsort(group_of, kind="stable")
+    for rows in np.split(by_group, np.cumsum(np.bincount(group_of))[:-1]):
+        if rows.size > 1:
+            union(rows)
+    components: dict[int, list[int]] = {}
+    for i in range(n):  # a component is first met at its lowest row: first-seen order
+        components.setdefault(find(i), []).append(i)
+    return [np.asarray(rows, dtype=np.int64) for rows in components.values()]
