@@ -57,6 +57,10 @@ _SHOW_VALUES = 5
 _MISSING = frozenset(v.lower() for v in MISSING_VALUES)
 _BOOLEANS = {"false": 0.0, "true": 1.0}
 _DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}  # sniffed in this order of preference
+# What to do with rows that repeat a molecule (same molecule key): keep them all (the split keeps
+# them in one part), or make one row of them, each task's label the majority (a tie: missing)
+# or the agreed label (a conflict: missing).
+DUPLICATE_POLICIES = ("keep", "average", "drop")
 
 
 class DataError(ValueError):
@@ -238,6 +242,100 @@ def find_conflicts(smiles: Sequence[str], labels: np.ndarray) -> list[str]:
 
 
 @dataclass(frozen=True)
+class DuplicateCounts:
+    """How a table repeats molecules (rows keyed by `toxmodel.featurize` canonical SMILES)."""
+
+    shared_rows: int  # rows whose molecule occurs in another row too
+    molecules: int  # molecules that occur in more than one row
+    conflicting: int  # of those, molecules with a 0 and a 1 for some task
+
+
+def count_duplicates(keys: Sequence[str], labels: np.ndarray) -> DuplicateCounts:
+    """Repeated molecules among rows keyed by `keys` ("" = no molecule, never a repeat)."""
+    frame = pd.DataFrame(np.asarray(labels, dtype=np.float32).reshape(len(keys), -1))
+    frame["__key__"] = list(keys)
+    frame = frame[frame["__key__"].duplicated(keep=False) & (frame["__key__"] != "")]
+    if frame.empty:
+        return DuplicateCounts(0, 0, 0)
+    grouped = frame.groupby("__key__", sort=False)
+    spread = grouped.max() - grouped.min()
+    return DuplicateCounts(
+        shared_rows=len(frame),
+        molecules=int(grouped.ngroups),
+        conflicting=int((spread > 0).any(axis=1).sum()),
+    )
+
+
+@dataclass(frozen=True)
+class Deduplicated:
+    """A table with one row per molecule, and where each of its rows came from."""
+
+    table: MoleculeTable
+    rows: np.ndarray  # int64: the input row each output row was taken from (its first row)
+    members: np.ndarray  # int64: the output row each input row went into
+    merged: int  # input rows folded into an earlier row of their molecule
+    cleared: int  # (row, task) labels set missing: a tie (average) or a conflict (drop)
+
+
+def deduplicate(table: MoleculeTable, keys: Sequence[str], policy: str) -> Deduplicated:
+    """One row per molecule (`keys[i]` is row i's molecule key; "" rows are kept as they are).
+
+    The output row of a molecule is its first input row (SMILES and file line); its labels are,
+    per task: "average", the majority of the molecule's labels (a tie becomes missing); "drop",
+    the label its rows agree on (a 0 and a 1 become missing). Rows without a key (invalid
+    SMILES) are kept one by one, so the invalid-SMILES report keeps every line. "keep" returns
+    the table unchanged. The new content_hash is derived from the old one, the policy and the
+    rows, so the table never shares a feature-cache entry with its source.
+    """
+    if policy not in DUPLICATE_POLICIES:
+        raise ValueError(
+            f"unknown duplicates policy {policy!r}; choose one of {list(DUPLICATE_POLICIES)}"
+        )
+    n = len(table)
+    if len(keys) != n:
+        raise ValueError(f"{n} rows but {len(keys)} molecule keys")
+    if policy == "keep":
+        identity = np.arange(n, dtype=np.int64)
+        return Deduplicated(table, identity, identity, 0, 0)
+    first: dict[str, int] = {}
+    members = np.empty(n, dtype=np.int64)
+    rows: list[int] = []
+    for i, key in enumerate(keys):
+        out = first.setdefault(key, len(rows)) if key else len(rows)
+        if out == len(rows):
+            rows.append(i)
+        members[i] = out
+    labels = table.labels.astype(np.float64)
+    positives = np.zeros((len(rows), labels.shape[1]))
+    negatives = np.zeros((len(rows), labels.shape[1]))
+    np.add.at(positives, members, labels == 1)
+    np.add.at(negatives, members, labels == 0)
+    if policy == "average":
+        merged = np.where(positives > negatives, 1.0, np.where(negatives > positives, 0.0, np.nan))
+    else:
+        merged = np.where(negatives == 0, 1.0, np.where(positives == 0, 0.0, np.nan))
+    merged[(positives == 0) & (negatives == 0)] = np.nan
+    cleared = int(np.sum(((positives > 0) | (negatives > 0)) & np.isnan(merged)))
+    idx = np.asarray(rows, dtype=np.int64)
+    smiles = [table.smiles[i] for i in idx]
+    out_labels = merged.astype(np.float32)
+    digest = hashlib.sha256(
+        table.content_hash.encode() + f"duplicates={policy}".encode() + idx.tobytes()
+    ).hexdigest()
+    result = MoleculeTable(
+        smiles=smiles,
+        labels=out_labels,
+        tasks=list(table.tasks),
+        source=table.source,
+        content_hash=digest,
+        conflicts=find_conflicts(smiles, out_labels),
+        skipped_columns=dict(table.skipped_columns),
+        lines=np.asarray([table.line_of(i) for i in idx], dtype=np.int64),
+    )
+    return Deduplicated(result, idx, members, n - len(rows), cleared)
+
+
+@dataclass(frozen=True)
 class TaskSummary:
     """Label counts of one task."""
 
@@ -253,7 +351,8 @@ class TaskSummary:
 
 @dataclass(frozen=True)
 class DataSummary:
-    """What `toxtune data` prints: sizes, invalid SMILES, skipped columns, label balance."""
+    """What `toxtune data` prints: sizes, invalid SMILES, repeated molecules, skipped columns,
+    label balance."""
 
     source: str
     rows: int
@@ -263,6 +362,8 @@ class DataSummary:
     conflicts: int
     n_features: int | None
     skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
+    duplicates: DuplicateCounts | None = None  # by molecule key; None: features without keys
+    standardized: bool = False  # molecule keys were taken after standardization
 
     def format(self, max_invalid: int = 50) -> str:
         """Human-readable multi-line text."""
@@ -282,6 +383,14 @@ class DataSummary:
             lines.append(f"features per molecule: {self.n_features}")
         if self.conflicts:
             lines.append(f"duplicate SMILES with conflicting labels: {self.conflicts}")
+        if self.duplicates is not None:
+            d = self.duplicates
+            how = "standardized canonical SMILES" if self.standardized else "canonical SMILES"
+            lines.append(
+                f"rows sharing a molecule with another row: {d.shared_rows} "
+                f"({d.molecules} molecules, by {how})"
+            )
+            lines.append(f"molecules with conflicting labels: {d.conflicting}")
         if self.skipped_columns:
             lines.append(f"columns not used as tasks: {len(self.skipped_columns)}")
             skipped = list(self.skipped_columns.items())
@@ -306,7 +415,11 @@ class DataSummary:
 
 
 def describe(table: MoleculeTable, features: Features | None = None) -> DataSummary:
-    """Counts behind `summarize`; SMILES are featurized (Morgan bits) when no features are given."""
+    """Counts behind `summarize`; SMILES are featurized (Morgan bits) when no features are given.
+
+    Repeated molecules are counted by the features' molecule keys (canonical SMILES, after
+    standardization when the features were made with it).
+    """
     if features is None:
         from toxmodel.featurize import FeaturizerConfig, featurize
 
@@ -321,6 +434,9 @@ def describe(table: MoleculeTable, features: Features | None = None) -> DataSumm
         )
         for j, task in enumerate(table.tasks)
     ]
+    duplicates = None
+    if features.canonical is not None:
+        duplicates = count_duplicates(features.row_keys(len(table)), labels)
     return DataSummary(
         source=table.source,
         rows=len(table.smiles),
@@ -330,6 +446,8 @@ def describe(table: MoleculeTable, features: Features | None = None) -> DataSumm
         conflicts=len(table.conflicts),
         n_features=features.n_features,
         skipped_columns=dict(table.skipped_columns),
+        duplicates=duplicates,
+        standardized=features.config.standardize,
     )
 
 
