@@ -188,9 +188,7 @@ def _inputs(predictor: Predictor, fingerprint: np.ndarray, descriptors: np.ndarr
     """The float32 model inputs of the featurized rows, as `Predictor.predict` builds them."""
     if predictor.scaler is not None and descriptors.shape[1]:
         descriptors = predictor.scaler.transform(descriptors)
-    return np.concatenate(
-        [fingerprint.astype(np.float32), descriptors.astype(np.float32)], axis=1
-    ).reshape(len(fingerprint), -1)
+    return np.concatenate([fingerprint.astype(np.float32), descriptors.astype(np.float32)], axis=1)
 
 
 def _occluded_logits(

@@ -244,6 +244,9 @@ def test_invalid_smiles_are_per_molecule_errors_and_unknown_tasks_are_named(
         index = list(csv.DictReader(fh))
     assert [r["picture"] for r in index] == ["000_t0.png", "", "", "", "004_t0.png"]
     assert index[1]["error"] and not index[0]["error"]
+    nothing = explain(predictor, ["C1CC", "??"], "t0")  # no valid molecule at all
+    assert [(e.row, e.ok) for e in nothing] == [(0, False), (1, False)]
+    assert write_explanations(nothing, tmp_path / "none") == []
     with pytest.raises(ValueError, match=r"'nope'.*t0, t1"):
         explain(predictor, smiles, "nope")
     with pytest.raises(ValueError, match="no explanation"):

@@ -1,9 +1,9 @@
-"""The `toxtune` command: tune, configs, data, predict, ui, submit, jobs. Thin: parses, then calls.
+"""The `toxtune` command: tune, configs, data, predict, explain, ui, submit, jobs. Thin: parses.
 
 Each subcommand lives in a module of this package that adds its parser (`register`) and runs it:
 `tune_job` (tune), `configs` (configs, and built-in config names for --config), `data`,
-`predict`, `ui`, `cluster` (submit, jobs). Errors a user can act on are caught here, in one
-place: one line on stderr, `toxtune <command>: error: ...`, and the exit code of the error
+`predict`, `explain`, `ui`, `cluster` (submit, jobs). Errors a user can act on are caught here,
+in one place: one line on stderr, `toxtune <command>: error: ...`, and the exit code of the error
 (2 for bad input, 1 for a job or a service that failed); the traceback only with --verbose.
 """
 
@@ -17,7 +17,7 @@ import traceback
 from toxmodel.checkpoint import CheckpointError
 from toxmodel.data import DataError
 from tune import settings
-from tune.cli import cluster, configs, data, predict, tune_job, ui
+from tune.cli import cluster, configs, data, explain, predict, tune_job, ui
 from tune.errors import ToxtuneError
 
 # What the CLI reports as one line (the traceback only with --verbose). toxmodel's errors are
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (tune_job, configs, data, predict, ui, cluster):
+    for module in (tune_job, configs, data, predict, explain, ui, cluster):
         module.register(sub)
     return parser
 
