@@ -24,6 +24,7 @@ from toxmodel.featurize import (
     Features,
     FeaturizerConfig,
     InvalidSmiles,
+    canonical_smiles,
     descriptor_names,
     feature_cache_path,
     featurize,
@@ -244,6 +245,7 @@ def test_cache_hit_is_served_from_file(
     np.testing.assert_array_equal(hit.descriptors, cold.descriptors)  # NaNs compare equal here
     np.testing.assert_array_equal(hit.valid_rows, cold.valid_rows)
     assert hit.invalid == cold.invalid and hit.config == config
+    assert hit.canonical == cold.canonical and len(hit.canonical) == len(hit)
     assert hit.fingerprint.dtype == np.uint8 and hit.descriptors.dtype == np.float32
 
 
@@ -356,3 +358,33 @@ def test_scaler_on_real_descriptors_and_empty_block() -> None:
     assert none.transform(np.zeros((3, 0), np.float32)).shape == (3, 0)
     with pytest.raises(ValueError, match="descriptor columns"):
         scaler.transform(np.zeros((2, 3)))
+
+
+# ------------------------------------------------------------------------ molecule keys
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_features_carry_each_rows_molecule_key(n_jobs: int) -> None:
+    smiles = ["OCC", "CCO", "CCO.[Na+].[Cl-]", "C(C)O", "bad(", "", "CC[O-].[Na+]", "c1ccccc1"]
+    smiles = smiles * 30  # enough rows for the pool when n_jobs=2
+    plain = featurize(smiles, FeaturizerConfig(n_bits=64), n_jobs=n_jobs)
+    keys = plain.row_keys(len(smiles))
+    assert keys[:8] == ["CCO", "CCO", "CCO.[Cl-].[Na+]", "CCO", "", "", "CC[O-].[Na+]", "c1ccccc1"]
+    assert keys == canonical_smiles(smiles, FeaturizerConfig(n_bits=64))
+    standard = FeaturizerConfig(n_bits=64, standardize=True)
+    std_keys = featurize(smiles, standard, n_jobs=n_jobs).row_keys(len(smiles))
+    assert std_keys[:8] == ["CCO", "CCO", "CCO", "CCO", "", "", "CCO", "c1ccccc1"]
+    assert std_keys == canonical_smiles(smiles, standard)
+
+
+def test_take_renumbers_rows_and_keeps_invalid_ones() -> None:
+    smiles = ["CCO", "bad(", "c1ccccc1", "OCC", ""]
+    features = featurize(smiles, FeaturizerConfig(n_bits=64), n_jobs=1)
+    part = features.take([3, 1, 2, 4])
+    assert part.valid_rows.tolist() == [0, 2]
+    assert [(i.row, i.smiles) for i in part.invalid] == [(1, "bad("), (3, "")]
+    np.testing.assert_array_equal(part.fingerprint, features.fingerprint[[2, 1]])
+    assert part.canonical == ["CCO", "c1ccccc1"]
+    assert part.row_keys(4) == ["CCO", "", "c1ccccc1", ""]
+    with pytest.raises(IndexError):
+        features.take([7])

@@ -11,6 +11,7 @@ from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from toxmodel.data import MoleculeTable, load_table
 from toxmodel.split import (
+    SPLIT_NAMES,
     Split,
     SplitConfig,
     missing_class_warnings,
@@ -206,3 +207,134 @@ def test_missing_class_warnings_name_task_and_split() -> None:
     assert any("valid split" in m and "'C'" in m for m in messages)
     assert not any("test split" in m for m in messages)  # an empty split is not reported
     assert not any("'B'" in m for m in messages)
+
+
+# ------------------------------------------------------------ repeated molecules stay together
+
+
+def _repeats_table() -> tuple[list[str], np.ndarray, list[str]]:
+    """~150 rows of 40 molecules, each written several ways (atom order, salt, charge), with
+    conflicting labels; plus the raw SMILES' standardized keys computed independently."""
+    from rdkit.Chem.MolStandardize import rdMolStandardize
+
+    bases = [
+        "c1ccccc1" + t
+        for t in ["O", "N", "Cl", "C", "CC", "C(=O)O", "OC", "F", "Br", "C#N", "S", "NC"]
+    ]
+    bases += ["C" * k + "O" for k in range(1, 10)] + ["C" * k + "N" for k in range(1, 10)]
+    bases += ["C1CC" + "C" * k + "C1" for k in range(10)]
+    rng = np.random.default_rng(5)
+    smiles: list[str] = []
+    for i, base in enumerate(bases):
+        mol = Chem.MolFromSmiles(base)
+        forms = {Chem.MolToSmiles(mol, doRandom=True, canonical=False) for _ in range(6)}
+        forms = sorted(forms)[: 1 + i % 4] + [base + ".[Na+].[Cl-]"] * (i % 3 == 0)
+        smiles += forms
+    smiles = [smiles[i] for i in rng.permutation(len(smiles))]
+    labels = (rng.random((len(smiles), 3)) < 0.4).astype(np.float32)
+    labels[rng.random(labels.shape) < 0.2] = np.nan
+    chooser = rdMolStandardize.LargestFragmentChooser(preferOrganic=True)
+    keys = [Chem.MolToSmiles(chooser.choose(Chem.MolFromSmiles(s))) for s in smiles]
+    return smiles, labels, keys
+
+
+def _parts_of(split: Split, keys: list[str]) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for k, part in enumerate((split.train, split.valid, split.test)):
+        for row in part:
+            out.setdefault(keys[row], set()).add(k)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_a_molecule_never_straddles_parts(method: str, seed: int) -> None:
+    from toxmodel.featurize import FeaturizerConfig, canonical_smiles
+    from toxmodel.split import molecule_groups
+
+    smiles, labels, keys = _repeats_table()
+    mine = canonical_smiles(smiles, FeaturizerConfig(standardize=True))
+    assert mine == keys  # salts and other spellings collapse to the parent's canonical SMILES
+    assert len(set(keys)) < len(keys) / 2  # the table really repeats molecules
+    config = SplitConfig(method=method, seed=seed)
+    if method != "scaffold":  # scaffolds already keep these together (see the join test)
+        ungrouped = split_dataset(smiles, labels, config)
+        assert any(len(p) > 1 for p in _parts_of(ungrouped, keys).values())  # it can fail
+    split = split_dataset(smiles, labels, config, groups=molecule_groups(mine))
+    _check_partition(split, len(smiles))
+    straddling = {key: p for key, p in _parts_of(split, keys).items() if len(p) > 1}
+    assert straddling == {}
+    assert len(split.valid) > 0 and len(split.test) > 0
+    again = split_dataset(smiles, labels, config, groups=molecule_groups(mine))
+    assert all(np.array_equal(getattr(split, n), getattr(again, n)) for n in SPLIT_NAMES)
+
+
+@pytest.mark.parametrize("method", ["random", "stratified"])
+def test_groups_of_one_row_give_todays_split(method: str, tiny_smiles: list[str]) -> None:
+    smiles = tiny_smiles * 3
+    labels = _synthetic_labels(len(smiles), 3, seed=4)
+    for seed in (0, 3):
+        config = SplitConfig(method=method, seed=seed)
+        plain = split_dataset(smiles, labels, config)
+        shuffled_ids = np.random.default_rng(seed).permutation(len(smiles)) * 7 + 100
+        grouped = split_dataset(smiles, labels, config, groups=shuffled_ids)
+        for name in SPLIT_NAMES:
+            np.testing.assert_array_equal(getattr(plain, name), getattr(grouped, name))
+
+
+def test_grouped_random_split_keeps_sizes_near_the_fractions() -> None:
+    smiles, labels, keys = _repeats_table()
+    from toxmodel.split import molecule_groups
+
+    split = split_dataset(smiles, labels, SplitConfig(seed=2), groups=molecule_groups(keys))
+    n = len(smiles)
+    largest = max(keys.count(k) for k in set(keys))
+    assert abs(len(split.train) - 0.8 * n) <= largest
+    assert abs(len(split.test) - 0.1 * n) <= largest
+
+
+def test_stratified_groups_carry_their_rows_labels() -> None:
+    """Two molecules hold every positive (4 rows each): each stays whole, and the first fills
+    train's share of positives, so the second goes to valid or test."""
+    smiles = [f"C{'C' * i}O" for i in range(40)]
+    labels = np.zeros((40, 1), dtype=np.float32)
+    labels[:8] = 1
+    groups = np.array([0] * 4 + [1] * 4 + list(range(2, 34)))
+    keys = [str(g) for g in groups]
+    for seed in range(5):
+        config = SplitConfig(method="stratified", train=0.5, valid=0.25, test=0.25, seed=seed)
+        split = split_dataset(smiles, labels, config, groups=groups)
+        parts = _parts_of(split, keys)
+        assert len(parts["0"]) == 1 and len(parts["1"]) == 1
+        assert int(labels[split.train].sum()) == 4
+
+
+def test_molecule_groups_and_bad_groups() -> None:
+    from toxmodel.split import molecule_groups
+
+    ids = molecule_groups(["CCO", "", "C", "CCO", "", "C"])
+    assert ids.tolist() == [0, 1, 2, 0, 3, 2]  # an empty key is never shared
+    with pytest.raises(ValueError, match="3 rows but 2 group ids"):
+        split_dataset(["C", "CC", "CCC"], np.zeros((3, 1)), SplitConfig(), groups=[0, 1])
+    with pytest.raises(ValueError, match="integers"):
+        split_dataset(["C", "CC"], np.zeros((2, 1)), SplitConfig(), groups=[0.5, 1.5])
+
+
+def test_scaffold_split_joins_a_molecules_rows_across_scaffolds() -> None:
+    """Raw SMILES of one molecule with different raw scaffolds (a benzene-salt form) stay
+    together; so do their scaffold-mates."""
+    from toxmodel.split import molecule_groups
+
+    smiles = ["CCO", "CCO.c1ccccc1", "c1ccccc1C", "CCCCl", "CCCN", "CCCO", "CCCC"]
+    smiles += [f"C1CC{'C' * k}C1" for k in range(10)]
+    keys = ["CCO", "CCO", *smiles[2:]]
+    labels = np.zeros((len(smiles), 1))
+    for seed in range(6):
+        split = split_dataset(
+            smiles, labels, SplitConfig("scaffold", seed=seed), groups=molecule_groups(keys)
+        )
+        parts = _parts_of(split, keys)
+        assert len(parts["CCO"]) == 1
+        # benzene scaffold: row 1 (as written) and row 2 share it, so all three rows are one
+        where = {k for k, p in enumerate((split.train, split.valid, split.test)) if 2 in p}
+        assert parts["CCO"] == where
