@@ -21,6 +21,8 @@ from toxmodel.data import (
     TOX21_TASKS,
     TOX21_URL,
     DataError,
+    count_duplicates,
+    deduplicate,
     default_cache_dir,
     describe,
     load_table,
@@ -626,3 +628,73 @@ def test_a_quoted_empty_smiles_is_a_row_not_a_blank_line(make_csv: Callable[...,
     path = make_csv('smiles\nCCO\n\n""\nc1ccccc1O\n', "one_column.csv")
     frame = read_table(path)
     assert list(frame["smiles"]) == ["CCO", "", "c1ccccc1O"]
+
+
+# ------------------------------------------------------------------ repeated molecules
+
+# Four spellings of ethanol (two of them salts, which standardize folds in), methanol twice,
+# benzene once, an invalid row. Tasks: A conflicts 2-1 for ethanol, B ties 1-1, C agrees.
+REPEATS = (
+    "smiles,A,B,C\n"
+    "CCO,1,1,0\n"  # line 2
+    "OCC,1,,0\n"  # line 3
+    "bad(,1,0,1\n"  # line 4
+    "CO,0,1,\n"  # line 5
+    "CCO.[Na+].[Cl-],0,0,\n"  # line 6 (one molecule with CCO only when standardized)
+    "c1ccccc1,1,0,1\n"  # line 7
+    "OC,0,1,1\n"  # line 8
+)
+
+
+def _keys(table: object, standardize: bool) -> list[str]:
+    from toxmodel.featurize import canonical_smiles
+
+    return canonical_smiles(table.smiles, FeaturizerConfig(standardize=standardize))
+
+
+def test_duplicates_are_counted_by_molecule_not_text(make_csv: Callable[..., Path]) -> None:
+    table = load_table(make_csv(REPEATS))
+    assert table.conflicts == []  # no SMILES text repeats
+    plain = count_duplicates(_keys(table, False), table.labels)
+    assert (plain.shared_rows, plain.molecules, plain.conflicting) == (4, 2, 0)
+    standard = count_duplicates(_keys(table, True), table.labels)
+    assert (standard.shared_rows, standard.molecules, standard.conflicting) == (5, 2, 1)
+    features = featurize(table.smiles, FeaturizerConfig(n_bits=64, standardize=True), n_jobs=1)
+    text = describe(table, features).format()
+    assert "rows sharing a molecule with another row: 5 (2 molecules" in text
+    assert "molecules with conflicting labels: 1" in text
+
+
+@pytest.mark.parametrize(
+    ("policy", "ethanol", "methanol"),
+    [
+        # ethanol rows: A 1,1,0 -> majority 1 / conflict; B 1,-,0 -> tie / conflict; C 0,0,- -> 0
+        ("average", [1, np.nan, 0], [0, 1, 1]),
+        ("drop", [np.nan, np.nan, 0], [0, 1, 1]),
+    ],
+)
+def test_duplicates_policies_give_one_row_per_molecule(
+    make_csv: Callable[..., Path], policy: str, ethanol: list[float], methanol: list[float]
+) -> None:
+    table = load_table(make_csv(REPEATS))
+    keys = _keys(table, True)
+    out = deduplicate(table, keys, policy)
+    merged = out.table
+    assert merged.smiles == ["CCO", "bad(", "CO", "c1ccccc1"]  # first rows, invalid kept
+    assert merged.lines.tolist() == [2, 4, 5, 7]
+    assert out.rows.tolist() == [0, 2, 3, 5]
+    assert out.members.tolist() == [0, 0, 1, 2, 0, 3, 2]
+    assert out.merged == 3
+    np.testing.assert_array_equal(merged.labels[0], np.array(ethanol, dtype=np.float32))
+    np.testing.assert_array_equal(merged.labels[2], np.array(methanol, dtype=np.float32))
+    np.testing.assert_array_equal(merged.labels[1], table.labels[2])  # invalid row untouched
+    np.testing.assert_array_equal(merged.labels[3], table.labels[5])
+    assert out.cleared == (1 if policy == "average" else 2)
+    assert merged.content_hash != table.content_hash
+    assert deduplicate(table, keys, "keep").table is table
+
+
+def test_deduplicate_refuses_an_unknown_policy(make_csv: Callable[..., Path]) -> None:
+    table = load_table(make_csv(REPEATS))
+    with pytest.raises(ValueError, match="'median'"):
+        deduplicate(table, _keys(table, False), "median")
