@@ -175,7 +175,7 @@ def explain(
             smiles=items[row],
             task=task,
             mol=mol,
-            probability=float(1.0 / (1.0 + math.exp(-full))),
+            probability=0.5 * (1.0 + math.tanh(full / 2.0)),  # sigmoid, never overflows
             atom_weights=_spread(bits, envs, mol.GetNumAtoms()),
             bit_weights=bits,
             maccs=maccs,
