@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from toxmodel.data import DUPLICATE_POLICIES
 from toxmodel.featurize import FeaturizerConfig
 from toxmodel.split import SplitConfig, validate_split_config
 from tune.errors import ConfigError
@@ -39,6 +40,10 @@ TUNE_FLAGS: dict[str, tuple[str, str]] = {
     "max_concurrent": ("search.max_concurrent", "trials in flight at once"),
     "time_limit": ("search.time_limit_s", "wall-clock budget of the search in seconds"),
     "seed": ("search.seed", "seed of the sampler and of training"),
+    "duplicates": (
+        "data.duplicates",
+        "rows repeating a molecule: keep (kept in one split part), average or drop",
+    ),
     "split": ("split.method", "random, stratified or scaffold"),
     "cpus_per_trial": ("resources.cpus_per_trial", "CPUs per trial"),
     "gpus_per_trial": ("resources.gpus_per_trial", "GPU share per trial, e.g. 0.25, or auto"),
@@ -74,6 +79,10 @@ class DataConfig:
     targets: list[str] | None = None  # None: every binary 0/1 column
     cache_dir: str | None = None  # None: $TOXTUNE_CACHE_DIR or ~/.cache/toxtune
     allow_single_class: bool = False  # drop (and report) one-class tasks instead of refusing
+    # Rows of one molecule (same canonical SMILES, after featurizer.standardize when on) always
+    # land in one split part. keep: every row stays; average: one row per molecule, each task
+    # the majority label (a tie: missing); drop: one row per molecule, a conflicting task missing.
+    duplicates: str = "keep"
 
 
 DEFAULT_GRACE_PERIOD = 3  # ASHA's grace period when the config leaves it unset
@@ -343,6 +352,11 @@ def validate(job: JobConfig) -> JobConfig:
             _positive(value, f"ray.{name}", allow_zero=name == "num_gpus")
     if not job.data.source:
         raise ConfigError("data.source must not be empty")
+    if job.data.duplicates not in DUPLICATE_POLICIES:
+        raise ConfigError(
+            f"data.duplicates must be {', '.join(DUPLICATE_POLICIES[:-1])} or "
+            f"{DUPLICATE_POLICIES[-1]}, got {job.data.duplicates!r}"
+        )
     if not job.tracking.experiment_name:
         raise ConfigError("tracking.experiment_name must not be empty")
     _check_names(job)

@@ -4,9 +4,10 @@ a job was run on, which any continuation must match.
 A new job gets `<experiment>-<UTC timestamp>` unless the user names it, so two commands never
 share a record by accident (Ray Tune and MLflow name runs the same way). A job is continued only
 when asked: `--resume NAME`, or an explicit `--run-name` of a job that exists. A continuation
-whose data content hash, targets, featurizer or split differ from the saved job's is refused
-before Ray starts, naming what differs: otherwise one Optuna study and one MLflow run would hold
-trials scored on two datasets, and the winner could be tested on data it never saw validated.
+whose data content hash, targets, duplicates policy, featurizer or split differ from the saved
+job's is refused before Ray starts, naming what differs: otherwise one Optuna study and one
+MLflow run would hold trials scored on two datasets, and the winner could be tested on data it
+never saw validated.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, JobMismatchError
@@ -64,6 +65,11 @@ def default_model_name(source: str) -> str:
     return f"toxtune-{stem}"
 
 
+# What a fingerprint saved before the `data` section existed means: every row kept (the only
+# behaviour then), so such a job continues under the default policy.
+_OLD_DATA: dict[str, Any] = {"duplicates": "keep"}
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """What makes two jobs' scores comparable: the same rows, targets, features and split."""
@@ -72,6 +78,7 @@ class Fingerprint:
     tasks: list[str]
     featurizer: dict[str, Any]
     split: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=lambda: dict(_OLD_DATA))  # duplicates policy
 
     def differences(self, other: Fingerprint) -> list[str]:
         """Human-readable list of what differs from `other` (empty when nothing does)."""
@@ -83,7 +90,7 @@ class Fingerprint:
             )
         if self.tasks != other.tasks:
             out.append(f"targets ({other.tasks} saved, {self.tasks} now)")
-        for section in ("featurizer", "split"):
+        for section in ("data", "featurizer", "split"):
             mine, saved = getattr(self, section), getattr(other, section)
             for key in sorted(set(mine) | set(saved)):
                 if mine.get(key) != saved.get(key):
@@ -102,6 +109,7 @@ def read_fingerprint(storage: Storage, name: str) -> Fingerprint | None:
         tasks=[str(t) for t in raw["tasks"]],
         featurizer=dict(raw["featurizer"]),
         split=dict(raw["split"]),
+        data=dict(raw.get("data", _OLD_DATA)),
     )
 
 
@@ -110,7 +118,8 @@ def write_fingerprint(storage: Storage, name: str, fingerprint: Fingerprint) -> 
 
 
 def check_continuation(name: str, saved: Fingerprint | None, now: Fingerprint) -> None:
-    """Refuse to continue job `name` on data, targets, featurizer or split other than its own."""
+    """Refuse to continue job `name` on data, targets, duplicates policy, featurizer or split
+    other than its own."""
     if saved is None:
         return
     diff = now.differences(saved)

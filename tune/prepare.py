@@ -1,22 +1,34 @@
-"""Stage 1, prepare: CSV -> validated table -> the job's record claimed -> features -> split.
+"""Stage 1, prepare: CSV -> validated table -> the job's record claimed -> features ->
+repeated molecules merged (data.duplicates) -> split, a molecule's rows in one part.
 
 Contract: `load_job_table` + `claim_job` refuse (DataError, JobMismatchError) before anything is
 featurized; `prepare_data` then returns the featurized, split data and leaves the job's folder
-holding its data fingerprint and the invalid-SMILES report. Featurization is cached on disk by
-content hash and featurizer settings, so a resumed or repeated job does not featurize again.
+holding its data fingerprint, the invalid-SMILES report and, when rows were merged, the
+duplicates report (every input row folded into another, by file line). Featurization is cached
+on disk by content hash and featurizer settings, so a resumed or repeated job does not featurize
+again; the molecule keys (canonical SMILES) come with the features.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from toxmodel.data import DataError, MoleculeTable, default_cache_dir, load_table
+from toxmodel.data import (
+    DataError,
+    Deduplicated,
+    MoleculeTable,
+    count_duplicates,
+    deduplicate,
+    default_cache_dir,
+    load_table,
+)
 from toxmodel.featurize import Features, featurize_cached, write_invalid_report
-from toxmodel.split import Split, missing_class_warnings, split_dataset
+from toxmodel.split import Split, missing_class_warnings, molecule_groups, split_dataset
 from tune import study
 from tune.config import CONFIG_FILE, JobConfig
 from tune.errors import JobMismatchError
@@ -30,11 +42,16 @@ from tune.identity import (
 log = logging.getLogger(__name__)
 
 INVALID_REPORT = "invalid_smiles.csv"
+DUPLICATES_REPORT = "duplicates.csv"  # rows merged into another row of their molecule
 
 
 @dataclass
 class PreparedData:
-    """The featurized dataset and its split, computed once per job."""
+    """The featurized dataset and its split, computed once per job.
+
+    With data.duplicates average or drop, `table` holds one row per molecule (its first row's
+    SMILES and file line; invalid rows each kept), and `features` are indexed by its rows.
+    """
 
     table: MoleculeTable
     features: Features
@@ -60,15 +77,16 @@ def fingerprint(job: JobConfig, table: MoleculeTable) -> Fingerprint:
         tasks=list(table.tasks),
         featurizer=asdict(job.featurizer),
         split=asdict(job.split),
+        data={"duplicates": job.data.duplicates},
     )
 
 
 def claim_job(job: JobConfig, table: MoleculeTable) -> None:
     """Make sure this command may write job `job.name`'s record, before any work is done.
 
-    A job folder that exists is continued only on the same data, targets, featurizer and split
-    (JobMismatchError otherwise). A new job must not find a study of its name in a shared study
-    database (it would continue another job's trials).
+    A job folder that exists is continued only on the same data, targets, duplicates policy,
+    featurizer and split (JobMismatchError otherwise). A new job must not find a study of its
+    name in a shared study database (it would continue another job's trials).
     """
     storage = job.storage
     now = fingerprint(job, table)
@@ -94,7 +112,8 @@ def claim_job(job: JobConfig, table: MoleculeTable) -> None:
 def prepare_data(
     job: JobConfig, progress: bool = True, table: MoleculeTable | None = None
 ) -> PreparedData:
-    """Featurize (cached) and split `table` (read from the job's source when not given)."""
+    """Featurize (cached), merge repeated molecules as data.duplicates says, and split `table`
+    (read from the job's source when not given) with each molecule's rows in one part."""
     table = table if table is not None else load_job_table(job)
     features = featurize_cached(
         table.smiles,
@@ -103,14 +122,62 @@ def prepare_data(
         table.content_hash,
         progress=progress,
     )
+    keys = features.row_keys(len(table))
+    counts = count_duplicates(keys, table.labels)
+    if counts.shared_rows:
+        log.info(
+            "%d rows share a molecule with another row (%d molecules, %d with conflicting "
+            "labels); data.duplicates=%s",
+            counts.shared_rows,
+            counts.molecules,
+            counts.conflicting,
+            job.data.duplicates,
+        )
+    if job.data.duplicates != "keep":
+        merged = deduplicate(table, keys, job.data.duplicates)
+        _report_merged(job, table, keys, merged)
+        features = features.take(merged.rows)
+        keys = [keys[i] for i in merged.rows]
+        table = merged.table
     labels = table.labels[features.valid_rows]
-    split = split_dataset([table.smiles[i] for i in features.valid_rows], labels, job.split)
+    valid_smiles = [table.smiles[i] for i in features.valid_rows]
+    groups = molecule_groups([keys[i] for i in features.valid_rows])
+    split = split_dataset(valid_smiles, labels, job.split, groups=groups)
     with job.storage.staged(job.name, INVALID_REPORT) as local:
         write_invalid_report(features.invalid, local, table.lines)
     check_validation(labels, split, table.tasks, job.split.method)
     for warning in missing_class_warnings(labels, split, table.tasks):
         log.warning(warning)
     return PreparedData(table, features, labels, split)
+
+
+def _report_merged(
+    job: JobConfig, table: MoleculeTable, keys: list[str], merged: Deduplicated
+) -> None:
+    """Log what merging did and write every folded row (line, row, smiles, molecule, kept_line)
+    to the job's duplicates report, so no input row goes missing without a trace."""
+    log.warning(
+        "data.duplicates=%s: %d rows -> %d (%d rows merged into an earlier row of their "
+        "molecule; %d task labels left missing: %s); listed in %s",
+        job.data.duplicates,
+        len(table),
+        len(merged.table),
+        merged.merged,
+        merged.cleared,
+        "ties" if job.data.duplicates == "average" else "conflicts",
+        DUPLICATES_REPORT,
+    )
+    with (
+        job.storage.staged(job.name, DUPLICATES_REPORT) as local,
+        Path(local).open("w", newline="", encoding="utf-8") as fh,
+    ):
+        writer = csv.writer(fh)
+        writer.writerow(["line", "row", "smiles", "molecule", "kept_line"])
+        for row, out in enumerate(merged.members.tolist()):
+            kept = int(merged.rows[out])
+            if kept != row:
+                line, kept_line = table.line_of(row), table.line_of(kept)
+                writer.writerow([line, row, table.smiles[row], keys[row], kept_line])
 
 
 def check_validation(labels: np.ndarray, split: Split, tasks: list[str], method: str) -> None:

@@ -1,4 +1,5 @@
-"""`toxtune data`: summarise a dataset (rows, invalid SMILES, label balance) before a search."""
+"""`toxtune data`: summarise a dataset (rows, invalid SMILES, repeated molecules, label balance)
+before a search."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     cache = default_cache_dir()
     table = load_table(args.data, args.smiles_column, args.targets, cache)
-    features = featurize_cached(
-        table.smiles, FeaturizerConfig(), cache, table.content_hash, progress=True
-    )
+    config = FeaturizerConfig(standardize=getattr(args, "standardize", False))
+    features = featurize_cached(table.smiles, config, cache, table.content_hash, progress=True)
     print(summarize(table, features))
     if args.invalid_report:
         path = write_invalid_report(features.invalid, Path(args.invalid_report), table.lines)
@@ -28,4 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smiles-column", default="smiles")
     p.add_argument("--targets", nargs="+")
     p.add_argument("--invalid-report", help="write the invalid SMILES rows to this CSV")
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="compare molecules after standardization (largest fragment, neutralized), as "
+        "featurizer.standardize does; default: canonical SMILES as written",
+    )
     p.set_defaults(func=cmd_data)
