@@ -84,6 +84,10 @@ def test_a_grace_period_the_user_chose_is_checked(overrides: dict, names: str) -
         ({"faults.max_retries": -1}, "faults.max_retries"),
         ({"data.targets": "NR-AR"}, "data.targets"),
         ({"data.source": ""}, "data.source"),
+        (
+            {"data.duplicates": "median"},
+            "data.duplicates must be keep, average or drop, got 'median'",
+        ),
         ({"featurizer.n_bits": 0}, "n_bits"),
         ({"featurizer.radius": -1}, "radius"),
         ({"search.space": {"lr": {"low": 1e-2, "high": 1e-4}}}, "low"),
@@ -237,3 +241,15 @@ def test_values_that_would_fail_after_the_search_are_refused_at_load(
     started, or after the whole search, at registration)."""
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(overrides=overrides)
+
+
+def test_duplicates_policy_from_the_file_or_a_flag(tmp_path: Path) -> None:
+    assert load_config().data.duplicates == "keep"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("data:\n  duplicates: average\n")
+    assert load_config(cfg).data.duplicates == "average"
+    args = build_parser().parse_args(["tune", "--config", str(cfg), "--duplicates", "drop"])
+    assert resolve_job(args).data.duplicates == "drop"
+    cfg.write_text("data:\n  duplicates: Average\n")
+    with pytest.raises(ConfigError, match="'Average'"):
+        load_config(cfg)

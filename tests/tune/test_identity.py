@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from tune.config import load_config, named
 from tune.errors import ConfigError, JobMismatchError
 from tune.identity import (
+    FINGERPRINT_FILE,
     Fingerprint,
     check_continuation,
     check_name,
@@ -91,6 +93,7 @@ def test_fingerprint_round_trips_and_same_data_continues(tmp_path: Path) -> None
         ({"tasks": ["t1"]}, "targets"),
         ({"featurizer": {"n_bits": 2048, "radius": 2}}, "featurizer.n_bits"),
         ({"split": {"method": "scaffold", "seed": 0}}, "split.method"),
+        ({"data": {"duplicates": "average"}}, r"data.duplicates \('keep' saved, 'average' now\)"),
     ],
 )
 def test_continuation_on_changed_data_or_settings_is_refused_naming_what(
@@ -98,3 +101,16 @@ def test_continuation_on_changed_data_or_settings_is_refused_naming_what(
 ) -> None:
     with pytest.raises(JobMismatchError, match=named_in_error):
         check_continuation("job1", _fp(), _fp(**change))
+
+
+def test_a_fingerprint_saved_before_the_duplicates_policy_means_keep(tmp_path: Path) -> None:
+    import json
+
+    storage = Storage.open(str(tmp_path))
+    old = {k: v for k, v in dataclasses.asdict(_fp()).items() if k != "data"}
+    storage.write_text("old", FINGERPRINT_FILE, text=json.dumps(old))
+    saved = read_fingerprint(storage, "old")
+    assert saved is not None and saved.data == {"duplicates": "keep"}
+    check_continuation("old", saved, _fp())
+    with pytest.raises(JobMismatchError, match=r"data\.duplicates"):
+        check_continuation("old", saved, _fp(data={"duplicates": "drop"}))

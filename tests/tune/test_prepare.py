@@ -71,3 +71,109 @@ def test_an_unreachable_cluster_address_is_refused_at_once(
         run_job(job, progress=False)
     assert time.monotonic() - started < 30
     assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------ repeated molecules in a job
+
+
+def _repeats_csv(make_csv) -> Path:
+    """60 molecules, many written two or three ways (atom order, a sodium salt), one invalid
+    row; task `toxic` follows the molecule, `noisy` conflicts within some molecules."""
+    from rdkit import Chem
+
+    heads = ["C" * k for k in range(1, 11)] + ["c1ccccc1", "C1CCCCC1"]
+    tails = ["O", "N", "Cl", "C(=O)O", "S"]
+    rows = ["smiles,toxic,noisy"]
+    for i, smi in enumerate(h + t for h in heads for t in tails):
+        toxic = int("N" in smi or "Cl" in smi)
+        mol = Chem.MolFromSmiles(smi)
+        forms = [smi, Chem.MolToSmiles(mol, doRandom=True, canonical=False)][: 1 + i % 2]
+        if i % 5 == 3:
+            forms.append(smi.replace("C(=O)O", "C(=O)[O-].[Na+]"))
+        for j, form in enumerate(forms):
+            rows.append(f"{form},{toxic},{(i + j) % 2}")
+    rows.insert(5, "not_a_smiles(,1,0")
+    return make_csv("\n".join(rows) + "\n", "repeats.csv")
+
+
+@pytest.mark.parametrize("policy", ["keep", "average", "drop"])
+def test_prepared_split_never_shares_a_molecule_and_reports_merges(
+    tmp_path: Path, make_csv, policy: str
+) -> None:
+    import csv
+
+    from toxmodel.featurize import FeaturizerConfig, canonical_smiles
+    from tune.prepare import (
+        DUPLICATES_REPORT,
+        INVALID_REPORT,
+        claim_job,
+        load_job_table,
+        prepare_data,
+    )
+
+    path = _repeats_csv(make_csv)
+    job = tiny_job(
+        tmp_path,
+        path,
+        **{"data.duplicates": policy, "featurizer.standardize": True, "split.seed": 1},
+    )
+    (tmp_path / "results").mkdir()
+    table = load_job_table(job)
+    claim_job(job, table)
+    data = prepare_data(job, progress=False, table=table)
+    keys = canonical_smiles(data.table.smiles, FeaturizerConfig(standardize=True))
+    part_of: dict[str, set[str]] = {}
+    for name in ("train", "valid", "test"):
+        for row in data.features.valid_rows[getattr(data.split, name)]:
+            part_of.setdefault(keys[row], set()).add(name)
+    assert all(len(parts) == 1 for parts in part_of.values())
+    n_molecules = len(part_of)
+    assert n_molecules < len(table) - 1  # the file really repeats molecules
+    folder = tmp_path / "results" / "tiny"
+    invalid = list(csv.DictReader((folder / INVALID_REPORT).open()))
+    assert [(r["line"], r["smiles"]) for r in invalid] == [("6", "not_a_smiles(")]
+    report = folder / DUPLICATES_REPORT
+    if policy == "keep":
+        assert len(data.table) == len(table) and not report.exists()
+        return
+    assert len(data.table) == n_molecules + 1  # one row per molecule, plus the invalid row
+    merged = list(csv.DictReader(report.open()))
+    assert len(merged) == len(table) - len(data.table)  # every folded row is listed
+    lines = {int(r["line"]) for r in merged} | {int(x) for x in data.table.lines}
+    assert lines == {int(x) for x in table.lines}  # no input line lost without a trace
+    noisy = data.table.tasks.index("noisy")
+    conflicted = np.isnan(data.table.labels[:, noisy]).sum()
+    assert conflicted > 0 and not np.isnan(data.table.labels[:, 0]).any()
+
+
+def test_resume_with_another_duplicates_policy_is_refused(tmp_path: Path, make_csv) -> None:
+    from tune.config import CONFIG_FILE, dump_config
+    from tune.errors import JobMismatchError
+    from tune.prepare import claim_job, load_job_table
+
+    path = _repeats_csv(make_csv)
+    (tmp_path / "results").mkdir()
+    job = tiny_job(tmp_path, path, **{"data.duplicates": "keep"})
+    claim_job(job, load_job_table(job))
+    job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))  # the job now exists
+    claim_job(job, load_job_table(job))  # same settings: continues
+    other = tiny_job(tmp_path, path, **{"data.duplicates": "average"})
+    with pytest.raises(JobMismatchError, match=r"data\.duplicates \('keep' saved, 'average'"):
+        claim_job(other, load_job_table(other))
+
+
+def test_toxtune_data_prints_repeated_molecules(
+    tmp_path: Path, make_csv, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.cli import main
+
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    path = make_csv("smiles,A\nCCO,1\nOCC,0\nCCO.[Na+],1\nCO,0\nOC,0\nc1ccccc1,1\n", "d.csv")
+    assert main(["data", "--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rows sharing a molecule with another row: 4 (2 molecules" in out
+    assert "molecules with conflicting labels: 1" in out
+    assert main(["data", "--data", str(path), "--standardize"]) == 0
+    out = capsys.readouterr().out
+    assert "rows sharing a molecule with another row: 5 (2 molecules" in out
+    assert "by standardized canonical SMILES" in out
