@@ -3,7 +3,15 @@
 A checkpoint holds only plain Python types and tensors, so `torch.load(weights_only=True)` can
 read it without unpickling arbitrary objects: a checkpoint from an untrusted source cannot run
 code. Everything needed to predict from SMILES is inside it: weights, model and featurizer
-settings, task names, input width and the descriptor scaler.
+settings, task names, input width and the descriptor scaler; and, for a model that went through
+a job's finalize stage, its per-task calibration and applicability domain (optional fields: a
+checkpoint without them loads and predicts with empty domain columns and raw probabilities).
+
+`Predictor.predict` answers, per molecule: the probability per task (calibrated when the
+checkpoint holds a calibration), then the ensemble's spread per task (`<task>_std`, the
+population std of the members' raw probabilities; empty for a single network, which has no
+spread to report), the nearest-neighbour Tanimoto similarity to the training set
+(`nn_similarity`) and whether it reaches the domain threshold (`in_domain`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import pandas as pd
 import torch
 
 from toxmodel import __version__
+from toxmodel.calibration import Calibration
+from toxmodel.domain import Domain
 from toxmodel.featurize import DescriptorScaler, FeaturizerConfig, featurize
 from toxmodel.model import MLP, Ensemble, ModelConfig
 
@@ -29,6 +39,14 @@ FORMAT = "toxtune-mlp"
 FORMAT_VERSION = 1  # one model
 ENSEMBLE_FORMAT_VERSION = 2  # several models averaged (an older reader refuses it by version)
 PREDICT_BATCH = 4096  # rows per forward pass at inference
+STD_SUFFIX = "_std"  # `<task>_std`: the ensemble's spread for that task
+SIMILARITY = "nn_similarity"  # nearest-neighbour Tanimoto similarity to the training set
+IN_DOMAIN = "in_domain"  # nn_similarity >= the domain threshold
+
+
+def uncertainty_columns(tasks: Sequence[str]) -> list[str]:
+    """The columns `Predictor.predict` appends after `error`, in order."""
+    return [f"{t}{STD_SUFFIX}" for t in tasks] + [SIMILARITY, IN_DOMAIN]
 
 
 class CheckpointError(ValueError):
@@ -76,6 +94,8 @@ def save_checkpoint(
     n_inputs: int,
     scaler: DescriptorScaler | None,
     extra: Mapping[str, Any] | None = None,
+    calibration: Calibration | None = None,
+    domain: Domain | None = None,
 ) -> Path:
     """Write one checkpoint file atomically (temp file + rename); returns its path."""
     blob = {
@@ -83,7 +103,7 @@ def save_checkpoint(
         "state_dict": _weights(model),
         "model_config": _plain(model_config, "model_config"),
     }
-    return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra)
+    return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra, calibration, domain)
 
 
 def save_ensemble(
@@ -94,6 +114,8 @@ def save_ensemble(
     n_inputs: int,
     scaler: DescriptorScaler | None,
     extra: Mapping[str, Any] | None = None,
+    calibration: Calibration | None = None,
+    domain: Domain | None = None,
 ) -> Path:
     """Write several models as one checkpoint; it loads as a `Predictor` that averages them.
 
@@ -109,7 +131,24 @@ def save_ensemble(
             for i, (m, c) in enumerate(members)
         ],
     }
-    return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra)
+    return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra, calibration, domain)
+
+
+def save_predictor(
+    path: str | Path, predictor: Predictor, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """Write a `Predictor` (one network or an ensemble) with its calibration and domain.
+
+    `extra` defaults to the predictor's own.
+    """
+    model = predictor.model
+    args = (predictor.featurizer, predictor.tasks, predictor.n_inputs, predictor.scaler)
+    meta = predictor.extra if extra is None else extra
+    trust = {"calibration": predictor.calibration, "domain": predictor.domain}
+    if isinstance(model, Ensemble):
+        members = [(m, m.config) for m in model.members]
+        return save_ensemble(path, members, *args, extra=meta, **trust)
+    return save_checkpoint(path, model, model.config, *args, extra=meta, **trust)
 
 
 def _weights(model: MLP) -> dict[str, torch.Tensor]:
@@ -124,8 +163,14 @@ def _write(
     n_inputs: int,
     scaler: DescriptorScaler | None,
     extra: Mapping[str, Any] | None,
+    calibration: Calibration | None = None,
+    domain: Domain | None = None,
 ) -> Path:
     """Add the shared fields to `blob` and write it atomically (temp file + rename)."""
+    if calibration is not None and list(calibration.tasks) != [str(t) for t in tasks]:
+        raise ValueError(f"calibration tasks {list(calibration.tasks)} differ from {list(tasks)}")
+    if domain is not None and domain.n_bits != featurizer.n_bits:
+        raise ValueError(f"domain has {domain.n_bits} bits, featurizer {featurizer.n_bits}")
     blob = {
         "format": FORMAT,
         "toxmodel_version": __version__,
@@ -136,6 +181,8 @@ def _write(
         "n_inputs": int(n_inputs),
         "scaler": None if scaler is None else _plain(scaler, "scaler"),
         "extra": _plain(dict(extra or {}), "extra"),
+        "calibration": None if calibration is None else _plain(calibration.to_blob(), "cal"),
+        "domain": None if domain is None else _plain(domain.to_blob(), "domain"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -192,6 +239,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
             models[-1].load_state_dict(member["state_dict"])
         model_config = models[0].config
         model: MLP | Ensemble = models[0] if version == FORMAT_VERSION else Ensemble(models)
+        calibration = domain = None
+        if blob.get("calibration") is not None:
+            calibration = Calibration.from_blob(blob["calibration"])
+            if list(calibration.tasks) != tasks:
+                raise ValueError(f"calibration tasks {list(calibration.tasks)} are not {tasks}")
+        if blob.get("domain") is not None:
+            domain = Domain.from_blob(blob["domain"])
+            if domain.n_bits != featurizer.n_bits:
+                raise ValueError(f"domain of {domain.n_bits} bits, fingerprint {featurizer.n_bits}")
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {exc}") from exc
     raw_scaler = blob.get("scaler")
@@ -209,12 +265,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
         model_config=model_config,
         scaler=scaler,
         extra=_to_numpy(blob.get("extra", {})),
+        calibration=calibration,
+        domain=domain,
     )
 
 
 @dataclass(eq=False)
 class Predictor:
-    """A loaded model (or ensemble) that maps SMILES to per-task probabilities."""
+    """A loaded model (or ensemble) that maps SMILES to per-task probabilities, their spread
+    over the ensemble's members, and how close each molecule is to the training set."""
 
     model: MLP | Ensemble
     featurizer: FeaturizerConfig
@@ -223,23 +282,50 @@ class Predictor:
     model_config: ModelConfig  # an ensemble's first member's
     scaler: DescriptorScaler | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None  # applied to the (mean) probability by default
+    domain: Domain | None = None  # the training set's bits and the in-domain threshold
 
     @property
     def device(self) -> torch.device:
         """Where the model's weights live (inputs are moved there)."""
         return next(self.model.parameters()).device
 
-    def predict(
-        self, smiles: Sequence[str], batch_size: int = PREDICT_BATCH, n_jobs: int | None = None
-    ) -> pd.DataFrame:
-        """One row per input, in order: `smiles`, one probability column per task, `error`.
+    @property
+    def has_spread(self) -> bool:
+        """True for an ensemble of two or more networks; a single network has no spread, so its
+        `<task>_std` columns are empty (never a made-up 0)."""
+        return isinstance(self.model, Ensemble) and len(self.model.members) > 1
 
-        Rows whose SMILES is empty, over-long or unparsable get NaN probabilities and the reason
-        in `error` ("" for rows that were predicted); bad input never raises.
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """Raw (n, n_tasks) probabilities -> calibrated float64 ones (a copy when uncalibrated)."""
+        if self.calibration is None:
+            return np.array(probs, dtype=np.float64)
+        return self.calibration.apply(probs)
+
+    def predict(
+        self,
+        smiles: Sequence[str],
+        batch_size: int = PREDICT_BATCH,
+        n_jobs: int | None = None,
+        calibrated: bool = True,
+    ) -> pd.DataFrame:
+        """One row per input, in order: `smiles`, one probability column per task, `error`,
+        then `<task>_std` per task, `nn_similarity` and `in_domain`.
+
+        Probabilities are float64, calibrated when the checkpoint holds a calibration and
+        `calibrated` (False gives the model's raw ones). `<task>_std` is the population std of
+        the members' raw probabilities (NaN for a single network: see `has_spread`);
+        `nn_similarity` is NaN and `in_domain` <NA> without a stored domain. Rows whose SMILES is
+        empty, over-long or unparsable get NaN/<NA> in every number column and the reason in
+        `error` ("" for rows that were predicted); bad input never raises.
         """
         items = list(smiles)
-        probs = np.full((len(items), len(self.tasks)), np.nan, dtype=np.float32)
-        errors = [""] * len(items)
+        n = len(items)
+        probs = np.full((n, len(self.tasks)), np.nan)
+        spread = np.full((n, len(self.tasks)), np.nan)
+        similarity = np.full(n, np.nan)
+        inside = np.zeros(n, dtype=bool)
+        errors = [""] * n
         feats = featurize(items, self.featurizer, n_jobs=n_jobs)
         for bad in feats.invalid:
             errors[bad.row] = bad.reason or "invalid SMILES"
@@ -248,25 +334,43 @@ class Predictor:
                 f"featurizer gives {feats.n_features} inputs but the model expects "
                 f"{self.n_inputs}: the installed RDKit/toxmodel featurizes differently"
             )
+        rows = feats.valid_rows
         if len(feats):
-            probs[feats.valid_rows] = self._probabilities(
-                feats.fingerprint, feats.descriptors, batch_size
-            )
+            mean, std = self._probabilities(feats.fingerprint, feats.descriptors, batch_size)
+            probs[rows] = mean
+            if std is not None:
+                spread[rows] = std
+            if self.domain is not None:
+                similarity[rows] = self.domain.similarity(feats.fingerprint)
+                inside[rows] = self.domain.in_domain(similarity[rows])
+        if calibrated:
+            probs = self.calibrate(probs)
+        unknown = np.isnan(similarity)
         columns = {task: probs[:, j] for j, task in enumerate(self.tasks)}
+        spreads = {f"{task}{STD_SUFFIX}": spread[:, j] for j, task in enumerate(self.tasks)}
         return pd.DataFrame(
-            {"smiles": pd.Series(items, dtype=object), **columns, "error": errors},
-            index=pd.RangeIndex(len(items)),
+            {
+                "smiles": pd.Series(items, dtype=object),
+                **columns,
+                "error": errors,
+                **spreads,
+                SIMILARITY: similarity,
+                IN_DOMAIN: pd.arrays.BooleanArray(inside, unknown),
+            },
+            index=pd.RangeIndex(n),
         )
 
     def _probabilities(
         self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
-    ) -> np.ndarray:
-        """Sigmoid outputs for featurized rows, in batches."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean sigmoid outputs for featurized rows, and their std over members (None for one
+        network), in batches."""
         if self.scaler is not None and descriptors.shape[1]:
             descriptors = self.scaler.transform(descriptors)
         device = self.device
-        self.model.eval()
-        out = []
+        model = self.model.eval()
+        spread = self.has_spread
+        means, stds = [], []
         with torch.inference_mode():
             for start in range(0, len(fingerprint), batch_size):
                 stop = start + batch_size
@@ -275,5 +379,10 @@ class Predictor:
                 if descriptors.shape[1]:
                     d = torch.from_numpy(np.ascontiguousarray(descriptors[start:stop]))
                     x = torch.cat([x, d.to(device, torch.float32)], 1)
-                out.append(torch.sigmoid(self.model(x)).float().cpu().numpy())
-        return np.concatenate(out)
+                if spread and isinstance(model, Ensemble):
+                    members = model.member_probabilities(x).float()
+                    means.append(members.mean(0).cpu().numpy())
+                    stds.append(members.std(0, correction=0).cpu().numpy())
+                else:
+                    means.append(torch.sigmoid(model(x)).float().cpu().numpy())
+        return np.concatenate(means), np.concatenate(stds) if stds else None

@@ -101,3 +101,84 @@ def evaluate(
         per_task=per_task,
         skipped=skipped,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration: do the probabilities mean what they say?
+
+CALIBRATION_BINS = 10  # equal-width probability bins for ECE and the reliability curve
+
+
+def _labelled(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened (label, probability) pairs where the label is measured; shapes must match."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_prob, dtype=np.float64)
+    if y.shape != p.shape:
+        raise ValueError(f"y_true and y_prob shapes differ: {y.shape} and {p.shape}")
+    keep = ~np.isnan(y)
+    y, p = y[keep], p[keep]
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("y_true must hold only 0, 1 or NaN (missing)")
+    if not np.isfinite(p).all():
+        raise ValueError(f"y_prob is not finite at {int((~np.isfinite(p)).sum())} labelled entries")
+    return y, p
+
+
+@dataclass(frozen=True)
+class ReliabilityCurve:
+    """Per equal-width bin: mean predicted probability, observed positive rate, count.
+
+    Bins without a labelled prediction have NaN means and count 0.
+    """
+
+    edges: np.ndarray  # (bins + 1,) from 0 to 1
+    mean_predicted: np.ndarray  # (bins,)
+    fraction_positive: np.ndarray  # (bins,)
+    counts: np.ndarray  # (bins,) int64
+
+    @property
+    def ece(self) -> float:
+        """Count-weighted mean gap |observed - predicted| (NaN with no labelled entry)."""
+        total = int(self.counts.sum())
+        if total == 0:
+            return math.nan
+        used = self.counts > 0
+        gaps = np.abs(self.fraction_positive[used] - self.mean_predicted[used])
+        return float(np.sum(gaps * self.counts[used]) / total)
+
+
+def reliability_curve(
+    y_true: np.ndarray, y_prob: np.ndarray, bins: int = CALIBRATION_BINS
+) -> ReliabilityCurve:
+    """Reliability-diagram data over every labelled entry (any shape; NaN labels are masked).
+
+    Bin b holds probabilities in [b/bins, (b+1)/bins); 1.0 falls in the last bin.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    y, p = _labelled(y_true, y_prob)
+    index = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins).astype(np.int64)
+    sum_p = np.bincount(index, weights=p, minlength=bins)
+    sum_y = np.bincount(index, weights=y, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.where(counts > 0, sum_p / counts, np.nan)
+        frac = np.where(counts > 0, sum_y / counts, np.nan)
+    return ReliabilityCurve(np.linspace(0.0, 1.0, bins + 1), mean_p, frac, counts)
+
+
+def expected_calibration_error(
+    y_true: np.ndarray, y_prob: np.ndarray, bins: int = CALIBRATION_BINS
+) -> float:
+    """ECE: equal-width bins, pooled over every labelled (molecule, task) entry; NaN = missing.
+
+    Pooled rather than averaged per task, so a task with few labels weighs in proportion; pass
+    one column for a task's own ECE.
+    """
+    return reliability_curve(y_true, y_prob, bins).ece
+
+
+def brier_score(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Mean squared error of the probabilities over labelled entries (NaN when none)."""
+    y, p = _labelled(y_true, y_prob)
+    return float(np.mean((p - y) ** 2)) if y.size else math.nan

@@ -125,6 +125,9 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.n_inputs, self.n_tasks = members[0].n_inputs, members[0].n_tasks
 
+    def member_probabilities(self, x: Tensor) -> Tensor:
+        """Each member's sigmoid outputs, stacked: (n_members, batch, n_tasks)."""
+        return torch.stack([torch.sigmoid(m(x)) for m in self.members])
+
     def forward(self, x: Tensor) -> Tensor:
-        probs = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0)
-        return torch.logit(probs, eps=self.EPS)
+        return torch.logit(self.member_probabilities(x).mean(0), eps=self.EPS)

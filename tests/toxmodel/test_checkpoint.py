@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.toxmodel.conftest import make_split
+from toxmodel.calibration import Calibration, TaskCalibration
 from toxmodel.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -22,7 +24,10 @@ from toxmodel.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_ensemble,
+    save_predictor,
+    uncertainty_columns,
 )
+from toxmodel.domain import fit_domain
 from toxmodel.featurize import Features, FeaturizerConfig, featurize
 from toxmodel.model import MLP, ModelConfig
 from toxmodel.train import FitResult, TrainConfig, fit
@@ -193,7 +198,12 @@ def test_predict_marks_bad_rows_and_keeps_order(bits_only: Trained, tmp_path: Pa
     predictor = load_checkpoint(bits_only.result.save(tmp_path / "m.pt"))
     inputs = ["CCO", "not a smiles", "", "C" * 1500, "c1ccccc1N", "C1CC", "CCO"]
     table = predictor.predict(inputs)
-    assert list(table.columns) == ["smiles", *TASKS, "error"]
+    assert list(table.columns) == ["smiles", *TASKS, "error", *uncertainty_columns(TASKS)]
+    assert uncertainty_columns(TASKS) == [
+        *(f"{t}_std" for t in TASKS),
+        "nn_similarity",
+        "in_domain",
+    ]
     assert table["smiles"].tolist() == inputs
     bad = [False, True, True, True, False, True, False]
     assert table["error"].ne("").tolist() == bad
@@ -211,7 +221,8 @@ def test_predict_without_valid_rows_never_raises(bits_only: Trained, tmp_path: P
     table = predictor.predict(["", "((("])
     assert table[TASKS].isna().all().all() and table["error"].ne("").all()
     empty = predictor.predict([])
-    assert list(empty.columns) == ["smiles", *TASKS, "error"] and len(empty) == 0
+    assert list(empty.columns) == ["smiles", *TASKS, "error", *uncertainty_columns(TASKS)]
+    assert len(empty) == 0
 
 
 def test_predict_in_batches_matches_one_batch(with_descriptors: Trained, tmp_path: Path) -> None:
@@ -266,3 +277,130 @@ def test_fuzz_predict_answers_every_row(fuzz_predictor: Predictor, texts: list[s
     assert np.isnan(probs[failed]).all()  # a failed row says why and has no probabilities
     ok = probs[~failed]
     assert np.isfinite(ok).all() and ((ok >= 0) & (ok <= 1)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty, applicability domain and calibration in the checkpoint
+
+
+def _members(first: FitResult) -> list[tuple[MLP, ModelConfig]]:
+    """The trained model plus two untrained ones: members that clearly disagree."""
+    out = [(first.model, first.model_config)]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = ModelConfig(hidden=(8,), activation="tanh")
+        out.append((MLP(first.n_inputs, len(TASKS), config), config))
+    return out
+
+
+def test_ensemble_spread_is_the_std_of_its_members_predictions(
+    with_descriptors: Trained, tmp_path: Path
+) -> None:
+    first = with_descriptors.result
+    members = _members(first)
+    args = (first.featurizer, TASKS, first.n_inputs, first.scaler)
+    ensemble = load_checkpoint(save_ensemble(tmp_path / "e.pt", members, *args))
+    assert ensemble.has_spread
+    smiles = ["CCO", "not a smiles", *SMILES[:8]]
+    own = np.stack(
+        [
+            load_checkpoint(save_checkpoint(tmp_path / f"{i}.pt", m, c, *args))
+            .predict(smiles)[TASKS]
+            .to_numpy()
+            for i, (m, c) in enumerate(members)
+        ]
+    )
+    table = ensemble.predict(smiles)
+    std_columns = [f"{t}_std" for t in TASKS]
+    np.testing.assert_allclose(table[std_columns].to_numpy(), np.std(own, axis=0), atol=1e-6)
+    np.testing.assert_allclose(table[TASKS].to_numpy(), own.mean(0), atol=1e-6)
+    assert (table[std_columns].drop(index=1).to_numpy() > 1e-4).all()  # members disagree
+    assert table["error"][1] != "" and table.loc[1, std_columns].isna().all()
+
+
+def test_single_network_has_no_spread(bits_only: Trained, tmp_path: Path) -> None:
+    single = load_checkpoint(bits_only.result.save(tmp_path / "m.pt"))
+    assert not single.has_spread
+    table = single.predict(["CCO", "c1ccccc1"])
+    assert table[[f"{t}_std" for t in TASKS]].isna().all().all()
+    # A one-member ensemble has no spread either: a std of 0 would claim certainty.
+    one = save_ensemble(
+        tmp_path / "one.pt",
+        [(bits_only.result.model, bits_only.result.model_config)],
+        bits_only.result.featurizer,
+        TASKS,
+        bits_only.result.n_inputs,
+        None,
+    )
+    assert not load_checkpoint(one).has_spread
+    assert load_checkpoint(one).predict(["CCO"])[[f"{t}_std" for t in TASKS]].isna().all().all()
+
+
+def _calibration() -> Calibration:
+    """Task 0 shifted by Platt, task 1 by an isotonic step: both move every probability."""
+    return Calibration(
+        tuple(TASKS),
+        (
+            TaskCalibration("platt", slope=0.5, intercept=1.0),
+            TaskCalibration(
+                "isotonic", knots_x=np.array([0.0, 0.5, 1.0]), knots_y=np.array([0.1, 0.1, 0.9])
+            ),
+        ),
+    )
+
+
+def test_calibration_and_domain_travel_in_a_weights_only_checkpoint(
+    with_descriptors: Trained, tmp_path: Path
+) -> None:
+    first = with_descriptors.result
+    fp = with_descriptors.features.fingerprint
+    domain = fit_domain(fp[:30], fp[30:], first.featurizer.n_bits)
+    predictor = replace(first.predictor(), calibration=_calibration(), domain=domain)
+    path = save_predictor(tmp_path / "m.pt", predictor, extra={"k": 1})
+    blob = torch.load(path, weights_only=True)
+    assert blob["domain"]["train_bits"].dtype == torch.uint8  # packed bits
+    assert blob["domain"]["train_bits"].shape[1] == first.featurizer.n_bits // 8
+    loaded = load_checkpoint(path)
+    assert loaded.extra == {"k": 1} and loaded.calibration is not None
+    assert loaded.calibration.methods() == {TASKS[0]: "platt", TASKS[1]: "isotonic"}
+    assert loaded.domain is not None and loaded.domain.threshold == domain.threshold
+    inputs = [SMILES[0], "((", "[U+6]"]
+    raw = loaded.predict(inputs, calibrated=False)
+    calibrated = loaded.predict(inputs)
+    want = _calibration().apply(raw[TASKS].to_numpy())
+    np.testing.assert_array_equal(calibrated[TASKS].to_numpy(), want)
+    assert not np.allclose(calibrated[TASKS].to_numpy()[[0, 2]], raw[TASKS].to_numpy()[[0, 2]])
+    # A training molecule is its own nearest neighbour; an invalid row has no domain answer.
+    assert calibrated["nn_similarity"][0] == 1.0 and calibrated["in_domain"][0] is np.True_
+    assert calibrated["error"][1] != "" and np.isnan(calibrated["nn_similarity"][1])
+    assert calibrated["in_domain"][1] is pd.NA
+    assert calibrated["nn_similarity"][2] < domain.threshold  # a bare uranium ion
+    assert calibrated["in_domain"][2] is np.False_
+
+
+def test_checkpoint_without_trust_fields_still_loads_and_predicts(
+    bits_only: Trained, tmp_path: Path
+) -> None:
+    """A checkpoint written before calibration and domains existed has neither key."""
+    blob = torch.load(bits_only.result.save(tmp_path / "new.pt"), weights_only=True)
+    old = {k: v for k, v in blob.items() if k not in ("calibration", "domain")}
+    torch.save(old, tmp_path / "old.pt")
+    predictor = load_checkpoint(tmp_path / "old.pt")
+    assert predictor.calibration is None and predictor.domain is None
+    table = predictor.predict(["CCO"])
+    raw = predictor.predict(["CCO"], calibrated=False)
+    assert table[TASKS].equals(raw[TASKS])
+    assert np.isnan(table["nn_similarity"][0]) and table["in_domain"][0] is pd.NA
+
+
+def test_mismatched_trust_fields_are_refused(bits_only: Trained, tmp_path: Path) -> None:
+    blob = torch.load(bits_only.result.save(tmp_path / "m.pt"), weights_only=True)
+    wrong = Calibration(("x", "y"), (TaskCalibration(), TaskCalibration()))
+    plain = {**wrong.to_blob(), "knots_x": [torch.zeros(0)] * 2, "knots_y": [torch.zeros(0)] * 2}
+    torch.save({**blob, "calibration": plain}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="calibration tasks"):
+        load_checkpoint(tmp_path / "bad.pt")
+    predictor = replace(load_checkpoint(tmp_path / "m.pt"), calibration=wrong)
+    with pytest.raises(ValueError, match="calibration tasks"):
+        save_predictor(tmp_path / "refused.pt", predictor)
+    assert not (tmp_path / "refused.pt").exists()

@@ -101,3 +101,36 @@ def test_rejects_bad_input() -> None:
         evaluate(np.array([[0.0], [2.0]]), np.zeros((2, 1)), ["t"])
     with pytest.raises(ValueError, match="not finite"):
         evaluate(y, np.array([[0.5], [NAN]]), ["t"])
+
+
+def test_ece_by_hand_with_missing_labels() -> None:
+    """Two bins used: [0.1, 0.2) holds p 0.1, 0.1 (one positive: gap 0.4), [0.9, 1] holds p 0.9,
+    1.0 (both positive: gap 0.05). ECE = (2 * 0.4 + 2 * 0.05) / 4; NaN labels are ignored."""
+    from toxmodel.metrics import brier_score, expected_calibration_error, reliability_curve
+
+    y = np.array([[0, NAN], [1, 1], [1, NAN], [1, 1]], dtype=float)
+    p = np.array([[0.1, 0.5], [0.1, 0.9], [0.9, 0.5], [1.0, 1.0]])
+    yy, pp = y[:, 0], p[:, 0]
+    assert expected_calibration_error(yy, pp) == pytest.approx((2 * 0.4 + 2 * 0.05) / 4)
+    curve = reliability_curve(yy, pp)
+    assert curve.counts.tolist() == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert curve.fraction_positive[1] == 0.5 and curve.mean_predicted[9] == pytest.approx(0.95)
+    assert np.isnan(curve.mean_predicted[0])
+    # Pooled over both columns: the second column adds (p 0.9, y 1) and (p 1.0, y 1).
+    pooled = reliability_curve(y, p)
+    assert pooled.counts.sum() == 6 and pooled.counts[9] == 4
+    assert brier_score(y, p) == pytest.approx((0.01 + 0.81 + 0.01 + 0 + 0.01 + 0) / 6)
+    assert math.isnan(brier_score(np.full(3, NAN), np.zeros(3)))
+    with pytest.raises(ValueError, match="only 0, 1"):
+        expected_calibration_error(np.array([2.0]), np.array([0.5]))
+
+
+def test_ece_is_zero_only_when_each_bin_matches_its_rate() -> None:
+    from toxmodel.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    p = np.repeat([0.05, 0.35, 0.75], 1000)
+    y = np.concatenate([np.r_[np.ones(k), np.zeros(1000 - k)] for k in (50, 350, 750)])
+    rng.shuffle(y[:1000])
+    assert expected_calibration_error(y, p) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(y, np.clip(p + 0.1, 0, 1)) == pytest.approx(0.1)
