@@ -30,7 +30,7 @@ def cli(capfd: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 def test_help_lists_every_subcommand(capfd: pytest.CaptureFixture) -> None:
     code, out, _ = cli(capfd, "--help")
     assert code == 0
-    for cmd in ("tune", "configs", "data", "predict", "ui", "submit", "jobs"):
+    for cmd in ("tune", "configs", "data", "predict", "explain", "ui", "submit", "jobs"):
         assert cmd in out
 
 

@@ -171,6 +171,20 @@ CASES = {
         "not a toxtune checkpoint",
         _model_with_a_bad_checkpoint,
     ),
+    # toxtune explain
+    "explain-serving": Case(
+        "explain --model models:/nope@champion CCO --task t1 --output {tmp}/x "
+        "--storage-path {tmp}/results",
+        ServingError,
+        "models:/nope@champion",
+        _empty_store,
+    ),
+    "explain-checkpoint": Case(
+        "explain --model {tmp}/garbage.pt CCO --task t1 --output {tmp}/x",
+        "CheckpointError",
+        "not a toxtune checkpoint",
+        _model_with_a_bad_checkpoint,
+    ),
     # toxtune ui
     "ui-config": Case("ui --config {tmp}/missing.yaml", ConfigError, "not found"),
     "ui-port-in-use": Case(
@@ -198,7 +212,7 @@ def _params() -> list:
 
 def test_the_table_covers_every_subcommand_and_error_class() -> None:
     commands = {case.argv.split()[0] for case in CASES.values()}
-    assert commands == {"tune", "data", "predict", "ui", "submit", "jobs"}
+    assert commands == {"tune", "data", "predict", "explain", "ui", "submit", "jobs"}
     classes = {c.error if isinstance(c.error, str) else c.error.__name__ for c in CASES.values()}
     every = {cls.__name__ for cls in ToxtuneError.__subclasses__()} - {"DataError"}
     assert every <= classes, every - classes
