@@ -1,10 +1,14 @@
 """The servable model: an MLflow pyfunc that takes a table of SMILES and returns probabilities.
 
 Input: a DataFrame with a `smiles` column (other columns are ignored). Output: one probability
-column per task and an `error` column ("" when the row was scored; the reason when the SMILES
-could not be parsed). A row that could not be scored has None probabilities, so the served JSON
-holds `null` there (NaN is not JSON, and strict parsers refuse it); the probability columns are
-floats when every row was scored, objects (floats and None) otherwise. Bad SMILES never raise.
+column per task (calibrated when the checkpoint holds a calibration), an `error` column ("" when
+the row was scored; the reason when the SMILES could not be parsed), then what a toxicologist
+needs to judge each number: `<task>_std` per task (the ensemble's spread; null for a single
+network, which has none), `nn_similarity` (nearest-neighbour Tanimoto similarity to the training
+set) and `in_domain` (true when that similarity reaches the threshold chosen on validation).
+An empty cell is None, so the served JSON holds `null` there (NaN is not JSON, and strict
+parsers refuse it); a number column is floats when it has no empty cell, objects (floats and
+None) otherwise, and `in_domain` holds True/False/None. Bad SMILES never raise.
 
 The model is logged as MLflow 3 "models from code": the model's code is a three-line entry file
 (`toxtune_model.py`, written at log time) that builds `ToxicityModel`; the checkpoint travels as
@@ -23,6 +27,7 @@ import importlib.metadata
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +40,12 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from toxmodel.checkpoint import load_checkpoint
+from toxmodel.checkpoint import IN_DOMAIN, SIMILARITY, STD_SUFFIX, load_checkpoint
 from toxmodel.data import read_table
 from tune.errors import ServingError
 
 __all__ = [
+    "PredictedFile",
     "ToxicityModel",
     "log_pyfunc_model",
     "model_signature",
@@ -77,26 +83,61 @@ class ToxicityModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        """SMILES table -> one probability column per task + `error`, row for row."""
+        """SMILES table -> probabilities per task, `error`, then the uncertainty columns."""
         smiles = _smiles_column(model_input)
         out = self._predictor.predict(smiles)
-        return unscored_as_none(out[[*self.tasks, ERROR]].reset_index(drop=True), self.tasks)
+        return empty_as_none(out[output_columns(self.tasks)].reset_index(drop=True))
+
+    def notes(self) -> list[str]:
+        """What a reader of the predictions must know about this model's extra columns."""
+        return model_notes(
+            self._predictor.has_spread,
+            self._predictor.domain is not None,
+            self._predictor.calibration is not None,
+        )
 
 
-def unscored_as_none(frame: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
-    """Probability cells of rows that were not scored (an `error`) become None, not NaN.
+def output_columns(tasks: Sequence[str]) -> list[str]:
+    """The served model's columns, in order."""
+    return [*tasks, ERROR, *(f"{t}{STD_SUFFIX}" for t in tasks), SIMILARITY, IN_DOMAIN]
+
+
+def model_notes(has_spread: bool, has_domain: bool, calibrated: bool) -> list[str]:
+    """One line per extra column a model leaves empty (or probabilities it leaves raw)."""
+    notes = []
+    if not has_spread:
+        notes.append(
+            "the model is a single network, so the uncertainty (<task>_std) columns are empty"
+        )
+    if not has_domain:
+        notes.append(
+            "the model holds no applicability domain (made before toxtune recorded one), so "
+            "nn_similarity and in_domain are empty"
+        )
+    if not calibrated:
+        notes.append("the model holds no calibration: its probabilities are uncalibrated")
+    return notes
+
+
+def empty_as_none(frame: pd.DataFrame) -> pd.DataFrame:
+    """Empty cells (NaN, <NA>) become None, and booleans plain Python bools.
 
     MLflow's scoring server writes a DataFrame with `to_dict` + `json.dump`, which turns NaN into
-    the bare token `NaN`; None becomes `null`.
+    the bare token `NaN` and cannot encode pandas' <NA>; None becomes `null`.
     """
-    bad = frame[ERROR] != ""
-    if not bad.any():
-        return frame
     out = frame.copy()
-    for task in tasks:
-        column = out[task].astype(object)
-        column[bad] = None
-        out[task] = column
+    for name in out.columns:
+        if name == ERROR:
+            continue
+        column = out[name]
+        empty = column.isna()
+        if str(column.dtype) == "boolean":
+            values = [None if e else bool(v) for v, e in zip(column, empty, strict=True)]
+            out[name] = pd.Series(values, index=out.index, dtype=object)
+        elif empty.any():
+            column = column.astype(object)
+            column[empty] = None
+            out[name] = column
     return out
 
 
@@ -125,10 +166,19 @@ def _missing(value: Any) -> bool:
 
 
 def model_signature(tasks: Sequence[str]) -> ModelSignature:
-    """Input: string column `smiles`. Output: a double per task and the string `error`."""
+    """Input: string column `smiles`. Output: a double per task, the string `error`, an optional
+    double `<task>_std` per task, the optional double `nn_similarity` and boolean `in_domain`."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", SMILES)]),
-        outputs=Schema([*(ColSpec("double", t) for t in tasks), ColSpec("string", ERROR)]),
+        outputs=Schema(
+            [
+                *(ColSpec("double", t) for t in tasks),
+                ColSpec("string", ERROR),
+                *(ColSpec("double", f"{t}{STD_SUFFIX}", required=False) for t in tasks),
+                ColSpec("double", SIMILARITY, required=False),
+                ColSpec("boolean", IN_DOMAIN, required=False),
+            ]
+        ),
     )
 
 
@@ -244,21 +294,38 @@ def load_model(model_uri: str, tracking_uri: str | None = None, dst: Path | None
     return mlflow.pyfunc.load_model(local)
 
 
+@dataclass(frozen=True)
+class PredictedFile:
+    """What `predict_file` wrote, and what its reader must know (usable as a path)."""
+
+    path: Path
+    rows: int
+    notes: list[str] = field(default_factory=list)  # e.g. "the model is a single network, ..."
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def predict_file(
     model_uri: str,
     input_csv: Path,
     output_csv: Path,
     tracking_uri: str | None = None,
     smiles_column: str = "smiles",
-) -> Path:
-    """Score a CSV of SMILES with a logged/registered model; returns `output_csv`.
+) -> PredictedFile:
+    """Score a CSV of SMILES with a logged/registered model into `output_csv`.
 
     The input is read as `toxtune data` reads it (`toxmodel.data.read_table`: gzip by content,
     comma/semicolon/tab, BOM, stripped header names, duplicate names refused) and its cells are
-    written back as they were. The output keeps the input's columns and adds `p_<task>` per task
-    and `error` (columns already in the input get a `_pred` suffix); it is checked before the
-    model is loaded (not a folder, not the input file, writable) and written atomically.
-    Errors: DataError for the input, ServingError for the model and the output.
+    written back as they were. The output keeps the input's columns and adds `p_<task>` per task,
+    `error`, `p_<task>_std` per task, `nn_similarity` and `in_domain` (columns already in the
+    input get a `_pred` suffix); it is checked before the model is loaded (not a folder, not the
+    input file, writable) and written atomically. The result's `notes` say which extra columns
+    the model leaves empty (a single network has no spread). Errors: DataError for the input,
+    ServingError for the model and the output.
     """
     input_csv, output_csv = Path(input_csv), Path(output_csv)
     frame = read_table(input_csv, smiles_column)
@@ -266,20 +333,40 @@ def predict_file(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = load_model_or_explain(model_uri, tracking_uri, Path(tmp) / "model")
+            notes = _notes_of(model)
             for start in range(0, max(len(frame), 1), PREDICT_CHUNK):
                 chunk = frame.iloc[start : start + PREDICT_CHUNK].reset_index(drop=True)
                 if len(chunk):
-                    preds = model.predict(pd.DataFrame({SMILES: chunk[smiles_column]}))
-                    # None (unscored) back to NaN: every chunk writes its numbers alike
-                    preds = preds.astype({c: "float32" for c in preds.columns if c != ERROR})
-                    names = {c: c if c == ERROR else f"p_{c}" for c in preds.columns}
-                    names = {c: f"{n}_pred" if n in chunk.columns else n for c, n in names.items()}
+                    preds = _file_columns(
+                        model.predict(pd.DataFrame({SMILES: chunk[smiles_column]}))
+                    )
+                    names = {c: f"{c}_pred" if c in chunk.columns else c for c in preds.columns}
                     chunk = pd.concat([chunk, preds.rename(columns=names)], axis=1)
                 chunk.to_csv(part, mode="w" if start == 0 else "a", header=start == 0, index=False)
         os.replace(part, output_csv)
     finally:
         part.unlink(missing_ok=True)
-    return output_csv
+    return PredictedFile(output_csv, len(frame), notes)
+
+
+def _file_columns(preds: pd.DataFrame) -> pd.DataFrame:
+    """The served columns as the CSV writes them: task columns prefixed `p_`, None (empty) back
+    to NaN so every chunk writes its numbers alike (float32), `in_domain` True/False/empty."""
+    out = preds.astype({c: "float32" for c in preds.columns if c not in (ERROR, IN_DOMAIN)})
+    if IN_DOMAIN in out.columns:
+        out[IN_DOMAIN] = out[IN_DOMAIN].astype("boolean")
+    keep = (ERROR, SIMILARITY, IN_DOMAIN)
+    return out.rename(columns={c: c if c in keep else f"p_{c}" for c in out.columns})
+
+
+def _notes_of(model: Any) -> list[str]:
+    """The loaded pyfunc model's notes (`ToxicityModel.notes`); none for another kind."""
+    try:
+        python_model = model.unwrap_python_model()
+    except Exception:  # not a python-function model of ours: nothing to say about it
+        return []
+    notes = getattr(python_model, "notes", None)
+    return list(notes()) if callable(notes) else []
 
 
 def _claim_output(output_csv: Path, input_csv: Path) -> Path:

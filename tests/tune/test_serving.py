@@ -12,15 +12,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, invoke, invoke_raw, model_server, strict_json
-from toxmodel.checkpoint import load_checkpoint
+from toxmodel.calibration import Calibration, TaskCalibration
+from toxmodel.checkpoint import Predictor, load_checkpoint, save_predictor, uncertainty_columns
 from toxmodel.data import DataError
+from toxmodel.domain import fit_domain
 from toxmodel.featurize import FeaturizerConfig, featurize
-from toxmodel.model import ModelConfig
+from toxmodel.model import Ensemble, ModelConfig
 from toxmodel.split import Split
 from toxmodel.train import TrainConfig, fit
 from tune import serving
 from tune.errors import ServingError
-from tune.serving import load_model, predict_file
+from tune.serving import load_model, output_columns, predict_file
 from tune.tracking import Registration, default_tracking_uri, register_best_model, start_job_run
 
 BIN = Path(sys.executable).parent
@@ -30,34 +32,73 @@ TAILS = ["O", "N", "Cl", "F", "C(=O)O", "C(=O)N"]
 VERSION_TAGS = {"searcher": "optuna", "seed": "0", "split": "random:0", "data_hash": "abc"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real toxmodel checkpoint: a tiny MLP trained for two epochs on 48 SMILES."""
-    smiles = [h + t for h in HEADS for t in TAILS]
-    feats = featurize(smiles, FeaturizerConfig(n_bits=128), n_jobs=1)
-    labels = np.array([[float("N" in s), float("c1" in s)] for s in smiles], dtype=np.float32)
-    rows = np.arange(len(smiles))
-    split = Split(train=rows[:36], valid=rows[36:], test=rows[:0])
+SMILES = [h + t for h in HEADS for t in TAILS]
+FEATURIZER = FeaturizerConfig(n_bits=128)
+TRAIN_ROWS = 36  # the first 36 SMILES train, the other 12 validate
+
+
+def _predictor(seed: int) -> Predictor:
+    """A tiny MLP trained for two epochs on 48 SMILES."""
+    feats = featurize(SMILES, FEATURIZER, n_jobs=1)
+    labels = np.array([[float("N" in s), float("c1" in s)] for s in SMILES], dtype=np.float32)
+    rows = np.arange(len(SMILES))
+    split = Split(train=rows[:TRAIN_ROWS], valid=rows[TRAIN_ROWS:], test=rows[:0])
     result = fit(
         feats,
         labels,
         split,
         TASKS,
         ModelConfig(hidden=(16,)),
-        TrainConfig(epochs=2, batch_size=8, patience=0),
+        TrainConfig(epochs=2, batch_size=8, patience=0, seed=seed),
         num_threads=1,
     )
-    return result.save(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    return result.predictor()
 
 
 @pytest.fixture(scope="module")
-def store(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What a job registers: an ensemble of two seeds with a calibration and a domain."""
+    first, second = _predictor(0), _predictor(1)
+    fp = featurize(SMILES, FEATURIZER, n_jobs=1).fingerprint
+    calibration = Calibration(
+        tuple(TASKS),
+        (
+            TaskCalibration("platt", slope=0.7, intercept=0.3),
+            TaskCalibration(
+                "isotonic", knots_x=np.array([0.0, 0.4, 1.0]), knots_y=np.array([0.2, 0.3, 0.9])
+            ),
+        ),
+    )
+    ensemble = Predictor(
+        Ensemble([first.model, second.model]),
+        first.featurizer,
+        TASKS,
+        first.n_inputs,
+        first.model_config,
+        first.scaler,
+        calibration=calibration,
+        domain=fit_domain(fp[:TRAIN_ROWS], fp[TRAIN_ROWS:], FEATURIZER.n_bits),
+    )
+    return save_predictor(tmp_path_factory.mktemp("ckpt") / "model.pt", ensemble)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One network without calibration or domain, as checkpoints were before both existed."""
+    path = tmp_path_factory.mktemp("single") / "model.pt"
+    predictor = _predictor(0)
+    return save_predictor(path, predictor)
+
+
+@pytest.fixture(scope="module")
+def store(checkpoint: Path, single: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder as `toxtune tune` leaves it: toxtune_results/mlflow.db holding the models `tox`
-    and `toxtune-tox21`, each with its @champion (registered once for the predict tests)."""
+    (the ensemble) and `toxtune-tox21` (a single network), each with its @champion (registered
+    once for the predict tests)."""
     root = tmp_path_factory.mktemp("tuned")
     uri = default_tracking_uri(root / "toxtune_results")
     _register(uri, checkpoint, "tox", "0.7", "t1")
-    _register(uri, checkpoint, "toxtune-tox21", "0.7", "t2")
+    _register(uri, single, "toxtune-tox21", "0.7", "t2")
     return root
 
 
@@ -74,19 +115,25 @@ def _expected(checkpoint: Path, smiles: list[str]) -> pd.DataFrame:
     return load_checkpoint(checkpoint).predict(smiles)
 
 
+NUMBERS = [*TASKS, *(f"{t}_std" for t in TASKS), "nn_similarity"]
+
+
 def _check_predictions(out: pd.DataFrame, checkpoint: Path) -> None:
     """Rows: CCO (valid), not-a-smiles, "" and None (invalid), c1ccccc1O (valid). Valid rows
-    equal the checkpoint's own predictions; invalid rows have None (JSON null), not NaN."""
-    assert list(out.columns) == [*TASKS, "error"]
+    equal the checkpoint's own predictions, spread and domain included; invalid rows have None
+    (JSON null), not NaN, in every column but `error`."""
+    assert list(out.columns) == [*TASKS, "error", *uncertainty_columns(TASKS)]
     assert len(out) == 5
     want = _expected(checkpoint, ["CCO", "c1ccccc1O"])
     for row, ref in ((0, 0), (4, 1)):
         assert out["error"][row] == ""
-        for t in TASKS:
-            assert out[t][row] == pytest.approx(float(want[t][ref]), abs=1e-6)
+        for name in NUMBERS:
+            assert out[name][row] == pytest.approx(float(want[name][ref]), abs=1e-6)
+        assert out["in_domain"][row] is bool(want["in_domain"][ref])
+    assert out[f"{TASKS[0]}_std"][0] > 0  # two members that disagree
     for row in (1, 2, 3):
         assert out["error"][row] != ""
-        assert all(out[t][row] is None for t in TASKS)
+        assert all(out[name][row] is None for name in [*NUMBERS, "in_domain"])
 
 
 def test_register_alias_load_and_predict(
@@ -117,8 +164,11 @@ def test_register_alias_load_and_predict(
     model = load_model("models:/tox@champion", uri)
     signature = model.metadata.signature
     assert signature.inputs.input_names() == ["smiles"]
-    assert signature.outputs.input_names() == [*TASKS, "error"]
-    assert [s.type.name for s in signature.outputs.inputs] == ["double", "double", "string"]
+    assert signature.outputs.input_names() == output_columns(TASKS)
+    assert [s.type.name for s in signature.outputs.inputs] == [
+        *("double", "double", "string"),
+        *("double", "double", "double", "boolean"),
+    ]
     frame = pd.DataFrame(
         {"smiles": ["CCO", "not-a-smiles", "", None, "c1ccccc1O"], "extra": range(5)}
     )
@@ -154,14 +204,22 @@ def test_predict_file_keeps_columns_and_flags_bad_rows(
     source = tmp_path / "in.csv"
     source.write_text("id,structure\n007,CCO\n2,not-a-smiles\n3,\n4,c1ccccc1O\n")
     out = predict_file("models:/tox@champion", source, tmp_path / "out" / "p.csv", uri, "structure")
+    assert out.rows == 4 and out.notes == []  # an ensemble with a domain and a calibration
     table = pd.read_csv(out, keep_default_na=False, dtype=str)
-    assert list(table.columns) == ["id", "structure", "p_NR-AR", "p_SR-p53", "error"]
+    assert list(table.columns) == [
+        *("id", "structure", "p_NR-AR", "p_SR-p53", "error"),
+        *("p_NR-AR_std", "p_SR-p53_std", "nn_similarity", "in_domain"),
+    ]
     assert list(table["id"]) == ["007", "2", "3", "4"]  # cells written back as they were
     assert table["error"][0] == "" and table["error"][3] == ""
     assert table["error"][1] != "" and table["error"][2] != ""
     want = _expected(checkpoint, ["CCO"])
-    assert float(table["p_NR-AR"][0]) == pytest.approx(float(want["NR-AR"][0]), abs=1e-6)
-    assert table["p_NR-AR"][1] == ""
+    for name in NUMBERS:
+        column = name if name == "nn_similarity" else f"p_{name}"
+        assert float(table[column][0]) == pytest.approx(float(want[name][0]), abs=1e-6)
+        assert table[column][1] == "" and table[column][2] == ""
+    assert table["in_domain"][0] == str(bool(want["in_domain"][0]))
+    assert table["in_domain"][1] == "" and table["in_domain"][2] == ""
     with pytest.raises(DataError, match="'smiles'"):
         predict_file("models:/tox@champion", source, tmp_path / "x.csv", uri)
     with pytest.raises(DataError, match="not found"):
@@ -231,7 +289,8 @@ def test_predict_without_tracking_uri_finds_the_store_tune_used(
     store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """The README's line, `toxtune predict --model models:/toxtune-tox21@champion molecules.csv
-    --output preds.csv`, used to look in a fresh ./mlflow.db instead of toxtune_results/."""
+    --output preds.csv`, used to look in a fresh ./mlflow.db instead of toxtune_results/. That
+    model is a single network without domain or calibration: the command says so."""
     from tune.cli import main
     from tune.config import load_config
 
@@ -242,12 +301,21 @@ def test_predict_without_tracking_uri_finds_the_store_tune_used(
     (store / "molecules.csv").write_text("smiles\nCCO\n")
     argv = "predict --model models:/toxtune-tox21@champion molecules.csv --output preds.csv"
     assert main(argv.split()) == 0, capsys.readouterr().err
-    assert "preds.csv" in capsys.readouterr().out
-    assert list(pd.read_csv(store / "preds.csv").columns) == [
+    printed = capsys.readouterr().out.splitlines()
+    assert "preds.csv" in printed[0]
+    assert any("single network" in line and "_std" in line for line in printed[1:])
+    assert any("no applicability domain" in line for line in printed[1:])
+    preds = pd.read_csv(store / "preds.csv")
+    assert list(preds.columns) == [
         "smiles",
         *(f"p_{t}" for t in TASKS),
         "error",
+        *(f"p_{t}_std" for t in TASKS),
+        "nn_similarity",
+        "in_domain",
     ]
+    assert preds[[f"p_{t}_std" for t in TASKS]].isna().all().all()  # no spread made up
+    assert preds[["nn_similarity", "in_domain"]].isna().all().all()
     assert not (store / "mlflow.db").exists()
 
 
@@ -265,9 +333,10 @@ def test_served_over_http_from_the_tracking_server(
     assert len(rows) == 2
     assert rows[0]["error"] == ""
     want = _expected(checkpoint, ["CCO"])
-    assert all(rows[0][t] == pytest.approx(float(want[t][0]), abs=1e-6) for t in TASKS)
+    assert all(rows[0][n] == pytest.approx(float(want[n][0]), abs=1e-6) for n in NUMBERS)
+    assert rows[0]["in_domain"] is bool(want["in_domain"][0])
     assert rows[1]["error"] != ""
-    assert all(rows[1][t] is None for t in TASKS)
+    assert all(rows[1][n] is None for n in [*NUMBERS, "in_domain"])
 
 
 @pytest.mark.slow
@@ -285,6 +354,7 @@ def test_readme_serve_line_answers_strict_json_with_null_for_invalid_smiles(
         raw = invoke_raw(url, ["CCO", "not-a-smiles"])
     assert b"NaN" not in raw and b"null" in raw
     rows = strict_json(raw)["predictions"]  # type: ignore[index]
-    assert rows[1]["error"] != "" and all(rows[1][t] is None for t in TASKS)
+    assert rows[1]["error"] != "" and all(rows[1][n] is None for n in [*NUMBERS, "in_domain"])
     want = _expected(checkpoint, ["CCO"])
-    assert all(rows[0][t] == pytest.approx(float(want[t][0]), abs=1e-6) for t in TASKS)
+    assert all(rows[0][n] == pytest.approx(float(want[n][0]), abs=1e-6) for n in NUMBERS)
+    assert rows[0]["in_domain"] is bool(want["in_domain"][0])

@@ -34,7 +34,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = predict_file(
         args.model, Path(args.input), Path(args.output), tracking_uri(args), args.smiles_column
     )
-    print(f"predictions written to {out}")
+    print(f"predictions written to {out.path}")
+    for note in out.notes:
+        print(f"note: {note}")
     return 0
 
 
