@@ -2,24 +2,32 @@
 
 Contract: `finalize(job, data, best)` retrains the winning configuration over other seeds when
 asked (`search.final_seeds` for the test spread of single models, `search.ensemble` for an
-averaged model), then scores the test split once, with the model that will be registered. The
+averaged model), fits the per-task calibration and the applicability domain on the validation
+split (`fit_trust`), writes that model to the job's storage (`FINAL_DIR`), then scores the test
+split once, with the model that will be registered: ROC-AUC and the rest, ECE and Brier score
+before and after calibration, and how the test molecules fall in and out of the domain. The
 test split plays no part in any choice.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow.fs as pafs
 from ray import tune as ray_tune
 
-from toxmodel.checkpoint import Predictor, load_checkpoint, save_ensemble
+from toxmodel.calibration import fit_calibration
+from toxmodel.checkpoint import IN_DOMAIN, SIMILARITY, Predictor, load_checkpoint, save_predictor
+from toxmodel.domain import fit_domain
 from toxmodel.fused import fit_many
-from toxmodel.metrics import Metrics, evaluate
+from toxmodel.metrics import Metrics, brier_score, evaluate, expected_calibration_error
+from toxmodel.model import MLP, Ensemble
 from toxmodel.train import FitResult
 from tune.config import JobConfig
 from tune.prepare import PreparedData
@@ -29,7 +37,8 @@ from tune.trials import TrialRecord
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE_DIR = "ensemble"  # under the job folder: the registered ensemble checkpoint
+FINAL_DIR = "final"  # under the job folder: the registered checkpoint (one network or ensemble)
+ENSEMBLE_DIR = FINAL_DIR  # its former name (it held ensembles only), kept for callers
 
 
 @dataclass
@@ -40,13 +49,21 @@ class FinalModel:
     params: dict[str, Any]  # the winning configuration (searcher-internal keys removed)
     valid: dict[str, float]  # validation scores of the best trial's checkpointed epoch
     checkpoint: Path
-    test: Metrics
-    test_probs: np.ndarray  # (n_test, n_tasks), for the ROC plot
+    test: Metrics  # of the calibrated probabilities (ROC-AUC is calibration's invariant)
+    test_probs: np.ndarray  # (n_test, n_tasks) calibrated, as the registered model answers
     test_seeds: dict[str, float] = field(default_factory=dict)
+    test_probs_uncalibrated: np.ndarray | None = None  # the same rows before calibration
+    # test_ece, test_ece_uncalibrated, test_brier, test_brier_uncalibrated (pooled over tasks)
+    test_calibration: dict[str, float] = field(default_factory=dict)
+    # domain_threshold, test_in_domain (share of test molecules), test_roc_auc_in_domain and
+    # test_roc_auc_out_of_domain (left out when that part has no task with both classes)
+    test_domain: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, str] = field(default_factory=dict)  # task -> method and why
 
 
 def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Path) -> FinalModel:
-    """Retrain seeds and ensemble members of `best`'s configuration; score the test split.
+    """Retrain seeds and ensemble members of `best`'s configuration, fit calibration and
+    domain on validation, save the model to register, score the test split.
 
     `workdir` is a local scratch folder for checkpoints fetched from an object store.
     """
@@ -58,28 +75,106 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
     spread = range(s.final_seeds) if s.final_seeds > 1 else range(0)
     retrained = retrain(job, data, best.config, sorted({*spread, *range(1, s.ensemble)}))
     seeds = seed_spread(data, [retrained[k] for k in spread]) if spread else {}
-    ckpt = local_checkpoint(best.checkpoint, workdir / "best")
+    predictor = load_checkpoint(local_checkpoint(best.checkpoint, workdir / "best"))
+    extra = dict(predictor.extra)
     if s.ensemble > 1:
-        members = [retrained[k] for k in range(1, s.ensemble)]
-        ckpt = save_ensemble_of(job, load_checkpoint(ckpt), members, best.trial_id, workdir)
-    probs, test = score_test(load_checkpoint(ckpt), data)
+        predictor = ensemble_of(predictor, [retrained[k] for k in range(1, s.ensemble)])
+        extra = {}
+    predictor = fit_trust(predictor, data)
+    members = len(predictor.model.members) if isinstance(predictor.model, Ensemble) else 1
+    extra.update(trial_id=best.trial_id, members=members, seed=job.search.seed)
+    ckpt = save_final(job, predictor, extra, workdir)
+    final = load_checkpoint(ckpt)  # what is registered, as it will be read
+    frame = predict_split(final, data, data.split.test)
+    raw = frame[final.tasks].to_numpy(dtype=np.float64)
+    probs = final.calibrate(raw)  # what final.predict(...) answers by default
+    labels = data.labels[data.split.test]
     return FinalModel(
         trial_id=best.trial_id,
         params={k: v for k, v in best.config.items() if not k.startswith("_")},
         valid={k: float(v) for k, v in best.row.items() if k.startswith("val_")},
         checkpoint=ckpt,
-        test=test,
+        test=evaluate(labels, probs, data.table.tasks),
         test_probs=probs,
         test_seeds=seeds,
+        test_probs_uncalibrated=raw,
+        test_calibration=calibration_scores(labels, raw, probs),
+        test_domain=domain_scores(final, labels, probs, frame),
+        calibration=final.calibration.notes() if final.calibration is not None else {},
     )
 
 
+def predict_split(
+    predictor: Predictor, data: PreparedData, rows: np.ndarray, calibrated: bool = False
+) -> pd.DataFrame:
+    """`predictor.predict` of a split's rows from their SMILES, as a user of the model would
+    (raw probabilities unless `calibrated`); a DataFrame aligned with `rows`."""
+    smiles = [data.table.smiles[i] for i in data.features.valid_rows[rows]]
+    return predictor.predict(smiles, calibrated=calibrated)
+
+
 def score_test(predictor: Predictor, data: PreparedData) -> tuple[np.ndarray, Metrics]:
-    """Predict the untouched test split from SMILES, as a user of the model would."""
+    """Predict the untouched test split from SMILES, as a user of the model would (calibrated
+    when the model holds a calibration)."""
     test_rows = data.split.test
-    smiles = [data.table.smiles[i] for i in data.features.valid_rows[test_rows]]
-    probs = predictor.predict(smiles)[predictor.tasks].to_numpy(dtype=np.float32)
+    frame = predict_split(predictor, data, test_rows, calibrated=True)
+    probs = frame[predictor.tasks].to_numpy(dtype=np.float64)
     return probs, evaluate(data.labels[test_rows], probs, data.table.tasks)
+
+
+def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
+    """`predictor` with a calibration fitted on its raw validation probabilities and the
+    applicability domain of the training rows (threshold chosen on validation)."""
+    valid = data.split.valid
+    frame = predict_split(predictor, data, valid)
+    raw = frame[predictor.tasks].to_numpy(dtype=np.float64)
+    calibration = fit_calibration(data.labels[valid], raw, predictor.tasks)
+    fingerprint = data.features.fingerprint
+    domain = fit_domain(
+        fingerprint[data.split.train], fingerprint[valid], predictor.featurizer.n_bits
+    )
+    for task, note in calibration.notes().items():
+        log.info("calibration of %s: %s", task, note)
+    log.info(
+        "applicability domain: %d distinct training fingerprints, threshold %.3f "
+        "(the %gth percentile of %d validation molecules' similarity to train)",
+        domain.n_train,
+        domain.threshold,
+        domain.percentile,
+        domain.n_valid,
+    )
+    return replace(predictor, calibration=calibration, domain=domain)
+
+
+def calibration_scores(labels: np.ndarray, raw: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """ECE and Brier score of the test probabilities before and after calibration."""
+    return {
+        "test_ece": expected_calibration_error(labels, probs),
+        "test_ece_uncalibrated": expected_calibration_error(labels, raw),
+        "test_brier": brier_score(labels, probs),
+        "test_brier_uncalibrated": brier_score(labels, raw),
+    }
+
+
+def domain_scores(
+    predictor: Predictor, labels: np.ndarray, probs: np.ndarray, frame: pd.DataFrame
+) -> dict[str, float]:
+    """The domain threshold, the share of test molecules inside it, and test ROC-AUC inside
+    and outside (does the flag mean anything?); empty for a model without a domain."""
+    if predictor.domain is None or len(frame) == 0:
+        return {}
+    inside = frame[IN_DOMAIN].to_numpy(dtype=bool, na_value=False)
+    out = {
+        "domain_threshold": float(predictor.domain.threshold),
+        "test_in_domain": float(inside.mean()),
+        "test_nn_similarity_median": float(np.nanmedian(frame[SIMILARITY])),
+    }
+    for name, part in (("in_domain", inside), ("out_of_domain", ~inside)):
+        if part.any():
+            score = evaluate(labels[part], probs[part], predictor.tasks).roc_auc
+            if math.isfinite(score):
+                out[f"test_roc_auc_{name}"] = float(score)
+    return out
 
 
 def retrain(
@@ -131,26 +226,23 @@ def local_checkpoint(checkpoint: ray_tune.Checkpoint, scratch: Path) -> Path:
     return Path(checkpoint.to_directory(str(scratch))) / CHECKPOINT_FILE
 
 
-def save_ensemble_of(
-    job: JobConfig, best: Predictor, others: list[FitResult], trial_id: str, workdir: Path
-) -> Path:
-    """The best trial's model plus the retrained ones, as one checkpoint (its configuration won
-    the search on validation; the members differ only by seed), kept in the job's storage.
-    Returns a local path of it."""
-    members = [(best.model, best.model_config)] + [(r.model, r.model_config) for r in others]
+def ensemble_of(best: Predictor, others: list[FitResult]) -> Predictor:
+    """The best trial's model plus the retrained ones, averaged (its configuration won the
+    search on validation; the members differ only by seed), in memory on the CPU."""
+    if not isinstance(best.model, MLP):
+        raise TypeError(f"the best trial's checkpoint holds {type(best.model).__name__}, not MLP")
+    members = [best.model] + [r.model.cpu() for r in others]
+    return replace(best, model=Ensemble(members).eval(), extra={})
+
+
+def save_final(job: JobConfig, predictor: Predictor, extra: dict[str, Any], workdir: Path) -> Path:
+    """Write the model to register into the job's storage (`<job>/FINAL_DIR/`), uploading it
+    when the storage is an object store; returns a local path of it."""
     storage = job.storage
-    parts = (job.name, ENSEMBLE_DIR, CHECKPOINT_FILE)
+    parts = (job.name, FINAL_DIR, CHECKPOINT_FILE)
     target = storage.local(*parts) if storage.is_local else workdir.joinpath(*parts[1:])
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_ensemble(
-        target,
-        members,
-        best.featurizer,
-        best.tasks,
-        best.n_inputs,
-        best.scaler,
-        extra={"trial_id": trial_id, "members": len(members), "seed": job.search.seed},
-    )
+    save_predictor(target, predictor, extra=extra)
     if not storage.is_local:
         storage.upload(target, *parts)
     return target

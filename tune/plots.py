@@ -132,3 +132,53 @@ def roc_curves(roc_data: tuple[np.ndarray, np.ndarray, list[str]] | None, path: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return ""
+
+
+def reliability(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, path: Path, bins: int = 10
+) -> str:
+    """Reliability diagram of the registered model on the test split, over every labelled
+    (molecule, task) entry: observed positive rate against mean predicted probability per
+    equal-width bin, calibrated and (when given) uncalibrated, with how many entries each bin
+    holds underneath. `data` is (y_true, calibrated probabilities, uncalibrated or None)."""
+    if data is None:
+        return "no test predictions given"
+    from toxmodel.metrics import reliability_curve
+
+    y, calibrated, raw = data
+    if not np.any(~np.isnan(np.asarray(y, dtype=float))):
+        return "no labelled test entry"
+    curves = [("calibrated", calibrated, "C0")]
+    if raw is not None:
+        curves.insert(0, ("uncalibrated", raw, "C1"))
+    plt = _pyplot()
+    fig, (ax, counts) = plt.subplots(
+        2, 1, figsize=(6, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
+    width = 1.0 / bins / (len(curves) + 1)
+    for k, (name, probs, color) in enumerate(curves):
+        curve = reliability_curve(y, probs, bins)
+        used = curve.counts > 0
+        label = f"{name} (ECE {curve.ece:.3f})"
+        ax.plot(
+            curve.mean_predicted[used],
+            curve.fraction_positive[used],
+            "o-",
+            color=color,
+            label=label,
+        )
+        left = curve.edges[:-1] + (k + 0.5) * width
+        counts.bar(left, curve.counts, width=width, color=color, align="edge")
+    ax.set(
+        ylabel="observed positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Reliability on the test split (all tasks pooled)",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    counts.set(xlabel="predicted probability", ylabel="entries", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ""

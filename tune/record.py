@@ -1,8 +1,10 @@
 """Stage 4, record: the job's MLflow record once the search is over, and the registered model.
 
 Contract: `record(...)` logs the dataset fingerprint, search space, cluster, trials table, plots
-and the validation/test metrics to the job's parent run, then registers the final model (the
-alias moves only as `tracking.register_best_model` decides, and the returned note says how).
+(the reliability diagram too), the validation/test metrics and the calibration and domain
+figures (`test_ece`, `test_ece_uncalibrated`, `test_brier`, `test_brier_uncalibrated`, ...) to
+the job's parent run, then registers the final model (the alias moves only as
+`tracking.register_best_model` decides, and the returned note says how).
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def record(
             test_seeds=final.test_seeds,
             skipped_columns=dict(data.table.skipped_columns),
             dataset=tracking.dataset_info(data.table, job.split),
+            trust={**final.test_calibration, **final.test_domain},
+            reliability_data=(
+                data.labels[data.split.test],
+                final.test_probs,
+                final.test_probs_uncalibrated,
+            ),
+            calibration=final.calibration,
         )
         tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
     return tracking.register_best_model(

@@ -47,3 +47,18 @@ def test_no_scorable_task_is_skipped_with_a_reason(tmp_path: Path) -> None:
     reason = roc_curves((y, p, tasks), tmp_path / "roc.png")
     assert "both classes" in reason
     assert not (tmp_path / "roc.png").exists()
+
+
+def test_reliability_diagram_draws_both_curves_or_says_why_not(tmp_path: Path) -> None:
+    from tune.plots import reliability
+
+    y, p, _ = _predictions(12)
+    raw = np.clip(p**3, 0, 1)  # a distorted twin
+    path = tmp_path / "reliability.png"
+    assert reliability((y, p, raw), path) == ""
+    assert _png_size(path) == (600, 650)
+    assert reliability((y, p, None), tmp_path / "calibrated_only.png") == ""
+    assert reliability(None, tmp_path / "none.png") == "no test predictions given"
+    unlabelled = np.full_like(y, np.nan)
+    assert "no labelled" in reliability((unlabelled, p, raw), tmp_path / "empty.png")
+    assert not (tmp_path / "none.png").exists() and not (tmp_path / "empty.png").exists()

@@ -2,10 +2,12 @@
 
 Contract: `log_job_summary(uri, run_id, summary)` writes what a reviewer reads first: the
 dataset (as tags and as an MLflow dataset input), the cluster, the best trial, validation and
-test metrics (`best_val_*`, `test_*`, per task too), the trials table, the search space, the
-plots under `plots/` (a plot that cannot be drawn is skipped with a `toxtune.note.<plot>` tag
-saying why), and a short markdown Description (`mlflow.note.content`) with the facts the
-terminal prints at the end: best trial, validation and test ROC-AUC, top trials, plot links.
+test metrics (`best_val_*`, `test_*`, per task too; `test_ece`, `test_brier` and their
+`_uncalibrated` twins; the applicability domain's threshold and test share), the trials table,
+the search space, each task's calibration (`calibration.json`), the plots under `plots/` (a plot
+that cannot be drawn is skipped with a `toxtune.note.<plot>` tag saying why), and a short
+markdown Description (`mlflow.note.content`) with the facts the terminal prints at the end: best
+trial, validation and test ROC-AUC, calibration, domain, top trials, plot links.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # MLflow's limit on metrics per log_batch
 TOP = 5  # trials in the Description's table, as the terminal prints them
-PLOTS = ("optimization_history", "param_importance", "roc_curves")
+PLOTS = ("optimization_history", "param_importance", "roc_curves", "reliability")
 
 
 @dataclass
@@ -51,8 +53,12 @@ class JobSummary:
     `best_val_*`. `test_metrics` is a `toxmodel.metrics.Metrics` or a mapping such as
     {"roc_auc": .., "roc_auc/<task>": ..}, logged as `test_*`. `study` (an Optuna study) feeds
     the history and importance plots; `roc_data` is (y_true, y_prob, tasks) of the best model
-    on the test split, for the ROC plot. `test_seeds` holds extra metrics logged as named.
-    `dataset` is the job's dataset input; without it one is made from the fields above.
+    on the test split, for the ROC plot. `test_seeds` and `trust` hold extra metrics logged as
+    named (`trust`: test_ece, test_ece_uncalibrated, test_brier, test_brier_uncalibrated,
+    domain_threshold, test_in_domain, ...). `reliability_data` is (y_true, calibrated,
+    uncalibrated or None) on the test split, for the reliability diagram; `calibration` maps
+    each task to its calibration method and why. `dataset` is the job's dataset input; without
+    it one is made from the fields above.
     """
 
     n_rows: int
@@ -73,6 +79,9 @@ class JobSummary:
     test_seeds: dict[str, float] = field(default_factory=dict)
     skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
     dataset: DatasetInfo | None = None
+    trust: dict[str, float] = field(default_factory=dict)
+    reliability_data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+    calibration: dict[str, str] = field(default_factory=dict)
 
     def dataset_info(self) -> DatasetInfo:
         if self.dataset is not None:
@@ -103,6 +112,7 @@ def summary_metrics(summary: JobSummary) -> dict[str, float]:
         }
     out.update({k: float(v) for k, v in test.items()})
     out.update({k: float(v) for k, v in summary.test_seeds.items()})
+    out.update({k: float(v) for k, v in summary.trust.items()})
     return out
 
 
@@ -134,6 +144,8 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
     client.log_dict(run, jsonable(summary.search_space), "search_space.json")
     client.log_dict(run, jsonable(summary.best_params), "best_params.json")
     client.log_dict(run, jsonable(summary.cluster), "cluster.json")
+    if summary.calibration:
+        client.log_dict(run, jsonable(summary.calibration), "calibration.json")
     if summary.invalid_report and Path(summary.invalid_report).is_file():
         client.log_artifact(run, str(summary.invalid_report), "dataset")
     drawn = []
@@ -161,6 +173,8 @@ def _draw(name: str, summary: JobSummary, path: Path) -> str:
         return plots.history(summary.study, path)
     if name == "param_importance":
         return plots.importance(summary.study, path)
+    if name == "reliability":
+        return plots.reliability(summary.reliability_data, path)
     return plots.roc_curves(summary.roc_data, path)
 
 
@@ -214,6 +228,31 @@ def artifact_link(run_id: str, path: str) -> str:
     return "get-artifact?" + urllib.parse.urlencode({"path": path, "run_uuid": run_id})
 
 
+def _trust_lines(metrics: Mapping[str, float], calibration: Mapping[str, str]) -> list[str]:
+    """Calibration (ECE, Brier before -> after) and the domain, when the job measured them."""
+    lines = []
+    if "test_ece" in metrics:
+        methods = [note.split(":")[0] for note in calibration.values()]
+        counted = ", ".join(f"{m} {methods.count(m)}" for m in sorted(set(methods)))
+        lines.append(
+            f"Calibration (test, all tasks pooled): ECE {_score(metrics, 'test_ece_uncalibrated')}"
+            f" -> {_score(metrics, 'test_ece')}, Brier "
+            f"{_score(metrics, 'test_brier_uncalibrated')} -> {_score(metrics, 'test_brier')}"
+            + (f"; tasks: {counted}" if counted else "")
+            + " (ROC-AUC unchanged by construction)."
+        )
+    if "domain_threshold" in metrics:
+        share = metrics.get("test_in_domain", math.nan)
+        inside, outside = "test_roc_auc_in_domain", "test_roc_auc_out_of_domain"
+        lines.append(
+            f"Applicability domain: nearest-neighbour Tanimoto >= "
+            f"{_score(metrics, 'domain_threshold')}; {_num(100 * share)} % of test molecules "
+            f"inside (ROC-AUC {_score(metrics, inside)} inside, {_score(metrics, outside)} "
+            "outside)."
+        )
+    return ["", *lines] if lines else []
+
+
 def describe(
     summary: JobSummary, metrics: Mapping[str, float], plot_paths: list[str], run_id: str
 ) -> str:
@@ -238,6 +277,7 @@ def describe(
             f"{_score(seeds, 'test_roc_auc_mean')} ± {_score(seeds, 'test_roc_auc_std')} | "
             f"{_score(seeds, 'test_pr_auc_mean')} ± {_score(seeds, 'test_pr_auc_std')} |"
         )
+    lines += _trust_lines(metrics, summary.calibration)
     top = top_trials(summary.trials)
     if not top.empty:
         lines += ["", f"Top {len(top)} trials (validation):", "", *_markdown_table(top)]
