@@ -1,12 +1,17 @@
 """Fault drills, repeated: each injects a real fault through its end-to-end test, N times.
 
     python benchmarks/reliability.py --runs 3
+    python benchmarks/reliability.py --runs 2 --stack team   # the drills on the team stack
 
 Each drill is a test that really injects the fault (SIGKILL of the driver, of a trial's worker,
 of a whole Ray node; an MLflow server stopped and restarted; a trial that raises or diverges; a
 CUDA OOM) and asserts that every trial finished (or failed as intended) and that no result was
 lost. A passing run therefore means: trials finished as listed, results lost 0. Prints a
 markdown table for `benchmarks/RESULTS.md`.
+
+`--stack team` runs the drills on a team's stack (tests/tune/test_team_stack.py): results in an
+S3-compatible bucket (moto's server), MLflow on PostgreSQL with its artifacts in the bucket, the
+Optuna study in PostgreSQL; the nodes of the cluster drill share no folder.
 """
 
 from __future__ import annotations
@@ -64,14 +69,39 @@ DRILLS = [
     ),
 ]
 
+TEAM = "tests/tune/test_team_stack.py::"
+TEAM_DRILLS = [
+    Drill(
+        "driver SIGKILLed mid-search, then `--resume` (from the bucket and the PostgreSQL study)",
+        TEAM + "test_driver_killed_resumes_from_the_bucket_and_the_postgres_study",
+        "6 of 6; finished ones not retrained; no RUNNING or duplicate MLflow runs",
+    ),
+    Drill(
+        "a trial's worker process SIGKILLed at epoch 2 (its checkpoint in the bucket)",
+        TEAM + "test_trial_worker_killed_on_the_team_stack_is_retried_from_the_bucket",
+        "3 of 3 (the killed one retried in its own MLflow run); 3 COMPLETE in the study",
+    ),
+    Drill(
+        "a Ray worker node SIGKILLed mid-job (2 nodes sharing no folder, submitted job)",
+        TEAM + "test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node",
+        "4 of 4 (retried on the head node); model served from the bucket",
+    ),
+    Drill(
+        "MLflow server (PostgreSQL, artifacts in the bucket) stopped for 8 s mid-job, restarted",
+        TEAM + "test_team_mlflow_server_restarted_mid_job_loses_no_result",
+        "4 of 4; every epoch of every trial in MLflow; model registered",
+    ),
+]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stack", choices=["local", "team"], default="local")
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, python {platform.python_version()}")
     rows = []
-    for drill in DRILLS:
+    for drill in TEAM_DRILLS if args.stack == "team" else DRILLS:
         passed, seconds = 0, []
         for _ in range(args.runs):
             t0 = time.monotonic()

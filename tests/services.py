@@ -60,12 +60,15 @@ def _kill_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 @dataclass
 class MlflowServer:
-    """A running `mlflow server` with a SQLite backend and served artifacts."""
+    """A running `mlflow server` with served artifacts: by default a SQLite backend and
+    artifacts under `root`; a team's server passes its database and bucket URIs."""
 
     url: str
     port: int
     root: Path
     proc: subprocess.Popen | None = None
+    backend_uri: str | None = None  # default: sqlite:///<root>/mlflow.db
+    artifacts: str | None = None  # default: <root>/artifacts
 
     def start(self) -> None:
         """Start (or restart, on the same port and store) the server and wait for it."""
@@ -79,9 +82,9 @@ class MlflowServer:
                 "--port",
                 str(self.port),
                 "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
+                self.backend_uri or f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination",
-                str(self.root / "artifacts"),
+                self.artifacts or str(self.root / "artifacts"),
                 "--workers",
                 "1",
             ],
@@ -89,7 +92,7 @@ class MlflowServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_http(f"{self.url}/health", timeout=90)
+        wait_http(f"{self.url}/health", timeout=120)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -104,11 +107,13 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[MlflowServer]:
+def mlflow_server(
+    root: Path, backend_uri: str | None = None, artifacts: str | None = None
+) -> Iterator[MlflowServer]:
     """Run a real tracking server on a free loopback port for the duration of the block."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = MlflowServer(url=f"http://127.0.0.1:{port}", port=port, root=root)
+    server = MlflowServer(f"http://127.0.0.1:{port}", port, root, None, backend_uri, artifacts)
     try:
         server.start()
         yield server

@@ -19,12 +19,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services import free_port, wait_http
+from tests.services import MlflowServer, free_port, mlflow_server
 
 # Debian's PostgreSQL server binaries (the newest installed major version).
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/nonexistent"), key=str)
@@ -141,50 +140,9 @@ def postgres_server() -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@dataclass
-class TeamMlflow:
-    url: str
-    proc: subprocess.Popen
-
-
 @contextlib.contextmanager
-def team_mlflow(backend_uri: str, artifacts_uri: str, log: Path) -> Iterator[TeamMlflow]:
+def team_mlflow(backend_uri: str, artifacts_uri: str, root: Path) -> Iterator[MlflowServer]:
     """`mlflow server` on PostgreSQL with artifacts in the bucket (proxied: clients need no S3
-    access of their own for artifacts)."""
-    port = free_port()
-    out = log.open("w")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            backend_uri,
-            "--artifacts-destination",
-            artifacts_uri,
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=os.environ.copy(),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=120)
-        yield TeamMlflow(url, proc)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        out.close()
-        time.sleep(0.2)
+    access of their own for artifacts); `stop()`/`start()` restart it on the same port."""
+    with mlflow_server(root, backend_uri, artifacts_uri) as server:
+        yield server

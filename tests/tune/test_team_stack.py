@@ -3,6 +3,8 @@ artifacts in the bucket, the Optuna study in PostgreSQL. Nothing is left on the 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +15,19 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.services import MlflowServer
 from tests.team_stack import (
     Postgres,
     S3Server,
-    TeamMlflow,
     bucket_keys,
     postgres_available,
     postgres_server,
     s3_server,
     team_mlflow,
 )
-from tests.tune.conftest import tiny_job
+from tests.tune.conftest import children, tiny_job
+from tune.config import JobConfig
+from tune.drills import FaultPlan
 from tune.job import run_job
 
 pytestmark = [
@@ -36,7 +40,7 @@ pytestmark = [
 class Stack:
     s3: S3Server
     pg: Postgres
-    mlflow: TeamMlflow
+    mlflow: MlflowServer
     study_storage: str
 
 
@@ -45,7 +49,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     with s3_server() as s3, postgres_server() as pg:
         backend = pg.create_database("mlflow")
         study = pg.create_database("optuna")
-        with team_mlflow(backend, f"{s3.uri}/mlartifacts", tmp_path / "mlflow.log") as server:
+        with team_mlflow(backend, f"{s3.uri}/mlartifacts", tmp_path / "mlflow") as server:
             yield Stack(s3, pg, server, study)
 
 
@@ -126,6 +130,74 @@ def test_driver_killed_resumes_from_the_bucket_and_the_postgres_study(
     assert any(k.endswith("toxtune_done.json") for k in keys)
 
 
+def _team_job(tmp_path: Path, data: Path, stack: Stack, **overrides: object) -> JobConfig:
+    """The tiny job with its results in the bucket, MLflow on the team server, the study in
+    PostgreSQL."""
+    return tiny_job(
+        tmp_path,
+        data,
+        **{
+            "ray.storage_path": f"{stack.s3.uri}/toxtune",
+            "tracking.tracking_uri": stack.mlflow.url,
+            "tracking.study_storage": stack.study_storage,
+            **overrides,
+        },
+    )
+
+
+def test_trial_worker_killed_on_the_team_stack_is_retried_from_the_bucket(
+    tmp_path: Path, small_csv: Path, no_ray: None, stack: Stack
+) -> None:
+    """The retried trial restores its checkpoint from the bucket; every trial finishes, one
+    MLflow run each, and the study in PostgreSQL has them all."""
+    job = _team_job(
+        tmp_path, small_csv, stack, **{"search.num_samples": 3, "search.scheduler": "fifo"}
+    )
+    faults = FaultPlan(kill_in=frozenset({1}), marker_dir=str(tmp_path))
+    result = run_job(job, faults=faults, progress=False)
+
+    assert (tmp_path / "toxtune-killed-1").exists()  # the worker really was SIGKILLed
+    assert result.failed_trials == 0 and len(result.trials) == 3
+    kids = children(MlflowClient(stack.mlflow.url), result.parent_run_id)
+    assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
+    retried = [k for k in kids if k.data.tags.get("toxtune.retries") == "1"]
+    assert len(retried) == 1 and retried[0].data.tags["toxtune.last_failure_kind"] == "node_lost"
+    study = optuna.load_study(study_name=result.name, storage=stack.study_storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def test_team_mlflow_server_restarted_mid_job_loses_no_result(
+    tmp_path: Path, small_csv: Path, no_ray: None, stack: Stack
+) -> None:
+    """The PostgreSQL-backed server is stopped for 8 s mid-job: every epoch of every trial
+    still arrives (replayed), no run is left RUNNING, and the model is registered."""
+    job = _team_job(
+        tmp_path, small_csv, stack, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
+    )
+
+    def bounce() -> None:
+        time.sleep(12)
+        stack.mlflow.stop()
+        time.sleep(8)
+        stack.mlflow.start()
+
+    thread = threading.Thread(target=bounce)
+    thread.start()
+    try:
+        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
+    finally:
+        thread.join()
+    client = MlflowClient(stack.mlflow.url)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == job.search.num_samples
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
+        assert steps == [1, 2, 3, 4]  # every epoch of every trial arrived
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert client.get_model_version_by_alias(job.model_name, "champion")
+
+
 def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
     tmp_path: Path, small_csv: Path, stack: Stack
 ) -> None:
@@ -185,45 +257,69 @@ def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
     assert [r.info.status for r in runs] == ["FAILED"]  # the job's run only: no trial ran
 
 
-def test_submitted_job_on_two_nodes_sharing_no_folder_uses_the_bucket_and_postgres(
+def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
     tmp_path: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each node has its own temp dir and the job its own working directory: the bucket and
-    PostgreSQL are all they share. Trials run on both nodes, the model is registered, and
-    `toxtune predict` and `mlflow models serve` load it from the object store."""
+    PostgreSQL are all they share. Trials run on both nodes; the worker node is SIGKILLed while
+    it trains one, which is retried on the head from its checkpoint in the bucket; the model is
+    registered, and `toxtune predict` and `mlflow models serve` load it from the object store."""
+    import json
     import subprocess
     import sys
 
-    from tests.services import invoke, model_server, ray_cluster
+    import yaml
+
+    from tests.services import invoke, kill_ray_node, model_server, ray_cluster
     from tests.tune.test_cluster import _job_environment, _tiny_config
     from tune.cluster import submission
+    from tune.cluster.info import alive_nodes
 
     bin_dir = Path(sys.executable).parent
     csv = _job_environment(tmp_path, monkeypatch)
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))  # 1 s epochs
     config = _tiny_config(tmp_path / "tiny.yaml", csv)
+    raw = yaml.safe_load(config.read_text())
+    raw["search"]["max_epochs"] = 4
+    config.write_text(yaml.safe_dump(raw))
+    client = MlflowClient(stack.mlflow.url)
     with ray_cluster(tmp_path / "ray", num_cpus=1, num_gpus=2, dashboard=True) as ray_c:
+        head = {n.node_id for n in alive_nodes(ray_c.dashboard_url)}
         ray_c.add_node(num_cpus=1, num_gpus=2)
+        worker = {n.node_id for n in alive_nodes(ray_c.dashboard_url)} - head
         cmd = [
             str(bin_dir / "toxtune"), "submit", "--address", ray_c.dashboard_url,
             "--config", str(config), "--tracking-uri", stack.mlflow.url,
             "--storage-path", f"{stack.s3.uri}/team", "--study-storage", stack.study_storage,
-            "--follow",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
-        job_id = next(
-            (ln.split()[2] for ln in proc.stdout.splitlines() if ln.startswith("submitted job")),
-            None,
-        )
-        logs = submission.JobsClient.connect(ray_c.dashboard_url).logs(job_id) if job_id else ""
-        report = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n--- job ---\n{logs[-6000:]}"
-        assert proc.returncode == 0, report
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines = proc.stdout.splitlines()
+        job_id = next(ln.split()[2] for ln in lines if ln.startswith("submitted"))
+        jobs = submission.JobsClient.connect(ray_c.dashboard_url)
 
-    client = MlflowClient(stack.mlflow.url)
-    experiment = client.get_experiment_by_name("toxtune-cluster-e2e")
+        # Wait until a trial is training on the worker node (so both nodes ran trials), then
+        # take the node away; the trial's run then carries the node it was retried on.
+        deadline = time.monotonic() + 300
+        while True:
+            assert time.monotonic() < deadline, jobs.logs(job_id)[-4000:]
+            assert jobs.status(job_id) in ("PENDING", "RUNNING"), jobs.logs(job_id)[-4000:]
+            experiment = client.get_experiment_by_name("toxtune-cluster-e2e")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if any(r.data.tags.get("node_id") in worker for r in runs):
+                break
+            time.sleep(0.5)
+        assert kill_ray_node(ray_c.node_dirs[0]) > 0
+        status = jobs.wait(job_id, poll_s=1.0)
+        report = jobs.logs(job_id)[-6000:]
+        assert status == "SUCCEEDED", report
+        assert {n.node_id for n in alive_nodes(ray_c.dashboard_url)} == head  # it really left
+
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     trials = [r for r in runs if "node_id" in r.data.tags]
-    assert len(trials) >= 4
-    assert len({r.data.tags["node_id"] for r in trials}) == 2, report  # both nodes ran trials
+    assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}, report
+    retried = [r for r in trials if r.data.tags.get("toxtune.retries")]
+    assert retried and all(r.data.tags["node_id"] in head for r in retried), report
     keys = bucket_keys(stack.s3, "team/cluster-e2e/")
     assert any(k.endswith("toxtune_done.json") for k in keys)
     assert any("/checkpoint_" in k for k in keys)
