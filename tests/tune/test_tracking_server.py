@@ -53,11 +53,20 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
     assert parent.data.tags["best_trial_id"] == result.best_trial_id
     assert "test_roc_auc" in parent.data.metrics
     assert any(k.startswith("test_roc_auc/") for k in parent.data.metrics)
+    # Calibration and applicability domain, measured on test by finalize.
+    trust = ("test_ece", "test_ece_uncalibrated", "test_brier", "test_brier_uncalibrated")
+    for key in (*trust, "domain_threshold", "test_in_domain"):
+        assert key in parent.data.metrics, key
+    assert 0.0 < parent.data.metrics["domain_threshold"] < 1.0
     assert parent.data.params["search.num_samples"] == str(job.search.num_samples)
     arts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"config.json", "search_space.json", "trials.csv", "plots"} <= arts
+    assert {"config.json", "search_space.json", "trials.csv", "plots", "calibration.json"} <= arts
     plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/roc_curves.png"} <= plots
+    assert {
+        "plots/optimization_history.png",
+        "plots/roc_curves.png",
+        "plots/reliability.png",
+    } <= plots
 
     kids = children(client, result.parent_run_id)
     assert len(kids) == job.search.num_samples
@@ -103,12 +112,27 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "single network" in proc.stdout  # tiny_job registers one network: no spread
     preds = pd.read_csv(out, keep_default_na=False)
     assert len(preds) == 4
     assert preds["error"].iloc[0] == "" and preds["error"].iloc[2] != ""
     assert preds["error"].iloc[3] != ""
-    tasks = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
+    tasks = [
+        c.removeprefix("p_") for c in preds.columns if c.startswith("p_") and c.endswith("_std")
+    ]
+    tasks = [t.removesuffix("_std") for t in tasks]
     assert len(tasks) == 3
+    assert list(preds.columns)[-5:] == [
+        *(f"p_{t}_std" for t in tasks),
+        "nn_similarity",
+        "in_domain",
+    ]
+    assert float(preds["nn_similarity"].iloc[0]) > 0 and preds["in_domain"].iloc[0] in (
+        "True",
+        "False",
+    )
+    assert preds["in_domain"].iloc[2] == "" and preds["nn_similarity"].iloc[2] == ""
+    assert (preds[[f"p_{t}_std" for t in tasks]] == "").all().all()
     # The registered model's own predictions of the same molecules, loaded in this process.
     model_uri = f"models:/{job.model_name}@champion"
     own = load_model(model_uri, mlflow_http.url).predict(pd.DataFrame({"smiles": ["CCO"]}))
@@ -121,7 +145,11 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
         rows = invoke(url, ["CCO", "not-a-smiles"])
     assert rows[0]["error"] == ""
     assert [rows[0][task] for task in tasks] == pytest.approx(expected, abs=1e-6)
+    assert rows[0]["nn_similarity"] == pytest.approx(float(own["nn_similarity"].iloc[0]))
+    assert rows[0]["in_domain"] is bool(own["in_domain"].iloc[0])
+    assert all(rows[0][f"{task}_std"] is None for task in tasks)  # one network: no spread
     assert rows[1]["error"] != ""
+    assert all(rows[1][k] is None for k in ("nn_similarity", "in_domain", f"{tasks[0]}_std"))
 
 
 def test_server_restart_mid_job_loses_no_result(
