@@ -144,9 +144,10 @@ def speed(args: argparse.Namespace) -> None:
         print(f"  {label:35s} {seconds:6.2f} s  {n / seconds:8.0f} predictions/s")
     qf = featurize(smiles, featurizer)
     lookup = best_of(args.repeats, lambda: domain.similarity(qf.fingerprint))
-    raw, _ = predictor._probabilities(qf.fingerprint, qf.descriptors, 4096)
+    raw = predictor._probabilities(qf.fingerprint, qf.descriptors, 4096)
     forward = best_of(
-        args.repeats, lambda: predictor._probabilities(qf.fingerprint, qf.descriptors, 4096)
+        args.repeats,
+        lambda: predictor._probabilities_and_spread(qf.fingerprint, qf.descriptors, 4096),
     )
     calibrate = best_of(args.repeats, lambda: predictor.calibrate(raw))
     featurize_s = best_of(args.repeats, lambda: featurize(smiles, featurizer))

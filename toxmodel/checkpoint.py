@@ -336,7 +336,9 @@ class Predictor:
             )
         rows = feats.valid_rows
         if len(feats):
-            mean, std = self._probabilities(feats.fingerprint, feats.descriptors, batch_size)
+            mean, std = self._probabilities_and_spread(
+                feats.fingerprint, feats.descriptors, batch_size
+            )
             probs[rows] = mean
             if std is not None:
                 spread[rows] = std
@@ -361,6 +363,12 @@ class Predictor:
         )
 
     def _probabilities(
+        self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
+    ) -> np.ndarray:
+        """(Mean) sigmoid outputs for featurized rows, in batches."""
+        return self._probabilities_and_spread(fingerprint, descriptors, batch_size)[0]
+
+    def _probabilities_and_spread(
         self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean sigmoid outputs for featurized rows, and their std over members (None for one
