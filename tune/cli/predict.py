@@ -1,5 +1,10 @@
 """`toxtune predict`: score a CSV of SMILES with a registered model.
 
+The output adds, per input row: `p_<task>` (calibrated probability), `error`, `p_<task>_std`
+(the ensemble's spread), `nn_similarity` and `in_domain` (applicability domain). A line per
+column the model leaves empty is printed after the output's path (e.g. a single network has no
+spread).
+
 Without --tracking-uri the model is looked up where `toxtune tune` registered it and where
 `toxtune ui` looks: the job config's tracking URI, by default the SQLite store under
 ./toxtune_results (`--storage-path` to change the folder).
