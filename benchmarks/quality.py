@@ -6,6 +6,8 @@
     python benchmarks/quality.py protocol --config configs/toxcast.yaml \
         --data ../shared/data/toxcast.csv.gz --split random
     python benchmarks/quality.py nr-ar --config configs/tox21.yaml
+    python benchmarks/quality.py protocol --config configs/tox21.yaml --split scaffold \
+        --repeats 2 --trust
 
 `baseline`:
 1. The Tox21 tutorial's experiment, reproduced as it is written: NR-AR only, 1024-bit radius-2
@@ -22,6 +24,13 @@ ASHA on Ray, MLflow in a temporary SQLite store) with the config file, its split
 seed set to that seed. The search and the ensemble choose on validation only; the job scores the
 test split once, for the registered model. That figure is the one reported.
 
+With `--trust` each job's registered model is also asked what issue 16 added, on its test split
+(`trust_figures`): ROC-AUC on the half of predictions with the smallest ensemble spread against
+the half with the largest, the rank correlation of absolute error with spread, ROC-AUC in and out
+of the applicability domain (and the share out), and ECE and Brier score before and after
+calibration. `--repeats N` runs each split seed N times, so the spread of repeated runs of one
+seed can be set beside the spread over seeds.
+
 `nr-ar`: the tutorial's setting (NR-AR only, its labelled rows, random split seed 0): the
 tutorial's model and a toxtune job on the same rows and the same split, test ROC-AUC and PR-AUC
 side by side.
@@ -30,6 +39,7 @@ side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 import time
@@ -40,20 +50,24 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from toxmodel.checkpoint import load_checkpoint
+from toxmodel.checkpoint import Predictor, load_checkpoint
 from toxmodel.data import load_table
 from toxmodel.featurize import FeaturizerConfig, featurize
-from toxmodel.metrics import Metrics, evaluate
+from toxmodel.metrics import Metrics, brier_score, evaluate, expected_calibration_error
 from toxmodel.split import SplitConfig, split_dataset
 from toxmodel.train import FitResult, fit
 from tune import settings
 from tune.config import load_config
+from tune.finalize import FINAL_DIR
 from tune.job import JobResult, run_job
 from tune.prepare import prepare_data
 from tune.space import DEFAULT_POINT, to_run_configs
 from tune.study import METRIC
+from tune.trainable import CHECKPOINT_FILE
 
 
 def tutorial_baseline(data: str, epochs: int) -> tuple[Metrics, list[str]]:
@@ -169,27 +183,126 @@ def tuned_job(
     return run_job(load_config(config, overrides=overrides), progress=False)
 
 
+def _mean_auc(y: np.ndarray, p: np.ndarray, rows: list[np.ndarray]) -> float:
+    """Mean over tasks of ROC-AUC on each task's chosen rows (tasks whose rows lack a class are
+    left out); NaN when no task can be scored."""
+    scores = []
+    for j, chosen in enumerate(rows):
+        yj, pj = y[chosen, j], p[chosen, j]
+        if len(np.unique(yj)) == 2:
+            scores.append(roc_auc_score(yj, pj))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def trust_figures(predictor: Predictor, smiles: list[str], labels: np.ndarray) -> dict[str, float]:
+    """What the spread, the domain flag and the calibration are worth on one test split.
+
+    Per task over its labelled rows: the half with the smallest ensemble spread ("confident")
+    against the rest; Spearman's rho of |label - calibrated probability| with the spread
+    (pooled within a task, averaged over tasks); rows in the applicability domain against rows
+    out of it. ECE and Brier over every labelled (row, task), raw and calibrated.
+    """
+    out = predictor.predict(smiles)
+    raw = predictor.predict(smiles, calibrated=False)
+    tasks = predictor.tasks
+    p = out[tasks].to_numpy(dtype=np.float64)
+    p_raw = raw[tasks].to_numpy(dtype=np.float64)
+    spread = out[[f"{t}_std" for t in tasks]].to_numpy(dtype=np.float64)
+    inside = out["in_domain"].to_numpy(dtype=bool)
+    y = np.asarray(labels, dtype=np.float64)
+    confident, doubtful, rhos = [], [], []
+    for j in range(len(tasks)):
+        rows = np.flatnonzero(~np.isnan(y[:, j]) & ~np.isnan(spread[:, j]))
+        order = rows[np.argsort(spread[rows, j], kind="stable")]
+        half = len(order) // 2
+        confident.append(order[:half])
+        doubtful.append(order[half:])
+        if len(rows) > 2:
+            rho = spearmanr(spread[rows, j], np.abs(y[rows, j] - p[rows, j])).statistic
+            if np.isfinite(rho):
+                rhos.append(rho)
+    labelled = [np.flatnonzero(~np.isnan(y[:, j])) for j in range(len(tasks))]
+    return {
+        "auc_confident_half": _mean_auc(y, p, confident),
+        "auc_doubtful_half": _mean_auc(y, p, doubtful),
+        "spearman_error_spread": float(np.mean(rhos)) if rhos else float("nan"),
+        "auc_in_domain": _mean_auc(y, p, [r[inside[r]] for r in labelled]),
+        "auc_out_of_domain": _mean_auc(y, p, [r[~inside[r]] for r in labelled]),
+        "out_of_domain_share": float(np.mean(~inside)),
+        "ece_raw": expected_calibration_error(y, p_raw),
+        "ece": expected_calibration_error(y, p),
+        "brier_raw": brier_score(y, p_raw),
+        "brier": brier_score(y, p),
+    }
+
+
+def _job_trust(
+    config: str, data: str, split: str, seed: int, root: Path, name: str, extra: dict[str, Any]
+) -> dict[str, float]:
+    """trust_figures for a finished protocol job: its final checkpoint on its test split."""
+    job = load_config(
+        config,
+        overrides={
+            "data.source": data,
+            "split.method": split,
+            "split.seed": seed,
+            "ray.storage_path": str(root),
+            "tracking.run_name": name,
+            **extra,
+        },
+    )
+    prepared = prepare_data(job, progress=False)
+    test = prepared.split.test
+    smiles = [prepared.table.smiles[i] for i in prepared.features.valid_rows[test]]
+    predictor = load_checkpoint(root / name / FINAL_DIR / CHECKPOINT_FILE)
+    return trust_figures(predictor, smiles, prepared.labels[test])
+
+
 def protocol(args: argparse.Namespace) -> None:
     """The config's job once per split seed; test ROC-AUC mean and std over the seeds."""
     dataset = "toxcast" if "toxcast" in Path(args.data).name else "tox21"
-    rows, tests, walls = [], [], []
+    rows, walls = [], []
+    tests: dict[int, list[float]] = {}
+    trust: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.split_seeds:
-            t0 = time.perf_counter()
-            result = tuned_job(
-                args.config, args.data, args.split, seed, Path(tmp), f"q-{seed}", args.extra
-            )
-            wall = time.perf_counter() - t0
-            tests.append(result.test.roc_auc)
-            walls.append(wall)
-            rows.append(
-                f"  split seed {seed}: {len(result.trials)} trials, best val ROC-AUC "
-                f"{result.trials[METRIC].max():.4f}; test ROC-AUC "
-                f"{result.test.roc_auc:.4f} PR-AUC {result.test.pr_auc:.4f} "
-                f"({len(result.test.per_task)} tasks scored); {wall:.0f} s"
-            )
-            print(rows[-1], flush=True)
-    mean, std = float(np.mean(tests)), float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0
+            for run in range(args.repeats):
+                name = f"q-{seed}-{run}"
+                t0 = time.perf_counter()
+                result = tuned_job(
+                    args.config, args.data, args.split, seed, Path(tmp), name, args.extra
+                )
+                wall = time.perf_counter() - t0
+                tests.setdefault(seed, []).append(result.test.roc_auc)
+                walls.append(wall)
+                rows.append(
+                    f"  split seed {seed} run {run}: {len(result.trials)} trials, best val "
+                    f"ROC-AUC {result.trials[METRIC].max():.4f}; test ROC-AUC "
+                    f"{result.test.roc_auc:.4f} PR-AUC {result.test.pr_auc:.4f} "
+                    f"({len(result.test.per_task)} tasks scored); {wall:.0f} s"
+                )
+                print(rows[-1], flush=True)
+                if args.trust:
+                    figures = _job_trust(
+                        args.config, args.data, args.split, seed, Path(tmp), name, args.extra
+                    )
+                    trust.append(figures)
+                    print("    trust: " + json.dumps({k: round(v, 4) for k, v in figures.items()}))
+    per_seed = [float(np.mean(v)) for v in tests.values()]
+    mean = float(np.mean(per_seed))
+    std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
+    repeated = [float(np.std(v, ddof=1)) for v in tests.values() if len(v) > 1]
+    if repeated:
+        print(
+            f"run-to-run: std of repeated runs of one seed (mean over seeds) "
+            f"{np.mean(repeated):.4f}; std over seeds of the per-seed means {std:.4f}"
+        )
+    if trust:
+        keys = trust[0].keys()
+        print(
+            "trust, mean over jobs: "
+            + json.dumps({k: round(float(np.nanmean([t[k] for t in trust])), 4) for k in keys})
+        )
     target = TARGETS.get((dataset, args.split))
     verdict = (
         "" if target is None else f" (target >= {target}: {'met' if mean >= target else 'NOT met'})"
@@ -197,7 +310,7 @@ def protocol(args: argparse.Namespace) -> None:
     print(
         f"{dataset} {args.split} split, {args.config}, seeds {args.split_seeds}: test mean "
         f"ROC-AUC {mean:.4f} +- {std:.4f}{verdict}; per seed "
-        f"{', '.join(f'{t:.4f}' for t in tests)}; wall {sum(walls) / 60:.1f} min "
+        f"{', '.join(f'{t:.4f}' for t in per_seed)}; wall {sum(walls) / 60:.1f} min "
         f"({np.mean(walls):.0f} s per job); references: "
         f"{REFERENCES.get((dataset, args.split), '-')}"
     )
@@ -251,6 +364,10 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="config override for protocol/nr-ar, e.g. --set search.num_samples=20",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="protocol: runs per split seed")
+    parser.add_argument(
+        "--trust", action="store_true", help="protocol: spread, domain, calibration figures"
     )
     parser.add_argument("--epochs", type=int, default=30, help="baseline: default MLP budget")
     parser.add_argument("--patience", type=int, default=8)

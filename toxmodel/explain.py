@@ -71,7 +71,7 @@ class Explanation:
     task: str
     error: str = ""  # "" when explained; else the reason (invalid SMILES, ...)
     mol: Any = None  # the RDKit Mol the atom indices refer to (standardised if the featurizer is)
-    probability: float = math.nan  # the model's probability for `task`
+    probability: float = math.nan  # the probability `predict` gives for `task` (calibrated)
     atom_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n_atoms,) logit units
     bit_weights: dict[int, float] = field(default_factory=dict)  # Morgan bit -> contribution
     maccs: float | None = None  # contribution of the MACCS block (None: not in the features)
@@ -175,7 +175,7 @@ def explain(
             smiles=items[row],
             task=task,
             mol=mol,
-            probability=0.5 * (1.0 + math.tanh(full / 2.0)),  # sigmoid, never overflows
+            probability=_calibrated(predictor, column, full),
             atom_weights=_spread(bits, envs, mol.GetNumAtoms()),
             bit_weights=bits,
             maccs=maccs,
@@ -333,3 +333,11 @@ def _number(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{float(value):.6g}"
+
+
+def _calibrated(predictor: Predictor, column: int, logit: float) -> float:
+    """The task's probability from the model's logit, calibrated as `Predictor.predict` does
+    (the contributions stay in logits: calibration keeps the order, not the scale)."""
+    raw = np.full((1, len(predictor.tasks)), 0.5)
+    raw[0, column] = 0.5 * (1.0 + math.tanh(logit / 2.0))  # sigmoid, never overflows
+    return float(predictor.calibrate(raw)[0, column])

@@ -38,7 +38,6 @@ from tune.trials import TrialRecord
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"  # under the job folder: the registered checkpoint (one network or ensemble)
-ENSEMBLE_DIR = FINAL_DIR  # its former name (it held ensembles only), kept for callers
 
 
 @dataclass

@@ -3,23 +3,34 @@
 Contract: `record(...)` logs the dataset fingerprint, search space, cluster, trials table, plots
 (the reliability diagram too), the validation/test metrics and the calibration and domain
 figures (`test_ece`, `test_ece_uncalibrated`, `test_brier`, `test_brier_uncalibrated`, ...) to
-the job's parent run, then registers the final model (the alias moves only as
-`tracking.register_best_model` decides, and the returned note says how).
+the job's parent run, with the duplicates report when rows were merged and pictures explaining
+the test split's most confident true positives per task, then registers the final model (the
+alias moves only as `tracking.register_best_model` decides, and the returned note says how).
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from toxmodel.checkpoint import load_checkpoint
 from toxmodel.featurize import write_invalid_report
 from tune import study, tracking
 from tune.config import JobConfig
+from tune.errors import TrackingError
 from tune.finalize import FinalModel
-from tune.prepare import INVALID_REPORT, PreparedData
+from tune.prepare import DUPLICATES_REPORT, INVALID_REPORT, PreparedData
 from tune.space import build_space, describe
+from tune.tracking.explanations import log_explanations
+
+log = logging.getLogger(__name__)
+
+EXPLAIN_PER_TASK = 3  # most confident true positives drawn per task
+EXPLAIN_MAX_TASKS = 24  # above this (ToxCast: 617), the tasks with the most test positives
 
 
 def record(
@@ -64,6 +75,13 @@ def record(
             calibration=final.calibration,
         )
         tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
+        duplicates = job.storage.read_text(job.name, DUPLICATES_REPORT)
+        if duplicates is not None:
+            (Path(tmp) / DUPLICATES_REPORT).write_text(duplicates, encoding="utf-8")
+            tracking.client_for(job.tracking_uri).log_artifact(
+                parent_run_id, str(Path(tmp) / DUPLICATES_REPORT)
+            )
+    explain_confident_positives(job, data, final, parent_run_id)
     return tracking.register_best_model(
         job.tracking_uri,
         parent_run_id,
@@ -82,3 +100,34 @@ def record(
             "ensemble": str(job.search.ensemble),
         },
     )
+
+
+def explain_confident_positives(
+    job: JobConfig, data: PreparedData, final: FinalModel, parent_run_id: str
+) -> None:
+    """Pictures of the test split's most confident true positives per task on the parent run
+    (`explanations/<task>/`), for the `EXPLAIN_MAX_TASKS` tasks with the most test positives.
+    A picture that cannot be made is a warning: the model is already chosen and scored."""
+    test = data.split.test
+    labels = data.labels[test]
+    tasks = list(data.table.tasks)
+    if len(tasks) > EXPLAIN_MAX_TASKS:
+        positives = np.nansum(labels == 1, axis=0)
+        keep = sorted(np.argsort(-positives, kind="stable")[:EXPLAIN_MAX_TASKS].tolist())
+        log.info("explanations for the %d tasks with most test positives", len(keep))
+    else:
+        keep = list(range(len(tasks)))
+    smiles = [data.table.smiles[i] for i in data.features.valid_rows[test]]
+    try:
+        log_explanations(
+            job.tracking_uri,
+            parent_run_id,
+            load_checkpoint(final.checkpoint),
+            smiles,
+            labels[:, keep],
+            final.test_probs[:, keep],
+            [tasks[j] for j in keep],
+            per_task=EXPLAIN_PER_TASK,
+        )
+    except (TrackingError, ValueError, RuntimeError) as exc:
+        log.warning("explanation pictures not logged: %s", exc)

@@ -275,3 +275,26 @@ def test_pictures_are_valid_png_and_svg_with_atom_weight_tables(tmp_path: Path) 
     assert Image.open(BytesIO(draw(found[0], size=(200, 150)))).size == (200, 150)
     with pytest.raises(ValueError, match="format"):
         draw(found[0], fmt="jpg")
+
+
+def test_a_calibrated_model_reports_the_probability_predict_gives() -> None:
+    """The picture's probability is the one a user of `predict` sees (calibrated), while the
+    atom weights are the raw logit's (calibration keeps the order, so they rank the same)."""
+    import dataclasses
+
+    from toxmodel.calibration import Calibration, TaskCalibration
+
+    config = FeaturizerConfig(n_bits=64)
+    raw = _predictor(config, _linear(config, 64, seed=0))
+    platt = Calibration(
+        ("t0", "t1"), (TaskCalibration("platt", slope=0.3, intercept=-1.0), TaskCalibration())
+    )
+    calibrated = dataclasses.replace(raw, calibration=platt)
+    smiles = ["OC(=O)c1ccccc1", "CCO"]
+    found = explain(calibrated, smiles, "t0")
+    shown = calibrated.predict(smiles)["t0"].to_numpy()
+    uncalibrated = raw.predict(smiles)["t0"].to_numpy()
+    assert [e.probability for e in found] == pytest.approx(shown.tolist(), abs=1e-6)
+    assert not np.allclose(shown, uncalibrated, atol=1e-3)  # the calibration did change them
+    plain = explain(raw, smiles, "t0")
+    assert np.allclose(found[0].atom_weights, plain[0].atom_weights)

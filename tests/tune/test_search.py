@@ -15,7 +15,7 @@ from tests.tune.conftest import children, tiny_job
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.model import Ensemble
 from tune.drills import FaultPlan
-from tune.finalize import ENSEMBLE_DIR, score_test
+from tune.finalize import FINAL_DIR, score_test
 from tune.job import run_job
 from tune.prepare import prepare_data
 from tune.study import METRIC
@@ -68,7 +68,7 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     # The registered model is the best trial plus two retrained seeds, averaged; the test score
     # reported is that ensemble's, scored once.
     assert version.tags["ensemble"] == "3"
-    ensemble = load_checkpoint(Path(result.experiment_path) / ENSEMBLE_DIR / CHECKPOINT_FILE)
+    ensemble = load_checkpoint(Path(result.experiment_path) / FINAL_DIR / CHECKPOINT_FILE)
     assert isinstance(ensemble.model, Ensemble) and len(ensemble.model.members) == 3
     assert ensemble.extra["trial_id"] == result.best_trial_id
     data = prepare_data(job, progress=False)

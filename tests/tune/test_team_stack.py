@@ -88,7 +88,7 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
     assert any(k.rsplit("/", 1)[-1].startswith("experiment_state") for k in keys)
     checkpoints = [k for k in keys if "/checkpoint_" in k and k.endswith("/model.pt")]
     assert len(checkpoints) >= 1
-    assert f"toxtune/{result.name}/ensemble/model.pt" in keys
+    assert f"toxtune/{result.name}/final/model.pt" in keys
     assert result.experiment_path == f"{stack.s3.uri}/toxtune/{result.name}"
     # Nothing under the working directory: no ./s3:, no mlflow.db, no optuna.db.
     assert list(workdir.iterdir()) == []

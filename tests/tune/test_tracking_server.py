@@ -67,6 +67,12 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
         "plots/roc_curves.png",
         "plots/reliability.png",
     } <= plots
+    # Pictures of the test split's most confident true positives, a folder per task.
+    folders = [a.path for a in client.list_artifacts(result.parent_run_id, "explanations")]
+    assert folders, "no explanation pictures on the parent run"
+    for folder in folders:
+        files = [a.path for a in client.list_artifacts(result.parent_run_id, folder)]
+        assert any(f.endswith(".png") for f in files), files
 
     kids = children(client, result.parent_run_id)
     assert len(kids) == job.search.num_samples
