@@ -30,7 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.services import free_port, ray_cluster, wait_http
-from tests.team_stack import postgres_server, team_mlflow
+from tests.team_stack import postgres_server, s3_env, team_mlflow
 
 BIN = Path(sys.executable).parent
 BUCKET = "toxtune-bench"
@@ -51,13 +51,7 @@ def moto_process(log: Path) -> Iterator[dict[str, str]]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "MLFLOW_S3_ENDPOINT_URL": endpoint,
-    }
+    env = s3_env(endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

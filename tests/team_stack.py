@@ -45,6 +45,17 @@ class S3Server:
         return f"s3://{self.bucket}"
 
 
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The variables that point pyarrow, boto3 and MLflow at the S3 server (fake credentials)."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+    }
+
+
 @contextlib.contextmanager
 def s3_server(bucket: str = "toxtune-team") -> Iterator[S3Server]:
     """moto's S3 server on a free loopback port, with `bucket` made; the variables to reach it
@@ -55,13 +66,7 @@ def s3_server(bucket: str = "toxtune-team") -> Iterator[S3Server]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "MLFLOW_S3_ENDPOINT_URL": endpoint,
-    }
+    env = s3_env(endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -16,8 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tune.cli.configs import config_arg
-from tune.cli.predict import tracking_uri
+from tune.cli.predict import add_store_args, tracking_uri
 from tune.errors import ConfigError, ServingError
 
 
@@ -62,13 +61,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, help="folder for the pictures (created)")
     p.add_argument("--format", choices=("png", "svg"), default="png")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow store holding the model (default: the one `toxtune tune` uses, "
-        "sqlite under --storage-path)",
-    )
-    p.add_argument(
-        "--storage-path", help="results folder of `toxtune tune` (default: toxtune_results)"
-    )
-    p.add_argument("--config", type=config_arg, help="job config whose tracking URI to use")
+    add_store_args(p)
     p.set_defaults(func=cmd_explain)

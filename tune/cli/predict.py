@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="e.g. models:/toxtune-tox21@champion")
     p.add_argument("--output", default="predictions.csv", help="CSV to write (not the input)")
     p.add_argument("--smiles-column", default="smiles")
+    add_store_args(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """Where a registered model is looked up (read by `tracking_uri`): predict and explain."""
     p.add_argument(
         "--tracking-uri",
         help="MLflow store holding the model (default: the one `toxtune tune` uses, "
@@ -60,4 +66,3 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--storage-path", help="results folder of `toxtune tune` (default: toxtune_results)"
     )
     p.add_argument("--config", type=config_arg, help="job config whose tracking URI to use")
-    p.set_defaults(func=cmd_predict)
