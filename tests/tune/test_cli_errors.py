@@ -30,9 +30,9 @@ from tune.errors import (
 
 TOXTUNE = str(Path(sys.executable).parent / "toxtune")
 UNREACHABLE = "http://127.0.0.1:1"
+# 32 distinct molecules (alcohols and amines of growing chains): repeats would share a split part
 ROWS = "smiles,t1,t2\n" + "".join(
-    f"{s},{i % 2},{(i // 2) % 2}\n"
-    for i, s in enumerate(["CCO", "CCN", "CCC", "c1ccccc1", "CC(=O)O", "CCCl", "CCBr", "OCCO"] * 4)
+    f"{'C' * (i // 2 + 1)}{'ON'[i % 2]},{(i // 2) % 2},{(i // 4) % 2}\n" for i in range(32)
 )
 
 
