@@ -71,7 +71,11 @@ def s3_server(bucket: str = "toxtune-team") -> Iterator[S3Server]:
     os.environ.update(env)
     try:
         import boto3
+        import requests
 
+        # moto keeps its buckets in process-wide state that outlives a server: start empty, or a
+        # job of an earlier test (same name, same bucket) would be found and continued.
+        requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield S3Server(endpoint, bucket, env)
     finally:
