@@ -199,6 +199,7 @@ def datasets(client: MlflowClient, run_id: str) -> list[tuple[str, str, str]]:
     ]
 
 
+@pytest.mark.slow  # a local Ray, and over HTTP a real MLflow server stopped and restarted
 def test_trial_runs_statuses_metrics_and_errors(
     backend: tuple[str, MlflowServer | None],
     tmp_path: Path,
