@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -98,6 +99,20 @@ class MlflowServer:
         if self.proc is not None:
             _kill_group(self.proc)
             self.proc = None
+
+    def bounce_later(self, after_s: float, down_s: float) -> threading.Thread:
+        """In a thread: wait `after_s`, stop the server for `down_s`, start it again (same port
+        and store). Join the thread before checking what arrived."""
+
+        def bounce() -> None:
+            time.sleep(after_s)
+            self.stop()
+            time.sleep(down_s)
+            self.start()
+
+        thread = threading.Thread(target=bounce)
+        thread.start()
+        return thread
 
     def log_tail(self, n: int = 40) -> str:
         path = self.root / "server.log"

@@ -3,7 +3,6 @@ artifacts in the bucket, the Optuna study in PostgreSQL. Nothing is left on the 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -175,14 +174,7 @@ def test_team_mlflow_server_restarted_mid_job_loses_no_result(
         tmp_path, small_csv, stack, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
     )
 
-    def bounce() -> None:
-        time.sleep(12)
-        stack.mlflow.stop()
-        time.sleep(8)
-        stack.mlflow.start()
-
-    thread = threading.Thread(target=bounce)
-    thread.start()
+    thread = stack.mlflow.bounce_later(after_s=12, down_s=8)
     try:
         result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
     finally:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -171,14 +169,7 @@ def test_server_restart_mid_job_loses_no_result(
         },
     )
 
-    def bounce() -> None:
-        time.sleep(12)
-        mlflow_http.stop()
-        time.sleep(8)
-        mlflow_http.start()
-
-    thread = threading.Thread(target=bounce)
-    thread.start()
+    thread = mlflow_http.bounce_later(after_s=12, down_s=8)
     try:
         result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
     finally:
