@@ -7,6 +7,7 @@ line 1); code keeps 0-based row indices (`MoleculeTable.line_of` maps one to the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -317,19 +318,15 @@ def deduplicate(table: MoleculeTable, keys: Sequence[str], policy: str) -> Dedup
     merged[(positives == 0) & (negatives == 0)] = np.nan
     cleared = int(np.sum(((positives > 0) | (negatives > 0)) & np.isnan(merged)))
     idx = np.asarray(rows, dtype=np.int64)
-    smiles = [table.smiles[i] for i in idx]
     out_labels = merged.astype(np.float32)
-    digest = hashlib.sha256(
-        table.content_hash.encode() + f"duplicates={policy}".encode() + idx.tobytes()
-    ).hexdigest()
-    result = MoleculeTable(
-        smiles=smiles,
+    kept = table.subset(idx)  # the first row of each molecule, then its merged labels
+    result = dataclasses.replace(
+        kept,
         labels=out_labels,
-        tasks=list(table.tasks),
-        source=table.source,
-        content_hash=digest,
-        conflicts=find_conflicts(smiles, out_labels),
-        skipped_columns=dict(table.skipped_columns),
+        content_hash=hashlib.sha256(
+            table.content_hash.encode() + f"duplicates={policy}".encode() + idx.tobytes()
+        ).hexdigest(),
+        conflicts=find_conflicts(kept.smiles, out_labels),
         lines=np.asarray([table.line_of(i) for i in idx], dtype=np.int64),
     )
     return Deduplicated(result, idx, members, n - len(rows), cleared)
