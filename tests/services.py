@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -310,3 +311,20 @@ def strict_json(raw: bytes) -> object:
 def invoke(url: str, smiles: list[str]) -> list[dict]:
     """POST a `smiles` table to a served model's /invocations; return its prediction rows."""
     return json.loads(invoke_raw(url, smiles))["predictions"]
+
+
+def wait_for_trial_on(
+    jobs: Any, job_id: str, mlflow: Any, experiment: str, nodes: set[str], timeout_s: float
+) -> str:
+    """Block until an MLflow trial run of the submitted job is tagged with one of `nodes`
+    (a trial is training there); returns the experiment's id. Fails the test, with the job's
+    log, if the job ends first or nothing shows up in `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert time.monotonic() < deadline, jobs.logs(job_id)[-4000:]
+        assert jobs.status(job_id) in ("PENDING", "RUNNING"), jobs.logs(job_id)[-4000:]
+        found = mlflow.get_experiment_by_name(experiment)
+        runs = mlflow.search_runs([found.experiment_id]) if found else []
+        if any(r.data.tags.get("node_id") in nodes for r in runs):
+            return found.experiment_id
+        time.sleep(0.5)

@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services import BIN, RayCluster, kill_ray_node, mlflow_server, ray_cluster
+from tests.services import (
+    BIN,
+    RayCluster,
+    kill_ray_node,
+    mlflow_server,
+    ray_cluster,
+    wait_for_trial_on,
+)
 from tune.cli import cluster as cluster_cli
 from tune.cluster import checks, storage, submission
 from tune.cluster import info as cinfo
@@ -714,15 +721,7 @@ def test_job_completes_after_a_worker_node_leaves(
         mlf = MlflowClient(tracking_uri=server.url)
 
         # Wait until a trial is training on the worker node, then take the node away.
-        deadline = time.monotonic() + 240
-        while True:
-            assert time.monotonic() < deadline, jobs.logs(job_id)[-4000:]
-            assert jobs.status(job_id) in ("PENDING", "RUNNING")
-            exp = mlf.get_experiment_by_name("node-loss")
-            runs = mlf.search_runs([exp.experiment_id]) if exp else []
-            if any(r.data.tags.get("node_id") in worker for r in runs):
-                break
-            time.sleep(0.5)
+        experiment_id = wait_for_trial_on(jobs, job_id, mlf, "node-loss", worker, 240)
         assert kill_ray_node(ray_c.node_dirs[0]) > 0
 
         status = jobs.wait(job_id, poll_s=1.0)
@@ -730,7 +729,7 @@ def test_job_completes_after_a_worker_node_leaves(
         assert status == "SUCCEEDED", logs[-6000:]
         alive = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)}
         assert alive == head  # the worker really left
-        runs = mlf.search_runs([exp.experiment_id], max_results=100)
+        runs = mlf.search_runs([experiment_id], max_results=100)
         kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         states = [
             {k: v for k, v in r.data.tags.items() if k.startswith(("toxtune.", "node"))}
