@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -58,6 +59,8 @@ def finished_trials(storage: str, name: str) -> int:
     try:
         study = optuna.load_study(study_name=name, storage=rdb(storage))
     except KeyError:
+        return 0
+    except sqlalchemy.exc.SQLAlchemyError:  # the driver is creating the database right now
         return 0
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
