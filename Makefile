@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # Tox21 is downloaded from MoleculeNet by default; a local copy is used when one sits beside the repo.
 DATA ?= $(firstword $(wildcard ../shared/data/tox21.csv) default)
 CONFIG ?= quick
+# Test processes: the end-to-end tests spend most of their time waiting on Ray, MLflow and
+# PostgreSQL, so two share 2 CPUs well; worksteal rebalances the long tests at the end.
+WORKERS ?= 2
 
 .PHONY: install tune test test-fast lint format clean
 
@@ -22,11 +25,11 @@ tune: install
 	$(VENV)/bin/toxtune tune --config $(CONFIG) --data $(DATA)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal
 
 # Everything not marked slow (no Ray cluster, MLflow server, served model or full job).
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
