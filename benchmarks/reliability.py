@@ -43,9 +43,9 @@ DRILLS = [
         "3 of 3 (the killed one retried in its own MLflow run)",
     ),
     Drill(
-        "a Ray worker node SIGKILLed mid-job (2-node cluster)",
-        "tests/tune/test_cluster.py::test_job_completes_after_a_worker_node_leaves",
-        "4 of 4 (retried on the head node)",
+        "a Ray worker node SIGKILLed mid-job (2-node cluster, submitted job)",
+        "tests/tune/test_cluster.py::test_submitted_job_runs_on_two_nodes_and_survives_losing_one",
+        "4 of 4 (retried on the head node); model registered",
     ),
     Drill(
         "MLflow server stopped for 8 s mid-job, restarted",
