@@ -6,8 +6,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(firstword $(wildcard ../shared/data/tox21.csv) default)
 CONFIG ?= quick
 # Test processes: the end-to-end tests spend most of their time waiting on Ray, MLflow and
-# PostgreSQL, so two share 2 CPUs well. The slow ones are collected first (tests/conftest.py)
-# and handed out one at a time, so they spread over the processes instead of queueing on one.
+# PostgreSQL, so two share 2 CPUs well; worksteal rebalances the long tests at the end.
 WORKERS ?= 2
 
 .PHONY: install tune test test-fast lint format clean
@@ -26,11 +25,11 @@ tune: install
 	$(VENV)/bin/toxtune tune --config $(CONFIG) --data $(DATA)
 
 test: install
-	$(PY) -m pytest -n $(WORKERS) --dist load --maxschedchunk 1
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal
 
 # Everything not marked slow (no Ray cluster, MLflow server, served model or full job).
 test-fast: install
-	$(PY) -m pytest -n $(WORKERS) --dist load --maxschedchunk 1 -m "not slow"
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -115,9 +115,3 @@ def tiny_smiles() -> list[str]:
     for i, bad in enumerate(INVALID_SMILES):
         items.insert(3 + 8 * i, bad)
     return items
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end (`slow`) tests first, in collection order: with several test processes
-    (`make test`) the long ones start early instead of leaving one process busy at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
