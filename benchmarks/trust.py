@@ -13,6 +13,23 @@ predictor with `domain=None`), alternately, `--repeats` times, and prints the be
 each as predictions per second, with the parts measured alone on the featurized queries: the
 domain lookup, the ensemble's forward pass and the calibration. Prints the machine and its load
 average (the host may be shared).
+
+    python benchmarks/trust.py uncertainty [--data ../shared/data/tox21.csv]
+                                           [--splits random scaffold] [--seeds 0 1 2]
+
+`uncertainty`: which measure of "how sure" earns its place, and why the ensemble's probability
+spread fails issue 16's half-split test. For each split method and seed, a 5-member ensemble of
+the search's default point (configs/tox21.yaml features; the members differ by seed, trained in
+one fused pass as the finalize stage does) predicts the test split, and each measure is scored
+per task over the labelled test rows:
+- `half`: ROC-AUC of the half with the smallest measure ("confident") and of the other half;
+- `rho`: Spearman's rho of the measure with |label - mean probability|;
+- `matched`: the same halves taken within each decile of the mean probability, scored by Brier
+  score (confident vs doubtful): what the measure says beyond the probability itself.
+Measures: `spread` (population std of the members' probabilities: the `<task>_std` column),
+`entropy` (of the mean probability: no ensemble needed, the reference), `logit_spread` (std of
+the members' logits) and `rank_spread` (std of each member's percentile among its own
+validation probabilities).
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,6 +177,111 @@ def speed(args: argparse.Namespace) -> None:
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
+def _spreads(members: np.ndarray, valid_members: np.ndarray) -> dict[str, np.ndarray]:
+    """The candidate measures of doubt, each (n, n_tasks), from (k, n, n_tasks) probabilities
+    and the members' (k, n_valid, n_tasks) validation probabilities."""
+    eps = 1e-6
+    clipped = np.clip(members, eps, 1 - eps)
+    mean = clipped.mean(axis=0)
+    logits = np.log(clipped / (1 - clipped))
+    ranks = np.empty_like(members)
+    for k in range(members.shape[0]):
+        for j in range(members.shape[2]):
+            ordered = np.sort(valid_members[k, :, j])
+            ranks[k, :, j] = np.searchsorted(ordered, members[k, :, j]) / len(ordered)
+    return {
+        "spread": members.std(axis=0),
+        "entropy": -(mean * np.log(mean) + (1 - mean) * np.log(1 - mean)),
+        "logit_spread": logits.std(axis=0),
+        "rank_spread": ranks.std(axis=0),
+    }
+
+
+def _auc(y: np.ndarray, p: np.ndarray, rows: list[np.ndarray]) -> float:
+    """Mean over tasks of ROC-AUC on each task's rows (tasks lacking a class left out)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = [
+        roc_auc_score(y[r, j], p[r, j]) for j, r in enumerate(rows) if len(np.unique(y[r, j])) == 2
+    ]
+    return float(np.mean(scores))
+
+
+def score_measure(y: np.ndarray, p: np.ndarray, doubt: np.ndarray) -> dict[str, float]:
+    """Half-split ROC-AUC, Spearman with the error, and probability-matched Brier halves."""
+    from scipy.stats import spearmanr
+
+    confident, doubtful, rhos, brier_c, brier_d = [], [], [], [], []
+    for j in range(y.shape[1]):
+        rows = np.flatnonzero(~np.isnan(y[:, j]))
+        order = rows[np.argsort(doubt[rows, j], kind="stable")]
+        confident.append(order[: len(order) // 2])
+        doubtful.append(order[len(order) // 2 :])
+        rhos.append(spearmanr(doubt[rows, j], np.abs(y[rows, j] - p[rows, j])).statistic)
+        edges = np.quantile(p[rows, j], np.linspace(0, 1, 11)[1:-1])
+        decile = np.searchsorted(edges, p[rows, j])
+        low, high = [], []
+        for d in range(10):
+            part = rows[decile == d]
+            part = part[np.argsort(doubt[part, j], kind="stable")]
+            low += list(part[: len(part) // 2])
+            high += list(part[len(part) // 2 :])
+        brier_c.append(np.mean((y[low, j] - p[low, j]) ** 2))
+        brier_d.append(np.mean((y[high, j] - p[high, j]) ** 2))
+    return {
+        "auc_confident": _auc(y, p, confident),
+        "auc_doubtful": _auc(y, p, doubtful),
+        "rho": float(np.nanmean(rhos)),
+        "brier_confident": float(np.mean(brier_c)),
+        "brier_doubtful": float(np.mean(brier_d)),
+    }
+
+
+def uncertainty(args: argparse.Namespace) -> None:
+    from tune import settings
+    from tune.config import load_config
+    from tune.finalize import predict_split, retrain
+    from tune.prepare import prepare_data
+
+    settings.configure_process()
+    print(f"machine: {machine()}; load average at start: {os.getloadavg()[0]:.2f}")
+    header = f"{'split':8s} {'seed':>4s} {'measure':13s} {'AUC conf/doubt':>15s} {'rho':>6s}"
+    print(f"{header} {'Brier matched conf/doubt':>25s}")
+    for split in args.splits:
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                job = load_config(
+                    "configs/tox21.yaml",
+                    overrides={
+                        "data.source": args.data,
+                        "split.method": split,
+                        "split.seed": seed,
+                        "ray.storage_path": tmp,
+                        "tracking.run_name": f"uncertainty-{split}-{seed}",
+                    },
+                )
+                data = prepare_data(job, progress=False)
+                fits = retrain(job, data, dict(DEFAULT_POINT), list(range(args.members)))
+                probs = {"test": [], "valid": []}
+                for fit in fits.values():
+                    member = fit.predictor()
+                    for part in probs:
+                        rows = getattr(data.split, part)
+                        frame = predict_split(member, data, rows)
+                        probs[part].append(frame[member.tasks].to_numpy(np.float64))
+            members, valid_members = np.stack(probs["test"]), np.stack(probs["valid"])
+            y, p = data.labels[data.split.test].astype(np.float64), members.mean(axis=0)
+            for name, doubt in _spreads(members, valid_members).items():
+                f = score_measure(y, p, doubt)
+                print(
+                    f"{split:8s} {seed:4d} {name:13s} {f['auc_confident']:7.3f}/"
+                    f"{f['auc_doubtful']:.3f} {f['rho']:6.3f} {f['brier_confident']:16.4f}/"
+                    f"{f['brier_doubtful']:.4f}",
+                    flush=True,
+                )
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +292,12 @@ def main() -> None:
     p.add_argument("--members", type=int, default=5, help="ensemble size (tox21.yaml: 5)")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=speed)
+    p = sub.add_parser("uncertainty", help="which measure of doubt earns its place")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Tox21 CSV (smiles + task columns)")
+    p.add_argument("--splits", nargs="+", default=["random", "scaffold"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--members", type=int, default=5, help="ensemble size (tox21.yaml: 5)")
+    p.set_defaults(func=uncertainty)
     args = parser.parse_args()
     args.func(args)
 
