@@ -197,18 +197,9 @@ def _spreads(members: np.ndarray, valid_members: np.ndarray) -> dict[str, np.nda
     }
 
 
-def _auc(y: np.ndarray, p: np.ndarray, rows: list[np.ndarray]) -> float:
-    """Mean over tasks of ROC-AUC on each task's rows (tasks lacking a class left out)."""
-    from sklearn.metrics import roc_auc_score
-
-    scores = [
-        roc_auc_score(y[r, j], p[r, j]) for j, r in enumerate(rows) if len(np.unique(y[r, j])) == 2
-    ]
-    return float(np.mean(scores))
-
-
 def score_measure(y: np.ndarray, p: np.ndarray, doubt: np.ndarray) -> dict[str, float]:
     """Half-split ROC-AUC, Spearman with the error, and probability-matched Brier halves."""
+    from quality import _mean_auc  # benchmarks/quality.py: the same per-task ROC-AUC mean
     from scipy.stats import spearmanr
 
     confident, doubtful, rhos, brier_c, brier_d = [], [], [], [], []
@@ -229,8 +220,8 @@ def score_measure(y: np.ndarray, p: np.ndarray, doubt: np.ndarray) -> dict[str, 
         brier_c.append(np.mean((y[low, j] - p[low, j]) ** 2))
         brier_d.append(np.mean((y[high, j] - p[high, j]) ** 2))
     return {
-        "auc_confident": _auc(y, p, confident),
-        "auc_doubtful": _auc(y, p, doubtful),
+        "auc_confident": _mean_auc(y, p, confident),
+        "auc_doubtful": _mean_auc(y, p, doubtful),
         "rho": float(np.nanmean(rhos)),
         "brier_confident": float(np.mean(brier_c)),
         "brier_doubtful": float(np.mean(brier_d)),
