@@ -56,6 +56,7 @@ from toxmodel.model import MLP, Ensemble
 from tune.space import DEFAULT_POINT, to_run_configs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tox21.csv"
+TOX21_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tox21.yaml"
 
 
 def machine() -> str:
@@ -242,7 +243,7 @@ def uncertainty(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 job = load_config(
-                    "configs/tox21.yaml",
+                    str(TOX21_CONFIG),
                     overrides={
                         "data.source": args.data,
                         "split.method": split,
