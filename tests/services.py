@@ -328,3 +328,18 @@ def wait_for_trial_on(
         if any(r.data.tags.get("node_id") in nodes for r in runs):
             return found.experiment_id
         time.sleep(0.5)
+
+
+def submitted_job_id(
+    proc: subprocess.Popen, out_path: Path, err_path: Path, timeout_s: float
+) -> str:
+    """The job id a running `toxtune submit` (writing to `out_path`) prints first
+    (`submitted job <id> ...`); fails the test if it exits or says nothing in `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in out_path.read_text().splitlines():
+            if line.startswith("submitted job"):
+                return line.split()[2]
+        assert proc.poll() is None, out_path.read_text() + err_path.read_text()
+        time.sleep(0.5)
+    raise AssertionError(f"no job id within {timeout_s:.0f}s: {out_path.read_text()}")

@@ -11,7 +11,6 @@ from mlflow.tracking import MlflowClient
 from tests.services import MlflowServer, mlflow_server
 from tune import settings
 from tune.config import JobConfig, load_config
-from tune.job import JobResult
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -108,25 +107,3 @@ def children(client: MlflowClient, parent_id: str) -> list:
     return client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500
     )
-
-
-def run_through_a_server_restart(job: JobConfig, server: MlflowServer) -> JobResult:
-    """Run `job` (1-s epochs) while its tracking server is stopped for 8 s after 12 s; check
-    that every trial's run finished with every epoch's metrics (replayed), and return it."""
-    from tune.drills import FaultPlan
-    from tune.job import run_job
-
-    thread = server.bounce_later(after_s=12, down_s=8)
-    try:
-        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
-    finally:
-        thread.join()
-    client = MlflowClient(server.url)
-    kids = children(client, result.parent_run_id)
-    assert len(kids) == job.search.num_samples
-    epochs = list(range(1, job.search.max_epochs + 1))
-    for kid in kids:
-        assert kid.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
-        assert steps == epochs  # every epoch of every trial arrived
-    return result

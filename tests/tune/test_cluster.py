@@ -2,7 +2,8 @@
 
 The unit tests need no cluster. The shared-storage tests start a real 2-node Ray cluster on
 127.0.0.1 (plus, where the machine allows mount namespaces, a node whose /tmp folder is private
-to it); the slow test submits a real job through the Jobs API and checks MLflow.
+to it). The submitted job end to end (two nodes, one lost mid-search) runs on the team stack:
+tests/tune/test_team_stack.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ import yaml
 from tests.services import (
     BIN,
     RayCluster,
-    kill_ray_node,
-    mlflow_server,
     ray_cluster,
-    wait_for_trial_on,
 )
 from tune.cli import cluster as cluster_cli
 from tune.cluster import checks, storage, submission
@@ -36,7 +34,6 @@ from tune.config import JobConfig, RayConfig, ResourcesConfig, TrackingConfig
 from tune.errors import ClusterError
 
 REPO = Path(__file__).resolve().parents[2]
-TOX21 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tox21.csv"
 HINT = "--tracking-uri http://MLFLOW_HOST:5000"
 
 
@@ -563,145 +560,3 @@ class TestRealCluster:
         # a path outside the private mount is still shared by all three
         storage.check_shared_storage(str(tmp_path / "shared"), timeout_s=90)
         assert len([n for n in ray.nodes() if n.get("Alive")]) == 3
-
-
-# --- end to end: `toxtune submit` to a real 2-node cluster --------------------------------------
-
-TARGETS = ["NR-AhR", "SR-ARE", "SR-MMP"]
-
-
-def _tiny_csv(path: Path, rows: int = 300) -> Path:
-    import pandas as pd
-
-    frame = pd.read_csv(TOX21)[["smiles", *TARGETS]].dropna().head(rows)
-    frame.to_csv(path, index=False)
-    return path
-
-
-def _tiny_config(path: Path, csv: Path) -> Path:
-    config = {
-        "data": {"source": str(csv), "targets": TARGETS},
-        "featurizer": {"radius": 2, "n_bits": 256},
-        "split": {"method": "random", "seed": 0},
-        "search": {
-            "searcher": "optuna",
-            "scheduler": "fifo",
-            "num_samples": 4,
-            "max_epochs": 2,
-            "grace_period": 1,
-            "max_concurrent": 2,
-            "patience": 0,
-            "space": {
-                "n_layers": {"low": 1, "high": 2},
-                "width_0": {"choices": [64]},
-                "width_1": {"choices": [32]},
-                "batch_size": {"choices": [64]},
-            },
-        },
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0.5},
-        "tracking": {
-            "experiment_name": "toxtune-cluster-e2e",
-            "run_name": "cluster-e2e",
-            "registered_model_name": "toxtune-cluster-e2e",
-        },
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def _job_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Environment the cluster's nodes (started next) hand to the job; returns its data CSV."""
-    if not TOX21.is_file():
-        pytest.skip(f"no local Tox21 copy at {TOX21}")
-    # The job's driver and trials inherit the environment of `ray start`: toxtune on PATH.
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return _tiny_csv(tmp_path / "tox21_small.csv")
-
-
-@pytest.mark.slow
-def test_submitted_job_runs_on_two_nodes_and_survives_losing_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`toxtune submit --follow` to a head and a worker node (logical GPUs, 0.5 per trial):
-    a trial trains on the worker, the worker is then SIGKILLed, and the job still succeeds with
-    every trial finished (the lost one retried on the head) and the model registered."""
-    from mlflow import MlflowClient
-
-    csv = _job_environment(tmp_path, monkeypatch)
-    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))  # 1 s epochs
-    config = _tiny_config(tmp_path / "tiny.yaml", csv)
-    raw = yaml.safe_load(config.read_text())
-    raw["search"]["max_epochs"] = 4
-    config.write_text(yaml.safe_dump(raw))
-    storage = tmp_path / "shared-results"
-    with (
-        mlflow_server(tmp_path / "mlflow") as server,
-        ray_cluster(tmp_path / "ray", num_cpus=1, num_gpus=2, dashboard=True) as ray_c,
-    ):
-        head = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)}
-        ray_c.add_node(num_cpus=1, num_gpus=2)
-        worker = {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)} - head
-        assert len(worker) == 1
-        cmd = [
-            str(BIN / "toxtune"), "submit", "--address", ray_c.dashboard_url,
-            "--config", str(config), "--tracking-uri", server.url,
-            "--storage-path", str(storage), "--follow",
-        ]  # fmt: skip
-        out_path, err_path = tmp_path / "submit.out", tmp_path / "submit.err"
-        with out_path.open("w") as out, err_path.open("w") as err:
-            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=err, text=True)
-        try:
-            job_id = _submitted_job_id(proc, out_path, err_path, timeout_s=300)
-            jobs = submission.JobsClient.connect(ray_c.dashboard_url)
-            mlf = MlflowClient(tracking_uri=server.url)
-
-            # Wait until a trial is training on the worker node (so both nodes ran trials),
-            # then take the node away; that trial's run then carries the node it retried on.
-            experiment_id = wait_for_trial_on(
-                jobs, job_id, mlf, "toxtune-cluster-e2e", worker, timeout_s=300
-            )
-            assert kill_ray_node(ray_c.node_dirs[0]) > 0
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        stdout, stderr = out_path.read_text(), err_path.read_text()
-        report = f"rc={proc.returncode}\n{stdout[-4000:]}\n{stderr[-3000:]}\n{server.log_tail()}"
-        assert proc.returncode == 0, report
-        assert jobs.status(job_id) == "SUCCEEDED", jobs.logs(job_id)[-6000:]
-        assert "--address auto" in stdout and "--tracking-uri=" in stdout
-        assert "best trial:" in stdout  # --follow streamed the job's own report
-        assert {n.node_id for n in cinfo.alive_nodes(ray_c.dashboard_url)} == head  # it left
-
-        runs = mlf.search_runs([experiment_id], max_results=1000)
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        assert len(parents) == 1, [r.info.run_name for r in parents]
-        children = [r for r in runs if r is not parents[0]]
-        assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
-        trials = [r for r in children if "node_id" in r.data.tags]
-        states = [
-            {k: v for k, v in r.data.tags.items() if k.startswith("toxtune.")} for r in trials
-        ]
-        assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}, states
-        retried = [r for r in trials if r.data.tags.get("toxtune.retries")]
-        assert retried and all(r.data.tags["node_id"] in head for r in retried), states
-
-        champion = mlf.get_model_version_by_alias("toxtune-cluster-e2e", "champion")
-        assert champion.version and champion.status == "READY"
-        assert (storage / "cluster-e2e").is_dir()  # results on the given (shared) path
-
-
-def _submitted_job_id(
-    proc: subprocess.Popen, out_path: Path, err_path: Path, timeout_s: float
-) -> str:
-    """The job id a running `toxtune submit` prints first (`submitted job <id> ...`)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in out_path.read_text().splitlines():
-            if line.startswith("submitted job"):
-                return line.split()[2]
-        assert proc.poll() is None, out_path.read_text() + err_path.read_text()
-        time.sleep(0.5)
-    raise AssertionError(f"no job id within {timeout_s:.0f}s: {out_path.read_text()}")

@@ -3,6 +3,9 @@ artifacts in the bucket, the Optuna study in PostgreSQL. Nothing is left on the 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +14,19 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.services import MlflowServer
+from tests.services import (
+    BIN,
+    MlflowServer,
+    invoke,
+    kill_ray_node,
+    model_server,
+    ray_cluster,
+    submitted_job_id,
+    wait_for_trial_on,
+)
 from tests.team_stack import (
     Postgres,
     S3Server,
@@ -23,7 +36,9 @@ from tests.team_stack import (
     s3_server,
     team_mlflow,
 )
-from tests.tune.conftest import children, run_through_a_server_restart, tiny_job
+from tests.tune.conftest import children, tiny_job
+from tune.cluster import submission
+from tune.cluster.info import alive_nodes
 from tune.config import JobConfig
 from tune.drills import FaultPlan
 from tune.job import run_job
@@ -42,12 +57,16 @@ class Stack:
     study_storage: str
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack for the module's tests (starting it takes ~15 s): each test names its own job,
+    experiment and model, so they share the bucket, the databases and the server as a team's
+    jobs do."""
     with s3_server() as s3, postgres_server() as pg:
         backend = pg.create_database("mlflow")
         study = pg.create_database("optuna")
-        with team_mlflow(backend, f"{s3.uri}/mlartifacts", tmp_path / "mlflow") as server:
+        root = tmp_path_factory.mktemp("team-mlflow")
+        with team_mlflow(backend, f"{s3.uri}/mlartifacts", root) as server:
             yield Stack(s3, pg, server, study)
 
 
@@ -59,6 +78,26 @@ def _empty_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return workdir
 
 
+def _team_job(
+    tmp_path: Path, data: Path, stack: Stack, name: str, **overrides: object
+) -> JobConfig:
+    """The tiny job with its results in the bucket, MLflow on the team server, the study in
+    PostgreSQL; `name` is its job, experiment and registered model (unique per test)."""
+    return tiny_job(
+        tmp_path,
+        data,
+        **{
+            "ray.storage_path": f"{stack.s3.uri}/toxtune",
+            "tracking.tracking_uri": stack.mlflow.url,
+            "tracking.study_storage": stack.study_storage,
+            "tracking.run_name": name,
+            "tracking.experiment_name": name,
+            "tracking.registered_model_name": name,
+            **overrides,
+        },
+    )
+
+
 def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servable_model(
     tmp_path: Path,
     small_csv: Path,
@@ -67,16 +106,7 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     workdir = _empty_workdir(tmp_path, monkeypatch)
-    job = tiny_job(
-        tmp_path,
-        small_csv,
-        **{
-            "ray.storage_path": f"{stack.s3.uri}/toxtune",
-            "tracking.tracking_uri": stack.mlflow.url,
-            "tracking.study_storage": stack.study_storage,
-            "search.ensemble": 2,
-        },
-    )
+    job = _team_job(tmp_path, small_csv, stack, "objects", **{"search.ensemble": 2})
     result = run_job(job, progress=False)
 
     keys = bucket_keys(stack.s3, f"toxtune/{result.name}/")
@@ -128,28 +158,17 @@ def test_driver_killed_resumes_from_the_bucket_and_the_postgres_study(
     assert any(k.endswith("toxtune_done.json") for k in keys)
 
 
-def _team_job(tmp_path: Path, data: Path, stack: Stack, **overrides: object) -> JobConfig:
-    """The tiny job with its results in the bucket, MLflow on the team server, the study in
-    PostgreSQL."""
-    return tiny_job(
-        tmp_path,
-        data,
-        **{
-            "ray.storage_path": f"{stack.s3.uri}/toxtune",
-            "tracking.tracking_uri": stack.mlflow.url,
-            "tracking.study_storage": stack.study_storage,
-            **overrides,
-        },
-    )
-
-
 def test_trial_worker_killed_on_the_team_stack_is_retried_from_the_bucket(
     tmp_path: Path, small_csv: Path, no_ray: None, stack: Stack
 ) -> None:
     """The retried trial restores its checkpoint from the bucket; every trial finishes, one
     MLflow run each, and the study in PostgreSQL has them all."""
     job = _team_job(
-        tmp_path, small_csv, stack, **{"search.num_samples": 3, "search.scheduler": "fifo"}
+        tmp_path,
+        small_csv,
+        stack,
+        "worker-killed",
+        **{"search.num_samples": 3, "search.scheduler": "fifo"},
     )
     faults = FaultPlan(kill_in=frozenset({1}), marker_dir=str(tmp_path))
     result = run_job(job, faults=faults, progress=False)
@@ -167,14 +186,29 @@ def test_trial_worker_killed_on_the_team_stack_is_retried_from_the_bucket(
 def test_team_mlflow_server_restarted_mid_job_loses_no_result(
     tmp_path: Path, small_csv: Path, no_ray: None, stack: Stack
 ) -> None:
-    """The PostgreSQL-backed server is stopped for 8 s mid-job: every epoch of every trial
-    still arrives (replayed), no run is left RUNNING, and the model is registered."""
+    """The PostgreSQL-backed server is stopped for 8 s, 12 s into a job of 1-s epochs: every
+    epoch of every trial still arrives (replayed), no run is left RUNNING, and the model is
+    registered."""
     job = _team_job(
-        tmp_path, small_csv, stack, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
+        tmp_path,
+        small_csv,
+        stack,
+        "mlflow-restart",
+        **{"search.max_epochs": 4, "search.scheduler": "fifo"},
     )
 
-    result = run_through_a_server_restart(job, stack.mlflow)
+    thread = stack.mlflow.bounce_later(after_s=12, down_s=8)
+    try:
+        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
+    finally:
+        thread.join()
     client = MlflowClient(stack.mlflow.url)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == job.search.num_samples
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
+        assert steps == [1, 2, 3, 4]  # every epoch of every trial arrived
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert client.get_model_version_by_alias(job.model_name, "champion")
 
@@ -184,13 +218,9 @@ def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
 ) -> None:
     """A worker whose S3 endpoint is wrong (as a node without credentials or a route to the
     bucket would be) fails the job before any trial runs, and only that node is blamed."""
-    import subprocess
     import sys
 
-    import yaml
-
-    from tests.services import _ray, ray_cluster
-    from tune.cluster.info import alive_nodes
+    from tests.services import _ray
 
     with ray_cluster(tmp_path / "ray", num_cpus=2, dashboard=True) as cluster:
         blind = Path(f"{cluster.temp_dir}_blind")
@@ -206,16 +236,12 @@ def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
             {**cluster.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},  # nothing listens there
         )
         config = tmp_path / "job.yaml"
-        job = tiny_job(
+        job = _team_job(
             tmp_path,
             small_csv,
-            **{
-                "ray.address": cluster.address,
-                "ray.num_cpus": None,
-                "ray.storage_path": f"{stack.s3.uri}/toxtune",
-                "tracking.tracking_uri": stack.mlflow.url,
-                "tracking.study_storage": stack.study_storage,
-            },
+            stack,
+            "blind-node",
+            **{"ray.address": cluster.address, "ray.num_cpus": None},
         )
         config.write_text(yaml.safe_dump(job.to_dict()))
         out = subprocess.run(
@@ -238,92 +264,127 @@ def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
     assert [r.info.status for r in runs] == ["FAILED"]  # the job's run only: no trial ran
 
 
+TOX21 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tox21.csv"
+TARGETS = ["NR-AhR", "SR-ARE", "SR-MMP"]
+
+
+def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 4-trial, 4-epoch job on 300 Tox21 rows (0.5 logical GPU per trial, 1-s epochs), and
+    the environment the cluster's nodes (started next) hand to it; returns the config."""
+    if not TOX21.is_file():
+        pytest.skip(f"no local Tox21 copy at {TOX21}")
+    csv = tmp_path / "tox21_small.csv"
+    pd.read_csv(TOX21)[["smiles", *TARGETS]].dropna().head(300).to_csv(csv, index=False)
+    # The job's driver and trials inherit the environment of `ray start`: toxtune on PATH.
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = {
+        "data": {"source": str(csv), "targets": TARGETS},
+        "featurizer": {"radius": 2, "n_bits": 256},
+        "split": {"method": "random", "seed": 0},
+        "search": {
+            "searcher": "optuna",
+            "scheduler": "fifo",
+            "num_samples": 4,
+            "max_epochs": 4,
+            "max_concurrent": 2,
+            "patience": 0,
+            "space": {
+                "n_layers": {"low": 1, "high": 2},
+                "width_0": {"choices": [64]},
+                "width_1": {"choices": [32]},
+                "batch_size": {"choices": [64]},
+            },
+        },
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0.5},
+        "tracking": {
+            "experiment_name": "toxtune-cluster-e2e",
+            "run_name": "cluster-e2e",
+            "registered_model_name": "toxtune-cluster-e2e",
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
     tmp_path: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each node has its own temp dir and the job its own working directory: the bucket and
-    PostgreSQL are all they share. Trials run on both nodes; the worker node is SIGKILLed while
-    it trains one, which is retried on the head from its checkpoint in the bucket; the model is
-    registered, and `toxtune predict` and `mlflow models serve` load it from the object store."""
-    import json
-    import subprocess
-    import sys
-
-    import yaml
-
-    from tests.services import (
-        invoke,
-        kill_ray_node,
-        model_server,
-        ray_cluster,
-        wait_for_trial_on,
-    )
-    from tests.tune.test_cluster import _job_environment, _tiny_config
-    from tune.cluster import submission
-    from tune.cluster.info import alive_nodes
-
-    bin_dir = Path(sys.executable).parent
-    csv = _job_environment(tmp_path, monkeypatch)
-    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))  # 1 s epochs
-    config = _tiny_config(tmp_path / "tiny.yaml", csv)
-    raw = yaml.safe_load(config.read_text())
-    raw["search"]["max_epochs"] = 4
-    config.write_text(yaml.safe_dump(raw))
+    """`toxtune submit --follow` to a head and a worker node (logical GPUs, 0.5 per trial), each
+    with its own temp dir, the job with its own working directory: the bucket and PostgreSQL
+    are all they share. A trial trains on the worker, the worker is then SIGKILLed, and the
+    job still succeeds with every trial finished (the lost one retried on the head from its
+    checkpoint in the bucket); the model is registered, and `toxtune predict` and `mlflow
+    models serve` load it from the object store."""
+    config = _cluster_job(tmp_path, monkeypatch)
     client = MlflowClient(stack.mlflow.url)
     with ray_cluster(tmp_path / "ray", num_cpus=1, num_gpus=2, dashboard=True) as ray_c:
         head = {n.node_id for n in alive_nodes(ray_c.dashboard_url)}
         ray_c.add_node(num_cpus=1, num_gpus=2)
         worker = {n.node_id for n in alive_nodes(ray_c.dashboard_url)} - head
+        assert len(worker) == 1
         cmd = [
-            str(bin_dir / "toxtune"), "submit", "--address", ray_c.dashboard_url,
+            str(BIN / "toxtune"), "submit", "--address", ray_c.dashboard_url,
             "--config", str(config), "--tracking-uri", stack.mlflow.url,
             "--storage-path", f"{stack.s3.uri}/team", "--study-storage", stack.study_storage,
+            "--follow",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        lines = proc.stdout.splitlines()
-        job_id = next(ln.split()[2] for ln in lines if ln.startswith("submitted"))
-        jobs = submission.JobsClient.connect(ray_c.dashboard_url)
-
-        # Wait until a trial is training on the worker node (so both nodes ran trials), then
-        # take the node away; the trial's run then carries the node it was retried on.
-        experiment_id = wait_for_trial_on(
-            jobs, job_id, client, "toxtune-cluster-e2e", worker, timeout_s=300
-        )
-        assert kill_ray_node(ray_c.node_dirs[0]) > 0
-        status = jobs.wait(job_id, poll_s=1.0)
-        report = jobs.logs(job_id)[-6000:]
-        assert status == "SUCCEEDED", report
+        out_path, err_path = tmp_path / "submit.out", tmp_path / "submit.err"
+        with out_path.open("w") as out, err_path.open("w") as err:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=err, text=True)
+        try:
+            job_id = submitted_job_id(proc, out_path, err_path, timeout_s=300)
+            jobs = submission.JobsClient.connect(ray_c.dashboard_url)
+            # Wait until a trial is training on the worker node (so both nodes ran trials),
+            # then take the node away; that trial's run then carries the node it retried on.
+            experiment_id = wait_for_trial_on(
+                jobs, job_id, client, "toxtune-cluster-e2e", worker, timeout_s=300
+            )
+            assert kill_ray_node(ray_c.node_dirs[0]) > 0
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        report = f"rc={proc.returncode}\n{stdout[-4000:]}\n{stderr[-3000:]}"
+        assert proc.returncode == 0, report + stack.mlflow.log_tail()
+        assert jobs.status(job_id) == "SUCCEEDED", jobs.logs(job_id)[-6000:]
+        assert "--address auto" in stdout and "--tracking-uri=" in stdout
+        assert "best trial:" in stdout  # --follow streamed the job's own report
         assert {n.node_id for n in alive_nodes(ray_c.dashboard_url)} == head  # it really left
 
     runs = client.search_runs([experiment_id], max_results=500)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    kids = [r for r in runs if r is not parents[0]]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in kids)
     trials = [r for r in runs if "node_id" in r.data.tags]
-    assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}, report
+    states = [{k: v for k, v in r.data.tags.items() if k.startswith("toxtune.")} for r in trials]
+    assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}, states
     retried = [r for r in trials if r.data.tags.get("toxtune.retries")]
-    assert retried and all(r.data.tags["node_id"] in head for r in retried), report
+    assert retried and all(r.data.tags["node_id"] in head for r in retried), states
+    champion = client.get_model_version_by_alias("toxtune-cluster-e2e", "champion")
+    assert champion.version and champion.status == "READY"
     keys = bucket_keys(stack.s3, "team/cluster-e2e/")
     assert any(k.endswith("toxtune_done.json") for k in keys)
     assert any("/checkpoint_" in k for k in keys)
+    assert not (tmp_path / "s3:").exists()  # the URI was not taken for a local folder
 
     # The registered model, from the object store: toxtune predict and the REST server.
     source = tmp_path / "in.csv"
     source.write_text("smiles\nCCO\nnot-a-smiles\n")
     out = subprocess.run(
         [
-            str(bin_dir / "toxtune"),
-            "predict",
-            "--model",
-            "models:/toxtune-cluster-e2e@champion",
-            str(source),
-            "--output",
-            str(tmp_path / "p.csv"),
-            "--tracking-uri",
-            stack.mlflow.url,
+            str(BIN / "toxtune"), "predict", "--model", "models:/toxtune-cluster-e2e@champion",
+            str(source), "--output", str(tmp_path / "p.csv"), "--tracking-uri", stack.mlflow.url,
         ],
         capture_output=True,
         text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     predicted = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert predicted["error"][0] == "" and predicted["error"][1] != ""
@@ -331,5 +392,5 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
         rows = invoke(url, ["CCO", "not-a-smiles"])
     assert rows[0]["error"] == "" and rows[1]["error"] != ""
     # Both read the same registered model: the same probabilities for the same molecule.
-    for task in ("NR-AhR", "SR-ARE", "SR-MMP"):
+    for task in TARGETS:
         assert rows[0][task] == pytest.approx(float(predicted[f"p_{task}"][0]), abs=1e-6)

@@ -13,7 +13,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, free_port, invoke, model_server
-from tests.tune.conftest import children, run_through_a_server_restart, tiny_job
+from tests.tune.conftest import children, tiny_job
 from tune.job import run_job
 from tune.serving import load_model
 from tune.tracking import TrackingError, check_tracking
@@ -153,19 +153,3 @@ def test_job_over_http_logs_tree_metrics_artifacts_and_registers(
     assert all(rows[0][f"{task}_std"] is None for task in tasks)  # one network: no spread
     assert rows[1]["error"] != ""
     assert all(rows[1][k] is None for k in ("nn_similarity", "in_domain", f"{tasks[0]}_std"))
-
-
-def test_server_restart_mid_job_loses_no_result(
-    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer, no_ray: None
-) -> None:
-    job = tiny_job(
-        tmp_path,
-        small_csv,
-        **{
-            "tracking.tracking_uri": mlflow_http.url,
-            "search.scheduler": "fifo",
-            "search.max_epochs": 4,
-        },
-    )
-
-    run_through_a_server_restart(job, mlflow_http)
