@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import MlflowServer, invoke, invoke_raw, model_server, strict_json
+from tests.services import invoke_raw, model_server, strict_json
 from toxmodel.calibration import Calibration, TaskCalibration
 from toxmodel.checkpoint import Predictor, load_checkpoint, save_predictor, uncertainty_columns
 from toxmodel.data import DataError
@@ -317,26 +317,6 @@ def test_predict_without_tracking_uri_finds_the_store_tune_used(
     assert preds[[f"p_{t}_std" for t in TASKS]].isna().all().all()  # no spread made up
     assert preds[["nn_similarity", "in_domain"]].isna().all().all()
     assert not (store / "mlflow.db").exists()
-
-
-@pytest.mark.slow
-def test_served_over_http_from_the_tracking_server(
-    checkpoint: Path, mlflow_http: MlflowServer, tmp_path: Path
-) -> None:
-    uri = mlflow_http.url
-    _register(uri, checkpoint, "tox-http", "0.7", "t1")
-    frame = pd.DataFrame({"smiles": ["CCO", "not-a-smiles", "", None, "c1ccccc1O"]})
-    _check_predictions(load_model("models:/tox-http@champion", uri).predict(frame), checkpoint)
-
-    with model_server("models:/tox-http@champion", uri, tmp_path) as url:
-        rows = invoke(url, ["CCO", "not-a-smiles"])
-    assert len(rows) == 2
-    assert rows[0]["error"] == ""
-    want = _expected(checkpoint, ["CCO"])
-    assert all(rows[0][n] == pytest.approx(float(want[n][0]), abs=1e-6) for n in NUMBERS)
-    assert rows[0]["in_domain"] is bool(want["in_domain"][0])
-    assert rows[1]["error"] != ""
-    assert all(rows[1][n] is None for n in [*NUMBERS, "in_domain"])
 
 
 @pytest.mark.slow

@@ -269,8 +269,9 @@ TARGETS = ["NR-AhR", "SR-ARE", "SR-MMP"]
 
 
 def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A 4-trial, 4-epoch job on 300 Tox21 rows (0.5 logical GPU per trial, 1-s epochs), and
-    the environment the cluster's nodes (started next) hand to it; returns the config."""
+    """A 4-trial, 4-epoch job on 300 Tox21 rows (0.5 logical GPU per trial, 1-s epochs; a
+    2-network ensemble registered), and the environment the cluster's nodes (started next)
+    hand to it; returns the config."""
     if not TOX21.is_file():
         pytest.skip(f"no local Tox21 copy at {TOX21}")
     csv = tmp_path / "tox21_small.csv"
@@ -291,6 +292,7 @@ def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             "max_epochs": 4,
             "max_concurrent": 2,
             "patience": 0,
+            "ensemble": 2,  # the registered model has a spread to serve
             "space": {
                 "n_layers": {"low": 1, "high": 2},
                 "width_0": {"choices": [64]},
@@ -391,6 +393,11 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
     with model_server("models:/toxtune-cluster-e2e@champion", stack.mlflow.url, tmp_path) as url:
         rows = invoke(url, ["CCO", "not-a-smiles"])
     assert rows[0]["error"] == "" and rows[1]["error"] != ""
-    # Both read the same registered model: the same probabilities for the same molecule.
+    assert all(value is None for key, value in rows[1].items() if key not in ("smiles", "error"))
+    # Both read the same registered model (an ensemble, calibrated, with its domain): the same
+    # probabilities, spreads and similarity for the same molecule.
     for task in TARGETS:
-        assert rows[0][task] == pytest.approx(float(predicted[f"p_{task}"][0]), abs=1e-6)
+        for served, written in ((task, f"p_{task}"), (f"{task}_std", f"p_{task}_std")):
+            assert rows[0][served] == pytest.approx(float(predicted[written][0]), abs=1e-6)
+    assert rows[0]["nn_similarity"] == pytest.approx(float(predicted["nn_similarity"][0]))
+    assert str(rows[0]["in_domain"]) == predicted["in_domain"][0]
