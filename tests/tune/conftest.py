@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer, mlflow_server
+from toxmodel.featurize import FeaturizerConfig, featurize
+from toxmodel.model import ModelConfig
+from toxmodel.split import Split
+from toxmodel.train import FitResult, TrainConfig, fit
 from tune import settings
 from tune.config import JobConfig, load_config
 
@@ -106,4 +111,33 @@ def children(client: MlflowClient, parent_id: str) -> list:
     exp = client.get_run(parent_id).info.experiment_id
     return client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500
+    )
+
+
+# A tiny model for the prediction-side tests (serving, explain): 48 SMILES whose two labels follow
+# substructure rules (a nitrogen in the tail; an aromatic ring); the first 36 train, 12 validate.
+TINY_TASKS = ["NR-AR", "SR-p53"]
+TINY_SMILES = [
+    h + t
+    for h in ["C", "CC", "CCC", "CC(C)", "c1ccccc1", "c1ccncc1", "C1CCCCC1", "OCC"]
+    for t in ["O", "N", "Cl", "F", "C(=O)O", "C(=O)N"]
+]
+TINY_FEATURIZER = FeaturizerConfig(n_bits=128)
+TINY_TRAIN_ROWS = 36
+
+
+def tiny_fit(seed: int = 0, epochs: int = 2) -> FitResult:
+    """A 16-unit MLP trained on TINY_SMILES for `epochs` epochs (seconds on one thread)."""
+    feats = featurize(TINY_SMILES, TINY_FEATURIZER, n_jobs=1)
+    labels = [[float("N" in s), float("c1" in s)] for s in TINY_SMILES]
+    rows = np.arange(len(TINY_SMILES))
+    split = Split(train=rows[:TINY_TRAIN_ROWS], valid=rows[TINY_TRAIN_ROWS:], test=rows[:0])
+    return fit(
+        feats,
+        np.array(labels, dtype=np.float32),
+        split,
+        TINY_TASKS,
+        ModelConfig(hidden=(16,)),
+        TrainConfig(epochs=epochs, batch_size=8, patience=0, seed=seed),
+        num_threads=1,
     )

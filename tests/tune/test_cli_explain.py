@@ -11,38 +11,19 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from tests.tune.conftest import TINY_TASKS, tiny_fit
 from toxmodel.checkpoint import load_checkpoint
-from toxmodel.featurize import FeaturizerConfig, featurize
-from toxmodel.model import ModelConfig
-from toxmodel.split import Split
-from toxmodel.train import TrainConfig, fit
 from tune.tracking import default_tracking_uri, register_best_model, start_job_run
 from tune.tracking.explanations import log_explanations
 
-TASKS = ["NR-AR", "SR-p53"]
-HEADS = ["C", "CC", "CCC", "CC(C)", "c1ccccc1", "c1ccncc1", "C1CCCCC1", "OCC"]
-TAILS = ["O", "N", "Cl", "F", "C(=O)O", "C(=O)N"]
+TASKS = TINY_TASKS
 TAGS = {"searcher": "optuna", "seed": "0", "split": "random:0", "data_hash": "abc"}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MLP trained for a few epochs on 48 SMILES, saved as a checkpoint file."""
-    smiles = [h + t for h in HEADS for t in TAILS]
-    feats = featurize(smiles, FeaturizerConfig(n_bits=128), n_jobs=1)
-    labels = np.array([[float("N" in s), float("c1" in s)] for s in smiles], dtype=np.float32)
-    rows = np.arange(len(smiles))
-    split = Split(train=rows[:36], valid=rows[36:], test=rows[:0])
-    result = fit(
-        feats,
-        labels,
-        split,
-        TASKS,
-        ModelConfig(hidden=(16,)),
-        TrainConfig(epochs=3, batch_size=8, patience=0),
-        num_threads=1,
-    )
-    return result.save(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    return tiny_fit(epochs=3).save(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 def cli(capfd: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

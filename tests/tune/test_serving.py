@@ -12,47 +12,32 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.services import invoke_raw, model_server, strict_json
+from tests.tune.conftest import (
+    TINY_FEATURIZER,
+    TINY_SMILES,
+    TINY_TASKS,
+    TINY_TRAIN_ROWS,
+    tiny_fit,
+)
 from toxmodel.calibration import Calibration, TaskCalibration
 from toxmodel.checkpoint import Predictor, load_checkpoint, save_predictor, uncertainty_columns
 from toxmodel.data import DataError
 from toxmodel.domain import fit_domain
-from toxmodel.featurize import FeaturizerConfig, featurize
-from toxmodel.model import Ensemble, ModelConfig
-from toxmodel.split import Split
-from toxmodel.train import TrainConfig, fit
+from toxmodel.featurize import featurize
+from toxmodel.model import Ensemble
 from tune import serving
 from tune.errors import ServingError
 from tune.serving import load_model, output_columns, predict_file
 from tune.tracking import Registration, default_tracking_uri, register_best_model, start_job_run
 
 BIN = Path(sys.executable).parent
-TASKS = ["NR-AR", "SR-p53"]
-HEADS = ["C", "CC", "CCC", "CC(C)", "c1ccccc1", "c1ccncc1", "C1CCCCC1", "OCC"]
-TAILS = ["O", "N", "Cl", "F", "C(=O)O", "C(=O)N"]
 VERSION_TAGS = {"searcher": "optuna", "seed": "0", "split": "random:0", "data_hash": "abc"}
-
-
-SMILES = [h + t for h in HEADS for t in TAILS]
-FEATURIZER = FeaturizerConfig(n_bits=128)
-TRAIN_ROWS = 36  # the first 36 SMILES train, the other 12 validate
+TASKS, SMILES, FEATURIZER, TRAIN_ROWS = TINY_TASKS, TINY_SMILES, TINY_FEATURIZER, TINY_TRAIN_ROWS
 
 
 def _predictor(seed: int) -> Predictor:
     """A tiny MLP trained for two epochs on 48 SMILES."""
-    feats = featurize(SMILES, FEATURIZER, n_jobs=1)
-    labels = np.array([[float("N" in s), float("c1" in s)] for s in SMILES], dtype=np.float32)
-    rows = np.arange(len(SMILES))
-    split = Split(train=rows[:TRAIN_ROWS], valid=rows[TRAIN_ROWS:], test=rows[:0])
-    result = fit(
-        feats,
-        labels,
-        split,
-        TASKS,
-        ModelConfig(hidden=(16,)),
-        TrainConfig(epochs=2, batch_size=8, patience=0, seed=seed),
-        num_threads=1,
-    )
-    return result.predictor()
+    return tiny_fit(seed).predictor()
 
 
 @pytest.fixture(scope="module")
