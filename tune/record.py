@@ -43,10 +43,13 @@ def record(
 ) -> tracking.Registration:
     """Log the job summary to the parent run and register the final model."""
     with tempfile.TemporaryDirectory(prefix="toxtune-record-") as tmp:
-        # A local copy of the invalid-SMILES report to log (the job's own may be in a bucket).
+        # Local copies of the data reports to log (the job's own may be in a bucket).
         report = write_invalid_report(
             data.features.invalid, Path(tmp) / INVALID_REPORT, data.table.lines
         )
+        duplicates = job.storage.read_text(job.name, DUPLICATES_REPORT)
+        if duplicates is not None:
+            (Path(tmp) / DUPLICATES_REPORT).write_text(duplicates, encoding="utf-8")
         summary = tracking.JobSummary(
             n_rows=len(data.table.smiles),
             n_valid=len(data.features),
@@ -73,14 +76,9 @@ def record(
                 final.test_probs_uncalibrated,
             ),
             calibration=final.calibration,
+            duplicates_report=None if duplicates is None else Path(tmp) / DUPLICATES_REPORT,
         )
         tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
-        duplicates = job.storage.read_text(job.name, DUPLICATES_REPORT)
-        if duplicates is not None:
-            (Path(tmp) / DUPLICATES_REPORT).write_text(duplicates, encoding="utf-8")
-            tracking.client_for(job.tracking_uri).log_artifact(
-                parent_run_id, str(Path(tmp) / DUPLICATES_REPORT)
-            )
     explain_confident_positives(job, data, final, parent_run_id)
     return tracking.register_best_model(
         job.tracking_uri,

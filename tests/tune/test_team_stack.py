@@ -106,13 +106,17 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     workdir = _empty_workdir(tmp_path, monkeypatch)
-    job = _team_job(tmp_path, small_csv, stack, "objects", **{"search.ensemble": 2})
+    table = pd.read_csv(small_csv)
+    repeated = tmp_path / "repeated.csv"  # three molecules twice: averaged, and reported
+    pd.concat([table, table.head(3)]).to_csv(repeated, index=False)
+    overrides = {"search.ensemble": 2, "data.duplicates": "average"}
+    job = _team_job(tmp_path, repeated, stack, "objects", **overrides)
     result = run_job(job, progress=False)
 
     keys = bucket_keys(stack.s3, f"toxtune/{result.name}/")
     names = {k.rsplit("/", 1)[-1] for k in keys}
     assert {"toxtune_job.yaml", "toxtune_fingerprint.json", "toxtune_done.json"} <= names
-    assert "invalid_smiles.csv" in names
+    assert {"invalid_smiles.csv", "duplicates.csv"} <= names
     assert any(k.rsplit("/", 1)[-1].startswith("experiment_state") for k in keys)
     checkpoints = [k for k in keys if "/checkpoint_" in k and k.endswith("/model.pt")]
     assert len(checkpoints) >= 1
@@ -131,6 +135,13 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
     client = MlflowClient(stack.mlflow.url)
     version = client.get_model_version_by_alias(job.model_name, "champion")
     assert version.tags["data_hash"]
+    # Both data reports reach the job's run, read back from the bucket.
+    folded = client.download_artifacts(result.parent_run_id, "dataset", str(tmp_path / "dl"))
+    assert sorted(p.name for p in Path(folded).iterdir()) == [
+        "duplicates.csv",
+        "invalid_smiles.csv",
+    ]
+    assert len(pd.read_csv(Path(folded) / "duplicates.csv")) == 3
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow.url)
     model = mlflow.pyfunc.load_model(f"models:/{job.model_name}@champion")
     out = model.predict(pd.DataFrame({"smiles": ["CCO", "not a smiles"]}))

@@ -447,7 +447,12 @@ def test_job_summary_metrics_artifacts_and_plots(tmp_path: Path) -> None:
     metrics = evaluate(y, np.clip(y * 0.5 + rng.random((30, 2)) * 0.5, 0, 1), TASKS)
 
     parent = start_job_run(uri, "exp", "summary", {}, resume=False)
-    log_job_summary(uri, parent, _summary(tmp_path, _study(6), metrics))
+    duplicates = tmp_path / "duplicates.csv"  # as prepare writes it when rows were folded
+    duplicates.write_text("line,row,smiles,molecule,kept_line\n7,5,OCC,CCO,3\n")
+    summary = dataclasses.replace(
+        _summary(tmp_path, _study(6), metrics), duplicates_report=duplicates
+    )
+    log_job_summary(uri, parent, summary)
     run = client.get_run(parent)
     assert run.data.tags["dataset.content_hash"] == "abc123"
     assert datasets(client, parent) == [("tox21", "abc123", "train")]
@@ -467,8 +472,11 @@ def test_job_summary_metrics_artifacts_and_plots(tmp_path: Path) -> None:
     names = {a.path for a in client.list_artifacts(parent)}
     assert {"trials.csv", "search_space.json", "best_params.json", "dataset", "plots"} <= names
     assert {a.path for a in client.list_artifacts(parent, "dataset")} == {
-        "dataset/invalid_smiles.csv"
+        "dataset/invalid_smiles.csv",
+        "dataset/duplicates.csv",  # beside it, so a reviewer finds both reports in one place
     }
+    folded = client.download_artifacts(parent, "dataset/duplicates.csv", str(tmp_path / "dl"))
+    assert Path(folded).read_text() == duplicates.read_text()
     plots = {a.path for a in client.list_artifacts(parent, "plots")}
     assert plots == {
         "plots/optimization_history.png",

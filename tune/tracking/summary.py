@@ -82,6 +82,7 @@ class JobSummary:
     trust: dict[str, float] = field(default_factory=dict)
     reliability_data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
     calibration: dict[str, str] = field(default_factory=dict)
+    duplicates_report: Path | None = None  # rows folded into another row of their molecule
 
     def dataset_info(self) -> DatasetInfo:
         if self.dataset is not None:
@@ -146,8 +147,9 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
     client.log_dict(run, jsonable(summary.cluster), "cluster.json")
     if summary.calibration:
         client.log_dict(run, jsonable(summary.calibration), "calibration.json")
-    if summary.invalid_report and Path(summary.invalid_report).is_file():
-        client.log_artifact(run, str(summary.invalid_report), "dataset")
+    for report in (summary.invalid_report, summary.duplicates_report):
+        if report and Path(report).is_file():
+            client.log_artifact(run, str(report), "dataset")
     drawn = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
