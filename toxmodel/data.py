@@ -382,7 +382,8 @@ class DataSummary:
             lines.append(f"duplicate SMILES with conflicting labels: {self.conflicts}")
         if self.duplicates is not None:
             d = self.duplicates
-            how = "standardized canonical SMILES" if self.standardized else "canonical SMILES"
+            how = "canonical SMILES without stereo"
+            how = f"standardized {how}" if self.standardized else how
             lines.append(
                 f"rows sharing a molecule with another row: {d.shared_rows} "
                 f"({d.molecules} molecules, by {how})"
@@ -414,8 +415,8 @@ class DataSummary:
 def describe(table: MoleculeTable, features: Features | None = None) -> DataSummary:
     """Counts behind `summarize`; SMILES are featurized (Morgan bits) when no features are given.
 
-    Repeated molecules are counted by the features' molecule keys (canonical SMILES, after
-    standardization when the features were made with it).
+    Repeated molecules are counted by the features' molecule keys (canonical SMILES without
+    stereo, after standardization when the features were made with it).
     """
     if features is None:
         from toxmodel.featurize import FeaturizerConfig, featurize

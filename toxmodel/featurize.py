@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 MAX_SMILES_LENGTH = 1000  # longer inputs are refused: nothing in Tox21/ToxCast comes close (~350)
 MACCS_BITS = 167
+# What rows of one molecule share (recorded with each job, so a job is never continued under
+# keys that group its rows otherwise).
+MOLECULE_KEY = "canonical SMILES without stereo"
 COUNT_CLIP = 255  # Morgan counts are stored as uint8
-CACHE_FORMAT = 2  # bump when the npz layout changes; older files are then recomputed (2: keys)
+# Bump when the npz layout or the keys change; older files are then recomputed (2: keys;
+# 3: stereo-blind keys).
+CACHE_FORMAT = 3
 _MAX_REASON_CHARS = 300
 _GENERIC_REASON = "RDKit could not parse the SMILES"
 # Rough single-core seconds per molecule, used to decide when a process pool pays off.
@@ -74,8 +79,8 @@ class Features:
     valid_rows: np.ndarray  # int64 indices of the input rows that featurized
     invalid: list[InvalidSmiles]
     config: FeaturizerConfig
-    # The molecule key of each valid row: canonical SMILES of the molecule that was featurized
-    # (after standardization when it is on); None when the features were built without them.
+    # The molecule key of each valid row: canonical SMILES, without stereo, of the molecule that
+    # was featurized (after standardization when it is on); None when built without them.
     canonical: list[str] | None = None
 
     @property
@@ -220,13 +225,16 @@ def featurize(
 
 
 def canonical_smiles(smiles: Sequence[str], config: FeaturizerConfig) -> list[str]:
-    """The molecule key of each SMILES: RDKit canonical (isomeric) SMILES of the molecule the
-    featurizer would see, so standardized when `config.standardize` is on ("" when invalid).
+    """The molecule key of each SMILES: RDKit canonical SMILES of the molecule the featurizer
+    would see, so standardized when `config.standardize` is on ("" when invalid), and without
+    stereo: Morgan bits do not see it, so stereoisomers are one input to the model and must not
+    straddle a split.
 
-    "OCC" and "CCO" share a key; with standardize, so does the salt "CCO.[Na+]". Keys are the
-    same as `Features.row_keys` of `featurize(smiles, config)`, which computes them as it goes
-    (and caches them); call this only where no features are at hand: it parses every SMILES
-    again (about 0.2 ms a molecule, 1.2 ms with standardize, on one core).
+    "OCC" and "CCO" share a key, as do "C[C@H](N)C(=O)O" and "C[C@@H](N)C(=O)O"; with
+    standardize, so does the salt "CCO.[Na+]". Keys are the same as `Features.row_keys` of
+    `featurize(smiles, config)`, which computes them as it goes (and caches them); call this
+    only where no features are at hand: it parses every SMILES again (about 0.2 ms a
+    molecule, 1.2 ms with standardize, on one core).
     """
     items = list(smiles)
     mols, rows, _ = _parse_all(items, 0, config.standardize)
@@ -413,14 +421,15 @@ def _featurize_chunk(task: tuple[int, list[Any], FeaturizerConfig]) -> _Chunk:
 
 
 def _canonical(mols: list[Any]) -> list[str]:
-    """Canonical isomeric SMILES of each molecule (the molecule key); "" where RDKit fails."""
+    """Canonical SMILES without stereo of each molecule (the molecule key: stereoisomers have
+    the same Morgan bits); "" where RDKit fails."""
     from rdkit import Chem, rdBase
 
     keys: list[str] = []
     with rdBase.BlockLogs():
         for mol in mols:
             try:
-                keys.append(Chem.MolToSmiles(mol))
+                keys.append(Chem.MolToSmiles(mol, isomericSmiles=False))
             except Exception:
                 keys.append("")
     return keys

@@ -79,7 +79,7 @@ class DataConfig:
     targets: list[str] | None = None  # None: every binary 0/1 column
     cache_dir: str | None = None  # None: $TOXTUNE_CACHE_DIR or ~/.cache/toxtune
     allow_single_class: bool = False  # drop (and report) one-class tasks instead of refusing
-    # Rows of one molecule (same canonical SMILES, after featurizer.standardize when on) always
+    # Rows of one molecule (same canonical SMILES without stereo, after featurizer.standardize)
     # land in one split part. keep: every row stays; average: one row per molecule, each task
     # the majority label (a tie: missing); drop: one row per molecule, a conflicting task missing.
     duplicates: str = "keep"

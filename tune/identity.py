@@ -4,10 +4,10 @@ a job was run on, which any continuation must match.
 A new job gets `<experiment>-<UTC timestamp>` unless the user names it, so two commands never
 share a record by accident (Ray Tune and MLflow name runs the same way). A job is continued only
 when asked: `--resume NAME`, or an explicit `--run-name` of a job that exists. A continuation
-whose data content hash, targets, duplicates policy, featurizer or split differ from the saved
-job's is refused before Ray starts, naming what differs: otherwise one Optuna study and one
-MLflow run would hold trials scored on two datasets, and the winner could be tested on data it
-never saw validated.
+whose data content hash, targets, duplicates policy, molecule key, featurizer or split differ
+from the saved job's is refused before Ray starts, naming what differs: otherwise one Optuna
+study and one MLflow run would hold trials scored on two datasets, and the winner could be
+tested on data it never saw validated.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def default_model_name(source: str) -> str:
 # What a fingerprint saved before the `data` section existed means: every row kept (the only
 # behaviour then), so such a job continues under the default policy.
 _OLD_DATA: dict[str, Any] = {"duplicates": "keep"}
+# The molecule key of a fingerprint saved before it was recorded: stereo was part of it then, so
+# such a job is not continued under today's stereo-blind keys (its split would change).
+_OLD_MOLECULE_KEY = "canonical SMILES with stereo"
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ class Fingerprint:
     tasks: list[str]
     featurizer: dict[str, Any]
     split: dict[str, Any]
-    data: dict[str, Any] = field(default_factory=lambda: dict(_OLD_DATA))  # duplicates policy
+    # duplicates policy and molecule key: which rows count as one molecule
+    data: dict[str, Any] = field(default_factory=lambda: dict(_OLD_DATA))
 
     def differences(self, other: Fingerprint) -> list[str]:
         """Human-readable list of what differs from `other` (empty when nothing does)."""
@@ -109,7 +113,7 @@ def read_fingerprint(storage: Storage, name: str) -> Fingerprint | None:
         tasks=[str(t) for t in raw["tasks"]],
         featurizer=dict(raw["featurizer"]),
         split=dict(raw["split"]),
-        data=dict(raw.get("data", _OLD_DATA)),
+        data={"molecule_key": _OLD_MOLECULE_KEY, **raw.get("data", _OLD_DATA)},
     )
 
 

@@ -6,7 +6,7 @@ featurized; `prepare_data` then returns the featurized, split data and leaves th
 holding its data fingerprint, the invalid-SMILES report and, when rows were merged, the
 duplicates report (every input row folded into another, by file line). Featurization is cached
 on disk by content hash and featurizer settings, so a resumed or repeated job does not featurize
-again; the molecule keys (canonical SMILES) come with the features.
+again; the molecule keys (canonical SMILES without stereo) come with the features.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from toxmodel.data import (
     default_cache_dir,
     load_table,
 )
-from toxmodel.featurize import Features, featurize_cached, write_invalid_report
+from toxmodel.featurize import MOLECULE_KEY, Features, featurize_cached, write_invalid_report
 from toxmodel.split import Split, missing_class_warnings, molecule_groups, split_dataset
 from tune import study
 from tune.config import CONFIG_FILE, JobConfig
@@ -77,7 +77,7 @@ def fingerprint(job: JobConfig, table: MoleculeTable) -> Fingerprint:
         tasks=list(table.tasks),
         featurizer=asdict(job.featurizer),
         split=asdict(job.split),
-        data={"duplicates": job.data.duplicates},
+        data={"duplicates": job.data.duplicates, "molecule_key": MOLECULE_KEY},
     )
 
 

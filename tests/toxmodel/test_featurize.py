@@ -377,6 +377,23 @@ def test_features_carry_each_rows_molecule_key(n_jobs: int) -> None:
     assert std_keys == canonical_smiles(smiles, standard)
 
 
+def test_stereoisomers_share_a_key_as_they_share_their_features() -> None:
+    """The model cannot tell stereoisomers apart (Morgan bits and MACCS keys ignore stereo, 2D
+    descriptors see at most whether it is specified), so they are one molecule to the splits:
+    one key, never in two parts."""
+    smiles = ["C[C@H](N)C(=O)O", "C[C@@H](N)C(=O)O", "CC(N)C(=O)O", "F/C=C/F", "F/C=C\\F"]
+    config = FeaturizerConfig(n_bits=2048, maccs=True, descriptors=True)
+    features = featurize(smiles, config, n_jobs=1)
+    keys = features.row_keys(len(smiles))
+    for first, other in ((0, 1), (0, 2), (3, 4)):
+        np.testing.assert_array_equal(features.fingerprint[other], features.fingerprint[first])
+        assert keys[other] == keys[first]
+    for first, mirror in ((0, 1), (3, 4)):  # R/S and E/Z: every feature the same
+        np.testing.assert_array_equal(features.descriptors[mirror], features.descriptors[first])
+    assert keys[0] != keys[3]
+    assert keys == canonical_smiles(smiles, config)
+
+
 def test_take_renumbers_rows_and_keeps_invalid_ones() -> None:
     smiles = ["CCO", "bad(", "c1ccccc1", "OCC", ""]
     features = featurize(smiles, FeaturizerConfig(n_bits=64), n_jobs=1)

@@ -213,8 +213,8 @@ def test_missing_class_warnings_name_task_and_split() -> None:
 
 
 def _repeats_table() -> tuple[list[str], np.ndarray, list[str]]:
-    """~150 rows of 40 molecules, each written several ways (atom order, salt, charge), with
-    conflicting labels; plus the raw SMILES' standardized keys computed independently."""
+    """~150 rows of 44 molecules, each written several ways (atom order, salt, charge, stereo),
+    with conflicting labels; plus the raw SMILES' standardized keys computed independently."""
     from rdkit.Chem.MolStandardize import rdMolStandardize
 
     bases = [
@@ -223,6 +223,9 @@ def _repeats_table() -> tuple[list[str], np.ndarray, list[str]]:
     ]
     bases += ["C" * k + "O" for k in range(1, 10)] + ["C" * k + "N" for k in range(1, 10)]
     bases += ["C1CC" + "C" * k + "C1" for k in range(10)]
+    # Stereoisomers: one input to the model (its features ignore stereo), so one molecule.
+    bases += ["C[C@H](N)C(=O)O", "C[C@@H](N)C(=O)O", "F/C=C/Cl", "F/C=C\\Cl"]
+    bases += ["C[C@H](O)CC", "C[C@@H](O)CC", "CC(O)CC"]
     rng = np.random.default_rng(5)
     smiles: list[str] = []
     for i, base in enumerate(bases):
@@ -234,7 +237,10 @@ def _repeats_table() -> tuple[list[str], np.ndarray, list[str]]:
     labels = (rng.random((len(smiles), 3)) < 0.4).astype(np.float32)
     labels[rng.random(labels.shape) < 0.2] = np.nan
     chooser = rdMolStandardize.LargestFragmentChooser(preferOrganic=True)
-    keys = [Chem.MolToSmiles(chooser.choose(Chem.MolFromSmiles(s))) for s in smiles]
+    keys = [
+        Chem.MolToSmiles(chooser.choose(Chem.MolFromSmiles(s)), isomericSmiles=False)
+        for s in smiles
+    ]
     return smiles, labels, keys
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from toxmodel.featurize import MOLECULE_KEY
 from tune.config import load_config, named
 from tune.errors import ConfigError, JobMismatchError
 from tune.identity import (
@@ -72,6 +73,7 @@ def _fp(**changes: object) -> Fingerprint:
         "tasks": ["t1", "t2"],
         "featurizer": {"n_bits": 1024, "radius": 2},
         "split": {"method": "random", "seed": 0},
+        "data": {"duplicates": "keep", "molecule_key": MOLECULE_KEY},
     }
     base.update(changes)
     return Fingerprint(**base)  # type: ignore[arg-type]
@@ -93,7 +95,10 @@ def test_fingerprint_round_trips_and_same_data_continues(tmp_path: Path) -> None
         ({"tasks": ["t1"]}, "targets"),
         ({"featurizer": {"n_bits": 2048, "radius": 2}}, "featurizer.n_bits"),
         ({"split": {"method": "scaffold", "seed": 0}}, "split.method"),
-        ({"data": {"duplicates": "average"}}, r"data.duplicates \('keep' saved, 'average' now\)"),
+        (
+            {"data": {"duplicates": "average", "molecule_key": MOLECULE_KEY}},
+            r"data.duplicates \('keep' saved, 'average' now\)",
+        ),
     ],
 )
 def test_continuation_on_changed_data_or_settings_is_refused_naming_what(
@@ -110,7 +115,27 @@ def test_a_fingerprint_saved_before_the_duplicates_policy_means_keep(tmp_path: P
     old = {k: v for k, v in dataclasses.asdict(_fp()).items() if k != "data"}
     storage.write_text("old", FINGERPRINT_FILE, text=json.dumps(old))
     saved = read_fingerprint(storage, "old")
-    assert saved is not None and saved.data == {"duplicates": "keep"}
-    check_continuation("old", saved, _fp())
-    with pytest.raises(JobMismatchError, match=r"data\.duplicates"):
+    assert saved is not None and saved.data["duplicates"] == "keep"
+    with pytest.raises(JobMismatchError, match=r"data\.duplicates") as refused:
         check_continuation("old", saved, _fp(data={"duplicates": "drop"}))
+    assert "data.molecule_key" in str(refused.value)  # and its keys had stereo (below)
+
+
+def test_a_job_keyed_with_stereo_is_not_continued_under_stereo_blind_keys(
+    tmp_path: Path,
+) -> None:
+    """Jobs saved before the molecule key dropped stereo grouped stereoisomers apart: their
+    split would change under today's keys, so continuing one is refused, by name."""
+    import json
+
+    storage = Storage.open(str(tmp_path))
+    before = dataclasses.asdict(_fp(data={"duplicates": "keep"}))  # no molecule_key recorded
+    storage.write_text("before", FINGERPRINT_FILE, text=json.dumps(before))
+    saved = read_fingerprint(storage, "before")
+    assert saved is not None
+    with pytest.raises(JobMismatchError) as refused:
+        check_continuation("before", saved, _fp())
+    assert (
+        "data.molecule_key ('canonical SMILES with stereo' saved, "
+        "'canonical SMILES without stereo' now)"
+    ) in str(refused.value)

@@ -32,6 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--standardize",
         action="store_true",
         help="compare molecules after standardization (largest fragment, neutralized), as "
-        "featurizer.standardize does; default: canonical SMILES as written",
+        "featurizer.standardize does; default: canonical SMILES (without stereo) as written",
     )
     p.set_defaults(func=cmd_data)
