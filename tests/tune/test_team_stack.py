@@ -141,7 +141,8 @@ def test_object_store_job_keeps_everything_in_the_bucket_and_registers_a_servabl
         "duplicates.csv",
         "invalid_smiles.csv",
     ]
-    assert len(pd.read_csv(Path(folded) / "duplicates.csv")) == 3
+    listed = set(pd.read_csv(Path(folded) / "duplicates.csv")["line"])
+    assert {len(table) + 2, len(table) + 3, len(table) + 4} <= listed  # the repeats' file lines
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow.url)
     model = mlflow.pyfunc.load_model(f"models:/{job.model_name}@champion")
     out = model.predict(pd.DataFrame({"smiles": ["CCO", "not a smiles"]}))
