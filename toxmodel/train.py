@@ -7,10 +7,12 @@ small MLPs.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +109,34 @@ class EpochResult:
     stop_reason: str  # "" if training goes on; "max_epochs" or "early_stopping" on the last
     train_seconds: float = 0.0  # the training part of `seconds`
     context: RunContext | None = field(default=None, repr=False)
+    # The whole training state after this epoch (what `fit(resume=...)` continues from).
+    state: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
 
-    def checkpoint(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-        """Save the current model as a toxmodel checkpoint (see `load_checkpoint`)."""
+    def checkpoint(
+        self, path: str | Path, extra: Mapping[str, Any] | None = None, best: bool = False
+    ) -> Path:
+        """Save the current model (or, `best`, the best epoch's so far) as a toxmodel
+        checkpoint (see `load_checkpoint`)."""
         if self.context is None:
             raise ValueError("this EpochResult carries no run context to checkpoint with")
         c = self.context
-        meta = {"epoch": self.epoch, "val_roc_auc": self.valid.roc_auc, **(extra or {})}
+        model, meta = self.model, {"epoch": self.epoch, "val_roc_auc": self.valid.roc_auc}
+        if best and not self.is_best:
+            if self.state is None:
+                raise ValueError("this EpochResult carries no training state")
+            state = self.state()
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(state["best_weights"])
+            meta = {"epoch": state["best_epoch"], "val_roc_auc": state["best_valid"]["roc_auc"]}
         return save_checkpoint(
-            path, self.model, c.model_config, c.featurizer, c.tasks, c.n_inputs, c.scaler, meta
+            path,
+            model,
+            c.model_config,
+            c.featurizer,
+            c.tasks,
+            c.n_inputs,
+            c.scaler,
+            {**meta, **(extra or {})},
         )
 
 
@@ -335,6 +356,21 @@ def _check_inputs(
         raise ValueError("batch norm needs at least 2 training rows")
 
 
+def save_train_state(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write a training state (`EpochResult.state()`) atomically; plain types and tensors only,
+    so `load_train_state` reads it with `torch.load(weights_only=True)`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """A training state written by `save_train_state`, for `fit(resume=...)`."""
+    return dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+
+
 def fit(
     features: Features,
     labels: np.ndarray,
@@ -345,6 +381,7 @@ def fit(
     device: str | torch.device = "cpu",
     callback: EpochCallback | None = None,
     num_threads: int | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train an MLP on `split.train`, validating every epoch; returns the best epoch's model.
 
@@ -352,7 +389,9 @@ def fit(
     ROC-AUC (the validation loss when no task has both classes there). `callback` runs after
     each epoch; returning True stops training. Raises TrainingDiverged on a non-finite loss.
     Deterministic for `train_config.seed` on a given device; the caller's RNG state and thread
-    count are restored afterwards.
+    count are restored afterwards. `resume`, a state an epoch handed out (`EpochResult.state`),
+    continues that run at its next epoch: weights, optimiser, schedule, random streams and the
+    best epoch so far, so the epochs that follow are those an uninterrupted run would have had.
     """
     dev = resolve_device(device)
     tasks = list(tasks)
@@ -364,7 +403,9 @@ def fit(
     rng_devices = [dev.index] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices, device_type="cuda"):
-            return _fit(features, labels, split, tasks, model_config, train_config, dev, callback)
+            return _fit(
+                features, labels, split, tasks, model_config, train_config, dev, callback, resume
+            )
     finally:
         torch.set_num_threads(threads)
 
@@ -378,6 +419,7 @@ def _fit(
     cfg: TrainConfig,
     dev: torch.device,
     callback: EpochCallback | None,
+    resume: Mapping[str, Any] | None = None,
 ) -> FitResult:
     torch.manual_seed(cfg.seed)
     scaler = None
@@ -413,7 +455,45 @@ def _fit(
     best_valid: Metrics | None = None
     best_state: dict[str, Tensor] = {}
     stop_reason = "max_epochs"
-    for epoch in range(1, cfg.epochs + 1):
+    first = 1
+    if resume is not None:
+        model.load_state_dict(resume["weights"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["cpu_rng"])
+        if dev.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], dev)
+        best_score, best_epoch = float(resume["best_score"]), int(resume["best_epoch"])
+        best_valid, since_best = Metrics(**resume["best_valid"]), int(resume["since_best"])
+        best_state = {k: v.to(dev) for k, v in resume["best_weights"].items()}
+        history = [dict(h) for h in resume["history"]]
+        stop_reason = str(resume["stop_reason"]) or stop_reason
+        # A run that had already stopped has no epoch left to train.
+        first = cfg.epochs + 1 if resume["stop_reason"] else int(resume["epoch"]) + 1
+
+    def state_after(epoch: int, reason: str) -> dict[str, Any]:
+        assert best_valid is not None
+        cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+        return {
+            "epoch": epoch,
+            "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(_cpu(optimizer.state_dict())),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "generator": generator.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "best_valid": asdict(best_valid),
+            "best_weights": {k: v.detach().cpu().clone() for k, v in best_state.items()},
+            "since_best": since_best,
+            "history": [dict(h) for h in history],
+            "stop_reason": reason,
+        }
+
+    for epoch in range(first, cfg.epochs + 1):
         started = time.perf_counter()
         model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator)].to(dev)
@@ -481,6 +561,7 @@ def _fit(
                 stop_reason=reason,
                 train_seconds=train_seconds,
                 context=context,
+                state=lambda epoch=epoch, reason=reason: state_after(epoch, reason),
             )
             if callback(result) is True and not reason:
                 reason = "callback"
@@ -502,6 +583,17 @@ def _fit(
         n_inputs=data.n_inputs,
         stop_reason=stop_reason,
     )
+
+
+def _cpu(value: Any) -> Any:
+    """`value` (an optimiser state) with every tensor on the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 def _validate(

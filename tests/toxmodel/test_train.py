@@ -23,9 +23,11 @@ from toxmodel.train import (
     TrainConfig,
     TrainingDiverged,
     fit,
+    load_train_state,
     masked_bce,
     pos_weights,
     resolve_device,
+    save_train_state,
 )
 
 SMALL = ModelConfig(hidden=(64,), dropout=0.0)
@@ -267,6 +269,62 @@ def test_epoch_checkpoint_is_loadable(tmp_path: Path) -> None:
     predictor = load_checkpoint(paths[-1])
     assert predictor.tasks == d.tasks
     assert predictor.extra["trial"] == "t1"
+    assert predictor.extra["epoch"] == result.best_epoch
+    assert same_weights(predictor.model, result.model)
+
+
+@pytest.mark.parametrize("scheduler", ["none", "onecycle", "lambda"])
+def test_resumed_run_continues_exactly_where_the_state_was_taken(
+    tmp_path: Path, scheduler: str
+) -> None:
+    """A run stopped after epoch 3 and resumed from its saved state trains epochs 4-8 as the
+    uninterrupted run did (dropout and shuffling included), and keeps the best epoch it had."""
+    d = synthetic(n=300)
+    model = ModelConfig(hidden=(32,), dropout=0.3)
+    train = replace(FAST, epochs=8, scheduler=scheduler, optimizer="adamw")
+    whole = run(d, model, train)
+
+    def stop_at_three(epoch: EpochResult) -> bool:
+        if epoch.epoch == 3:
+            assert epoch.state is not None
+            save_train_state(tmp_path / "state.pt", epoch.state())
+        return epoch.epoch == 3
+
+    run(d, model, train, callback=stop_at_three)
+    seen: list[int] = []
+    resumed = run(
+        d,
+        model,
+        train,
+        resume=load_train_state(tmp_path / "state.pt"),
+        callback=lambda e: seen.append(e.epoch),
+    )
+    assert seen == [4, 5, 6, 7, 8]
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert resumed.best_epoch == whole.best_epoch
+    assert same_weights(resumed.model, whole.model)
+
+
+def test_a_finished_state_resumes_without_training(tmp_path: Path) -> None:
+    d = synthetic(n=200)
+    states: list[dict] = []
+    train = replace(FAST, epochs=2)
+    first = run(d, train=train, callback=lambda e: states.append(e.state()))
+    save_train_state(tmp_path / "s.pt", states[-1])
+    seen: list[int] = []
+    again = run(d, train=train, resume=load_train_state(tmp_path / "s.pt"), callback=seen.append)
+    assert seen == []
+    assert again.best_epoch == first.best_epoch and same_weights(again.model, first.model)
+
+
+def test_best_epoch_checkpoint_from_a_later_epoch(tmp_path: Path) -> None:
+    """`checkpoint(best=True)` on an epoch that is not the best writes the best epoch's model."""
+    d = synthetic(n=400, shuffle=True)
+    last: list[EpochResult] = []
+    result = run(d, train=replace(FAST, epochs=6), callback=last.append)
+    assert not last[-1].is_best or result.best_epoch == 6
+    path = last[-1].checkpoint(tmp_path / "best.pt", best=True)
+    predictor = load_checkpoint(path)
     assert predictor.extra["epoch"] == result.best_epoch
     assert same_weights(predictor.model, result.model)
 
