@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from toxmodel.checkpoint import load_checkpoint
-from toxmodel.featurize import write_invalid_report
+from toxmodel.featurize import MOLECULE_KEY, write_invalid_report
 from tune import study, tracking
 from tune.config import JobConfig
 from tune.errors import TrackingError
@@ -26,6 +27,7 @@ from tune.finalize import FinalModel
 from tune.prepare import DUPLICATES_REPORT, INVALID_REPORT, PreparedData
 from tune.space import build_space, describe
 from tune.tracking.explanations import log_explanations
+from tune.tracking.registry import tasks_tag
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +92,28 @@ def record(
             "searcher": job.search.searcher,
             "scheduler": job.search.scheduler,
             "seed": str(job.search.seed),
-            "split": f"{job.split.method}:{job.split.seed}",
-            "data_hash": data.table.content_hash,
+            **comparison_tags(job, data.table.tasks, data.table.content_hash),
             "trial_id": final.trial_id,
             "val_roc_auc": f"{final.valid.get('val_roc_auc', float('nan')):.6f}",
             "test_roc_auc": f"{final.test.roc_auc:.6f}",
             "ensemble": str(job.search.ensemble),
         },
     )
+
+
+def comparison_tags(job: JobConfig, tasks: Sequence[str], content_hash: str) -> dict[str, str]:
+    """The registered version's `tracking.registry.COMPARABLE_TAGS`: what fixes its validation
+    rows and the tasks its validation score averages over (the alias moves only between
+    versions that agree on all of them)."""
+    s = job.split
+    return {
+        "data_hash": content_hash,
+        "tasks": tasks_tag(tasks),
+        "split": f"{s.method}:{s.seed}",
+        "split_fractions": "/".join(str(float(f)) for f in (s.train, s.valid, s.test)),
+        "duplicates": job.data.duplicates,
+        "molecule_key": MOLECULE_KEY,
+    }
 
 
 def explain_confident_positives(

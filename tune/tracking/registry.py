@@ -2,16 +2,18 @@
 
 Contract: `register_best_model` logs the checkpoint under the job's run, registers it as a new
 version of the named model, and moves the alias (`champion` by default) only when the versions'
-validation scores are comparable (same data hash and split) and the new one is at least as good;
-the returned `Registration.note` says what happened to the alias and why, in words a user reads.
+validation scores are comparable (same `COMPARABLE_TAGS`: data, tasks, split, duplicates policy,
+molecule key) and the new one is strictly better; the returned `Registration.note` says what
+happened to the alias and why, in words a user reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,19 @@ class Registration:
     note: str  # e.g. "@champion moved to version 3" or why it stayed
 
 
-COMPARABLE_TAGS = ("data_hash", "split")  # scores are comparable only when these agree
+# Two validation ROC-AUCs are comparable only when these version tags agree: they fix the
+# validation rows (data content, split method:seed, split fractions, and the duplicates policy and
+# molecule key, which decide which rows are one molecule and so where each lands) and the tasks
+# the score averages over. The featurizer is left out: it changes the model, not the validation
+# set. A key missing on one side (a holder registered by an older toxtune) counts as different.
+COMPARABLE_TAGS = ("data_hash", "tasks", "split", "split_fractions", "duplicates", "molecule_key")
+
+
+def tasks_tag(tasks: Sequence[str]) -> str:
+    """The `tasks` tag: `<count>:<sha256 prefix of the ordered names>`, e.g. `12:ab12cd34ef56`;
+    short because an MLflow tag value is limited (~5000 characters) and ToxCast has 617 tasks."""
+    digest = hashlib.sha256("\n".join(tasks).encode()).hexdigest()[:12]
+    return f"{len(tasks)}:{digest}"
 
 
 def register_best_model(
@@ -48,12 +62,13 @@ def register_best_model(
 ) -> Registration:
     """Log the checkpoint as a pyfunc model under the job run, register it, maybe move `alias`.
 
-    `tags` become the version's tags (searcher, seed, split, data_hash, trial_id, ...). The
-    alias moves to the new version when there is no holder, or when the holder was scored on the
-    same data and split (`data_hash`, `split` tags) and the new version's `val_roc_auc` is at
-    least the holder's (ties go to the newer model). A holder scored on other data or another
-    split is never displaced: validation scores are not comparable across them, so the new
-    version is registered without the alias, and the returned note says why.
+    `tags` become the version's tags (searcher, seed, trial_id, val_roc_auc and the
+    `COMPARABLE_TAGS`, ...). The alias moves to the new version when there is no holder, or when
+    every `COMPARABLE_TAGS` key agrees with the holder's and the new `val_roc_auc` is strictly
+    higher (a tie keeps the holder: nothing shows the new model is better). A holder scored on
+    other data, tasks or split is never displaced, whatever the scores: they are not comparable,
+    and a model with other tasks would change what `predict` on the alias returns. The new
+    version is then registered without the alias, and the note names the keys that differ.
     """
     from tune.serving import log_pyfunc_model
 
@@ -95,12 +110,19 @@ def _alias_decision(
     where = f"@{alias} stays on version {holder.version}"
     differs = [k for k in COMPARABLE_TAGS if holder.tags.get(k) != tags.get(k)]
     if differs:
-        shown = ", ".join(
-            f"{k} {holder.tags.get(k)!r} there, {tags.get(k)!r} here" for k in differs
-        )
+        present = [k for k in differs if k in holder.tags]
+        lacking = [k for k in differs if k not in holder.tags]
+        shown = [
+            f"{k}: {_shown(k, holder.tags[k])} there, {_shown(k, tags.get(k))} here"
+            for k in present
+        ]
+        if lacking:  # registered before toxtune recorded the key: not known to be comparable
+            shown.append(
+                f"version {holder.version}, from an older toxtune, has no {', '.join(lacking)} tag"
+            )
         return False, (
-            f"{where}: it was scored on other data or another split ({shown}), so the two "
-            "validation scores are not comparable; move it by hand if this model should serve"
+            f"{where}: its validation score is not comparable with this version's "
+            f"({'; '.join(shown)}); move it by hand if this model should serve"
         )
     holder_score, new_score = (
         _score(holder.tags.get(ALIAS_METRIC_TAG)),
@@ -108,13 +130,28 @@ def _alias_decision(
     )
     if holder_score is None:
         return True, f"version {holder.version} had no validation score"
-    if new_score is not None and new_score >= holder_score:
+    # 4 decimals, or 6 (as the tags hold them) where 4 would show two different scores as one
+    digits = 6 if new_score is not None and round(new_score, 4) == round(holder_score, 4) else 4
+    held = f"{holder_score:.{digits}f}"
+    if new_score is not None and new_score > holder_score:
+        return True, f"val ROC-AUC {new_score:.{digits}f} > {held} of version {holder.version}"
+    if new_score == holder_score:
         return (
-            True,
-            f"val ROC-AUC {new_score:.4f} >= {holder_score:.4f} of version {holder.version}",
+            False,
+            f"{where}: this version's val ROC-AUC ties its {held} (a tie does not move it)",
         )
-    shown_new = "none" if new_score is None else f"{new_score:.4f}"
-    return False, f"{where}: its val ROC-AUC {holder_score:.4f} beats this version's {shown_new}"
+    shown_new = "none" if new_score is None else f"{new_score:.{digits}f}"
+    return False, f"{where}: its val ROC-AUC {held} beats this version's {shown_new}"
+
+
+def _shown(key: str, value: str | None) -> str:
+    """A tag value in a note: `12 tasks (ab12cd34ef56)` for `tasks`, quoted otherwise."""
+    if value is None:
+        return "none"
+    count, _, digest = value.partition(":")
+    if key == "tasks" and count.isdigit():
+        return f"{count} tasks ({digest})"
+    return repr(value)
 
 
 def _score(text: str | None) -> float | None:
