@@ -3,18 +3,31 @@
 The study lives in a database (`tracking.study_storage`, by default `optuna.db` beside the
 results) under the job's name, so a killed driver resumes it and a larger `--num-samples` grows
 it. Each study trial carries its Ray trial id (user attribute `ray_trial_id`).
+
+The sampler is seeded from `search.seed` and the number of trials the study already holds
+(`sampler_seed`): a new job is reproducible, and a resumed or grown one never replays an earlier
+driver's draws. `check_job_stores` refuses to continue a job whose study or MLflow parent run
+has vanished, before anything is written to either.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+from pathlib import Path
 
 import optuna
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from tune.bridge import RAY_TRIAL_ATTR, StudySearch
-from tune.config import JobConfig
+from tune.config import JobConfig, SearchConfig
+from tune.errors import JobMismatchError
 from tune.space import Param, default_point, sample
+from tune.tracking.backend import sqlite_path
+from tune.tracking.names import JOB_TAG
+from tune.tracking.runs import find_job_run
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +54,30 @@ def rdb(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for another database or an in-memory one)."""
+    parsed = make_url(url)
+    name = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not name or name == ":memory:":
+        return None
+    return None if name.startswith("file:") else Path(name)
+
+
+def shown(uri: str) -> str:
+    """`uri` as a message may print it: without user, password or query string."""
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path.partition('?')[0]}"
+
+
 def load(job: JobConfig) -> optuna.Study | None:
-    """The job's study, or None when it has none yet."""
+    """The job's study, or None when it has none yet. A missing SQLite database is not
+    created (opening one would)."""
+    path = sqlite_file(job.study_storage)
+    if path is not None and not path.exists():
+        return None
     try:
         return optuna.load_study(study_name=job.name, storage=rdb(job.study_storage))
     except KeyError:
@@ -63,19 +98,39 @@ def remaining(job: JobConfig) -> int:
     return job.search.num_samples - len(done)
 
 
+def sampler_seed(seed: int, n_trials: int) -> int:
+    """The sampler's seed for a study that already holds `n_trials` trials.
+
+    `seed` itself for a new study, so a job run afresh chooses the same trials. A study that
+    holds trials (resumed, grown) gets a seed derived from both: a sampler rebuilt with `seed`
+    would repeat the first driver's random draws and propose its trials again. Every trial
+    asked adds to the count, so a seed recurs only for a sampler after one that asked nothing.
+    """
+    if n_trials == 0:
+        return seed
+    digest = hashlib.sha256(f"toxtune-sampler/{seed}/{n_trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def make_sampler(search: SearchConfig, n_trials: int) -> optuna.samplers.BaseSampler:
+    """The job's sampler for its study holding `n_trials` trials (seeded by `sampler_seed`)."""
+    seed = sampler_seed(search.seed, n_trials)
+    if seed != search.seed:
+        log.info("the study holds %d trials: sampler seed %d", n_trials, seed)
+    if search.searcher == "optuna":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
 def make_searcher(
     job: JobConfig, space: dict[str, Param], first_run: bool
 ) -> tuple[StudySearch, optuna.Study]:
     """Ray's searcher over the job's persistent study (created on the first run)."""
-    sampler: optuna.samplers.BaseSampler
-    if job.search.searcher == "optuna":
-        sampler = optuna.samplers.TPESampler(seed=job.search.seed, n_startup_trials=5)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=job.search.seed)
     storage = rdb(job.study_storage)
     found = optuna.create_study(
         storage=storage, study_name=job.name, direction="maximize", load_if_exists=True
     )
+    sampler = make_sampler(job.search, len(found.trials))
     point = default_point(space) if job.search.evaluate_default and first_run else None
     if job.search.evaluate_default and first_run and point is None:
         log.warning("the default point lies outside search.space; not evaluating it first")
@@ -85,6 +140,7 @@ def make_searcher(
         mode=MODE,
         points_to_evaluate=[point] if point and len(found.trials) == 0 else None,
         sampler=sampler,
+        resampler=functools.partial(make_sampler, job.search),
         study_name=job.name,
         storage=storage,
     )
@@ -108,3 +164,34 @@ def finished_ray_ids(found: optuna.Study) -> frozenset[str]:
         for t in found.get_trials(deepcopy=False)
         if t.state.is_finished() and RAY_TRIAL_ATTR in t.user_attrs
     )
+
+
+def check_job_stores(job: JobConfig, started: bool) -> None:
+    """Refuse to continue a job that has `started` searching (it has Ray rounds) when its
+    Optuna study or its MLflow parent run is gone: the search would silently start a new study
+    (re-proposing the trials it already ran) or a new parent run (splitting its record).
+    Nothing is created on the way: a missing SQLite database is named, not opened."""
+    if not started:
+        return
+    missing = []
+    path = sqlite_file(job.study_storage)
+    if path is not None and not path.exists():
+        missing.append(f"its Optuna study database {path} is missing")
+    elif load(job) is None:
+        missing.append(f"its Optuna study {job.name!r} is not in {shown(job.study_storage)}")
+    uri = job.tracking_uri
+    mlflow_db = sqlite_path(uri)
+    experiment = job.tracking.experiment_name
+    if mlflow_db is not None and not mlflow_db.exists():
+        missing.append(f"its MLflow database {mlflow_db} is missing")
+    elif find_job_run(uri, experiment, job.name) is None:
+        missing.append(
+            f"its MLflow parent run (tag {JOB_TAG}={job.name}) is not in experiment "
+            f"{experiment!r} at {shown(uri)}"
+        )
+    if missing:
+        raise JobMismatchError(
+            f"job {job.name!r} has already searched, but {'; and '.join(missing)}. Restore "
+            "what is missing (or point --study-storage/--tracking-uri at it); for a new "
+            "search, leave out --resume/--run-name"
+        )

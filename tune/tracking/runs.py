@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Param, RunTag, ViewType
 
 from tune.tracking.backend import client_for, ensure_experiment, retrying, search_all
 from tune.tracking.names import (
@@ -51,6 +51,46 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
     return search_all(client, [exp], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
+def job_runs(
+    client: MlflowClient, exp_id: str, job_key: str, view: int = ViewType.ACTIVE_ONLY
+) -> list[Run]:
+    """The parent runs of job `job_key` in the experiment, newest first (a resume reopens the
+    first)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{KIND_TAG}` = 'job'",
+            run_view_type=view,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return [
+                r
+                for r in runs
+                if r.data.tags.get(JOB_TAG) == job_key and PARENT_TAG not in r.data.tags
+            ]
+
+
+def find_job_run(tracking_uri: str, experiment_name: str, job_key: str) -> str | None:
+    """The id of the parent run a resume of `job_key` would reopen, or None; creates nothing
+    (no experiment; the caller makes sure a SQLite database exists: opening one creates it).
+    A deleted experiment counts with its runs: `start_job_run` restores both."""
+    client = client_for(tracking_uri)
+    exp = retrying("find_job_run", lambda: client.get_experiment_by_name(experiment_name))
+    if exp is None:
+        return None
+    deleted = exp.lifecycle_stage == "deleted"
+    view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
+    runs = retrying("find_job_run", lambda: job_runs(client, exp.experiment_id, job_key, view))
+    return runs[0].info.run_id if runs else None
+
+
 def start_job_run(
     tracking_uri: str,
     experiment_name: str,
@@ -68,11 +108,7 @@ def start_job_run(
     exp_id = ensure_experiment(client, tracking_uri, experiment_name)
     plain = jsonable(config)
     if resume:
-        parents = [
-            r
-            for r in search_all(client, [exp_id], f"tags.`{KIND_TAG}` = 'job'")
-            if r.data.tags.get(JOB_TAG) == job_key and PARENT_TAG not in r.data.tags
-        ]
+        parents = job_runs(client, exp_id, job_key)
         if parents:
             run = parents[0]
             run_id = run.info.run_id

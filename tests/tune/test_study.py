@@ -1,0 +1,123 @@
+"""The job's study across drivers: a resumed sampler never replays the first driver's draws, and
+a job whose study or MLflow record has vanished is refused instead of silently starting over."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.tune.conftest import tiny_job
+from tune import study
+from tune.config import JobConfig
+from tune.errors import JobMismatchError
+from tune.job import run_job
+from tune.space import build_space
+from tune.tracking import client_for
+
+
+def propose(job: JobConfig, n: int, first_run: bool, tag: str) -> list[float]:
+    """The learning rates of `n` trials a fresh searcher over the job's study proposes (each
+    told a score before the next is asked, as one trial at a time)."""
+    searcher, _ = study.make_searcher(job, build_space(job.search.space), first_run)
+    rates = []
+    for i in range(n):
+        params = searcher.suggest(f"{tag}{i}")
+        assert params is not None
+        searcher.on_trial_complete(f"{tag}{i}", {study.METRIC: 0.5 + 0.01 * i})
+        rates.append(params["lr"])
+    return rates
+
+
+@pytest.mark.parametrize("searcher", ["optuna", "random"])
+def test_a_resumed_study_never_replays_the_first_drivers_proposals(
+    tmp_path: Path, searcher: str
+) -> None:
+    """lr is continuous: an equal value means the sampler replayed a draw. The first of 3
+    trials is still within TPE's 5 random start-up trials, where a replay would show."""
+
+    def job_in(folder: Path) -> JobConfig:
+        (folder / "results").mkdir(parents=True)
+        return tiny_job(
+            folder,
+            folder / "unused.csv",
+            search__searcher=searcher,
+            search__evaluate_default=False,
+        )
+
+    job = job_in(tmp_path / "job")
+    first = propose(job, 3, first_run=True, tag="a")
+    resumed = propose(job, 3, first_run=False, tag="b")
+    assert not set(resumed) & set(first), (first, resumed)
+    assert len(optuna.load_study(study_name=job.name, storage=job.study_storage).trials) == 6
+    # A new job with the same seed still chooses the same trials (reproducible searches).
+    assert propose(job_in(tmp_path / "again"), 3, first_run=True, tag="c") == first
+
+
+def test_stores_are_only_checked_once_the_job_has_searched(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    job = tiny_job(tmp_path, tmp_path / "unused.csv")
+    study.check_job_stores(job, started=False)  # a new job: nothing to find yet
+    assert not (tmp_path / "results" / "optuna.db").exists()
+    assert not (tmp_path / "results" / "mlflow.db").exists()
+
+    optuna.create_study(study_name="another-job", storage=job.study_storage)
+    client_for(job.tracking_uri).create_experiment(job.tracking.experiment_name)
+    with pytest.raises(JobMismatchError) as refused:
+        study.check_job_stores(job, started=True)
+    message = str(refused.value)
+    assert f"Optuna study 'tiny' is not in {job.study_storage}" in message
+    assert "MLflow parent run (tag toxtune.job=tiny) is not in experiment 'tiny-exp'" in message
+
+    assert (
+        study.shown("postgresql://me:pw@db:5432/optuna?password=x") == "postgresql://db:5432/optuna"
+    )
+
+
+def mlflow_state(uri: str) -> list[tuple[str, str, dict[str, str]]]:
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, max_results=1000)
+    return sorted((r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs)
+
+
+def trials_of(job: JobConfig) -> list[tuple[int, str]]:
+    found = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    return [(t.number, t.state.name) for t in found.trials]
+
+
+@pytest.mark.slow
+def test_a_job_whose_study_or_mlflow_database_vanished_is_refused(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    """One tiny job, copied: its mlflow.db deleted in the copy, its optuna.db in the original
+    (a copied mlflow.db is refused for another reason: its artifacts live in the original).
+    Growing either is refused before anything is written: no store is recreated, no run or
+    trial is added."""
+    first = tmp_path / "first"
+    run_job(tiny_job(first, small_csv, search__num_samples=2), progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy, symlinks=True)
+
+    # The MLflow store is gone: a new one would hold a second, partial parent run.
+    grown = tiny_job(copy, small_csv, search__num_samples=3)
+    db = copy / "results" / "mlflow.db"
+    db.unlink()
+    trials = trials_of(grown)
+    with pytest.raises(JobMismatchError, match=f"MLflow database {db} is missing"):
+        run_job(grown, progress=False)
+    assert not db.exists()
+    assert trials_of(grown) == trials
+
+    # The study is gone: a fresh one would re-propose the trials already run.
+    grown = tiny_job(first, small_csv, search__num_samples=3)
+    db = first / "results" / "optuna.db"
+    db.unlink()
+    before = mlflow_state(grown.tracking_uri)
+    with pytest.raises(JobMismatchError, match=f"Optuna study database {db} is missing"):
+        run_job(grown, progress=False)
+    assert not db.exists()
+    assert mlflow_state(grown.tracking_uri) == before
