@@ -11,7 +11,9 @@ Checked against: ray 2.60.0, optuna 5.0.0.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -33,6 +35,24 @@ class StudySearch(OptunaSearch):
     OptunaSearch's private `_ot_trials`, `_completed_trials` and `_ot_study` (ray 2.60.0) and a
     FrozenTrial's `_trial_id` (optuna 5.0.0): OptunaSearch has no public re-attach hook.
     """
+
+    def __init__(
+        self,
+        *args: Any,
+        resampler: Callable[[int], optuna.samplers.BaseSampler] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._resampler = resampler  # the sampler for a study holding n trials
+        super().__init__(*args, **kwargs)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's saved searcher, with a sampler made afresh for the study as it stands: the
+        saved one's random state predates trials asked after the last snapshot, and would
+        propose their configurations again (OptunaSearch's private `_sampler`)."""
+        super().restore(checkpoint_path)
+        if self._resampler is not None:
+            self._sampler = self._resampler(len(self._ot_study.trials))
+            self._ot_study.sampler = self._sampler
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
@@ -111,6 +131,81 @@ def restore_tuner(path: str, trainable: Any, callbacks: list[Any]) -> ray_tune.T
     return tuner
 
 
+PROGRESS_FILE = "progress.json"  # in each trial checkpoint: {"epoch": N}, written by the trial
+
+
+class NewestCheckpoint(ray_tune.Callback):
+    """Restore every trial from the newest checkpoint that exists in its folder, one Tune
+    iteration before that checkpoint's epoch: the trial replays that epoch's report first
+    (`tune.trainable`), so an epoch whose report Tune never passed on is not missing either.
+
+    Ray's experiment snapshot can lag the checkpoints on storage (ray 2.60.0: `num_to_keep`
+    deletes an old checkpoint as soon as a new one is registered, while the snapshot naming the
+    new one is still being uploaded), so a driver killed in between leaves a snapshot naming a
+    deleted checkpoint, and Tune then fails the trial ("Could not recover from checkpoint")
+    instead of continuing it; and a stop signal can end the run after a checkpoint was
+    registered but before its result reached the callbacks. Applied on a restored run's first
+    step and to each trial Tune is about to retry. Sets the checkpoint manager's private
+    `_latest_checkpoint_result` (no public way to re-point a trial) with
+    `ray.train._internal.session._TrainingResult`.
+    """
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._started:
+            return
+        self._started = True
+        from ray.tune.experiment import Trial
+
+        for trial in trials:
+            if trial.status not in (Trial.TERMINATED, Trial.ERROR):
+                _repoint(trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _repoint(trial)
+
+
+def _repoint(trial: Any) -> None:
+    from ray.train._internal.session import _TrainingResult
+
+    fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    newest = _newest_checkpoint(fs, folder)
+    manager = trial.run_metadata.checkpoint_manager
+    if newest is None:
+        if manager.latest_checkpoint_result is not None:
+            log.warning("trial %s: no checkpoint left in %s; it starts over", trial, folder)
+            manager._latest_checkpoint_result = None
+        return
+    with fs.open_input_stream(f"{newest}/{PROGRESS_FILE}") as f:
+        epoch = int(json.loads(f.readall())["epoch"])
+    log.info("trial %s continues from %s (epoch %d)", trial.trial_id, newest, epoch)
+    manager._latest_checkpoint_result = _TrainingResult(
+        checkpoint=ray_tune.Checkpoint(newest, filesystem=fs),
+        metrics={"training_iteration": epoch - 1},
+    )
+
+
+def _newest_checkpoint(fs: Any, folder: str) -> str | None:
+    """The path of the newest complete `checkpoint_<n>` folder under `folder` (one holding the
+    trial's progress file), or None."""
+    import pyarrow.fs as pafs
+
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return None
+    found = sorted(
+        (e.path for e in entries if e.base_name.startswith("checkpoint_")),
+        key=lambda path: int(path.rsplit("_", 1)[-1]) if path.rsplit("_", 1)[-1].isdigit() else -1,
+    )
+    for path in reversed(found):
+        if fs.get_file_info(f"{path}/{PROGRESS_FILE}").type == pafs.FileType.File:
+            return path
+    return None
+
+
 def stop_retrying(trial: Any) -> None:
     """Fail `trial` for good on its next start (ray 2.60.0: no public per-trial retry limit,
     so the live trial's `max_failures` is lowered to the failures it already had)."""
@@ -129,7 +224,7 @@ def check() -> None:
 
     missing = []
     search = OptunaSearch(metric="m", mode="max")
-    for attr in ("_ot_trials", "_completed_trials", "_ot_study"):
+    for attr in ("_ot_trials", "_completed_trials", "_ot_study", "_sampler"):
         if not hasattr(search, attr):
             missing.append(f"ray.tune.search.optuna.OptunaSearch.{attr}")
     frozen = optuna.trial.create_trial(value=0.0, params={}, distributions={})
@@ -139,6 +234,12 @@ def check() -> None:
         # ray.init takes its private arguments through **kwargs: look for the name it pops.
         if arg not in inspect.signature(fn).parameters and f'"{arg}"' not in inspect.getsource(fn):
             missing.append(f"{fn.__qualname__}({arg}=...)")
+    from ray.train._internal import checkpoint_manager, session
+
+    if not hasattr(session, "_TrainingResult"):
+        missing.append("ray.train._internal.session._TrainingResult")
+    if "self._latest_checkpoint_result" not in inspect.getsource(checkpoint_manager):
+        missing.append("ray.train._internal.checkpoint_manager: _latest_checkpoint_result")
     for where, text in (
         (TunerInternal.__init__, "self._run_config"),
         (ray_tune.Tuner.__init__, "self._local_tuner"),

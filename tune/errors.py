@@ -46,3 +46,13 @@ class ServingError(ToxtuneError):
     """A model cannot be loaded or predictions cannot be written."""
 
     exit_code = 2
+
+
+class JobInterruptedError(ToxtuneError):
+    """SIGINT (Ctrl-C) or SIGTERM stopped a job before it finished. Nothing was finalized or
+    registered and the job's state is kept: `--resume` continues it. The exit code is the
+    shell's for a process stopped by that signal, 128 + its number (130, 143)."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

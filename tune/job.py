@@ -26,11 +26,18 @@ from toxmodel.metrics import Metrics
 from tune import study, tracking, trials
 from tune.config import CONFIG_FILE, JobConfig, dump_config, named
 from tune.drills import FaultPlan
-from tune.errors import JobMismatchError
+from tune.errors import JobInterruptedError, JobMismatchError
 from tune.finalize import finalize
+from tune.interrupt import StopSignals
 from tune.prepare import claim_job, load_job_table, prepare_data
 from tune.record import record
-from tune.search import Rounds, check_ray_address, refuse_impossible_local_request, search
+from tune.search import (
+    Rounds,
+    check_ray_address,
+    refuse_impossible_local_request,
+    resume_command,
+    search,
+)
 
 
 @dataclass
@@ -68,16 +75,32 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     """Search, evaluate on the test split, track in MLflow, register the best model.
 
     A job whose folder exists continues (same data and settings only): an interrupted search is
-    restored, a finished one grows to `search.num_samples` trials.
+    restored, a finished one grows to `search.num_samples` trials. SIGINT or SIGTERM stops it
+    unfinished and resumable (JobInterruptedError; see `tune.interrupt`).
     """
     job = named(job, exists=job.storage.exists)
+    stops = StopSignals()
+    with stops.routing():
+        try:
+            return _run(job, faults, progress, stops)
+        except KeyboardInterrupt:
+            raise JobInterruptedError(
+                f"job {job.name!r} stopped by {stops.signal.name} before it finished: its model "
+                f"was not registered. Continue it with: {resume_command(job)}",
+                stops.signal,
+            ) from None
+
+
+def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSignals) -> JobResult:
     check_ray_address(job)
     refuse_impossible_local_request(job)
     job.storage.check_writable()
     tracking.check_tracking(job.tracking_uri)
+    tracking.check_artifact_home(job.tracking_uri, job.tracking.experiment_name)
     molecules = load_job_table(job)  # 1. prepare: read and check, claim the record ...
     claim_job(job, molecules)
     refuse_finished(job)
+    study.check_job_stores(job, started=bool(Rounds.load(job).names))
     data = prepare_data(job, progress=progress, table=molecules)  # ... featurize and split
     job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))
     parent = tracking.start_job_run(
@@ -90,7 +113,7 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
     status = "FAILED"
     try:
         with tempfile.TemporaryDirectory(prefix="toxtune-job-") as scratch:
-            outcome = search(job, data, parent, faults)
+            outcome = search(job, data, parent, faults, stops)
             best = trials.best(outcome.trials, job, outcome.seconds)
             final = finalize(job, data, best, Path(scratch))
             table = trials.table(outcome.trials)
@@ -99,6 +122,9 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
         rounds.registered = f"{registration.name}/{registration.version}"
         rounds.save(job)
         status = "FINISHED"
+    except (JobInterruptedError, KeyboardInterrupt):
+        status = "KILLED"  # stopped on purpose; its trial runs end KILLED too
+        raise
     finally:
         tracking.finish_job_run(job.tracking_uri, parent, status)
     return JobResult(

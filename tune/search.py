@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import time
 from dataclasses import dataclass, field
@@ -27,10 +28,11 @@ from ray.tune.stopper import CombinedStopper
 
 from tune import bridge, study, tracking
 from tune.cluster import check_cluster_storage
-from tune.config import JobConfig
+from tune.config import JobConfig, RayConfig
 from tune.drills import FaultPlan
-from tune.errors import ClusterError, ConfigError, SearchError
+from tune.errors import ClusterError, ConfigError, JobInterruptedError, SearchError
 from tune.faults import ErrorBudget, PendingWatch, RetryPolicy
+from tune.interrupt import StopSignals
 from tune.prepare import PreparedData
 from tune.resources import TrialShape, gpu_fraction, local_request_problem
 from tune.space import build_space
@@ -60,6 +62,8 @@ class Rounds:
     names: list[str] = field(default_factory=list)
     finished: bool = False
     registered: str = ""  # "model/version" once the record stage registered the job's model
+    # The job folder's URI when its last round started: Ray's saved state names files there.
+    location: str = ""
 
     @classmethod
     def load(cls, job: JobConfig) -> Rounds:
@@ -68,12 +72,20 @@ class Rounds:
             return cls()
         raw = json.loads(text)
         return cls(
-            list(raw["rounds"]), bool(raw.get("finished", False)), str(raw.get("registered", ""))
+            list(raw["rounds"]),
+            bool(raw.get("finished", False)),
+            str(raw.get("registered", "")),
+            str(raw.get("location", "")),
         )
 
     def save(self, job: JobConfig) -> None:
         text = json.dumps(
-            {"rounds": self.names, "finished": self.finished, "registered": self.registered}
+            {
+                "rounds": self.names,
+                "finished": self.finished,
+                "registered": self.registered,
+                "location": self.location,
+            }
         )
         job.storage.write_text(job.name, DONE_FILE, text=text)
 
@@ -134,10 +146,17 @@ def search(
     data: PreparedData,
     parent_run_id: str,
     faults: FaultPlan | None = None,
+    stops: StopSignals | None = None,
 ) -> SearchOutcome:
-    """Restore an interrupted round, run a new one for any trials still due, read the results."""
+    """Restore an interrupted round, run a new one for any trials still due, read the results.
+
+    JobInterruptedError when a stop signal ended a round with trials unfinished (they stay
+    resumable: the study keeps them RUNNING and Ray's state keeps their checkpoints).
+    """
     started = time.monotonic()
+    stops = stops or StopSignals()
     init_ray(job)
+    stops.route_sigterm()  # ray.init replaced the SIGTERM handler
     if job.ray.address or os.environ.get("RAY_ADDRESS"):
         # Every node must see the results folder: refuse before any trial runs (names the node).
         check_cluster_storage(job.storage.uri)
@@ -151,23 +170,31 @@ def search(
     )
     budget = ErrorBudget(job.faults.max_failed_trials)
     watch = PendingWatch(job.resources.pending_timeout_s, _asked(job))
-    callbacks = [callback, RetryPolicy(job.resources.cpus_per_trial), budget, watch]
+    callbacks = [
+        callback,
+        RetryPolicy(job.resources.cpus_per_trial),
+        budget,
+        watch,
+        bridge.NewestCheckpoint(),
+    ]
     found = study.load(job)
-    if rounds.interrupted and ray_tune.Tuner.can_restore(job.storage.uri_of(rounds.names[-1])):
+    if rounds.interrupted and _restorable(job, rounds):
         log.info("restoring interrupted search %s", rounds.names[-1])
         finished = study.finished_ray_ids(found) if found is not None else frozenset()
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
-        bridge.restore_tuner(job.storage.uri_of(rounds.names[-1]), trainable, callbacks).fit()
+        path = job.storage.uri_of(rounds.names[-1])
+        _all_ended(job, bridge.restore_tuner(path, trainable, callbacks).fit(), stops)
     remaining = study.remaining(job)
     if remaining > 0:
         first_run = not rounds.names
         name = job.name if first_run else f"{job.name}-r{len(rounds.names) + 1}"
         rounds.names.append(name)
         rounds.finished = False
+        rounds.location = job.storage.uri_of(job.name)
         rounds.save(job)
         tuner, found = _tuner(job, data, name, remaining, first_run, callbacks, faults)
         study.fail_stale_trials(found)
-        tuner.fit()
+        _all_ended(job, tuner.fit(), stops)
     if watch.problem:
         raise SearchError(watch.problem)
     # Every Tune run has ended: a study trial still RUNNING is an orphan of a killed driver
@@ -186,6 +213,50 @@ def search(
     records = read_trials(job, rounds.names)
     seconds = time.monotonic() - started
     return SearchOutcome(rounds.names, records, budget.failed, cluster_size(), seconds)
+
+
+def _restorable(job: JobConfig, rounds: Rounds) -> bool:
+    """Whether the interrupted round can be restored from Ray's saved state, which names the
+    job's files by absolute path. A job folder copied or moved since (a new location) is not
+    restored: its unfinished trials are failed in the study and run again as new trials, so
+    nothing is written into the original folder or its study."""
+    path = job.storage.uri_of(rounds.names[-1])
+    here = job.storage.uri_of(job.name)
+    if rounds.location and rounds.location != here:
+        log.warning(
+            "job %s was started at %s and is now at %s: Ray's saved state names files in the "
+            "old place, so its unfinished trials run again here as new trials",
+            job.name,
+            rounds.location,
+            here,
+        )
+        return False
+    return ray_tune.Tuner.can_restore(path)
+
+
+def _all_ended(job: JobConfig, grid: Any, stops: StopSignals) -> None:
+    """JobInterruptedError when a round returned with trials that neither finished nor failed.
+
+    Ray Tune returns so after a stop signal (its time limit and stoppers end every trial). The
+    returned grid cannot tell: Tune ends the trials in memory after saving its state, so the
+    saved experiment state, which a resume reads, is what is checked.
+    """
+    saved = ray_tune.ExperimentAnalysis(grid.experiment_path)
+    unfinished = [t for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise JobInterruptedError(
+            f"job {job.name!r} stopped by {stops.signal.name} during its search, with "
+            f"{len(unfinished)} trial(s) unfinished: nothing was finalized or registered. "
+            f"Continue it with: {resume_command(job)}",
+            stops.signal,
+        )
+
+
+def resume_command(job: JobConfig) -> str:
+    """The command that continues `job` from where it stands."""
+    where = "" if job.ray.storage_path == RayConfig().storage_path else job.ray.storage_path
+    command = f"toxtune tune --resume {shlex.quote(job.name)}"
+    return command + (f" --storage-path {shlex.quote(where)}" if where else "")
 
 
 def _asked(job: JobConfig) -> str:
@@ -232,11 +303,9 @@ def _tuner(
             name=name,
             storage_path=job.storage.uri,
             failure_config=ray_tune.FailureConfig(max_failures=job.faults.max_retries),
-            checkpoint_config=ray_tune.CheckpointConfig(
-                num_to_keep=1,
-                checkpoint_score_attribute=METRIC,
-                checkpoint_score_order=MODE,
-            ),
+            # Each epoch's checkpoint holds the best model so far and the training state; the
+            # newest two are kept, so the one a lagging experiment snapshot names still exists.
+            checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
             stop=CombinedStopper(*stoppers),
             verbose=1,

@@ -1,12 +1,15 @@
 """The Ray Tune trainable: one trial trains one `toxmodel` MLP in one process (reused by the next).
 
 The featurized data arrives once through Ray's object store (`tune.with_parameters`); a trial
-never reads the CSV or runs RDKit. Each epoch is reported to Tune with its metrics, and the
-trial's best epoch so far is reported with a checkpoint.
+never reads the CSV or runs RDKit. Each epoch is reported to Tune with its metrics and a
+checkpoint holding the best epoch's model so far (`model.pt`, what finalize reads) and the whole
+training state (`train_state.pt`): a trial restored after its driver or node died continues from
+the epoch after its checkpoint, as if uninterrupted, and never reports an epoch twice.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -21,11 +24,13 @@ from ray import tune as ray_tune
 
 from toxmodel.featurize import Features, FeaturizerConfig
 from toxmodel.split import Split
-from toxmodel.train import EpochResult, fit
+from toxmodel.train import EpochResult, fit, load_train_state, save_train_state
 from tune import settings
+from tune.bridge import PROGRESS_FILE
 from tune.space import to_run_configs
 
 CHECKPOINT_FILE = "model.pt"
+STATE_FILE = "train_state.pt"  # beside model.pt: where the trial's training stood
 ABORT_KEY = "_toxtune_abort"  # set by the retry policy on a trial that must not be retried
 
 
@@ -103,28 +108,45 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     for hook in data.hooks:
         hook.on_start(index, share)
 
-    def on_epoch(epoch: EpochResult) -> bool:
-        if epoch.is_best:
-            best.update(roc_auc=epoch.valid.roc_auc, epoch=epoch.epoch)
+    def report(epoch: dict[str, Any], reason: str, checkpoint: Any = None) -> None:
         metrics: dict[str, Any] = {
-            "epoch": epoch.epoch,
-            "train_loss": epoch.train_loss,
-            **epoch.valid.flat("val"),
+            "epoch": epoch["epoch"],
+            "train_loss": epoch["train_loss"],
+            **{k: v for k, v in epoch.items() if k.startswith("val_")},
             "best_val_roc_auc": best["roc_auc"],
             "best_epoch": best["epoch"],
-            "lr": epoch.lr,
-            "epoch_seconds": epoch.seconds,
-            "finished_reason": epoch.stop_reason,
+            "lr": epoch["lr"],
+            "epoch_seconds": epoch["seconds"],
+            "finished_reason": reason,
             "trial_started_at": started,
             "reported_at": time.time(),
             **static,
         }
+        ray_tune.report(metrics, checkpoint=checkpoint)
+
+    resume = restored_state()
+    if resume is not None:
+        # Restored one iteration before its checkpoint's epoch (tune.bridge.NewestCheckpoint):
+        # that epoch is reported again, as it was, in case its first report was lost.
+        best.update(roc_auc=float(resume["best_valid"]["roc_auc"]), epoch=resume["best_epoch"])
+        report(resume["history"][-1], str(resume["stop_reason"]))
+
+    def on_epoch(epoch: EpochResult) -> bool:
         if epoch.is_best:
-            with tempfile.TemporaryDirectory() as tmp:
-                epoch.checkpoint(Path(tmp) / CHECKPOINT_FILE, extra={"trial_id": trial_id})
-                ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
-        else:
-            ray_tune.report(metrics)
+            best.update(roc_auc=epoch.valid.roc_auc, epoch=epoch.epoch)
+        row = {
+            "epoch": epoch.epoch,
+            "train_loss": epoch.train_loss,
+            **epoch.valid.flat("val"),
+            "lr": epoch.lr,
+            "seconds": epoch.seconds,
+        }
+        assert epoch.state is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            epoch.checkpoint(Path(tmp) / CHECKPOINT_FILE, extra={"trial_id": trial_id}, best=True)
+            save_train_state(Path(tmp) / STATE_FILE, epoch.state())
+            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch.epoch}))
+            report(row, epoch.stop_reason, ray_tune.Checkpoint.from_directory(tmp))
         for hook in data.hooks:
             hook.on_epoch(index, epoch, trial_id)
         return False
@@ -139,4 +161,15 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         device=device,
         callback=on_epoch,
         num_threads=cpu_threads(),
+        resume=resume,
     )
+
+
+def restored_state() -> dict[str, Any] | None:
+    """The training state of the checkpoint Tune restored this trial from, if any."""
+    checkpoint = ray_tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / STATE_FILE
+        return load_train_state(path) if path.is_file() else None

@@ -95,9 +95,17 @@ def table(records: list[TrialRecord]) -> pd.DataFrame:
     return frame.sort_values(METRIC, ascending=False, na_position="last", ignore_index=True)
 
 
+UNFINISHED = frozenset({"pending", "running", "paused"})  # Ray statuses of a trial still due
+
+
 def best(records: list[TrialRecord], job: JobConfig, seconds: float = 0.0) -> TrialRecord:
-    """The best trial (validation only) that left a checkpoint."""
-    scored = [r for r in records if r.checkpoint is not None and np.isfinite(r.score)]
+    """The best trial (validation only) that ended and left a checkpoint; a trial an interrupted
+    round left unfinished is never chosen (its run is to continue, or was run again)."""
+    scored = [
+        r
+        for r in records
+        if r.checkpoint is not None and np.isfinite(r.score) and r.status not in UNFINISHED
+    ]
     if not scored:
         limit = job.search.time_limit_s
         why = ""

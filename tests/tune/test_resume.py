@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
+import psutil
 import pytest
 import ray
 import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tune.config import load_config
+from tests.services import MlflowServer
+from tune.config import JobConfig, load_config
 from tune.job import run_job
 from tune.study import rdb
 
@@ -68,31 +74,62 @@ def finished_trials(storage: str, name: str) -> int:
 def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
     tmp_path: Path, small_csv: Path
 ) -> None:
-    kill_and_resume(tmp_path, write_config(tmp_path, small_csv, num_samples=6))
-
-
-def kill_and_resume(tmp_path: Path, config: Path) -> None:
-    """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
-    lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking)."""
-    job = load_config(config)
-    env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": 1.0})}
-    log = open(tmp_path / "driver1.log", "w")  # noqa: SIM115
-    driver = subprocess.Popen(
-        [TOXTUNE, "tune", "--config", str(config)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    kill_and_resume(
+        tmp_path, write_config(tmp_path, small_csv, num_samples=6), lose_newest_checkpoint=True
     )
+
+
+def start_driver(tmp_path: Path, args: list[str], log_name: str, **kw: Any) -> subprocess.Popen:
+    """`toxtune tune ARGS` in its own session, epochs slowed to 1 s to widen the windows; its
+    output goes to `log_name` (stderr too, unless `kw` says otherwise)."""
+    env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": 1.0})}
+    log = open(tmp_path / log_name, "w")  # noqa: SIM115
+    options = {"stdout": log, "stderr": subprocess.STDOUT, **kw}
+    return subprocess.Popen([TOXTUNE, "tune", *args], env=env, start_new_session=True, **options)
+
+
+def wait_for_trials(job: JobConfig, driver: subprocess.Popen, log: Path, complete: int) -> None:
+    deadline = time.monotonic() + 240
+    while finished_trials(job.study_storage, job.name) < complete:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+
+
+def kill_tree(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its local Ray and trial workers), so
+    no orphaned trial goes on writing into the job's folder."""
+    with contextlib.suppress(psutil.Error):
+        procs = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=15)
+    driver.wait()
+
+
+def unfinished_trial_folders(folder: Path, done_ids: set[str]) -> list[Path]:
+    return [
+        d
+        for d in folder.glob("train_trial_*")
+        if d.name.split("_")[2] not in done_ids and list(d.glob("checkpoint_*"))
+    ]
+
+
+def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool = False) -> None:
+    """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
+    lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking).
+
+    `lose_newest_checkpoint` (local storage): the unfinished trials' newest checkpoints are
+    deleted before the resume, as when Ray's experiment snapshot lagged the checkpoints; they
+    must continue from the newest one left, never fail and never log an epoch twice.
+    """
+    job = load_config(config)
+    driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log")
     try:
-        deadline = time.monotonic() + 240
-        while finished_trials(job.study_storage, job.name) < 2:
-            assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.5)
+        wait_for_trials(job, driver, tmp_path / "driver1.log", complete=2)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_tree(driver)
     done_before = finished_trials(job.study_storage, job.name)
     assert done_before < 6, "the search finished before the kill: widen the window"
     before = {
@@ -100,6 +137,11 @@ def kill_and_resume(tmp_path: Path, config: Path) -> None:
         for t in optuna.load_study(study_name=job.name, storage=job.study_storage).trials
         if t.state == optuna.trial.TrialState.COMPLETE
     }
+    if lose_newest_checkpoint:
+        cut = unfinished_trial_folders(job.job_dir, set(before))
+        assert cut, "no unfinished trial had a checkpoint at the kill: widen the window"
+        for folder in cut:
+            shutil.rmtree(max(folder.glob("checkpoint_*")))
 
     out = subprocess.run(
         [
@@ -136,9 +178,9 @@ def kill_and_resume(tmp_path: Path, config: Path) -> None:
     finished = [k for k in kids if k.info.status == "FINISHED"]
     assert len(finished) >= 6
     for k in finished:
-        if k.data.tags["toxtune.trial_id"] in before:
-            history = client.get_metric_history(k.info.run_id, "train_loss")
-            assert len(history) == 3  # one value per epoch: not trained twice
+        # One value per epoch, restored trials included: none trained or logged twice.
+        steps = [m.step for m in client.get_metric_history(k.info.run_id, "train_loss")]
+        assert sorted(steps) == [1, 2, 3], (k.data.tags["toxtune.trial_id"], steps)
 
 
 def test_finished_study_grows_and_learns_from_earlier_trials(
@@ -170,3 +212,138 @@ def test_finished_study_grows_and_learns_from_earlier_trials(
     )
     assert len(kids) == 5
     assert len(second.trials) == 5
+
+
+def test_ctrl_c_stops_the_job_unregistered_and_resume_completes_it(
+    tmp_path: Path, small_csv: Path
+) -> None:
+    """SIGINT during a trial: exit 130 with one line naming the resume command, nothing
+    registered, the study's trial left to continue; `--resume` then finishes every trial with
+    one metric per epoch and registers the model."""
+    config = write_config(tmp_path, small_csv, num_samples=3)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["search"].update(max_epochs=4, max_concurrent=1)
+    config.write_text(yaml.safe_dump(cfg))
+    job = load_config(config)
+    driver = start_driver(
+        tmp_path, ["--config", str(config)], "sigint.log", stderr=subprocess.PIPE, text=True
+    )
+    # Interrupt once the second trial has a checkpoint (and so an epoch behind it).
+    deadline = time.monotonic() + 240
+    while (
+        not unfinished_trial_folders(job.job_dir, done_ids(job))
+        or finished_trials(job.study_storage, job.name) < 1
+    ):
+        assert driver.poll() is None, (tmp_path / "sigint.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no second trial started in time"
+        time.sleep(0.3)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 128 + signal.SIGINT, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("toxtune tune: error: job 'killme' stopped by SIGINT")
+    assert "nothing was finalized or registered" in last
+    assert f"toxtune tune --resume killme --storage-path {job.storage.uri}" in last
+
+    client = MlflowClient(job.tracking_uri)
+    assert client.search_model_versions(f"name = '{job.model_name}'") == []
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("resume").experiment_id],
+        filter_string="tags.`toxtune.kind` = 'job'",
+    )
+    assert parent.info.status == "KILLED"
+    study = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.FAIL not in states  # the interrupted trial is to continue
+    assert json.loads((job.job_dir / "toxtune_done.json").read_text())["finished"] is False
+
+    out = subprocess.run(
+        [TOXTUNE, "tune", "--resume", job.name, "--storage-path", job.storage.uri],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    study = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    kids = [
+        r
+        for r in client.search_runs([parent.info.experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(kids) == 3
+    for kid in kids:
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
+        assert sorted(steps) == [1, 2, 3, 4], steps  # the interrupted trial continued
+    versions = client.search_model_versions(f"name = '{job.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def done_ids(job: JobConfig) -> set[str]:
+    """Ray trial ids of the study's complete trials."""
+    try:
+        study = optuna.load_study(study_name=job.name, storage=rdb(job.study_storage))
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return set()
+    return {
+        str(t.user_attrs.get("ray_trial_id"))
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+
+
+def test_a_copied_job_folder_resumes_in_the_copy_and_leaves_the_original_alone(
+    tmp_path: Path, small_csv: Path, mlflow_http: MlflowServer
+) -> None:
+    """`cp -a` a killed job's working folder and `--resume` it inside the copy: the study, Ray's
+    state and the checkpoints written are the copy's, which finishes with the trials due. (With
+    the embedded SQLite tracking store the copy is refused instead: see test_tracking_backend.)
+    """
+    work = tmp_path / "j8"
+    work.mkdir()
+    server = {"tracking_uri": mlflow_http.url}
+    config = write_config(work, small_csv, num_samples=3, tracking=server)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["ray"]["storage_path"] = "toxtune_results"  # relative, as the CLI's default
+    cfg["search"]["max_concurrent"] = 1
+    config.write_text(yaml.safe_dump(cfg))
+    job = load_config(config)
+    study_db = work / "toxtune_results" / "optuna.db"
+    driver = start_driver(work, ["--config", str(config)], "driver1.log", cwd=work)
+    try:
+        deadline = time.monotonic() + 240
+        while finished_trials(f"sqlite:///{study_db}", job.name) < 1:
+            assert driver.poll() is None, (work / "driver1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        kill_tree(driver)
+    copy = tmp_path / "j8b"
+    shutil.copytree(work, copy, symlinks=True)
+
+    def snapshot(folder: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+
+    original = snapshot(work)
+    out = subprocess.run(
+        [TOXTUNE, "tune", "--resume", job.name],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=copy,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert snapshot(work) == original  # nothing written into the original folder
+    assert "was started at" in out.stderr and str(copy / "toxtune_results") in out.stderr
+    study = optuna.load_study(
+        study_name=job.name, storage=f"sqlite:///{copy / 'toxtune_results' / 'optuna.db'}"
+    )
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert str(copy / "toxtune_results") in out.stdout  # the report names the copy

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
-from tune.tracking.backend import FAST_FAIL_HTTP, fast_fail_http
+from tune.errors import JobMismatchError
+from tune.tracking.backend import (
+    FAST_FAIL_HTTP,
+    check_artifact_home,
+    client_for,
+    ensure_experiment,
+    fast_fail_http,
+)
 
 RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
@@ -66,3 +75,20 @@ def test_a_thread_leaving_does_not_pull_the_settings_from_another() -> None:
         t.join(20)
     assert seen == ["0"]
     assert RETRIES not in os.environ
+
+
+def test_an_embedded_store_copied_to_another_folder_is_refused(tmp_path: Path) -> None:
+    """MLflow keeps absolute artifact locations: a job continued on a copied SQLite store would
+    write its artifacts into the original folder, so the copy is refused, naming both."""
+    original = tmp_path / "j8" / "toxtune_results"
+    original.mkdir(parents=True)
+    uri = f"sqlite:///{original / 'mlflow.db'}"
+    ensure_experiment(client_for(uri), uri, "tox")
+    check_artifact_home(uri, "tox")  # in its own folder: fine
+    copy = tmp_path / "j8b" / "toxtune_results"
+    shutil.copytree(original, copy)
+    with pytest.raises(JobMismatchError) as err:
+        check_artifact_home(f"sqlite:///{copy / 'mlflow.db'}", "tox")
+    assert str(original / "mlartifacts") in str(err.value)
+    assert str(copy / "mlartifacts") in str(err.value)
+    check_artifact_home(f"sqlite:///{copy / 'mlflow.db'}", "another-experiment")

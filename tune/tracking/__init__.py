@@ -1,6 +1,7 @@
 """MLflow tracking (the record stage): one parent run per job, one child run per trial.
 
     check_tracking(uri)                         # backend.py: refuse an unusable backend first
+    check_artifact_home(uri, exp)               # ... or a copied embedded store
     parent = start_job_run(uri, exp, name, config, resume)     # runs.py: the job's run
     MlflowTrialCallback(uri, exp, parent, max_epochs, dataset)  # callback.py: trial runs
     log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots, text
@@ -16,6 +17,7 @@ Every call uses an explicit client for the job's URI; nothing sets MLflow's glob
 
 from tune.errors import TrackingError
 from tune.tracking.backend import (
+    check_artifact_home,
     check_tracking,
     client_for,
     default_tracking_uri,
@@ -41,6 +43,7 @@ __all__ = [
     "MlflowTrialCallback",
     "Registration",
     "TrackingError",
+    "check_artifact_home",
     "check_tracking",
     "child_runs",
     "client_for",

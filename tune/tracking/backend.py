@@ -28,12 +28,14 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tune.errors import TrackingError
+from tune.errors import JobMismatchError, TrackingError
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -75,6 +77,30 @@ def artifact_root(uri: str) -> Path | None:
     """Where a SQLite backend keeps artifacts: `mlartifacts/` beside the database, never cwd."""
     path = sqlite_path(uri)
     return path.expanduser().resolve().parent / "mlartifacts" if path else None
+
+
+def check_artifact_home(uri: str, experiment_name: str) -> None:
+    """Refuse an embedded (SQLite) store that was copied or moved from another folder.
+
+    MLflow records absolute artifact locations, so such a store keeps sending the experiment's
+    artifacts (models, plots, trial files) to `mlartifacts/` of the folder it came from: a job
+    resumed in a copy would write into the original. JobMismatchError naming both folders.
+    """
+    root, path = artifact_root(uri), sqlite_path(uri)
+    if root is None or path is None or not path.exists():
+        return
+    exp = client_for(uri).get_experiment_by_name(experiment_name)
+    location = exp.artifact_location if exp is not None else ""
+    if not location.startswith("file:"):
+        return
+    home = Path(url2pathname(urlparse(location).path)).parent
+    if home.name == root.name and home != root:
+        raise JobMismatchError(
+            f"the MLflow store {path} keeps experiment {experiment_name!r}'s artifacts in "
+            f"{home}, not beside it in {root}: it was copied or moved from {home.parent}, and "
+            "MLflow would write this job's artifacts there. Continue the job in its original "
+            "folder, or track it on an MLflow server (--tracking-uri http://...)"
+        )
 
 
 def client_for(uri: str) -> MlflowClient:

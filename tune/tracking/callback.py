@@ -137,6 +137,8 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._status: dict[str, str] = {}
         self._tagged: set[str] = set()
         self._best: dict[str, list[Metric]] = {}  # trial -> per-task metrics of its best row
+        # trial -> the last step its run holds: a restored trial's older steps are not re-logged
+        self._logged: dict[str, int] = {}
         self._queue: deque[_Op] = deque()
         self._retry_at = 0.0
         self._backoff = 1.0
@@ -223,6 +225,8 @@ class MlflowTrialCallback(ray_tune.Callback):
         )
         if found:
             run_id, status = found[0].info.run_id, found[0].info.status
+            history = self.client.get_metric_history(run_id, "train_loss")
+            self._logged[trial_id] = max((m.step for m in history), default=0)
         else:
             tags = {
                 **source_tags(),
@@ -297,10 +301,15 @@ class MlflowTrialCallback(ray_tune.Callback):
         if trial.trial_id not in self._tagged:
             tags = [RunTag(k, str(result[k])[:500]) for k in RESULT_TAGS if k in result]
             self._tagged.add(trial.trial_id)
-        self._submit(
-            f"result {trial.trial_id}#{step}",
-            lambda: self._log_metrics(self._run_id(trial), headline, tags),
-        )
+
+        def op() -> None:
+            run_id = self._run_id(trial)
+            # A step logged before the trial was restored is not logged twice.
+            seen = step <= self._logged.get(trial.trial_id, 0)
+            self._log_metrics(run_id, [] if seen else headline, tags)
+            self._logged[trial.trial_id] = max(step, self._logged.get(trial.trial_id, 0))
+
+        self._submit(f"result {trial.trial_id}#{step}", op)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed attempt that Tune will retry: its error is kept, the run stays open."""
