@@ -183,7 +183,8 @@ def search(
         finished = study.finished_ray_ids(found) if found is not None else frozenset()
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
         path = job.storage.uri_of(rounds.names[-1])
-        _all_ended(job, bridge.restore_tuner(path, trainable, callbacks).fit(), stops)
+        bridge.restore_tuner(path, trainable, callbacks).fit()
+        _all_ended(job, path, stops)
     remaining = study.remaining(job)
     if remaining > 0:
         first_run = not rounds.names
@@ -194,7 +195,8 @@ def search(
         rounds.save(job)
         tuner, found = _tuner(job, data, name, remaining, first_run, callbacks, faults)
         study.fail_stale_trials(found)
-        _all_ended(job, tuner.fit(), stops)
+        tuner.fit()
+        _all_ended(job, job.storage.uri_of(name), stops)
     if watch.problem:
         raise SearchError(watch.problem)
     # Every Tune run has ended: a study trial still RUNNING is an orphan of a killed driver
@@ -234,14 +236,15 @@ def _restorable(job: JobConfig, rounds: Rounds) -> bool:
     return ray_tune.Tuner.can_restore(path)
 
 
-def _all_ended(job: JobConfig, grid: Any, stops: StopSignals) -> None:
-    """JobInterruptedError when a round returned with trials that neither finished nor failed.
+def _all_ended(job: JobConfig, path: str, stops: StopSignals) -> None:
+    """JobInterruptedError when the round at `path` returned with trials that neither finished
+    nor failed.
 
     Ray Tune returns so after a stop signal (its time limit and stoppers end every trial). The
-    returned grid cannot tell: Tune ends the trials in memory after saving its state, so the
-    saved experiment state, which a resume reads, is what is checked.
+    grid `fit()` returns cannot tell: Tune ends the trials in memory after saving its state, so
+    the saved experiment state, which a resume reads, is what is checked.
     """
-    saved = ray_tune.ExperimentAnalysis(grid.experiment_path)
+    saved = ray_tune.ExperimentAnalysis(path)
     unfinished = [t for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:
         raise JobInterruptedError(
@@ -378,7 +381,8 @@ def _gpu_memory_bytes(job: JobConfig) -> int:
 
 
 def init_ray(job: JobConfig) -> None:
-    """Join `ray.address` (or RAY_ADDRESS), else start a private local Ray on 127.0.0.1."""
+    """Join `ray.address` (or RAY_ADDRESS), else start a private local Ray (node address
+    127.0.0.1, no dashboard; see `bridge.init_local_ray`)."""
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}

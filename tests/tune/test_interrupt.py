@@ -7,10 +7,20 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from tune.interrupt import StopSignals
+
+
+@pytest.fixture(autouse=True)
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler, as the `toxtune` command has it (a test runner's worker
+    may have another)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def test_sigterm_arrives_as_an_interrupt_named_sigterm_and_the_handler_is_put_back() -> None:
