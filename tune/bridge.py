@@ -101,8 +101,9 @@ def with_console_metrics(trainable: Any, names: list[str]) -> Any:
 
 
 def init_local_ray(num_cpus: int | None, num_gpus: int | None, **kwargs: Any) -> None:
-    """A private local Ray bound to 127.0.0.1 (ray 2.60.0: only the private `_node_ip_address`
-    argument of ray.init keeps a local node off the machine's other addresses)."""
+    """A private local Ray whose node address is 127.0.0.1 (ray 2.60.0: the private
+    `_node_ip_address` argument of ray.init). Its gRPC servers still listen on every interface,
+    behind Ray's token authentication: Ray offers no setting that binds them to loopback."""
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
