@@ -21,6 +21,7 @@ import yaml
 from toxmodel.data import DUPLICATE_POLICIES
 from toxmodel.featurize import FeaturizerConfig
 from toxmodel.split import SplitConfig, validate_split_config
+from tune.credentials import credential_advice, credential_in
 from tune.errors import ConfigError
 from tune.identity import check_name, default_model_name, new_name
 from tune.space import validate_overrides
@@ -308,6 +309,7 @@ def validate(job: JobConfig) -> JobConfig:
 
     Returns the job with the values it leaves to the budget filled in (search.grace_period).
     """
+    _no_credentials(job)  # first: no later message may repeat a URI that holds one
     s, r, f = job.search, job.resources, job.faults
     if s.searcher not in ("optuna", "random"):
         raise ConfigError(f"search.searcher must be optuna or random, got {s.searcher!r}")
@@ -360,7 +362,6 @@ def validate(job: JobConfig) -> JobConfig:
     if not job.tracking.experiment_name:
         raise ConfigError("tracking.experiment_name must not be empty")
     _check_names(job)
-    _no_credentials(job)
     _check_storage(job)
     if not 0 <= s.seed < 2**32:
         raise ConfigError(f"search.seed must be in [0, 2**32), got {s.seed}")
@@ -433,20 +434,25 @@ def _check_storage(job: JobConfig) -> None:
 
 
 def _no_credentials(job: JobConfig) -> None:
-    """Refuse URIs with embedded passwords: they would end up in logs and MLflow params."""
+    """Refuse URIs that carry a credential: the config is saved in the job's folder and logged to
+    MLflow as params, and URIs appear in messages. Each is parsed as its client parses it
+    (SQLAlchemy for a database, urllib for the rest), and the message never repeats the value."""
     for where, uri in (
         ("tracking.tracking_uri", job.tracking.tracking_uri),
         ("tracking.study_storage", job.tracking.study_storage),
         ("data.source", job.data.source),
         ("ray.storage_path", job.ray.storage_path),
+        ("ray.address", job.ray.address),
     ):
-        if uri and "://" in uri:
-            netloc = uri.split("://", 1)[1].split("/", 1)[0]
-            if "@" in netloc and ":" in netloc.split("@", 1)[0]:
-                raise ConfigError(
-                    f"{where} embeds a password; pass credentials through the environment "
-                    "(e.g. MLFLOW_TRACKING_PASSWORD, PGPASSWORD) instead"
-                )
+        found = credential_in(where, uri) if uri else None
+        if found is None:
+            continue
+        what, family = found
+        advice = credential_advice(where, family)
+        raise ConfigError(
+            f"{where} embeds {what}, which would be saved with the job and logged to MLflow; "
+            f"{advice} (the value is not shown)"
+        )
 
 
 def load_config(

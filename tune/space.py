@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from toxmodel.model import ModelConfig
-from toxmodel.train import TrainConfig
+from toxmodel.model import ACTIVATIONS, NORMS, ModelConfig
+from toxmodel.train import SCHEDULERS, TrainConfig
 from tune.errors import ConfigError
 
 MAX_LAYERS = 3
@@ -77,19 +77,67 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _allowed_names(name: str, base: Param) -> set[Any] | None:
-    """The closed set of values a categorical parameter accepts (None: any number)."""
-    if name == "activation":
-        from toxmodel.model import ACTIVATIONS
+@dataclass(frozen=True)
+class Rule:
+    """The values the library accepts for one parameter (ModelConfig, TrainConfig, `sample`):
+    every choice, and both bounds of a range, of a `search.space` override must pass."""
 
-        return set(ACTIVATIONS)
-    if name in ("norm", "scheduler", "pos_weight"):
-        return set(base.choices)
-    return None
+    type: type  # int, float (any finite number), str or bool
+    low: float | None = None  # inclusive unless low_open
+    high: float | None = None  # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+    values: tuple[Any, ...] = ()  # a closed set of names; empty: any value of the type and range
+
+    def accepts(self, value: Any) -> bool:
+        if self.type is float:
+            ok = _is_number(value) and math.isfinite(value)
+        else:  # bool is an int to Python, never to a config: 1 is no pos_weight, True no width
+            ok = isinstance(value, self.type) and (self.type is bool) == isinstance(value, bool)
+        if not ok or (self.values and value not in self.values):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and not self.high_open)
+
+    def __str__(self) -> str:
+        """What the values must be, for a message: 'integers in 1..3', 'numbers in [0, 1)'."""
+        if self.type is bool:
+            return "true or false"
+        if self.values:
+            *rest, last = map(str, self.values)
+            return f"one of {', '.join(rest)} or {last}" if rest else last
+        what = "integers" if self.type is int else "numbers"
+        if self.low is not None and self.high is not None:
+            if self.type is int:
+                return f"{what} in {self.low:g}..{self.high:g}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{what} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
+        return what
+
+
+# What each parameter may take, whatever the space says: checked when the config is loaded, so
+# a value the library refuses (or would silently truncate, like a width of 256.5) never reaches
+# a trial. n_layers stops at MAX_LAYERS: a layer i needs its width_<i>, and there are that many.
+RULES: dict[str, Rule] = {
+    "n_layers": Rule(int, 1, MAX_LAYERS),
+    **{f"width_{i}": Rule(int, 1) for i in range(MAX_LAYERS)},
+    "activation": Rule(str, values=tuple(ACTIVATIONS)),
+    "norm": Rule(str, values=NORMS),
+    "dropout": Rule(float, 0, 1, high_open=True),
+    "input_dropout": Rule(float, 0, 1, high_open=True),
+    "lr": Rule(float, 0, low_open=True),
+    "weight_decay": Rule(float, 0),
+    "batch_size": Rule(int, 1),
+    "scheduler": Rule(str, values=SCHEDULERS),
+    "pos_weight": Rule(bool),
+}
 
 
 def _param_from_override(name: str, spec: Any) -> Param:
-    base = SPACE[name]
+    base, rule = SPACE[name], RULES[name]
     if not isinstance(spec, dict):
         raise ConfigError(
             f"search.space.{name}: expected a mapping like {{low, high}} or {{choices}}"
@@ -101,27 +149,16 @@ def _param_from_override(name: str, spec: Any) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list | tuple) or len(choices) == 0:
             raise ConfigError(f"search.space.{name}.choices must be a non-empty list")
-        numeric = base.kind != "categorical" or all(_is_number(c) for c in base.choices)
-        if numeric and not all(_is_number(c) for c in choices):
-            raise ConfigError(f"search.space.{name}.choices must be numbers, got {choices}")
-        allowed = _allowed_names(name, base)
-        if allowed is not None and not set(choices) <= allowed:
-            bad = sorted(map(str, set(choices) - allowed))
-            raise ConfigError(
-                f"search.space.{name}: unknown choice(s) {', '.join(bad)}; "
-                f"valid: {', '.join(sorted(map(str, allowed)))}"
-            )
+        bad = [c for c in choices if not rule.accepts(c)]
+        if bad:
+            raise ConfigError(f"search.space.{name}: choices must be {rule}, got {bad}")
         return Param("categorical", choices=tuple(choices))
     if base.kind == "categorical":
         raise ConfigError(f"search.space.{name} is categorical: give `choices`")
     low, high = spec.get("low", base.low), spec.get("high", base.high)
     for bound, value in (("low", low), ("high", high)):
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(f"search.space.{name}.{bound} must be a finite number, got {value!r}")
+        if not rule.accepts(value):
+            raise ConfigError(f"search.space.{name}.{bound}: values must be {rule}, got {value!r}")
     if low > high:
         raise ConfigError(f"search.space.{name}: low ({low}) is greater than high ({high})")
     log = spec.get("log", base.log)
@@ -129,13 +166,12 @@ def _param_from_override(name: str, spec: Any) -> Param:
         raise ConfigError(f"search.space.{name}.log must be true or false")
     if log and low <= 0:
         raise ConfigError(f"search.space.{name}: a log range needs low > 0, got {low}")
-    if base.kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-        raise ConfigError(f"search.space.{name}: bounds must be integers")
     return Param(base.kind, low, high, log)
 
 
 def validate_overrides(overrides: dict[str, Any]) -> None:
-    """Raise ConfigError for an unknown parameter or an empty/inverted range."""
+    """Raise ConfigError, naming the key, for an unknown parameter, an empty or inverted range,
+    or a value `RULES` refuses (load_config calls it, before Ray starts)."""
     build_space(overrides)
 
 
@@ -148,9 +184,6 @@ def build_space(overrides: dict[str, Any] | None = None) -> dict[str, Param]:
                 f"search.space: unknown parameter {name!r}; searchable: {', '.join(SPACE)}"
             )
         space[name] = _param_from_override(name, spec)
-    n = space["n_layers"]
-    if n.kind != "categorical" and not ((n.low or 0) >= 1 and (n.high or 0) <= MAX_LAYERS):
-        raise ConfigError(f"search.space.n_layers must lie within 1..{MAX_LAYERS}")
     return space
 
 

@@ -253,3 +253,119 @@ def test_duplicates_policy_from_the_file_or_a_flag(tmp_path: Path) -> None:
     cfg.write_text("data:\n  duplicates: Average\n")
     with pytest.raises(ConfigError, match="'Average'"):
         load_config(cfg)
+
+
+_SAVED = "which would be saved with the job and logged to MLflow"
+_DATABASE = (
+    "remove it and give the password through the environment: PGPASSWORD or ~/.pgpass "
+    "(mode 600) for PostgreSQL, the driver's own option file for another database"
+)
+_MLFLOW = (
+    "remove it and give MLflow the credentials through the environment: MLFLOW_TRACKING_TOKEN, "
+    "or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+)
+_AWS = (
+    "remove it and give the credentials through the environment: AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance profile)"
+)
+_PASSWORD = "a password in its user info (USER:PASSWORD@)"
+_USER = "a credential in its user info (a USER@ is a login, token or key to this scheme)"
+_OBJECT_STORE = {
+    "tracking.tracking_uri": "http://h:5000",
+    "tracking.study_storage": "postgresql://h/o",
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "uri", "secret", "what", "advice"),
+    [
+        # a '/' in the password: SQLAlchemy (and the driver) read all of "se/cret" as it
+        ("tracking.study_storage", "postgresql://alice:se/cret@db/optuna", "se/cret", _PASSWORD,
+         _DATABASE),
+        # libpq takes a password as a query parameter too
+        ("tracking.study_storage", "postgresql://alice@db/optuna?password=s3cret", "s3cret",
+         "a credential in its query parameter 'password'", _DATABASE),
+        ("tracking.study_storage", "postgresql+psycopg2://alice@db/o?sslpassword=s3cret",
+         "s3cret", "a credential in its query parameter 'sslpassword'", _DATABASE),
+        ("tracking.tracking_uri", "mysql+pymysql://alice@db/mlflow?passwd=s3cret", "s3cret",
+         "a credential in its query parameter 'passwd'", _DATABASE),
+        # requests sends a bare TOKEN@ as a login
+        ("tracking.tracking_uri", "https://ghp_T0k3n@host", "ghp_T0k3n", _USER, _MLFLOW),
+        ("tracking.tracking_uri", "https://alice:se/cret@host", "se/cret", _PASSWORD, _MLFLOW),
+        ("tracking.tracking_uri", "http://host:5000/?token=s3cret", "s3cret",
+         "a credential in its query parameter 'token'", _MLFLOW),
+        ("data.source", "https://ghp_T0k3n@host/tox21.csv", "ghp_T0k3n", _USER,
+         "toxtune downloads without credentials: download the file yourself and pass its local "
+         "path with --data"),
+        ("data.source", "https://host/t.csv?X-Amz-Credential=AKIA&X-Amz-Signature=s3cret",
+         "s3cret", "a credential in its query parameter 'X-Amz-Credential'",
+         "toxtune downloads without credentials: download the file yourself and pass its local "
+         "path with --data"),
+        ("ray.storage_path", "s3://AKIA:s3cret@bucket/x", "s3cret", _PASSWORD, _AWS),
+        ("ray.storage_path", "s3://AKIAKEYID@bucket/x", "AKIAKEYID", _USER, _AWS),
+        ("ray.address", "alice:s3cret@head:6379", "s3cret", "a credential in its user info (USER@)",
+         "remove it: a Ray address takes no credentials (HOST:PORT, auto or ray://HOST:PORT)"),
+    ],
+)  # fmt: skip
+def test_a_credential_in_any_uri_is_refused_and_never_repeated(
+    key: str, uri: str, secret: str, what: str, advice: str
+) -> None:
+    """Issue 25 item 7: `postgresql://alice:se/cret@db/optuna`, `...?password=s3cret` and
+    `https://TOKEN@host` passed the check and were saved in toxtune_job.yaml and MLflow params
+    (the last also printed in an error message)."""
+    extra = _OBJECT_STORE if key == "ray.storage_path" else {}
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={key: uri, **extra})
+    assert str(err.value) == f"{key} embeds {what}, {_SAVED}; {advice} (the value is not shown)"
+    assert secret not in str(err.value)
+
+
+def test_a_credential_is_refused_by_the_cli_and_by_resume_without_repeating_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tune.cli import main
+
+    uri = "postgresql://alice:se/cret@db/optuna"
+    assert main(["tune", "--study-storage", uri, "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.study_storage embeds a password" in err and "cret" not in err
+    # a job saved before the check holds the URI in its toxtune_job.yaml: --resume refuses it
+    saved = tmp_path / "myjob" / "toxtune_job.yaml"
+    saved.parent.mkdir()
+    job = load_config(overrides={"tracking.run_name": "myjob", "ray.storage_path": str(tmp_path)})
+    saved.write_text(dump_config(job).replace("study_storage: null", f"study_storage: {uri}"))
+    args = build_parser().parse_args(["tune", "--resume", "myjob", "--storage-path", str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"^tracking\.study_storage embeds a password") as refused:
+        resolve_job(args)
+    assert "cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "uri"),
+    [
+        ("tracking.study_storage", "postgresql+psycopg2://postgres@127.0.0.1:5432/optuna"),
+        # libpq's passfile, sslkey and sslcert are file paths, not secrets
+        ("tracking.study_storage", "postgresql://alice@db/o?sslmode=verify-full&passfile=/p"),
+        ("tracking.study_storage", "postgresql://alice@db/o?sslkey=/k.pem&sslcert=/c.pem"),
+        ("tracking.study_storage", "sqlite:////data/run@2/optuna.db"),
+        ("tracking.tracking_uri", "http://127.0.0.1:5000"),
+        ("tracking.tracking_uri", "databricks://scope:prefix"),  # names a secret scope
+        ("data.source", "https://host:8080/files/tox21@v2.csv"),
+        ("data.source", "/data/tox21@v2.csv"),
+        ("ray.address", "10.0.1.23:6379"),
+        ("ray.address", "ray://head:10001"),
+    ],
+)
+def test_uris_without_a_credential_are_accepted(key: str, uri: str) -> None:
+    assert load_config(overrides={key: uri})
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "hdfs://alice@namenode:8020/toxtune",  # a user name, not a credential
+        "abfs://container@account.dfs.core.windows.net/toxtune",  # the container
+    ],
+)
+def test_object_store_uris_that_name_a_user_or_container_are_accepted(uri: str) -> None:
+    assert load_config(overrides={"ray.storage_path": uri, **_OBJECT_STORE})

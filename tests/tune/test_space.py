@@ -82,3 +82,88 @@ def test_categorical_choices_are_checked_against_what_the_library_accepts(
 
     with pytest.raises(ConfigError, match=name):
         build_space(bad)
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"width_0": {"choices": [0]}},
+         "search.space.width_0: choices must be integers >= 1, got [0]"),
+        # 256.5 used to be truncated to 256; 256.0 is refused as well (an int field never
+        # takes a float in this config, e.g. search.num_samples: 2.0)
+        ({"width_0": {"choices": [256, 256.5]}},
+         "search.space.width_0: choices must be integers >= 1, got [256.5]"),
+        ({"width_2": {"choices": [256.0]}},
+         "search.space.width_2: choices must be integers >= 1, got [256.0]"),
+        ({"width_1": {"choices": [True]}},
+         "search.space.width_1: choices must be integers >= 1, got [True]"),
+        ({"batch_size": {"choices": [0]}},
+         "search.space.batch_size: choices must be integers >= 1, got [0]"),
+        ({"dropout": {"low": 0.5, "high": 1.5}},
+         "search.space.dropout.high: values must be numbers in [0, 1), got 1.5"),
+        ({"input_dropout": {"choices": [0.0, 1.0]}},
+         "search.space.input_dropout: choices must be numbers in [0, 1), got [1.0]"),
+        # a layer i needs a width_<i>: there are MAX_LAYERS of them (it was a KeyError: 'width_3'
+        # in a trial, after Ray started)
+        ({"n_layers": {"choices": [1, 5]}},
+         "search.space.n_layers: choices must be integers in 1..3, got [5]"),
+        ({"n_layers": {"low": 1, "high": 4}},
+         "search.space.n_layers.high: values must be integers in 1..3, got 4"),
+        ({"n_layers": {"low": 0.5, "high": 2}},
+         "search.space.n_layers.low: values must be integers in 1..3, got 0.5"),
+        ({"lr": {"choices": [0, 1.0e-3]}},
+         "search.space.lr: choices must be numbers > 0, got [0]"),
+        ({"lr": {"low": -1.0, "high": 1.0e-3}},
+         "search.space.lr.low: values must be numbers > 0, got -1.0"),
+        ({"weight_decay": {"low": -1.0e-5, "high": 1.0e-3}},
+         "search.space.weight_decay.low: values must be numbers >= 0, got -1e-05"),
+        ({"weight_decay": {"low": 0, "high": 1.0e-3, "log": True}},
+         "search.space.weight_decay: a log range needs low > 0, got 0"),
+        ({"dropout": {"low": 0.4, "high": 0.2}},
+         "search.space.dropout: low (0.4) is greater than high (0.2)"),
+        ({"pos_weight": {"choices": [0, 1]}},
+         "search.space.pos_weight: choices must be true or false, got [0, 1]"),
+        ({"norm": {"choices": ["none", "group"]}},
+         "search.space.norm: choices must be one of none, batch or layer, got ['group']"),
+        ({"scheduler": {"choices": ["warp"]}},
+         "search.space.scheduler: choices must be one of none, cosine, onecycle or lambda, "
+         "got ['warp']"),
+    ],
+)  # fmt: skip
+def test_space_values_the_library_refuses_are_refused_when_the_config_loads(
+    space: dict, message: str
+) -> None:
+    """Issue 25 item 8: these were checked only inside trials (after Ray started), or, for a
+    width of 256.5, silently truncated. load_config (tune, submit and --resume) refuses them."""
+    from tune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"search.space": space})
+    assert str(err.value) == message
+
+
+def test_every_parameter_has_a_rule_and_the_defaults_pass_it() -> None:
+    from tune.space import RULES, SPACE
+
+    assert set(RULES) == set(SPACE)
+    for name, param in SPACE.items():
+        values = param.choices or (param.low, param.high)
+        assert all(RULES[name].accepts(v) for v in values), name
+        assert name not in DEFAULT_POINT or RULES[name].accepts(DEFAULT_POINT[name]), name
+
+
+def test_values_inside_the_rules_are_accepted_and_map_onto_the_library() -> None:
+    space = build_space(
+        {
+            "n_layers": {"choices": [3]},
+            "width_2": {"choices": [1, 7]},
+            "dropout": {"choices": [0, 0.99]},
+            "lr": {"choices": [1.0e-3]},
+            "weight_decay": {"low": 0, "high": 1.0e-4, "log": False},
+            "scheduler": {"choices": ["onecycle", "lambda"]},  # TrainConfig takes all four
+        }
+    )
+    for params in _sample_many(space, 10):
+        model, train = to_run_configs(params, max_epochs=2, patience=0, seed=0)
+        assert len(model.hidden) == 3 and model.hidden[2] in (1, 7)
+        assert train.scheduler in ("onecycle", "lambda")
