@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import zlib
@@ -55,6 +56,11 @@ MISSING_VALUES = ["", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", "N
 ID_COLUMNS = {"id", "mol_id", "molecule_id", "compound_id", "cas", "name", "index", "inchikey"}
 _UNSUPPORTED_SUFFIXES = {".xlsx", ".xls", ".parquet", ".sdf", ".zip", ".json", ".pkl", ".feather"}
 _SHOW_VALUES = 5
+# A header cell longer than this is no column name (a broken header line or quote), and would
+# be echoed in every message naming it; data cells of any length are read.
+MAX_COLUMN_NAME = 1000
+_SHOW_INVALID = 3  # reasons quoted when no SMILES of a table parsed
+_FIELD_LIMIT_LOCK = threading.Lock()  # the csv module's field size limit is process-wide
 _MISSING = frozenset(v.lower() for v in MISSING_VALUES)
 _BOOLEANS = {"false": 0.0, "true": 1.0}
 _DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}  # sniffed in this order of preference
@@ -371,7 +377,7 @@ class DataSummary:
             f"invalid SMILES: {len(self.invalid)}",
         ]
         for line, smiles, reason in self.invalid[:max_invalid]:
-            shown = smiles if len(smiles) <= 60 else smiles[:57] + "..."
+            shown = _short(smiles)
             lines.append(f"  line {line}: {shown!r}: {reason}")
         if len(self.invalid) > max_invalid:
             more = len(self.invalid) - max_invalid
@@ -452,6 +458,31 @@ def describe(table: MoleculeTable, features: Features | None = None) -> DataSumm
 def summarize(table: MoleculeTable, features: Features | None = None) -> str:
     """A printable dataset summary: rows, invalid SMILES by file line, skipped columns, labels."""
     return describe(table, features).format()
+
+
+def check_parsed(table: MoleculeTable, features: Features, listed_in: str | None = None) -> None:
+    """Refuse a table none of whose SMILES parsed: there is nothing to split, train or score.
+
+    The DataError names the source, the number of rows and the first reasons by file line;
+    `listed_in` (where the caller wrote the invalid-SMILES report) is named when given.
+    """
+    n = len(table)
+    if n == 0 or len(features.valid_rows):
+        return
+    shown = "; ".join(
+        f"line {table.line_of(item.row)} {_short(item.smiles)!r}: {item.reason}"
+        for item in features.invalid[:_SHOW_INVALID]
+    )
+    more = ", ..." if len(features.invalid) > _SHOW_INVALID else ""
+    where = f"; all {n} are listed in {listed_in}" if listed_in else ""
+    raise DataError(
+        f"{table.source}: none of its {n} SMILES could be parsed, so there is nothing to "
+        f"train on ({shown}{more}){where}"
+    )
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe_source(source: str | Path | None) -> str:
@@ -584,6 +615,7 @@ class _Parsed:
 
 def _parse(text: str, path: Path, smiles_column: str) -> _Parsed:
     """Split the text into header and rows (see `read_table` for the rules)."""
+    _allow_fields_up_to(len(text) + 1)
     delimiter = _sniff_delimiter(text, smiles_column)
     if delimiter != ",":
         name = _DELIMITERS[delimiter]
@@ -620,6 +652,19 @@ def _parse(text: str, path: Path, smiles_column: str) -> _Parsed:
     return _Parsed(frame, np.asarray(lines, dtype=np.int64))
 
 
+def _allow_fields_up_to(size: int) -> None:
+    """Let the csv module read fields of up to `size` characters.
+
+    Its default limit (128 KiB) turned a long header name or cell into `field larger than field
+    limit`. The whole text is in memory already and no field is longer than it, so the limit
+    guards nothing here. It is process-wide: raised here (under a lock, so two readers never
+    lower each other's), never lowered.
+    """
+    with _FIELD_LIMIT_LOCK:
+        if csv.field_size_limit() < size:
+            csv.field_size_limit(size)
+
+
 def _sniff_delimiter(text: str, smiles_column: str) -> str:
     """Comma, semicolon or tab: the one whose header cells include the SMILES column, else the
     one giving most cells (ties go to the earlier in _DELIMITERS)."""
@@ -635,8 +680,16 @@ def _sniff_delimiter(text: str, smiles_column: str) -> str:
 
 
 def _header_names(header: list[str], path: Path) -> list[str]:
-    """Stripped column names ("Unnamed: i" when empty); a repeated name is a DataError."""
+    """Stripped column names ("Unnamed: i" when empty); a repeated name, or one longer than
+    MAX_COLUMN_NAME characters, is a DataError."""
     names = [cell.strip() or f"Unnamed: {i}" for i, cell in enumerate(header)]
+    for i, name in enumerate(names, start=1):
+        if len(name) > MAX_COLUMN_NAME:
+            raise DataError(
+                f"{path}: line 1 (the header) names column {i} with {len(name):,} characters "
+                f"({_short(name)!r}); no column name is over {MAX_COLUMN_NAME:,}: check that "
+                "line 1 is the header and that its quotes are balanced"
+            )
     positions: dict[str, list[int]] = {}
     for i, name in enumerate(names, start=1):
         positions.setdefault(name, []).append(i)
@@ -793,7 +846,7 @@ def _target_labels(column: pd.Series, name: str, lines: np.ndarray, path: Path) 
 def _bad_cells(column: pd.Series, cells: _Cells, lines: np.ndarray) -> str:
     """'2 rows hold other values: line 3: '2', line 9: 'inactive'' (the first few shown)."""
     rows = np.flatnonzero(cells.other)
-    shown = ", ".join(f"line {lines[r]}: {column.iat[r]!r}" for r in rows[:_SHOW_VALUES])
+    shown = ", ".join(f"line {lines[r]}: {_short(column.iat[r])!r}" for r in rows[:_SHOW_VALUES])
     more = ", ..." if len(rows) > _SHOW_VALUES else ""
     what = "row holds another value" if len(rows) == 1 else "rows hold other values"
     return f"{len(rows)} {what}: {shown}{more}"
@@ -803,7 +856,7 @@ def _not_binary_reason(column: pd.Series, cells: _Cells) -> str:
     examples = pd.unique(column[cells.other].astype(str))[:3]
     return (
         f"not binary (0/1): {int(cells.other.sum())} of {int(cells.present.sum())} values are "
-        f"other, e.g. {', '.join(repr(v) for v in examples)}"
+        f"other, e.g. {', '.join(repr(_short(v)) for v in examples)}"
     )
 
 

@@ -22,6 +22,7 @@ from toxmodel.data import (
     DataError,
     Deduplicated,
     MoleculeTable,
+    check_parsed,
     count_duplicates,
     deduplicate,
     default_cache_dir,
@@ -122,6 +123,10 @@ def prepare_data(
         table.content_hash,
         progress=progress,
     )
+    if not len(features.valid_rows):  # nothing to split: say so, with every row's reason saved
+        with job.storage.staged(job.name, INVALID_REPORT) as local:
+            write_invalid_report(features.invalid, local, table.lines)
+        check_parsed(table, features, job.storage.uri_of(job.name, INVALID_REPORT))
     keys = features.row_keys(len(table))
     counts = count_duplicates(keys, table.labels)
     if counts.shared_rows:

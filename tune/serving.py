@@ -17,14 +17,23 @@ so loading a model cannot run code other than the entry file and the installed `
 package. Serving therefore needs `toxtune` importable, e.g.
 `mlflow models serve -m models:/NAME@champion --env-manager local` in the project's venv.
 
+MLflow's scoring server parses a request's JSON before the model sees it, and a body nested
+deeper than Python's recursion limit (`[[[[...]]]]`) made it answer HTTP 500 with a plain-text
+body. `guard_scoring_server` (run when the model is loaded) makes that a 400 with MLflow's JSON
+error body instead.
+
 Logging uses an explicit `MlflowClient` (a logged model under the job run's experiment, linked
 to that run), never MLflow's global tracking URI or active run.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import json
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +44,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.entities import LoggedModelOutput
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
@@ -47,6 +57,7 @@ from tune.errors import ServingError
 __all__ = [
     "PredictedFile",
     "ToxicityModel",
+    "guard_scoring_server",
     "log_pyfunc_model",
     "model_signature",
     "predict_file",
@@ -69,6 +80,9 @@ set_model(ToxicityModel())
 RUNTIME_PACKAGES = ("mlflow", "torch", "rdkit", "numpy", "pandas", "scikit-learn")
 PREDICT_CHUNK = 50_000  # rows per chunk in predict_file
 EXAMPLE_SMILES = ["CCO", "c1ccccc1O"]  # the logged input example (validated at log time)
+_GUARDED = "_toxtune_guarded"  # marks MLflow's scoring-server function once it is wrapped
+
+log = logging.getLogger(__name__)
 
 
 class ToxicityModel(PythonModel):
@@ -76,6 +90,7 @@ class ToxicityModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Load the checkpoint artifact on CPU (`TOXTUNE_SERVE_DEVICE` overrides)."""
+        guard_scoring_server()
         device = os.environ.get("TOXTUNE_SERVE_DEVICE", "cpu")
         self._predictor = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], device=device)
         self.tasks = list(self._predictor.tasks)
@@ -95,6 +110,42 @@ class ToxicityModel(PythonModel):
             self._predictor.domain is not None,
             self._predictor.calibration is not None,
         )
+
+
+def guard_scoring_server() -> None:
+    """Make MLflow's scoring server answer an over-nested JSON body with HTTP 400 and a JSON error
+    that says so, not 500 and a plain-text body.
+
+    Checked on MLflow 3.17: `/invocations` calls `mlflow.pyfunc.scoring_server.invocations(data,
+    content_type, model, input_schema)` (looked up by name at each request), which parses the
+    body with `json.loads`; a body nested deeper than Python's recursion limit raises
+    RecursionError, which nothing in the server catches. The function is wrapped once per
+    process so that such an error becomes an invalid-parameter MlflowException (the server's handler
+    turns it into 400 with `{"error_code": "INVALID_PARAMETER_VALUE", "message": ...}`). On an
+    MLflow without that function nothing is changed.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    invocations = getattr(scoring_server, "invocations", None)
+    if not callable(invocations):
+        log.debug("mlflow.pyfunc.scoring_server has no invocations(); not guarded")
+        return
+    if getattr(invocations, _GUARDED, False):
+        return
+
+    @functools.wraps(invocations)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return invocations(*args, **kwargs)
+        except RecursionError:
+            raise MlflowException.invalid_parameter_value(
+                "the request body nests JSON arrays or objects too deeply to be parsed (more "
+                f"than about {sys.getrecursionlimit()} levels); send a table of SMILES, e.g. "
+                + json.dumps({"dataframe_split": {"columns": [SMILES], "data": [["CCO"]]}})
+            ) from None
+
+    setattr(guarded, _GUARDED, True)
+    scoring_server.invocations = guarded
 
 
 def output_columns(tasks: Sequence[str]) -> list[str]:

@@ -48,10 +48,28 @@ def rdb(url: str) -> optuna.storages.RDBStorage:
     """Optuna's storage for `url`. A server database (PostgreSQL, MySQL) is reached without a
     connection pool: each call opens and closes its connection, so the many short looks a job
     and its searcher take never pile up idle connections on a team's shared server (its
-    `max_connections` is finite; pooled engines are only released at garbage collection)."""
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
+    `max_connections` is finite; pooled engines are only released at garbage collection).
+
+    A database driver that is not installed is a ConfigError naming it and the extra that
+    brings PostgreSQL's (`toxtune[team]`), not optuna's bare ImportError."""
+    from tune.errors import ConfigError
+
+    kwargs = {} if url.startswith("sqlite:") else {"engine_kwargs": {"poolclass": NullPool}}
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except ImportError as exc:  # optuna re-raises SQLAlchemy's failed `import <driver>`
+        cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
+        driver = cause.name or make_url(url).drivername
+        fix = (
+            "install the PostgreSQL drivers with: pip install 'toxtune[team]'"
+            if make_url(url).get_backend_name() == "postgresql"
+            else f"install the package that provides {driver!r} (toxtune[team] brings "
+            "PostgreSQL's only)"
+        )
+        raise ConfigError(
+            f"tracking.study_storage {shown(url)}: the database driver {driver!r} is not "
+            f"installed; {fix}"
+        ) from exc
 
 
 def sqlite_file(url: str) -> Path | None:

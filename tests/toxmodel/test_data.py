@@ -21,6 +21,7 @@ from toxmodel.data import (
     TOX21_TASKS,
     TOX21_URL,
     DataError,
+    check_parsed,
     count_duplicates,
     deduplicate,
     default_cache_dir,
@@ -447,6 +448,61 @@ def test_ragged_row_names_its_line(make_csv: Callable[..., Path]) -> None:
 def test_unterminated_quote_names_its_line(make_csv: Callable[..., Path]) -> None:
     with pytest.raises(DataError, match=r"could not be parsed as CSV \(line 3\)"):
         load_table(make_csv('smiles,A\nC,1\n"CC,0\nCCC,1\n'))
+
+
+def test_a_cell_over_the_csv_field_limit_is_read_and_reported_invalid(
+    make_csv: Callable[..., Path],
+) -> None:
+    """Issue 25 item 9b: a field over 128 KiB (the csv module's default limit) was `field larger
+    than field limit`; a SMILES cell of any length is read, and featurization reports it."""
+    long = "C" * (200 * 1024)
+    for cell in (long, f'"{long}"'):
+        path = make_csv(f"smiles,A\n{cell},1\nCCO,0\nCCN,1\n", "long.csv")
+        table = load_table(path)
+        assert table.smiles == [long, "CCO", "CCN"]
+        assert read_table(path)["smiles"].tolist() == [long, "CCO", "CCN"]  # what predict reads
+    invalid = featurize(table.smiles, FeaturizerConfig(n_bits=64), n_jobs=1).invalid
+    assert [(i.row, i.reason) for i in invalid] == [
+        (0, "SMILES longer than 1000 characters (204800)")
+    ]
+
+
+def test_a_header_cell_over_the_csv_field_limit_is_refused_naming_line_and_column(
+    make_csv: Callable[..., Path],
+) -> None:
+    """Issue 25 item 9b: a 200 KiB header was `_csv.Error: field larger than field limit` from
+    data, tune and predict alike."""
+    path = make_csv(f"smiles,{'x' * 200 * 1024}\nCCO,1\nCCN,0\n", "wide.csv")
+    want = (
+        f"{path}: line 1 (the header) names column 2 with 204,800 characters "
+        f"('{'x' * 57}...'); no column name is over 1,000: check that line 1 is the header and "
+        "that its quotes are balanced"
+    )
+    for read in (load_table, read_table):
+        with pytest.raises(DataError) as err:
+            read(path)
+        assert str(err.value) == want
+
+
+def test_check_parsed_refuses_a_table_none_of_whose_smiles_parsed(
+    make_csv: Callable[..., Path],
+) -> None:
+    """Issue 25 item 9a: such a file went on to `ValueError: cannot split an empty dataset`."""
+    path = make_csv('smiles,A\nxx,1\n"",0\nC1CC,1\nzz,0\n', "unparsable.csv")
+    table = load_table(path)
+    features = featurize(table.smiles, FeaturizerConfig(n_bits=64), n_jobs=1)
+    with pytest.raises(DataError) as err:
+        check_parsed(table, features, "report.csv")
+    assert str(err.value) == (
+        f"{path}: none of its 4 SMILES could be parsed, so there is nothing to train on "
+        "(line 2 'xx': SMILES Parse Error: syntax error while parsing: xx; line 3 '': empty "
+        "SMILES; line 4 'C1CC': SMILES Parse Error: unclosed ring for input: 'C1CC', ...); "
+        "all 4 are listed in report.csv"
+    )
+    with pytest.raises(DataError, match=r"nothing to train on \(.*'C1CC', \.\.\.\)$"):
+        check_parsed(table, features)  # no report: the reasons end the message
+    one_valid = load_table(make_csv("smiles,A\nxx,1\nCCO,0\n", "one.csv"))
+    check_parsed(one_valid, featurize(one_valid.smiles, FeaturizerConfig(n_bits=64), n_jobs=1))
 
 
 # ---------------------------------------------------------------- read_table

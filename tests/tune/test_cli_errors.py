@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from tune.errors import (
     ClusterError,
@@ -33,6 +34,24 @@ UNREACHABLE = "http://127.0.0.1:1"
 # 32 distinct molecules (alcohols and amines of growing chains): repeats would share a split part
 ROWS = "smiles,t1,t2\n" + "".join(
     f"{'C' * (i // 2 + 1)}{'ON'[i % 2]},{(i // 2) % 2},{(i // 4) % 2}\n" for i in range(32)
+)
+# Over the csv module's default field limit (128 KiB): `_csv.Error` from data, tune and predict.
+WIDE_HEADER = "x" * 200 * 1024
+WIDE = (
+    "wide.csv: line 1 (the header) names column 2 with 204,800 characters "
+    f"('{WIDE_HEADER[:57]}...'); no column name is over 1,000: check that line 1 is the header "
+    "and that its quotes are balanced"
+)
+UNPARSABLE = (
+    "unparsable.csv: none of its 3 SMILES could be parsed, so there is nothing to train on "
+    "(line 2 'xx': SMILES Parse Error: syntax error while parsing: xx; line 3 'yy': SMILES Parse "
+    "Error: syntax error while parsing: yy; line 4 '': empty SMILES)"
+)
+# The module SQLAlchemy imports for postgresql:// (psycopg from SQLAlchemy 2.1, psycopg2 before)
+PG_DRIVER = make_url("postgresql://db/x").get_dialect().driver
+NO_PG_DRIVER = (
+    f": the database driver {PG_DRIVER!r} is not installed; install the PostgreSQL drivers with: "
+    "pip install 'toxtune[team]'"
 )
 
 
@@ -61,6 +80,8 @@ def _data(tmp: Path) -> None:
     (tmp / "mols.csv").write_text(ROWS)
     (tmp / "nosmiles.csv").write_text("smile,t1\nCCO,0\nCCN,1\n")
     (tmp / "empty.csv").write_bytes(b"")
+    (tmp / "unparsable.csv").write_text('smiles,t1\nxx,0\nyy,1\n"",0\n')
+    (tmp / "wide.csv").write_text(f"smiles,{WIDE_HEADER}\nCCO,0\nCCN,1\n")
 
 
 def _saved_job_on_other_data(tmp: Path) -> None:
@@ -112,6 +133,26 @@ def _port_in_use(tmp: Path) -> None:
     (tmp / "port").write_text(str(taken.getsockname()[1]))
 
 
+class _Undo:
+    """A setup's monkeypatch, undone when the test closes what setups opened (`_OPEN`)."""
+
+    def __init__(self) -> None:
+        self.patch = pytest.MonkeyPatch()
+
+    def close(self) -> None:
+        self.patch.undo()
+
+
+def _without_postgres_drivers(tmp: Path) -> None:
+    """The data, and PostgreSQL's drivers unimportable until the test ends, as after a plain
+    `pip install toxtune` (issue 25 item 9c: a raw ImportError)."""
+    _data(tmp)
+    undo = _Undo()
+    for name in ("psycopg", "psycopg2"):
+        undo.patch.setitem(sys.modules, name, None)  # `import psycopg` raises ImportError
+    _OPEN.append(undo)
+
+
 _OPEN: list = []
 TUNE = "tune --storage-path {tmp}/results --data {tmp}/mols.csv"
 FAULTS = "--num-samples 1 --max-epochs 2 --run-name drill --cpus-per-trial 1"
@@ -143,13 +184,44 @@ CASES = {
         env=(("TOXTUNE_FAULT_PLAN", json.dumps({"oom_below_share": 1.0})),),
         trial_logs=True,
     ),
+    "tune-no-smiles-parsed": Case(  # issue 25 item 9a: `cannot split an empty dataset`
+        "tune --storage-path {tmp}/results --data {tmp}/unparsable.csv",
+        "DataError",
+        UNPARSABLE + "; all 3 are listed in ",
+        _data,
+    ),
+    "tune-wide-header": Case(
+        "tune --storage-path {tmp}/results --data {tmp}/wide.csv", "DataError", WIDE, _data
+    ),
+    "tune-study-driver": Case(
+        f"{TUNE} --study-storage postgresql://127.0.0.1:1/optuna",
+        ConfigError,
+        "tracking.study_storage postgresql://127.0.0.1:1/optuna" + NO_PG_DRIVER,
+        _without_postgres_drivers,
+    ),
+    "tune-tracking-driver": Case(
+        f"{TUNE} --tracking-uri postgresql://127.0.0.1:1/mlflow",
+        TrackingError,
+        "tracking URI postgresql://127.0.0.1:1/mlflow" + NO_PG_DRIVER,
+        _without_postgres_drivers,
+    ),
     # toxtune data
     "data-data": Case("data --data {tmp}/nosmiles.csv", "DataError", "'smile'", _data),
+    "data-no-smiles-parsed": Case(  # issue 25 item 9a: exited 0 with "valid SMILES: 0"
+        "data --data {tmp}/unparsable.csv", "DataError", UNPARSABLE, _data
+    ),
+    "data-wide-header": Case("data --data {tmp}/wide.csv", "DataError", WIDE, _data),
     # toxtune predict
     "predict-data": Case(
         "predict --model models:/m@champion {tmp}/empty.csv --storage-path {tmp}/results",
         "DataError",
         "empty",
+        _data,
+    ),
+    "predict-wide-header": Case(
+        "predict --model models:/m@champion {tmp}/wide.csv --storage-path {tmp}/results",
+        "DataError",
+        WIDE,
         _data,
     ),
     "predict-serving": Case(

@@ -430,7 +430,8 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config() -> None:
     workers = raw["available_node_types"]["ray.worker.gpu"]
     assert workers["min_workers"] == 0 and workers["max_workers"] == 4
     assert workers["resources"]["GPU"] >= 1
-    assert any("pip install" in c and "toxtune" in c for c in raw["setup_commands"])
+    # every node gets the team extra: the PostgreSQL drivers and S3 client of a team stack
+    assert any("pip install" in c and "toxtune[team]" in c for c in raw["setup_commands"])
 
 
 def test_cluster_yaml_holds_no_credentials_and_keeps_ports_private() -> None:

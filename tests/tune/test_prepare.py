@@ -39,6 +39,26 @@ def test_a_task_with_two_positives_is_refused_before_ray_starts(
     assert not ray.is_initialized()
 
 
+def test_a_file_of_unparsable_smiles_only_is_refused_before_split_and_ray(
+    tmp_path: Path, make_csv, no_ray: None
+) -> None:
+    """Issue 25 item 9a: this was `ValueError: cannot split an empty dataset` after
+    featurizing. Every row's reason is in the job's invalid-SMILES report."""
+    csv = make_csv('smiles,toxic\nxx,1\nyy,0\n"",1\n', "unparsable.csv")
+    job = tiny_job(tmp_path, csv)
+    report = tmp_path / "results" / "tiny" / "invalid_smiles.csv"
+    with pytest.raises(DataError) as err:
+        run_job(job, progress=False)
+    assert str(err.value) == (
+        f"{csv}: none of its 3 SMILES could be parsed, so there is nothing to train on (line 2 "
+        "'xx': SMILES Parse Error: syntax error while parsing: xx; line 3 'yy': SMILES Parse "
+        f"Error: syntax error while parsing: yy; line 4 '': empty SMILES); all 3 are listed in "
+        f"{report}"
+    )
+    assert not ray.is_initialized()
+    assert [row.split(",")[0] for row in report.read_text().splitlines()] == ["line", "2", "3", "4"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -302,6 +305,80 @@ def test_predict_without_tracking_uri_finds_the_store_tune_used(
     assert preds[[f"p_{t}_std" for t in TASKS]].isna().all().all()  # no spread made up
     assert preds[["nn_similarity", "in_domain"]].isna().all().all()
     assert not (store / "mlflow.db").exists()
+
+
+def _post(app: Any, path: str, body: bytes) -> tuple[int, str, bytes]:
+    """POST `body` (JSON) to an ASGI app as its server would; (status, content type, body)."""
+    sent: list[dict] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 5001),
+    }
+
+    async def call() -> None:
+        request = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if request:
+                return request.pop()
+            await asyncio.Event().wait()  # the client stays connected until the reply is sent
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    asyncio.run(call())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], headers.get("content-type", ""), content
+
+
+def test_served_app_answers_over_nested_json_with_400_and_a_json_error(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9d: a body of 100,000 nested lists got HTTP 500 and a plain-text body from
+    the app `mlflow models serve` runs (RecursionError in its JSON parsing)."""
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setattr(scoring_server, "invocations", scoring_server.invocations)  # restored
+    monkeypatch.setenv(
+        scoring_server._MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "true"
+    )  # init sets it
+    model = load_model("models:/tox@champion", default_tracking_uri(store / "toxtune_results"))
+    app = scoring_server.init(model)  # what `mlflow models serve` serves, with this model loaded
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = b'{"dataframe_split": {"columns": ["smiles"], "data": ' + deep + b"}}"
+    status, kind, content = _post(app, "/invocations", body)
+    assert (status, kind) == (400, "application/json"), content[:300]
+    error = json.loads(content)
+    assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert error["message"] == (
+        "the request body nests JSON arrays or objects too deeply to be parsed (more than about "
+        f"{sys.getrecursionlimit()} levels); send a table of SMILES, e.g. "
+        '{"dataframe_split": {"columns": ["smiles"], "data": [["CCO"]]}}'
+    )
+    good = json.dumps({"dataframe_split": {"columns": ["smiles"], "data": [["CCO"], ["x("]]}})
+    status, kind, content = _post(app, "/invocations", good.encode())
+    assert (status, kind) == (200, "application/json"), content[:300]
+    rows = strict_json(content)["predictions"]  # type: ignore[index]
+    assert rows[0]["error"] == "" and rows[1]["error"] != ""
 
 
 @pytest.mark.slow

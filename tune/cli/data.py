@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from toxmodel.data import default_cache_dir, load_table, summarize
+    from toxmodel.data import check_parsed, default_cache_dir, load_table, summarize
     from toxmodel.featurize import FeaturizerConfig, featurize_cached, write_invalid_report
 
     cache = default_cache_dir()
@@ -16,9 +16,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     config = FeaturizerConfig(standardize=getattr(args, "standardize", False))
     features = featurize_cached(table.smiles, config, cache, table.content_hash, progress=True)
     print(summarize(table, features))
+    report = None
     if args.invalid_report:
-        path = write_invalid_report(features.invalid, Path(args.invalid_report), table.lines)
-        print(f"invalid rows written to {path}")
+        report = write_invalid_report(features.invalid, Path(args.invalid_report), table.lines)
+        print(f"invalid rows written to {report}")
+    check_parsed(table, features, str(report) if report else None)  # none parsed: exit 2
     return 0
 
 

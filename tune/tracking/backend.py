@@ -232,6 +232,28 @@ def check_tracking(uri: str, timeout: float = 10) -> None:
             f"tracking URI {uri!r}: MLflow 3's file store is refused; use sqlite:///PATH/mlflow.db "
             "or http://HOST:PORT"
         )
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:  # a database URI (postgresql://, mysql://): its driver is imported on first use
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except ArgumentError:  # not a database URI (databricks://, ...): MLflow's to judge
+        return
+    try:
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # SQLAlchemy 2 or 1.4
+    except ImportError as exc:
+        driver = exc.name or url.drivername
+        fix = (
+            "install the PostgreSQL drivers with: pip install 'toxtune[team]'"
+            if url.get_backend_name() == "postgresql"
+            else f"install the package that provides {driver!r} (toxtune[team] brings "
+            "PostgreSQL's only)"
+        )
+        raise TrackingError(
+            f"tracking URI {url.render_as_string(hide_password=True)}: the database driver "
+            f"{driver!r} is not installed; {fix}"
+        ) from exc
 
 
 def _check_server(uri: str, timeout: float) -> None:
