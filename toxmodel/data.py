@@ -216,7 +216,7 @@ def load_table(
     if conflicts:
         shown = ", ".join(conflicts[:3])
         log.warning(
-            "%s: %d SMILES occur more than once with conflicting labels (all rows kept): %s%s",
+            "%s: %d SMILES occur more than once with conflicting labels: %s%s",
             path,
             len(conflicts),
             shown,

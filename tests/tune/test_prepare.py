@@ -197,3 +197,18 @@ def test_toxtune_data_prints_repeated_molecules(
     out = capsys.readouterr().out
     assert "rows sharing a molecule with another row: 5 (2 molecules" in out
     assert "by standardized canonical SMILES" in out
+
+
+def test_conflicting_repeats_are_not_said_to_be_kept_when_the_policy_merges_them(
+    tmp_path: Path, make_csv, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tune.prepare import load_job_table
+
+    path = make_csv("smiles,toxic\nCCO,1\nCCO,0\nCCN,1\nCCC,0\n", "conflicts.csv")
+    job = tiny_job(tmp_path, path, **{"data.duplicates": "average"})
+    with caplog.at_level("WARNING"):
+        table = load_job_table(job)
+    assert table.conflicts == ["CCO"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "conflicting labels" in said and "CCO" in said
+    assert "all rows kept" not in said
