@@ -272,30 +272,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, source: str = "") -> Any:
+    """`cls` from the mapping `raw` at `where` (a dotted section; "" for the whole config) of
+    the config read from `source` (a file or a saved job; "" for the defaults and flags)."""
+    whole = f"config {source}" if source else "config"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{where or whole}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}"
-        )
+        what = f"{where}: unknown key(s)" if where else f"{whole}: unknown top-level key(s)"
+        raise ConfigError(f"{what} {', '.join(unknown)}; known: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
         sub = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, sub)
+            kwargs[name] = _build(tp, value, sub, source)
         else:
             kwargs[name] = _coerce(value, tp, sub)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+        raise ConfigError(f"{where or whole}: {exc}") from exc
 
 
 def _positive(value: float, where: str, allow_zero: bool = False) -> None:
@@ -485,7 +487,7 @@ def load_config(
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: expected a mapping")
         target[key] = value
-    job = _build(JobConfig, raw, "")
+    job = _build(JobConfig, raw, "", where)
     if isinstance(job.featurizer.n_bits, int) and job.featurizer.n_bits <= 0:
         raise ConfigError(f"featurizer.n_bits must be > 0, got {job.featurizer.n_bits}")
     if job.featurizer.radius < 0:

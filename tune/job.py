@@ -57,6 +57,7 @@ class JobResult:
     failed_trials: int = 0
     skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
     alias_note: str = ""  # what happened to the registered model's alias, and why
+    search_seconds: float = 0.0  # wall time of this command's search (SearchOutcome.seconds)
 
 
 def refuse_finished(job: JobConfig) -> None:
@@ -141,4 +142,5 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
         failed_trials=len(outcome.failed),
         skipped_columns=dict(data.table.skipped_columns),
         alias_note=registration.note,
+        search_seconds=outcome.seconds,
     )

@@ -6,7 +6,9 @@ import pandas as pd
 
 from tune.config import JobConfig
 from tune.job import JobResult
+from tune.search import resume_command
 from tune.study import METRIC
+from tune.trials import ended_by_time_limit
 
 TOP = 5
 
@@ -25,6 +27,14 @@ def top_trials(trials: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
 
 def format_result(job: JobConfig, result: JobResult) -> str:
     lines = [f"== toxtune job {result.name}: {len(result.trials)} trials =="]
+    # JobResult.search_seconds: the search's wall time (tune.search.SearchOutcome.seconds)
+    seconds = result.search_seconds
+    cut = ended_by_time_limit(job, seconds, len(result.trials))
+    if cut:
+        lines.append(
+            f"{cut}. Run the rest with: {resume_command(job)} (add --time-limit SECONDS "
+            "for another limit)"
+        )
     for column, why in result.skipped_columns.items():
         lines.append(f"column {column!r} not used as a task: {why}")
     if result.failed_trials:

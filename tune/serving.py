@@ -28,17 +28,20 @@ to that run), never MLflow's global tracking URI or active run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import importlib.metadata
+import io
 import json
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import mlflow
 import numpy as np
@@ -79,6 +82,9 @@ set_model(ToxicityModel())
 # Third-party packages the model imports (toxtune itself must be installed where it is served).
 RUNTIME_PACKAGES = ("mlflow", "torch", "rdkit", "numpy", "pandas", "scikit-learn")
 PREDICT_CHUNK = 50_000  # rows per chunk in predict_file
+# Output names pandas would read as compressed but predict_file cannot write so (it writes gzip
+# for a name ending in .gz, plain CSV otherwise): refused rather than written as plain CSV.
+UNWRITTEN_COMPRESSION = (".bz2", ".xz", ".zip", ".zst", ".tar")
 EXAMPLE_SMILES = ["CCO", "c1ccccc1O"]  # the logged input example (validated at log time)
 _GUARDED = "_toxtune_guarded"  # marks MLflow's scoring-server function once it is wrapped
 
@@ -374,7 +380,8 @@ def predict_file(
     written back as they were. The output keeps the input's columns and adds `p_<task>` per task,
     `error`, `p_<task>_std` per task, `nn_similarity` and `in_domain` (columns already in the
     input get a `_pred` suffix); it is checked before the model is loaded (not a folder, not the
-    input file, writable) and written atomically. The result's `notes` say which extra columns
+    input file, writable, not named for a compression other than gzip) and written atomically,
+    gzip-compressed when its name ends in `.gz`. The result's `notes` say which extra columns
     the model leaves empty (a single network has no spread). Errors: DataError for the input,
     ServingError for the model and the output.
     """
@@ -382,7 +389,7 @@ def predict_file(
     frame = read_table(input_csv, smiles_column)
     part = _claim_output(output_csv, input_csv)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _open_output(part, output_csv) as text:
             model = load_model_or_explain(model_uri, tracking_uri, Path(tmp) / "model")
             notes = _notes_of(model)
             for start in range(0, max(len(frame), 1), PREDICT_CHUNK):
@@ -393,7 +400,7 @@ def predict_file(
                     )
                     names = {c: f"{c}_pred" if c in chunk.columns else c for c in preds.columns}
                     chunk = pd.concat([chunk, preds.rename(columns=names)], axis=1)
-                chunk.to_csv(part, mode="w" if start == 0 else "a", header=start == 0, index=False)
+                chunk.to_csv(text, header=start == 0, index=False)
         os.replace(part, output_csv)
     finally:
         part.unlink(missing_ok=True)
@@ -420,8 +427,25 @@ def _notes_of(model: Any) -> list[str]:
     return list(notes()) if callable(notes) else []
 
 
+@contextlib.contextmanager
+def _open_output(part: Path, output_csv: Path) -> Iterator[IO[str]]:
+    """The temporary `.part` file as UTF-8 text: gzip-compressed when the output's name ends in
+    `.gz` (the gzip header names the output, not the `.part` file)."""
+    with contextlib.ExitStack() as stack:
+        stream: IO[bytes] = stack.enter_context(part.open("wb"))
+        if output_csv.name.lower().endswith(".gz"):
+            name = output_csv.name[:-3]
+            stream = stack.enter_context(gzip.GzipFile(name, "wb", fileobj=stream))
+        yield stack.enter_context(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+
+
 def _claim_output(output_csv: Path, input_csv: Path) -> Path:
     """Check the output path before any work, and create its temporary `.part` file."""
+    if output_csv.name.lower().endswith(UNWRITTEN_COMPRESSION):
+        raise ServingError(
+            f"--output {output_csv}: only gzip compression is written; name the file .csv, or "
+            ".csv.gz for gzip"
+        )
     if output_csv.is_dir():
         raise ServingError(f"--output {output_csv} is a folder; give a file name, e.g. preds.csv")
     same = output_csv.exists() and os.path.samefile(output_csv, input_csv)

@@ -107,13 +107,35 @@ def best(records: list[TrialRecord], job: JobConfig, seconds: float = 0.0) -> Tr
         if r.checkpoint is not None and np.isfinite(r.score) and r.status not in UNFINISHED
     ]
     if not scored:
-        limit = job.search.time_limit_s
         why = ""
-        if limit is not None and seconds >= limit:
+        if time_limit_reached(job, seconds):
             why = (
-                f": the search's time limit ({limit:g} s, search.time_limit_s / --time-limit) "
-                f"was reached after {seconds:.0f} s, before any trial finished an epoch; "
-                "raise the limit"
+                f": {_time_limit(job)} was reached after {seconds:.0f} s, before any trial "
+                "finished an epoch; raise the limit"
             )
         raise SearchError(f"no trial of job {job.name} finished with a checkpoint{why}")
     return max(scored, key=lambda r: r.score)
+
+
+def time_limit_reached(job: JobConfig, seconds: float) -> bool:
+    """Whether a search that ran `seconds` (this command's) used up its time limit."""
+    limit = job.search.time_limit_s
+    return limit is not None and seconds >= limit
+
+
+def ended_by_time_limit(job: JobConfig, seconds: float, ran: int) -> str:
+    """What the end-of-job report says when the time limit ended the search before it ran
+    `search.num_samples` trials (`ran` of them ran, `seconds` this command's search took);
+    "" when it did not."""
+    wanted = job.search.num_samples
+    if not time_limit_reached(job, seconds) or ran >= wanted:
+        return ""
+    return (
+        f"{_time_limit(job)} ended the search after {seconds:.0f} s, with {ran} of {wanted} "
+        f"trials run; the model is the best of those {ran}"
+    )
+
+
+def _time_limit(job: JobConfig) -> str:
+    limit = job.search.time_limit_s
+    return f"the search's time limit ({limit:g} s, search.time_limit_s / --time-limit)"

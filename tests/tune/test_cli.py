@@ -177,19 +177,200 @@ def test_ui_serves_on_loopback_only_and_sigterm_stops_the_whole_server(tmp_path:
                 leftover.kill()
 
 
-def test_ui_links_the_training_runs_view_of_the_job_experiment(tmp_path: Path) -> None:
+def test_ui_links_the_training_runs_view_of_every_experiment(tmp_path: Path) -> None:
     """MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the
-    model-training one; `toxtune ui` prints that link for the job's experiment."""
+    model-training one; `toxtune ui` prints that link for every experiment in the store, the
+    config's first (it used to print the config's experiment only)."""
     from tune import tracking
-    from tune.cli.ui import runs_link
+    from tune.cli.ui import runs_links
 
+    ui = "http://127.0.0.1:5000"
     uri = tracking.default_tracking_uri(tmp_path / "store")
-    assert runs_link(uri, "toxtune", "http://127.0.0.1:5000") is None
+    assert runs_links(uri, ui, "toxtune") == []
     assert not (tmp_path / "store").exists()  # looking did not create a store
     client = tracking.client_for(uri)
-    exp_id = tracking.ensure_experiment(client, uri, "toxtune")
-    link = runs_link(uri, "toxtune", "http://127.0.0.1:5000")
-    assert (
-        link == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    ids = {n: tracking.ensure_experiment(client, uri, n) for n in ("zeta", "toxtune", "mine")}
+    client.delete_experiment(tracking.ensure_experiment(client, uri, "gone"))
+
+    def link(name: str) -> str:
+        return f"{ui}/#/experiments/{ids[name]}/runs?workflowType=machine_learning"
+
+    # MLflow's empty Default experiment and a deleted one are left out
+    want = [(n, link(n)) for n in ("toxtune", "mine", "zeta")]
+    assert runs_links(uri, ui, "toxtune") == want
+    assert runs_links(uri, ui, "other") == [want[1], want[0], want[2]]
+    # Default, once it holds a run, is listed like any other
+    client.create_run("0")
+    ids["Default"] = "0"
+    assert runs_links(uri, ui, "mine") == [
+        (n, link(n)) for n in ("mine", "Default", "toxtune", "zeta")
+    ]
+
+
+def test_ui_prints_a_link_per_experiment_before_serving(
+    tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job run with `--experiment-name mine` had no link: only the config's experiment got
+    one, and `mine` opened in MLflow's GenAI view."""
+    from tests.services import free_port
+    from tune import tracking
+    from tune.cli import ui
+
+    served: list[list[str]] = []
+    monkeypatch.setattr(ui, "serve", lambda cmd, health: served.append(cmd) or 0)
+    uri = tracking.default_tracking_uri(tmp_path / "results")
+    client = tracking.client_for(uri)
+    ids = {n: tracking.ensure_experiment(client, uri, n) for n in ("mine", "toxtune")}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    code, out, err = cli(
+        capfd, "ui", "--storage-path", str(tmp_path / "results"), "--port", str(port)
     )
-    assert runs_link(uri, "other", "http://127.0.0.1:5000") is None
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"MLflow UI for {uri} at {url}  (Ctrl-C to stop)",
+        f"training runs of 'toxtune': {url}/#/experiments/{ids['toxtune']}/runs?"
+        "workflowType=machine_learning",
+        f"training runs of 'mine': {url}/#/experiments/{ids['mine']}/runs?"
+        "workflowType=machine_learning",
+    ]
+    assert len(served) == 1 and uri in served[0]
+
+    monkeypatch.setattr(ui, "MAX_LINKS", 1)
+    code, out, err = cli(
+        capfd, "ui", "--storage-path", str(tmp_path / "results"), "--port", str(port)
+    )
+    assert code == 0, err
+    assert out.splitlines()[1:] == [
+        f"training runs of 'toxtune': {url}/#/experiments/{ids['toxtune']}/runs?"
+        "workflowType=machine_learning",
+        f"... and 1 more experiment(s): {url}",
+    ]
+
+
+def _finished_job(tmp_path: Path, ran: int, search_seconds: float, **overrides: object) -> tuple:
+    """A job config and a fabricated JobResult of `ran` trials whose search took
+    `search_seconds` (what `toxtune tune` hands `print_result`)."""
+    import pandas as pd
+
+    from toxmodel.metrics import Metrics
+    from tune.config import load_config
+    from tune.job import JobResult
+
+    settings = {
+        "search.num_samples": 20,
+        "ray.storage_path": str(tmp_path / "results"),
+        "tracking.run_name": "quick-1",
+        **overrides,
+    }
+    job = load_config(overrides=settings)
+    trials = pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(ran)],
+            "val_roc_auc": [0.8 - i / 100 for i in range(ran)],
+            "best_epoch": [3] * ran,
+            "epochs": [4] * ran,
+            "status": ["finished"] * ran,
+        }
+    )
+    result = JobResult(
+        name="quick-1",
+        experiment_path=str(tmp_path / "results" / "quick-1"),
+        trials=trials,
+        best_trial_id="t0",
+        best_config={"lr": 0.001},
+        best_valid={"val_roc_auc": 0.8, "val_pr_auc": 0.4},
+        test=Metrics(loss=0.3, roc_auc=0.78, pr_auc=0.35, accuracy=0.9, balanced_accuracy=0.7),
+        parent_run_id="run1",
+        model_version="1",
+        alias_note="champion moved to version 1",
+    )
+    result.search_seconds = search_seconds  # the search's wall time (JobResult.search_seconds)
+    return job, result
+
+
+def test_the_report_says_when_the_time_limit_ended_the_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A search the time limit ended after 3 of 20 trials used to be reported like one that ran
+    all it was asked for."""
+    from tune.report import print_result
+
+    job, result = _finished_job(tmp_path, 3, 75.4, **{"search.time_limit_s": 60})
+    print_result(job, result)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        "== toxtune job quick-1: 3 trials ==",
+        "the search's time limit (60 s, search.time_limit_s / --time-limit) ended the search "
+        "after 75 s, with 3 of 20 trials run; the model is the best of those 3. Run the rest "
+        f"with: toxtune tune --resume quick-1 --storage-path {tmp_path / 'results'} (add "
+        "--time-limit SECONDS for another limit)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("limit", "ran", "seconds"),
+    [
+        (None, 3, 75.4),  # no time limit: fewer trials for another reason (failures)
+        (60, 3, 59.0),  # ended before its limit
+        (60, 20, 75.4),  # every trial ran, the limit came after (or cut the last ones short)
+    ],
+)
+def test_the_report_blames_the_time_limit_only_when_it_ended_the_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture, limit: float | None, ran: int, seconds: float
+) -> None:
+    from tune.report import print_result
+
+    job, result = _finished_job(tmp_path, ran, seconds, **{"search.time_limit_s": limit})
+    print_result(job, result)
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == [f"== toxtune job quick-1: {ran} trials ==", ""]
+    assert "time limit" not in out
+
+
+def test_predict_compresses_an_output_named_gz(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--output preds.csv.gz` used to write plain CSV under a .gz name (which gzip, pandas
+    and zcat then refuse); another compression suffix is refused before the model loads."""
+    import gzip
+
+    import pandas as pd
+
+    from tests.tune.conftest import tiny_fit
+    from tune import serving
+    from tune.tracking import default_tracking_uri, register_best_model, start_job_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(serving, "PREDICT_CHUNK", 2)  # several chunks into one gzip stream
+    checkpoint = tiny_fit(epochs=1).save(tmp_path / "model.pt")
+    uri = default_tracking_uri(tmp_path / "toxtune_results")
+    parent = start_job_run(uri, "exp", "job", {}, resume=False)
+    tags = {"searcher": "optuna", "seed": "0", "split": "random:0", "data_hash": "abc"}
+    register_best_model(uri, parent, checkpoint, "toxtune-mols", tags={**tags, "trial_id": "t1"})
+    Path("mols.csv").write_text("smiles,id\nCCO,a\nnot-a-smiles,b\nc1ccccc1N,c\nCCN,d\nCCCl,e\n")
+    predict = ["predict", "--model", "models:/toxtune-mols@champion", "mols.csv", "--output"]
+
+    code, out, err = cli(capfd, *predict, "preds.csv")
+    assert code == 0, err
+    code, out, err = cli(capfd, *predict, "preds.csv.gz")
+    assert code == 0, err
+    assert out.splitlines()[0] == "predictions written to preds.csv.gz"
+    packed = Path("preds.csv.gz").read_bytes()
+    assert packed[:2] == b"\x1f\x8b"  # gzip's magic number
+    assert gzip.decompress(packed) == Path("preds.csv").read_bytes()
+    assert list(pd.read_csv("preds.csv.gz")["id"]) == list("abcde")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    for name in ("preds.csv.bz2", "preds.csv.xz", "preds.zip", "preds.csv.zst"):
+        code, out, err = cli(capfd, *predict, name)
+        assert code == 2 and out == ""
+        assert err.splitlines() == [
+            f"toxtune predict: error: --output {name}: only gzip compression is written; "
+            "name the file .csv, or .csv.gz for gzip"
+        ]
+        assert not Path(name).exists()
+    code, out, _ = cli(capfd, "predict", "--help")
+    assert code == 0 and "gzip-compressed when the name ends in .gz" in " ".join(out.split())

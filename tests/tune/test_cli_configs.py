@@ -48,6 +48,23 @@ def test_config_takes_a_builtin_name_or_a_path(tmp_path: Path) -> None:
     assert args.config == packaged["toxcast"]
 
 
+@pytest.mark.parametrize(
+    ("name", "default_model"),
+    [("quick", "toxtune-tox21"), ("tox21", "toxtune-tox21"), ("toxcast", "toxtune-toxcast_data")],
+)
+def test_builtin_configs_name_the_model_after_the_data(name: str, default_model: str) -> None:
+    """`quick.yaml` fixed `registered_model_name: toxtune-tox21`, so `--config quick --data
+    other.csv` registered another data set's model as toxtune-tox21 (and moved its champion)."""
+    from tune.config import load_config
+
+    path = builtin_configs()[name]
+    assert load_config(path).tracking.registered_model_name is None
+    assert load_config(path).model_name == default_model
+    assert load_config(path, {"data.source": "data/other.csv"}).model_name == "toxtune-other"
+    mine = {"data.source": "data/other.csv", "tracking.registered_model_name": "mine"}
+    assert load_config(path, mine).model_name == "mine"
+
+
 def _copy_sources(dest: Path) -> Path:
     """What a clean checkout builds from: the project files, without caches or results."""
     dest.mkdir()
@@ -122,9 +139,10 @@ def test_the_wheel_ships_its_configs_and_runs_from_an_installed_venv(
     assert {line.split()[0] for line in listed.splitlines()[:3]} == SHIPPED
     assert str(tmp_path / "venv") in listed
 
-    shutil.copy(small_csv, work / "molecules.csv")
+    # The README's tune line: the model is named after the data file (toxtune-tox21 here)
+    shutil.copy(small_csv, work / "tox21.csv")
     run(
-        "tune", "--config", "quick", "--data", "molecules.csv", "--num-samples", "1",
+        "tune", "--config", "quick", "--data", "tox21.csv", "--num-samples", "1",
         "--max-epochs", "2", "--max-concurrent", "1", "--run-name", "installed",
         timeout=900,
     )  # fmt: skip
@@ -133,6 +151,7 @@ def test_the_wheel_ships_its_configs_and_runs_from_an_installed_venv(
     readme = (
         "toxtune predict --model models:/toxtune-tox21@champion molecules.csv --output preds.csv"
     )
+    shutil.copy(small_csv, work / "molecules.csv")
     run(*shlex.split(readme)[1:])
     header = (work / "preds.csv").read_text().splitlines()[0]
     columns = header.split(",")

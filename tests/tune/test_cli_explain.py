@@ -69,9 +69,86 @@ def test_explain_a_checkpoint_writes_pictures_and_flags_bad_smiles(
     assert float(index[2]["probability"]) == pytest.approx(float(want["NR-AR"][2]), abs=1e-5)
     assert index[1]["error"] and not index[1]["picture"]
 
-    code, _, err = cli(capfd, *args, "--task", "NR-AR", "--format", "svg")
+    code, _, err = cli(capfd, *args, "--task", "NR-AR", "--format", "svg", "--overwrite")
     assert code == 0, err
     assert (out / "000_NR-AR.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+def test_a_folder_holding_an_earlier_explanation_is_replaced_only_with_overwrite(
+    checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A second `explain --output DIR` used to leave the first one's pictures and atom weights
+    beside the new ones, named as if they belonged to it (000_SR-p53.png, 001_NR-AR.png, ...)."""
+    from toxmodel.explain import INDEX_FILE
+    from tune.cli.explain import INDEX_NAME
+
+    assert INDEX_NAME == INDEX_FILE
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"notes.txt": "mine", "my_plot.png": "mine", "000_summary.md": "mine"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    first = ["explain", "--model", str(checkpoint), "CCN", "c1ccccc1N", "--output", str(out)]
+    code, _, err = cli(capfd, *first, "--task", "NR-AR", "--task", "SR-p53")
+    assert code == 0, err
+    written = {
+        f"{r}_{t}.{x}" for r in ("000", "001") for t in ("NR-AR", "SR-p53") for x in ["png", "csv"]
+    }
+    assert {p.name for p in out.iterdir()} == {*mine, *written, "explanations.csv"}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    second = ["explain", "--model", str(checkpoint), "CCO", "--output", str(out), "--task", "NR-AR"]
+    code, stdout, err = cli(capfd, *second, "--format", "svg")
+    assert code == 2 and stdout == ""
+    assert err.splitlines() == [
+        f"toxtune explain: error: --output {out} holds an earlier explanation (9 files: "
+        "000_NR-AR.csv, 000_NR-AR.png, 000_SR-p53.csv, 000_SR-p53.png, 001_NR-AR.csv and 4 "
+        "more); pass --overwrite to replace those files (other files are kept), or give another "
+        "folder"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+    code, stdout, err = cli(capfd, *second, "--format", "svg", "--overwrite")
+    assert code == 0, err
+    assert stdout.splitlines() == [
+        f"removed the earlier explanation from {out} (9 files: 000_NR-AR.csv, 000_NR-AR.png, "
+        "000_SR-p53.csv, 000_SR-p53.png, 001_NR-AR.csv and 4 more)",
+        f"1 pictures and explanations.csv written to {out}",
+    ]
+    # only the new explanation and the user's own files are left
+    assert {p.name for p in out.iterdir()} == {
+        *mine,
+        "000_NR-AR.svg",
+        "000_NR-AR.csv",
+        "explanations.csv",
+    }
+    assert all((out / name).read_text() == text for name, text in mine.items())
+    assert [(r["row"], r["smiles"], r["picture"]) for r in _index(out)] == [
+        ("0", "CCO", "000_NR-AR.svg")
+    ]
+    # a folder with the user's files only needs no --overwrite, and keeps them
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = cli(capfd, *second[:-4], "--output", str(other), "--task", "NR-AR")
+    assert code == 0, err
+    assert {p.name for p in other.iterdir()} == {
+        "notes.txt",
+        "000_NR-AR.png",
+        "000_NR-AR.csv",
+        "explanations.csv",
+    }
+
+
+def test_explain_help_says_what_happens_to_an_earlier_explanation(
+    capfd: pytest.CaptureFixture,
+) -> None:
+    code, out, _ = cli(capfd, "explain", "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    assert "one that holds an earlier explanation is refused unless --overwrite" in text
+    assert "--overwrite replace an earlier explanation in --output: remove its " in text
+    assert "other files are kept" in text
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,33 @@ def test_invalid_values_are_refused_naming_the_field(overrides: dict, names: str
         load_config(overrides=overrides)
 
 
+SECTIONS = "data, featurizer, split, search, resources, faults, ray, tracking"
+
+
+def test_an_unknown_top_level_key_is_named_with_the_known_sections() -> None:
+    """A bad top-level key used to read `: unknown key(s) base; ...`, with nothing before the
+    colon."""
+    from tune.config import _build
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(text="base: 1\nsearch: {num_samples: 2}\n")
+    assert str(exc.value) == f"config: unknown top-level key(s) base; known: {SECTIONS}"
+    # the file the config was read from is named (load_config passes it as `source`); keys
+    # YAML reads as numbers are listed too
+    with pytest.raises(ConfigError) as exc:
+        _build(JobConfig, {"base": 1, 2: "x", "search": {}}, "", "configs/mine.yaml")
+    assert str(exc.value) == (
+        f"config configs/mine.yaml: unknown top-level key(s) 2, base; known: {SECTIONS}"
+    )
+    with pytest.raises(ConfigError) as exc:
+        _build(JobConfig, ["data"], "", "configs/mine.yaml")
+    assert str(exc.value) == "config configs/mine.yaml: expected a mapping, got ['data']"
+    # a section's unknown key names the section
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides={"faults.bogus": 1})
+    assert str(exc.value) == ("faults: unknown key(s) bogus; known: max_retries, max_failed_trials")
+
+
 def test_gpu_fraction_accepts_fraction_and_auto() -> None:
     assert (
         load_config(overrides={"resources.gpus_per_trial": "0.25"}).resources.gpus_per_trial == 0.25
@@ -369,3 +396,19 @@ def test_uris_without_a_credential_are_accepted(key: str, uri: str) -> None:
 )
 def test_object_store_uris_that_name_a_user_or_container_are_accepted(uri: str) -> None:
     assert load_config(overrides={"ray.storage_path": uri, **_OBJECT_STORE})
+
+
+def test_an_unknown_top_level_key_names_the_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tune.cli import main
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("base: quick\nsearch: {num_samples: 2}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert str(exc.value) == f"config {cfg}: unknown top-level key(s) base; known: {SECTIONS}"
+    assert main(["tune", "--config", str(cfg), "--storage-path", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"toxtune tune: error: config {cfg}: unknown top-level key(s) base; known: {SECTIONS}"
+    ]

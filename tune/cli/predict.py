@@ -3,7 +3,8 @@
 The output adds, per input row: `p_<task>` (calibrated probability), `error`, `p_<task>_std`
 (the ensemble's spread), `nn_similarity` and `in_domain` (applicability domain). A line per
 column the model leaves empty is printed after the output's path (e.g. a single network has no
-spread).
+spread). An output named `*.gz` is written gzip-compressed; another compression suffix (.bz2,
+.xz, .zip, .zst) is refused before the model is loaded.
 
 Without --tracking-uri the model is looked up where `toxtune tune` registered it and where
 `toxtune ui` looks: the job config's tracking URI, by default the SQLite store under
@@ -49,7 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict toxicity for a CSV of SMILES")
     p.add_argument("input", help="CSV with a SMILES column (.csv or gzip, , ; or tab separated)")
     p.add_argument("--model", required=True, help="e.g. models:/toxtune-tox21@champion")
-    p.add_argument("--output", default="predictions.csv", help="CSV to write (not the input)")
+    p.add_argument(
+        "--output",
+        default="predictions.csv",
+        help="CSV to write (not the input); gzip-compressed when the name ends in .gz "
+        "(another compression suffix is refused)",
+    )
     p.add_argument("--smiles-column", default="smiles")
     add_store_args(p)
     p.set_defaults(func=cmd_predict)

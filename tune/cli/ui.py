@@ -27,6 +27,8 @@ from tune.errors import ConfigError, TrackingError
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the server may take before SIGKILL
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's `Default` experiment, created with every store
+MAX_LINKS = 20  # experiment links printed before the rest is only counted
 
 
 def port_number(value: str) -> int:
@@ -120,17 +122,29 @@ def serve(cmd: list[str], health_url: str) -> int:
     return proc.returncode or 0
 
 
-def runs_link(tracking_uri: str, experiment_name: str, ui_url: str) -> str | None:
-    """The UI link to the experiment's training-runs table, when the store already holds it."""
+def runs_links(tracking_uri: str, ui_url: str, first: str = "") -> list[tuple[str, str]]:
+    """(experiment, UI link to its training-runs table) for every active experiment in the
+    store: `first` (the config's experiment) first, then by name. MLflow's own `Default`
+    experiment is left out while it holds no run. [] when there is no store yet, or it cannot
+    be read (the UI still starts; the links are a convenience)."""
+    from mlflow.entities import ViewType
+
     from tune import tracking
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
-        return None  # no store yet: do not create one just to look
+        return []  # no store yet: do not create one just to look
     try:
-        experiment = tracking.client_for(tracking_uri).get_experiment_by_name(experiment_name)
-    except Exception:  # the UI still starts; the link is a convenience
-        return None
-    return tracking.experiment_url(ui_url, experiment.experiment_id) if experiment else None
+        client = tracking.client_for(tracking_uri)
+        experiments = [
+            e
+            for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+            if e.experiment_id != DEFAULT_EXPERIMENT_ID
+            or client.search_runs([e.experiment_id], max_results=1)
+        ]
+    except Exception:
+        return []
+    experiments.sort(key=lambda e: (e.name != first, e.name))
+    return [(e.name, tracking.experiment_url(ui_url, e.experiment_id)) for e in experiments]
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -141,11 +155,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = job.tracking_uri
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri} at {url}  (Ctrl-C to stop)", flush=True)
-    link = runs_link(uri, job.tracking.experiment_name, url)
-    if link:
-        # MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the
-        # model-training one (tune.tracking.experiment_url).
-        print(f"training runs of {job.tracking.experiment_name!r}: {link}", flush=True)
+    # MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the
+    # model-training one (tune.tracking.experiment_url): a link for every experiment, so a job
+    # run with --experiment-name has one too.
+    links = runs_links(uri, url, job.tracking.experiment_name)
+    for name, link in links[:MAX_LINKS]:
+        print(f"training runs of {name!r}: {link}", flush=True)
+    if len(links) > MAX_LINKS:
+        print(f"... and {len(links) - MAX_LINKS} more experiment(s): {url}", flush=True)
     if args.host not in LOOPBACK:
         print("warning: the UI is reachable from other machines and has no authentication")
     cmd = [
