@@ -17,6 +17,7 @@ import os
 import shlex
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,7 +181,7 @@ def search(
     found = study.load(job)
     if rounds.interrupted and _restorable(job, rounds):
         log.info("restoring interrupted search %s", rounds.names[-1])
-        finished = study.finished_ray_ids(found) if found is not None else frozenset()
+        finished = study.finished_ray_ids(found) if found is not None else {}
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
         path = job.storage.uri_of(rounds.names[-1])
         bridge.restore_tuner(path, trainable, callbacks).fit()
@@ -329,7 +330,7 @@ def _trial_data(
     job: JobConfig,
     data: PreparedData,
     faults: FaultPlan | None,
-    finished: frozenset[str] = frozenset(),
+    finished: Mapping[str, float] | None = None,
 ) -> TrialData:
     return TrialData(
         features=data.features,
@@ -341,7 +342,7 @@ def _trial_data(
         patience=job.search.patience,
         seed=job.search.seed,
         hooks=(faults,) if faults else (),
-        finished=finished,
+        finished=dict(finished or {}),
     )
 
 

@@ -175,13 +175,14 @@ def fail_stale_trials(found: optuna.Study, keep: set[str] = frozenset()) -> int:
     return n
 
 
-def finished_ray_ids(found: optuna.Study) -> frozenset[str]:
-    """Ray trial ids of the study's finished trials (complete, pruned or failed)."""
-    return frozenset(
-        str(t.user_attrs[RAY_TRIAL_ATTR])
+def finished_ray_ids(found: optuna.Study) -> dict[str, float]:
+    """Ray trial id -> study value (NaN when it has none) of the study's finished trials
+    (complete, pruned or failed)."""
+    return {
+        str(t.user_attrs[RAY_TRIAL_ATTR]): float("nan") if t.value is None else float(t.value)
         for t in found.get_trials(deepcopy=False)
         if t.state.is_finished() and RAY_TRIAL_ATTR in t.user_attrs
-    )
+    }
 
 
 def check_job_stores(job: JobConfig, started: bool) -> None:

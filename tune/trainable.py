@@ -13,7 +13,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,9 +60,10 @@ class TrialData:
     patience: int
     seed: int
     hooks: tuple[TrialHook, ...] = ()  # none in normal runs; tune.drills.FaultPlan in drills
-    # Ray trial ids the Optuna study already finished. Set on restore after a killed driver:
-    # Tune's snapshot can lag the study by a trial, and such a trial must not train again.
-    finished: frozenset[str] = frozenset()
+    # Ray trial id -> study value of the trials the Optuna study already finished. Set on restore
+    # after a killed driver: Tune's snapshot can lag the study, and such a trial must not train
+    # again (it reports its last epoch, or the study's value, so Tune can complete it).
+    finished: Mapping[str, float] = field(default_factory=dict)
 
 
 def trial_device() -> tuple[str, str, float]:
@@ -84,8 +86,6 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     if config.get(ABORT_KEY):
         raise NonRetryableTrialError(str(config[ABORT_KEY]))
     context = ray_tune.get_context()
-    if context.get_trial_id() in data.finished:
-        return  # Tune then completes it with the result it last recorded
     settings.quiet_worker_logs()
     index = int(config.get("_index", -1))
     device, gpu_ids, share = trial_device()
@@ -130,6 +130,14 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         # that epoch is reported again, as it was, in case its first report was lost.
         best.update(roc_auc=float(resume["best_valid"]["roc_auc"]), epoch=resume["best_epoch"])
         report(resume["history"][-1], str(resume["stop_reason"]))
+    if trial_id in data.finished:
+        # The study finished this trial after Ray's last snapshot: it does not train again, and
+        # Tune completes it with the last result it got (the study's value when it has none).
+        if resume is None:
+            ray_tune.report(
+                {"best_val_roc_auc": data.finished[trial_id], "finished_reason": "restored"}
+            )
+        return
 
     def on_epoch(epoch: EpochResult) -> bool:
         if epoch.is_best:
