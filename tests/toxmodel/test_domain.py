@@ -1,12 +1,18 @@
-"""Applicability domain: NN Tanimoto on Morgan bits against RDKit, the threshold, the blob."""
+"""Applicability domain: NN Tanimoto on Morgan bits against RDKit and brute force, the
+threshold, the clustered search, the blob."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import torch
 from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
+from toxmodel import domain as domain_module
+from toxmodel.checkpoint import _plain
 from toxmodel.domain import (
     DOMAIN_PERCENTILE,
     Domain,
@@ -122,3 +128,144 @@ def test_packed_bits_and_blob_round_trip() -> None:
     np.testing.assert_array_equal(again.similarity(fp), domain.similarity(fp))
     with pytest.raises(ValueError, match="uint8"):
         Domain.from_blob({**domain.to_blob(), "n_bits": 64})
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact search against brute force; the clustered search against the exact one
+
+
+def brute_force(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """max over reference rows of |a & b| / |a | b| (0 for two empty rows), all pairs."""
+    q, r = query.astype(np.int64), reference.astype(np.int64)
+    inter = q @ r.T
+    union = q.sum(1)[:, None] + r.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0).max(axis=1)
+
+
+def ecfp_like(n: int, n_bits: int, seed: int) -> np.ndarray:
+    """Sparse rows like Morgan bits: a few bits in most rows, a long tail of rare ones, and
+    series of close analogues (a parent with bits dropped and added)."""
+    rng = np.random.default_rng(seed)
+    weight = 1.0 / np.arange(1, n_bits + 1)
+    weight = rng.permutation(weight / weight.sum())
+    parents = np.zeros((max(1, n // 8), n_bits), dtype=bool)
+    for row in parents:
+        row[rng.choice(n_bits, size=rng.integers(5, 40), p=weight)] = True
+    out = parents[rng.integers(0, len(parents), n)] & (rng.random((n, n_bits)) > 0.2)
+    for row in out:
+        row[rng.choice(n_bits, size=rng.integers(0, 6), p=weight)] = True
+    return out
+
+
+@pytest.mark.parametrize("n_bits", [1, 7, 64, 65, 200, 1024])
+def test_exact_search_equals_brute_force_on_random_rows(n_bits: int) -> None:
+    rng = np.random.default_rng(n_bits)
+    for density in (0.02, 0.3, 0.9):
+        ref = rng.random((97, n_bits)) < density
+        query = rng.random((41, n_bits)) < density
+        ref[3] = False  # an empty training row
+        ref[4] = ref[5]  # a duplicate
+        query[0] = False  # an empty query: 0
+        query[1] = ref[7]  # a training row: 1 (unless empty)
+        want = brute_force(query, ref)
+        for chunk_pairs in (7, 300, domain_module.CHUNK_PAIRS):
+            got = nearest_similarity(query, ref, chunk_pairs=chunk_pairs)
+            np.testing.assert_array_equal(got, want)  # bit for bit: same integers, same division
+        assert want[0] == 0.0
+
+
+def test_exact_search_equals_brute_force_on_ecfp_like_rows_with_ties() -> None:
+    ref = ecfp_like(3000, 1024, seed=0)
+    query = np.concatenate([ecfp_like(400, 1024, seed=1), ref[:50], np.zeros((2, 1024), bool)])
+    want = brute_force(query, ref)
+    got = nearest_similarity(query, ref)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[400:450] == 1.0) and np.all(got[-2:] == 0.0)
+    # many queries share their maximum with several training rows (ties), and counts vary
+    q, r = query[:400].astype(np.int64), ref.astype(np.int64)
+    inter = q @ r.T
+    sims = inter / (q.sum(1)[:, None] + r.sum(1)[None, :] - inter)
+    assert np.mean((sims == sims.max(1, keepdims=True)).sum(1) > 1) > 0.05
+    assert np.ptp(ref.sum(1)) > 20
+
+
+def test_the_exact_domain_answers_as_brute_force_and_writes_the_old_blob() -> None:
+    train, valid = ecfp_like(600, 256, seed=3), ecfp_like(100, 256, seed=4)
+    domain = fit_domain(train, valid, 256)
+    assert domain.search == "exact"
+    assert domain.threshold == np.percentile(brute_force(valid, train), DOMAIN_PERCENTILE)
+    np.testing.assert_array_equal(domain.similarity(valid), brute_force(valid, train))
+    assert set(domain.to_blob()) == {"train_bits", "n_bits", "threshold", "percentile", "n_valid"}
+
+
+def test_a_domain_saved_before_the_clustered_search_loads_and_answers_exactly() -> None:
+    """The blob today's code wrote before this change: np.unique rows, five keys."""
+    train, query = ecfp_like(300, 128, seed=5), ecfp_like(60, 128, seed=6)
+    old_blob = {
+        "train_bits": torch.from_numpy(np.unique(pack_bits(train), axis=0)),
+        "n_bits": 128,
+        "threshold": 0.25,
+        "percentile": 10.0,
+        "n_valid": 40,
+    }
+    domain = Domain.from_blob(old_blob)
+    assert domain.search == "exact" and domain.threshold == 0.25
+    np.testing.assert_array_equal(domain.similarity(query), brute_force(query, train))
+
+
+def test_clustered_search_never_exceeds_exact_and_probing_everything_is_exact() -> None:
+    train, query = ecfp_like(4000, 512, seed=7), ecfp_like(600, 512, seed=8)
+    exact = brute_force(query, train)
+    domain = fit_domain(train, query[:0], 512, search="clustered", n_clusters=40, n_probe=2)
+    assert domain.search == "clustered"
+    assert domain.centres is not None and domain.centres.shape == (
+        domain_module.N_PARTITIONS,
+        40,
+    )
+    approx = domain.similarity(query)
+    assert np.all(approx <= exact)  # always the similarity of a real training row
+    assert np.mean(approx == exact) > 0.5  # (the benchmark measures the error at scale)
+    np.testing.assert_array_equal(domain.similarity(query, exact=True), exact)
+    domain.n_probe = 40  # every cluster of every partition: the exact answer
+    np.testing.assert_array_equal(domain.similarity(query), exact)
+    # a training molecule probes its own cluster (its centre is the most similar one) unless
+    # n_probe other centres tie with it
+    assert np.mean(domain.similarity(train[:300]) == 1.0) > 0.99
+
+
+def test_auto_search_clusters_above_exact_max_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    train, valid = ecfp_like(700, 256, seed=9), ecfp_like(150, 256, seed=10)
+    monkeypatch.setattr(domain_module, "EXACT_MAX_TRAIN", 10_000)
+    assert fit_domain(train, valid, 256).search == "exact"
+    monkeypatch.setattr(domain_module, "EXACT_MAX_TRAIN", 100)
+    domain = fit_domain(train, valid, 256)
+    assert domain.search == "clustered" and domain.n_probe == domain_module.N_PROBE
+    # the threshold comes from the search the domain answers with
+    sims = domain.similarity(valid)
+    assert domain.threshold == np.percentile(sims, DOMAIN_PERCENTILE)
+    assert np.all(sims <= brute_force(valid, train))
+    again = fit_domain(train, valid, 256)  # seeded: the same clusters
+    np.testing.assert_array_equal(again.cluster_rows, domain.cluster_rows)
+    with pytest.raises(ValueError, match="search"):
+        fit_domain(train, valid, 256, search="fast")
+
+
+def test_clustered_domain_travels_in_a_weights_only_blob() -> None:
+    train, valid = ecfp_like(900, 128, seed=11), ecfp_like(100, 128, seed=12)
+    domain = fit_domain(train, valid, 128, search="clustered", n_clusters=12)
+    buffer = io.BytesIO()
+    torch.save(_plain(domain.to_blob(), "domain"), buffer)
+    buffer.seek(0)
+    again = Domain.from_blob(torch.load(buffer, weights_only=True))
+    assert again.search == "clustered" and again.threshold == domain.threshold
+    assert again.n_probe == domain.n_probe
+    np.testing.assert_array_equal(again.similarity(valid), domain.similarity(valid))
+    blob = domain.to_blob()
+    bad_starts = blob["cluster_starts"].copy()
+    bad_starts[0, 1] = bad_starts[0, 0]  # an empty cluster
+    with pytest.raises(ValueError, match="cluster"):
+        Domain.from_blob({**blob, "cluster_starts": bad_starts})
+    rows = blob["cluster_rows"].copy()
+    rows[0, 0] = rows[0, 1]  # not a permutation
+    with pytest.raises(ValueError, match="permutation"):
+        Domain.from_blob({**blob, "cluster_rows": rows})
