@@ -308,14 +308,20 @@ def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
     return exp.experiment_id
 
 
-def search_all(client: MlflowClient, exp_ids: list[str], filter_string: str) -> list[Run]:
-    """Every run matching the filter (all pages), newest first."""
+def search_all(
+    client: MlflowClient, exp_ids: list[str], filter_string: str, view: int | None = None
+) -> list[Run]:
+    """Every run matching the filter (all pages), newest first; `view` an MLflow ViewType
+    (default: active runs only)."""
+    from mlflow.entities import ViewType
+
     runs: list[Run] = []
     token = None
     while True:
         page = client.search_runs(
             exp_ids,
             filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY if view is None else view,
             max_results=1000,
             order_by=["attributes.start_time DESC"],
             page_token=token,

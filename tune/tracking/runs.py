@@ -56,25 +56,10 @@ def job_runs(
 ) -> list[Run]:
     """The parent runs of job `job_key` in the experiment, newest first (a resume reopens the
     first)."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{KIND_TAG}` = 'job'",
-            run_view_type=view,
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return [
-                r
-                for r in runs
-                if r.data.tags.get(JOB_TAG) == job_key and PARENT_TAG not in r.data.tags
-            ]
+    runs = search_all(client, [exp_id], f"tags.`{KIND_TAG}` = 'job'", view)
+    return [
+        r for r in runs if r.data.tags.get(JOB_TAG) == job_key and PARENT_TAG not in r.data.tags
+    ]
 
 
 def find_job_run(tracking_uri: str, experiment_name: str, job_key: str) -> str | None:
