@@ -8,6 +8,7 @@ small MLPs.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import time
@@ -561,7 +562,8 @@ def _fit(
                 stop_reason=reason,
                 train_seconds=train_seconds,
                 context=context,
-                state=lambda epoch=epoch, reason=reason: state_after(epoch, reason),
+                # built once on first use: a caller saving the checkpoint and the state asks twice
+                state=functools.cache(functools.partial(state_after, epoch, reason)),
             )
             if callback(result) is True and not reason:
                 reason = "callback"
