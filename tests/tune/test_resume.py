@@ -116,6 +116,25 @@ def unfinished_trial_folders(folder: Path, done_ids: set[str]) -> list[Path]:
     ]
 
 
+def wait_for_checkpoint_of_running_trial(
+    job: JobConfig, driver: subprocess.Popen, log: Path
+) -> None:
+    """Wait until an unfinished trial has written a checkpoint (a loaded CI machine can reach
+    two finished trials before the next ones have written any)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = {
+            t.user_attrs.get("ray_trial_id")
+            for t in optuna.load_study(study_name=job.name, storage=rdb(job.study_storage)).trials
+            if t.state == optuna.trial.TrialState.COMPLETE
+        }
+        if unfinished_trial_folders(job.job_dir, done):
+            return
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no running trial wrote a checkpoint in time"
+        time.sleep(0.2)
+
+
 def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool = False) -> None:
     """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
     lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking).
@@ -128,6 +147,8 @@ def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool =
     driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log")
     try:
         wait_for_trials(job, driver, tmp_path / "driver1.log", complete=2)
+        if lose_newest_checkpoint:  # kill only once a running trial has a checkpoint to lose
+            wait_for_checkpoint_of_running_trial(job, driver, tmp_path / "driver1.log")
     finally:
         kill_tree(driver)
     done_before = finished_trials(job.study_storage, job.name)
