@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from toxmodel.data import DUPLICATE_POLICIES
+from toxmodel.duplicates import DUPLICATE_POLICIES
 from toxmodel.featurize import FeaturizerConfig
 from toxmodel.split import SplitConfig, validate_split_config
 from tune.credentials import credential_advice, credential_in

@@ -18,17 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toxmodel.data import (
-    DataError,
-    Deduplicated,
-    MoleculeTable,
-    check_parsed,
-    count_duplicates,
-    deduplicate,
-    default_cache_dir,
-    load_table,
-)
+from toxmodel.data import MoleculeTable, check_parsed, load_table
+from toxmodel.duplicates import Deduplicated, count_duplicates, deduplicate
+from toxmodel.errors import DataError
 from toxmodel.featurize import MOLECULE_KEY, Features, featurize_cached, write_invalid_report
+from toxmodel.sources import default_cache_dir
 from toxmodel.split import Split, missing_class_warnings, molecule_groups, split_dataset
 from tune import study
 from tune.config import CONFIG_FILE, JobConfig

@@ -49,9 +49,7 @@ def record(
         report = write_invalid_report(
             data.features.invalid, Path(tmp) / INVALID_REPORT, data.table.lines
         )
-        duplicates = job.storage.read_text(job.name, DUPLICATES_REPORT)
-        if duplicates is not None:
-            (Path(tmp) / DUPLICATES_REPORT).write_text(duplicates, encoding="utf-8")
+        duplicates = _local_copy(job, DUPLICATES_REPORT, Path(tmp))
         summary = tracking.JobSummary(
             n_rows=len(data.table.smiles),
             n_valid=len(data.features),
@@ -78,7 +76,7 @@ def record(
                 final.test_probs_uncalibrated,
             ),
             calibration=final.calibration,
-            duplicates_report=None if duplicates is None else Path(tmp) / DUPLICATES_REPORT,
+            duplicates_report=duplicates,
         )
         tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
     explain_confident_positives(job, data, final, parent_run_id)
@@ -99,6 +97,20 @@ def record(
             "ensemble": str(job.search.ensemble),
         },
     )
+
+
+def _local_copy(job: JobConfig, name: str, folder: Path) -> Path | None:
+    """The job's report `name` copied into `folder` block by block (never read into memory
+    whole: at 10^6 rows the duplicates report holds a line per folded row), or None when the
+    job has none."""
+    if not job.storage.exists(job.name, name):
+        return None
+    local = folder / name
+    source = job.storage.path(job.name, name)
+    with job.storage.fs.open_input_stream(source) as src, local.open("wb") as dst:
+        while block := src.read(1 << 20):
+            dst.write(block)
+    return local
 
 
 def comparison_tags(job: JobConfig, tasks: Sequence[str], content_hash: str) -> dict[str, str]:

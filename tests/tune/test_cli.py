@@ -49,6 +49,26 @@ def test_data_summary_lists_invalid_rows_and_label_balance(
     assert "not_a_smiles" in report.read_text()
 
 
+def test_data_shows_progress_and_prints_a_summary_that_does_not_grow_with_the_rows(
+    tmp_path: Path, make_csv, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """Issue 23 item 6: bars for reading and featurizing on stderr; 10x the invalid rows print
+    the same number of lines (the report file lists them all)."""
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    printed = []
+    for n_bad in (60, 600):
+        body = "".join(f"bad{i}(,{i % 2}\n" for i in range(n_bad)) + "CCO,1\nCCN,0\n"
+        csv = make_csv("smiles,toxic\n" + body, f"mols{n_bad}.csv")
+        report = tmp_path / f"invalid{n_bad}.csv"
+        code, out, err = cli(capfd, "data", "--data", str(csv), "--invalid-report", str(report))
+        assert code == 0, err
+        assert "read" in err and "featurize" in err  # the two progress bars
+        assert f"invalid SMILES: {n_bad}" in out
+        assert len(report.read_text().splitlines()) == n_bad + 1
+        printed.append(len(out.splitlines()))
+    assert printed[0] == printed[1]
+
+
 def test_data_errors_name_the_column_without_traceback(
     make_csv, capfd: pytest.CaptureFixture
 ) -> None:

@@ -6,8 +6,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tune.plots import MAX_ROC_PANELS, roc_curves
+from tune.plots import MAX_CURVE_POINTS, MAX_ROC_PANELS, roc_curves, thin_curve
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -62,3 +63,41 @@ def test_reliability_diagram_draws_both_curves_or_says_why_not(tmp_path: Path) -
     unlabelled = np.full_like(y, np.nan)
     assert "no labelled" in reliability((unlabelled, p, raw), tmp_path / "empty.png")
     assert not (tmp_path / "none.png").exists() and not (tmp_path / "empty.png").exists()
+
+
+def test_what_a_roc_panel_draws_does_not_grow_with_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23 item 6: a 10^6-molecule job's test split drew curves of 10^4-10^5 corners each.
+    Every curve is drawn with at most MAX_CURVE_POINTS points, from (0, 0) to (1, 1), and the
+    image is the same size at 60 rows and at 40,000."""
+    from matplotlib.axes import Axes
+
+    drawn: list[np.ndarray] = []
+    plot = Axes.plot
+
+    def spy(self: Axes, *args: object, **kwargs: object) -> object:
+        drawn.append(np.asarray(args[0], dtype=float))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    rng = np.random.default_rng(1)
+    n = 40_000
+    y = (rng.random((n, 2)) < 0.3).astype(float)
+    p = rng.random((n, 2))  # random scores: a staircase of ~n/2 corners
+    assert roc_curves((y, p, ["a", "b"]), tmp_path / "big.png") == ""
+    curves = [x for x in drawn if len(x) > 2]  # the diagonals are 2 points
+    assert len(curves) == 2
+    assert all(len(x) <= MAX_CURVE_POINTS and x[0] == 0 and x[-1] == 1 for x in curves)
+    assert roc_curves(_predictions(2), tmp_path / "small.png") == ""
+    assert _png_size(tmp_path / "big.png") == _png_size(tmp_path / "small.png")
+
+
+def test_thin_curve_keeps_short_curves_and_the_ends_of_long_ones() -> None:
+    x = np.linspace(0, 1, 5)
+    assert thin_curve(x, x)[0] is x
+    x = np.sort(np.random.default_rng(0).random(10_000))
+    thin_x, thin_y = thin_curve(x, x**2, limit=100)
+    assert len(thin_x) == 100 and thin_x[0] == x[0] and thin_x[-1] == x[-1]
+    np.testing.assert_array_equal(thin_y, thin_x**2)  # points of the curve, not new ones
+    assert np.all(np.diff(thin_x) >= 0)

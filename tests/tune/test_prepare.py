@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from tests.tune.conftest import tiny_job
-from toxmodel.data import DataError
+from toxmodel.errors import DataError
 from toxmodel.split import Split
 from tune.errors import ConfigError
 from tune.job import run_job

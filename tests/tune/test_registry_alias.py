@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.tune.conftest import tiny_fit
-from toxmodel.data import TOX21_TASKS
+from toxmodel.sources import TOX21_TASKS
 from tune.config import JobConfig, load_config
 from tune.record import comparison_tags
 from tune.tracking import Registration, register_best_model, start_job_run

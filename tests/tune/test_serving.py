@@ -24,8 +24,8 @@ from tests.tune.conftest import (
 )
 from toxmodel.calibration import Calibration, TaskCalibration
 from toxmodel.checkpoint import Predictor, load_checkpoint, save_predictor, uncertainty_columns
-from toxmodel.data import DataError
 from toxmodel.domain import fit_domain
+from toxmodel.errors import DataError
 from toxmodel.featurize import featurize
 from toxmodel.model import Ensemble
 from tune import serving

@@ -76,3 +76,26 @@ def test_source_tags_name_toxtune_its_version_and_the_checkout() -> None:
 
 def test_no_commit_outside_a_checkout(tmp_path: Path) -> None:
     assert git_commit(tmp_path) is None
+
+
+def test_the_logged_dataset_holds_a_digest_and_profile_not_the_rows(tmp_path: Path) -> None:
+    """Issue 23 item 6: at 10^6 rows a dataset input holding rows would be gigabytes in the
+    tracking store. What MLflow keeps for 4,000 rows is what it keeps for 8, but the row count."""
+    uri = default_tracking_uri(tmp_path / "store")
+    client = MlflowClient(uri)
+    logged = []
+    for n in (8, 4000):
+        path = tmp_path / f"rows{n}" / "tox.csv"
+        path.parent.mkdir()
+        smiles = [f"C{'C' * (i % 9)}O{'N' * (i // 9 % 5)}" for i in range(n)]
+        path.write_text("smiles,A\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(smiles)))
+        info = dataset_info(load_table(path, "smiles", None, tmp_path / "cache"), SplitConfig())
+        run_id = start_job_run(uri, "exp", f"job{n}", {}, resume=False)
+        log_dataset(client, run_id, info)
+        (entry,) = client.get_run(run_id).inputs.dataset_inputs
+        dataset = entry.dataset
+        stored = "".join([dataset.source, dataset.schema, dataset.profile, dataset.digest])
+        assert not any(s in stored for s in smiles if len(s) > 3)  # no SMILES, no rows
+        assert json.loads(dataset.profile)["num_rows"] == n
+        logged.append(len(stored) - len(str(n)) - len(str(path.parent)))
+    assert logged[0] == logged[1]

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from toxmodel.checkpoint import CheckpointError
-from toxmodel.data import DataError
+from toxmodel.errors import DataError
 from tune import settings
 from tune.cli import cluster, configs, data, explain, predict, tune_job, ui
 from tune.errors import ToxtuneError

@@ -1,5 +1,10 @@
 """`toxtune data`: summarise a dataset (rows, invalid SMILES, repeated molecules, label balance)
-before a search."""
+before a search.
+
+Reading and featurizing each show a progress bar on stderr (bytes read, molecules featurized);
+the printed summary's length does not grow with the rows (`toxmodel.summary`), and the
+invalid-SMILES report is written in one pass over the invalid rows.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ from pathlib import Path
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from toxmodel.data import check_parsed, default_cache_dir, load_table, summarize
+    from toxmodel.data import check_parsed, load_table
     from toxmodel.featurize import FeaturizerConfig, featurize_cached, write_invalid_report
+    from toxmodel.sources import default_cache_dir
+    from toxmodel.summary import summarize
 
     cache = default_cache_dir()
-    table = load_table(args.data, args.smiles_column, args.targets, cache)
+    table = load_table(args.data, args.smiles_column, args.targets, cache, progress=True)
     config = FeaturizerConfig(standardize=getattr(args, "standardize", False))
     features = featurize_cached(table.smiles, config, cache, table.content_hash, progress=True)
     print(summarize(table, features))

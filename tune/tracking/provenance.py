@@ -2,11 +2,12 @@
 
 Contract: `log_dataset(client, run_id, info)` records the job's data as an MLflow dataset input
 (the UI's Datasets column and filter): name = the data file's stem, digest = the start of the
-table's content hash (the whole hash, the rows, targets and split are in the dataset's profile
-and schema). It is idempotent: MLflow keeps one dataset per (name, digest) in an experiment and
-one input per dataset and run, so a replayed or repeated call adds nothing. `source_tags()` are
-the tags that fill the UI's Source column: toxtune, its version, and the git commit when toxtune
-runs from a checkout.
+table's content hash (the whole hash, the row count, targets and split are in the dataset's
+profile and schema). It holds no rows, so what it stores is the same size at 10 rows and at
+10^6. It is idempotent: MLflow keeps one dataset per (name, digest) in an experiment and one
+input per dataset and run, so a replayed or repeated call adds nothing. `source_tags()` are the
+tags that fill the UI's Source column: toxtune, its version, and the git commit when toxtune runs
+from a checkout.
 """
 
 from __future__ import annotations
