@@ -7,6 +7,12 @@ settings, task names, input width and the descriptor scaler; and, for a model th
 a job's finalize stage, its per-task calibration and applicability domain (optional fields: a
 checkpoint without them loads and predicts with empty domain columns and raw probabilities).
 
+Size: weights per member; everything else once per file, whatever the member count (an
+ensemble's members share featurizer, tasks, scaler, calibration and domain). The one part that
+grows with the training set is the domain: its distinct training fingerprints, bit-packed
+(n_bits / 8 bytes a molecule: about 200 MB for 8 x 10^5 training molecules of 2048 bits), plus,
+for a clustered domain, 4 bytes a molecule per partition. A trial's checkpoint holds no domain.
+
 `Predictor.predict` answers, per molecule: the probability per task (calibrated when the
 checkpoint holds a calibration), then the ensemble's spread per task (`<task>_std`, the
 population std of the members' raw probabilities; empty for a single network, which has no

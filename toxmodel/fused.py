@@ -57,11 +57,13 @@ from toxmodel.train import (
     TrainConfig,
     TrainingDiverged,
     _batches,
+    _blocks,
     _check_inputs,
     _DeviceData,
     _optimizer,
     _scheduler,
-    _tensor,
+    block_rows,
+    fit_scaler,
     masked_bce,
     pos_weights,
     resolve_device,
@@ -549,20 +551,10 @@ class _FusedRun:
     ) -> None:
         self.features, self.split, self.tasks, self.dev = features, split, tasks, dev
         self.model_config, self.configs = model_config, configs
-        self.scaler = None
-        descriptors = None
+        self.scaler: DescriptorScaler | None = None
         if features.descriptors.shape[1]:
-            self.scaler = DescriptorScaler.fit(features.descriptors[split.train])
-            descriptors = torch.from_numpy(self.scaler.transform(features.descriptors)).to(dev)
-        fingerprint = features.fingerprint
-        if fingerprint.dtype == np.bool_:
-            fingerprint = fingerprint.view(np.uint8)
-        self.data = _DeviceData(
-            fingerprint=_tensor(fingerprint).to(dev),
-            descriptors=descriptors,
-            targets=torch.from_numpy(np.nan_to_num(labels, nan=0.0)).to(dev),
-            mask=torch.from_numpy((~np.isnan(labels)).astype(np.float32)).to(dev),
-        )
+            self.scaler = fit_scaler(features.descriptors, np.asarray(split.train))
+        self.data = _DeviceData.of(features, labels, self.scaler, dev)
         # Initial weights, and the global RNG state after them, member by member as `fit` does.
         self.models: list[MLP] = []
         cpu_states: list[Tensor] = []
@@ -679,13 +671,7 @@ class _FusedRun:
                 for k in active
             ]
         ).to(dev)
-        n_active, n_rows = orders.shape
-        # One gather per epoch for all members; batches are then slices, as in `fit`.
-        rows = self.data.take(orders.reshape(-1))
-        fp = rows.fingerprint.view(n_active, n_rows, -1)
-        desc = None if rows.descriptors is None else rows.descriptors.view(n_active, n_rows, -1)
-        targets = rows.targets.view(n_active, n_rows, -1)
-        masks = rows.mask.view(n_active, n_rows, -1)
+        n_active = orders.shape[0]
         use = [self.configs[k].pos_weight for k in active]
         weight = self.weight if any(use) else None
         weighted = None if all(use) or not any(use) else use
@@ -698,24 +684,34 @@ class _FusedRun:
         loss_sum = torch.zeros(n_active, device=dev)
         count = torch.zeros(n_active, device=dev)
         hyper = [s.hyper() for s in schedules]
-        for start, stop in self.bounds:
-            x = fp[:, start:stop].float()
-            if desc is not None:
-                x = torch.cat([x, desc[:, start:stop]], 2)
-            mask = masks[:, start:stop]
-            logits = stack.forward(x, True, noise)
-            loss = _masked_bce_many(
-                logits, targets[:, start:stop], mask, weight, weighted, stack.per_member
-            )
-            stack.zero_grad()
-            loss.sum().backward()
-            hyper = [s.hyper() for s in schedules]
-            stack.step(hyper)
-            for schedule in distinct:
-                schedule.after_batch()
-            n = mask.flatten(1).sum(1)
-            loss_sum += loss.detach() * n
-            count += n
+        for block in _blocks(self.bounds, block_rows(self.data.row_bytes, n_active)):
+            # One gather per block of batches for all members; batches are slices, as in `fit`.
+            first, size = block[0][0], block[-1][1] - block[0][0]
+            rows = self.data.take(orders[:, first : first + size].reshape(-1))
+            fp = rows.fingerprint.view(n_active, size, -1)
+            desc = None if rows.descriptors is None else rows.descriptors.view(n_active, size, -1)
+            targets = rows.targets.view(n_active, size, -1)
+            masks = rows.mask.view(n_active, size, -1)
+            for start, stop in block:
+                a, b = start - first, stop - first
+                x = fp[:, a:b].float()
+                if desc is not None:
+                    x = torch.cat([x, desc[:, a:b]], 2)
+                mask = masks[:, a:b]
+                logits = stack.forward(x, True, noise)
+                loss = _masked_bce_many(
+                    logits, targets[:, a:b], mask, weight, weighted, stack.per_member
+                )
+                stack.zero_grad()
+                loss.sum().backward()
+                hyper = [s.hyper() for s in schedules]
+                stack.step(hyper)
+                for schedule in distinct:
+                    schedule.after_batch()
+                n = mask.flatten(1).sum(1)
+                loss_sum += loss.detach() * n
+                count += n
+            del rows, fp, desc, targets, masks
         for schedule in distinct:
             schedule.after_epoch()
         return (loss_sum / count.clamp_min(1.0)).tolist(), [h[0] for h in hyper]
@@ -761,7 +757,8 @@ def _validate_many(
             chunks.append(stack.forward(data.inputs(idx[s : s + EVAL_BATCH]), False, _no_noise))
         logits = torch.cat(chunks, 1)
         finite = torch.isfinite(logits).flatten(1).all(1).tolist()
-        targets, mask = data.targets[idx], data.mask[idx]
+        targets = data.labels[idx]
+        mask = (~torch.isnan(targets)).to(targets.dtype)
         losses = [float(masked_bce(logits[i], targets, mask).item()) for i in range(n_active)]
         if stack.per_member:  # as `fit` computes them (see `_Stack`)
             probs = torch.stack([torch.sigmoid(x) for x in logits.unbind(0)]).cpu().numpy()

@@ -1,17 +1,22 @@
 """Training: masked multitask BCE on device-resident tensors, early stopping, epoch callbacks.
 
-The whole feature matrix is moved to the device once (fingerprints as compact uint8) and every
-batch is an index slice of it: no per-sample Dataset/DataLoader, which dominates epoch time for
-small MLPs.
+The whole feature matrix is on the device once (fingerprints as compact uint8; on the CPU the
+caller's arrays themselves, so trials of one node share Ray's object-store copy). Each epoch
+gathers its shuffled rows a block at a time (`EPOCH_BLOCK_BYTES`) and every batch is a slice of
+the block: no per-sample Dataset/DataLoader, which dominates epoch time for small MLPs, and no
+copy of the whole training set. Descriptors are scaled, and labels turned into targets and
+masks, only in the gathered blocks.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +37,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "lambda")
 POS_WEIGHT_LIMIT = 100.0  # per-task positive weights are clamped to [1/limit, limit]
 EVAL_BATCH = 4096  # rows per forward pass when scoring the validation split
+# Bytes of gathered rows an epoch holds at once: a bounded block instead of a copy of the whole
+# shuffled training set (1.6 GB at 8 * 10^5 training rows of 2048 bits).
+EPOCH_BLOCK_BYTES = 32 * 2**20
+SCALER_COLUMNS = 16  # descriptor columns the scaler is fitted on at a time (see fit_scaler)
 LAMBDA_DECAY = 0.95  # the PyTorch Tox21 tutorial's per-epoch LambdaLR factor
 
 
@@ -241,42 +250,73 @@ def pos_weights(labels: np.ndarray) -> np.ndarray:
     return np.clip(weight, 1.0 / POS_WEIGHT_LIMIT, POS_WEIGHT_LIMIT).astype(np.float32)
 
 
-def _tensor(array: np.ndarray) -> Tensor:
-    """A CPU tensor over `array`, copying only when it is read-only (e.g. from Ray's store)."""
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:
-        array = array.copy()
-    return torch.from_numpy(array)
+def shared_tensor(array: np.ndarray) -> Tensor:
+    """A CPU tensor over `array`'s own memory: no copy, also when the array is read-only.
+
+    Arrays a Ray trial gets from the object store are read-only views of shared memory, and
+    copying them gave every trial a private copy of the feature matrix (2 GB at 10^6 molecules
+    of 2048 bits). Torch warns that writing to a tensor over a read-only array is undefined;
+    the tensors made here are only ever read (batches are gathered copies of their rows), so
+    that one warning is silenced here and nowhere else.
+    """
+    array = np.ascontiguousarray(array)  # no copy for the C-ordered arrays featurize makes
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(array)
+
+
+def fit_scaler(descriptors: np.ndarray, rows: np.ndarray) -> DescriptorScaler:
+    """`DescriptorScaler.fit(descriptors[rows])`, equal bit for bit, a few columns at a time.
+
+    The scaler works per column, in float64 with several temporaries: on the whole training
+    block that is several float64 copies at once (each 1.4 GB at 8 x 10^5 rows of 217
+    descriptors), in every trial. Blocks keep at least 2 columns (numpy sums one column
+    pairwise, several row by row, so a 1-column block could round the std fallback otherwise).
+    """
+    n_cols = descriptors.shape[1]
+    edges = [*range(0, n_cols, SCALER_COLUMNS), n_cols]
+    if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+        del edges[-2]
+    parts = [
+        DescriptorScaler.fit(descriptors[rows, start:stop])
+        for start, stop in itertools.pairwise(edges)
+    ]
+    return DescriptorScaler(
+        np.concatenate([p.center for p in parts]), np.concatenate([p.scale for p in parts])
+    )
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """`DescriptorScaler.transform` on the device, applied to gathered rows only."""
+
+    center: Tensor  # float64 (n_desc,)
+    scale: Tensor  # float64 (n_desc,)
+
+    @classmethod
+    def of(cls, scaler: DescriptorScaler, dev: torch.device) -> _Scaling:
+        def as64(values: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dev)
+
+        return cls(as64(scaler.center), as64(scaler.scale))
+
+    def __call__(self, raw: Tensor) -> Tensor:
+        """Scaled float32 rows, as `transform` computes them: float64 (x - center) / scale,
+        missing (NaN/inf) -> 0, clipped to +-10 (IEEE sub and div: the same bits)."""
+        x = raw.double()
+        z = torch.where(torch.isfinite(x), (x - self.center) / self.scale, 0.0)
+        z = torch.nan_to_num(z, nan=0.0, posinf=10.0, neginf=-10.0)
+        return z.clamp(-10.0, 10.0).float()
 
 
 @dataclass
-class _DeviceData:
-    """The whole dataset on the training device, sliced by row index per batch."""
+class _Rows:
+    """Gathered rows of the dataset, in order, ready for the model (a block of an epoch)."""
 
-    fingerprint: Tensor  # uint8 (n, n_fp)
-    descriptors: Tensor | None  # float32 (n, n_desc), scaled
-    targets: Tensor  # float32 (n, t), 0 where missing
-    mask: Tensor  # float32 (n, t), 1 where labelled
-
-    @property
-    def n_inputs(self) -> int:
-        n_desc = 0 if self.descriptors is None else self.descriptors.shape[1]
-        return int(self.fingerprint.shape[1] + n_desc)
-
-    def inputs(self, idx: Tensor) -> Tensor:
-        x = self.fingerprint[idx].float()
-        if self.descriptors is None:
-            return x
-        return torch.cat([x, self.descriptors[idx]], 1)
-
-    def take(self, idx: Tensor) -> _DeviceData:
-        """The rows `idx` in that order, as a new contiguous (still compact) copy."""
-        return _DeviceData(
-            fingerprint=self.fingerprint[idx],
-            descriptors=None if self.descriptors is None else self.descriptors[idx],
-            targets=self.targets[idx],
-            mask=self.mask[idx],
-        )
+    fingerprint: Tensor  # uint8 (m, n_fp)
+    descriptors: Tensor | None  # float32 (m, n_desc), scaled
+    targets: Tensor  # float32 (m, t), NaN where missing (masked_bce ignores them)
+    mask: Tensor  # float32 (m, t), 1 where labelled
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Float model inputs of rows start:stop (uint8 bits expanded only for this batch)."""
@@ -284,6 +324,86 @@ class _DeviceData:
         if self.descriptors is None:
             return x
         return torch.cat([x, self.descriptors[start:stop]], 1)
+
+
+@dataclass
+class _DeviceData:
+    """The whole dataset on the training device, as given: rows are gathered per block.
+
+    On the CPU the tensors share the caller's arrays (a trial's are Ray's object-store copy,
+    read by every trial of the node); on a GPU each is one copy in device memory. Descriptors
+    stay raw and labels keep NaN for missing; both are turned into model inputs, targets and
+    masks only for the rows a block gathers, so no per-trial copy of the matrix is made.
+    """
+
+    fingerprint: Tensor  # uint8 (n, n_fp)
+    descriptors: Tensor | None  # float32 (n, n_desc), raw
+    labels: Tensor  # float32 (n, t), NaN where missing
+    scaling: _Scaling | None
+
+    @classmethod
+    def of(
+        cls,
+        features: Features,
+        labels: np.ndarray,
+        scaler: DescriptorScaler | None,
+        dev: torch.device,
+    ) -> _DeviceData:
+        fingerprint = features.fingerprint
+        if fingerprint.dtype == np.bool_:
+            fingerprint = fingerprint.view(np.uint8)
+        descriptors = scaling = None
+        if scaler is not None and features.descriptors.shape[1]:
+            descriptors = shared_tensor(features.descriptors).to(dev)
+            scaling = _Scaling.of(scaler, dev)
+        return cls(
+            shared_tensor(fingerprint).to(dev), descriptors, shared_tensor(labels).to(dev), scaling
+        )
+
+    @property
+    def n_inputs(self) -> int:
+        n_desc = 0 if self.descriptors is None else self.descriptors.shape[1]
+        return int(self.fingerprint.shape[1] + n_desc)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one gathered row takes (raw and scaled descriptors, targets and mask)."""
+        n_desc = 0 if self.descriptors is None else self.descriptors.shape[1]
+        return int(self.fingerprint.shape[1] + 12 * n_desc + 8 * self.labels.shape[1])
+
+    def take(self, idx: Tensor) -> _Rows:
+        """The rows `idx` in that order, as model-ready copies (still compact uint8 bits)."""
+        descriptors = None
+        if self.descriptors is not None and self.scaling is not None:
+            descriptors = self.scaling(self.descriptors[idx])
+        targets = self.labels[idx]
+        return _Rows(
+            fingerprint=self.fingerprint[idx],
+            descriptors=descriptors,
+            targets=targets,
+            mask=(~torch.isnan(targets)).to(targets.dtype),
+        )
+
+    def inputs(self, idx: Tensor) -> Tensor:
+        """Float model inputs of rows `idx`."""
+        return self.take(idx).rows(0, len(idx))
+
+
+def _blocks(bounds: list[tuple[int, int]], rows_per_block: int) -> list[list[tuple[int, int]]]:
+    """Consecutive batches grouped so a group spans about `rows_per_block` rows (at least one
+    batch): an epoch gathers its shuffled rows group by group, never all at once."""
+    groups: list[list[tuple[int, int]]] = []
+    for start, stop in bounds:
+        if groups and stop - groups[-1][0][0] <= rows_per_block:
+            groups[-1].append((start, stop))
+        else:
+            groups.append([(start, stop)])
+    return groups
+
+
+def block_rows(row_bytes: int, copies: int = 1) -> int:
+    """Rows an epoch gathers at once: `EPOCH_BLOCK_BYTES` of `copies` x `row_bytes` each."""
+    return max(1, EPOCH_BLOCK_BYTES // max(1, row_bytes * copies))
 
 
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -424,23 +544,14 @@ def _fit(
 ) -> FitResult:
     torch.manual_seed(cfg.seed)
     scaler = None
-    descriptors = None
     if features.descriptors.shape[1]:
-        scaler = DescriptorScaler.fit(features.descriptors[split.train])
-        descriptors = torch.from_numpy(scaler.transform(features.descriptors)).to(dev)
-    fingerprint = features.fingerprint
-    if fingerprint.dtype == np.bool_:
-        fingerprint = fingerprint.view(np.uint8)
-    data = _DeviceData(
-        fingerprint=_tensor(fingerprint).to(dev),
-        descriptors=descriptors,
-        targets=torch.from_numpy(np.nan_to_num(labels, nan=0.0)).to(dev),
-        mask=torch.from_numpy((~np.isnan(labels)).astype(np.float32)).to(dev),
-    )
+        scaler = fit_scaler(features.descriptors, np.asarray(split.train))
+    data = _DeviceData.of(features, labels, scaler, dev)
     context = RunContext(model_config, features.config, tuple(tasks), data.n_inputs, scaler)
     model = MLP(data.n_inputs, len(tasks), model_config).to(dev)
     optimizer = _optimizer(model, cfg, dev)
     bounds = _batches(len(split.train), cfg.batch_size)
+    blocks = _blocks(bounds, block_rows(data.row_bytes))
     scheduler, per_batch = _scheduler(optimizer, cfg, len(bounds))
     weight = None
     if cfg.pos_weight:
@@ -498,24 +609,27 @@ def _fit(
         started = time.perf_counter()
         model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator)].to(dev)
-        # One gather per epoch; every batch is then a contiguous slice (no per-step indexing).
-        epoch_data = data.take(order)
         loss_sum = torch.zeros((), device=dev)
         count = torch.zeros((), device=dev)
         lr = optimizer.param_groups[0]["lr"]
-        for start, stop in bounds:
-            mask = epoch_data.mask[start:stop]
-            inputs = epoch_data.rows(start, stop)
-            loss = masked_bce(model(inputs), epoch_data.targets[start:stop], mask, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            if per_batch and scheduler is not None:
-                scheduler.step()
-            n = mask.sum()
-            loss_sum += loss.detach() * n
-            count += n
+        for block in blocks:
+            # One gather per block of batches; every batch is then a contiguous slice of it.
+            first_row = block[0][0]
+            rows = data.take(order[first_row : block[-1][1]])
+            for start, stop in block:
+                a, b = start - first_row, stop - first_row
+                mask = rows.mask[a:b]
+                loss = masked_bce(model(rows.rows(a, b)), rows.targets[a:b], mask, weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]
+                if per_batch and scheduler is not None:
+                    scheduler.step()
+                n = mask.sum()
+                loss_sum += loss.detach() * n
+                count += n
+            del rows
         if scheduler is not None and not per_batch:
             scheduler.step()
         train_loss = float((loss_sum / count.clamp_min(1.0)).item())
@@ -614,6 +728,8 @@ def _validate(
         )
         if not bool(torch.isfinite(logits).all()):
             raise TrainingDiverged(f"non-finite validation predictions at epoch {epoch}", epoch)
-        loss = float(masked_bce(logits, data.targets[idx], data.mask[idx]).item())
+        targets = data.labels[idx]
+        mask = (~torch.isnan(targets)).to(targets.dtype)
+        loss = float(masked_bce(logits, targets, mask).item())
         probs = torch.sigmoid(logits).cpu().numpy()
     return evaluate(labels, probs, tasks, loss)

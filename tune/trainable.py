@@ -1,10 +1,14 @@
 """The Ray Tune trainable: one trial trains one `toxmodel` MLP in one process (reused by the next).
 
 The featurized data arrives once through Ray's object store (`tune.with_parameters`); a trial
-never reads the CSV or runs RDKit. Each epoch is reported to Tune with its metrics and a
-checkpoint holding the best epoch's model so far (`model.pt`, what finalize reads) and the whole
-training state (`train_state.pt`): a trial restored after its driver or node died continues from
-the epoch after its checkpoint, as if uninterrupted, and never reports an epoch twice.
+never reads the CSV or runs RDKit. Its arrays are read-only views of the node's shared store,
+and training reads them in place (`toxmodel.train`), so trials on one node share one copy of
+the feature matrix; only the molecules' matrices travel (see `TrialData`).
+
+Each epoch is reported to Tune with its metrics and a checkpoint holding the best epoch's model
+so far (`model.pt`, what finalize reads) and the whole training state (`train_state.pt`): a
+trial restored after its driver or node died continues from the epoch after its checkpoint, as
+if uninterrupted, and never reports an epoch twice.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +30,7 @@ from ray import tune as ray_tune
 from toxmodel.featurize import Features, FeaturizerConfig
 from toxmodel.split import Split
 from toxmodel.train import EpochResult, fit, load_train_state, save_train_state
-from tune import settings
+from tune import outage, settings
 from tune.bridge import PROGRESS_FILE
 from tune.space import to_run_configs
 
@@ -64,6 +68,13 @@ class TrialData:
     # after a killed driver: Tune's snapshot can lag the study, and such a trial must not train
     # again (it reports its last epoch, or the study's value, so Tune can complete it).
     finished: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A trial trains on the matrices alone. The molecule keys (one Python string per row)
+        # and invalid-row reasons would be unpickled privately in every trial (about 100 MB of
+        # strings per trial at 10^6 molecules), unlike the arrays, which stay in shared memory.
+        if self.features.canonical is not None or self.features.invalid:
+            self.features = replace(self.features, canonical=None, invalid=[])
 
 
 def trial_device() -> tuple[str, str, float]:
@@ -122,7 +133,8 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             "reported_at": time.time(),
             **static,
         }
-        ray_tune.report(metrics, checkpoint=checkpoint)
+        # An unreachable results store is waited out (tune.outage), not a failed trial.
+        outage.report_waiting(lambda: ray_tune.report(dict(metrics), checkpoint=checkpoint))
 
     resume = restored_state()
     if resume is not None:

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.toxmodel.conftest import make_split
+from tests.toxmodel.conftest import make_split, synthetic
 from toxmodel.calibration import Calibration, TaskCalibration
 from toxmodel.checkpoint import (
     FORMAT,
@@ -27,10 +27,10 @@ from toxmodel.checkpoint import (
     save_predictor,
     uncertainty_columns,
 )
-from toxmodel.domain import fit_domain
+from toxmodel.domain import Domain, fit_domain
 from toxmodel.featurize import Features, FeaturizerConfig, featurize
 from toxmodel.model import MLP, ModelConfig
-from toxmodel.train import FitResult, TrainConfig, fit
+from toxmodel.train import FitResult, TrainConfig, fit, save_train_state
 
 HEADS = ["C", "CC", "CCC", "CC(C)", "c1ccccc1", "c1ccncc1", "C1CCCCC1", "OCC"]
 TAILS = ["O", "N", "Cl", "F", "C(=O)O", "C(=O)N"]
@@ -404,3 +404,67 @@ def test_mismatched_trust_fields_are_refused(bits_only: Trained, tmp_path: Path)
     with pytest.raises(ValueError, match="calibration tasks"):
         save_predictor(tmp_path / "refused.pt", predictor)
     assert not (tmp_path / "refused.pt").exists()
+
+
+# --- size: what grows with the training set, and how often it is stored ------------------------
+
+
+def test_a_domain_is_stored_once_per_model_not_per_member(
+    bits_only: Trained, tmp_path: Path
+) -> None:
+    """A model file grows with its training set by the domain alone (the packed distinct
+    training bits), held once per file: more ensemble members add their weights, nothing else."""
+    first = bits_only.result
+    n_bits = first.featurizer.n_bits
+    fp = (np.random.default_rng(0).random((4000, n_bits)) < 0.2).astype(np.uint8)
+    small = fit_domain(fp[:1000], fp[:50], n_bits)
+    large = fit_domain(fp, fp[:50], n_bits)
+    weights = sum(t.numel() * t.element_size() for t in first.model.state_dict().values())
+    members = [(first.model, first.model_config)]
+    for seed in (1, 2, 3):  # distinct weights (torch.save stores a shared tensor once)
+        torch.manual_seed(seed)
+        members.append((MLP(first.n_inputs, len(TASKS), first.model_config), first.model_config))
+
+    def size(k: int, domain: Domain | None) -> int:
+        name = f"{k}-{0 if domain is None else domain.n_train}.pt"
+        path = save_ensemble(
+            tmp_path / name,
+            members[:k],
+            first.featurizer,
+            TASKS,
+            first.n_inputs,
+            first.scaler,
+            domain=domain,
+        )
+        return path.stat().st_size
+
+    bits = small.train_packed.nbytes
+    for k in (1, 4):
+        assert bits <= size(k, small) - size(k, None) < bits + 4096
+    assert 3 * weights <= size(4, small) - size(1, small) < 3 * (weights + 4096)
+    more = large.train_packed.nbytes - bits
+    assert more <= size(4, large) - size(4, small) < more + 4096
+
+
+def test_a_trial_checkpoint_does_not_grow_with_the_training_set(tmp_path: Path) -> None:
+    """What a trial saves every epoch (the best model so far and the training state) holds
+    weights, optimiser and history, never rows: 10x the molecules, the same bytes."""
+    sizes = []
+    for n in (200, 2000):
+        d = synthetic(n=n)
+        states: list[dict[str, Any]] = []
+        result = fit(
+            d.features,
+            d.labels,
+            d.split,
+            d.tasks,
+            ModelConfig(hidden=(16,)),
+            TrainConfig(epochs=2, batch_size=64),
+            num_threads=1,
+            callback=lambda epoch, keep=states: keep.append(epoch.state()),
+        )
+        model = result.save(tmp_path / f"model-{n}.pt")
+        state = save_train_state(tmp_path / f"state-{n}.pt", states[-1])
+        sizes.append((model.stat().st_size, state.stat().st_size))
+    (model_small, state_small), (model_large, state_large) = sizes
+    assert abs(model_large - model_small) < 64 and abs(state_large - state_small) < 64

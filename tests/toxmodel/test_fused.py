@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import toxmodel.fused as fused_module
+import toxmodel.train as train_module
 from tests.toxmodel.conftest import Synthetic, same_weights, synthetic
 from toxmodel.checkpoint import load_checkpoint, save_ensemble
 from toxmodel.fused import fit_many
@@ -291,3 +292,17 @@ def test_fused_members_match_separate_fits_on_cuda() -> None:
         for key in sa:
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5)
         assert abs(a.best_valid.roc_auc - b.best_valid.roc_auc) < 1e-3
+
+
+def test_members_gathered_block_by_block_equal_separate_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An epoch gathers its rows for all members a bounded block at a time (never K copies of
+    the training set at once): with one batch per block the members still equal their fits."""
+    d = with_descriptors(synthetic(n=300))
+    model = ModelConfig(hidden=(32,), dropout=0.2, norm="batch")
+    configs = [replace(m, epochs=3) for m in MEMBERS]
+    args = (d.features, d.labels, d.split, d.tasks, model)
+    one_by_one = [fit(*args, cfg, num_threads=1) for cfg in configs]
+    monkeypatch.setattr(train_module, "EPOCH_BLOCK_BYTES", 1)
+    assert_same(one_by_one, fit_many(*args, configs, num_threads=1))

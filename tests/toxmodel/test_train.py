@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import toxmodel.train as train_module
 from tests.toxmodel.conftest import Synthetic, make_features, make_split, same_weights, synthetic
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.featurize import DescriptorScaler
@@ -389,3 +391,103 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
             resolve_device("cuda:0")
+
+
+# --- memory: the inputs are read in place, an epoch gathers bounded blocks ---------------------
+
+
+def read_only(array: np.ndarray) -> np.ndarray:
+    """`array` as Ray's object store hands it to a trial: a read-only view."""
+    view = np.array(array)
+    view.flags.writeable = False
+    return view
+
+
+def with_descriptor_quirks(d: Synthetic, n_desc: int = 33) -> Synthetic:
+    """`d` plus descriptors with NaN, +-inf, a constant column and a huge value (every branch
+    of the scaler), all arrays read-only as a Ray trial gets them."""
+    rng = np.random.default_rng(4)
+    n = len(d.features)
+    desc = rng.normal(5.0, 3.0, (n, n_desc)).astype(np.float32)
+    desc[rng.random(desc.shape) < 0.05] = np.nan
+    desc[0, 1], desc[2, 3], desc[5, 5] = np.inf, -np.inf, 1e30
+    desc[:, 4] = 2.0
+    desc[: n // 2, 6] = 0.0  # IQR 0 over the training rows: the std fallback
+    features = make_features(d.features.fingerprint, desc)
+    features.fingerprint = read_only(features.fingerprint)
+    features.descriptors = read_only(features.descriptors)
+    return Synthetic(features, read_only(d.labels), d.split, d.tasks)
+
+
+def test_training_reads_read_only_inputs_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's feature matrix, descriptors and labels are tensors over the arrays it was given
+    (Ray's shared store), not private copies; and torch's not-writable warning is not raised."""
+    d = with_descriptor_quirks(synthetic(n=300))
+    seen: list[train_module._DeviceData] = []
+    of = train_module._DeviceData.of
+
+    def spy(*args: object, **kwargs: object) -> train_module._DeviceData:
+        seen.append(of(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(train_module._DeviceData, "of", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(d, train=replace(FAST, epochs=2))
+    (data,) = seen
+    assert data.descriptors is not None
+    for tensor, array in (
+        (data.fingerprint, d.features.fingerprint),
+        (data.descriptors, d.features.descriptors),
+        (data.labels, d.labels),
+    ):
+        assert tensor.data_ptr() == array.ctypes.data
+        assert np.shares_memory(tensor.numpy(), array)
+
+
+def test_read_only_inputs_and_block_size_leave_training_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read-only or writable inputs, one gather per batch or one per epoch: the same model and
+    history, bit for bit (dropout, batch norm, positive weights, a per-batch schedule)."""
+    d = with_descriptor_quirks(synthetic(n=500))
+    model = ModelConfig(hidden=(32, 16), dropout=0.2, norm="batch")
+    train = TrainConfig(epochs=3, batch_size=40, pos_weight=True, scheduler="cosine", seed=3)
+    reference = run(d, model, train)
+    writable = Synthetic(
+        make_features(np.array(d.features.fingerprint), np.array(d.features.descriptors)),
+        np.array(d.labels),
+        d.split,
+        d.tasks,
+    )
+    monkeypatch.setattr(train_module, "EPOCH_BLOCK_BYTES", 1)  # one batch per gather
+    for result in (run(d, model, train), run(writable, model, train)):
+        assert same_weights(result.model, reference.model)
+        assert without_timing(result.history) == without_timing(reference.history)
+
+
+def test_descriptors_are_scaled_per_block_as_the_scaler_transforms() -> None:
+    """The on-device scaling of gathered rows equals `DescriptorScaler.transform` bit for bit,
+    and the scaler fitted a few columns at a time equals one fitted on the whole block (both
+    below and above numpy's 600-row median switch, with a 1-column remainder merged)."""
+    for n in (300, 1100):  # 180 and 660 training rows
+        d = with_descriptor_quirks(synthetic(n=n))
+        desc, rows = d.features.descriptors, d.split.train
+        scaler = train_module.fit_scaler(desc, rows)
+        whole = DescriptorScaler.fit(desc[rows])
+        np.testing.assert_array_equal(scaler.center, whole.center)
+        np.testing.assert_array_equal(scaler.scale, whole.scale)
+        data = train_module._DeviceData.of(d.features, d.labels, scaler, torch.device("cpu"))
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        got = data.take(idx).descriptors
+        assert got is not None
+        want = scaler.transform(desc[idx.numpy()])
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_an_epoch_gathers_bounded_blocks_of_whole_batches() -> None:
+    bounds = [(0, 32), (32, 64), (64, 96), (96, 129)]
+    assert train_module._blocks(bounds, 64) == [bounds[:2], bounds[2:3], bounds[3:]]
+    assert train_module._blocks(bounds, 1) == [[b] for b in bounds]
+    assert train_module._blocks(bounds, 10**6) == [bounds]
+    assert train_module.block_rows(2048) == train_module.EPOCH_BLOCK_BYTES // 2048
