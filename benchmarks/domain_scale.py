@@ -4,6 +4,13 @@ the domain query for the brute-force search toxtune used before (`old`), the exa
 clustered search (`clustered`), side by side in one run, and how far the clustered answer is
 from the exact one.
 
+Fits, before and now: `exact fit` = the exact search on every validation row (before);
+`sampled fit` = the exact search on at most `VALID_SAMPLE` of them (now); `clustered fit (old
+threshold)` = partitions, then the threshold by the clustered search on every validation row
+(before); `clustered fit` = partitions, then the threshold of `sampled fit` (now). Queries:
+`clustered` as before, `certified` = clustered, then the answers below the threshold re-checked
+by the exact search (flags exact by construction).
+
     python benchmarks/domain_scale.py [--sizes 20000 200000 1000000] [--bits 1024]
         [--fingerprints ecfp-like|random] [--queries 10000] [--old-fit-max 200000]
         [--old-query-max 200000] [--exact-fit-max 200000] [--predict]
@@ -23,18 +30,19 @@ fit are skipped above their `--*-max` sizes (the old fit at 10^6 rows is about 1
 Printed per method: seconds per size, and the exponent k of time ~ N^k fitted by least squares
 on log-log over the sizes it ran at.
 
-Agreement (clustered against exact) on the query rows: `in_domain` flags, each with its own
-threshold (the clustered domain's is chosen with the clustered search, as `fit_domain` does);
-where the exact fit did not run, the exact threshold is the 10th percentile of the exact
-similarity of the first `--threshold-sample` validation rows (said so). Also the flags at the
-exact threshold, the nn_similarity error (exact - clustered, never negative) and the share of
-queries whose answer is exact.
+Agreement on the query rows with the exact answer (the exact search's similarity at the exact
+threshold of every validation row; where the exact fit did not run, of the first
+`--threshold-sample` validation rows, said so): the `in_domain` flags of each method with its
+own threshold, the flags of the certified query against the exact search at the certified
+domain's own threshold (1 by construction), the share of queries re-checked, and the
+nn_similarity error (exact - answer, never negative).
 
 `--predict`: at the largest size, `Predictor.predict` of `--queries` Tox21 SMILES (trust.py's
 queries: every Tox21 SMILES, then with a methyl appended) by a predictor shaped like a Tox21
 job's (5 networks 1024-512, random weights, isotonic calibration; featurizer with `--bits`
 bits), with the clustered domain of that size, with the exact one (one run: minutes at 10^6)
-and without a domain, alternately (best of `--repeats`). The training fingerprints are the
+and without a domain, alternately (best of `--repeats`), and with the clustered domain certified
+(one run). The training fingerprints are the
 synthetic ones, so these queries are far from all of them; the time, not the flags, is the
 figure.
 """
@@ -204,9 +212,11 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
         row["old query"] = seconds
     ref = None  # free it before the next fits
 
-    exact_threshold_note = "exact fit"
-    if n <= args.exact_fit_max:
-        seconds, exact = timed(lambda: fit_domain(train, valid, args.bits, search="exact"))
+    exact_threshold_note = "exact fit, all validation rows"
+    if n <= args.exact_fit_max:  # before: the exact search on every validation row
+        seconds, exact = timed(
+            lambda: fit_domain(train, valid, args.bits, search="exact", valid_sample=None)
+        )
         times["exact fit"].append((n, seconds))
         row["exact fit"] = seconds
         exact_threshold = exact.threshold
@@ -215,37 +225,65 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
         sample = valid[: args.threshold_sample]
         exact_threshold = float(np.percentile(exact.similarity(sample), DOMAIN_PERCENTILE))
         exact_threshold_note = f"exact on {len(sample):,} validation rows"
+    # now: the exact search on at most VALID_SAMPLE validation rows
+    seconds, sampled = timed(lambda: fit_domain(train, valid, args.bits, search="exact"))
+    times["sampled fit"].append((n, seconds))
+    row["sampled fit"] = seconds
     seconds, exact_sims = timed(lambda: exact.similarity(query))
     times["exact query"].append((n, seconds))
     row["exact query"] = seconds
     if "old query" in row:
         assert np.array_equal(old_sims, exact_sims), "exact search differs from brute force"
 
+    seconds, clustered_old = timed(  # before: threshold by the clustered search, all rows
+        lambda: fit_domain(
+            train,
+            valid,
+            args.bits,
+            search="clustered",
+            valid_sample=None,
+            threshold_search="domain",
+        )
+    )
+    times["clustered fit (old threshold)"].append((n, seconds))
+    row["clustered fit (old threshold)"] = seconds
     seconds, clustered = timed(lambda: fit_domain(train, valid, args.bits, search="clustered"))
     times["clustered fit"].append((n, seconds))
     row["clustered fit"] = seconds
     seconds, sims = timed(lambda: clustered.similarity(query))
     times["clustered query"].append((n, seconds))
     row["clustered query"] = seconds
+    seconds, certified = timed(lambda: clustered.similarity(query, certify=True))
+    times["certified query"].append((n, seconds))
+    row["certified query"] = seconds
 
     assert clustered.centres is not None
-    inside_exact = exact_sims >= exact_threshold
+    truth = exact_sims >= exact_threshold  # the exact answer: exact search, exact threshold
+
+    def agree(flags: np.ndarray) -> str:
+        return f"{np.mean(flags == truth):.4f}"
+
+    certified_flags = clustered.in_domain(certified)
+    own = exact_sims >= clustered.threshold  # the exact search at the certified threshold
     error = exact_sims - sims
-    at_exact = sims >= exact_threshold
+    cert_error = exact_sims - certified
     figures.append(
         {
             "n": n,
             "distinct": exact.n_train,
             "partitions x clusters": "x".join(map(str, clustered.centres.shape)),
-            "n_probe": clustered.n_probe,
             "threshold exact": f"{exact_threshold:.3f} ({exact_threshold_note})",
-            "threshold clustered": f"{clustered.threshold:.3f}",
-            "in domain (exact)": f"{inside_exact.mean():.3f}",
-            "flags agree": f"{np.mean(inside_exact == clustered.in_domain(sims)):.4f}",
-            "flags agree at exact threshold": f"{np.mean(inside_exact == at_exact):.4f}",
-            "nn error mean": f"{error.mean():.4f}",
-            "nn error max": f"{error.max():.3f}",
-            "answer exact": f"{np.mean(error == 0):.3f}",
+            "threshold sampled": f"{sampled.threshold:.3f} ({sampled.n_valid:,} rows)",
+            "threshold clustered (old)": f"{clustered_old.threshold:.3f}",
+            "in domain (exact)": f"{truth.mean():.3f}",
+            "flags: clustered (old)": agree(clustered_old.in_domain(sims)),
+            "flags: clustered, sampled threshold": agree(clustered.in_domain(sims)),
+            "flags: certified": agree(clustered.in_domain(certified)),
+            "flags: exact search, sampled threshold": agree(sampled.in_domain(exact_sims)),
+            "certified = exact at its threshold": f"{np.mean(certified_flags == own):.4f}",
+            "re-checked": f"{np.mean(sims < clustered.threshold):.3f}",
+            "nn error mean / max (clustered)": f"{error.mean():.4f} / {error.max():.3f}",
+            "nn error mean / max (certified)": f"{cert_error.mean():.4f} / {cert_error.max():.3f}",
             "packed MB": f"{exact.train_packed.nbytes / 1e6:.1f}",
             "index MB": f"{index_mb(clustered):.1f}",
         }
@@ -273,6 +311,8 @@ def predict_figure(domains: tuple[Domain, Domain], args: argparse.Namespace) -> 
     without = dataclasses.replace(base, domain=None)
     with_clustered = dataclasses.replace(base, domain=clustered)
     with_exact = dataclasses.replace(base, domain=exact)
+    certified = dataclasses.replace(clustered, certify=True)
+    with_certified = dataclasses.replace(base, domain=certified)
     smiles = queries(frame["smiles"].tolist(), args.queries)
     without.predict(smiles[:200])  # warm up: pool, RDKit, torch
     with_clustered.predict(smiles[:200])
@@ -282,12 +322,18 @@ def predict_figure(domains: tuple[Domain, Domain], args: argparse.Namespace) -> 
         for name, predictor in (("without", without), ("clustered", with_clustered)):
             best[name] = min(best[name], timed(lambda p=predictor: p.predict(smiles))[0])
     exact_s = timed(lambda: with_exact.predict(smiles))[0]
+    with_certified.predict(smiles[:200])
+    certified_s = timed(lambda: with_certified.predict(smiles))[0]
     n = len(smiles)
     print(f"\npredict {n:,} Tox21 SMILES, domain of {clustered.n_train:,} training fingerprints:")
     print(
         f"  without the domain check:      {best['without']:7.2f} s  {n / best['without']:7.0f}/s"
     )
-    for name, seconds in (("clustered", best["clustered"]), ("exact (one run)", exact_s)):
+    for name, seconds in (
+        ("clustered", best["clustered"]),
+        ("exact (one run)", exact_s),
+        ("certified (one run)", certified_s),
+    ):
         ratio = best["without"] / seconds
         print(f"  with it, {name:16s}      {seconds:7.2f} s  {n / seconds:7.0f}/s  = {ratio:.2f}x")
 
@@ -314,10 +360,13 @@ def main() -> None:
     methods = [
         "old fit",
         "exact fit",
+        "sampled fit",
+        "clustered fit (old threshold)",
         "clustered fit",
         "old query",
         "exact query",
         "clustered query",
+        "certified query",
     ]
     times: dict[str, list[tuple[int, float]]] = {m: [] for m in methods}
     figures: list[dict[str, Any]] = []
@@ -329,6 +378,8 @@ def main() -> None:
         print(f"| {row['n']:,} | " + " | ".join(cell(row.get(m)) for m in methods) + " |")
     fitted = [exponent(*zip(*times[m], strict=True)) if times[m] else math.nan for m in methods]
     print("| **k** (time ~ N^k) | " + " | ".join(f"{k:.2f}" for k in fitted) + " |")
+    upper = [exponent(*zip(*times[m][-2:], strict=True)) if times[m] else math.nan for m in methods]
+    print("| k, two largest sizes | " + " | ".join(f"{k:.2f}" for k in upper) + " |")
     print()
     keys = [k for k in figures[0] if k != "n"]
     print(f"| N train | {' | '.join(keys)} |")

@@ -44,9 +44,20 @@ Two searches, built when the domain is first queried:
   4 partitions x 4 probes found the exact nearest neighbour for 93 % of queries comparing
   8.5 % of the pairs, 1 partition x 16 probes for 76 % comparing 6 %). The answer
   is the exact similarity of a real training molecule, so it never exceeds the exact one; where
-  all partitions missed the nearest neighbour it reads lower. The threshold is chosen with the
-  same search, so near the threshold a flag can differ from the exact answer either way.
-  `Domain.similarity(..., exact=True)` gives the exact answer from the same domain.
+  all partitions missed the nearest neighbour it reads lower, so a flag can only be wrong one
+  way: in domain called out. `certify` (`Domain.certify`, or per call) re-checks exactly the
+  answers below the threshold, starting from the clustered answer (Swamidass-Baldi pruning
+  against it): the flags then equal the exact search's, at the cost of the exact search for
+  those queries (about 10 % of queries drawn as the validation rows, all of them for queries
+  far from the training set). `Domain.similarity(..., exact=True)` gives the exact answer.
+
+The threshold is chosen by the exact search, whatever search the domain answers with (before,
+the clustered domain chose it with its own search, which read it low), on at most
+`VALID_SAMPLE` validation rows, a seeded random sample: VALID_SAMPLE x n_train pairs, linear in
+the training set instead of n_valid x n_train. The sampled 10th percentile has a rank error of
+sqrt(0.1 * 0.9 / 4000) = 0.47 percentage points (one standard error); at 2 * 10^5 training
+rows its flags agree with those of the full-validation threshold on >= 99.5 % of queries
+(`benchmarks/domain_scale.py`).
 """
 
 from __future__ import annotations
@@ -71,6 +82,14 @@ CLUSTERS_PER_SQRT = 2.0  # clustered search: ceil(this * sqrt(n_train)) clusters
 N_PARTITIONS = 6  # clustered search: independent partitions of the training rows
 N_PROBE = 3  # clustered search: clusters searched per query in each partition
 SEARCHES = ("auto", "exact", "clustered")
+# The threshold: exact NN similarity of at most this many validation rows (a seeded random
+# sample above it), so the fit costs VALID_SAMPLE x n_train pairs, linear in n_train. The
+# sampled 10th percentile sits at the population's 10 +- 0.47 percentile (one standard error,
+# sqrt(0.1 * 0.9 / 4000)); benchmarks/domain_scale.py measures what that does to the flags.
+VALID_SAMPLE = 4000
+THRESHOLD_SEARCHES = ("exact", "domain")
+# Clustered search: re-check answers below the threshold exactly (flags exact by construction)
+CERTIFY = False
 
 
 def morgan_bits(fingerprint: np.ndarray, n_bits: int) -> np.ndarray:
@@ -186,9 +205,15 @@ def _exact_nearest(
     ref: sp.csr_matrix,
     r_counts: np.ndarray,
     chunk_pairs: int = CHUNK_PAIRS,
+    floor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact max Tanimoto of each boolean query row to the reference rows, and the row of
     one reference that reaches it (-1 where the maximum is 0 and nothing had to be compared).
+
+    `floor` (m,): a similarity each query is known to reach already (e.g. the clustered
+    search's answer, the similarity of a real reference row); the scan starts from it, so rows
+    whose count bound does not beat it are skipped, and where nothing beats it the answer is
+    the floor itself (row -1).
 
     `ref` holds the reference rows sorted by bit count, `r_counts` (n,) ascending. Queries go
     in blocks of similar bit count; each block scans the reference outward from its median
@@ -209,7 +234,8 @@ def _exact_nearest(
     for start in range(0, m, block):
         members = order[start : start + block]
         q, a = query[members], q_counts[members]
-        top, where = np.zeros(len(members)), np.full(len(members), -1, dtype=np.int64)
+        top = np.zeros(len(members)) if floor is None else np.array(floor[members], np.float64)
+        where = np.full(len(members), -1, dtype=np.int64)
         lo = hi = int(np.searchsorted(r_counts, np.median(a)))
         while True:
             # what the rows not yet scanned on each side could reach, per query
@@ -308,8 +334,10 @@ class _Search:
         order = np.argsort(counts, kind="stable")
         return cls(matrix[order], counts[order])
 
-    def exact(self, query: np.ndarray, chunk_pairs: int = CHUNK_PAIRS) -> np.ndarray:
-        return _exact_nearest(query, self.rows, self.counts, chunk_pairs)[0]
+    def exact(
+        self, query: np.ndarray, chunk_pairs: int = CHUNK_PAIRS, floor: np.ndarray | None = None
+    ) -> np.ndarray:
+        return _exact_nearest(query, self.rows, self.counts, chunk_pairs, floor)[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -370,6 +398,7 @@ class Domain:
     cluster_starts: np.ndarray | None = None  # int64 (n_partitions, n_clusters + 1)
     centres: np.ndarray | None = None  # int64 (n_partitions, n_clusters)
     n_probe: int = 0  # clusters a query searches per partition
+    certify: bool = CERTIFY  # clustered: answers below the threshold re-checked exactly
 
     @property
     def n_train(self) -> int:
@@ -395,17 +424,31 @@ class Domain:
         return _Clusters.of(self.cluster_rows, self.cluster_starts, self.centres, self._rows)
 
     def similarity(
-        self, fingerprint: np.ndarray, exact: bool = False, chunk_pairs: int = CHUNK_PAIRS
+        self,
+        fingerprint: np.ndarray,
+        exact: bool = False,
+        chunk_pairs: int = CHUNK_PAIRS,
+        certify: bool | None = None,
     ) -> np.ndarray:
         """NN Tanimoto similarity to train of featurized rows (`Features.fingerprint`), by the
-        domain's search; `exact` forces the exact search."""
+        domain's search; `exact` forces the exact search.
+
+        `certify` (clustered search only; None: the domain's `certify`): every answer below
+        the threshold is replaced by the exact one (an exact search that starts from the
+        clustered answer), so `in_domain` of the result equals the exact search's flags;
+        answers at or above the threshold stay the clustered lower bounds (their flag is
+        already right). It costs the exact search for the queries below the threshold."""
         query = morgan_bits(fingerprint, self.n_bits)
         if exact or self.search == "exact":
             return self._exact.exact(query, chunk_pairs)
         rows = self._rows
-        return _clustered_nearest(
+        sims = _clustered_nearest(
             query, rows, _row_counts(rows), self._clusters, self.n_probe, chunk_pairs
         )
+        low = np.flatnonzero(sims < self.threshold)
+        if (self.certify if certify is None else certify) and len(low):
+            sims[low] = self._exact.exact(query[low], chunk_pairs, floor=sims[low])
+        return sims
 
     def in_domain(self, similarity: np.ndarray) -> np.ndarray:
         """similarity >= threshold, elementwise (NaN similarity -> False)."""
@@ -519,6 +562,13 @@ def _partition(
     return order.astype(np.int32), starts.astype(np.int64), picked.astype(np.int64)
 
 
+def threshold_rows(n_valid: int, valid_sample: int, seed: int = 0) -> np.ndarray:
+    """The validation rows `fit_domain` chooses the threshold on when there are more than
+    `valid_sample`: a seeded random sample, in row order."""
+    rng = np.random.default_rng([seed, 23])
+    return np.sort(rng.choice(n_valid, size=min(valid_sample, n_valid), replace=False))
+
+
 def fit_domain(
     train_fingerprint: np.ndarray,
     valid_fingerprint: np.ndarray,
@@ -529,6 +579,8 @@ def fit_domain(
     n_probe: int = N_PROBE,
     n_clusters: int | None = None,
     seed: int = 0,
+    valid_sample: int | None = VALID_SAMPLE,
+    threshold_search: str = "exact",
 ) -> Domain:
     """The domain of a model trained on `train_fingerprint` rows (`Features.fingerprint`), its
     threshold the `percentile` of the validation rows' NN similarity to train.
@@ -538,6 +590,11 @@ def fit_domain(
     searches `n_probe` clusters per partition) or "auto" (exact up to `EXACT_MAX_TRAIN` distinct
     training fingerprints, clustered above). The validation similarities are computed by the
     same search the domain answers with.
+
+    The threshold: the `percentile` of the validation rows' NN similarity, over at most
+    `valid_sample` of them (drawn with `seed`; None: all), computed by the exact search
+    (`threshold_search="exact"`) or by the domain's own search ("domain": what toxtune did
+    before; for a clustered domain it reads lower than the exact percentile).
 
     Without validation rows the threshold is 0 (every valid molecule in domain) and says so by
     `n_valid == 0`.
@@ -564,8 +621,16 @@ def fit_domain(
             np.stack(arrays) for arrays in zip(*parts, strict=True)
         )
         domain.n_probe = int(n_probe)
+    if threshold_search not in THRESHOLD_SEARCHES:
+        raise ValueError(
+            f"threshold_search must be one of {THRESHOLD_SEARCHES}, got {threshold_search!r}"
+        )
+    if valid_sample is not None and valid_sample < 1:
+        raise ValueError(f"valid_sample must be >= 1 or None, got {valid_sample}")
+    if valid_sample is not None and len(valid) > valid_sample:
+        valid = valid[threshold_rows(len(valid), valid_sample, seed)]
     if len(valid):
-        sims = domain.similarity(valid)
+        sims = domain.similarity(valid, exact=threshold_search == "exact", certify=False)
         domain.threshold = float(np.percentile(sims, percentile))
         domain.n_valid = len(valid)
     if not math.isfinite(domain.threshold):

@@ -19,6 +19,7 @@ from toxmodel.domain import (
     fit_domain,
     nearest_similarity,
     pack_bits,
+    threshold_rows,
     unpack_bits,
 )
 from toxmodel.featurize import FeaturizerConfig, featurize
@@ -240,10 +241,9 @@ def test_auto_search_clusters_above_exact_max_train(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(domain_module, "EXACT_MAX_TRAIN", 100)
     domain = fit_domain(train, valid, 256)
     assert domain.search == "clustered" and domain.n_probe == domain_module.N_PROBE
-    # the threshold comes from the search the domain answers with
-    sims = domain.similarity(valid)
-    assert domain.threshold == np.percentile(sims, DOMAIN_PERCENTILE)
-    assert np.all(sims <= brute_force(valid, train))
+    # the threshold comes from the exact search, whatever search the domain answers with
+    assert domain.threshold == np.percentile(brute_force(valid, train), DOMAIN_PERCENTILE)
+    assert np.all(domain.similarity(valid) <= brute_force(valid, train))
     again = fit_domain(train, valid, 256)  # seeded: the same clusters
     np.testing.assert_array_equal(again.cluster_rows, domain.cluster_rows)
     with pytest.raises(ValueError, match="search"):
@@ -269,3 +269,51 @@ def test_clustered_domain_travels_in_a_weights_only_blob() -> None:
     rows[0, 0] = rows[0, 1]  # not a permutation
     with pytest.raises(ValueError, match="permutation"):
         Domain.from_blob({**blob, "cluster_rows": rows})
+
+
+def test_certified_clustered_flags_equal_the_exact_flags() -> None:
+    """A clustered answer below the threshold is re-checked exactly; one at or above it is a
+    real training row's similarity, so the flag is right either way."""
+    train, valid = ecfp_like(3000, 256, seed=13), ecfp_like(300, 256, seed=14)
+    query = np.concatenate([ecfp_like(500, 256, seed=15), ecfp_like(100, 256, seed=99)])
+    domain = fit_domain(train, valid, 256, search="clustered", n_clusters=40, n_probe=1)
+    exact = brute_force(query, train)
+    plain = domain.similarity(query)
+    certified = domain.similarity(query, certify=True)
+    want = exact >= domain.threshold
+    assert np.any(domain.in_domain(plain) != want)  # one probe misses some neighbours
+    np.testing.assert_array_equal(domain.in_domain(certified), want)
+    low = certified < domain.threshold
+    np.testing.assert_array_equal(certified[low], exact[low])  # below: the exact answer
+    assert np.all(certified <= exact) and np.all(certified >= plain)
+    above = plain >= domain.threshold
+    np.testing.assert_array_equal(certified[above], plain[above])  # left as it was
+    np.testing.assert_array_equal(certified[~above], exact[~above])  # re-checked: exact
+
+
+def test_threshold_on_a_validation_sample_is_the_exact_percentile_of_that_sample() -> None:
+    train, valid = ecfp_like(800, 256, seed=16), ecfp_like(300, 256, seed=17)
+    exact = brute_force(valid, train)
+    whole = fit_domain(train, valid, 256, valid_sample=None)
+    assert whole.threshold == np.percentile(exact, DOMAIN_PERCENTILE) and whole.n_valid == 300
+    assert fit_domain(train, valid, 256, valid_sample=300).threshold == whole.threshold
+    sampled = fit_domain(train, valid, 256, valid_sample=120, seed=4)
+    rows = threshold_rows(300, 120, seed=4)
+    assert len(np.unique(rows)) == 120 and sampled.n_valid == 120
+    assert sampled.threshold == np.percentile(exact[rows], DOMAIN_PERCENTILE)
+    assert fit_domain(train, valid, 256, valid_sample=120, seed=4).threshold == sampled.threshold
+    with pytest.raises(ValueError, match="valid_sample"):
+        fit_domain(train, valid, 256, valid_sample=0)
+
+
+def test_a_clustered_threshold_by_its_own_search_is_what_toxtune_did_before() -> None:
+    train, valid = ecfp_like(3000, 256, seed=18), ecfp_like(400, 256, seed=19)
+    old = fit_domain(
+        train, valid, 256, search="clustered", n_clusters=40, n_probe=1, threshold_search="domain"
+    )
+    assert old.threshold == np.percentile(old.similarity(valid), DOMAIN_PERCENTILE)
+    new = fit_domain(train, valid, 256, search="clustered", n_clusters=40, n_probe=1)
+    assert new.threshold == np.percentile(brute_force(valid, train), DOMAIN_PERCENTILE)
+    assert old.threshold <= new.threshold  # lower bounds give a lower percentile
+    with pytest.raises(ValueError, match="threshold_search"):
+        fit_domain(train, valid, 256, threshold_search="fast")
