@@ -13,6 +13,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +49,25 @@ class StudySearch(OptunaSearch):
         **kwargs: Any,
     ) -> None:
         self._resampler = resampler  # the sampler for a study holding n trials
+        self._reports = StudyReports()
         super().__init__(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles the searcher (tuner.pkl, each snapshot); the report thread stays."""
+        state = self.__dict__.copy()
+        state.pop("_reports", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reports = StudyReports()
+
+    def save(self, checkpoint_path: str) -> None:
+        """OptunaSearch.save pickles `__dict__` as it is: without the report thread."""
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
         """Ray's saved searcher, with a sampler made afresh for the study as it stands: the
@@ -84,12 +108,88 @@ class StudySearch(OptunaSearch):
         return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """The epoch's value goes to the study as an intermediate value, off the Tune loop
+        (`StudyReports`): a database write per result, over a fresh connection on a server,
+        stalled the loop at tens of trials in flight (`benchmarks/driver.py`)."""
         if self._attach(trial_id):
-            super().on_trial_result(trial_id, result)
+            trial = self._ot_trials[trial_id]
+            self._reports.put(trial, float(result[self.metric]), int(result["training_iteration"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        """Told in the loop, as before, once the trial's queued epochs are in the study: the
+        study is what a resume trusts, so a finished trial is in it before Tune goes on."""
         if self._attach(trial_id):
+            self._reports.wait()
             super().on_trial_complete(trial_id, result, error)
+
+
+class StudyReports:
+    """A thread that writes queued intermediate values to the study, in order.
+
+    `wait()` returns once everything queued so far is written (or given up: a value the study
+    keeps refusing for REPORT_PATIENCE_S is logged and dropped; an intermediate value is a
+    curve point, and the trial's final value is told in the loop). Values still queued when a
+    driver is killed are lost; the restored trial reports its epochs again from its newest
+    checkpoint, and a step the study already holds is ignored by Optuna.
+    """
+
+    REPORT_PATIENCE_S = 60.0
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[Any, float, int]] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def put(self, trial: Any, value: float, step: int) -> None:
+        with self._cond:
+            self._queue.append((trial, value, step))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="toxtune-study-reports", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait(timeout=1.0)
+                if self._thread is None or not self._thread.is_alive():
+                    return
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait(timeout=30.0)
+                    if not self._queue:
+                        return  # idle: the next put starts a new thread
+                trial, value, step = self._queue.popleft()
+                self._busy = True
+            try:
+                self._report(trial, value, step)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _report(self, trial: Any, value: float, step: int) -> None:
+        give_up = time.monotonic() + self.REPORT_PATIENCE_S
+        delay = 0.5
+        while True:
+            try:
+                trial.report(value, step)
+                return
+            except Exception as exc:
+                if time.monotonic() > give_up:
+                    log.error("study trial %d: epoch %d not recorded: %s", trial.number, step, exc)
+                    return
+                log.warning(
+                    "study trial %d: epoch %d waits for the study: %s", trial.number, step, exc
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
 
 
 def with_console_metrics(trainable: Any, names: list[str]) -> Any:
@@ -103,8 +203,12 @@ def with_console_metrics(trainable: Any, names: list[str]) -> Any:
 def init_local_ray(num_cpus: int | None, num_gpus: int | None, **kwargs: Any) -> None:
     """A private local Ray whose node address is 127.0.0.1 (ray 2.60.0: the private
     `_node_ip_address` argument of ray.init). Its gRPC servers still listen on every interface,
-    behind Ray's token authentication: Ray offers no setting that binds them to loopback."""
+    behind Ray's token authentication: Ray offers no setting that binds them to loopback.
+
+    `address="local"`: without it ray.init joins a cluster someone started on this machine with
+    `ray start` (and then refuses num_cpus); a job that names no cluster gets its own Ray."""
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,
@@ -207,6 +311,98 @@ def _newest_checkpoint(fs: Any, folder: str) -> str | None:
     return None
 
 
+def snapshots_by_time_only() -> None:
+    """Let `TUNE_GLOBAL_CHECKPOINT_S` alone decide when Tune snapshots the experiment.
+
+    ray 2.60.0: with `CheckpointConfig(num_to_keep=k)` the driver also forces a snapshot, and
+    waits for its upload, whenever any trial has saved k checkpoints since the last one
+    (`_ExperimentCheckpointManager.on_trial_checkpoint`), so that the snapshot never names a
+    checkpoint `num_to_keep` deleted. With many trials saving an epoch each, that is a forced,
+    waited-for upload at nearly every loop step, whatever the period says
+    (`benchmarks/driver.py`). toxtune does not need it: `NewestCheckpoint` restores every
+    unfinished trial from the newest checkpoint that exists, whatever the snapshot names. The
+    private method is replaced with one that records nothing. Idempotent.
+    """
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    def on_trial_checkpoint(self: Any, trial: Any) -> None:
+        return None
+
+    on_trial_checkpoint._toxtune = True  # type: ignore[attr-defined]
+    _ExperimentCheckpointManager.on_trial_checkpoint = on_trial_checkpoint
+
+
+def consistent_experiment_uploads() -> None:
+    """Make Tune upload each experiment snapshot from a folder of its own, made when the upload
+    starts, so no save can change a file under an upload.
+
+    The race it closes (ray 2.60.0, seen as a "Last sync command failed ... FileNotFoundError"
+    traceback naming a hidden `.<uuid>-tmp-...` file in `driver_artifacts`): on every snapshot
+    `_ExperimentCheckpointManager.sync_up_experiment_state` first saves the experiment
+    (`TuneController.save_to_dir`: the experiment-state JSON rewritten in place, then
+    `SearchGenerator.save_to_dir` -> `Searcher.save_to_dir` writing `.<uuid>-tmp-searcher-state-*`
+    and `tune.utils._atomic_save` writing `.<uuid>-tmp-search_gen_state-*`, each renamed into
+    place) into the driver's staging folder, and only then asks `_FilesystemSyncer.sync_up`
+    whether the previous upload is still running. That upload, a background thread running
+    pyarrow's `copy_files` over the same folder, lists the folder and then copies what it
+    listed: a temporary file renamed meanwhile is gone, and a JSON being rewritten is uploaded
+    torn. `TUNE_GLOBAL_CHECKPOINT_S=0` made it a save per loop step.
+
+    Patched: `_FilesystemSyncer._sync_up_command` (private) builds the upload from a sibling
+    folder filled in the driver's thread, after the save: hard links to the saved files (a
+    rename replaces the name, never the linked file; Tune's loggers only append), a copy of the
+    experiment-state JSON (rewritten in place), and no hidden temporary files. Idempotent.
+    """
+    from ray.train._internal import storage
+
+    syncer = storage._FilesystemSyncer
+    if getattr(syncer._sync_up_command, "_toxtune", False):
+        return
+    original = syncer._sync_up_command
+
+    def _sync_up_command(self: Any, local_path: str, uri: str, exclude: Any = None) -> Any:
+        if not os.path.isdir(local_path):
+            return original(self, local_path, uri, exclude)
+        previous = getattr(self, "_toxtune_upload_dir", None)
+        if previous:  # Tune asks for a new upload only once the last one has ended
+            shutil.rmtree(previous, ignore_errors=True)
+        frozen = upload_copy(local_path)
+        self._toxtune_upload_dir = frozen
+        return original(self, frozen, uri, exclude)
+
+    _sync_up_command._toxtune = True  # type: ignore[attr-defined]
+    syncer._sync_up_command = _sync_up_command
+
+
+REWRITTEN_IN_PLACE = ("experiment_state",)  # TuneController.save_to_dir: open("w"), no rename
+
+
+def upload_copy(folder: str) -> str:
+    """A sibling of `folder` holding what it holds now: hard links (a copy where the file is
+    rewritten in place or links fail), hidden files left out; returns its path."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    target = os.path.join(parent, f".{name}-upload-{uuid.uuid4().hex[:8]}")
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out = os.path.join(target, os.path.relpath(root, folder))
+        os.makedirs(out, exist_ok=True)
+        for file in files:
+            if file.startswith("."):  # a save's temporary file, renamed any moment
+                continue
+            src, dst = os.path.join(root, file), os.path.join(out, file)
+            try:
+                if file.startswith(REWRITTEN_IN_PLACE):
+                    shutil.copyfile(src, dst)
+                else:
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copyfile(src, dst)
+            except FileNotFoundError:  # removed since it was listed: not part of this state
+                continue
+    return target
+
+
 def stop_retrying(trial: Any) -> None:
     """Fail `trial` for good on its next start (ray 2.60.0: no public per-trial retry limit,
     so the live trial's `max_failures` is lowered to the failures it already had)."""
@@ -239,6 +435,15 @@ def check() -> None:
 
     if not hasattr(session, "_TrainingResult"):
         missing.append("ray.train._internal.session._TrainingResult")
+    from ray.train._internal import storage
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    if "_should_force_sync_up = True" not in inspect.getsource(
+        _ExperimentCheckpointManager.on_trial_checkpoint
+    ) and not getattr(_ExperimentCheckpointManager.on_trial_checkpoint, "_toxtune", False):
+        missing.append("_ExperimentCheckpointManager.on_trial_checkpoint (forced snapshots)")
+    if not callable(getattr(storage._FilesystemSyncer, "_sync_up_command", None)):
+        missing.append("ray.train._internal.storage._FilesystemSyncer._sync_up_command")
     if "self._latest_checkpoint_result" not in inspect.getsource(checkpoint_manager):
         missing.append("ray.train._internal.checkpoint_manager: _latest_checkpoint_result")
     for where, text in (

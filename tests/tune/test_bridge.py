@@ -50,7 +50,8 @@ def _pid() -> int:
     return os.getpid()
 
 
-RAY_PROCESSES = re.compile(r"^(ray::|raylet|gcs_server|python|toxtune)")
+# The driver process (toxtune, or this test run: python or pytest) hosts its core worker's server.
+RAY_PROCESSES = re.compile(r"^(ray::|raylet|gcs_server|python|pytest|toxtune)")
 
 
 @pytest.mark.slow
@@ -78,3 +79,62 @@ def test_a_local_ray_listens_beyond_loopback_only_in_rays_own_servers(no_ray: No
     assert all(RAY_PROCESSES.match(name) for _, _, name in beyond), beyond
     assert 8265 not in {port for _, port, _ in listening}  # no dashboard
     assert os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
+
+
+def test_a_save_during_an_experiment_upload_cannot_break_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 25 item 11: Tune saves its experiment into the staging folder (the state JSON in
+    place, the searcher's pickle through a hidden temporary file then renamed) while the last
+    upload of that folder lists it and then copies what it listed. The save is forced to fall
+    between the listing and the copying: the upload must neither fail (the "Last sync command
+    failed ... FileNotFoundError" traceback) nor carry a torn or later state."""
+    import json
+    import logging
+    import os
+
+    import pyarrow.fs
+    from ray.train._internal import storage
+
+    staging, remote = tmp_path / "driver_artifacts", tmp_path / "remote"
+    staging.mkdir()
+    half_saved = staging / ".0f1e-tmp-search_gen_state-x.pkl"
+
+    def save(step: int) -> None:  # as TuneController.save_to_dir
+        (staging / "experiment_state-x.json").write_text(json.dumps({"step": step}))
+        tmp = staging / f".{step:04d}-tmp-searcher-state-x.pkl"
+        tmp.write_bytes(b"searcher %d" % step)
+        os.replace(tmp, staging / "searcher-state-x.pkl")
+
+    def copy_while_saving(source: str, destination: str, **_: object) -> None:
+        """pyarrow's copy_files as it behaves: list, then copy; the next save runs between."""
+        listed = [p for p in Path(source).rglob("*") if p.is_file()]
+        half_saved.unlink()  # renamed into place by the save that was in progress
+        save(2)
+        for path in listed:
+            target = Path(destination) / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+
+    save(1)
+    half_saved.write_bytes(b"half")
+    monkeypatch.setattr(storage, "_pyarrow_fs_copy_files", copy_while_saving)
+    bridge.consistent_experiment_uploads()
+    bridge.consistent_experiment_uploads()  # installing twice changes nothing
+    syncer = storage._FilesystemSyncer(
+        storage_filesystem=pyarrow.fs.LocalFileSystem(), sync_period=0, sync_timeout=60
+    )
+    with caplog.at_level(logging.WARNING):
+        assert syncer.sync_up(str(staging), str(remote))
+        syncer.wait()  # raises what the upload raised
+        assert json.loads((remote / "experiment_state-x.json").read_text()) == {"step": 1}
+        half_saved.write_bytes(b"half")
+        assert syncer.sync_up(str(staging), str(remote))  # the next upload, as Tune's next step
+        syncer.wait()
+    assert "Last sync command failed" not in caplog.text
+    # The upload holds one whole state: the one saved when it started, no temporary file.
+    assert json.loads((remote / "experiment_state-x.json").read_text()) == {"step": 2}
+    assert (remote / "searcher-state-x.pkl").read_bytes() == b"searcher 2"
+    assert not [p.name for p in remote.iterdir() if p.name.startswith(".")]
+    uploads = [p for p in tmp_path.iterdir() if p.name.startswith(".driver_artifacts-upload")]
+    assert len(uploads) <= 1  # each upload's folder goes when the next one starts

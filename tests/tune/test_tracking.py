@@ -553,3 +553,49 @@ def test_job_summary_description_says_what_the_terminal_says(tmp_path: Path) -> 
     for name in ("optimization_history", "param_importance", "roc_curves"):
         link = f"get-artifact?path=plots%2F{name}.png&run_uuid={parent}"
         assert f"[{name}]({link})" in note
+
+
+@dataclasses.dataclass
+class _Trial:
+    """What the callback reads of a Tune trial."""
+
+    trial_id: str
+    config: dict[str, Any]
+    last_result: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"train_trial_{self.trial_id}"
+
+
+def test_results_wait_for_no_request_and_go_one_request_per_trial(tmp_path: Path) -> None:
+    """The Tune loop hands results over and goes on while MLflow is busy (a request in flight);
+    what piled up meanwhile goes as one request per trial, in order, every epoch logged once."""
+    uri = default_tracking_uri(tmp_path / "store")
+    check_tracking(uri)
+    parent = start_job_run(uri, "exp", "job-1", {"search": {"num_samples": 3}}, resume=False)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS)
+    trials = [_Trial(f"t{i}", {"lr": 0.01 * (i + 1)}) for i in range(3)]
+    for trial in trials:
+        callback.on_trial_start(0, [], trial)
+    assert callback.flush(timeout_s=60)
+    with callback._sending:  # a request in flight: the sender cannot start another
+        for epoch in range(1, EPOCHS + 1):
+            for trial in trials:
+                result = {"training_iteration": epoch, "train_loss": 1 / epoch, "epoch": epoch}
+                result.update({"val_roc_auc/NR-AR": 0.5 + epoch / 100, "device": "cpu"})
+                callback.on_trial_result(0, [], trial, result)  # returns at once
+                trial.last_result = {**result, "finished_reason": "max_epochs"}
+        assert callback.pending == len(trials) * EPOCHS
+    for trial in trials:
+        callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    assert callback.pending == 0 and callback.dropped == []
+    assert callback.requests == len(trials)  # nine epochs, three requests
+    client = MlflowClient(uri)
+    kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(client, parent)}
+    assert set(kids) == {"t0", "t1", "t2"}
+    for kid in kids.values():
+        assert steps(client, kid, "train_loss") == [1, 2, 3]
+        assert steps(client, kid, "val_roc_auc/NR-AR") == [3]  # per task: once, at the end
+        assert kid.data.tags["device"] == "cpu"
+        assert (kid.info.status, kid.data.tags[STATUS_TAG]) == ("FINISHED", "finished")

@@ -12,14 +12,22 @@ headline curves and a 617-task job writes 10 rows an epoch instead of 1,244.
 Trials on other nodes need neither MLflow access nor the driver's disk: all logging happens
 here, in the driver.
 
-Resilience: every MLflow call goes through an ordered buffer. When the server is unreachable
-(connection refused, timeout, 5xx) the operation stays queued and is replayed on later hooks
-(`on_step_end` runs every loop step) and, with a deadline, at `on_experiment_end`; so a server
+Off the Tune loop: a Tune hook only queues its operation; a sender thread sends the queue in
+order, so the driver's loop never waits for MLflow. The epochs that arrive while a request is
+in flight are sent together: consecutive results are grouped by trial and each trial's group is
+one `log_batch` request (MLflow's batch is per run), so requests per second follow the trials in
+flight, not the results (`benchmarks/driver.py`).
+
+Resilience: every MLflow call goes through that ordered buffer. When the server is unreachable
+(connection refused, timeout, 5xx) the operation stays queued and is replayed later, with
+backoff, and with a deadline at `on_experiment_end`, which waits for the queue; so a server
 restart mid-job loses no result. Replays are safe because every operation is idempotent: metrics
 carry the timestamp taken when the result arrived (MLflow drops exact duplicates), params are
 logged only when missing, dataset inputs are deduplicated by MLflow, runs are looked up by tag
-before one is made. MLflow's own HTTP retries are turned down meanwhile
-(`backend.fast_fail_http`).
+before one is made, and a restored trial's steps its run already holds are not logged again.
+MLflow's own HTTP retries are turned down meanwhile (`backend.fast_fail_http`). A driver killed
+outright loses what was still queued (at most the results of the last request's time); the
+restored trial reports its epochs again from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ from __future__ import annotations
 import logging
 import numbers
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +111,19 @@ def _error_summary(text: str) -> str:
 
 @dataclass
 class _Op:
+    """One queued MLflow operation: `fn`, or (`trial` set) one epoch's metrics and tags, which
+    the sender batches with the trial's other queued epochs."""
+
     what: str
-    fn: Callable[[], None]
+    fn: Callable[[], None] | None = None
     attempts: int = 0
+    trial: Any = None
+    step: int = 0
+    metrics: list[Metric] = field(default_factory=list)
+    tags: list[RunTag] = field(default_factory=list)
+
+
+MAX_RESULTS_PER_SEND = 2000  # queued epochs one send takes at most (one request per trial)
 
 
 class MlflowTrialCallback(ray_tune.Callback):
@@ -139,15 +158,29 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._best: dict[str, list[Metric]] = {}  # trial -> per-task metrics of its best row
         # trial -> the last step its run holds: a restored trial's older steps are not re-logged
         self._logged: dict[str, int] = {}
+        self.requests = 0  # MLflow requests made for results (a batch of epochs is one)
         self._queue: deque[_Op] = deque()
         self._retry_at = 0.0
         self._backoff = 1.0
+        self._threads()
+
+    def _threads(self) -> None:
+        self._wake = threading.Condition()  # guards _queue; notified on each new operation
+        self._sending = threading.Lock()  # one sender at a time: the thread or a flush
+        self._sender: threading.Thread | None = None
+        self._stop = False
 
     def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles its callbacks with the experiment; the client and queue stay behind."""
+        """Tune pickles its callbacks with the experiment; the client, queue and thread stay."""
         state = self.__dict__.copy()
+        for key in ("_wake", "_sending", "_sender", "_stop"):
+            state.pop(key)
         state.update(_client=None, _queue=deque())
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._threads()
 
     @property
     def client(self) -> MlflowClient:
@@ -162,45 +195,122 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     # -- the buffer ---------------------------------------------------------------------------
 
-    def _submit(self, what: str, fn: Callable[[], None]) -> None:
-        self._queue.append(_Op(what, fn))
-        self.flush()
+    def _submit(self, op: _Op) -> None:
+        """Queue `op` for the sender thread (started on first use); returns at once."""
+        with self._wake:
+            self._queue.append(op)
+            if self._sender is None or not self._sender.is_alive():
+                self._stop = False
+                self._sender = threading.Thread(
+                    target=self._send_forever, name="toxtune-mlflow-sender", daemon=True
+                )
+                self._sender.start()
+            self._wake.notify()
+
+    def _send_forever(self) -> None:
+        """The sender thread: send what is queued, in order; sleep while nothing is due."""
+        while True:
+            with self._wake:
+                while not self._stop and (not self._queue or self._retry_at > time.monotonic()):
+                    due = self._retry_at - time.monotonic() if self._queue else None
+                    self._wake.wait(timeout=due)
+                if self._stop:
+                    return
+            self.flush()
+
+    def _stop_sender(self, timeout_s: float) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._sender is not None:
+            self._sender.join(timeout=timeout_s)
 
     def flush(self, timeout_s: float = 0.0) -> bool:
-        """Replay queued operations in order; True when none is left.
+        """Send queued operations in order; True when none is left.
 
         With `timeout_s` 0 it makes one attempt (skipped while backing off) and returns; with
         more it keeps retrying, with backoff, until the queue is empty or the time is up.
         """
         end = time.monotonic() + timeout_s
-        while self._queue:
-            if self._retry_at > end:
-                return False
-            time.sleep(max(0.0, self._retry_at - time.monotonic()))
-            op = self._queue[0]
-            try:
-                with fast_fail_http():
-                    op.fn()
-            except Exception as exc:
-                if is_transient(exc):
-                    alive = server_alive(self.tracking_uri)
-                    op.attempts += alive  # a dead server is no fault of the operation
-                    if not alive or op.attempts < 5:
-                        self.deferrals += 1
-                        self._retry_at = time.monotonic() + self._backoff
-                        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
-                        log.warning(
-                            "MLflow unavailable (%s); %d operations buffered",
-                            exc,
-                            len(self._queue),
-                        )
-                        continue
-                log.warning("MLflow refused %s: %s", op.what, exc)
-                self.dropped.append(f"{op.what}: {exc}")
-            self._queue.popleft()
-            self._backoff = 1.0
-            self._retry_at = 0.0
-        return True
+        if not self._sending.acquire(timeout=max(timeout_s, 0.0) or -1):
+            return False
+        try:
+            while self._queue:
+                if self._retry_at > end:
+                    return False
+                time.sleep(max(0.0, self._retry_at - time.monotonic()))
+                ops = self._take()
+                failed = self._send(ops)
+                with self._wake:
+                    self._queue.extendleft(reversed(failed))
+                if failed:
+                    self._defer(failed[0])
+                else:
+                    self._backoff = 1.0
+                    self._retry_at = 0.0
+            return True
+        finally:
+            self._sending.release()
+
+    def _take(self) -> list[_Op]:
+        """The head operation, or the run of consecutive results at the head (batched)."""
+        with self._wake:
+            ops = [self._queue.popleft()]
+            if ops[0].trial is not None:
+                while (
+                    self._queue
+                    and self._queue[0].trial is not None
+                    and len(ops) < MAX_RESULTS_PER_SEND
+                ):
+                    ops.append(self._queue.popleft())
+            return ops
+
+    def _send(self, ops: list[_Op]) -> list[_Op]:
+        """Send `ops`; return those to retry (in order) after a transient failure.
+
+        Results go as one request per trial; a request MLflow refuses for good is retried one
+        epoch at a time, so only the epoch it refuses is dropped."""
+        if ops[0].trial is None:
+            return self._attempt([ops[0]], ops[0].fn)  # type: ignore[arg-type]
+        groups: dict[str, list[_Op]] = {}
+        for op in ops:
+            groups.setdefault(str(op.trial.trial_id), []).append(op)
+        retry: list[_Op] = []
+        for group in groups.values():
+            if retry:  # the server is down: keep the rest, in order, for later
+                retry += group
+                continue
+            retry += self._attempt(group, self._results_fn(group))
+        kept = {id(op) for op in retry}
+        return [op for op in ops if id(op) in kept]
+
+    def _attempt(self, ops: list[_Op], fn: Callable[[], None]) -> list[_Op]:
+        """Run `fn` for `ops`: [] when done (or refused for good), `ops` to retry later."""
+        try:
+            with fast_fail_http():
+                fn()
+            return []
+        except Exception as exc:
+            if is_transient(exc):
+                alive = server_alive(self.tracking_uri)
+                ops[0].attempts += alive  # a dead server is no fault of the operation
+                if not alive or ops[0].attempts < 5:
+                    log.warning(
+                        "MLflow unavailable (%s); %d operations buffered",
+                        exc,
+                        len(self._queue) + len(ops),
+                    )
+                    return ops
+            if len(ops) > 1:  # find the one MLflow refuses
+                return [op for op in ops if self._attempt([op], self._results_fn([op]))]
+            log.warning("MLflow refused %s: %s", ops[0].what, exc)
+            self.dropped.append(f"{ops[0].what}: {exc}")
+            return []
+
+    def _defer(self, op: _Op) -> None:
+        self.deferrals += 1
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -260,14 +370,35 @@ class MlflowTrialCallback(ray_tune.Callback):
             if chunk or (tags and i == 0):
                 self.client.log_batch(run_id, metrics=chunk, tags=tags if i == 0 else [])
 
-    def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
+    def _results_fn(self, ops: list[_Op]) -> Callable[[], None]:
+        return lambda: self._log_results(ops)
+
+    def _log_results(self, ops: list[_Op]) -> None:
+        """One trial's queued epochs in one request (more only past MLflow's 1,000 metrics).
+
+        A step its run already holds (logged before the trial was restored) is not logged
+        twice; the tags go with the first epoch that carries them."""
+        trial = ops[0].trial
+        run_id = self._run_id(trial)
+        done = self._logged.get(trial.trial_id, 0)
+        metrics: list[Metric] = []
+        tags: list[RunTag] = []
+        for op in ops:
+            if op.step > done:
+                metrics += op.metrics
+            tags += op.tags
+            done = max(done, op.step)
+        self._log_metrics(run_id, metrics, tags)
+        self.requests += 1
+        self._logged[trial.trial_id] = done
+
+    def _close(self, trial: Any, status: str, tags: dict[str, str], best: list[Metric]) -> None:
         """Log the best row's per-task scores (once), the ending tags, and end the run."""
         run_id = self._run_id(trial)
-        self._log_metrics(run_id, self._best.get(trial.trial_id, []), [])
+        self._log_metrics(run_id, best, [])
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
         self._status[trial.trial_id] = status
-        self._best.pop(trial.trial_id, None)
 
     # -- Tune hooks ---------------------------------------------------------------------------
 
@@ -276,17 +407,19 @@ class MlflowTrialCallback(ray_tune.Callback):
         dataset = self.dataset
         if dataset is not None:
             self._submit(
-                "dataset of the job run",
-                lambda: log_dataset(self.client, self.parent_run_id, dataset),
+                _Op(
+                    "dataset of the job run",
+                    lambda: log_dataset(self.client, self.parent_run_id, dataset),
+                )
             )
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)  # a retry may run on another node
-        self._submit(f"start {trial.trial_id}", lambda: self._open(trial))
+        self._submit(_Op(f"start {trial.trial_id}", lambda: self._open(trial)))
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)
-        self._submit(f"restore {trial.trial_id}", lambda: self._open(trial))
+        self._submit(_Op(f"restore {trial.trial_id}", lambda: self._open(trial)))
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -301,15 +434,8 @@ class MlflowTrialCallback(ray_tune.Callback):
         if trial.trial_id not in self._tagged:
             tags = [RunTag(k, str(result[k])[:500]) for k in RESULT_TAGS if k in result]
             self._tagged.add(trial.trial_id)
-
-        def op() -> None:
-            run_id = self._run_id(trial)
-            # A step logged before the trial was restored is not logged twice.
-            seen = step <= self._logged.get(trial.trial_id, 0)
-            self._log_metrics(run_id, [] if seen else headline, tags)
-            self._logged[trial.trial_id] = max(step, self._logged.get(trial.trial_id, 0))
-
-        self._submit(f"result {trial.trial_id}#{step}", op)
+        what = f"result {trial.trial_id}#{step}"
+        self._submit(_Op(what, trial=trial, step=step, metrics=headline, tags=tags))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed attempt that Tune will retry: its error is kept, the run stays open."""
@@ -326,14 +452,17 @@ class MlflowTrialCallback(ray_tune.Callback):
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.log_text(run_id, text, f"errors/attempt-{attempt}.txt")
 
-        self._submit(f"recover {trial.trial_id}", op)
+        self._submit(_Op(f"recover {trial.trial_id}", op))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status, reason, epochs = trial_ending(trial.last_result or {}, self.max_epochs)
         tags = {STATUS_TAG: status, "toxtune.epochs": str(epochs)}
         if reason:
             tags["toxtune.finished_reason"] = reason
-        self._submit(f"complete {trial.trial_id}", lambda: self._close(trial, "FINISHED", tags))
+        best = self._best.pop(trial.trial_id, [])
+        self._submit(
+            _Op(f"complete {trial.trial_id}", lambda: self._close(trial, "FINISHED", tags, best))
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """The trial failed for good: run FAILED, error tags and the full error text."""
@@ -350,20 +479,21 @@ class MlflowTrialCallback(ray_tune.Callback):
             "toxtune.retries": str(max(attempt - 1, 0)),
         }
 
+        best = self._best.pop(trial.trial_id, [])
+
         def op() -> None:
             run_id = self._run_id(trial)
             self.client.log_text(run_id, full, "error.txt")
             self.client.log_text(run_id, latest, f"errors/attempt-{attempt}.txt")
-            self._close(trial, "FAILED", tags)
+            self._close(trial, "FAILED", tags, best)
 
-        self._submit(f"error {trial.trial_id}", op)
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self._queue:
-            self.flush()
+        self._submit(_Op(f"error {trial.trial_id}", op))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if not self.flush(timeout_s=FLUSH_AT_END_S):
+        """Wait (up to FLUSH_AT_END_S) for everything queued to reach MLflow."""
+        end = time.monotonic() + FLUSH_AT_END_S
+        self._stop_sender(FLUSH_AT_END_S)
+        if not self.flush(timeout_s=max(end - time.monotonic(), 0.0)):
             log.error(
                 "MLflow at %s stayed unreachable: %d trial updates were not logged",
                 self.tracking_uri,

@@ -1,0 +1,479 @@
+"""The driver's bookkeeping at scale: a big cluster's result stream, modelled on this machine.
+
+    python benchmarks/driver.py                         # 8/32/64 in flight x 0.1/2 s epochs
+    python benchmarks/driver.py --in-flight 64 --epoch-s 0.1 --stacks bare embedded
+
+Simulated trials (no training): each waits its epoch time, reports the metrics a Tox21 trial
+reports (headline metrics, a ROC-AUC and PR-AUC per task for 12 tasks, its node and device) and,
+every `--checkpoint-every` epochs, a small checkpoint (a 64 KiB file and the progress file
+toxtune's restore reads). They run on a local Ray with `--num-cpus` logical CPUs (1 per trial),
+side by side through:
+
+- `bare`: Ray Tune alone, the same trials, no callbacks, Ray's defaults (snapshot period
+  "auto", every checkpoint kept), results in a local folder;
+- `embedded`: toxtune's real bookkeeping (`tune.search.build_tuner` and `driver_callbacks`: the
+  Optuna study as searcher, the MLflow trial callback, retries, error budget, checkpoint
+  re-pointing, toxtune's Tune settings) with a local results folder, MLflow and the study in
+  SQLite;
+- `team`: the same on a team's stack: results in an S3 bucket (moto's server, its own process),
+  `mlflow server` on PostgreSQL with its artifacts in the bucket, the study in PostgreSQL.
+
+Each run lasts `--run-s` seconds (Tune's time budget; the trials are longer). Measured over the
+run's last third: results absorbed per second against the ideal (trials reporting / epoch
+time), and how many trials were reporting by then (`reached`; starting 64 trial processes on 2
+CPUs takes a minute, longer when the driver is busy); the driver process's CPU seconds per
+1,000 results over the whole run; each trial's slowdown (wall time of its reported epochs over
+their ideal time, median and max). For toxtune it then checks that nothing was
+lost: every result Tune recorded is a step of the trial's MLflow run and an intermediate value
+of its study trial. GPUs fed: at 16 packed trials per GPU and a Tox21 epoch of `--gpu-epoch-s`
+on a GPU, one GPU makes 16 / gpu_epoch_s results a second, so one driver feeds
+(results/s it absorbs) / (16 / gpu_epoch_s) GPUs; by CPU: 1 / (CPU s per result) / that rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TASKS = [
+    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD",
+    "NR-PPAR-gamma", "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53",
+]  # fmt: skip
+STACKS = ("bare", "embedded", "team")
+BUCKET = "toxtune-driver-bench"
+
+
+def simulated_trial(config: dict[str, Any]) -> None:
+    """Wait an epoch, report a Tox21 trial's metrics; a small checkpoint every few epochs."""
+    from ray import tune as ray_tune
+
+    from tune import settings
+
+    settings.quiet_worker_logs()  # as toxtune's trials do: no INFO line per checkpoint
+    epoch_s, every = float(config["_epoch_s"]), int(config["_checkpoint_every"])
+    rng = np.random.default_rng(int(config.get("_index", 0)) + 1)
+    started = time.time()
+    start = ray_tune.get_checkpoint()
+    first = 1
+    if start is not None:
+        with start.as_directory() as folder:
+            first = int(json.loads((Path(folder) / "progress.json").read_text())["epoch"]) + 1
+    best = 0.0
+    for epoch in range(first, int(config["_epochs"]) + 1):
+        time.sleep(epoch_s)
+        auc = 0.6 + 0.3 * (1 - 1 / epoch) + rng.normal(0, 0.01)
+        best = max(best, auc)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": 0.3 / epoch,
+            "val_loss": 0.35 / epoch,
+            "val_roc_auc": auc,
+            "val_pr_auc": auc / 3,
+            **{f"val_roc_auc/{t}": auc + rng.normal(0, 0.02) for t in TASKS},
+            **{f"val_pr_auc/{t}": auc / 3 + rng.normal(0, 0.02) for t in TASKS},
+            "best_val_roc_auc": best,
+            "best_epoch": epoch,
+            "lr": 1e-3,
+            "epoch_seconds": epoch_s,
+            "finished_reason": "",
+            "trial_started_at": started,
+            "reported_at": time.time(),
+            "device": "cuda:0",
+            "gpu_ids": "0",
+            "gpu_fraction": 1 / 16,
+            "node_id": "simulated",
+            "node_ip": "127.0.0.1",
+            "pid": os.getpid(),
+            "trial_index": int(config.get("_index", -1)),
+        }
+        if epoch % every:
+            ray_tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "model.pt").write_bytes(rng.bytes(64 * 1024))
+            (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+            ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
+
+
+@dataclass
+class Cell:
+    stack: str
+    in_flight: int
+    epoch_s: float
+    results: int = 0
+    window_results: int = 0
+    window_s: float = 0.0
+    cpu_s: float = 0.0
+    slowdown_median: float = float("nan")
+    slowdown_max: float = float("nan")
+    lost: str = ""  # "" (not checked), "none" or what is missing
+    wall_s: float = 0.0
+    reached: int = 0  # trials reporting when the measuring window opened
+    ramp_s: float = 0.0  # from the first trial's start to the last trial's first result
+
+    @property
+    def rate(self) -> float:
+        return self.window_results / self.window_s if self.window_s > 0 else float("nan")
+
+    @property
+    def ideal(self) -> float:
+        """Results/s if every trial reached ran at its epoch time, the driver costing nothing."""
+        return (self.reached or self.in_flight) / self.epoch_s
+
+    @property
+    def cpu_ms_per_result(self) -> float:
+        return 1000 * self.cpu_s / self.results if self.results else float("nan")
+
+
+class PeakMemory:
+    """The machine's peak used memory while the benchmark runs (sampled each second)."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            self.peak = max(self.peak, psutil.virtual_memory().used / 2**30)
+            time.sleep(1.0)
+
+
+class CpuSampler:
+    """The driver process's CPU seconds (all its threads), sampled in a thread."""
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self.start = self._cpu()
+
+    def _cpu(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system
+
+    def used(self) -> float:
+        return self._cpu() - self.start
+
+
+def measure(cell: Cell, histories: dict[str, list[dict[str, Any]]], run_s: float) -> None:
+    """Fill the cell's throughput and slowdown from each trial's results (worker timestamps).
+
+    The window is the run's last third, ending when the median trial reported last (Tune's
+    time budget stops them all then); `reached` counts the trials that had reported before it
+    opened: on 2 CPUs starting 64 trial processes takes a minute, longer for a busy driver."""
+    rows = [r for h in histories.values() for r in h]
+    cell.results = len(rows)
+    if not rows:
+        return
+    firsts = [h[0]["reported_at"] for h in histories.values() if h]
+    t1 = float(np.median([h[-1]["reported_at"] for h in histories.values() if h]))
+    t0 = t1 - run_s / 3
+    cell.reached = sum(1 for f in firsts if f <= t0)
+    cell.ramp_s = max(firsts) - min(h[0]["trial_started_at"] for h in histories.values() if h)
+    cell.window_results = sum(1 for r in rows if t0 < r["reported_at"] <= t1)
+    cell.window_s = t1 - t0
+    slow = []
+    for h in histories.values():
+        epochs = len(h)
+        if epochs >= 2:
+            wall = h[-1]["reported_at"] - h[0]["trial_started_at"]
+            slow.append(wall / (epochs * cell.epoch_s))
+    if slow:
+        cell.slowdown_median = float(np.median(slow))
+        cell.slowdown_max = float(np.max(slow))
+
+
+def histories_of(grid: Any) -> dict[str, list[dict[str, Any]]]:
+    """Trial id -> its results in order, as Tune stored them."""
+    out = {}
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or frame.empty:
+            continue
+        frame = frame.sort_values("training_iteration")
+        cols = ["training_iteration", "reported_at", "trial_started_at", "trial_id"]
+        out[str(frame["trial_id"].iloc[0])] = frame[cols].to_dict("records")
+    return out
+
+
+@contextlib.contextmanager
+def ray_as_shipped() -> Iterator[None]:
+    """Ray's own snapshot and upload methods for a bare run: toxtune's driver replaces two
+    (`tune.bridge.consistent_experiment_uploads`, `snapshots_by_time_only`) process-wide."""
+    from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    patched = (
+        _FilesystemSyncer._sync_up_command,
+        _ExperimentCheckpointManager.on_trial_checkpoint,
+    )
+    _FilesystemSyncer._sync_up_command = SHIPPED[0]
+    _ExperimentCheckpointManager.on_trial_checkpoint = SHIPPED[1]
+    try:
+        yield
+    finally:
+        _FilesystemSyncer._sync_up_command = patched[0]
+        _ExperimentCheckpointManager.on_trial_checkpoint = patched[1]
+
+
+SHIPPED: tuple[Any, Any] = (None, None)  # set in main(), before anything is patched
+
+
+def run_bare(cell: Cell, root: Path, epochs: int, run_s: float, every: int) -> Cell:
+    from ray import tune as ray_tune
+
+    os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)  # Ray's default ("auto")
+    trainable = ray_tune.with_resources(simulated_trial, {"cpu": 1})
+    config = {"_epoch_s": cell.epoch_s, "_epochs": epochs, "_checkpoint_every": every}
+    config["_index"] = ray_tune.randint(0, 10**6)
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space=config,
+        tune_config=ray_tune.TuneConfig(
+            metric="best_val_roc_auc",
+            mode="max",
+            num_samples=cell.in_flight,
+            max_concurrent_trials=cell.in_flight,
+            time_budget_s=run_s,
+        ),
+        run_config=ray_tune.RunConfig(
+            name=f"bare-{cell.in_flight}-{cell.epoch_s}", storage_path=str(root), verbose=1
+        ),
+    )
+    cpu, t = CpuSampler(), time.monotonic()
+    with ray_as_shipped():
+        grid = tuner.fit()
+    cell.cpu_s, cell.wall_s = cpu.used(), time.monotonic() - t
+    measure(cell, histories_of(grid), run_s)
+    return cell
+
+
+def job_for(
+    cell: Cell, storage: str, tracking: str | None, study: str | None, epochs: int, run_s: float
+) -> Any:
+    from tune.config import load_config
+
+    return load_config(
+        overrides={
+            "data.source": "simulated.csv",
+            "search.scheduler": "fifo",
+            "search.num_samples": cell.in_flight,
+            "search.max_concurrent": cell.in_flight,
+            "search.max_epochs": epochs,
+            "search.patience": 0,
+            "search.time_limit_s": run_s,
+            "ray.storage_path": storage,
+            "tracking.tracking_uri": tracking,
+            "tracking.study_storage": study,
+            "tracking.experiment_name": "driver-bench",
+            "tracking.run_name": f"{cell.stack}-{cell.in_flight}-{cell.epoch_s:g}".replace(
+                ".", "p"
+            ),
+        }
+    )
+
+
+def run_toxtune(
+    cell: Cell,
+    storage: str,
+    tracking: str | None,
+    study_url: str | None,
+    epochs: int,
+    run_s: float,
+    every: int,
+) -> Cell:
+    from ray import tune as ray_tune
+
+    from tune import bridge, settings
+    from tune import tracking as tr
+    from tune.search import build_tuner, driver_callbacks
+
+    for key, value in settings.TUNE_ENV.items():
+        os.environ[key] = value
+    for name in ("consistent_experiment_uploads", "snapshots_by_time_only"):
+        getattr(bridge, name, lambda: None)()  # as tune.search.search does (when it does)
+    job = job_for(cell, storage, tracking, study_url, epochs, run_s)
+    job.storage.check_writable()
+    parent = tr.start_job_run(
+        job.tracking_uri, job.tracking.experiment_name, job.name, job.to_dict(), resume=False
+    )
+    callbacks = driver_callbacks(job, parent, None)
+    fixed = {"_epoch_s": cell.epoch_s, "_epochs": epochs, "_checkpoint_every": every}
+
+    def trial(config: dict[str, Any]) -> None:
+        simulated_trial({**config, **fixed})
+
+    trainable = ray_tune.with_resources(trial, {"cpu": 1})
+    trainable = bridge_console(trainable)
+    tuner, _ = build_tuner(job, trainable, job.name, cell.in_flight, True, callbacks)
+    cpu, t = CpuSampler(), time.monotonic()
+    grid = tuner.fit()
+    cell.cpu_s, cell.wall_s = cpu.used(), time.monotonic() - t
+    tr.finish_job_run(job.tracking_uri, parent, "FINISHED")
+    histories = histories_of(grid)
+    measure(cell, histories, run_s)
+    cell.lost = (lost(job, parent, histories) + " " + cell.lost).strip()
+    return cell
+
+
+def bridge_console(trainable: Any) -> Any:
+    from tune import bridge
+    from tune.search import CONSOLE_METRICS
+
+    return bridge.with_console_metrics(trainable, list(CONSOLE_METRICS))
+
+
+def lost(job: Any, parent: str, histories: dict[str, list[dict[str, Any]]]) -> str:
+    """'none', or what Tune recorded that MLflow or the study lacks."""
+    import optuna
+
+    from tune import study
+    from tune.bridge import RAY_TRIAL_ATTR
+    from tune.tracking import PARENT_TAG, TRIAL_TAG, client_for
+
+    client = client_for(job.tracking_uri)
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=5000)
+    by_trial = {r.data.tags.get(TRIAL_TAG): r.info.run_id for r in runs}
+    found = optuna.load_study(study_name=job.name, storage=study.rdb(job.study_storage))
+    told = {
+        t.user_attrs.get(RAY_TRIAL_ATTR): set(t.intermediate_values)
+        for t in found.get_trials(deepcopy=False)
+    }
+    missing_ml = missing_st = 0
+    for trial_id, rows in histories.items():
+        steps = {int(r["training_iteration"]) for r in rows}
+        run_id = by_trial.get(trial_id)
+        logged = (
+            {m.step for m in client.get_metric_history(run_id, "train_loss")} if run_id else set()
+        )
+        missing_ml += len(steps - logged)
+        missing_st += len(steps - told.get(trial_id, set()))
+    if not missing_ml and not missing_st:
+        return "none"
+    return f"MLflow lacks {missing_ml}, study lacks {missing_st} results"
+
+
+@contextlib.contextmanager
+def team_stack(root: Path) -> Iterator[tuple[str, str, str]]:
+    """(results URI, tracking URI, study URL) of a team's stack started on this machine."""
+    from benchmarks.storage import BUCKET as STORAGE_BUCKET
+    from benchmarks.storage import moto_process
+    from tests.team_stack import postgres_server, team_mlflow
+
+    with (
+        moto_process(root / "moto.log"),
+        postgres_server() as pg,
+        team_mlflow(
+            pg.create_database("mlflow"), f"s3://{STORAGE_BUCKET}/mlartifacts", root / "mlflow"
+        ) as server,
+    ):
+        yield f"s3://{STORAGE_BUCKET}/results", server.url, pg.create_database("optuna")
+
+
+def table(cells: list[Cell], gpu_epoch_s: float) -> str:
+    per_gpu = 16 / gpu_epoch_s
+    head = (
+        f"{'stack':<9}{'flight':>7}{'reached':>8}{'ramp s':>7}{'epoch s':>8}{'ideal/s':>8}"
+        f"{'res/s':>7}{'x bare':>7}{'CPU s/1k':>9}{'slow med':>9}{'slow max':>9}"
+        f"{'GPUs':>6}{'GPUs cpu':>9}{'results':>8}{'wall s':>7}  lost"
+    )
+    lines = [head]
+    bare = {(c.in_flight, c.epoch_s): c.rate for c in cells if c.stack == "bare"}
+    for c in cells:
+        ratio = c.rate / bare.get((c.in_flight, c.epoch_s), float("nan"))
+        by_cpu = 1000 / c.cpu_ms_per_result / per_gpu if c.cpu_ms_per_result else float("nan")
+        lines.append(
+            f"{c.stack:<9}{c.in_flight:>7}{c.reached:>8}{c.ramp_s:>7.0f}{c.epoch_s:>8.2f}"
+            f"{c.ideal:>8.0f}{c.rate:>7.1f}{ratio:>7.2f}{c.cpu_ms_per_result:>9.1f}"
+            f"{c.slowdown_median:>9.2f}{c.slowdown_max:>9.2f}{c.rate / per_gpu:>6.1f}"
+            f"{by_cpu:>9.1f}{c.results:>8}{c.wall_s:>7.0f}  {c.lost or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--epoch-s", type=float, nargs="+", default=[0.1, 2.0])
+    parser.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
+    parser.add_argument("--run-s", type=float, default=0.0, help="0: 30 s + 1.5 s per trial")
+    parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument("--num-cpus", type=int, default=64)
+    parser.add_argument("--gpu-epoch-s", type=float, default=0.5, help="a Tox21 epoch on a GPU")
+    parser.add_argument("--out", default="", help="also write the table to this file")
+    args = parser.parse_args()
+
+    import ray
+    from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from tune import settings
+
+    global SHIPPED
+    SHIPPED = (_FilesystemSyncer._sync_up_command, _ExperimentCheckpointManager.on_trial_checkpoint)
+    settings.configure_process()
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; Ray {ray.__version__}")
+    ray.init(
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+        object_store_memory=512 * 2**20,
+    )
+    cells: list[Cell] = []
+    memory = PeakMemory()
+    with tempfile.TemporaryDirectory(prefix="toxtune-driver-bench-") as tmp:
+        root = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            team = stack.enter_context(team_stack(root)) if "team" in args.stacks else None
+            for n in args.in_flight:
+                for epoch_s in args.epoch_s:
+                    run_s = args.run_s or 30 + 1.5 * n
+                    epochs = int(10 * run_s / epoch_s)  # longer than the run: Tune's budget ends it
+                    for name in args.stacks:
+                        cell = Cell(name, n, epoch_s)
+                        if name == "bare":
+                            run_bare(cell, root / "bare", epochs, run_s, args.checkpoint_every)
+                        elif name == "embedded":
+                            folder = str(root / f"emb-{n}-{epoch_s}")
+                            run_toxtune(
+                                cell, folder, None, None, epochs, run_s, args.checkpoint_every
+                            )
+                        else:
+                            assert team is not None
+                            results, uri, study_url = team
+                            run_toxtune(
+                                cell, results, uri, study_url, epochs, run_s,
+                                args.checkpoint_every,
+                            )  # fmt: skip
+                        cells.append(cell)
+                        print(
+                            f"[{name} {n} in flight, {epoch_s} s epochs: {cell.rate:.1f} res/s, "
+                            f"{cell.cpu_ms_per_result:.2f} CPU ms/result, lost {cell.lost}; "
+                            f"peak memory so far {memory.peak:.1f} GiB]",
+                            flush=True,
+                        )
+    out = table(cells, args.gpu_epoch_s)
+    out += f"\npeak memory used on the machine: {memory.peak:.1f} GiB"
+    print("\n" + out)
+    if args.out:
+        Path(args.out).write_text(out + "\n")
+
+
+if __name__ == "__main__":
+    main()
