@@ -221,7 +221,7 @@ def featurize(
     chunk = _chunk_size(n, workers)
     tasks = [(start, items[start : start + chunk], config) for start in range(0, n, chunk)]
     results = _run_chunks(tasks, workers, n, progress)
-    return _assemble(results, config)
+    return assemble(results, config)
 
 
 def canonical_smiles(smiles: Sequence[str], config: FeaturizerConfig) -> list[str]:
@@ -259,7 +259,7 @@ def featurize_cached(
     """
     items = list(smiles)
     path = feature_cache_path(cache_dir, content_hash, config)
-    digest = _smiles_digest(items)
+    digest = smiles_digest(items)
     cached = _read_cache(path, config, digest)
     if cached is not None:
         log.debug("feature cache hit: %s", path)
@@ -298,10 +298,12 @@ def write_invalid_report(
 
 
 @dataclass
-class _Chunk:
-    """What one worker sends back: global row ids plus the feature blocks for valid rows.
+class FeatureChunk:
+    """What one worker sends back for a slice of the input: global row ids plus the feature
+    blocks of its valid rows (`assemble` joins chunks into `Features`).
 
-    Bit blocks travel packed (8 bits a byte, little-endian) to keep inter-process traffic small.
+    Bit blocks travel packed (8 bits a byte, little-endian) to keep inter-process (and
+    inter-node) traffic small.
     """
 
     valid_rows: np.ndarray
@@ -357,7 +359,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 def _run_chunks(
     tasks: list[tuple[int, list[Any], FeaturizerConfig]], workers: int, n: int, progress: bool
-) -> list[_Chunk]:
+) -> list[FeatureChunk]:
     """Run every chunk, in a fork pool when workers > 1; a broken pool falls back to in-process."""
     from tqdm.auto import tqdm
 
@@ -374,16 +376,18 @@ def _run_chunks(
         return _collect((_featurize_chunk(task) for task in tasks), bar)
 
 
-def _collect(chunks: Iterable[_Chunk], bar: Any) -> list[_Chunk]:
-    results: list[_Chunk] = []
+def _collect(chunks: Iterable[FeatureChunk], bar: Any) -> list[FeatureChunk]:
+    results: list[FeatureChunk] = []
     for chunk in chunks:
         results.append(chunk)
         bar.update(len(chunk.valid_rows) + len(chunk.invalid))
     return results
 
 
-def _assemble(results: list[_Chunk], config: FeaturizerConfig) -> Features:
-    """Concatenate chunks in order, unpacking the bit blocks into one uint8 matrix."""
+def assemble(results: Sequence[FeatureChunk], config: FeaturizerConfig) -> Features:
+    """Join chunks, given in input order, into one `Features`: the bit blocks unpacked into one
+    uint8 matrix, invalid rows and molecule keys in row order. Chunks made by `featurize_chunk`
+    over consecutive slices assemble to exactly what `featurize` returns for the whole list."""
     n_valid = sum(len(r.valid_rows) for r in results)
     fingerprint = np.zeros((n_valid, fingerprint_width(config)), np.uint8)
     n_desc = len(descriptor_names()) if config.descriptors else 0
@@ -409,15 +413,24 @@ def _unpack(packed: np.ndarray, n_bits: int) -> np.ndarray:
     return np.unpackbits(packed, axis=1, count=n_bits, bitorder="little")
 
 
-def _featurize_chunk(task: tuple[int, list[Any], FeaturizerConfig]) -> _Chunk:
-    """Parse, optionally standardize and featurize one chunk (runs in a worker process)."""
+def _featurize_chunk(task: tuple[int, list[Any], FeaturizerConfig]) -> FeatureChunk:
+    """`featurize_chunk` on a (start, smiles, config) task (runs in a pool worker)."""
     start, smiles, config = task
-    mols, rows, invalid = _parse_all(smiles, start, config.standardize)
+    return featurize_chunk(smiles, start, config)
+
+
+def featurize_chunk(smiles: Sequence[Any], start: int, config: FeaturizerConfig) -> FeatureChunk:
+    """Parse, optionally standardize and featurize one slice of the input, whose first item is
+    input row `start` (row ids in the chunk are global). Pure: a chunk depends only on its
+    arguments, so any process or machine may compute it, and again after a failure."""
+    mols, rows, invalid = _parse_all(list(smiles), start, config.standardize)
     morgan = _morgan(mols, config)
     maccs = _maccs_packed(mols) if config.maccs else np.zeros((len(mols), 0), np.uint8)
     n_desc = len(descriptor_names()) if config.descriptors else 0
     descriptors = _descriptors(mols) if n_desc else np.zeros((len(mols), 0), np.float32)
-    return _Chunk(np.asarray(rows, np.int64), morgan, maccs, descriptors, invalid, _canonical(mols))
+    return FeatureChunk(
+        np.asarray(rows, np.int64), morgan, maccs, descriptors, invalid, _canonical(mols)
+    )
 
 
 def _canonical(mols: list[Any]) -> list[str]:
@@ -622,7 +635,8 @@ def _as_float(value: Any) -> float:
         return float("nan")
 
 
-def _smiles_digest(smiles: Sequence[Any]) -> str:
+def smiles_digest(smiles: Sequence[Any]) -> str:
+    """SHA-256 of the SMILES list, in order (what a feature cache must have been made from)."""
     hasher = hashlib.sha256()
     for item in smiles:
         hasher.update(str(item).encode("utf-8", "surrogatepass"))

@@ -27,6 +27,7 @@ from tune import study, tracking, trials
 from tune.config import CONFIG_FILE, JobConfig, dump_config, named
 from tune.drills import FaultPlan
 from tune.errors import JobInterruptedError, JobMismatchError
+from tune.features import on_cluster
 from tune.finalize import finalize
 from tune.interrupt import StopSignals
 from tune.prepare import claim_job, load_job_table, prepare_data
@@ -34,6 +35,7 @@ from tune.record import record
 from tune.search import (
     Rounds,
     check_ray_address,
+    init_ray,
     refuse_impossible_local_request,
     resume_command,
     search,
@@ -102,6 +104,9 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
     claim_job(job, molecules)
     refuse_finished(job)
     study.check_job_stores(job, started=bool(Rounds.load(job).names))
+    if on_cluster(job):  # join the cluster first: its nodes featurize (tune.features)
+        init_ray(job)
+        stops.route_sigterm()  # ray.init replaced the SIGTERM handler
     data = prepare_data(job, progress=progress, table=molecules)  # ... featurize and split
     job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))
     parent = tracking.start_job_run(

@@ -5,8 +5,11 @@ Contract: `load_job_table` + `claim_job` refuse (DataError, JobMismatchError) be
 featurized; `prepare_data` then returns the featurized, split data and leaves the job's folder
 holding its data fingerprint, the invalid-SMILES report and, when rows were merged, the
 duplicates report (every input row folded into another, by file line). Featurization is cached
-on disk by content hash and featurizer settings, so a resumed or repeated job does not featurize
-again; the molecule keys (canonical SMILES without stereo) come with the features.
+by content hash and featurizer settings, so a resumed or repeated job does not featurize again;
+the molecule keys (canonical SMILES without stereo) come with the features. A job on a Ray
+cluster (joined before this stage, see `tune.job`) featurizes in Ray tasks across its nodes and
+caches in the job's storage (`tune.features`); a local job uses the driver's process pool and
+the local cache folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from toxmodel.split import Split, missing_class_warnings, molecule_groups, split
 from tune import study
 from tune.config import CONFIG_FILE, JobConfig
 from tune.errors import JobMismatchError
+from tune.features import featurize_on_cluster, on_cluster, ray_started
 from tune.identity import (
     Fingerprint,
     check_continuation,
@@ -110,13 +114,7 @@ def prepare_data(
     """Featurize (cached), merge repeated molecules as data.duplicates says, and split `table`
     (read from the job's source when not given) with each molecule's rows in one part."""
     table = table if table is not None else load_job_table(job)
-    features = featurize_cached(
-        table.smiles,
-        job.featurizer,
-        _cache_dir(job),
-        table.content_hash,
-        progress=progress,
-    )
+    features = featurize_job(job, table, progress)
     if not len(features.valid_rows):  # nothing to split: say so, with every row's reason saved
         with job.storage.staged(job.name, INVALID_REPORT) as local:
             write_invalid_report(features.invalid, local, table.lines)
@@ -148,6 +146,20 @@ def prepare_data(
     for warning in missing_class_warnings(labels, split, table.tasks):
         log.warning(warning)
     return PreparedData(table, features, labels, split)
+
+
+def featurize_job(job: JobConfig, table: MoleculeTable, progress: bool = True) -> Features:
+    """The table's features: in Ray tasks cached in the job's storage when the job runs on a
+    cluster Ray has joined, else in the driver's process pool cached in the local folder."""
+    if on_cluster(job) and ray_started():
+        return featurize_on_cluster(table.smiles, job.featurizer, job.storage, progress=progress)
+    return featurize_cached(
+        table.smiles,
+        job.featurizer,
+        _cache_dir(job),
+        table.content_hash,
+        progress=progress,
+    )
 
 
 def _report_merged(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -24,11 +25,13 @@ from toxmodel.featurize import (
     Features,
     FeaturizerConfig,
     InvalidSmiles,
+    assemble,
     canonical_smiles,
     descriptor_names,
     feature_cache_path,
     featurize,
     featurize_cached,
+    featurize_chunk,
     write_invalid_report,
 )
 
@@ -169,6 +172,23 @@ def test_pool_matches_in_process(tiny_smiles: list[str]) -> None:
     np.testing.assert_array_equal(pooled.fingerprint, single.fingerprint)
     np.testing.assert_array_equal(pooled.valid_rows, single.valid_rows)
     assert pooled.invalid == single.invalid
+
+
+def test_chunks_of_any_size_assemble_to_the_whole(tiny_smiles: list[str]) -> None:
+    """What the cluster relies on: chunks computed anywhere, in any order, then assembled in
+    input order equal one `featurize` of the whole list (row ids global, invalid rows kept)."""
+    config = FeaturizerConfig(n_bits=128, maccs=True, descriptors=True)
+    items = tiny_smiles * 2
+    bounds = [0, 1, 9, 10, 40, 41, 70, len(items)]
+    spans = list(itertools.pairwise(bounds))
+    made = {start: featurize_chunk(items[start:end], start, config) for start, end in spans[::-1]}
+    whole = featurize(items, config, n_jobs=1)
+    got = assemble([made[start] for start, _ in spans], config)
+    np.testing.assert_array_equal(got.fingerprint, whole.fingerprint)
+    np.testing.assert_array_equal(got.descriptors, whole.descriptors)
+    np.testing.assert_array_equal(got.valid_rows, whole.valid_rows)
+    assert got.invalid == whole.invalid and whole.invalid  # invalid rows in several chunks
+    assert got.canonical == whole.canonical
 
 
 def test_small_input_stays_in_process(
