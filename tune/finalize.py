@@ -129,8 +129,8 @@ def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
     raw = frame[predictor.tasks].to_numpy(dtype=np.float64)
     calibration = fit_calibration(data.labels[valid], raw, predictor.tasks)
     fingerprint = data.features.fingerprint
-    domain = fit_domain(
-        fingerprint[data.split.train], fingerprint[valid], predictor.featurizer.n_bits
+    domain = fit_domain(  # the training rows are read in place, never copied out
+        fingerprint, fingerprint[valid], predictor.featurizer.n_bits, train_rows=data.split.train
     )
     for task, note in calibration.notes().items():
         log.info("calibration of %s: %s", task, note)
