@@ -196,7 +196,12 @@ def test_trials_pending_on_a_cluster_fail_after_the_bound_naming_resources(
     from tune.errors import SearchError
 
     with ray_cluster(tmp_path / "ray", num_cpus=2) as cluster:
+        from ray._raylet import Config
+
+        # A driver joining a token-auth cluster must be in token mode too; Ray caches the mode
+        # read when this process first touched its config, so read it again.
         monkeypatch.setenv("RAY_AUTH_MODE", cluster.env["RAY_AUTH_MODE"])
+        Config.initialize("")
         job = tiny_job(
             tmp_path,
             small_csv,
