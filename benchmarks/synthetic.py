@@ -37,21 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from toxmodel.sources import TOX21_TASKS
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tox21.csv"
-TASKS = (
-    "NR-AR",
-    "NR-AR-LBD",
-    "NR-AhR",
-    "NR-Aromatase",
-    "NR-ER",
-    "NR-ER-LBD",
-    "NR-PPAR-gamma",
-    "SR-ARE",
-    "SR-ATAD5",
-    "SR-HSE",
-    "SR-MMP",
-    "SR-p53",
-)
+TASKS = tuple(TOX21_TASKS)  # the synthetic tasks carry Tox21's names
 # Substituents: SMILES whose first atom bonds to the parent's carbon.
 GROUPS = (
     "F",
