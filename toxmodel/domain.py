@@ -55,9 +55,9 @@ The threshold is chosen by the exact search, whatever search the domain answers 
 the clustered domain chose it with its own search, which read it low), on at most
 `VALID_SAMPLE` validation rows, a seeded random sample: VALID_SAMPLE x n_train pairs, linear in
 the training set instead of n_valid x n_train. The sampled 10th percentile has a rank error of
-sqrt(0.1 * 0.9 / 4000) = 0.47 percentage points (one standard error); at 2 * 10^5 training
-rows its flags agree with those of the full-validation threshold on >= 99.5 % of queries
-(`benchmarks/domain_scale.py`).
+sqrt(0.1 * 0.9 / 4000) = 0.47 percentage points (one standard error); at 2 * 10^4 to 10^5
+training rows it gave the full-validation threshold to 3 decimals and the same flags on every
+query (`benchmarks/domain_scale.py`; larger sizes not measured).
 """
 
 from __future__ import annotations
@@ -594,8 +594,7 @@ def fit_domain(
     `search`: "exact", "clustered" (`n_partitions` partitions of `n_clusters` clusters each,
     default `ceil(CLUSTERS_PER_SQRT * sqrt(n_train))`, centres drawn with `seed`; a query
     searches `n_probe` clusters per partition) or "auto" (exact up to `EXACT_MAX_TRAIN` distinct
-    training fingerprints, clustered above). The validation similarities are computed by the
-    same search the domain answers with.
+    training fingerprints, clustered above).
 
     The threshold: the `percentile` of the validation rows' NN similarity, over at most
     `valid_sample` of them (drawn with `seed`; None: all), computed by the exact search
