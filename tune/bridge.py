@@ -10,6 +10,7 @@ Checked against: ray 2.60.0, optuna 5.0.0.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -19,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -272,6 +273,60 @@ class NewestCheckpoint(ray_tune.Callback):
         _repoint(trial)
 
 
+class StopWitness(ray_tune.Callback):
+    """Tell `note` about the SIGINT (or SIGUSR1) that Ray Tune catches to end a run.
+
+    ray 2.60.0: `tune.run` installs its own SIGINT handler (`_setup_signal_catching`) and then
+    returns from `fit()` as though the search had ended, with no public word that it was
+    stopped. A stop that lands between two trials leaves every started trial ended, so only the
+    signal tells an interrupted round from a finished one. The controller, which calls this
+    callback's `setup`, is built after that handler is installed: `setup` wraps the handler so
+    the signal is noted, then handed on. Tune leaves its handler installed after a run that
+    was not stopped, where it would swallow a Ctrl-C during finalize: run `fit()` inside
+    `handlers_restored()`, which puts back the handlers it found.
+    """
+
+    SIGNALS = ("SIGINT", "SIGUSR1")
+
+    def __init__(self, note: Callable[[int], None]) -> None:
+        self.note = note
+
+    @contextlib.contextmanager
+    def handlers_restored(self) -> Iterator[None]:
+        """Run the block (a `fit()`), then reinstall the SIGINT and SIGUSR1 handlers from before."""
+        import signal
+
+        main = threading.current_thread() is threading.main_thread()
+        nums = [getattr(signal, n) for n in self.SIGNALS if hasattr(signal, n)]
+        before = {n: signal.getsignal(n) for n in nums} if main else {}
+        try:
+            yield
+        finally:
+            for signum, handler in before.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+
+    def setup(self, **info: Any) -> None:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            handler = signal.getsignal(signum)
+            if not callable(handler) or getattr(handler, "_toxtune_witness", False):
+                continue
+
+            def witness(sig: int, frame: Any, handler: Callable[..., Any] = handler) -> None:
+                self.note(sig)
+                handler(sig, frame)
+
+            witness._toxtune_witness = True  # type: ignore[attr-defined]
+            signal.signal(signum, witness)
+
+
 def _repoint(trial: Any) -> None:
     from ray.train._internal.session import _TrainingResult
 
@@ -444,6 +499,12 @@ def check() -> None:
         missing.append("_ExperimentCheckpointManager.on_trial_checkpoint (forced snapshots)")
     if not callable(getattr(storage._FilesystemSyncer, "_sync_up_command", None)):
         missing.append("ray.train._internal.storage._FilesystemSyncer._sync_up_command")
+    import importlib
+
+    run_source = inspect.getsource(importlib.import_module("ray.tune.tune").run)
+    handler_at = run_source.find("_setup_signal_catching()")
+    if not 0 <= handler_at < run_source.find("TuneController("):
+        missing.append("ray.tune.tune.run: _setup_signal_catching() before TuneController(")
     if "self._latest_checkpoint_result" not in inspect.getsource(checkpoint_manager):
         missing.append("ray.train._internal.checkpoint_manager: _latest_checkpoint_result")
     for where, text in (

@@ -5,7 +5,8 @@ state and returns from `fit()` as though the search had ended, so the job used t
 register an interrupted trial. `ray.init` installs a SIGTERM handler that raises SystemExit(15)
 wherever the driver happens to be; Ray's core worker then aborts while the interpreter exits
 (exit code 134, SIGABRT). toxtune routes SIGTERM into the SIGINT path, so both stop a job the same
-way: the search notices trials that did not end (`search.search`) and raises JobInterruptedError; a
+way: the search notices the signal (`bridge.StopWitness` sees the one Tune catches) or trials that
+did not end (`search.search`) and raises JobInterruptedError; a
 signal outside the search arrives as KeyboardInterrupt, which `run_job` turns into
 JobInterruptedError. Either way the MLflow job run ends KILLED, nothing is registered, the job stays
 resumable and the CLI exits 128 + the signal's number with one line saying how to continue.
@@ -36,6 +37,16 @@ class StopSignals:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.received = self.received or signal.SIGTERM
         signal.raise_signal(signal.SIGINT)
+
+    def note(self, signum: int) -> None:
+        """Remember a stop signal that someone else's handler (Ray Tune's) acts on."""
+        self.received = self.received or signal.Signals(signum)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop signal arrived: a search that returns after one is not finished, even
+        when every trial it had started ended (the stop came between two trials)."""
+        return self.received is not None
 
     @property
     def signal(self) -> signal.Signals:

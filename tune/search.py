@@ -222,7 +222,8 @@ def search(
         check_cluster_storage(job.storage.uri)
     rounds = Rounds.load(job)
     dataset = tracking.dataset_info(data.table, job.split)
-    callbacks = driver_callbacks(job, parent_run_id, dataset)
+    witness = bridge.StopWitness(stops.note)  # a stop Tune catches still stops the job
+    callbacks = [*driver_callbacks(job, parent_run_id, dataset), witness]
     budget = next(c for c in callbacks if isinstance(c, ErrorBudget))
     watch = next(c for c in callbacks if isinstance(c, PendingWatch))
     found = study.load(job)
@@ -231,7 +232,8 @@ def search(
         finished = study.finished_ray_ids(found) if found is not None else {}
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
         path = job.storage.uri_of(rounds.names[-1])
-        bridge.restore_tuner(path, trainable, callbacks).fit()
+        with witness.handlers_restored():
+            bridge.restore_tuner(path, trainable, callbacks).fit()
         _all_ended(job, path, stops)
     remaining = study.remaining(job)
     if remaining > 0:
@@ -243,7 +245,8 @@ def search(
         rounds.save(job)
         tuner, found = _tuner(job, data, name, remaining, first_run, callbacks, faults)
         study.fail_stale_trials(found)
-        tuner.fit()
+        with witness.handlers_restored():
+            tuner.fit()
         _all_ended(job, job.storage.uri_of(name), stops)
     if watch.problem:
         raise SearchError(watch.problem)
@@ -285,16 +288,18 @@ def _restorable(job: JobConfig, rounds: Rounds) -> bool:
 
 
 def _all_ended(job: JobConfig, path: str, stops: StopSignals) -> None:
-    """JobInterruptedError when the round at `path` returned with trials that neither finished
-    nor failed.
+    """JobInterruptedError when the round at `path` returned after a stop signal, or with trials
+    that neither finished nor failed.
 
-    Ray Tune returns so after a stop signal (its time limit and stoppers end every trial). The
+    A stop between two trials leaves every started trial ended but trials still due: the
+    signal (`bridge.StopWitness`) is what tells. Ray Tune returns with trials unfinished only
+    after a stop signal (its time limit and stoppers end every trial). The
     grid `fit()` returns cannot tell: Tune ends the trials in memory after saving its state, so
     the saved experiment state, which a resume reads, is what is checked.
     """
     saved = ray_tune.ExperimentAnalysis(path)
     unfinished = [t for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished:
+    if unfinished or stops.stopped:
         raise JobInterruptedError(
             f"job {job.name!r} stopped by {stops.signal.name} during its search, with "
             f"{len(unfinished)} trial(s) unfinished: nothing was finalized or registered. "

@@ -368,3 +368,51 @@ def test_a_copied_job_folder_resumes_in_the_copy_and_leaves_the_original_alone(
     assert len(complete) == 3
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert str(copy / "toxtune_results") in out.stdout  # the report names the copy
+
+
+def test_a_stop_between_two_trials_registers_nothing_and_resume_runs_the_rest(
+    tmp_path: Path, small_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI caught it: a Ctrl-C that lands after one trial ended and before the next started
+    left no trial unfinished, and the job registered a 1-of-3-trial model with exit code 0.
+    Here SIGINT arrives exactly then (from the first trial's completion): the job must stop
+    unregistered, and a resume must run the two trials still due."""
+    from ray import tune as ray_tune
+
+    import tune.search
+    from tune.errors import JobInterruptedError
+
+    class StopAfterFirstTrial(ray_tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if sum(t.status == "TERMINATED" for t in trials) <= 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real = tune.search.driver_callbacks
+    monkeypatch.setattr(
+        tune.search, "driver_callbacks", lambda *a: [*real(*a), StopAfterFirstTrial()]
+    )
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as the CLI has it
+    config = write_config(tmp_path, small_csv, num_samples=3)
+    job = load_config(config, {"ray.num_cpus": 2, "search.max_concurrent": 1})
+    try:
+        with pytest.raises(JobInterruptedError, match="stopped by SIGINT during its search"):
+            run_job(job, progress=False)
+        # Tune's own handler does not outlive the search: a later Ctrl-C interrupts.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGINT, before)
+    client = MlflowClient(job.tracking_uri)
+    assert client.search_model_versions(f"name = '{job.model_name}'") == []
+    study = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+    monkeypatch.setattr(tune.search, "driver_callbacks", real)
+    try:
+        result = run_job(job, progress=False)
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert len(result.trials) == 3
+    assert len(client.search_model_versions(f"name = '{job.model_name}'")) == 1
