@@ -39,7 +39,8 @@ class TrialRecord:
 
 
 def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
-    """Every trial of every round that left an experiment state, in Ray's order."""
+    """Every trial of every round that left an experiment state, in Ray's order; a trial that
+    never reported is listed too, without metrics."""
     records = []
     for name in rounds:
         path = job.storage.uri_of(name)
@@ -49,14 +50,15 @@ def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
         frame = grid.dataframe(metric=METRIC, mode=MODE)
         rows = {r["trial_id"]: r for r in frame.to_dict("records")} if not frame.empty else {}
         for trial in grid.trials:
-            if trial.trial_id not in rows:
-                continue
+            row = rows.get(trial.trial_id) or _from_state(trial)
+            if row is None:
+                continue  # never started
             epochs, status, reason = _ending(job, trial.status, trial.last_result or {})
             records.append(
                 TrialRecord(
                     trial_id=trial.trial_id,
                     round=name,
-                    row=rows[trial.trial_id],
+                    row=row,
                     config=dict(trial.config),
                     epochs=epochs,
                     status=status,
@@ -65,6 +67,20 @@ def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
                 )
             )
     return records
+
+
+def _from_state(trial: ray_tune.experiment.Trial) -> dict[str, Any] | None:
+    """The row of a trial whose result files Ray's analysis did not find (a trial that failed
+    before its first report, or whose results had not reached the storage when it failed):
+    its last result from the experiment state, or only its id and configuration. None for a
+    trial that never started. A failed trial is never missing from the table."""
+    last = trial.last_result or {}
+    if not last and trial.status not in ("ERROR", "TERMINATED"):
+        return None
+    row = {k: v for k, v in last.items() if k != "config"}
+    row["trial_id"] = trial.trial_id
+    row.update({f"config/{k}": v for k, v in trial.config.items()})
+    return row
 
 
 def _ending(job: JobConfig, status: str, last: dict[str, Any]) -> tuple[int, str, str]:
@@ -92,6 +108,8 @@ def table(records: list[TrialRecord]) -> pd.DataFrame:
         for r in records
     ]
     frame = pd.DataFrame(rows)
+    if METRIC not in frame:
+        return frame
     return frame.sort_values(METRIC, ascending=False, na_position="last", ignore_index=True)
 
 

@@ -20,6 +20,7 @@ from tune.job import run_job
 from tune.prepare import prepare_data
 from tune.study import METRIC
 from tune.trainable import CHECKPOINT_FILE
+from tune.trials import read_trials
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +132,16 @@ def test_failed_and_diverged_trials_do_not_stop_the_search(
     assert kinds == ["code_error", "diverged"]
     assert result.failed_trials == 2
     assert len(result.trials) == 4
+
+    # A trial whose result files never reached the storage (it failed before they were
+    # written, as under load) is still listed, from the experiment state, with its failure.
+    storage = Path(job.storage.uri_of(job.name))
+    for written in [*storage.rglob("result.json"), *storage.rglob("progress.csv")]:
+        written.unlink()
+    records = read_trials(job, [job.name])
+    assert len(records) == 4
+    assert sorted(r.status for r in records).count("failed") == 2
+    assert {r.trial_id for r in records} == set(result.trials["trial_id"])
 
 
 def test_oom_is_retried_with_a_larger_gpu_share(
