@@ -36,6 +36,9 @@ from tune.space import to_run_configs
 
 CHECKPOINT_FILE = "model.pt"
 STATE_FILE = "train_state.pt"  # beside model.pt: where the trial's training stood
+# In a restored trial's first report: its epochs before the checkpoint's, as JSON rows of
+# headline metrics, so the driver logs the ones a killed driver never sent (tracking.callback).
+EARLIER_EPOCHS = "earlier_epochs"
 ABORT_KEY = "_toxtune_abort"  # set by the retry policy on a trial that must not be retried
 
 
@@ -119,7 +122,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     for hook in data.hooks:
         hook.on_start(index, share)
 
-    def report(epoch: dict[str, Any], reason: str, checkpoint: Any = None) -> None:
+    def report(epoch: dict[str, Any], reason: str, checkpoint: Any = None, **extra: Any) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch["epoch"],
             "train_loss": epoch["train_loss"],
@@ -132,15 +135,18 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             "trial_started_at": started,
             "reported_at": time.time(),
             **static,
+            **extra,
         }
         ray_tune.report(metrics, checkpoint=checkpoint)
 
     resume = restored_state()
     if resume is not None:
         # Restored one iteration before its checkpoint's epoch (tune.bridge.NewestCheckpoint):
-        # that epoch is reported again, as it was, in case its first report was lost.
+        # that epoch is reported again, as it was, in case its first report was lost, with the
+        # epochs before it for the MLflow run (their results may have died with the driver).
         best.update(roc_auc=float(resume["best_valid"]["roc_auc"]), epoch=resume["best_epoch"])
-        report(resume["history"][-1], str(resume["stop_reason"]))
+        earlier = json.dumps(earlier_epochs(resume["history"][:-1]))
+        report(resume["history"][-1], str(resume["stop_reason"]), **{EARLIER_EPOCHS: earlier})
     if trial_id in data.finished:
         # The study finished this trial after Ray's last snapshot: it does not train again, and
         # Tune completes it with the last result it got (the study's value when it has none).
@@ -182,6 +188,26 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         num_threads=cpu_threads(),
         resume=resume,
     )
+
+
+def earlier_epochs(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Training history rows as the epochs' own reports named their headline metrics (no
+    per-task scores), with the running `best_val_roc_auc`."""
+    rows, best = [], float("-inf")
+    for h in history:
+        roc_auc = float(h.get("val_roc_auc", float("nan")))
+        best = max(best, roc_auc) if np.isfinite(roc_auc) else best
+        row = {k: float(v) for k, v in h.items() if k.startswith("val_") and "/" not in k}
+        row.update(
+            epoch=int(h["epoch"]),
+            train_loss=float(h["train_loss"]),
+            lr=float(h["lr"]),
+            epoch_seconds=float(h["seconds"]),
+        )
+        if np.isfinite(best):
+            row["best_val_roc_auc"] = best
+        rows.append(row)
+    return rows
 
 
 def restored_state() -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from tune.config import JobConfig
 from tune.errors import SearchError
 from tune.study import METRIC, MODE
 from tune.tracking import trial_ending
+from tune.trainable import EARLIER_EPOCHS
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def table(records: list[TrialRecord]) -> pd.DataFrame:
         return pd.DataFrame()
     rows = [
         {
-            **{k: v for k, v in r.row.items() if k != "finished_reason"},
+            **{k: v for k, v in r.row.items() if k not in ("finished_reason", EARLIER_EPOCHS)},
             "epochs": r.epochs,
             "status": r.status,
             "finished_reason": r.finished_reason,

@@ -48,6 +48,7 @@ from tune.tracking import (
     start_job_run,
 )
 from tune.tracking.backend import EXPERIMENT_KIND_TAG, experiment_url
+from tune.trainable import EARLIER_EPOCHS, earlier_epochs
 
 EPOCHS = 3
 TASKS = ["NR-AR", "SR-p53"]
@@ -599,3 +600,54 @@ def test_results_wait_for_no_request_and_go_one_request_per_trial(tmp_path: Path
         assert steps(client, kid, "val_roc_auc/NR-AR") == [3]  # per task: once, at the end
         assert kid.data.tags["device"] == "cpu"
         assert (kid.info.status, kid.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
+
+
+def test_a_restored_trial_logs_the_epochs_a_killed_driver_never_sent(tmp_path: Path) -> None:
+    """Epochs 3-4 were still queued for MLflow when the driver died; the restored trial's first
+    report (epoch 5, from its checkpoint) carries its history, and its run ends with every
+    epoch once, with the values the trial trained to."""
+    uri = default_tracking_uri(tmp_path / "store")
+    check_tracking(uri)
+    parent = start_job_run(uri, "exp", "job-1", {"search": {"num_samples": 1}}, resume=False)
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "val_roc_auc": 0.5 + e / 20, "val_roc_auc/NR-AR": 0.6}
+        | {"val_loss": 0.7, "lr": 0.01, "seconds": 0.1 * e, "train_seconds": 0.05}
+        for e in range(1, 6)
+    ]
+
+    def result(row: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        headline = {k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
+        best = {"best_val_roc_auc": row["val_roc_auc"]}  # rising: each epoch is the best
+        return {
+            **headline,
+            **best,
+            "training_iteration": row["epoch"],
+            "epoch_seconds": 0.1,
+            **extra,
+        }
+
+    first = MlflowTrialCallback(uri, "exp", parent, max_epochs=5)
+    trial = _Trial("t0", {"lr": 0.01})
+    first.on_trial_start(0, [], trial)
+    for row in history[:2]:
+        first.on_trial_result(0, [], trial, result(row))
+    first.on_experiment_end([])  # epochs 1-2 reached MLflow; 3-4 died in the killed driver
+
+    second = MlflowTrialCallback(uri, "exp", parent, max_epochs=5)
+    second.on_trial_restore(0, [], trial)
+    earlier = json.dumps(earlier_epochs(history[:-1]))
+    second.on_trial_result(0, [], trial, result(history[-1], **{EARLIER_EPOCHS: earlier}))
+    trial.last_result = {**result(history[-1]), "finished_reason": "max_epochs"}
+    second.on_trial_complete(0, [], trial)
+    second.on_experiment_end([])
+
+    assert second.pending == 0 and second.dropped == []
+    client = MlflowClient(uri)
+    (kid,) = child_runs(client, parent)
+    losses = client.get_metric_history(kid.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in losses) == [(e, 1 / e) for e in range(1, 6)]
+    for key in ("val_roc_auc", "val_loss", "lr", "epoch_seconds", "best_val_roc_auc"):
+        assert steps(client, kid, key) == [1, 2, 3, 4, 5], key
+    best = client.get_metric_history(kid.info.run_id, "best_val_roc_auc")
+    assert {m.step: m.value for m in best}[4] == pytest.approx(0.7)
+    assert steps(client, kid, "train_seconds") == []  # a result names no such metric

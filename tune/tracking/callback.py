@@ -26,12 +26,14 @@ carry the timestamp taken when the result arrived (MLflow drops exact duplicates
 logged only when missing, dataset inputs are deduplicated by MLflow, runs are looked up by tag
 before one is made, and a restored trial's steps its run already holds are not logged again.
 MLflow's own HTTP retries are turned down meanwhile (`backend.fast_fail_http`). A driver killed
-outright loses what was still queued (at most the results of the last request's time); the
-restored trial reports its epochs again from its newest checkpoint.
+outright loses what was still queued; the restored trial's first report carries the epochs
+before its checkpoint's (`tune.trainable.EARLIER_EPOCHS`), and the steps its run lacks are
+logged from them, so its metric history has every epoch once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 import re
@@ -59,6 +61,7 @@ from tune.tracking.backend import (
 from tune.tracking.names import KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_params, safe_key
 from tune.tracking.provenance import DatasetInfo, log_dataset, source_tags
 from tune.tracking.runs import log_params
+from tune.trainable import EARLIER_EPOCHS
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +437,12 @@ class MlflowTrialCallback(ray_tune.Callback):
         if trial.trial_id not in self._tagged:
             tags = [RunTag(k, str(result[k])[:500]) for k in RESULT_TAGS if k in result]
             self._tagged.add(trial.trial_id)
+        for row in json.loads(result.get(EARLIER_EPOCHS, "[]")):  # a restored trial's
+            earlier = int(row["epoch"])
+            what = f"earlier result {trial.trial_id}#{earlier}"
+            self._submit(
+                _Op(what, trial=trial, step=earlier, metrics=result_metrics(row, earlier, now))
+            )
         what = f"result {trial.trial_id}#{step}"
         self._submit(_Op(what, trial=trial, step=step, metrics=headline, tags=tags))
 
