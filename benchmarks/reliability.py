@@ -12,7 +12,10 @@ markdown table for `benchmarks/RESULTS.md`.
 `--stack team` runs the drills on a team's stack (tests/tune/test_team_stack.py): results in an
 S3-compatible bucket (moto's server), MLflow on PostgreSQL with its artifacts in the bucket, the
 Optuna study in PostgreSQL; the nodes of the cluster drill share no folder. Whole jobs through
-a node loss and an MLflow restart are drilled there only (the test suite runs each once).
+a node loss, an MLflow restart, a PostgreSQL restart and a 10-s loss of the object store are
+drilled there only (the test suite runs each once). The object store is lost by cutting a TCP
+proxy in front of moto (tests/team_stack.py `TcpProxy`): moto keeps its buckets in memory, so
+the store's content survives, as a restarted or re-routed store's does.
 """
 
 from __future__ import annotations
@@ -86,6 +89,17 @@ TEAM_DRILLS = [
         "MLflow server (PostgreSQL, artifacts in the bucket) stopped for 8 s mid-job, restarted",
         TEAM + "test_team_mlflow_server_restarted_mid_job_loses_no_result",
         "4 of 4; every epoch of every trial in MLflow; model registered",
+    ),
+    Drill(
+        "PostgreSQL (the study and MLflow's backend) stopped for 5 s mid-job, restarted",
+        TEAM + "test_postgres_restarted_mid_job_loses_no_trial_and_no_epoch",
+        "4 of 4 COMPLETE in the study; every epoch of every trial in MLflow; model registered",
+    ),
+    Drill(
+        "object store unreachable for 10 s mid-job (connections refused and reset), back",
+        TEAM + "test_object_store_unreachable_for_10_s_mid_job_loses_nothing",
+        "4 of 4 COMPLETE in the study; every epoch in MLflow; model registered; end marker "
+        "and final model in the bucket",
     ),
 ]
 

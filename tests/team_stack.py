@@ -1,6 +1,8 @@
 """A team's storage and tracking stack, started for real on 127.0.0.1 for the tests.
 
-- an S3-compatible object store: moto's server (`ThreadedMotoServer`), with a bucket;
+- an S3-compatible object store: moto's server (`ThreadedMotoServer`), with a bucket, reached
+  through a TCP proxy (`TcpProxy`) that a drill cuts to make the store unreachable while moto,
+  and the bucket's content, stay up;
 - PostgreSQL from Debian's packages (`initdb` + `pg_ctl`, run as the `postgres` user when the
   tests run as root, since the server refuses to run as root), with one database for MLflow's
   backend store and one for the Optuna study;
@@ -16,14 +18,16 @@ import contextlib
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services import MlflowServer, free_port, mlflow_server
+from tests.services import MlflowServer, free_port, mlflow_server, submitted_job_id
 
 # Debian's PostgreSQL server binaries (the newest installed major version).
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/nonexistent"), key=str)
@@ -34,11 +38,89 @@ def postgres_available() -> bool:
     return (PG_BIN / "initdb").exists()
 
 
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` to `upstream`; `cut()` makes the port unreachable (listener
+    closed: connections refused; open connections reset) until `restore()` listens again on the
+    same port.
+
+    The drill for an object store that goes away: moto keeps its buckets in this process's
+    memory, and its threaded server, once shut down, neither frees its port nor drops the
+    connections it holds; cutting the proxy takes away the route, not the data.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            victims, self._open = self._open, set()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            listener.close()
+        for sock in victims:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes its pump; the peer sees it dropped
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    server.close()
+                    return
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with self._lock:
+                gone = src in self._open and dst not in self._open
+                self._open.discard(src)
+            if gone:
+                src.close()
+                dst.close()
+
+
 @dataclass
 class S3Server:
-    endpoint: str
+    endpoint: str  # the proxy's address, which every client is given
     bucket: str
     env: dict[str, str]  # what a process needs to reach the bucket
+    proxy: TcpProxy
 
     @property
     def uri(self) -> str:
@@ -58,14 +140,16 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def s3_server(bucket: str = "toxtune-team") -> Iterator[S3Server]:
-    """moto's S3 server on a free loopback port, with `bucket` made; the variables to reach it
-    are set in os.environ for the block (pyarrow, boto3 and MLflow all read them)."""
+    """moto's S3 server on a free loopback port behind a `TcpProxy`, with `bucket` made; the
+    variables to reach it (through the proxy) are set in os.environ for the block (pyarrow,
+    boto3 and MLflow all read them)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    proxy = TcpProxy(("127.0.0.1", port))
+    endpoint = f"http://127.0.0.1:{proxy.port}"
     env = s3_env(endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -77,13 +161,14 @@ def s3_server(bucket: str = "toxtune-team") -> Iterator[S3Server]:
         # job of an earlier test (same name, same bucket) would be found and continued.
         requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        yield S3Server(endpoint, bucket, env)
+        yield S3Server(endpoint, bucket, env, proxy)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        proxy.cut()
         server.stop()
 
 
@@ -109,6 +194,19 @@ class Postgres:
     def create_database(self, name: str) -> str:
         _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), name])
         return self.url(name)
+
+    def stop(self) -> None:
+        """Stop the server as a restart does (`-m fast`: open sessions are terminated)."""
+        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.root / "pgdata"), "-m", "fast",
+                      "-w", "stop"])  # fmt: skip
+
+    def start(self) -> None:
+        """Start the server (again), on the same port and data folder."""
+        data = self.root / "pgdata"
+        opts = f"-p {self.port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        log = str(self.root / "server.log")  # without -l the server keeps pg_ctl's pipes open
+        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", log, "-w",
+                      "start"])  # fmt: skip
 
 
 def _as_postgres(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -137,12 +235,10 @@ def postgres_server() -> Iterator[Postgres]:
     _as_postgres(
         [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
     )
-    port = free_port()
-    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    log = str(root / "server.log")  # without -l the server keeps pg_ctl's pipes open
-    _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", log, "-w", "start"])
+    server = Postgres(free_port(), root)
+    server.start()
     try:
-        yield Postgres(port, root)
+        yield server
     finally:
         with contextlib.suppress(Exception):
             _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"])
@@ -155,3 +251,31 @@ def team_mlflow(backend_uri: str, artifacts_uri: str, root: Path) -> Iterator[Ml
     access of their own for artifacts); `stop()`/`start()` restart it on the same port."""
     with mlflow_server(root, backend_uri, artifacts_uri) as server:
         yield server
+
+
+def submit_together(
+    folder: Path,
+    config: Path,
+    s3: S3Server,
+    tracking_uri: str,
+    study_storage: str,
+    dashboard: str,
+    n: int,
+) -> list[str]:
+    """Run `n` `toxtune submit` commands of `config` at once, all to the dashboard's cluster,
+    `s3`'s bucket (under shared/), the MLflow server and the study database; their job ids once
+    each has submitted (the commands' output in `folder`)."""
+    cmd = [
+        str(BIN / "toxtune"), "submit", "--address", dashboard, "--config", str(config),
+        "--tracking-uri", tracking_uri, "--storage-path", f"{s3.uri}/shared",
+        "--study-storage", study_storage,
+    ]  # fmt: skip
+    procs = []
+    for i in range(n):
+        out, err = folder / f"submit{i}.out", folder / f"submit{i}.err"
+        with out.open("w") as o, err.open("w") as e:
+            procs.append((subprocess.Popen(cmd, cwd=folder, stdout=o, stderr=e), out, err))
+    ids = [submitted_job_id(p, out, err, timeout_s=300) for p, out, err in procs]
+    for p, out, err in procs:
+        assert p.wait(timeout=120) == 0, out.read_text() + err.read_text()
+    return ids

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 from sqlalchemy.engine import make_url
@@ -51,14 +52,16 @@ def rdb(url: str) -> optuna.storages.RDBStorage:
     connection pool: each call opens and closes its connection, so the many short looks a job
     and its searcher take never pile up idle connections on a team's shared server (its
     `max_connections` is finite; pooled engines are only released at garbage collection).
+    Once the server has answered, a connection it refuses (restarted, failing over) is retried
+    for up to SERVER_PATIENCE_S (`WaitingNullPool`) instead of failing the job.
 
     A database driver that is not installed is a ConfigError naming it and the extra that
     brings PostgreSQL's (`toxtune[team]`), not optuna's bare ImportError."""
     from tune.errors import ConfigError
 
-    kwargs = {} if url.startswith("sqlite:") else {"engine_kwargs": {"poolclass": NullPool}}
+    kwargs = {} if url.startswith("sqlite:") else {"engine_kwargs": {"poolclass": WaitingNullPool}}
     try:
-        return _open_racing_creators(url, kwargs)
+        return _open_waiting(url, kwargs)
     except ImportError as exc:  # optuna re-raises SQLAlchemy's failed `import <driver>`
         cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
         driver = cause.name or make_url(url).drivername
@@ -72,6 +75,87 @@ def rdb(url: str) -> optuna.storages.RDBStorage:
             f"tracking.study_storage {shown(url)}: the database driver {driver!r} is not "
             f"installed; {fix}"
         ) from exc
+
+
+SERVER_PATIENCE_S = 120.0  # how long a study access waits for a server that answered before
+# Words of a refused or dropped connection (psycopg 2/3, PyMySQL): the server is down or
+# restarting, not misconfigured.
+_UNREACHABLE = (
+    "connection refused",
+    "could not connect",
+    "can't connect",
+    "server closed the connection",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "terminating connection",
+    "connection timed out",
+    "no such file or directory",  # its unix socket, while it restarts
+)
+
+
+class WaitingNullPool(NullPool):
+    """A NullPool (a fresh connection per use) that waits through a server restart.
+
+    Once a connection succeeded, a connection the server refuses (restarting, failing over) is
+    retried with backoff for up to SERVER_PATIENCE_S: a team's PostgreSQL restarted mid-job
+    stalls the job's study accesses (the Tune loop, the report thread) while it is down instead
+    of ending the job with SQLAlchemy's OperationalError. An operation whose connection the
+    restart cuts while it runs still fails; with no pool, a connection lives for one operation
+    (milliseconds). A plain module-level class: Tune pickles the storage with its searcher.
+    """
+
+    reached = False  # set on the instance by its first connection
+
+    def _do_get(self) -> Any:
+        delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
+        while True:
+            try:
+                record = super()._do_get()
+            except Exception as exc:
+                if not (self.reached and _unreachable(exc)) or time.monotonic() > deadline:
+                    raise
+                log.warning("the study database is unreachable, waiting: %s", _first_line(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.reached = True
+            return record
+
+
+_ANSWERED: set[str] = set()  # study database URLs this process has opened
+
+
+def _open_waiting(url: str, kwargs: dict) -> optuna.storages.RDBStorage:
+    """Open the storage; a server this process opened before (a job's second look at its
+    study) is waited for as `WaitingNullPool` waits, one never reached is refused at once (a
+    wrong host or port is a configuration error, not a restart)."""
+    delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
+    while True:
+        try:
+            storage = _open_racing_creators(url, kwargs)
+        except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
+            if not (url in _ANSWERED and _unreachable(exc)) or time.monotonic() > deadline:
+                raise
+            log.warning("study database %s unreachable, waiting: %s", shown(url), _first_line(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        _ANSWERED.add(url)
+        return storage
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the database server is down or restarting."""
+    while exc is not None:
+        if any(word in str(exc).lower() for word in _UNREACHABLE):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _open_racing_creators(url: str, kwargs: dict, attempts: int = 5) -> optuna.storages.RDBStorage:

@@ -30,7 +30,7 @@ from ray import tune as ray_tune
 from toxmodel.featurize import Features, FeaturizerConfig
 from toxmodel.split import Split
 from toxmodel.train import EpochResult, fit, load_train_state, save_train_state
-from tune import settings
+from tune import outage, settings
 from tune.bridge import PROGRESS_FILE
 from tune.space import to_run_configs
 
@@ -137,7 +137,8 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             **static,
             **extra,
         }
-        ray_tune.report(metrics, checkpoint=checkpoint)
+        # An unreachable results store is waited out (tune.outage), not a failed trial.
+        outage.report_waiting(lambda: ray_tune.report(dict(metrics), checkpoint=checkpoint))
 
     resume = restored_state()
     if resume is not None:

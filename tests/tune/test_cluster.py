@@ -319,6 +319,9 @@ def test_submit_names_the_job_as_the_config_does(
             sent.append((entrypoint, metadata))
             return "raysubmit_1"
 
+        def names(self) -> set[str]:
+            return set()
+
     monkeypatch.setattr(cluster_cli, "job_client", lambda address: Recorder())
     config = tmp_path / "job.yaml"
     config.write_text("tracking: {run_name: cluster-e2e, experiment_name: exp}\n")
@@ -331,6 +334,70 @@ def test_submit_names_the_job_as_the_config_does(
     fresh = sent[-1][1]["toxtune_job"]
     assert fresh.startswith("exp-") and f"--run-name={fresh}" in sent[-1][0]
     assert "submitted job raysubmit_1" in capsys.readouterr().out
+
+
+def test_jobs_submitted_in_the_same_second_get_names_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Fresh names are `<experiment>-<UTC second>`: two submits of one config within a second
+    took the same name, and the second job continued the first's study and runs. The names
+    of the cluster's jobs are taken; `toxtune jobs list` shows each job's name and state."""
+    import datetime as dt
+    import functools
+
+    import tune.config
+    from tune.cli import build_parser
+    from tune.identity import new_name
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cinfo, "cluster_info", lambda address, config=None: ONE)
+    second = dt.datetime(2026, 12, 4, 12, 0, 0, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(tune.config, "new_name", functools.partial(new_name, now=second))
+    jobs: list[submission.JobDetails] = []
+
+    class Cluster:
+        def submit(self, entrypoint: str, runtime_env: dict, metadata: dict, **kw: object) -> str:
+            job_id = f"raysubmit_{len(jobs) + 1}"
+            jobs.append(
+                submission.JobDetails(
+                    job_id, "RUNNING", entrypoint, name=metadata[submission.JOB_METADATA]
+                )
+            )
+            return job_id
+
+        def names(self) -> set[str]:
+            return {j.name for j in jobs}
+
+        def list(self) -> list[submission.JobDetails]:
+            return jobs
+
+    monkeypatch.setattr(cluster_cli, "job_client", lambda address: Cluster())
+    config = tmp_path / "job.yaml"
+    config.write_text("tracking: {experiment_name: exp}\n")
+    args = ["submit", "--address", "http://10.0.0.1:8265", "--storage-path", "/mnt/r"]
+    for _ in range(3):
+        assert (
+            cluster_cli.cmd_submit(build_parser().parse_args([*args, "--config", str(config)])) == 0
+        )
+    names = [j.name for j in jobs]
+    assert names == ["exp-20261204-120000", "exp-20261204-120000-2", "exp-20261204-120000-3"]
+    assert all(f"--run-name={n} " in j.entrypoint + " " for n, j in zip(names, jobs, strict=True))
+
+    capsys.readouterr()
+    jobs[0] = replace(jobs[0], status="SUCCEEDED")
+    assert (
+        cluster_cli.cmd_jobs(
+            build_parser().parse_args(["jobs", "list", "--address", "http://10.0.0.1:8265"])
+        )
+        == 0
+    )
+    rows = capsys.readouterr().out.splitlines()[1:]
+    shown = [(r.split()[0], r.split()[1], r.split()[2]) for r in rows]
+    assert shown == [
+        ("raysubmit_1", names[0], "SUCCEEDED"),
+        ("raysubmit_2", names[1], "RUNNING"),
+        ("raysubmit_3", names[2], "RUNNING"),
+    ]
 
 
 def test_the_library_never_rewrites_the_environment_and_refuses_an_overriding_one(

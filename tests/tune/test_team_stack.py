@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from tests.team_stack import (
     postgres_available,
     postgres_server,
     s3_server,
+    submit_together,
     team_mlflow,
 )
 from tests.tune.conftest import children, tiny_job
@@ -41,7 +44,7 @@ from tune.cluster import submission
 from tune.cluster.info import alive_nodes
 from tune.config import JobConfig
 from tune.drills import FaultPlan
-from tune.job import run_job
+from tune.job import JobResult, run_job
 
 pytestmark = [
     pytest.mark.slow,
@@ -223,6 +226,89 @@ def test_team_mlflow_server_restarted_mid_job_loses_no_result(
         assert steps == [1, 2, 3, 4]  # every epoch of every trial arrived
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert client.get_model_version_by_alias(job.model_name, "champion")
+
+
+def _when_checkpointed(stack: Stack, name: str, fault: Callable[[], None]) -> threading.Thread:
+    """In a thread: once the job `name` has a trial checkpoint in the bucket (it is mid-search,
+    past its preparation), run `fault`. Join it before checking what arrived."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any("/checkpoint_" in k for k in bucket_keys(stack.s3, f"toxtune/{name}/")):
+                break
+            time.sleep(0.5)
+        fault()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+def _assert_whole_record(stack: Stack, job: JobConfig, result: JobResult) -> None:
+    """Every trial COMPLETE in the study, FINISHED in MLflow with every epoch, and the model
+    registered: what a fault in the middle of the job must not take away."""
+    study = optuna.load_study(study_name=result.name, storage=stack.study_storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * job.search.num_samples
+    client = MlflowClient(stack.mlflow.url)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == job.search.num_samples
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
+        assert steps == list(range(1, job.search.max_epochs + 1))  # every epoch arrived
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert client.get_model_version_by_alias(job.model_name, "champion")
+
+
+def test_postgres_restarted_mid_job_loses_no_trial_and_no_epoch(
+    tmp_path: Path, small_csv: Path, no_ray: None, stack: Stack
+) -> None:
+    """The team's PostgreSQL (the study and MLflow's backend both) is stopped for 5 s while
+    trials train, then started again: the job waits for it and finishes whole."""
+    name = "pg-restart"
+    job = _team_job(
+        tmp_path, small_csv, stack, name, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
+    )
+    thread = _when_checkpointed(stack, name, lambda: _restart(stack.pg, down_s=5.0))
+    try:
+        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
+    finally:
+        thread.join()
+    _assert_whole_record(stack, job, result)
+
+
+def _restart(pg: Postgres, down_s: float) -> None:
+    pg.stop()
+    time.sleep(down_s)
+    pg.start()
+
+
+def test_object_store_unreachable_for_10_s_mid_job_loses_nothing(
+    tmp_path: Path, small_csv: Path, no_ray: None, stack: Stack
+) -> None:
+    """The bucket cannot be reached for 10 s while trials train and checkpoint (connections
+    refused, open ones reset; the store keeps its content, as a restarted or re-routed one
+    does): the job finishes whole, its checkpoints and end marker in the bucket."""
+    name = "s3-outage"
+    job = _team_job(
+        tmp_path, small_csv, stack, name, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
+    )
+
+    def outage() -> None:
+        stack.s3.proxy.cut()
+        time.sleep(10.0)
+        stack.s3.proxy.restore()
+
+    thread = _when_checkpointed(stack, name, outage)
+    try:
+        result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
+    finally:
+        thread.join()
+    _assert_whole_record(stack, job, result)
+    keys = bucket_keys(stack.s3, f"toxtune/{name}/")
+    assert any(k.endswith("toxtune_done.json") for k in keys)
+    assert any(k.endswith("/final/model.pt") for k in keys)
 
 
 def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
@@ -413,3 +499,110 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
             assert rows[0][served] == pytest.approx(float(predicted[written][0]), abs=1e-6)
     assert rows[0]["nn_similarity"] == pytest.approx(float(predicted["nn_similarity"][0]))
     assert str(rows[0]["in_domain"]) == predicted["in_domain"][0]
+
+
+def _shared_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: str) -> Path:
+    """A 2-trial, 2-epoch job on 300 Tox21 rows (1 logical CPU per trial, 5-s epochs, so the
+    jobs' searches last long enough to overlap), and the environment the cluster's node
+    (started next) hands to its jobs; returns the config. No run name: each submit names its
+    job afresh."""
+    if not TOX21.is_file():
+        pytest.skip(f"no local Tox21 copy at {TOX21}")
+    csv = tmp_path / "tox21_small.csv"
+    pd.read_csv(TOX21)[["smiles", *TARGETS]].dropna().head(300).to_csv(csv, index=False)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 5.0}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = {
+        "data": {"source": str(csv), "targets": TARGETS},
+        "featurizer": {"radius": 2, "n_bits": 256},
+        "split": {"method": "random", "seed": 0},
+        "search": {
+            "searcher": "optuna",
+            "scheduler": "fifo",
+            "num_samples": 2,
+            "max_epochs": 2,
+            "max_concurrent": 2,
+            "patience": 0,
+            "space": {
+                "n_layers": {"low": 1, "high": 1},
+                "width_0": {"choices": [32, 64]},
+                "batch_size": {"choices": [64]},
+            },
+        },
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+        "tracking": {"experiment_name": experiment, "registered_model_name": experiment},
+    }
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_two_jobs_submitted_together_share_the_cluster_and_keep_their_records_apart(
+    tmp_path: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `toxtune submit` of one config at once, to one Ray cluster with room for both
+    (4 logical CPUs, 2 trials of 1 CPU each per job), one bucket, one MLflow server, one
+    PostgreSQL: each job gets a name of its own, both succeed, `toxtune jobs list` shows both
+    with their state, their trials run side by side (neither waits for the other to finish),
+    and each job's study, runs, bucket folder and model version are its own."""
+    experiment = "shared-stack"
+    config = _shared_config(tmp_path, monkeypatch, experiment)
+    with ray_cluster(tmp_path / "ray", num_cpus=4, dashboard=True) as ray_c:
+        ids = submit_together(
+            tmp_path,
+            config,
+            stack.s3,
+            stack.mlflow.url,
+            stack.study_storage,
+            ray_c.dashboard_url,
+            n=2,
+        )
+        jobs = submission.JobsClient.connect(ray_c.dashboard_url)
+        for job_id in ids:
+            status = jobs.wait(job_id, poll_s=1.0)
+            assert status == "SUCCEEDED", jobs.logs(job_id)[-6000:]
+        names = {job_id: jobs.details(job_id).name for job_id in ids}
+        listed = subprocess.run(
+            [str(BIN / "toxtune"), "jobs", "list", "--address", ray_c.dashboard_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:3] for line in listed.stdout.splitlines()[1:]}
+    assert {i: rows[i] for i in ids} == {i: [names[i], "SUCCEEDED"] for i in ids}
+    assert len(set(names.values())) == 2 and all(names.values())
+
+    client = MlflowClient(stack.mlflow.url)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = {
+        r.data.tags["toxtune.job"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags
+    }
+    assert set(parents) == set(names.values())
+    spans = {}
+    for name, parent in parents.items():
+        assert parent.info.status == "FINISHED"
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(kids) == 2 and {k.info.status for k in kids} == {"FINISHED"}
+        for kid in kids:
+            steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
+            assert steps == [1, 2]
+        spans[name] = (min(k.info.start_time for k in kids), max(k.info.end_time for k in kids))
+        study = optuna.load_study(study_name=name, storage=stack.study_storage)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        ray_ids = {t.user_attrs["ray_trial_id"] for t in study.trials}
+        assert ray_ids == {k.data.tags["toxtune.trial_id"] for k in kids}  # its own trials
+        keys = bucket_keys(stack.s3, f"shared/{name}/")
+        assert any(k.endswith("toxtune_done.json") for k in keys)
+    # Shared, not queued: each job's first trial started before the other's last one ended.
+    (a_first, a_last), (b_first, b_last) = spans.values()
+    assert a_first < b_last and b_first < a_last, spans
+    # One model, a version from each job's run; the alias on the better one (same data).
+    versions = client.search_model_versions(f"name='{experiment}'")
+    assert sorted(v.run_id for v in versions) == sorted(p.info.run_id for p in parents.values())
+    best = max(versions, key=lambda v: float(v.tags["val_roc_auc"]))
+    champion = client.get_model_version_by_alias(experiment, "champion")
+    assert float(champion.tags["val_roc_auc"]) == float(best.tags["val_roc_auc"])

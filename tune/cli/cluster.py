@@ -100,11 +100,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     overrides = tune_overrides(args)
     config_path: Path | None = Path(args.config) if args.config else None
     job = load_config(config_path, overrides)  # validates; ConfigError names the field
-    if not args.resume:
-        # Named here (--run-name, the config's, or a fresh one), so the submitted command, the
-        # job's metadata and the record agree.
-        job = named(job)
-        overrides["tracking.run_name"] = job.name
     address = resolve_address(args.address)
     with pinned_api_address(address):
         client = job_client(address)  # fails early, with the tunnel hint, if unreachable
@@ -115,6 +110,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"cluster: {info.describe()}", file=sys.stderr)
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
+        if not args.resume:
+            # Named here (--run-name, the config's, or a fresh one), so the submitted command,
+            # the job's metadata and the record agree. A fresh name skips those of the
+            # cluster's jobs: jobs submitted in the same second would share a timestamp, and
+            # with it a record (the second would continue the first's study and runs).
+            taken = client.names()
+            job = named(job, exists=taken.__contains__)
+            overrides["tracking.run_name"] = job.name
         sent = submit_job(
             client,
             job,
@@ -200,10 +203,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with pinned_api_address(address):
         client = job_client(address)
         if action == "list":
-            print(f"{'JOB_ID':<30} {'STATUS':<10} {'STARTED':<20} ENTRYPOINT")
-            for j in client.list():
+            jobs = client.list()
+            wide = max([len(j.name) for j in jobs] + [4])
+            print(f"{'JOB_ID':<30} {'NAME':<{wide}} {'STATUS':<10} {'STARTED':<20} ENTRYPOINT")
+            for j in jobs:
                 entry = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
-                print(f"{j.job_id:<30} {j.status:<10} {_when(j.start_ms):<20} {entry}")
+                name = j.name or "-"
+                print(
+                    f"{j.job_id:<30} {name:<{wide}} {j.status:<10} {_when(j.start_ms):<20} {entry}"
+                )
             return 0
         if action == "status":
             d = client.details(job_id)

@@ -36,6 +36,7 @@ JOB_CONFIG_NAME = "job.yaml"  # the config file's name inside the job's working 
 DATA_DIR = "_toxtune_data"  # where a local data file is shipped inside the working directory
 MAX_DATA_BYTES = 200 * 2**20  # above this, a data file must live on shared storage or a URL
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+JOB_METADATA = "toxtune_job"  # the submitted job's metadata key holding the toxtune job's name
 AGENT_WAIT_S = 60.0  # how long a submission waits for a starting head node's job agent
 # The variables Ray's JobSubmissionClient lets override the address it is given, in its order.
 RAY_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -236,6 +237,7 @@ class JobDetails:
     message: str = ""
     start_ms: int | None = None
     end_ms: int | None = None
+    name: str = ""  # the toxtune job's name (its `toxtune_job` metadata; "" for other jobs)
 
 
 def _status(value: Any) -> str:
@@ -250,6 +252,7 @@ def _details(info: Any, job_id: str | None = None) -> JobDetails:
         message=info.message or "",
         start_ms=info.start_time,
         end_ms=info.end_time,
+        name=str((info.metadata or {}).get(JOB_METADATA, "")),
     )
 
 
@@ -325,6 +328,10 @@ class JobsClient:
         rows = sorted(self.call(self.sdk.list_jobs), key=lambda j: j.start_time or 0)
         return [_details(j) for j in rows]
 
+    def names(self) -> set[str]:
+        """The toxtune job names the cluster knows (any status): a new job takes none of them."""
+        return {j.name for j in self.list() if j.name}
+
     def logs(self, job_id: str) -> str:
         return str(self.call(self.sdk.get_job_logs, job_id) or "")
 
@@ -378,5 +385,5 @@ def submit_job(
         rendered, notes = prepare_working_dir(root, job, overrides, config_path, extra_dir)
         env = runtime_env(root, runtime_env_json)
         entrypoint = render_entrypoint(rendered, JOB_CONFIG_NAME if config_path else None, resume)
-        job_id = client.submit(entrypoint, env, {"toxtune_job": job.name})
+        job_id = client.submit(entrypoint, env, {JOB_METADATA: job.name})
     return Submission(job_id=job_id, entrypoint=entrypoint, notes=notes)
