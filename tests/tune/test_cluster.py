@@ -340,8 +340,10 @@ def test_jobs_submitted_in_the_same_second_get_names_of_their_own(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Fresh names are `<experiment>-<UTC second>`: two submits of one config within a second
-    took the same name, and the second job continued the first's study and runs. The names
-    of the cluster's jobs are taken; `toxtune jobs list` shows each job's name and state."""
+    took the same name, and the second job continued the first's study and runs. Submits made
+    at the same moment all see the same list of the cluster's jobs (here: none), so the name is
+    claimed as the submission id, which the cluster gives to one job only (as Ray's job manager
+    does); `toxtune jobs list` shows each job's name and state."""
     import datetime as dt
     import functools
 
@@ -356,17 +358,26 @@ def test_jobs_submitted_in_the_same_second_get_names_of_their_own(
     jobs: list[submission.JobDetails] = []
 
     class Cluster:
-        def submit(self, entrypoint: str, runtime_env: dict, metadata: dict, **kw: object) -> str:
-            job_id = f"raysubmit_{len(jobs) + 1}"
-            jobs.append(
-                submission.JobDetails(
-                    job_id, "RUNNING", entrypoint, name=metadata[submission.JOB_METADATA]
+        def submit(
+            self,
+            entrypoint: str,
+            runtime_env: dict,
+            metadata: dict,
+            submission_id: str | None = None,
+            **kw: object,
+        ) -> str:
+            job_id = submission_id or f"raysubmit_{len(jobs) + 1}"
+            if any(j.job_id == job_id for j in jobs):
+                raise submission.IdTakenError(
+                    f"Job with submission_id {job_id} already exists. Please use a different "
+                    "submission_id."
                 )
-            )
+            name = metadata[submission.JOB_METADATA]
+            jobs.append(submission.JobDetails(job_id, "RUNNING", entrypoint, name=name))
             return job_id
 
         def names(self) -> set[str]:
-            return {j.name for j in jobs}
+            return set()  # what racing submits saw: the list before any of them was added
 
         def list(self) -> list[submission.JobDetails]:
             return jobs
@@ -394,9 +405,9 @@ def test_jobs_submitted_in_the_same_second_get_names_of_their_own(
     rows = capsys.readouterr().out.splitlines()[1:]
     shown = [(r.split()[0], r.split()[1], r.split()[2]) for r in rows]
     assert shown == [
-        ("raysubmit_1", names[0], "SUCCEEDED"),
-        ("raysubmit_2", names[1], "RUNNING"),
-        ("raysubmit_3", names[2], "RUNNING"),
+        (f"toxtune-{names[0]}", names[0], "SUCCEEDED"),
+        (f"toxtune-{names[1]}", names[1], "RUNNING"),
+        (f"toxtune-{names[2]}", names[2], "RUNNING"),
     ]
 
 

@@ -17,13 +17,14 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tune.cli.tune_job import add_tune_flags, tune_overrides
 from tune.errors import ClusterError
 
 if TYPE_CHECKING:
-    from tune.cluster.submission import JobsClient
+    from tune.cluster.submission import JobsClient, Submission
+    from tune.config import JobConfig
 
 
 @contextlib.contextmanager
@@ -94,8 +95,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Check the job against the cluster, submit it, optionally wait or follow."""
     from tune.cluster.checks import check_job
     from tune.cluster.info import cluster_info
-    from tune.cluster.submission import resolve_address, submit_job
-    from tune.config import load_config, named
+    from tune.cluster.submission import resolve_address
+    from tune.config import load_config
 
     overrides = tune_overrides(args)
     config_path: Path | None = Path(args.config) if args.config else None
@@ -110,23 +111,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"cluster: {info.describe()}", file=sys.stderr)
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
-        if not args.resume:
-            # Named here (--run-name, the config's, or a fresh one), so the submitted command,
-            # the job's metadata and the record agree. A fresh name skips those of the
-            # cluster's jobs: jobs submitted in the same second would share a timestamp, and
-            # with it a record (the second would continue the first's study and runs).
-            taken = client.names()
-            job = named(job, exists=taken.__contains__)
-            overrides["tracking.run_name"] = job.name
-        sent = submit_job(
-            client,
-            job,
-            overrides,
-            config_path,
-            resume=args.resume,
-            extra_dir=args.working_dir,
-            runtime_env_json=args.runtime_env_json,
-        )
+        sent = _submit_named(client, job, overrides, config_path, args)
         for line in sent.notes:
             print(line, file=sys.stderr)
         job_id, q = sent.job_id, shlex.quote(address)
@@ -146,6 +131,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"\nstopped watching; job {job_id} keeps running (toxtune jobs stop {job_id})")
             return 130
     return 0
+
+
+CLAIM_ATTEMPTS = 20  # fresh names tried when jobs submitted at the same moment chose the same
+
+
+def _submit_named(
+    client: JobsClient,
+    job: JobConfig,
+    overrides: dict[str, Any],
+    config_path: Path | None,
+    args: argparse.Namespace,
+) -> Submission:
+    """Submit the job under its name: `--resume`'s, the config's `run_name`, or a fresh
+    `<experiment>-<UTC second>` that skips the names of the cluster's jobs and is claimed as
+    the submission id (`submission.claim_id`), so that jobs submitted at the same moment, which
+    all saw the same list, still end with names of their own (the loser of a claim takes the
+    next suffix) instead of one sharing another's study and runs."""
+    from tune.cluster.submission import IdTakenError, claim_id, submit_job
+    from tune.config import named
+
+    fresh = not args.resume and not job.tracking.run_name
+    taken = client.names() if fresh else set()
+    for _ in range(CLAIM_ATTEMPTS):
+        candidate = named(job, exists=taken.__contains__)
+        if not args.resume:
+            overrides["tracking.run_name"] = candidate.name
+        try:
+            return submit_job(
+                client,
+                candidate,
+                overrides,
+                config_path,
+                resume=args.resume,
+                extra_dir=args.working_dir,
+                runtime_env_json=args.runtime_env_json,
+                submission_id=claim_id(candidate.name) if fresh else None,
+            )
+        except IdTakenError:
+            taken.add(candidate.name)
+    raise ClusterError(f"no free job name after {CLAIM_ATTEMPTS} tries; set one with --run-name")
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:

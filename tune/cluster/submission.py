@@ -37,6 +37,20 @@ DATA_DIR = "_toxtune_data"  # where a local data file is shipped inside the work
 MAX_DATA_BYTES = 200 * 2**20  # above this, a data file must live on shared storage or a URL
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 JOB_METADATA = "toxtune_job"  # the submitted job's metadata key holding the toxtune job's name
+CLAIM_PREFIX = "toxtune-"  # a fresh-named job's submission id: `toxtune-<name>`, its claim
+
+
+class IdTakenError(ClusterError):
+    """The submission id (a fresh job name's claim) is held by a job the cluster already has."""
+
+
+def claim_id(name: str) -> str:
+    """The submission id that claims the fresh job name `name` on a cluster. Ray adds a job
+    under a given id only if no job holds it (one atomic put in the GCS), so two submits that
+    chose the same name at once cannot both have it: the second is refused and picks another."""
+    return f"{CLAIM_PREFIX}{name}"
+
+
 AGENT_WAIT_S = 60.0  # how long a submission waits for a starting head node's job agent
 # The variables Ray's JobSubmissionClient lets override the address it is given, in its order.
 RAY_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -298,9 +312,11 @@ class JobsClient:
         runtime_env: dict[str, Any],
         metadata: dict,
         agent_wait_s: float = AGENT_WAIT_S,
+        submission_id: str | None = None,
     ) -> str:
-        """Submit; the job's id. A head node still starting its job agent answers "No available
-        agent" (HTTP 500, nothing submitted): that is retried for up to `agent_wait_s`."""
+        """Submit; the job's id (`submission_id` when given, IdTakenError when a job holds it).
+        A head node still starting its job agent answers "No available agent" (HTTP 500,
+        nothing submitted): that is retried for up to `agent_wait_s`."""
         deadline = time.monotonic() + agent_wait_s
         while True:
             try:
@@ -310,9 +326,12 @@ class JobsClient:
                         entrypoint=entrypoint,
                         runtime_env=runtime_env,
                         metadata=metadata,
+                        submission_id=submission_id,
                     )
                 )
             except ClusterError as exc:
+                if submission_id and f"submission_id {submission_id} already exists" in str(exc):
+                    raise IdTakenError(str(exc)) from exc
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(2.0)
@@ -375,8 +394,10 @@ def submit_job(
     resume: str | None = None,
     extra_dir: Path | None = None,
     runtime_env_json: str | None = None,
+    submission_id: str | None = None,
 ) -> Submission:
-    """Ship the job's working directory and submit `toxtune tune` with the same flags.
+    """Ship the job's working directory and submit `toxtune tune` with the same flags, under
+    `submission_id` when given (`claim_id`: IdTakenError when another job holds it).
 
     `job` must already be checked against the cluster (`tune.cluster.checks.check_job`).
     """
@@ -385,5 +406,7 @@ def submit_job(
         rendered, notes = prepare_working_dir(root, job, overrides, config_path, extra_dir)
         env = runtime_env(root, runtime_env_json)
         entrypoint = render_entrypoint(rendered, JOB_CONFIG_NAME if config_path else None, resume)
-        job_id = client.submit(entrypoint, env, {JOB_METADATA: job.name})
+        job_id = client.submit(
+            entrypoint, env, {JOB_METADATA: job.name}, submission_id=submission_id
+        )
     return Submission(job_id=job_id, entrypoint=entrypoint, notes=notes)
