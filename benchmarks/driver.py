@@ -236,7 +236,10 @@ SHIPPED: tuple[Any, Any] = (None, None)  # set in main(), before anything is pat
 def run_bare(cell: Cell, root: Path, epochs: int, run_s: float, every: int) -> Cell:
     from ray import tune as ray_tune
 
-    os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)  # Ray's default ("auto")
+    from tune import settings
+
+    for key in settings.TUNE_ENV:  # Ray's defaults: snapshot period "auto", its own loggers
+        os.environ.pop(key, None)
     trainable = ray_tune.with_resources(simulated_trial, {"cpu": 1})
     config = {"_epoch_s": cell.epoch_s, "_epochs": epochs, "_checkpoint_every": every}
     config["_index"] = ray_tune.randint(0, 10**6)

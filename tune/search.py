@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 from ray import tune as ray_tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.stopper import CombinedStopper
@@ -338,6 +339,10 @@ def driver_callbacks(
         PendingWatch(job.resources.pending_timeout_s, _asked(job)),
         bridge.NewestCheckpoint(),
         ProgressLine(),
+        # Each trial's result.json and progress.csv, which `trials.read_trials` reads (Ray's
+        # automatic loggers are off: tune.settings.TUNE_ENV).
+        JsonLoggerCallback(),
+        CSVLoggerCallback(),
     ]
 
 

@@ -13,7 +13,8 @@ from tune import bridge
 TUNE = Path(__file__).resolve().parents[2] / "tune"
 PRIVATE = re.compile(
     r"\._(ot_trials|completed_trials|ot_study|storage|trial_id|progress_metrics|node_ip_address"
-    r"|resume_config|local_tuner|run_config|sampler|latest_checkpoint_result)\b"
+    r"|resume_config|local_tuner|run_config|sampler|latest_checkpoint_result|backend"
+    r"|create_scoped_session|set_trial_intermediate_value_without_commit)\b"
     r"|\bmax_failures\s*=(?!=)"
 )
 

@@ -13,10 +13,11 @@ Trials on other nodes need neither MLflow access nor the driver's disk: all logg
 here, in the driver.
 
 Off the Tune loop: a Tune hook only queues its operation; a sender thread sends the queue in
-order, so the driver's loop never waits for MLflow. The epochs that arrive while a request is
-in flight are sent together: consecutive results are grouped by trial and each trial's group is
-one `log_batch` request (MLflow's batch is per run), so requests per second follow the trials in
-flight, not the results (`benchmarks/driver.py`).
+order, so the driver's loop never waits for MLflow. The sender sends at most every SEND_EVERY_S,
+and the epochs that arrive meanwhile (or while a request is in flight) go together: consecutive
+results are grouped by trial and each trial's group is one `log_batch` request (MLflow's batch
+is per run), so requests per second follow the trials in flight, not the results
+(`benchmarks/driver.py`).
 
 Resilience: every MLflow call goes through that ordered buffer. When the server is unreachable
 (connection refused, timeout, 5xx) the operation stays queued and is replayed later, with
@@ -69,6 +70,9 @@ METRIC_PREFIXES = ("train_", "val_", "best_")
 EXTRA_METRICS = ("lr", "epoch_seconds")
 RESULT_TAGS = ("node_ip", "node_id", "device", "gpu_ids", "gpu_fraction")
 FLUSH_AT_END_S = 120.0
+# The sender's pace: one request per trial with new epochs per interval, however fast they come
+# (without it, at 32 trials in flight each result was a request of its own: py-spy).
+SEND_EVERY_S = 1.0
 BATCH = 1000  # MLflow's limit on metrics per log_batch
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -211,14 +215,20 @@ class MlflowTrialCallback(ray_tune.Callback):
             self._wake.notify()
 
     def _send_forever(self) -> None:
-        """The sender thread: send what is queued, in order; sleep while nothing is due."""
+        """The sender thread: send what is queued, in order, at most every SEND_EVERY_S, so
+        that a trial's epochs that arrive meanwhile go as one request; sleep while nothing is
+        due."""
+        sent_at = float("-inf")
         while True:
             with self._wake:
-                while not self._stop and (not self._queue or self._retry_at > time.monotonic()):
-                    due = self._retry_at - time.monotonic() if self._queue else None
-                    self._wake.wait(timeout=due)
+                while not self._stop:
+                    due = max(self._retry_at, sent_at + SEND_EVERY_S)
+                    if self._queue and due <= time.monotonic():
+                        break
+                    self._wake.wait(timeout=due - time.monotonic() if self._queue else None)
                 if self._stop:
                     return
+            sent_at = time.monotonic()
             self.flush()
 
     def _stop_sender(self, timeout_s: float) -> None:
