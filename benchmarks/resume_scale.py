@@ -157,6 +157,7 @@ def make_state(job: Any, trials: int, results: int) -> None:
     import ray
     from optuna.distributions import FloatDistribution
     from ray import tune as ray_tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from tune import study, tracking
     from tune.bridge import RAY_TRIAL_ATTR
@@ -175,7 +176,11 @@ def make_state(job: Any, trials: int, results: int) -> None:
                 num_samples=trials, max_concurrent_trials=8, reuse_actors=True
             ),
             run_config=ray_tune.RunConfig(
-                name=job.name, storage_path=job.ray.storage_path, verbose=0
+                name=job.name,
+                storage_path=job.ray.storage_path,
+                verbose=0,
+                # the result files toxtune's driver writes (tune.search.driver_callbacks)
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
             ),
         )
         grid = tuner.fit()

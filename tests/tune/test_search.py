@@ -136,6 +136,9 @@ def test_failed_and_diverged_trials_do_not_stop_the_search(
     # A trial whose result files never reached the storage (it failed before they were
     # written, as under load) is still listed, from the experiment state, with its failure.
     storage = Path(job.storage.uri_of(job.name))
+    # Ray's JSON and CSV result files are written, its TensorBoard files are not (settings).
+    assert list(storage.rglob("result.json")) and list(storage.rglob("progress.csv"))
+    assert not list(storage.rglob("events.out.tfevents*"))
     for written in [*storage.rglob("result.json"), *storage.rglob("progress.csv")]:
         written.unlink()
     records = read_trials(job, [job.name])
