@@ -35,8 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TOX21 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tox21.csv"
-TARGETS = ["NR-AhR", "SR-ARE", "SR-MMP"]
 EXPERIMENT = "shared-stack-bench"
 
 
@@ -69,33 +67,16 @@ def team_stack(root: Path) -> Iterator[Stack]:
 
 
 def write_config(root: Path, trials: int, epochs: int) -> Path:
-    import pandas as pd
-    import yaml
+    """The job every submit runs (tests.team_stack.small_tox21_job): `trials` trials at once."""
+    from tests.team_stack import small_tox21_job
 
-    csv = root / "tox21_small.csv"
-    pd.read_csv(TOX21)[["smiles", *TARGETS]].dropna().head(300).to_csv(csv, index=False)
-    config = {
-        "data": {"source": str(csv), "targets": TARGETS},
-        "featurizer": {"radius": 2, "n_bits": 256},
-        "split": {"method": "random", "seed": 0},
-        "search": {
-            "scheduler": "fifo",
-            "num_samples": trials,
-            "max_epochs": epochs,
-            "max_concurrent": trials,
-            "patience": 0,
-            "space": {
-                "n_layers": {"low": 1, "high": 1},
-                "width_0": {"choices": [32, 64]},
-                "batch_size": {"choices": [64]},
-            },
-        },
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
-        "tracking": {"experiment_name": EXPERIMENT, "registered_model_name": EXPERIMENT},
-    }
-    path = root / "job.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return small_tox21_job(
+        root,
+        "job.yaml",
+        search={"num_samples": trials, "max_epochs": epochs, "max_concurrent": trials},
+        resources={"cpus_per_trial": 1, "gpus_per_trial": 0},
+        tracking={"experiment_name": EXPERIMENT, "registered_model_name": EXPERIMENT},
+    )
 
 
 def run_round(

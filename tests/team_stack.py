@@ -279,3 +279,47 @@ def submit_together(
     for p, out, err in procs:
         assert p.wait(timeout=120) == 0, out.read_text() + err.read_text()
     return ids
+
+
+TOX21 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tox21.csv"
+SMALL_TARGETS = ["NR-AhR", "SR-ARE", "SR-MMP"]
+
+
+def small_tox21_job(
+    folder: Path,
+    name: str,
+    *,
+    search: dict,
+    resources: dict,
+    tracking: dict,
+) -> Path:
+    """A job config on 300 Tox21 rows (3 tasks, 256-bit fingerprints, random split seed 0),
+    written to `folder/name` beside its data slice; `search` adds to (or replaces) a FIFO,
+    Optuna, no-patience search with a one-layer space. What the team-stack tests and
+    benchmarks/shared_stack.py submit."""
+    import pandas as pd
+    import yaml
+
+    csv = folder / "tox21_small.csv"
+    pd.read_csv(TOX21)[["smiles", *SMALL_TARGETS]].dropna().head(300).to_csv(csv, index=False)
+    config = {
+        "data": {"source": str(csv), "targets": SMALL_TARGETS},
+        "featurizer": {"radius": 2, "n_bits": 256},
+        "split": {"method": "random", "seed": 0},
+        "search": {
+            "searcher": "optuna",
+            "scheduler": "fifo",
+            "patience": 0,
+            "space": {
+                "n_layers": {"low": 1, "high": 1},
+                "width_0": {"choices": [32, 64]},
+                "batch_size": {"choices": [64]},
+            },
+            **search,
+        },
+        "resources": resources,
+        "tracking": tracking,
+    }
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

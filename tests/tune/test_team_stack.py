@@ -30,12 +30,15 @@ from tests.services import (
     wait_for_trial_on,
 )
 from tests.team_stack import (
+    SMALL_TARGETS,
+    TOX21,
     Postgres,
     S3Server,
     bucket_keys,
     postgres_available,
     postgres_server,
     s3_server,
+    small_tox21_job,
     submit_together,
     team_mlflow,
 )
@@ -362,34 +365,18 @@ def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
     assert [r.info.status for r in runs] == ["FAILED"]  # the job's run only: no trial ran
 
 
-TOX21 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tox21.csv"
-TARGETS = ["NR-AhR", "SR-ARE", "SR-MMP"]
-
-
 def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A 4-trial, 4-epoch job on 300 Tox21 rows (0.5 logical GPU per trial, 1-s epochs; a
     2-network ensemble registered), and the environment the cluster's nodes (started next)
     hand to it; returns the config."""
-    if not TOX21.is_file():
-        pytest.skip(f"no local Tox21 copy at {TOX21}")
-    csv = tmp_path / "tox21_small.csv"
-    pd.read_csv(TOX21)[["smiles", *TARGETS]].dropna().head(300).to_csv(csv, index=False)
-    # The job's driver and trials inherit the environment of `ray start`: toxtune on PATH.
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = {
-        "data": {"source": str(csv), "targets": TARGETS},
-        "featurizer": {"radius": 2, "n_bits": 256},
-        "split": {"method": "random", "seed": 0},
-        "search": {
-            "searcher": "optuna",
-            "scheduler": "fifo",
+    _job_environment(tmp_path, monkeypatch, epoch_s=1.0)
+    return small_tox21_job(
+        tmp_path,
+        "tiny.yaml",
+        search={
             "num_samples": 4,
             "max_epochs": 4,
             "max_concurrent": 2,
-            "patience": 0,
             "ensemble": 2,  # the registered model has a spread to serve
             "space": {
                 "n_layers": {"low": 1, "high": 2},
@@ -398,16 +385,24 @@ def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 "batch_size": {"choices": [64]},
             },
         },
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0.5},
-        "tracking": {
+        resources={"cpus_per_trial": 1, "gpus_per_trial": 0.5},
+        tracking={
             "experiment_name": "toxtune-cluster-e2e",
             "run_name": "cluster-e2e",
             "registered_model_name": "toxtune-cluster-e2e",
         },
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    )
+
+
+def _job_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch_s: float) -> None:
+    """What the cluster's nodes (started next) hand to their jobs: toxtune on PATH, a feature
+    cache, and epochs held `epoch_s` seconds (a drill's fault plan)."""
+    if not TOX21.is_file():
+        pytest.skip(f"no local Tox21 copy at {TOX21}")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": epoch_s}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
 def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
@@ -494,7 +489,7 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
     assert all(value is None for key, value in rows[1].items() if key not in ("smiles", "error"))
     # Both read the same registered model (an ensemble, calibrated, with its domain): the same
     # probabilities, spreads and similarity for the same molecule.
-    for task in TARGETS:
+    for task in SMALL_TARGETS:
         for served, written in ((task, f"p_{task}"), (f"{task}_std", f"p_{task}_std")):
             assert rows[0][served] == pytest.approx(float(predicted[written][0]), abs=1e-6)
     assert rows[0]["nn_similarity"] == pytest.approx(float(predicted["nn_similarity"][0]))
@@ -506,37 +501,14 @@ def _shared_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: 
     jobs' searches last long enough to overlap), and the environment the cluster's node
     (started next) hands to its jobs; returns the config. No run name: each submit names its
     job afresh."""
-    if not TOX21.is_file():
-        pytest.skip(f"no local Tox21 copy at {TOX21}")
-    csv = tmp_path / "tox21_small.csv"
-    pd.read_csv(TOX21)[["smiles", *TARGETS]].dropna().head(300).to_csv(csv, index=False)
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 5.0}))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = {
-        "data": {"source": str(csv), "targets": TARGETS},
-        "featurizer": {"radius": 2, "n_bits": 256},
-        "split": {"method": "random", "seed": 0},
-        "search": {
-            "searcher": "optuna",
-            "scheduler": "fifo",
-            "num_samples": 2,
-            "max_epochs": 2,
-            "max_concurrent": 2,
-            "patience": 0,
-            "space": {
-                "n_layers": {"low": 1, "high": 1},
-                "width_0": {"choices": [32, 64]},
-                "batch_size": {"choices": [64]},
-            },
-        },
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
-        "tracking": {"experiment_name": experiment, "registered_model_name": experiment},
-    }
-    path = tmp_path / "shared.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    _job_environment(tmp_path, monkeypatch, epoch_s=5.0)
+    return small_tox21_job(
+        tmp_path,
+        "shared.yaml",
+        search={"num_samples": 2, "max_epochs": 2, "max_concurrent": 2},
+        resources={"cpus_per_trial": 1, "gpus_per_trial": 0},
+        tracking={"experiment_name": experiment, "registered_model_name": experiment},
+    )
 
 
 def test_two_jobs_submitted_together_share_the_cluster_and_keep_their_records_apart(
