@@ -51,12 +51,33 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = [
-    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD",
-    "NR-PPAR-gamma", "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53",
-]  # fmt: skip
+from toxmodel.sources import TOX21_TASKS
+
 STACKS = ("bare", "embedded", "team")
 BUCKET = "toxtune-driver-bench"
+
+
+def tox21_result(
+    epoch: int, rng: np.random.Generator, best: float, epoch_s: float
+) -> tuple[dict[str, Any], float]:
+    """A simulated Tox21 trial's epoch as toxtune's trainable reports it: headline metrics and
+    a ROC-AUC and PR-AUC per task for the 12 tasks, rising with the epoch; and the new best."""
+    auc = 0.6 + 0.3 * (1 - 1 / epoch) + rng.normal(0, 0.01)
+    best = max(best, auc)
+    metrics = {
+        "epoch": epoch,
+        "train_loss": 0.3 / epoch,
+        "val_loss": 0.35 / epoch,
+        "val_roc_auc": auc,
+        "val_pr_auc": auc / 3,
+        **{f"val_roc_auc/{t}": auc + rng.normal(0, 0.02) for t in TOX21_TASKS},
+        **{f"val_pr_auc/{t}": auc / 3 + rng.normal(0, 0.02) for t in TOX21_TASKS},
+        "best_val_roc_auc": best,
+        "best_epoch": epoch,
+        "lr": 1e-3,
+        "epoch_seconds": epoch_s,
+    }
+    return metrics, best
 
 
 def simulated_trial(config: dict[str, Any]) -> None:
@@ -77,31 +98,21 @@ def simulated_trial(config: dict[str, Any]) -> None:
     best = 0.0
     for epoch in range(first, int(config["_epochs"]) + 1):
         time.sleep(epoch_s)
-        auc = 0.6 + 0.3 * (1 - 1 / epoch) + rng.normal(0, 0.01)
-        best = max(best, auc)
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": 0.3 / epoch,
-            "val_loss": 0.35 / epoch,
-            "val_roc_auc": auc,
-            "val_pr_auc": auc / 3,
-            **{f"val_roc_auc/{t}": auc + rng.normal(0, 0.02) for t in TASKS},
-            **{f"val_pr_auc/{t}": auc / 3 + rng.normal(0, 0.02) for t in TASKS},
-            "best_val_roc_auc": best,
-            "best_epoch": epoch,
-            "lr": 1e-3,
-            "epoch_seconds": epoch_s,
-            "finished_reason": "",
-            "trial_started_at": started,
-            "reported_at": time.time(),
-            "device": "cuda:0",
-            "gpu_ids": "0",
-            "gpu_fraction": 1 / 16,
-            "node_id": "simulated",
-            "node_ip": "127.0.0.1",
-            "pid": os.getpid(),
-            "trial_index": int(config.get("_index", -1)),
-        }
+        metrics, best = tox21_result(epoch, rng, best, epoch_s)
+        metrics.update(
+            {
+                "finished_reason": "",
+                "trial_started_at": started,
+                "reported_at": time.time(),
+                "device": "cuda:0",
+                "gpu_ids": "0",
+                "gpu_fraction": 1 / 16,
+                "node_id": "simulated",
+                "node_ip": "127.0.0.1",
+                "pid": os.getpid(),
+                "trial_index": int(config.get("_index", -1)),
+            }
+        )
         if epoch % every:
             ray_tune.report(metrics)
             continue

@@ -36,10 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = [
-    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD",
-    "NR-PPAR-gamma", "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53",
-]  # fmt: skip
+import benchmarks.driver
+from benchmarks.driver import tox21_result
+from toxmodel.sources import TOX21_TASKS
+
 TOX21 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tox21.csv"
 
 
@@ -53,24 +53,14 @@ def train_trial(config: dict[str, Any]) -> None:
     n = int(config["_results"])
     best = 0.0
     for epoch in range(1, n + 1):
-        auc = 0.6 + 0.3 * (1 - 1 / epoch) + rng.normal(0, 0.01)
-        best = max(best, auc)
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": 0.3 / epoch,
-            "val_loss": 0.35 / epoch,
-            "val_roc_auc": auc,
-            "val_pr_auc": auc / 3,
-            **{f"val_roc_auc/{t}": auc + rng.normal(0, 0.02) for t in TASKS},
-            **{f"val_pr_auc/{t}": auc / 3 + rng.normal(0, 0.02) for t in TASKS},
-            "best_val_roc_auc": best,
-            "best_epoch": epoch,
-            "lr": 1e-3,
-            "epoch_seconds": 0.1,
-            "finished_reason": "max_epochs" if epoch == n else "",
-            "node_id": "simulated",
-            "pid": os.getpid(),
-        }
+        metrics, best = tox21_result(epoch, rng, best, 0.1)
+        metrics.update(
+            {
+                "finished_reason": "max_epochs" if epoch == n else "",
+                "node_id": "simulated",
+                "pid": os.getpid(),
+            }
+        )
         if epoch < n:
             ray_tune.report(metrics)
             continue
@@ -134,7 +124,7 @@ def job_for(root: Path, data: Path, trials: int, results: int) -> Any:
     return load_config(
         overrides={
             "data.source": str(data),
-            "data.targets": TASKS,
+            "data.targets": TOX21_TASKS,
             "data.cache_dir": str(root.parent / "cache"),
             "featurizer.n_bits": 256,
             "search.num_samples": trials,
@@ -163,6 +153,9 @@ def make_state(job: Any, trials: int, results: int) -> None:
     from tune.bridge import RAY_TRIAL_ATTR
     from tune.search import Rounds
 
+    # The trials run `tox21_result` from benchmarks/driver.py, which Ray's workers cannot import
+    # (the repository is not on their path): ship that module's functions by value.
+    ray.cloudpickle.register_pickle_by_value(benchmarks.driver)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tuner = ray_tune.Tuner(
@@ -264,7 +257,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="toxtune-resume-") as tmp:
         root = Path(tmp)
         data_csv = root / "tox21_small.csv"
-        pd.read_csv(TOX21)[["smiles", *TASKS]].head(300).to_csv(data_csv, index=False)
+        pd.read_csv(TOX21)[["smiles", *TOX21_TASKS]].head(300).to_csv(data_csv, index=False)
         for trials in args.trials:
             for results in args.results:
                 cell = run_cell(root, data_csv, Cell(trials, results), args.profile)
