@@ -164,7 +164,7 @@ class StudyReports:
         self._cond = threading.Condition()
         self._busy = False
         self._thread: threading.Thread | None = None
-        self.batches = 0  # transactions written (for the benchmark and tests)
+        self.batches = 0  # transactions written (what a test checks)
 
     def put(self, trial: Any, value: float, step: int) -> None:
         with self._cond:
