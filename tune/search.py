@@ -325,7 +325,8 @@ def driver_callbacks(
     job: JobConfig, parent_run_id: str, dataset: tracking.DatasetInfo | None
 ) -> list[Any]:
     """The driver's bookkeeping for a round: MLflow trial runs, retries, the error budget, the
-    pending watch and checkpoint re-pointing (`benchmarks/driver.py` measures this same list)."""
+    pending watch, checkpoint re-pointing and deletion (`benchmarks/driver.py` measures this
+    same list)."""
     return [
         tracking.MlflowTrialCallback(
             job.tracking_uri,
@@ -338,6 +339,7 @@ def driver_callbacks(
         ErrorBudget(job.faults.max_failed_trials),
         PendingWatch(job.resources.pending_timeout_s, _asked(job)),
         bridge.NewestCheckpoint(),
+        bridge.CheckpointDeletions(),  # num_to_keep's deletions off the loop
         ProgressLine(),
         # Each trial's result.json and progress.csv, which `trials.read_trials` reads (Ray's
         # automatic loggers are off: tune.settings.TUNE_ENV).

@@ -139,3 +139,40 @@ def test_a_save_during_an_experiment_upload_cannot_break_it(
     assert not [p.name for p in remote.iterdir() if p.name.startswith(".")]
     uploads = [p for p in tmp_path.iterdir() if p.name.startswith(".driver_artifacts-upload")]
     assert len(uploads) <= 1  # each upload's folder goes when the next one starts
+
+
+def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: Tune deleted a trial's oldest checkpoint (`num_to_keep`) in its loop, a storage
+    round trip per saved checkpoint. With `CheckpointDeletions` the loop only queues it; every
+    deletion is done by the experiment's end, oldest first, the newest `num_to_keep` kept."""
+    import threading
+
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal import checkpoint_manager, session, storage
+
+    deleted: list[tuple[str, str]] = []
+    original = storage._delete_fs_path
+
+    def spy(fs: object, fs_path: str) -> None:
+        deleted.append((Path(fs_path).name, threading.current_thread().name))
+        original(fs=fs, fs_path=fs_path)
+
+    monkeypatch.setattr(storage, "_delete_fs_path", spy)
+    monkeypatch.setattr(checkpoint_manager, "_delete_fs_path", spy)  # what Tune calls without it
+    deletions = bridge.CheckpointDeletions()
+    deletions.setup()
+    manager = checkpoint_manager._CheckpointManager(CheckpointConfig(num_to_keep=2))
+    for epoch in range(5):
+        folder = tmp_path / f"checkpoint_{epoch:06d}"
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(b"weights")
+        result = session._TrainingResult(Checkpoint.from_directory(str(folder)), {"epoch": epoch})
+        manager.register_checkpoint(result)
+    deletions.on_experiment_end(trials=[])
+    loop = threading.current_thread().name
+    assert [name for name, _ in deleted] == [f"checkpoint_{e:06d}" for e in range(3)]
+    assert all(thread != loop for _, thread in deleted), deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "checkpoint_000004"]
+    assert checkpoint_manager._delete_fs_path is spy  # Tune's own deletion is back
