@@ -65,19 +65,22 @@ STORE_FORMAT = 1  # layout of the storage cache file (bumped with it)
 
 @dataclass(frozen=True)
 class ChunkFault:
-    """A test and drill hook: SIGKILL the worker featurizing chunk `kill_chunk`, once (a marker
-    file in `marker_dir`, which the worker must reach, records that it fired)."""
+    """A test and drill hook: SIGKILL the worker featurizing chunk `kill_chunk`, on its first
+    `times` runs (marker files in `marker_dir`, which the worker must reach, record each kill)."""
 
     kill_chunk: int
     marker_dir: str
+    times: int = 1
 
     def fire(self, index: int) -> None:
         if index != self.kill_chunk:
             return
-        marker = Path(self.marker_dir) / f"toxtune-featurize-killed-{index}"
-        if not marker.exists():
-            marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+        for run in range(self.times):
+            suffix = f"-{run + 1}" if run else ""
+            marker = Path(self.marker_dir) / f"toxtune-featurize-killed-{index}{suffix}"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass

@@ -14,8 +14,10 @@ from tests.tune.conftest import SHARED_TOX21, tiny_job
 from toxmodel.data import load_table
 from toxmodel.featurize import Features, FeaturizerConfig, featurize
 from tune import features as cluster_features
+from tune.errors import ClusterError
 from tune.features import (
     CACHE_FOLDER,
+    CHUNK_RETRIES,
     ChunkFault,
     ClusterRun,
     featurize_on_cluster,
@@ -94,6 +96,17 @@ def test_a_worker_killed_mid_chunk_costs_that_chunk_only(
     got = featurize_with_ray(smiles, config, chunk_size=50, fault=fault, run=run)
     assert (tmp_path / "toxtune-featurize-killed-2").exists()  # the worker really was killed
     assert_same(got, featurize(smiles, config, n_jobs=1))
+
+
+def test_a_chunk_whose_worker_dies_on_every_retry_fails_the_featurization_by_rows(
+    smiles: list[str], tmp_path: Path, local_ray: None
+) -> None:
+    """A chunk that kills its worker more often than Ray retries it is a ClusterError naming
+    the rows it held and the runs it had, not a hang or a matrix missing rows."""
+    fault = ChunkFault(kill_chunk=2, marker_dir=str(tmp_path), times=CHUNK_RETRIES + 1)
+    with pytest.raises(ClusterError, match=rf"rows 100-149 failed {CHUNK_RETRIES + 1} times"):
+        featurize_with_ray(smiles, FeaturizerConfig(n_bits=256), chunk_size=50, fault=fault)
+    assert len(list(tmp_path.glob("toxtune-featurize-killed-2*"))) == CHUNK_RETRIES + 1
 
 
 def _storages(tmp_path: Path) -> Iterator[Storage]:
