@@ -8,7 +8,8 @@ patience and epoch limit, and gets its own `FitResult` (best-epoch weights, hist
 reason), so `.predictor()` and `.save()` work as after `fit`. Why: one small MLP leaves a GPU
 mostly idle, launch-bound; K of them as one batched product (`baddbmm`) share one copy of the
 data on the device and one set of kernel launches per step. Uses: the finalize step's seed
-retrains, or same-shape trials of a search.
+retrains, same-shape trials of a search, or the k folds of one configuration (one split per
+member, `toxmodel.folds`).
 
 How it reproduces `fit` (tests/toxmodel/test_fused.py compares weights and histories):
 
@@ -61,6 +62,7 @@ from toxmodel.train import (
     _check_inputs,
     _DeviceData,
     _optimizer,
+    _Scaling,
     _scheduler,
     block_rows,
     fit_scaler,
@@ -229,8 +231,10 @@ class _Stack:
         self.slots = {
             k: [torch.zeros_like(v) for _ in range(n_slots)] for k, v in self.values.items()
         }
-        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
-        self.steps = 0  # optimiser steps (= BatchNorm's num_batches_tracked)
+        # Optimiser steps per position (= BatchNorm's num_batches_tracked): members training on
+        # rows of their own may take fewer steps an epoch than others.
+        self.step_count = torch.zeros(len(states), dtype=torch.float32, device=device)
+        self.steps = [0] * len(states)
         self.leaves: dict[str, list[Tensor]] = {}
         self._bind()
 
@@ -248,8 +252,18 @@ class _Stack:
     def __len__(self) -> int:
         return len(next(iter(self.values.values())))
 
-    def forward(self, x: Tensor, train: bool, noise: NoiseFn) -> Tensor:
-        """Logits (K, batch, tasks) for inputs (K, batch, n_inputs), or (batch, n_inputs) shared."""
+    def forward(
+        self, x: Tensor, train: bool, noise: NoiseFn, positions: list[int] | None = None
+    ) -> Tensor:
+        """Logits (K, batch, tasks) for inputs (K, batch, n_inputs), or (batch, n_inputs) shared.
+
+        `positions`: only those members (x then has one row block per position), each through
+        `fit`'s own ops on its own tensors, on any device: a step where members' batches differ
+        in size, or a member's own validation rows.
+        """
+        if positions is not None:
+            xs = list(x.unbind(0)) if x.dim() == 3 else [x] * len(positions)
+            return torch.stack(self._forward_members(xs, train, noise, positions))
         if self.per_member:
             xs = list(x.unbind(0)) if x.dim() == 3 else [x] * len(self)
             return torch.stack(self._forward_members(xs, train, noise))
@@ -257,22 +271,32 @@ class _Stack:
             x = x.unsqueeze(0).expand(len(self), -1, -1).contiguous()
         return self._forward_stacked(x, train, noise)
 
-    def _forward_members(self, xs: list[Tensor], train: bool, noise: NoiseFn) -> list[Tensor]:
-        """Each member through `fit`'s own ops on its own leaves (the CPU)."""
+    def _forward_members(
+        self, xs: list[Tensor], train: bool, noise: NoiseFn, positions: list[int] | None = None
+    ) -> list[Tensor]:
+        """Each member through `fit`'s own ops on its own tensors: its leaves on the CPU, views
+        of the stacks elsewhere. xs[j] is the input of position positions[j] (default: j)."""
+        at = list(range(len(xs))) if positions is None else positions
+        tensors = (
+            self.leaves
+            if self.per_member
+            else {k: list(v.unbind(0)) for k, v in self.values.items()}
+        )
         for layer in self.plan:
-            w, b = self.leaves.get(layer.prefix + "weight"), self.leaves.get(layer.prefix + "bias")
+            w, b = tensors.get(layer.prefix + "weight"), tensors.get(layer.prefix + "bias")
             if layer.kind == "linear":
-                xs = [F.linear(x, w[i], b[i]) for i, x in enumerate(xs)]
+                xs = [F.linear(x, w[i], b[i]) for i, x in zip(at, xs, strict=True)]
             elif layer.kind == "batch":
                 mean = self.buffers[layer.prefix + "running_mean"]
                 var = self.buffers[layer.prefix + "running_var"]
                 xs = [
                     F.batch_norm(x, mean[i], var[i], w[i], b[i], train, layer.momentum, layer.eps)
-                    for i, x in enumerate(xs)
+                    for i, x in zip(at, xs, strict=True)
                 ]
             elif layer.kind == "layer":
                 xs = [
-                    F.layer_norm(x, (x.shape[-1],), w[i], b[i], layer.eps) for i, x in enumerate(xs)
+                    F.layer_norm(x, (x.shape[-1],), w[i], b[i], layer.eps)
+                    for i, x in zip(at, xs, strict=True)
                 ]
             elif layer.kind == "act":
                 assert layer.module is not None
@@ -323,17 +347,27 @@ class _Stack:
             t.grad = None
 
     @torch.no_grad()
-    def step(self, hyper: list[tuple[float, float, float, float, float]]) -> None:
-        """One optimiser step; members with the same hyperparameters share one kernel call
-        (on the CPU one call per member, as `fit` makes it)."""
-        self.steps += 1
-        self.step_count += 1
+    def step(
+        self,
+        hyper: list[tuple[float, float, float, float, float]],
+        positions: list[int] | None = None,
+    ) -> None:
+        """One optimiser step of `positions` (default: all; hyper[j] is positions[j]'s);
+        members with the same hyperparameters and step count share one kernel call (on the CPU
+        one call per member, as `fit` makes it)."""
+        at = list(range(len(self))) if positions is None else positions
+        for i in at:
+            self.steps[i] += 1
+        if len(at) == len(self):
+            self.step_count += 1
+        else:
+            self.step_count[at] += 1
         groups: dict[tuple[float, ...], list[int]] = {}
-        for i, h in enumerate(hyper):  # on the CPU every member is a group of its own
-            groups.setdefault((*h, i) if self.per_member else h, []).append(i)
+        for i, h in zip(at, hyper, strict=True):  # on the CPU every member is a group of its own
+            groups.setdefault((*h, i) if self.per_member else (*h, self.steps[i]), []).append(i)
         keys = list(self.values)
         for (lr, beta1, beta2, momentum, wd, *_), members in groups.items():
-            params, grads, slots = self._group(keys, members)
+            params, grads, slots, counts = self._group(keys, members)
             if self.optimizer == "sgd":
                 torch._fused_sgd_(
                     params,
@@ -345,7 +379,7 @@ class _Stack:
                     dampening=0.0,
                     nesterov=False,
                     maximize=False,
-                    is_first_step=self.steps == 1 and momentum != 0,
+                    is_first_step=self.steps[members[0]] == 1 and momentum != 0,
                 )
                 continue
             kernel = torch._fused_adamw_ if self.optimizer == "adamw" else torch._fused_adam_
@@ -355,7 +389,7 @@ class _Stack:
                 slots[0],
                 slots[1],
                 [],
-                [self.step_count] * len(params),
+                counts,
                 lr=lr,
                 beta1=beta1,
                 beta2=beta2,
@@ -367,14 +401,16 @@ class _Stack:
 
     def _group(
         self, keys: list[str], members: list[int]
-    ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
-        """Params, grads and optimiser slots of `members`, one list each: whole stacks when a
-        GPU steps every member alike, else one tensor per member and weight (as `fit` has)."""
+    ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]], list[Tensor]]:
+        """Params, grads, optimiser slots and step counts of `members`, one list each: whole
+        stacks when a GPU steps every member alike, else one tensor per member and weight (as
+        `fit` has)."""
         n_slots = len(self.slots[keys[0]])
         if not self.per_member and len(members) == len(self):
             params = [self.values[k].detach() for k in keys]
             grads = [self.values[k].grad for k in keys]
-            return params, grads, [[self.slots[k][j] for k in keys] for j in range(n_slots)]
+            slots = [[self.slots[k][j] for k in keys] for j in range(n_slots)]
+            return params, grads, slots, [self.step_count[0]] * len(params)
         pairs = [(i, k) for i in members for k in keys]
         if self.per_member:
             params = [self.leaves[k][i] for i, k in pairs]
@@ -383,7 +419,7 @@ class _Stack:
             params = [self.values[k].detach()[i] for i, k in pairs]
             grads = [self.values[k].grad[i] for i, k in pairs]
         slots = [[self.slots[k][j][i] for i, k in pairs] for j in range(n_slots)]
-        return params, grads, slots
+        return params, grads, slots, [self.step_count[i] for i, _ in pairs]
 
     def keep(self, rows: list[int]) -> None:
         """Drop the members not in `rows` (positions in the stack) from every stacked tensor."""
@@ -394,6 +430,8 @@ class _Stack:
                 self.slots[key] = [s[idx] for s in self.slots[key]]
             for key, b in self.buffers.items():
                 self.buffers[key] = b[idx]
+            self.step_count = self.step_count[idx]
+        self.steps = [self.steps[i] for i in rows]
         self._bind()
 
     def member_state(self, i: int) -> dict[str, Tensor]:
@@ -401,7 +439,7 @@ class _Stack:
         state = {k: v.detach()[i].clone() for k, v in self.values.items()}
         state.update({k: v[i].clone() for k, v in self.buffers.items()})
         device = self.step_count.device
-        state.update({k: torch.tensor(self.steps, device=device) for k in self.counters})
+        state.update({k: torch.tensor(self.steps[i], device=device) for k in self.counters})
         return state
 
 
@@ -433,18 +471,27 @@ def _masked_bce_many(
 ) -> Tensor:
     """`masked_bce` per member: (K,) losses for logits (K, batch, tasks).
 
-    `weighted` picks the positive-weighted loss for the members that asked for it when only
-    some did (each member's loss is then exactly the one `fit` computes). `per_member`: one
+    `weight`: (tasks,) shared, or (K, tasks), one row per member (members on rows of their
+    own). `weighted` picks the positive-weighted loss for the members that asked for it when
+    only some did (each member's loss is then exactly the one `fit` computes). `per_member`: one
     `masked_bce` per member, as on the CPU (see `_Stack`).
     """
     if per_member:
         parts = zip(logits.unbind(0), targets.unbind(0), mask.unbind(0), strict=True)
+        own = weight is not None and weight.dim() == 2
         return torch.stack(
             [
-                masked_bce(x, t, m, weight if weighted is None or weighted[i] else None)
+                masked_bce(
+                    x,
+                    t,
+                    m,
+                    (weight[i] if own else weight) if weighted is None or weighted[i] else None,
+                )
                 for i, (x, t, m) in enumerate(parts)
             ]
         )
+    if weight is not None and weight.dim() == 2:
+        weight = weight.unsqueeze(1)
     mask = mask.to(logits.dtype)
     targets = torch.where(mask > 0, targets, torch.zeros_like(targets))
     loss = F.binary_cross_entropy_with_logits(
@@ -471,7 +518,7 @@ def _check_configs(configs: Sequence[TrainConfig]) -> None:
 def fit_many(
     features: Features,
     labels: np.ndarray,
-    split: Split,
+    split: Split | Sequence[Split],
     tasks: Sequence[str],
     model_config: ModelConfig,
     train_configs: Sequence[TrainConfig],
@@ -489,19 +536,32 @@ def fit_many(
     each epoch; True stops that member. A member whose loss turns non-finite raises
     TrainingDiverged for the whole call (the message names it). The caller's RNG state and
     thread count are restored afterwards.
+
+    `split`: one for every member, or a sequence with one per member (the folds of a
+    cross-validation): each member then trains and validates on its own rows with its own
+    descriptor scaler and positive weights, still equal to its own `fit`. Epochs of different
+    lengths stay in step: at step j each member takes its batch j, a member with fewer batches
+    sits the last steps out, and batches of unequal size (an epoch's last) run member by member.
     """
     dev = resolve_device(device)
     tasks = list(tasks)
     labels = np.asarray(labels, dtype=np.float32)
-    _check_inputs(features, labels, split, tasks, model_config)
     _check_configs(train_configs)
+    splits = [split] * len(train_configs) if isinstance(split, Split) else list(split)
+    if len(splits) != len(train_configs):
+        raise ValueError(
+            f"{len(splits)} splits for {len(train_configs)} members: give one split for all, "
+            "or one per member"
+        )
+    for s in {id(s): s for s in splits}.values():
+        _check_inputs(features, labels, s, tasks, model_config)
     threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(max(1, int(num_threads)))
     rng_devices = [dev.index] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices, device_type="cuda"):
-            run = _FusedRun(features, labels, split, tasks, model_config, list(train_configs), dev)
+            run = _FusedRun(features, labels, splits, tasks, model_config, list(train_configs), dev)
             return run.fit(callback, exact_dropout)
     finally:
         torch.set_num_threads(threads)
@@ -536,6 +596,20 @@ class _Record:
         return is_best, ""
 
 
+@dataclass
+class _SplitRows:
+    """One split's rows as its members train on them: scaler, scaled view of the data, batches,
+    positive weights, training and validation rows."""
+
+    data: _DeviceData
+    scaler: DescriptorScaler | None
+    bounds: list[tuple[int, int]]
+    weight: Tensor | None
+    train_idx: Tensor  # on the CPU (each epoch permutes it there, as `fit` does)
+    valid_idx: Tensor
+    valid_labels: np.ndarray
+
+
 class _FusedRun:
     """The data on the device, the stacked members and their schedules, for one `fit_many`."""
 
@@ -543,18 +617,42 @@ class _FusedRun:
         self,
         features: Features,
         labels: np.ndarray,
-        split: Split,
+        splits: list[Split],
         tasks: list[str],
         model_config: ModelConfig,
         configs: list[TrainConfig],
         dev: torch.device,
     ) -> None:
-        self.features, self.split, self.tasks, self.dev = features, split, tasks, dev
+        self.features, self.tasks, self.dev = features, tasks, dev
         self.model_config, self.configs = model_config, configs
-        self.scaler: DescriptorScaler | None = None
-        if features.descriptors.shape[1]:
-            self.scaler = fit_scaler(features.descriptors, np.asarray(split.train))
-        self.data = _DeviceData.of(features, labels, self.scaler, dev)
+        weighted = any(c.pos_weight for c in configs)
+        by_split: dict[int, _SplitRows] = {}
+        base: _DeviceData | None = None  # one copy of the data; other splits rescale its rows
+        for split in splits:
+            if id(split) in by_split:
+                continue
+            scaler = None
+            if features.descriptors.shape[1]:
+                scaler = fit_scaler(features.descriptors, np.asarray(split.train))
+            if base is None:
+                data = base = _DeviceData.of(features, labels, scaler, dev)
+            else:
+                data = base if scaler is None else replace(base, scaling=_Scaling.of(scaler, dev))
+            weight = None
+            if weighted:
+                weight = torch.from_numpy(pos_weights(labels[split.train])).to(dev)
+            by_split[id(split)] = _SplitRows(
+                data=data,
+                scaler=scaler,
+                bounds=_batches(len(split.train), configs[0].batch_size),
+                weight=weight,
+                train_idx=torch.tensor(np.asarray(split.train), dtype=torch.long),
+                valid_idx=torch.tensor(np.asarray(split.valid), dtype=torch.long).to(dev),
+                valid_labels=labels[np.asarray(split.valid)],
+            )
+        self.rows = [by_split[id(split)] for split in splits]  # per member
+        self.own_rows = len(by_split) > 1  # members train on rows of their own
+        self.data = self.rows[0].data
         # Initial weights, and the global RNG state after them, member by member as `fit` does.
         self.models: list[MLP] = []
         cpu_states: list[Tensor] = []
@@ -565,37 +663,38 @@ class _FusedRun:
         states = [{k: v.to(dev) for k, v in m.state_dict().items()} for m in self.models]
         self.stack = _Stack(states, _plan(self.models[0]), configs[0].optimizer, dev)
         self.noise = _Noise(dev, [c.seed for c in configs], cpu_states)
-        self.bounds = _batches(len(split.train), configs[0].batch_size)
-        shared: dict[TrainConfig, _Schedule] = {}  # members that differ only in seed share one
-        for cfg in configs:
-            if _schedule_key(cfg) not in shared:
-                shared[_schedule_key(cfg)] = _Schedule(cfg, len(self.bounds))
-        self.schedules = [shared[_schedule_key(c)] for c in configs]
-        self.weight = None
-        if any(c.pos_weight for c in configs):
-            self.weight = torch.from_numpy(pos_weights(labels[split.train])).to(dev)
+        # Members that differ only in seed (and train on as many batches) share one schedule.
+        shared: dict[tuple[TrainConfig, int], _Schedule] = {}
+        keys = [(_schedule_key(c), len(r.bounds)) for c, r in zip(configs, self.rows, strict=True)]
+        for cfg, key in zip(configs, keys, strict=True):
+            if key not in shared:
+                shared[key] = _Schedule(cfg, key[1])
+        self.schedules = [shared[key] for key in keys]
         self.shufflers = [torch.Generator().manual_seed(c.seed) for c in configs]
-        self.train_idx = torch.tensor(np.asarray(split.train), dtype=torch.long)
-        self.valid_idx = torch.tensor(np.asarray(split.valid), dtype=torch.long).to(dev)
-        self.valid_labels = labels[np.asarray(split.valid)]
         self.active = list(range(len(configs)))  # the member at each stack position
 
     def fit(self, callback: MemberCallback | None, exact_dropout: bool) -> list[FitResult]:
         """Train until every member has stopped; each member's best epoch restored."""
         records = [_Record(c) for c in self.configs]
-        context = RunContext(
-            self.model_config,
-            self.features.config,
-            tuple(self.tasks),
-            self.data.n_inputs,
-            self.scaler,
-        )
+        contexts = [
+            RunContext(
+                self.model_config,
+                self.features.config,
+                tuple(self.tasks),
+                self.data.n_inputs,
+                rows.scaler,
+            )
+            for rows in self.rows
+        ]
         if callback is not None:
             for model in self.models:
                 model.to(self.dev)
         for epoch in range(1, max(c.epochs for c in self.configs) + 1):
             started = time.perf_counter()
-            train_losses, lrs = self._train_epoch(exact_dropout)
+            if self.own_rows:
+                train_losses, lrs = self._train_epoch_own_rows(exact_dropout)
+            else:
+                train_losses, lrs = self._train_epoch(exact_dropout)
             train_seconds = time.perf_counter() - started
             for i, k in enumerate(self.active):
                 if not math.isfinite(train_losses[i]):
@@ -604,15 +703,31 @@ class _FusedRun:
                         f"({train_losses[i]}) at epoch {epoch}: lower its learning rate",
                         epoch,
                     )
-            valids = _validate_many(
-                self.stack,
-                self.data,
-                self.valid_idx,
-                self.valid_labels,
-                self.tasks,
-                epoch,
-                self.active,
-            )
+            if self.own_rows:  # each member on its own validation rows
+                valids = [
+                    _validate_many(
+                        self.stack,
+                        self.rows[k].data,
+                        self.rows[k].valid_idx,
+                        self.rows[k].valid_labels,
+                        self.tasks,
+                        epoch,
+                        [k],
+                        [i],
+                    )[0]
+                    for i, k in enumerate(self.active)
+                ]
+            else:
+                rows = self.rows[0]
+                valids = _validate_many(
+                    self.stack,
+                    rows.data,
+                    rows.valid_idx,
+                    rows.valid_labels,
+                    self.tasks,
+                    epoch,
+                    self.active,
+                )
             seconds = time.perf_counter() - started
             keep = []
             for i, k in enumerate(self.active):
@@ -644,7 +759,7 @@ class _FusedRun:
                         model=model,
                         stop_reason=reason,
                         train_seconds=train_seconds,
-                        context=context,
+                        context=contexts[k],
                     )
                     if callback(k, result) is True and not reason:
                         reason = "callback"
@@ -659,21 +774,22 @@ class _FusedRun:
             if not self.active:
                 break
         return [
-            self._result(model, record) for model, record in zip(self.models, records, strict=True)
+            self._result(model, record, rows.scaler)
+            for model, record, rows in zip(self.models, records, self.rows, strict=True)
         ]
 
     def _train_epoch(self, exact_dropout: bool) -> tuple[list[float], list[float]]:
         """One epoch for the active members: (mean training loss, last step's lr) per member."""
-        active, stack, dev = self.active, self.stack, self.dev
+        active, stack, dev, split = self.active, self.stack, self.dev, self.rows[0]
         orders = torch.stack(
             [
-                self.train_idx[torch.randperm(len(self.train_idx), generator=self.shufflers[k])]
+                split.train_idx[torch.randperm(len(split.train_idx), generator=self.shufflers[k])]
                 for k in active
             ]
         ).to(dev)
         n_active = orders.shape[0]
         use = [self.configs[k].pos_weight for k in active]
-        weight = self.weight if any(use) else None
+        weight = split.weight if any(use) else None
         weighted = None if all(use) or not any(use) else use
         schedules = [self.schedules[k] for k in active]
         distinct = list(dict.fromkeys(schedules))
@@ -684,7 +800,7 @@ class _FusedRun:
         loss_sum = torch.zeros(n_active, device=dev)
         count = torch.zeros(n_active, device=dev)
         hyper = [s.hyper() for s in schedules]
-        for block in _blocks(self.bounds, block_rows(self.data.row_bytes, n_active)):
+        for block in _blocks(split.bounds, block_rows(self.data.row_bytes, n_active)):
             # One gather per block of batches for all members; batches are slices, as in `fit`.
             first, size = block[0][0], block[-1][1] - block[0][0]
             rows = self.data.take(orders[:, first : first + size].reshape(-1))
@@ -716,7 +832,73 @@ class _FusedRun:
             schedule.after_epoch()
         return (loss_sum / count.clamp_min(1.0)).tolist(), [h[0] for h in hyper]
 
-    def _result(self, model: MLP, record: _Record) -> FitResult:
+    def _train_epoch_own_rows(self, exact_dropout: bool) -> tuple[list[float], list[float]]:
+        """`_train_epoch` for members on rows of their own: at step j each member takes its own
+        batch j, gathered with its own scaler. When every active member has one and all are of
+        one size they run as a stack; else (an epoch's last batches) each member runs alone and
+        a member whose epoch has fewer batches sits the step out."""
+        active, stack, dev = self.active, self.stack, self.dev
+        splits = [self.rows[k] for k in active]
+        orders = [
+            s.train_idx[torch.randperm(len(s.train_idx), generator=self.shufflers[k])].to(dev)
+            for s, k in zip(splits, active, strict=True)
+        ]
+        use = [self.configs[k].pos_weight for k in active]
+        weight = (
+            torch.stack([s.weight for s in splits if s.weight is not None]) if any(use) else None
+        )
+        weighted = None if all(use) or not any(use) else use
+        schedules = [self.schedules[k] for k in active]
+        loss_sum = torch.zeros(len(active), device=dev)
+        count = torch.zeros(len(active), device=dev)
+        lrs = [0.0] * len(active)
+        for j in range(max(len(s.bounds) for s in splits)):
+            going = [i for i, s in enumerate(splits) if j < len(s.bounds)]
+            rows = [splits[i].data.take(orders[i][slice(*splits[i].bounds[j])]) for i in going]
+            sizes = [len(r.targets) for r in rows]
+            stack.zero_grad()
+            if len(going) == len(active) and len(set(sizes)) == 1:
+                mask = torch.stack([r.mask for r in rows])
+                logits = stack.forward(
+                    torch.stack([r.rows(0, sizes[0]) for r in rows]),
+                    True,
+                    self._noise(active, exact_dropout),
+                )
+                targets = torch.stack([r.targets for r in rows])
+                loss = _masked_bce_many(logits, targets, mask, weight, weighted, stack.per_member)
+                loss.sum().backward()
+                losses, n = loss.detach(), mask.flatten(1).sum(1)
+            else:
+                alone = []
+                for i, r, size in zip(going, rows, sizes, strict=True):
+                    noise = self._noise([active[i]], exact_dropout)
+                    logits = stack.forward(r.rows(0, size)[None], True, noise, [i])[0]
+                    own = weight[i] if weight is not None and use[i] else None
+                    alone.append(masked_bce(logits, r.targets, r.mask, own))
+                    alone[-1].backward()
+                losses = torch.stack([loss.detach() for loss in alone])
+                n = torch.stack([r.mask.sum() for r in rows])
+            hyper = [schedules[i].hyper() for i in going]
+            stack.step(hyper, going)
+            for schedule in dict.fromkeys(schedules[i] for i in going):
+                schedule.after_batch()
+            loss_sum[going] += losses * n
+            count[going] += n
+            for i, h in zip(going, hyper, strict=True):
+                lrs[i] = h[0]
+        for schedule in dict.fromkeys(schedules):
+            schedule.after_epoch()
+        return (loss_sum / count.clamp_min(1.0)).tolist(), lrs
+
+    def _noise(self, members: list[int], exact_dropout: bool) -> NoiseFn:
+        """Dropout masks for `members` (stack order), drawn as `_Noise.draw` does."""
+
+        def noise(shape: tuple[int, ...], p: float, alpha: bool) -> Tensor:
+            return self.noise.draw(members, shape, p, exact_dropout, alpha)
+
+        return noise
+
+    def _result(self, model: MLP, record: _Record, scaler: DescriptorScaler | None) -> FitResult:
         model.to(self.dev)
         model.load_state_dict(record.best_state)
         model.eval()
@@ -726,7 +908,7 @@ class _FusedRun:
             best_epoch=record.best_epoch,
             best_valid=record.best_valid,
             history=record.history,
-            scaler=self.scaler,
+            scaler=scaler,
             model_config=self.model_config,
             featurizer=self.features.config,
             tasks=list(self.tasks),
@@ -748,13 +930,16 @@ def _validate_many(
     tasks: list[str],
     epoch: int,
     active: list[int],
+    positions: list[int] | None = None,
 ) -> list[Metrics]:
-    """`fit`'s validation for every active member: same batches, loss and metrics."""
+    """`fit`'s validation for every active member (or, `positions`, those stack positions):
+    same batches, loss and metrics."""
     n_active = len(active)
     with torch.inference_mode():
         chunks = []
         for s in range(0, len(idx), EVAL_BATCH):
-            chunks.append(stack.forward(data.inputs(idx[s : s + EVAL_BATCH]), False, _no_noise))
+            x = data.inputs(idx[s : s + EVAL_BATCH])
+            chunks.append(stack.forward(x, False, _no_noise, positions))
         logits = torch.cat(chunks, 1)
         finite = torch.isfinite(logits).flatten(1).all(1).tolist()
         targets = data.labels[idx]

@@ -172,11 +172,13 @@ def _group_index(groups: np.ndarray | Sequence[int] | None, n: int) -> np.ndarra
 
 
 def _cut(sizes: np.ndarray, quotas: np.ndarray) -> np.ndarray:
-    """Part (0, 1, 2) of each group when groups of `sizes` are laid end to end and cut at the
-    cumulative `quotas`: a group goes where its middle falls (a one-row group: where it lies)."""
+    """Part (0 .. len(quotas) - 1) of each group when groups of `sizes` are laid end to end and
+    cut at the cumulative `quotas`: a group goes where its middle falls (a one-row group: where
+    it lies)."""
     middle = np.cumsum(sizes) - sizes + (sizes - 1) / 2.0
     bounds = np.cumsum(quotas)
-    return np.minimum(np.searchsorted(bounds, middle, side="right"), 2).astype(np.int64)
+    last = len(quotas) - 1
+    return np.minimum(np.searchsorted(bounds, middle, side="right"), last).astype(np.int64)
 
 
 def _random_assignment(
@@ -231,7 +233,7 @@ def _stratified_assignment(
             remaining[group] = False
     rest = order[part[order] < 0]
     if rest.size:
-        filled = np.bincount(part[part >= 0], weights=sizes[part >= 0], minlength=3)
+        filled = np.bincount(part[part >= 0], weights=sizes[part >= 0], minlength=targets.size)
         room = np.maximum(targets - filled.astype(np.int64), 0)
         room = _share(int(sizes[rest].sum()), room, open_splits)
         part[rest] = _cut(sizes[rest], room)
@@ -242,9 +244,9 @@ def _share(total: int, room: np.ndarray, open_splits: np.ndarray) -> np.ndarray:
     """Split `total` rows over the splits by remaining room (all rows placed, open splits only)."""
     room = np.where(open_splits, room, 0).astype(np.int64)
     if room.sum() >= total:
-        out = np.zeros(3, dtype=np.int64)
+        out = np.zeros(room.size, dtype=np.int64)
         left = total
-        for k in range(3):
+        for k in range(room.size):
             out[k] = min(room[k], left)
             left -= out[k]
         return out

@@ -15,6 +15,7 @@ from tests.toxmodel.conftest import Synthetic, same_weights, synthetic
 from toxmodel.checkpoint import load_checkpoint, save_ensemble
 from toxmodel.fused import fit_many
 from toxmodel.model import ModelConfig
+from toxmodel.split import Split
 from toxmodel.train import EpochResult, FitResult, TrainConfig, TrainingDiverged, fit
 
 TIMING = {"seconds", "train_seconds"}
@@ -306,3 +307,101 @@ def test_members_gathered_block_by_block_equal_separate_fits(
     one_by_one = [fit(*args, cfg, num_threads=1) for cfg in configs]
     monkeypatch.setattr(train_module, "EPOCH_BLOCK_BYTES", 1)
     assert_same(one_by_one, fit_many(*args, configs, num_threads=1))
+
+
+def own_splits(d: Synthetic) -> list[Split]:
+    """Three train/valid pairs of different sizes over `d`'s non-test rows: at batch size 64
+    their epochs have 5, 6 and 4 batches, the last of each a different size."""
+    rows = np.concatenate([d.split.train, d.split.valid])
+    test = d.split.test
+    return [
+        Split(rows[:300], rows[300:400], test),
+        Split(rows[50:400], rows[:50], test),
+        Split(rows[10:267], rows[:10], test),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer"),
+    [
+        (ModelConfig(hidden=(32,), dropout=0.2, norm="batch"), "sgd"),
+        (ModelConfig(hidden=(32, 16), activation="selu", dropout=0.2, input_dropout=0.1), "adamw"),
+    ],
+    ids=["batchnorm-sgd", "selu-alphadropout-adamw"],
+)
+def test_members_on_their_own_rows_equal_their_own_fits(model: ModelConfig, optimizer: str) -> None:
+    """One split per member (k-fold cross-validation): each member equals `fit` on its split,
+    with its own scaler and positive weights, though the epochs differ in batches."""
+    d = with_descriptors(synthetic(n=500, n_bits=32))
+    splits = own_splits(d)
+    configs = [
+        TrainConfig(
+            epochs=4,
+            batch_size=64,
+            optimizer=optimizer,
+            lr=1e-2,
+            scheduler="onecycle",
+            pos_weight=k != 1,
+            patience=0,
+            seed=k,
+        )
+        for k in range(3)
+    ]
+    args = (d.features, d.labels)
+    one_by_one = [
+        fit(*args, s, d.tasks, model, c, num_threads=1)
+        for s, c in zip(splits, configs, strict=True)
+    ]
+    fused = fit_many(*args, splits, d.tasks, model, configs, num_threads=1)
+    assert_same(one_by_one, fused)
+    assert len({r.scaler.center.tobytes() for r in fused if r.scaler is not None}) == 3
+
+
+def test_members_on_their_own_rows_on_the_stacked_gpu_code_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU's arithmetic with one split per member, run on the CPU: equal within tolerance."""
+    monkeypatch.setattr(fused_module, "_per_member", lambda x: False)
+    d = with_descriptors(synthetic(n=500, n_bits=32))
+    model = ModelConfig(hidden=(32, 16), dropout=0.2, input_dropout=0.1, norm="layer")
+    configs = [
+        replace(c, epochs=4, batch_size=64, patience=0, pos_weight=k == 1)
+        for k, c in enumerate(MEMBERS)
+    ]
+    splits = own_splits(d)
+    one_by_one = [
+        fit(d.features, d.labels, s, d.tasks, model, c, num_threads=1)
+        for s, c in zip(splits, configs, strict=True)
+    ]
+    fused = fit_many(d.features, d.labels, splits, d.tasks, model, configs, num_threads=1)
+    for a, b in zip(one_by_one, fused, strict=True):
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert a.best_valid.roc_auc == pytest.approx(b.best_valid.roc_auc, abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_members_on_their_own_rows_match_their_fits_on_cuda() -> None:
+    d = with_descriptors(synthetic(n=500, n_bits=32))
+    model = ModelConfig(hidden=(64, 32), dropout=0.3, input_dropout=0.1)
+    configs = [replace(c, epochs=5, batch_size=64, patience=0) for c in MEMBERS]
+    splits = own_splits(d)
+    one_by_one = [
+        fit(d.features, d.labels, s, d.tasks, model, c, device="cuda")
+        for s, c in zip(splits, configs, strict=True)
+    ]
+    fused = fit_many(d.features, d.labels, splits, d.tasks, model, configs, device="cuda")
+    for a, b in zip(one_by_one, fused, strict=True):
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5)
+        assert abs(a.best_valid.roc_auc - b.best_valid.roc_auc) < 1e-3
+
+
+def test_one_split_per_member_or_one_for_all() -> None:
+    d = synthetic(n=100, n_bits=8)
+    with pytest.raises(ValueError, match="2 splits for 3 members"):
+        fit_many(
+            d.features, d.labels, [d.split, d.split], d.tasks, ModelConfig(hidden=(8,)), MEMBERS
+        )
