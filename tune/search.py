@@ -40,7 +40,7 @@ from tune.resources import TrialShape, gpu_fraction, local_request_problem
 from tune.space import build_space
 from tune.study import METRIC, MODE
 from tune.trainable import TrialData, train_trial
-from tune.trials import TrialRecord, read_trials
+from tune.trials import TrialRecord, analysis, read_trials, round_records
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +227,18 @@ def search(
     callbacks = [*driver_callbacks(job, parent_run_id, dataset), witness]
     budget = next(c for c in callbacks if isinstance(c, ErrorBudget))
     watch = next(c for c in callbacks if isinstance(c, PendingWatch))
-    found = study.load(job)
+    # Each round this command ran is read once, by its end check; its trial records come from
+    # that same reading of Ray's saved state (`read_trials` reads only the other rounds).
+    read: dict[str, list[TrialRecord]] = {}
     if rounds.interrupted and _restorable(job, rounds):
-        log.info("restoring interrupted search %s", rounds.names[-1])
+        name = rounds.names[-1]
+        log.info("restoring interrupted search %s", name)
+        found = study.load(job)
         finished = study.finished_ray_ids(found) if found is not None else {}
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
-        path = job.storage.uri_of(rounds.names[-1])
         with witness.handlers_restored():
-            bridge.restore_tuner(path, trainable, callbacks).fit()
-        _all_ended(job, path, stops)
+            bridge.restore_tuner(job.storage.uri_of(name), trainable, callbacks).fit()
+        read[name] = round_records(job, name, _all_ended(job, name, stops))
     remaining = study.remaining(job)
     if remaining > 0:
         first_run = not rounds.names
@@ -244,18 +247,16 @@ def search(
         rounds.finished = False
         rounds.location = job.storage.uri_of(job.name)
         rounds.save(job)
-        tuner, found = _tuner(job, data, name, remaining, first_run, callbacks, faults)
-        study.fail_stale_trials(found)
+        tuner, _ = _tuner(job, data, name, remaining, first_run, callbacks, faults)
+        study.fail_stale_trials(job)
         with witness.handlers_restored():
             tuner.fit()
-        _all_ended(job, job.storage.uri_of(name), stops)
+        read[name] = round_records(job, name, _all_ended(job, name, stops))
     if watch.problem:
         raise SearchError(watch.problem)
     # Every Tune run has ended: a study trial still RUNNING is an orphan of a killed driver
     # (suggested after Tune's last snapshot), never to finish.
-    found = study.load(job)
-    if found is not None:
-        study.fail_stale_trials(found)
+    study.fail_stale_trials(job)
     rounds.finished = True
     rounds.save(job)
     if budget.stop_all():
@@ -264,7 +265,7 @@ def search(
             len(budget.failed),
             budget.failed,
         )
-    records = read_trials(job, rounds.names)
+    records = read_trials(job, rounds.names, read)
     seconds = time.monotonic() - started
     return SearchOutcome(rounds.names, records, budget.failed, cluster_size(), seconds)
 
@@ -288,9 +289,10 @@ def _restorable(job: JobConfig, rounds: Rounds) -> bool:
     return ray_tune.Tuner.can_restore(path)
 
 
-def _all_ended(job: JobConfig, path: str, stops: StopSignals) -> None:
-    """JobInterruptedError when the round at `path` returned after a stop signal, or with trials
-    that neither finished nor failed.
+def _all_ended(job: JobConfig, name: str, stops: StopSignals) -> ray_tune.ExperimentAnalysis:
+    """Ray's saved state of the round `name`, read once (`trials.analysis`) for this check and
+    the round's trial records; JobInterruptedError when the round returned after a stop
+    signal, or with trials that neither finished nor failed.
 
     A stop between two trials leaves every started trial ended but trials still due: the
     signal (`bridge.StopWitness`) is what tells. Ray Tune returns with trials unfinished only
@@ -298,7 +300,7 @@ def _all_ended(job: JobConfig, path: str, stops: StopSignals) -> None:
     grid `fit()` returns cannot tell: Tune ends the trials in memory after saving its state, so
     the saved experiment state, which a resume reads, is what is checked.
     """
-    saved = ray_tune.ExperimentAnalysis(path)
+    saved = analysis(job.storage.uri_of(name))
     unfinished = [t for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished or stops.stopped:
         raise JobInterruptedError(
@@ -307,6 +309,7 @@ def _all_ended(job: JobConfig, path: str, stops: StopSignals) -> None:
             f"Continue it with: {resume_command(job)}",
             stops.signal,
         )
+    return saved
 
 
 def resume_command(job: JobConfig) -> str:

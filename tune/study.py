@@ -208,18 +208,76 @@ def load(job: JobConfig) -> optuna.Study | None:
         return None
 
 
+# Counting and inspecting the study. `Study.trials` and `Study.get_trials` (any `states`) read
+# every trial with all its intermediate values (an epoch each) through Optuna's cache, and
+# `RDBStorage.get_n_trials` does the same (optuna 5.1.0): a resume read its study whole three
+# times, growing with the results per trial (benchmarks/RESULTS.md, "Resume at scale"). So the
+# study's storage is asked directly, through its public API, for only what is needed: the trial
+# count (`n_trials`) and the RUNNING trials (`RDBStorage.get_all_trials` filters states in SQL).
+
+
+def _opened(job: JobConfig) -> tuple[optuna.storages.RDBStorage, int] | None:
+    """The job's study storage (uncached) and study id, or None when it has no study yet. A
+    missing SQLite database is not created (as `load`)."""
+    path = sqlite_file(job.study_storage)
+    if path is not None and not path.exists():
+        return None
+    storage = rdb(job.study_storage)
+    try:
+        return storage, storage.get_study_id_from_name(job.name)
+    except KeyError:
+        return None
+
+
+def n_trials(storage: optuna.storages.BaseStorage, study_id: int) -> int:
+    """How many trials the study holds, in about 2 log2(n) one-row lookups (each its own
+    connection on a server, `rdb`), none reading a trial: trial numbers are consecutive from 0
+    in each study (`FrozenTrial.number`), so the count is one more than the largest number that
+    exists, found by doubling, then bisecting, with `get_trial_id_from_study_id_trial_number`
+    (KeyError for a number not there)."""
+
+    def exists(number: int) -> bool:
+        try:
+            storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        except KeyError:
+            return False
+        return True
+
+    if not exists(0):
+        return 0
+    low, high = 0, 1  # trial `low` exists; is `high` past the last?
+    while exists(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if exists(middle):
+            low = middle
+        else:
+            high = middle
+    return low + 1
+
+
+def running_trials(
+    storage: optuna.storages.BaseStorage, study_id: int
+) -> list[optuna.trial.FrozenTrial]:
+    """The study's RUNNING trials (at most the trials in flight), read alone."""
+    running = (optuna.trial.TrialState.RUNNING,)
+    return storage.get_all_trials(study_id, deepcopy=False, states=running)
+
+
 def count_trials(job: JobConfig) -> int:
-    found = load(job)
-    return len(found.trials) if found is not None else 0
+    opened = _opened(job)
+    return n_trials(*opened) if opened is not None else 0
 
 
 def remaining(job: JobConfig) -> int:
-    """Trials still to run for the study to reach `search.num_samples` finished trials."""
-    found = load(job)
-    if found is None:
+    """Trials still to run for the study to reach `search.num_samples` finished trials (every
+    trial not RUNNING counts as run)."""
+    opened = _opened(job)
+    if opened is None:
         return job.search.num_samples
-    done = [t for t in found.trials if t.state != optuna.trial.TrialState.RUNNING]
-    return job.search.num_samples - len(done)
+    done = n_trials(*opened) - len(running_trials(*opened))
+    return job.search.num_samples - done
 
 
 def sampler_seed(seed: int, n_trials: int) -> int:
@@ -254,7 +312,8 @@ def make_searcher(
     found = optuna.create_study(
         storage=storage, study_name=job.name, direction="maximize", load_if_exists=True
     )
-    sampler = make_sampler(job.search, len(found.trials))
+    held = n_trials(storage, storage.get_study_id_from_name(job.name))
+    sampler = make_sampler(job.search, held)
     point = default_point(space) if job.search.evaluate_default and first_run else None
     if job.search.evaluate_default and first_run and point is None:
         log.warning("the default point lies outside search.space; not evaluating it first")
@@ -262,7 +321,7 @@ def make_searcher(
         space=SpaceSampler(space),
         metric=METRIC,
         mode=MODE,
-        points_to_evaluate=[point] if point and len(found.trials) == 0 else None,
+        points_to_evaluate=[point] if point and held == 0 else None,
         sampler=sampler,
         resampler=functools.partial(make_sampler, job.search),
         study_name=job.name,
@@ -271,19 +330,29 @@ def make_searcher(
     return searcher, found
 
 
-def fail_stale_trials(found: optuna.Study, keep: set[str] = frozenset()) -> int:  # type: ignore[assignment]
-    """Mark study trials left RUNNING by a killed driver (and not being resumed) as failed."""
-    n = 0
-    for frozen in found.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if frozen.user_attrs.get(RAY_TRIAL_ATTR) not in keep:
+def fail_stale_trials(job: JobConfig, keep: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+    """Mark study trials left RUNNING by a killed driver (and not being resumed) as failed.
+    Only the RUNNING trials are read."""
+    opened = _opened(job)
+    if opened is None:
+        return 0
+    storage, study_id = opened
+    stale = [
+        frozen
+        for frozen in running_trials(storage, study_id)
+        if frozen.user_attrs.get(RAY_TRIAL_ATTR) not in keep
+    ]
+    if stale:
+        found = optuna.load_study(study_name=job.name, storage=storage)
+        for frozen in stale:
             found.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
-            n += 1
-    return n
+    return len(stale)
 
 
 def finished_ray_ids(found: optuna.Study) -> dict[str, float]:
     """Ray trial id -> study value (NaN when it has none) of the study's finished trials
-    (complete, pruned or failed)."""
+    (complete, pruned or failed). Reads the whole study (no public Optuna API returns trials
+    without their intermediate values); only a restore asks."""
     return {
         str(t.user_attrs[RAY_TRIAL_ATTR]): float("nan") if t.value is None else float(t.value)
         for t in found.get_trials(deepcopy=False)

@@ -6,6 +6,7 @@ records, so they cannot disagree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,34 +40,53 @@ class TrialRecord:
         return float(value) if value is not None and np.isfinite(value) else float("nan")
 
 
-def read_trials(job: JobConfig, rounds: list[str]) -> list[TrialRecord]:
+def read_trials(
+    job: JobConfig, rounds: list[str], read: Mapping[str, list[TrialRecord]] | None = None
+) -> list[TrialRecord]:
     """Every trial of every round that left an experiment state, in Ray's order; a trial that
-    never reported is listed too, without metrics."""
+    never reported is listed too, without metrics. `read`: the records of rounds already read
+    (`round_records`), which are not read again."""
     records = []
+    read = read or {}
     for name in rounds:
         path = job.storage.uri_of(name)
         if not ray_tune.Tuner.can_restore(path):
             continue
-        grid = ray_tune.ExperimentAnalysis(path, default_metric=METRIC, default_mode=MODE)
-        frame = grid.dataframe(metric=METRIC, mode=MODE)
-        rows = {r["trial_id"]: r for r in frame.to_dict("records")} if not frame.empty else {}
-        for trial in grid.trials:
-            row = rows.get(trial.trial_id) or _from_state(trial)
-            if row is None:
-                continue  # never started
-            epochs, status, reason = _ending(job, trial.status, trial.last_result or {})
-            records.append(
-                TrialRecord(
-                    trial_id=trial.trial_id,
-                    round=name,
-                    row=row,
-                    config=dict(trial.config),
-                    epochs=epochs,
-                    status=status,
-                    finished_reason=reason,
-                    checkpoint=trial.checkpoint,
-                )
+        records += read[name] if name in read else round_records(job, name, analysis(path))
+    return records
+
+
+def analysis(path: str) -> ray_tune.ExperimentAnalysis:
+    """Ray's saved state of the round at `path`: its trials and every result they reported
+    (each trial's result file read whole). Costly: read once per round (`tune.search` shares
+    the end check's reading with the records)."""
+    return ray_tune.ExperimentAnalysis(path, default_metric=METRIC, default_mode=MODE)
+
+
+def round_records(
+    job: JobConfig, name: str, grid: ray_tune.ExperimentAnalysis
+) -> list[TrialRecord]:
+    """The records of the round `name` from its saved state `grid` (`analysis`)."""
+    records = []
+    frame = grid.dataframe(metric=METRIC, mode=MODE)
+    rows = {r["trial_id"]: r for r in frame.to_dict("records")} if not frame.empty else {}
+    for trial in grid.trials:
+        row = rows.get(trial.trial_id) or _from_state(trial)
+        if row is None:
+            continue  # never started
+        epochs, status, reason = _ending(job, trial.status, trial.last_result or {})
+        records.append(
+            TrialRecord(
+                trial_id=trial.trial_id,
+                round=name,
+                row=row,
+                config=dict(trial.config),
+                epochs=epochs,
+                status=status,
+                finished_reason=reason,
+                checkpoint=trial.checkpoint,
             )
+        )
     return records
 
 

@@ -228,3 +228,107 @@ def test_trials_pending_on_a_cluster_fail_after_the_bound_naming_resources(
         )
         with pytest.raises(SearchError, match=r"3 CPU and 0.0 GPU.*'CPU': 2\.0"):
             run_job(job, progress=False)
+
+
+def test_a_resume_reads_each_round_once_and_the_study_whole_once(
+    tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume's own bookkeeping must not grow with the results per trial (issue 24 item 5):
+    Ray's saved state of a round, every result file of every trial in it, is read once for the
+    end check and the trial records together (it was read twice), and the study with all its
+    intermediate values once, for the finished trials a restore must not train again (it was
+    read three times). The state is a killed driver's after 4 simulated trials (no training),
+    as benchmarks/resume_scale.py makes it; the records are those a fresh reading gives."""
+    import json
+    import tempfile
+
+    import ray
+    from optuna.distributions import FloatDistribution
+    from ray import tune as ray_tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from tune import study, tracking
+    from tune.bridge import RAY_TRIAL_ATTR
+    from tune.search import Rounds, search
+
+    job = tiny_job(tmp_path, small_csv, search__scheduler="fifo")
+
+    def train_trial(config: dict) -> None:  # named as toxtune's: Ray restores by the name
+        best = 0.0
+        for epoch in range(1, 4):
+            value = 0.5 + 0.1 * ((epoch * config["k"]) % 3)
+            best = max(best, value)
+            metrics = {
+                "val_roc_auc": value,
+                METRIC: best,
+                "finished_reason": "max_epochs" if epoch == 3 else "",
+            }
+            if epoch < 3:
+                ray_tune.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+                ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    grid = ray_tune.Tuner(
+        ray_tune.with_resources(train_trial, {"cpu": 0.5}),
+        param_space={"k": ray_tune.grid_search([1, 2, 3, 4])},
+        run_config=ray_tune.RunConfig(
+            name=job.name,
+            storage_path=job.ray.storage_path,
+            verbose=0,
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+        ),
+    ).fit()
+    assert grid.num_errors == 0 and len(grid) == 4
+    found = optuna.create_study(
+        storage=study.rdb(job.study_storage), study_name=job.name, direction="maximize"
+    )
+    found.add_trials(
+        optuna.trial.create_trial(
+            params={"k": float(r.config["k"])},
+            distributions={"k": FloatDistribution(0, 5)},
+            value=r.metrics[METRIC],
+            intermediate_values=dict(enumerate(r.metrics_dataframe[METRIC], start=1)),
+            user_attrs={RAY_TRIAL_ATTR: r.metrics["trial_id"]},
+        )
+        for r in grid
+    )
+    uri, experiment = job.tracking_uri, job.tracking.experiment_name
+    tracking.start_job_run(uri, experiment, job.name, job.to_dict(), resume=False)
+    Rounds([job.name], finished=False, location=job.storage.uri_of(job.name)).save(job)
+    data = prepare_data(job, progress=False)
+    parent = tracking.start_job_run(uri, experiment, job.name, job.to_dict(), resume=True)
+
+    analyses: list[str] = []  # toxtune's readings of a round's saved state (Ray's own aside)
+
+    class Counted(ray_tune.ExperimentAnalysis):
+        def __init__(self, path: str, **kwargs: object) -> None:
+            analyses.append(path)
+            super().__init__(path, **kwargs)
+
+    read: list[str] = []  # the Ray id of each study trial read from the database
+    build = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
+
+    def reading(self: optuna.storages.RDBStorage, model: object) -> optuna.trial.FrozenTrial:
+        frozen = build(self, model)
+        read.append(frozen.user_attrs[RAY_TRIAL_ATTR])
+        return frozen
+
+    monkeypatch.setattr(ray_tune, "ExperimentAnalysis", Counted)
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_build_frozen_trial_from_trial_model", reading)
+    outcome = search(job, data, parent)
+    monkeypatch.undo()
+
+    assert analyses == [job.storage.uri_of(job.name)]
+    assert sorted(read) == sorted(r.metrics["trial_id"] for r in grid)  # each trial once
+    fresh = read_trials(job, [job.name])
+
+    def shown(records: list) -> list[str]:
+        return [
+            json.dumps({**vars(r), "checkpoint": r.checkpoint.path}, sort_keys=True, default=str)
+            for r in records
+        ]
+
+    assert len(outcome.trials) == 4 and shown(outcome.trials) == shown(fresh)

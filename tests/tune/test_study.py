@@ -214,3 +214,69 @@ def test_results_are_told_without_reading_the_whole_study(
     restored._reports.wait()
     values = {t.user_attrs["ray_trial_id"]: t.intermediate_values for t in found.get_trials()}
     assert 21 not in values["t0"] and values["t1"][21] == 0.9
+
+
+def test_the_study_is_counted_and_its_orphans_failed_without_reading_its_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How many trials the study holds, how many are still due, the sampler's seed and the
+    orphans a killed driver left RUNNING are found without reading the finished trials: each
+    read every trial with its intermediate values (Optuna's `Study.trials` and `get_trials`
+    read all, whatever `states`), so a resume grew with the epochs per trial
+    (benchmarks/RESULTS.md, "Resume at scale")."""
+    from optuna.distributions import FloatDistribution
+
+    from tune.bridge import RAY_TRIAL_ATTR
+
+    (tmp_path / "results").mkdir()
+    job = tiny_job(tmp_path, tmp_path / "unused.csv", search__num_samples=40)
+    found = optuna.create_study(
+        storage=study.rdb(job.study_storage), study_name=job.name, direction="maximize"
+    )
+    lr = {"lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    ended = [optuna.trial.TrialState.COMPLETE] * 20 + [optuna.trial.TrialState.FAIL] * 5
+    found.add_trials(
+        optuna.trial.create_trial(
+            state=state,
+            params={"lr": 1e-3},
+            distributions=lr,
+            value=0.5 if state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values={epoch: 0.5 for epoch in range(1, 31)},
+            user_attrs={RAY_TRIAL_ATTR: f"ended{i}"},
+        )
+        for i, state in enumerate(ended)
+    )
+    for i in range(3):  # in flight when the driver was killed
+        live = found.ask()
+        live.set_user_attr(RAY_TRIAL_ATTR, f"live{i}")
+        live.report(0.5, 1)
+
+    read: list[str] = []  # the Ray id of each trial read from the database
+    build = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
+
+    def reading(self: optuna.storages.RDBStorage, model: object) -> optuna.trial.FrozenTrial:
+        frozen = build(self, model)
+        read.append(frozen.user_attrs.get(RAY_TRIAL_ATTR, ""))
+        return frozen
+
+    def ended_read() -> int:  # the live trials (and those told to fail) may be read
+        return sum(not ray_id.startswith("live") for ray_id in read)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_build_frozen_trial_from_trial_model", reading)
+    assert study.count_trials(job) == 28
+    assert ended_read() == 0
+    assert study.remaining(job) == 40 - 25  # a RUNNING trial is still due
+    assert ended_read() == 0
+    seeded: list[int] = []
+    real_sampler = study.make_sampler
+    monkeypatch.setattr(study, "make_sampler", lambda s, n: seeded.append(n) or real_sampler(s, n))
+    study.make_searcher(job, build_space(job.search.space), first_run=False)
+    assert seeded == [28] and ended_read() == 0
+    assert study.fail_stale_trials(job, keep={"live0"}) == 2
+    assert ended_read() == 0
+    monkeypatch.undo()
+
+    states = {t.user_attrs[RAY_TRIAL_ATTR]: t.state for t in found.get_trials()}
+    assert [states[f"live{i}"].name for i in range(3)] == ["RUNNING", "FAIL", "FAIL"]
+    assert study.remaining(job) == 40 - 27
+    assert study.count_trials(job) == 28
