@@ -5,7 +5,7 @@ against. `check()` looks every one of them up on the installed versions and rais
 attribute, when an upgrade removed one (a test calls it), so an upgrade fails loudly here instead
 of silently somewhere else. Outside this module, `tune/` uses public Ray and Optuna APIs only.
 
-Checked against: ray 2.60.0, optuna 5.0.0.
+Checked against: ray 2.60.0, optuna 5.0.0 and 5.1.0.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
 
-CHECKED_VERSIONS = {"ray": "2.60.0", "optuna": "5.0.0"}
+CHECKED_VERSIONS = {"ray": "2.60.0", "optuna": "5.0.0, 5.1.0"}
 RAY_TRIAL_ATTR = "ray_trial_id"  # the study's user attribute naming a trial's Ray trial id
 
 
