@@ -437,6 +437,7 @@ def _trial_data(
         seed=job.search.seed,
         hooks=(faults,) if faults else (),
         finished=dict(finished or {}),
+        folds=data.folds,
     )
 
 
