@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.tune.conftest import TASKS, tiny_job
+from toxmodel.calibration import fit_calibration
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.folds import fit_folds
 from toxmodel.model import Ensemble
@@ -151,6 +152,10 @@ def test_out_of_fold_predictions_cover_every_non_test_row_once(
     smiles = [data.table.smiles[i] for i in data.features.valid_rows[folds.rows]]
     own = np.stack([m.predict(smiles, calibrated=False)[TASKS].to_numpy() for m in singles])
     np.testing.assert_allclose(oof, own[folds.fold, np.arange(folds.rows.size)], atol=1e-6)
+    # The registered model's calibration is the one these out-of-fold predictions give.
+    assert final.calibration is not None
+    refit = fit_calibration(data.labels[folds.rows], oof, TASKS)
+    assert final.calibration.notes() == refit.notes()
     for i, split in enumerate(folds.splits):
         assert not np.isin(split.valid, split.train).any()
         assert (folds.fold[np.searchsorted(folds.rows, split.valid)] == i).all()
