@@ -44,6 +44,10 @@ from toxmodel.model import MLP, Ensemble, ModelConfig
 FORMAT = "toxtune-mlp"
 FORMAT_VERSION = 1  # one model
 ENSEMBLE_FORMAT_VERSION = 2  # several models averaged (an older reader refuses it by version)
+# Several models averaged, each with its own descriptor scaler (a fold ensemble: each fold's
+# model was scaled on its own training rows); a reader of version 2 would apply one scaler to all.
+MEMBER_SCALERS_FORMAT_VERSION = 3
+VERSIONS = (FORMAT_VERSION, ENSEMBLE_FORMAT_VERSION, MEMBER_SCALERS_FORMAT_VERSION)
 PREDICT_BATCH = 4096  # rows per forward pass at inference
 STD_SUFFIX = "_std"  # `<task>_std`: the ensemble's spread for that task
 SIMILARITY = "nn_similarity"  # nearest-neighbour Tanimoto similarity to the training set
@@ -122,21 +126,34 @@ def save_ensemble(
     extra: Mapping[str, Any] | None = None,
     calibration: Calibration | None = None,
     domain: Domain | None = None,
+    member_scalers: Sequence[DescriptorScaler | None] | None = None,
 ) -> Path:
     """Write several models as one checkpoint; it loads as a `Predictor` that averages them.
 
     Members share the featurizer, tasks and descriptor scaler (they were trained on the same
-    split); their architectures may differ (e.g. the top-k trials of a search).
+    split); their architectures may differ (e.g. the top-k trials of a search). Members trained
+    on different rows (the folds of a cross-validation) each scaled their descriptors on their
+    own training rows: `member_scalers` (one per member; `scaler` must then be None) keeps each
+    member's, in a format version older readers refuse.
     """
     if not members:
         raise ValueError("an ensemble checkpoint needs at least one member")
+    if member_scalers is not None:
+        if scaler is not None:
+            raise ValueError("give either one shared scaler or member_scalers, not both")
+        if len(member_scalers) != len(members):
+            raise ValueError(f"{len(member_scalers)} member scalers for {len(members)} members")
     blob = {
-        "format_version": ENSEMBLE_FORMAT_VERSION,
+        "format_version": ENSEMBLE_FORMAT_VERSION
+        if member_scalers is None
+        else MEMBER_SCALERS_FORMAT_VERSION,
         "members": [
             {"state_dict": _weights(m), "model_config": _plain(c, f"members[{i}].model_config")}
             for i, (m, c) in enumerate(members)
         ],
     }
+    for i, member_scaler in enumerate(member_scalers or ()):
+        blob["members"][i]["scaler"] = _plain(member_scaler, f"members[{i}].scaler")
     return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra, calibration, domain)
 
 
@@ -153,7 +170,8 @@ def save_predictor(
     trust = {"calibration": predictor.calibration, "domain": predictor.domain}
     if isinstance(model, Ensemble):
         members = [(m, m.config) for m in model.members]
-        return save_ensemble(path, members, *args, extra=meta, **trust)
+        scalers = {"member_scalers": predictor.member_scalers}
+        return save_ensemble(path, members, *args, extra=meta, **trust, **scalers)
     return save_checkpoint(path, model, model.config, *args, extra=meta, **trust)
 
 
@@ -228,16 +246,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a toxtune checkpoint (format {FORMAT!r} expected)")
     version = blob.get("format_version")
-    if version not in (FORMAT_VERSION, ENSEMBLE_FORMAT_VERSION):
+    if version not in VERSIONS:
         raise CheckpointError(
             f"{path}: checkpoint format version {version}, this toxmodel reads "
-            f"{FORMAT_VERSION} and {ENSEMBLE_FORMAT_VERSION}"
+            f"{', '.join(map(str, VERSIONS))}"
         )
     try:
         featurizer = FeaturizerConfig(**blob["featurizer"])
         tasks = list(blob["tasks"])
         n_inputs = int(blob["n_inputs"])
-        members = blob["members"] if version == ENSEMBLE_FORMAT_VERSION else [blob]
+        members = blob["members"] if version != FORMAT_VERSION else [blob]
         models: list[MLP] = []
         for member in members:
             member_config = ModelConfig(**member["model_config"])
@@ -245,6 +263,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
             models[-1].load_state_dict(member["state_dict"])
         model_config = models[0].config
         model: MLP | Ensemble = models[0] if version == FORMAT_VERSION else Ensemble(models)
+        member_scalers = None
+        if version == MEMBER_SCALERS_FORMAT_VERSION:
+            member_scalers = [_scaler(member.get("scaler")) for member in members]
         calibration = domain = None
         if blob.get("calibration") is not None:
             calibration = Calibration.from_blob(blob["calibration"])
@@ -256,12 +277,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
                 raise ValueError(f"domain of {domain.n_bits} bits, fingerprint {featurizer.n_bits}")
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {exc}") from exc
-    raw_scaler = blob.get("scaler")
-    scaler = None
-    if raw_scaler is not None:
-        scaler = DescriptorScaler(
-            center=raw_scaler["center"].numpy(), scale=raw_scaler["scale"].numpy()
-        )
+    scaler = _scaler(blob.get("scaler"))
     model.to(torch.device(device)).eval()
     return Predictor(
         model=model,
@@ -273,7 +289,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
         extra=_to_numpy(blob.get("extra", {})),
         calibration=calibration,
         domain=domain,
+        member_scalers=member_scalers,
     )
+
+
+def _scaler(raw: Any) -> DescriptorScaler | None:
+    if raw is None:
+        return None
+    return DescriptorScaler(center=raw["center"].numpy(), scale=raw["scale"].numpy())
 
 
 @dataclass(eq=False)
@@ -290,6 +313,9 @@ class Predictor:
     extra: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None  # applied to the (mean) probability by default
     domain: Domain | None = None  # the training set's bits and the in-domain threshold
+    # An ensemble whose members scale descriptors each their own way (a fold ensemble), one per
+    # member (`scaler` is then None); None: every member uses `scaler`
+    member_scalers: list[DescriptorScaler | None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -379,8 +405,6 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean sigmoid outputs for featurized rows, and their std over members (None for one
         network), in batches."""
-        if self.scaler is not None and descriptors.shape[1]:
-            descriptors = self.scaler.transform(descriptors)
         device = self.device
         model = self.model.eval()
         spread = self.has_spread
@@ -388,15 +412,33 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(fingerprint), batch_size):
                 stop = start + batch_size
-                x = torch.from_numpy(np.ascontiguousarray(fingerprint[start:stop])).to(device)
-                x = x.float()
-                if descriptors.shape[1]:
-                    d = torch.from_numpy(np.ascontiguousarray(descriptors[start:stop]))
-                    x = torch.cat([x, d.to(device, torch.float32)], 1)
-                if spread and isinstance(model, Ensemble):
-                    members = model.member_probabilities(x).float()
-                    means.append(members.mean(0).cpu().numpy())
-                    stds.append(members.std(0, correction=0).cpu().numpy())
+                xs = [
+                    torch.from_numpy(x).to(device)
+                    for x in self.inputs(fingerprint[start:stop], descriptors[start:stop])
+                ]
+                if self.member_scalers is not None and isinstance(model, Ensemble):
+                    members = torch.stack(
+                        [torch.sigmoid(m(x)) for m, x in zip(model.members, xs, strict=True)]
+                    ).float()
+                elif spread and isinstance(model, Ensemble):
+                    members = model.member_probabilities(xs[0]).float()
                 else:
-                    means.append(torch.sigmoid(model(x)).float().cpu().numpy())
+                    means.append(torch.sigmoid(model(xs[0])).float().cpu().numpy())
+                    continue
+                means.append(members.mean(0).cpu().numpy())
+                if spread:
+                    stds.append(members.std(0, correction=0).cpu().numpy())
         return np.concatenate(means), np.concatenate(stds) if stds else None
+
+    def inputs(self, fingerprint: np.ndarray, descriptors: np.ndarray) -> list[np.ndarray]:
+        """The float32 model inputs of featurized rows (fingerprint, then scaled descriptors):
+        one array for a model with one scaler, one per member with `member_scalers`."""
+        scalers = self.member_scalers if self.member_scalers is not None else [self.scaler]
+        fp = np.asarray(fingerprint).astype(np.float32)
+        out = []
+        for scaler in scalers:
+            d = descriptors
+            if scaler is not None and d.shape[1]:
+                d = scaler.transform(d)
+            out.append(np.concatenate([fp, np.asarray(d, dtype=np.float32)], axis=1))
+        return out

@@ -43,6 +43,7 @@ import torch
 
 from toxmodel.checkpoint import PREDICT_BATCH, CheckpointError, Predictor
 from toxmodel.featurize import FeaturizerConfig, _parse_all, featurize, fingerprint_width
+from toxmodel.model import Ensemble
 
 FORMATS = ("png", "svg")
 DRAW_SIZE = (400, 300)  # pixels (width, height) of each picture
@@ -185,10 +186,11 @@ def explain(
 
 
 def _inputs(predictor: Predictor, fingerprint: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
-    """The float32 model inputs of the featurized rows, as `Predictor.predict` builds them."""
-    if predictor.scaler is not None and descriptors.shape[1]:
-        descriptors = predictor.scaler.transform(descriptors)
-    return np.concatenate([fingerprint.astype(np.float32), descriptors.astype(np.float32)], axis=1)
+    """The float32 model inputs of the featurized rows, as `Predictor.predict` builds them:
+    (1, n, width), or (n_members, n, width) for members that scale descriptors each their own
+    way (a fold ensemble). An occlusion edits every copy alike: a bit set to 0, or the scaled
+    descriptors set to 0, each member's own training median."""
+    return np.stack(predictor.inputs(fingerprint, descriptors))
 
 
 def _occluded_logits(
@@ -206,32 +208,42 @@ def _occluded_logits(
     n_fp = fingerprint_width(config)  # Morgan + MACCS columns; descriptors follow
     blocks: list[np.ndarray] = []
     for row, _, active, _ in plans:
-        x = inputs[position[row]]
-        variants = np.repeat(x[None, :], 1 + len(active), axis=0)
-        variants[np.arange(1, 1 + len(active)), active] = 0.0
+        x = inputs[:, position[row]]  # (copies, width)
+        variants = np.repeat(x[:, None, :], 1 + len(active), axis=1)
+        variants[:, np.arange(1, 1 + len(active)), active] = 0.0
         blocks.append(variants)
         if config.maccs:
-            blocks.append(x.copy()[None, :])
-            blocks[-1][0, config.n_bits : n_fp] = 0.0
+            blocks.append(x.copy()[:, None, :])
+            blocks[-1][:, 0, config.n_bits : n_fp] = 0.0
         if config.descriptors:
-            blocks.append(x.copy()[None, :])
-            blocks[-1][0, n_fp:] = 0.0
+            blocks.append(x.copy()[:, None, :])
+            blocks[-1][:, 0, n_fp:] = 0.0
     if not blocks:
         return []
-    logits = _logits(predictor, np.concatenate(blocks), column, batch_size)
+    logits = _logits(predictor, np.concatenate(blocks, axis=1), column, batch_size)
     sizes = [1 + len(a) + int(config.maccs) + int(config.descriptors) for _, _, a, _ in plans]
     return np.split(logits, np.cumsum(sizes)[:-1])
 
 
 def _logits(predictor: Predictor, x: np.ndarray, column: int, batch_size: int) -> np.ndarray:
-    """The model's logits for one task column, in batches, on the model's device."""
+    """The model's logits for one task column, in batches, on the model's device; `x` is
+    `_inputs`' shape (one copy, or one per member: the logit of the members' mean probability)."""
     model, device = predictor.model, predictor.device
     model.eval()
     out = []
     with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
-            out.append(model(chunk.to(device))[:, column].double().cpu().numpy())
+        for start in range(0, x.shape[1], batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[:, start : start + batch_size]))
+            chunk = chunk.to(device)
+            if len(chunk) == 1:
+                logits = model(chunk[0])
+            else:
+                assert isinstance(model, Ensemble)
+                probs = torch.stack(
+                    [torch.sigmoid(m(c)) for m, c in zip(model.members, chunk, strict=True)]
+                )
+                logits = torch.logit(probs.mean(0), eps=Ensemble.EPS)
+            out.append(logits[:, column].double().cpu().numpy())
     return np.concatenate(out)
 
 

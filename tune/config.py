@@ -109,6 +109,10 @@ class SearchConfig:
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides of tune.space
     final_seeds: int = 1  # retrain the best config over this many seeds, report mean/std
     ensemble: int = 1  # models in the registered one: the best trial + (ensemble - 1) retrains
+    # k-fold selection: > 1 divides the non-test rows into k folds (split.method, split.seed),
+    # scores each trial by its mean validation ROC-AUC over them and registers the best trial's
+    # k fold models averaged (no retrain); 1 is the single train/valid split
+    folds: int = 1
 
 
 @dataclass(frozen=True)
@@ -317,8 +321,14 @@ def validate(job: JobConfig) -> JobConfig:
         raise ConfigError(f"search.searcher must be optuna or random, got {s.searcher!r}")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"search.scheduler must be asha or fifo, got {s.scheduler!r}")
-    for name in ("num_samples", "max_epochs", "max_concurrent", "final_seeds", "ensemble"):
+    for name in ("num_samples", "max_epochs", "max_concurrent", "final_seeds", "ensemble", "folds"):
         _positive(getattr(s, name), f"search.{name}")
+    if s.folds > 1 and s.ensemble > 1:
+        raise ConfigError(
+            f"search.folds ({s.folds}) and search.ensemble ({s.ensemble}) both choose the "
+            "registered model: a k-fold job registers its k fold models averaged; set "
+            "search.ensemble to 1"
+        )
     _positive(s.patience, "search.patience", allow_zero=True)
     if s.reduction_factor < 2:
         raise ConfigError(f"search.reduction_factor must be >= 2, got {s.reduction_factor}")

@@ -7,6 +7,10 @@ split (`fit_trust`), writes that model to the job's storage (`FINAL_DIR`), then 
 split once, with the model that will be registered: ROC-AUC and the rest, ECE and Brier score
 before and after calibration, and how the test molecules fall in and out of the domain. The
 test split plays no part in any choice.
+
+A k-fold job (`search.folds` > 1) registers the best trial's k fold models averaged, as its
+checkpoint holds them (no retrain; each member keeps its own descriptor scaler), calibrated and
+given a domain on the out-of-fold predictions instead of the validation split (`fit_fold_trust`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from ray import tune as ray_tune
 
 from toxmodel.calibration import fit_calibration
 from toxmodel.checkpoint import IN_DOMAIN, SIMILARITY, Predictor, load_checkpoint, save_predictor
-from toxmodel.domain import fit_domain
+from toxmodel.domain import VALID_SAMPLE, Domain, fit_domain, threshold_rows
+from toxmodel.folds import Folds, out_of_fold
 from toxmodel.fused import fit_many
 from toxmodel.metrics import Metrics, brier_score, evaluate, expected_calibration_error
 from toxmodel.model import MLP, Ensemble
@@ -76,10 +81,13 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
     seeds = seed_spread(data, [retrained[k] for k in spread]) if spread else {}
     predictor = load_checkpoint(local_checkpoint(best.checkpoint, workdir / "best"))
     extra = dict(predictor.extra)
-    if s.ensemble > 1:
-        predictor = ensemble_of(predictor, [retrained[k] for k in range(1, s.ensemble)])
-        extra = {}
-    predictor = fit_trust(predictor, data)
+    if data.folds is not None:
+        predictor = fit_fold_trust(predictor, data, data.folds)
+    else:
+        if s.ensemble > 1:
+            predictor = ensemble_of(predictor, [retrained[k] for k in range(1, s.ensemble)])
+            extra = {}
+        predictor = fit_trust(predictor, data)
     members = len(predictor.model.members) if isinstance(predictor.model, Ensemble) else 1
     extra.update(trial_id=best.trial_id, members=members, seed=job.search.seed)
     ckpt = save_final(job, predictor, extra, workdir)
@@ -143,6 +151,98 @@ def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
         domain.n_valid,
     )
     return replace(predictor, calibration=calibration, domain=domain)
+
+
+def fit_fold_trust(predictor: Predictor, data: PreparedData, folds: Folds) -> Predictor:
+    """A fold ensemble (`predictor`: the k fold models of a trial, fold i's the i-th member)
+    with a calibration fitted on its out-of-fold predictions and the domain of every non-test
+    row, its threshold chosen on out-of-fold similarities.
+
+    Calibration: every non-test row predicted once, by the fold model that did not train on it
+    (`out_of_fold`): k times the rows today's validation split gives, none seen by the model
+    that predicts it. The registered ensemble averages the k models, so its probabilities are
+    somewhat smoother than one fold model's; the calibration maps what one unseen-data model
+    says, the usual approximation (Chemprop and scikit-learn's CalibratedClassifierCV with
+    ensemble=False alike).
+
+    Domain: its reference set is every non-test row (each one trained k - 1 of the k members).
+    The threshold is the percentile of out-of-fold similarities: each fold's validation rows
+    against that fold's own training rows, pooled. The alternative, the whole training set with
+    the OOF rows as validation, is not meaningful: every such row is in the reference set, so
+    its nearest neighbour is itself (similarity 1) and the threshold would flag nearly every new
+    molecule as out of domain. The pooled OOF similarities measure what the threshold must: how
+    near a molecule no model saw lies to the rows the models learnt from (to a (k - 1)/k share
+    of them, slightly more conservative than to all of them).
+    """
+    raw = out_of_fold_probabilities(predictor, data, folds)
+    calibration = fit_calibration(data.labels[folds.rows], raw, predictor.tasks)
+    domain = fold_domain(data, folds, predictor.featurizer.n_bits)
+    for task, note in calibration.notes().items():
+        log.info("calibration of %s (out of fold): %s", task, note)
+    log.info(
+        "applicability domain: %d distinct non-test fingerprints, threshold %.3f (the %gth "
+        "percentile of %d out-of-fold similarities over %d folds)",
+        domain.n_train,
+        domain.threshold,
+        domain.percentile,
+        domain.n_valid,
+        folds.k,
+    )
+    return replace(predictor, calibration=calibration, domain=domain)
+
+
+def fold_members(predictor: Predictor) -> list[Predictor]:
+    """Each member of a fold ensemble as a model of its own, with its own descriptor scaler."""
+    if not isinstance(predictor.model, Ensemble):
+        raise TypeError(f"a fold checkpoint holds {type(predictor.model).__name__}, not Ensemble")
+    members = list(predictor.model.members)
+    scalers = predictor.member_scalers or [predictor.scaler] * len(members)
+    return [
+        replace(
+            predictor,
+            model=m,
+            model_config=m.config,
+            scaler=scaler,
+            member_scalers=None,
+            calibration=None,
+            domain=None,
+            extra={},
+        )
+        for m, scaler in zip(members, scalers, strict=True)
+    ]
+
+
+def out_of_fold_probabilities(predictor: Predictor, data: PreparedData, folds: Folds) -> np.ndarray:
+    """Raw probabilities of every non-test row (aligned with `folds.rows`) by the fold model
+    that did not train on it, predicted from SMILES as a user of the model would."""
+    singles = fold_members(predictor)
+    if len(singles) != folds.k:
+        raise ValueError(f"the checkpoint holds {len(singles)} models for {folds.k} folds")
+    predictions = []
+    for single, split in zip(singles, folds.splits, strict=True):
+        frame = predict_split(single, data, split.valid)
+        predictions.append((split.valid, frame[single.tasks].to_numpy(dtype=np.float64)))
+    return out_of_fold(folds, predictions)
+
+
+def fold_domain(data: PreparedData, folds: Folds, n_bits: int) -> Domain:
+    """The domain of every non-test row, its threshold the percentile of the out-of-fold
+    similarities (each fold's validation rows to its own training rows; at most VALID_SAMPLE
+    rows, drawn as `fit_domain` draws them). See `fit_fold_trust`."""
+    fingerprint = data.features.fingerprint
+    sampled = folds.rows[threshold_rows(folds.rows.size, VALID_SAMPLE)]
+    similarities = []
+    for split in folds.splits:
+        rows = np.intersect1d(split.valid, sampled)
+        own = fit_domain(
+            fingerprint, fingerprint[:0], n_bits, search="exact", train_rows=split.train
+        )
+        similarities.append(own.similarity(fingerprint[rows], exact=True, certify=False))
+    domain = fit_domain(fingerprint, fingerprint[:0], n_bits, train_rows=folds.rows)
+    pooled = np.concatenate(similarities)
+    domain.threshold = float(np.percentile(pooled, domain.percentile))
+    domain.n_valid = int(pooled.size)
+    return domain
 
 
 def calibration_scores(labels: np.ndarray, raw: np.ndarray, probs: np.ndarray) -> dict[str, float]:

@@ -25,11 +25,12 @@ from toxmodel.data import MoleculeTable, check_parsed, load_table
 from toxmodel.duplicates import Deduplicated, count_duplicates, deduplicate
 from toxmodel.errors import DataError
 from toxmodel.featurize import MOLECULE_KEY, Features, featurize_cached, write_invalid_report
+from toxmodel.folds import Folds, make_folds
 from toxmodel.sources import default_cache_dir
 from toxmodel.split import Split, missing_class_warnings, molecule_groups, split_dataset
 from tune import study
 from tune.config import CONFIG_FILE, JobConfig
-from tune.errors import JobMismatchError
+from tune.errors import ConfigError, JobMismatchError
 from tune.features import featurize_on_cluster, on_cluster, ray_started
 from tune.identity import (
     Fingerprint,
@@ -56,6 +57,8 @@ class PreparedData:
     features: Features
     labels: np.ndarray  # float32 (n_valid, n_tasks), aligned with features rows
     split: Split
+    # search.folds > 1: the rows outside split.test (split.train + split.valid) in k folds
+    folds: Folds | None = None
 
 
 def load_job_table(job: JobConfig) -> MoleculeTable:
@@ -145,7 +148,51 @@ def prepare_data(
     check_validation(labels, split, table.tasks, job.split.method)
     for warning in missing_class_warnings(labels, split, table.tasks):
         log.warning(warning)
-    return PreparedData(table, features, labels, split)
+    folds = job_folds(job, split, labels, groups, valid_smiles, table.tasks)
+    return PreparedData(table, features, labels, split, folds)
+
+
+def job_folds(
+    job: JobConfig,
+    split: Split,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    smiles: list[str],
+    tasks: list[str],
+) -> Folds | None:
+    """The k folds of `search.folds` > 1 (None for 1): the rows outside the test split, divided
+    by the split's method and seed, a molecule's rows (and under scaffold a scaffold's
+    molecules) in one fold; every fold's validation part must be scorable."""
+    k = job.search.folds
+    if k == 1:
+        return None
+    try:
+        folds = make_folds(
+            np.concatenate([split.train, split.valid]),
+            k,
+            method=job.split.method,
+            seed=job.split.seed,
+            labels=labels,
+            groups=groups,
+            smiles=smiles,
+            test=split.test,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"search.folds {k}: {exc}") from exc
+    for i, fold in enumerate(folds.splits):
+        try:
+            check_validation(labels, fold, tasks, job.split.method)
+        except DataError as exc:
+            raise DataError(f"search.folds {k}, fold {i}: {exc}") from exc
+    log.info(
+        "%d folds of the %d non-test rows (%s, seed %d): %s rows each",
+        k,
+        folds.rows.size,
+        job.split.method,
+        job.split.seed,
+        "/".join(str(len(f.valid)) for f in folds.splits),
+    )
+    return folds
 
 
 def featurize_job(job: JobConfig, table: MoleculeTable, progress: bool = True) -> Features:

@@ -94,7 +94,9 @@ def record(
             "trial_id": final.trial_id,
             "val_roc_auc": f"{final.valid.get('val_roc_auc', float('nan')):.6f}",
             "test_roc_auc": f"{final.test.roc_auc:.6f}",
-            "ensemble": str(job.search.ensemble),
+            # members of the registered model: the k fold models of a k-fold job
+            "ensemble": str(job.search.folds if job.search.folds > 1 else job.search.ensemble),
+            "folds": str(job.search.folds),
         },
     )
 

@@ -40,6 +40,7 @@ class TrialShape:
     n_tasks: int
     hidden: tuple[int, ...]
     batch_size: int
+    members: int = 1  # networks trained at once on the shared data (a k-fold trial's k folds)
 
     @property
     def n_inputs(self) -> int:
@@ -54,9 +55,9 @@ class TrialShape:
 def estimate_trial_bytes(shape: TrialShape) -> int:
     """Bytes one trial holds on its GPU at peak (see the module docstring)."""
     data = shape.n_rows * (shape.fp_bytes_per_row + 4 * shape.n_descriptors + 8 * shape.n_tasks)
-    weights = 16 * shape.n_weights
+    weights = 16 * shape.n_weights * shape.members
     per_row = 4 * (shape.n_inputs + 4 * sum(shape.hidden) + 2 * shape.n_tasks)
-    activations = per_row * (shape.batch_size + EVAL_BATCH)
+    activations = per_row * (shape.batch_size + EVAL_BATCH) * shape.members
     return int(CUDA_CONTEXT_BYTES + data + weights + activations)
 
 

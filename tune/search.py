@@ -440,6 +440,7 @@ def _trial_data(
         seed=job.search.seed,
         hooks=(faults,) if faults else (),
         finished=dict(finished or {}),
+        folds=data.folds,
     )
 
 
@@ -459,6 +460,7 @@ def resources_for(job: JobConfig, data: PreparedData) -> Any:
             n_tasks=data.labels.shape[1],
             hidden=tuple(int(config[f"width_{i}"]) for i in range(int(config["n_layers"]))),
             batch_size=int(config["batch_size"]),
+            members=job.search.folds,
         )
         return {"cpu": cpus, "gpu": gpu_fraction(shape, memory)}
 

@@ -9,11 +9,16 @@ Each epoch is reported to Tune with its metrics and a checkpoint holding the bes
 so far (`model.pt`, what finalize reads) and the whole training state (`train_state.pt`): a
 trial restored after its driver or node died continues from the epoch after its checkpoint, as
 if uninterrupted, and never reports an epoch twice.
+
+A k-fold job (`search.folds` > 1, `TrialData.folds`) trains the configuration on the k folds at
+once (`toxmodel.folds.fit_folds`) and reports the mean over folds (`_train_folds`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import tempfile
 import time
@@ -27,15 +32,20 @@ import ray
 import torch
 from ray import tune as ray_tune
 
-from toxmodel.featurize import Features, FeaturizerConfig
+from toxmodel.checkpoint import save_ensemble
+from toxmodel.featurize import DescriptorScaler, Features, FeaturizerConfig
+from toxmodel.folds import Folds, FoldScores, fit_folds
+from toxmodel.model import MLP, ModelConfig
 from toxmodel.split import Split
-from toxmodel.train import EpochResult, fit, load_train_state, save_train_state
+from toxmodel.train import EpochResult, TrainConfig, fit, load_train_state, save_train_state
 from tune import outage, settings
 from tune.bridge import PROGRESS_FILE
 from tune.space import to_run_configs
 
 CHECKPOINT_FILE = "model.pt"
 STATE_FILE = "train_state.pt"  # beside model.pt: where the trial's training stood
+FOLDS_FILE = "folds.json"  # beside model.pt in a k-fold trial's: the epochs it reported so far
+FOLD_KEY = "val_roc_auc_fold"  # `val_roc_auc_fold/<i>`: fold i's score in a k-fold trial's epoch
 # In a restored trial's first report: its epochs before the checkpoint's, as JSON rows of
 # headline metrics, so the driver logs the ones a killed driver never sent (tracking.callback).
 EARLIER_EPOCHS = "earlier_epochs"
@@ -71,6 +81,7 @@ class TrialData:
     # after a killed driver: Tune's snapshot can lag the study, and such a trial must not train
     # again (it reports its last epoch, or the study's value, so Tune can complete it).
     finished: Mapping[str, float] = field(default_factory=dict)
+    folds: Folds | None = None  # search.folds > 1: train and score on these k folds
 
     def __post_init__(self) -> None:
         # A trial trains on the matrices alone. The molecule keys (one Python string per row)
@@ -140,6 +151,9 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         # An unreachable results store is waited out (tune.outage), not a failed trial.
         outage.report_waiting(lambda: ray_tune.report(dict(metrics), checkpoint=checkpoint))
 
+    if data.folds is not None:
+        _train_folds(data, model_config, train_config, device, report, best, trial_id, index)
+        return
     resume = restored_state()
     if resume is not None:
         # Restored one iteration before its checkpoint's epoch (tune.bridge.NewestCheckpoint):
@@ -219,3 +233,173 @@ def restored_state() -> dict[str, Any] | None:
     with checkpoint.as_directory() as folder:
         path = Path(folder) / STATE_FILE
         return load_train_state(path) if path.is_file() else None
+
+
+def _train_folds(
+    data: TrialData,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    device: str,
+    report: Any,
+    best: dict[str, Any],
+    trial_id: str,
+    index: int,
+) -> None:
+    """Train one configuration on the k folds of `data.folds` at once, reporting every epoch.
+
+    Reported: `val_roc_auc` the mean over folds of this epoch's score (a fold that stopped
+    early counts with its best), `val_roc_auc_std` their spread, `val_roc_auc_fold/<i>` each
+    fold's; the other `val_*` metrics are means over folds likewise, `train_loss` the mean over
+    the folds that trained; `best_val_roc_auc` is `FoldScores.best_mean`, the mean of the folds'
+    best scores: the score of the k fold models kept, which is what the searcher sees and what
+    each checkpoint's `model.pt` holds (the k models as one ensemble, each with its own
+    descriptor scaler); `best_epoch` the last epoch that changed one of them.
+
+    Restore: `fit_many` cannot continue a fused run from saved optimiser states, so a k-fold
+    trial restored from a checkpoint of epoch E reports epoch E again as it was (Tune restores
+    one iteration before it, see `tune.bridge.NewestCheckpoint`; its earlier epochs travel
+    with it for MLflow, as in a plain trial), then trains again from epoch 1 and reports from
+    epoch E + 1 on: epochs 1..E are replayed without reports, so none is reported twice. The
+    replay costs E epochs, and it continues the interrupted run exactly only where training is
+    deterministic (on the CPU it is: same seeds, same order); on a GPU the epochs after E may
+    differ slightly from those the uninterrupted run would have given.
+    """
+    assert data.folds is not None
+    k = data.folds.k
+    rows: list[dict[str, Any]] = []
+    done = 0
+    restored = restored_fold_state()
+    if restored is not None:
+        rows = list(restored["rows"])
+        done = int(rows[-1]["epoch"])
+        best.update(roc_auc=float(restored["best_val_roc_auc"]), epoch=restored["best_epoch"])
+        earlier = json.dumps(earlier_epochs(rows[:-1]))
+        report(rows[-1], str(restored["reason"]), **{EARLIER_EPOCHS: earlier})
+    if trial_id in data.finished:
+        if restored is None:
+            ray_tune.report(
+                {"best_val_roc_auc": data.finished[trial_id], "finished_reason": "restored"}
+            )
+        return
+    if restored is not None and restored["reason"]:
+        return  # its last epoch was reported: every fold had stopped
+    kept: dict[int, tuple[MLP, DescriptorScaler | None, int]] = {}
+    kept_valid: dict[int, dict[str, float]] = {}
+    now_valid: dict[int, dict[str, float]] = {}
+
+    def on_epoch(scores: FoldScores, results: Mapping[int, EpochResult]) -> None:
+        for f, r in results.items():
+            now_valid[f] = r.valid.flat("val")
+            if r.is_best or f not in kept:
+                scaler = r.context.scaler if r.context is not None else None
+                kept[f] = (copy.deepcopy(r.model).cpu().eval(), scaler, r.epoch)
+                kept_valid[f] = now_valid[f]
+        if scores.epoch <= done:
+            return  # replayed after a restore: reported before it
+        if math.isfinite(scores.best_mean) and scores.best_mean > best["roc_auc"]:
+            best.update(roc_auc=scores.best_mean, epoch=scores.epoch)
+        row = fold_row(
+            scores, results, [now_valid[f] if f in results else kept_valid[f] for f in range(k)]
+        )
+        reason = fold_stop_reason(scores, results)
+        rows.append(row)
+        first = next(iter(results.values()))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_folds_checkpoint(
+                Path(tmp) / CHECKPOINT_FILE,
+                first,
+                [kept[f] for f in range(k)],
+                {"trial_id": trial_id, "epoch": best["epoch"], "val_roc_auc": scores.best_mean},
+            )
+            state = {
+                "rows": rows,
+                "best_val_roc_auc": best["roc_auc"],
+                "best_epoch": best["epoch"],
+                "reason": reason,
+            }
+            (Path(tmp) / FOLDS_FILE).write_text(json.dumps(state))
+            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"epoch": scores.epoch}))
+            report(row, reason, ray_tune.Checkpoint.from_directory(tmp))
+        for hook in data.hooks:
+            hook.on_epoch(index, first, trial_id)
+
+    fit_folds(
+        data.features,
+        data.labels,
+        data.folds,
+        data.tasks,
+        model_config,
+        train_config,
+        device=device,
+        callback=on_epoch,
+        num_threads=cpu_threads(),
+    )
+
+
+def fold_row(
+    scores: FoldScores, results: Mapping[int, EpochResult], valid: list[dict[str, float]]
+) -> dict[str, Any]:
+    """One k-fold epoch as `report` takes it: means over folds (`valid`: each fold's validation
+    metrics of this epoch, or of its best epoch for a fold that stopped), the spread and each
+    fold's score."""
+    trained = list(results.values())
+    row: dict[str, Any] = {
+        "epoch": scores.epoch,
+        "train_loss": float(np.mean([r.train_loss for r in trained])),
+        "lr": float(np.mean([r.lr for r in trained])),
+        "seconds": float(max(r.seconds for r in trained)),
+    }
+    for key in valid[0]:
+        values = np.array([v.get(key, np.nan) for v in valid], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        row[key] = float(finite.mean()) if finite.size else float("nan")
+    row["val_roc_auc"] = scores.mean
+    row["val_roc_auc_std"] = scores.std
+    row.update({f"{FOLD_KEY}/{i}": float(v) for i, v in enumerate(scores.scores)})
+    return row
+
+
+def fold_stop_reason(scores: FoldScores, results: Mapping[int, EpochResult]) -> str:
+    """ "" while a fold trains on; once every fold has stopped, max_epochs if one ran out of
+    epochs, else early_stopping."""
+    going = [
+        t and not (f in results and results[f].stop_reason) for f, t in enumerate(scores.training)
+    ]
+    if any(going):
+        return ""
+    reasons = {r.stop_reason for r in results.values() if r.stop_reason}
+    return "max_epochs" if "max_epochs" in reasons else (min(reasons) if reasons else "max_epochs")
+
+
+def save_folds_checkpoint(
+    path: Path,
+    like: EpochResult,
+    kept: list[tuple[MLP, DescriptorScaler | None, int]],
+    extra: dict[str, Any],
+) -> Path:
+    """The k fold models kept so far as one ensemble checkpoint, each with its own descriptor
+    scaler (fitted on its fold's training rows); one shared None when there are no descriptors."""
+    assert like.context is not None
+    c = like.context
+    scalers = [s for _, s, _ in kept]
+    shared = all(s is None for s in scalers)
+    return save_ensemble(
+        path,
+        [(m, m.config) for m, _, _ in kept],
+        c.featurizer,
+        c.tasks,
+        c.n_inputs,
+        None,
+        extra={**extra, "folds": len(kept), "fold_epochs": [e for _, _, e in kept]},
+        member_scalers=None if shared else scalers,
+    )
+
+
+def restored_fold_state() -> dict[str, Any] | None:
+    """The reported epochs of the k-fold checkpoint Tune restored this trial from, if any."""
+    checkpoint = ray_tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / FOLDS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None

@@ -19,6 +19,7 @@ from toxmodel.calibration import Calibration, TaskCalibration
 from toxmodel.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
+    MEMBER_SCALERS_FORMAT_VERSION,
     CheckpointError,
     Predictor,
     load_checkpoint,
@@ -28,7 +29,7 @@ from toxmodel.checkpoint import (
     uncertainty_columns,
 )
 from toxmodel.domain import Domain, fit_domain
-from toxmodel.featurize import Features, FeaturizerConfig, featurize
+from toxmodel.featurize import DescriptorScaler, Features, FeaturizerConfig, featurize
 from toxmodel.model import MLP, ModelConfig
 from toxmodel.train import FitResult, TrainConfig, fit, save_train_state
 
@@ -468,3 +469,40 @@ def test_a_trial_checkpoint_does_not_grow_with_the_training_set(tmp_path: Path) 
         sizes.append((model.stat().st_size, state.stat().st_size))
     (model_small, state_small), (model_large, state_large) = sizes
     assert abs(model_large - model_small) < 64 and abs(state_large - state_small) < 64
+
+
+def test_members_with_their_own_scalers_each_scale_their_inputs(
+    with_descriptors: Trained, tmp_path: Path
+) -> None:
+    """A fold ensemble: each member scaled its descriptors on its own training rows. The loaded
+    ensemble's mean and spread are those of the members each served with its own scaler, and
+    older readers refuse the file (a version-2 reader would scale every member alike)."""
+    first = with_descriptors.result
+    assert first.scaler is not None
+    members = _members(first)
+    desc = with_descriptors.features.descriptors
+    scalers = [
+        DescriptorScaler.fit(desc[rows]) for rows in (slice(0, 16), slice(16, 48), slice(None))
+    ]
+    args = (first.featurizer, TASKS, first.n_inputs)
+    path = save_ensemble(tmp_path / "e.pt", members, *args, None, member_scalers=scalers)
+    ensemble = load_checkpoint(path)
+    assert ensemble.scaler is None and ensemble.member_scalers is not None
+    assert torch.load(path, weights_only=True)["format_version"] == MEMBER_SCALERS_FORMAT_VERSION
+    smiles = ["CCO", "not a smiles", *SMILES[:8]]
+    own = np.stack(
+        [
+            load_checkpoint(save_checkpoint(tmp_path / f"{i}.pt", m, c, *args, s))
+            .predict(smiles)[TASKS]
+            .to_numpy()
+            for i, ((m, c), s) in enumerate(zip(members, scalers, strict=True))
+        ]
+    )
+    table = ensemble.predict(smiles)
+    np.testing.assert_allclose(table[TASKS].to_numpy(), own.mean(0), atol=1e-6)
+    std_columns = [f"{t}_std" for t in TASKS]
+    np.testing.assert_allclose(table[std_columns].to_numpy(), np.std(own, axis=0), atol=1e-6)
+    again = load_checkpoint(save_predictor(tmp_path / "again.pt", ensemble))  # round trip
+    np.testing.assert_array_equal(again.predict(smiles)[TASKS].to_numpy(), table[TASKS])
+    with pytest.raises(ValueError, match="not both"):
+        save_ensemble(tmp_path / "x.pt", members, *args, first.scaler, member_scalers=scalers)

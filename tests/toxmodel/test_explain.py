@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -226,6 +227,37 @@ def test_ensembles_are_explained_through_their_averaged_probability() -> None:
     assert [e.probability for e in found] == pytest.approx(probs.tolist(), abs=1e-5)
     single = explain(_predictor(config, members[0]), smiles, "t0")
     assert not np.allclose(found[0].atom_weights, single[0].atom_weights)
+
+
+def test_members_with_their_own_scalers_are_explained_each_on_its_own_inputs() -> None:
+    """A fold ensemble (a scaler per member): explained through the probability predict gives,
+    and the descriptor block's share is that of the members each occluded at its own median."""
+    config = FeaturizerConfig(n_bits=64, descriptors=True)
+    smiles = ["OC(=O)c1ccccc1", "CCO", "c1ccncc1N"]
+    feats = featurize(smiles, config, n_jobs=1)
+    members = [_linear(config, feats.n_features, seed=s) for s in (0, 1)]
+    with torch.no_grad():  # away from saturation, where float32 and the logit's eps would rule
+        for m in members:
+            m.head.weight.mul_(0.05)
+    scalers = [DescriptorScaler.fit(feats.descriptors[rows]) for rows in ([0, 1], [1, 2])]
+    predictor = replace(_predictor(config, Ensemble(members).eval()), member_scalers=list(scalers))
+    found = explain(predictor, smiles, "t0")
+    probs = predictor.predict(smiles)["t0"].to_numpy()
+    assert [e.probability for e in found] == pytest.approx(probs.tolist(), abs=1e-5)
+    width = fingerprint_width(config)
+    w = [m.head.weight[0].detach().double().numpy() for m in members]
+    b = [float(m.head.bias[0]) for m in members]
+
+    def logit_of_mean(logits: list[float]) -> float:
+        p = np.mean([1 / (1 + np.exp(-v)) for v in logits])
+        return float(np.log(p / (1 - p)))
+
+    for i, item in enumerate(found):
+        x = feats.fingerprint[i].astype(np.float64)
+        scaled = [s.transform(feats.descriptors)[i].astype(np.float64) for s in scalers]
+        full = logit_of_mean([w[k][:width] @ x + w[k][width:] @ scaled[k] + b[k] for k in (0, 1)])
+        occluded = logit_of_mean([w[k][:width] @ x + b[k] for k in (0, 1)])
+        assert item.descriptors == pytest.approx(full - occluded, abs=1e-4)
 
 
 def test_invalid_smiles_are_per_molecule_errors_and_unknown_tasks_are_named(

@@ -29,6 +29,10 @@ def test_estimate_counts_weights_optimizer_data_and_activations() -> None:
     # Fingerprint bytes stay uint8 on the device: 7.8k x 2048 is ~16 MB, not ~64 MB.
     no_data = TrialShape(**{**TOX21, "n_rows": 0}, hidden=(256,), batch_size=64)
     assert estimate_trial_bytes(small) - estimate_trial_bytes(no_data) < 20 * 2**20
+    # A k-fold trial trains k networks over one copy of the data: k x weights and activations.
+    folds = TrialShape(**TOX21, hidden=(256,), batch_size=64, members=5)
+    grown = estimate_trial_bytes(folds) - estimate_trial_bytes(small)
+    assert grown == 4 * (estimate_trial_bytes(no_data) - CUDA_CONTEXT_BYTES)
 
 
 def test_fraction_packs_small_trials_and_gives_big_ones_more() -> None:
