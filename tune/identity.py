@@ -68,6 +68,8 @@ def default_model_name(source: str) -> str:
 # What a fingerprint saved before the `data` section existed means: every row kept (the only
 # behaviour then), so such a job continues under the default policy.
 _OLD_DATA: dict[str, Any] = {"duplicates": "keep"}
+# The folds of a fingerprint saved before `search.folds` existed: one validation split.
+_OLD_FOLDS = 1
 # The molecule key of a fingerprint saved before it was recorded: stereo was part of it then, so
 # such a job is not continued under today's stereo-blind keys (its split would change).
 _OLD_MOLECULE_KEY = "canonical SMILES with stereo"
@@ -75,7 +77,8 @@ _OLD_MOLECULE_KEY = "canonical SMILES with stereo"
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What makes two jobs' scores comparable: the same rows, targets, features and split."""
+    """What makes two jobs' scores comparable: the same rows, targets, features and split (with
+    the number of cross-validation folds a trial is scored on)."""
 
     content_hash: str
     tasks: list[str]
@@ -112,7 +115,7 @@ def read_fingerprint(storage: Storage, name: str) -> Fingerprint | None:
         content_hash=str(raw["content_hash"]),
         tasks=[str(t) for t in raw["tasks"]],
         featurizer=dict(raw["featurizer"]),
-        split=dict(raw["split"]),
+        split={"folds": _OLD_FOLDS, **raw["split"]},
         data={"molecule_key": _OLD_MOLECULE_KEY, **raw.get("data", _OLD_DATA)},
     )
 

@@ -78,7 +78,8 @@ def fingerprint(job: JobConfig, table: MoleculeTable) -> Fingerprint:
         content_hash=table.content_hash,
         tasks=list(table.tasks),
         featurizer=asdict(job.featurizer),
-        split=asdict(job.split),
+        # search.folds decides what a trial is scored on (one split or the mean over k folds)
+        split={**asdict(job.split), "folds": job.search.folds},
         data={"duplicates": job.data.duplicates, "molecule_key": MOLECULE_KEY},
     )
 

@@ -72,7 +72,7 @@ def _fp(**changes: object) -> Fingerprint:
         "content_hash": "a" * 64,
         "tasks": ["t1", "t2"],
         "featurizer": {"n_bits": 1024, "radius": 2},
-        "split": {"method": "random", "seed": 0},
+        "split": {"method": "random", "seed": 0, "folds": 1},
         "data": {"duplicates": "keep", "molecule_key": MOLECULE_KEY},
     }
     base.update(changes)
@@ -94,7 +94,8 @@ def test_fingerprint_round_trips_and_same_data_continues(tmp_path: Path) -> None
         ({"content_hash": "b" * 64}, "data content"),
         ({"tasks": ["t1"]}, "targets"),
         ({"featurizer": {"n_bits": 2048, "radius": 2}}, "featurizer.n_bits"),
-        ({"split": {"method": "scaffold", "seed": 0}}, "split.method"),
+        ({"split": {"method": "scaffold", "seed": 0, "folds": 1}}, "split.method"),
+        ({"split": {"method": "random", "seed": 0, "folds": 5}}, r"split.folds \(1 saved, 5 now\)"),
         (
             {"data": {"duplicates": "average", "molecule_key": MOLECULE_KEY}},
             r"data.duplicates \('keep' saved, 'average' now\)",
@@ -139,3 +140,17 @@ def test_a_job_keyed_with_stereo_is_not_continued_under_stereo_blind_keys(
         "data.molecule_key ('canonical SMILES with stereo' saved, "
         "'canonical SMILES without stereo' now)"
     ) in str(refused.value)
+
+
+def test_a_fingerprint_saved_before_folds_existed_continues_as_one_fold(tmp_path: Path) -> None:
+    """Jobs saved before `search.folds` scored trials on one validation split: they continue
+    with folds 1 and are refused with folds 5 (trials scored two ways in one study)."""
+    import json
+
+    storage = Storage.open(str(tmp_path))
+    before = dataclasses.asdict(_fp(split={"method": "random", "seed": 0}))
+    storage.write_text("before", FINGERPRINT_FILE, text=json.dumps(before))
+    saved = read_fingerprint(storage, "before")
+    check_continuation("before", saved, _fp())
+    with pytest.raises(JobMismatchError, match=r"split\.folds \(1 saved, 5 now\)"):
+        check_continuation("before", saved, _fp(split={"method": "random", "seed": 0, "folds": 5}))

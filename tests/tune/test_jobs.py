@@ -74,5 +74,9 @@ def test_second_job_on_other_data_leaves_the_first_untouched(
     with pytest.raises(JobMismatchError, match="data content") as err:
         run_job(mixed, progress=False)
     assert "targets" in str(err.value)
+    # ... and so is continuing it on the same data with trials scored over folds (issue 26).
+    refolded = tiny_job(tmp_path, small_csv, **{"tracking.run_name": first.name, "search.folds": 2})
+    with pytest.raises(JobMismatchError, match=r"split\.folds \(1 saved, 2 now\)"):
+        run_job(refolded, progress=False)
     assert not ray.is_initialized()
     assert _snapshot(client, first.parent_run_id) == before
