@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -227,12 +227,18 @@ def earlier_epochs(history: list[dict[str, float]]) -> list[dict[str, float]]:
 
 def restored_state() -> dict[str, Any] | None:
     """The training state of the checkpoint Tune restored this trial from, if any."""
+    return _restored_file(STATE_FILE, load_train_state)
+
+
+def _restored_file(name: str, read: Callable[[Path], Any]) -> Any:
+    """`read` of the file `name` in the checkpoint Tune restored this trial from; None when
+    the trial was not restored or that checkpoint has no such file."""
     checkpoint = ray_tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        path = Path(folder) / STATE_FILE
-        return load_train_state(path) if path.is_file() else None
+        path = Path(folder) / name
+        return read(path) if path.is_file() else None
 
 
 def _train_folds(
@@ -397,9 +403,4 @@ def save_folds_checkpoint(
 
 def restored_fold_state() -> dict[str, Any] | None:
     """The reported epochs of the k-fold checkpoint Tune restored this trial from, if any."""
-    checkpoint = ray_tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        path = Path(folder) / FOLDS_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+    return _restored_file(FOLDS_FILE, lambda path: json.loads(path.read_text()))
