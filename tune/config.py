@@ -46,6 +46,11 @@ TUNE_FLAGS: dict[str, tuple[str, str]] = {
         "rows repeating a molecule: keep (kept in one split part), average or drop",
     ),
     "split": ("split.method", "random, stratified or scaffold"),
+    "folds": (
+        "search.folds",
+        "k > 1: score each trial on the mean over k folds of the non-test rows and register "
+        "the best trial's k fold models (default 1: one validation split)",
+    ),
     "cpus_per_trial": ("resources.cpus_per_trial", "CPUs per trial"),
     "gpus_per_trial": ("resources.gpus_per_trial", "GPU share per trial, e.g. 0.25, or auto"),
     "address": ("ray.address", "Ray cluster to join: auto or HOST:PORT (default: local)"),

@@ -111,6 +111,17 @@ def test_tune_refuses_bad_config_before_ray_starts(
     assert list(tmp_path.iterdir()) == [] and not ray.is_initialized()
 
 
+def test_tune_folds_flag_reaches_the_config_and_is_checked_there(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """`--folds` sets search.folds (issue 26); a bad count is refused by name before Ray."""
+    import ray
+
+    code, _, err = cli(capfd, "tune", "--folds", "0", "--storage-path", str(tmp_path))
+    assert code == 2 and "search.folds" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [] and not ray.is_initialized()
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
