@@ -163,7 +163,7 @@ def speed(args: argparse.Namespace) -> None:
         print(f"  {label:35s} {seconds:6.2f} s  {n / seconds:8.0f} predictions/s")
     qf = featurize(smiles, featurizer)
     lookup = best_of(args.repeats, lambda: domain.similarity(qf.fingerprint))
-    raw = predictor._probabilities(qf.fingerprint, qf.descriptors, 4096)
+    raw = predictor.probabilities(qf.fingerprint, qf.descriptors, 4096)
     forward = best_of(
         args.repeats,
         lambda: predictor._probabilities_and_spread(qf.fingerprint, qf.descriptors, 4096),

@@ -394,10 +394,11 @@ class Predictor:
             index=pd.RangeIndex(n),
         )
 
-    def _probabilities(
-        self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
+    def probabilities(
+        self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int = PREDICT_BATCH
     ) -> np.ndarray:
-        """(Mean) sigmoid outputs for featurized rows, in batches."""
+        """(Mean) sigmoid outputs for rows already featurized with `self.featurizer`, in
+        batches, uncalibrated: what `predict` answers for their SMILES, without featurizing."""
         return self._probabilities_and_spread(fingerprint, descriptors, batch_size)[0]
 
     def _probabilities_and_spread(

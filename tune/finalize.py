@@ -214,14 +214,22 @@ def fold_members(predictor: Predictor) -> list[Predictor]:
 
 def out_of_fold_probabilities(predictor: Predictor, data: PreparedData, folds: Folds) -> np.ndarray:
     """Raw probabilities of every non-test row (aligned with `folds.rows`) by the fold model
-    that did not train on it, predicted from SMILES as a user of the model would."""
+    that did not train on it, from the job's prepared features (the ones the folds trained on;
+    the same answer as predicting the rows' SMILES, tests/tune/test_folds.py): the non-test
+    rows are most of the data, and featurizing them again would cost a cold featurization."""
     singles = fold_members(predictor)
     if len(singles) != folds.k:
         raise ValueError(f"the checkpoint holds {len(singles)} models for {folds.k} folds")
-    predictions = []
-    for single, split in zip(singles, folds.splits, strict=True):
-        frame = predict_split(single, data, split.valid)
-        predictions.append((split.valid, frame[single.tasks].to_numpy(dtype=np.float64)))
+    features = data.features
+    predictions = [
+        (
+            split.valid,
+            single.probabilities(
+                features.fingerprint[split.valid], features.descriptors[split.valid]
+            ).astype(np.float64),
+        )
+        for single, split in zip(singles, folds.splits, strict=True)
+    ]
     return out_of_fold(folds, predictions)
 
 

@@ -152,8 +152,8 @@ def test_results_save_load_and_ensemble_like_fit_results(tmp_path: Path) -> None
     assert loaded.extra["epoch"] == fused[1].best_epoch
     test = d.split.test
     fp, desc = d.features.fingerprint[test], d.features.descriptors[test]
-    in_memory = fused[1].predictor()._probabilities(fp, desc, 64)
-    np.testing.assert_array_equal(loaded._probabilities(fp, desc, 64), in_memory)
+    in_memory = fused[1].predictor().probabilities(fp, desc, 64)
+    np.testing.assert_array_equal(loaded.probabilities(fp, desc, 64), in_memory)
     members = [(r.model, r.model_config) for r in fused]
     ensemble = save_ensemble(
         tmp_path / "ens.pt",
@@ -163,8 +163,8 @@ def test_results_save_load_and_ensemble_like_fit_results(tmp_path: Path) -> None
         fused[0].n_inputs,
         fused[0].scaler,
     )
-    probs = load_checkpoint(ensemble)._probabilities(fp, desc, 64)
-    singles = np.mean([r.predictor()._probabilities(fp, desc, 64) for r in fused], axis=0)
+    probs = load_checkpoint(ensemble).probabilities(fp, desc, 64)
+    singles = np.mean([r.predictor().probabilities(fp, desc, 64) for r in fused], axis=0)
     np.testing.assert_allclose(probs, singles, rtol=1e-5, atol=1e-6)
 
 
