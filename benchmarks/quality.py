@@ -8,6 +8,8 @@
     python benchmarks/quality.py nr-ar --config configs/tox21.yaml
     python benchmarks/quality.py protocol --config configs/tox21.yaml --split scaffold \
         --repeats 2 --trust
+    python benchmarks/quality.py folds --config configs/tox21.yaml --splits random scaffold \
+        --folds 5
 
 `baseline`:
 1. The Tox21 tutorial's experiment, reproduced as it is written: NR-AR only, 1024-bit radius-2
@@ -30,6 +32,15 @@ the half with the largest, the rank correlation of absolute error with spread, R
 of the applicability domain (and the share out), and ECE and Brier score before and after
 calibration. `--repeats N` runs each split seed N times, so the spread of repeated runs of one
 seed can be set beside the spread over seeds.
+
+`folds`: issue 26 item 3. For each split seed, the config's job as it is (`search.folds: 1`)
+and then the same job with `search.folds: K` (`--folds`, ensemble 1: the fold models are the
+registered model), whose search is given the wall time the first job took less the non-search
+time of the last k-fold job (`search.time_limit_s`), so both jobs take about the same wall time;
+`--equal-trials-seeds` also runs the k-fold job without a time limit (the config's number of
+trials) for those seeds. Reports test ROC-AUC mean +- std over seeds, the validation-test gap
+(the winner's selection score, a single split's or the fold mean, less the registered model's
+test ROC-AUC) and wall time, per variant.
 
 `nr-ar`: the tutorial's setting (NR-AR only, its labelled rows, random split seed 0): the
 tutorial's model and a toxtune job on the same rows and the same split, test ROC-AUC and PR-AUC
@@ -316,6 +327,61 @@ def protocol(args: argparse.Namespace) -> None:
     )
 
 
+# One job of the `folds` comparison: test ROC-AUC, validation-test gap, wall s, trials.
+FoldRow = tuple[float, float, float, int]
+
+
+def _fold_job(
+    args: argparse.Namespace, split: str, seed: int, variant: str, extra: dict[str, Any], root: Path
+) -> tuple[FoldRow, float]:
+    """One whole job of the `folds` comparison; its row and its search's wall seconds."""
+    name = f"f-{split}-{seed}-{variant.replace(' ', '_')}"
+    t0 = time.perf_counter()
+    result = tuned_job(args.config, args.data, split, seed, root, name, {**args.extra, **extra})
+    wall = time.perf_counter() - t0
+    chosen = float(result.trials[METRIC].max())
+    gap = chosen - result.test.roc_auc
+    print(
+        f"  {split} seed {seed} {variant}: {len(result.trials)} trials, chosen on {chosen:.4f}, "
+        f"test ROC-AUC {result.test.roc_auc:.4f} (gap {gap:+.4f}); wall {wall:.0f} s, search "
+        f"{result.search_seconds:.0f} s",
+        flush=True,
+    )
+    return (result.test.roc_auc, gap, wall, len(result.trials)), result.search_seconds
+
+
+def folds(args: argparse.Namespace) -> None:
+    """Folds 1 against folds K per split seed, at equal wall time (and, for some seeds, at the
+    same number of trials): test ROC-AUC, validation-test gap, wall."""
+    k_overhead = 30.0  # non-search seconds of a k-fold job, until one has been measured
+    k_set = {"search.folds": args.folds, "search.ensemble": 1, "search.final_seeds": 1}
+    timed, untimed = f"folds {args.folds} equal wall", f"folds {args.folds} equal trials"
+    for split in args.splits:
+        found: dict[str, list[FoldRow]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in args.split_seeds:
+                row, _ = _fold_job(args, split, seed, "folds 1", {"search.folds": 1}, Path(tmp))
+                found.setdefault("folds 1", []).append(row)
+                limit = max(row[2] - k_overhead, 60.0)
+                extra = {**k_set, "search.time_limit_s": limit}
+                row, search_s = _fold_job(args, split, seed, timed, extra, Path(tmp))
+                found.setdefault(timed, []).append(row)
+                k_overhead = row[2] - search_s
+                if seed in args.equal_trials_seeds:
+                    row, _ = _fold_job(args, split, seed, untimed, k_set, Path(tmp))
+                    found.setdefault(untimed, []).append(row)
+        for variant, rows in found.items():
+            tests, gaps, walls, trials = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
+            std = float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0
+            print(
+                f"tox21 {split}, {variant}, {len(rows)} seeds: test ROC-AUC {tests.mean():.4f} "
+                f"+- {std:.4f} (per seed {', '.join(f'{t:.4f}' for t in tests)}); gap "
+                f"{gaps.mean():+.4f}; wall {walls.mean():.0f} s per job; {trials.mean():.1f} "
+                "trials per job",
+                flush=True,
+            )
+
+
 def nr_ar(args: argparse.Namespace) -> None:
     """The tutorial's model and a toxtune job on the tutorial's rows and split, side by side."""
     table = load_table(args.data, targets=["NR-AR"])
@@ -352,11 +418,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("command", choices=["baseline", "protocol", "nr-ar"])
+    parser.add_argument("command", choices=["baseline", "protocol", "nr-ar", "folds"])
     parser.add_argument("--data", default="../shared/data/tox21.csv")
     parser.add_argument("--config", default="configs/tox21.yaml", help="protocol, nr-ar")
     parser.add_argument("--split", default="random", choices=["random", "scaffold"])
     parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--splits", nargs="+", default=["random", "scaffold"], choices=["random", "scaffold"]
+    )
+    parser.add_argument("--folds", type=int, default=5, help="folds: k of the k-fold variant")
+    parser.add_argument(
+        "--equal-trials-seeds", type=int, nargs="*", default=[], help="folds: also untimed"
+    )
     parser.add_argument(
         "--set",
         dest="extra",
@@ -382,6 +455,8 @@ def main() -> None:
         default_mlp(args.data, args.epochs, args.patience, args.threads, args.split_seeds)
     elif args.command == "protocol":
         protocol(args)
+    elif args.command == "folds":
+        folds(args)
     else:
         nr_ar(args)
 
