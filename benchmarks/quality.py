@@ -10,6 +10,7 @@
         --repeats 2 --trust
     python benchmarks/quality.py folds --config configs/tox21.yaml --splits random scaffold \
         --folds 5
+    python benchmarks/quality.py small --configs configs/small.yaml configs/tox21.yaml
 
 `baseline`:
 1. The Tox21 tutorial's experiment, reproduced as it is written: NR-AR only, 1024-bit radius-2
@@ -41,6 +42,11 @@ time of the last k-fold job (`search.time_limit_s`), so both jobs take about the
 trials) for those seeds. Reports test ROC-AUC mean +- std over seeds, the validation-test gap
 (the winner's selection score, a single split's or the fold mean, less the registered model's
 test ROC-AUC) and wall time, per variant.
+
+`small`: issue 26 item 4. A fixed random slice of Tox21 (`--slice` molecules, chosen with
+numpy's default_rng(0), written to a temporary file, never kept), and on it each of `--configs`
+(default configs/small.yaml against configs/tox21.yaml) once per split seed (`--repeats` times):
+test ROC-AUC mean +- std over seeds, the std of repeated runs, the validation-test gap and wall.
 
 `nr-ar`: the tutorial's setting (NR-AR only, its labelled rows, random split seed 0): the
 tutorial's model and a toxtune job on the same rows and the same split, test ROC-AUC and PR-AUC
@@ -382,6 +388,53 @@ def folds(args: argparse.Namespace) -> None:
             )
 
 
+def tox21_slice(data: str, n: int, out: Path) -> Path:
+    """A fixed random subset of `n` rows of the data file (default_rng(0)), in file order."""
+    table = pd.read_csv(data)
+    rows = np.sort(np.random.default_rng(0).choice(len(table), size=n, replace=False))
+    table.iloc[rows].to_csv(out, index=False)
+    return out
+
+
+def small(args: argparse.Namespace) -> None:
+    """Each config on a fixed slice of the data, per split seed and repeat: test ROC-AUC, its
+    spread over seeds and over repeated runs, the validation-test gap, wall."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(tox21_slice(args.data, args.slice, Path(tmp) / f"tox21-slice-{args.slice}.csv"))
+        print(f"slice: {args.slice} rows of {args.data} (default_rng(0))", flush=True)
+        summary = []
+        for config in args.configs:
+            stem = Path(config).stem
+            tests: dict[int, list[float]] = {}
+            gaps, walls = [], []
+            for seed in args.split_seeds:
+                for run in range(args.repeats):
+                    t0 = time.perf_counter()
+                    extra = {**args.extra, "tracking.experiment_name": f"small-{stem}"}
+                    name = f"s-{stem}-{seed}-{run}"
+                    result = tuned_job(config, data, "random", seed, Path(tmp), name, extra)
+                    walls.append(time.perf_counter() - t0)
+                    chosen = float(result.trials[METRIC].max())
+                    tests.setdefault(seed, []).append(result.test.roc_auc)
+                    gaps.append(chosen - result.test.roc_auc)
+                    print(
+                        f"  {stem} seed {seed} run {run}: {len(result.trials)} trials, chosen on "
+                        f"{chosen:.4f}, test ROC-AUC {result.test.roc_auc:.4f} "
+                        f"({len(result.test.per_task)} tasks scored); wall {walls[-1]:.0f} s",
+                        flush=True,
+                    )
+            per_seed = [float(np.mean(v)) for v in tests.values()]
+            std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
+            repeated = [float(np.std(v, ddof=1)) for v in tests.values() if len(v) > 1]
+            summary.append(
+                f"{config}: test ROC-AUC {np.mean(per_seed):.4f} +- {std:.4f} over seeds "
+                f"{args.split_seeds} (per seed {', '.join(f'{t:.4f}' for t in per_seed)})"
+                + (f"; std of repeated runs {np.mean(repeated):.4f}" if repeated else "")
+                + f"; gap {np.mean(gaps):+.4f}; wall {np.mean(walls):.0f} s per job"
+            )
+        print("\n".join(summary), flush=True)
+
+
 def nr_ar(args: argparse.Namespace) -> None:
     """The tutorial's model and a toxtune job on the tutorial's rows and split, side by side."""
     table = load_table(args.data, targets=["NR-AR"])
@@ -418,7 +471,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("command", choices=["baseline", "protocol", "nr-ar", "folds"])
+    parser.add_argument("command", choices=["baseline", "protocol", "nr-ar", "folds", "small"])
     parser.add_argument("--data", default="../shared/data/tox21.csv")
     parser.add_argument("--config", default="configs/tox21.yaml", help="protocol, nr-ar")
     parser.add_argument("--split", default="random", choices=["random", "scaffold"])
@@ -426,6 +479,10 @@ def main() -> None:
     parser.add_argument(
         "--splits", nargs="+", default=["random", "scaffold"], choices=["random", "scaffold"]
     )
+    parser.add_argument(
+        "--configs", nargs="+", default=["configs/small.yaml", "configs/tox21.yaml"], help="small"
+    )
+    parser.add_argument("--slice", type=int, default=1500, help="small: rows of the data")
     parser.add_argument("--folds", type=int, default=5, help="folds: k of the k-fold variant")
     parser.add_argument(
         "--equal-trials-seeds", type=int, nargs="*", default=[], help="folds: also untimed"
@@ -457,6 +514,8 @@ def main() -> None:
         protocol(args)
     elif args.command == "folds":
         folds(args)
+    elif args.command == "small":
+        small(args)
     else:
         nr_ar(args)
 

@@ -22,7 +22,7 @@ from tune.cli import build_parser, main
 from tune.cli.configs import builtin_configs
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = {"quick", "tox21", "toxcast"}
+SHIPPED = {"quick", "small", "tox21", "toxcast"}
 
 
 def test_configs_lists_the_builtin_names(capsys: pytest.CaptureFixture) -> None:
@@ -50,7 +50,12 @@ def test_config_takes_a_builtin_name_or_a_path(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "default_model"),
-    [("quick", "toxtune-tox21"), ("tox21", "toxtune-tox21"), ("toxcast", "toxtune-toxcast_data")],
+    [
+        ("quick", "toxtune-tox21"),
+        ("small", "toxtune-tox21"),
+        ("tox21", "toxtune-tox21"),
+        ("toxcast", "toxtune-toxcast_data"),
+    ],
 )
 def test_builtin_configs_name_the_model_after_the_data(name: str, default_model: str) -> None:
     """`quick.yaml` fixed `registered_model_name: toxtune-tox21`, so `--config quick --data

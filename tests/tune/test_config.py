@@ -23,7 +23,7 @@ def test_defaults_are_valid() -> None:
     assert job.study_storage != job.tracking_uri  # both own an `alembic_version` table
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "tox21.yaml", "toxcast.yaml"])
+@pytest.mark.parametrize("name", ["quick.yaml", "small.yaml", "tox21.yaml", "toxcast.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     job = load_config(REPO / "configs" / name)
     assert job.search.num_samples > 0
