@@ -23,9 +23,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.services import MlflowServer
+from toxmodel.checkpoint import load_checkpoint
+from toxmodel.model import Ensemble
 from tune.config import JobConfig, load_config
+from tune.finalize import FINAL_DIR
 from tune.job import run_job
 from tune.study import rdb
+from tune.trainable import CHECKPOINT_FILE, EARLIER_EPOCHS
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +42,7 @@ def write_config(
     num_samples: int,
     ray_: dict | None = None,
     tracking: dict | None = None,
+    search: dict | None = None,
 ) -> Path:
     cfg = {
         "data": {"source": str(data), "cache_dir": str(tmp_path / "cache")},
@@ -49,6 +54,7 @@ def write_config(
             "max_concurrent": 2,
             "patience": 0,
             "space": {"n_layers": {"low": 1, "high": 1}, "width_0": {"choices": [32, 64]}},
+            **(search or {}),
         },
         "resources": {"cpus_per_trial": 1},
         "ray": {"storage_path": str(tmp_path / "results"), "num_cpus": 2, **(ray_ or {})},
@@ -77,6 +83,29 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
     kill_and_resume(
         tmp_path, write_config(tmp_path, small_csv, num_samples=6), lose_newest_checkpoint=True
     )
+
+
+def test_a_killed_k_fold_job_resumes_its_fold_trials_through_ray(
+    tmp_path: Path, small_csv: Path
+) -> None:
+    """The same drill with `search.folds: 3`: Ray restores each unfinished k-fold trial from its
+    checkpoint (all three fold models) rather than training it from epoch 1 again, no epoch is
+    logged twice, and the registered model is the best trial's three fold models."""
+    config = write_config(tmp_path, small_csv, num_samples=6, search={"folds": 3})
+    restorable = kill_and_resume(tmp_path, config, running_checkpoint=True)
+    assert restorable, "no unfinished trial had a checkpoint at the kill"
+    job = load_config(config)
+    for trial_id in restorable:
+        (folder,) = job.job_dir.glob(f"train_trial_{trial_id}_*")
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        # the report Tune gets first after the restore carries the epochs before the checkpoint
+        resumed = [r for r in rows if EARLIER_EPOCHS in r]
+        assert len(resumed) == 1, (folder.name, [r["epoch"] for r in rows])
+        earlier = [r["epoch"] for r in json.loads(resumed[0][EARLIER_EPOCHS])]
+        assert earlier == list(range(1, resumed[0]["epoch"]))
+    final = load_checkpoint(job.job_dir / FINAL_DIR / CHECKPOINT_FILE)
+    assert isinstance(final.model, Ensemble) and len(final.model.members) == 3
+    assert final.extra["members"] == 3
 
 
 def start_driver(tmp_path: Path, args: list[str], log_name: str, **kw: Any) -> subprocess.Popen:
@@ -135,13 +164,56 @@ def wait_for_checkpoint_of_running_trial(
         time.sleep(0.2)
 
 
-def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool = False) -> None:
+def snapshot_checkpoints(job: JobConfig) -> set[str]:
+    """Ids of the trials the newest experiment snapshot (local storage) names an unfinished
+    checkpoint of: what Tune would restore them from."""
+    snapshots = sorted(job.job_dir.glob("experiment_state-*.json"))
+    if not snapshots:
+        return set()
+    try:
+        state = json.loads(snapshots[-1].read_text())
+    except (OSError, json.JSONDecodeError):  # being written right now
+        return set()
+    found = set()
+    for trial, run in state["trial_data"]:
+        last = json.loads(run).get("last_result") or {}
+        if last.get("checkpoint_dir_name") and not last.get("done"):
+            found.add(json.loads(trial)["trial_id"])
+    return found
+
+
+def wait_for_snapshot_of_running_checkpoint(
+    job: JobConfig, driver: subprocess.Popen, log: Path
+) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        done = {
+            t.user_attrs.get("ray_trial_id")
+            for t in optuna.load_study(study_name=job.name, storage=rdb(job.study_storage)).trials
+            if t.state == optuna.trial.TrialState.COMPLETE
+        }
+        if snapshot_checkpoints(job) - done:
+            return
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no snapshot named a running trial's checkpoint"
+        time.sleep(0.2)
+
+
+def kill_and_resume(
+    tmp_path: Path,
+    config: Path,
+    lose_newest_checkpoint: bool = False,
+    running_checkpoint: bool = False,
+) -> set[str]:
     """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
     lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking).
 
     `lose_newest_checkpoint` (local storage): the unfinished trials' newest checkpoints are
     deleted before the resume, as when Ray's experiment snapshot lagged the checkpoints; they
     must continue from the newest one left, never fail and never log an epoch twice.
+    `running_checkpoint`: kill only once Ray's experiment snapshot names a checkpoint of an
+    unfinished trial. Returns the ids of the unfinished trials the snapshot had a checkpoint of
+    at the kill: the resume must restore these from it.
     """
     job = load_config(config)
     driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log")
@@ -149,8 +221,11 @@ def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool =
         wait_for_trials(job, driver, tmp_path / "driver1.log", complete=2)
         if lose_newest_checkpoint:  # kill only once a running trial has a checkpoint to lose
             wait_for_checkpoint_of_running_trial(job, driver, tmp_path / "driver1.log")
+        if running_checkpoint:
+            wait_for_snapshot_of_running_checkpoint(job, driver, tmp_path / "driver1.log")
     finally:
         kill_tree(driver)
+    snapshot = snapshot_checkpoints(job)  # the newest, as the resume will read it
     done_before = finished_trials(job.study_storage, job.name)
     assert done_before < 6, "the search finished before the kill: widen the window"
     before = {
@@ -163,6 +238,7 @@ def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool =
         assert cut, "no unfinished trial had a checkpoint at the kill: widen the window"
         for folder in cut:
             shutil.rmtree(max(folder.glob("checkpoint_*")))
+    restorable = snapshot - set(before)
 
     out = subprocess.run(
         [
@@ -202,6 +278,7 @@ def kill_and_resume(tmp_path: Path, config: Path, lose_newest_checkpoint: bool =
         # One value per epoch, restored trials included: none trained or logged twice.
         steps = [m.step for m in client.get_metric_history(k.info.run_id, "train_loss")]
         assert sorted(steps) == [1, 2, 3], (k.data.tags["toxtune.trial_id"], steps)
+    return restorable
 
 
 def test_finished_study_grows_and_learns_from_earlier_trials(
