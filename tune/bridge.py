@@ -47,10 +47,10 @@ class StudySearch(OptunaSearch):
     def __init__(
         self,
         *args: Any,
-        resampler: Callable[[int], optuna.samplers.BaseSampler] | None = None,
+        resampler: Callable[[], optuna.samplers.BaseSampler] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._resampler = resampler  # the sampler for a study holding n trials
+        self._resampler = resampler  # a sampler made for the study as it stands now
         self._reports = StudyReports()
         self._running: set[str] = set()  # trials this driver saw RUNNING in the study
         super().__init__(*args, **kwargs)
@@ -83,8 +83,8 @@ class StudySearch(OptunaSearch):
         saved one's random state predates trials asked after the last snapshot, and would
         propose their configurations again (OptunaSearch's private `_sampler`)."""
         super().restore(checkpoint_path)
-        if self._resampler is not None:
-            self._sampler = self._resampler(len(self._ot_study.trials))
+        if self._resampler is not None:  # counts the study's trials without reading them
+            self._sampler = self._resampler()
             self._ot_study.sampler = self._sampler
 
     def suggest(self, trial_id: str) -> dict | None:

@@ -304,6 +304,13 @@ def make_sampler(search: SearchConfig, n_trials: int) -> optuna.samplers.BaseSam
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def fresh_sampler(job: JobConfig) -> optuna.samplers.BaseSampler:
+    """The job's sampler for its study as it stands (a restored searcher's: the trials asked
+    since its snapshot count), counted without reading a trial."""
+    storage = rdb(job.study_storage)
+    return make_sampler(job.search, n_trials(storage, storage.get_study_id_from_name(job.name)))
+
+
 def make_searcher(
     job: JobConfig, space: dict[str, Param], first_run: bool
 ) -> tuple[StudySearch, optuna.Study]:
@@ -323,7 +330,7 @@ def make_searcher(
         mode=MODE,
         points_to_evaluate=[point] if point and held == 0 else None,
         sampler=sampler,
-        resampler=functools.partial(make_sampler, job.search),
+        resampler=functools.partial(fresh_sampler, job),
         study_name=job.name,
         storage=storage,
     )

@@ -270,8 +270,12 @@ def test_the_study_is_counted_and_its_orphans_failed_without_reading_its_trials(
     seeded: list[int] = []
     real_sampler = study.make_sampler
     monkeypatch.setattr(study, "make_sampler", lambda s, n: seeded.append(n) or real_sampler(s, n))
-    study.make_searcher(job, build_space(job.search.space), first_run=False)
+    searcher, _ = study.make_searcher(job, build_space(job.search.space), first_run=False)
     assert seeded == [28] and ended_read() == 0
+    # Tune restores the searcher it saved: a fresh sampler for the study as it stands
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.restore(str(tmp_path / "searcher.pkl"))
+    assert seeded == [28, 28] and ended_read() == 0
     assert study.fail_stale_trials(job, keep={"live0"}) == 2
     assert ended_read() == 0
     monkeypatch.undo()
