@@ -11,6 +11,7 @@ Checked against: ray 2.60.0, optuna 5.0.0 and 5.1.0.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import logging
@@ -287,6 +288,40 @@ def restore_tuner(path: str, trainable: Any, callbacks: list[Any]) -> ray_tune.T
     )
     tuner._local_tuner._run_config.callbacks = list(callbacks)
     return tuner
+
+
+class _ResultsUnread(ray_tune.ExperimentAnalysis):
+    """Ray's own analysis of a run toxtune drives: its trials, without their result files."""
+
+    def _fetch_trial_dataframes(self) -> dict[str, Any]:
+        return {}
+
+
+# Where ray 2.60.0 builds the analyses toxtune never reads: `Tuner.restore` (for a
+# `get_results()` before `fit()`) and the end of every `tune.run` (the grid `fit()` returns).
+RAY_ANALYSES = ("ray.tune.tune", "ray.tune.impl.tuner_internal")
+
+
+@contextlib.contextmanager
+def ray_results_unread() -> Iterator[None]:
+    """Keep Ray's own `ExperimentAnalysis` builds from reading every trial's result file.
+
+    Each parses every result of every trial (pandas' json_normalize), so a resume grew with the
+    results per trial (benchmarks/RESULTS.md, "Resume at scale"); toxtune reads a round's
+    results once, after `fit()`, for its end check and records (`trials.analysis`), and never
+    uses the grid `fit()` returns (its results then have no `metrics_dataframe`). Only the
+    names Ray's modules build with are replaced, for the block; `ray.tune.ExperimentAnalysis`
+    stays the real one.
+    """
+    modules = [importlib.import_module(name) for name in RAY_ANALYSES]
+    saved = [module.ExperimentAnalysis for module in modules]
+    for module in modules:
+        module.ExperimentAnalysis = _ResultsUnread
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            module.ExperimentAnalysis = original
 
 
 PROGRESS_FILE = "progress.json"  # in each trial checkpoint: {"epoch": N}, written by the trial
@@ -608,6 +643,15 @@ def check() -> None:
         # ray.init takes its private arguments through **kwargs: look for the name it pops.
         if arg not in inspect.signature(fn).parameters and f'"{arg}"' not in inspect.getsource(fn):
             missing.append(f"{fn.__qualname__}({arg}=...)")
+    for name in RAY_ANALYSES:
+        if getattr(importlib.import_module(name), "ExperimentAnalysis", None) is not (
+            ray_tune.ExperimentAnalysis
+        ):
+            missing.append(f"{name}.ExperimentAnalysis")
+    if "self._fetch_trial_dataframes()" not in inspect.getsource(
+        ray_tune.ExperimentAnalysis.__init__
+    ):
+        missing.append("ray.tune.ExperimentAnalysis._fetch_trial_dataframes")
     from ray.train._internal import checkpoint_manager, session
 
     if not hasattr(session, "_TrainingResult"):
@@ -621,7 +665,6 @@ def check() -> None:
         missing.append("_ExperimentCheckpointManager.on_trial_checkpoint (forced snapshots)")
     if not callable(getattr(storage._FilesystemSyncer, "_sync_up_command", None)):
         missing.append("ray.train._internal.storage._FilesystemSyncer._sync_up_command")
-    import importlib
 
     run_source = inspect.getsource(importlib.import_module("ray.tune.tune").run)
     handler_at = run_source.find("_setup_signal_catching()")

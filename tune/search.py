@@ -236,7 +236,7 @@ def search(
         found = study.load(job)
         finished = study.finished_ray_ids(found) if found is not None else {}
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
-        with witness.handlers_restored():
+        with witness.handlers_restored(), bridge.ray_results_unread():
             bridge.restore_tuner(job.storage.uri_of(name), trainable, callbacks).fit()
         read[name] = round_records(job, name, _all_ended(job, name, stops))
     remaining = study.remaining(job)
@@ -249,7 +249,7 @@ def search(
         rounds.save(job)
         tuner, _ = _tuner(job, data, name, remaining, first_run, callbacks, faults)
         study.fail_stale_trials(job)
-        with witness.handlers_restored():
+        with witness.handlers_restored(), bridge.ray_results_unread():
             tuner.fit()
         read[name] = round_records(job, name, _all_ended(job, name, stops))
     if watch.problem:

@@ -316,12 +316,22 @@ def test_a_resume_reads_each_round_once_and_the_study_whole_once(
         read.append(frozen.user_attrs[RAY_TRIAL_ATTR])
         return frozen
 
+    parsed: list[str] = []  # each trial's result file parsed, by anyone (Ray's own builds too)
+    parse = ray_tune.ExperimentAnalysis._fetch_trial_dataframe
+
+    def parsing(self: ray_tune.ExperimentAnalysis, trial: object) -> object:
+        parsed.append(trial.trial_id)  # type: ignore[attr-defined]
+        return parse(self, trial)
+
+    monkeypatch.setattr(ray_tune.ExperimentAnalysis, "_fetch_trial_dataframe", parsing)
     monkeypatch.setattr(ray_tune, "ExperimentAnalysis", Counted)
     monkeypatch.setattr(optuna.storages.RDBStorage, "_build_frozen_trial_from_trial_model", reading)
     outcome = search(job, data, parent)
     monkeypatch.undo()
 
     assert analyses == [job.storage.uri_of(job.name)]
+    # Tuner.restore and the end of tune.run built one each, parsing every result again
+    assert sorted(parsed) == sorted(r.metrics["trial_id"] for r in grid)
     assert sorted(read) == sorted(r.metrics["trial_id"] for r in grid)  # each trial once
     fresh = read_trials(job, [job.name])
 
