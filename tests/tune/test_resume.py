@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,23 +146,38 @@ def unfinished_trial_folders(folder: Path, done_ids: set[str]) -> list[Path]:
     ]
 
 
+def completed_ray_ids(job: JobConfig) -> set[str]:
+    """The Ray ids of the trials the study holds COMPLETE."""
+    found = optuna.load_study(study_name=job.name, storage=rdb(job.study_storage))
+    return {
+        t.user_attrs.get("ray_trial_id")
+        for t in found.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+
+
+def wait_while_running(
+    driver: subprocess.Popen, log: Path, ready: Callable[[], bool], what: str
+) -> None:
+    """Poll `ready` until it holds; fail, naming `what`, if the driver ends or 120 s pass."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
 def wait_for_checkpoint_of_running_trial(
     job: JobConfig, driver: subprocess.Popen, log: Path
 ) -> None:
     """Wait until an unfinished trial has written a checkpoint (a loaded CI machine can reach
     two finished trials before the next ones have written any)."""
-    deadline = time.monotonic() + 120
-    while True:
-        done = {
-            t.user_attrs.get("ray_trial_id")
-            for t in optuna.load_study(study_name=job.name, storage=rdb(job.study_storage)).trials
-            if t.state == optuna.trial.TrialState.COMPLETE
-        }
-        if unfinished_trial_folders(job.job_dir, done):
-            return
-        assert driver.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no running trial wrote a checkpoint in time"
-        time.sleep(0.2)
+    wait_while_running(
+        driver,
+        log,
+        lambda: bool(unfinished_trial_folders(job.job_dir, completed_ray_ids(job))),
+        "no running trial wrote a checkpoint in time",
+    )
 
 
 def snapshot_checkpoints(job: JobConfig) -> set[str]:
@@ -185,18 +201,13 @@ def snapshot_checkpoints(job: JobConfig) -> set[str]:
 def wait_for_snapshot_of_running_checkpoint(
     job: JobConfig, driver: subprocess.Popen, log: Path
 ) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        done = {
-            t.user_attrs.get("ray_trial_id")
-            for t in optuna.load_study(study_name=job.name, storage=rdb(job.study_storage)).trials
-            if t.state == optuna.trial.TrialState.COMPLETE
-        }
-        if snapshot_checkpoints(job) - done:
-            return
-        assert driver.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no snapshot named a running trial's checkpoint"
-        time.sleep(0.2)
+    """Wait until Ray's newest snapshot names a checkpoint of a trial still unfinished."""
+    wait_while_running(
+        driver,
+        log,
+        lambda: bool(snapshot_checkpoints(job) - completed_ray_ids(job)),
+        "no snapshot named a running trial's checkpoint",
+    )
 
 
 def kill_and_resume(
