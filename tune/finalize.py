@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 from ray import tune as ray_tune
 
-from toxmodel.calibration import fit_calibration
+from toxmodel.calibration import Calibration, fit_calibration
 from toxmodel.checkpoint import IN_DOMAIN, SIMILARITY, Predictor, load_checkpoint, save_predictor
 from toxmodel.domain import VALID_SAMPLE, Domain, fit_domain, threshold_rows
 from toxmodel.folds import Folds, out_of_fold
@@ -140,17 +140,9 @@ def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
     domain = fit_domain(  # the training rows are read in place, never copied out
         fingerprint, fingerprint[valid], predictor.featurizer.n_bits, train_rows=data.split.train
     )
-    for task, note in calibration.notes().items():
-        log.info("calibration of %s: %s", task, note)
-    log.info(
-        "applicability domain: %d distinct training fingerprints, threshold %.3f "
-        "(the %gth percentile of %d validation molecules' similarity to train)",
-        domain.n_train,
-        domain.threshold,
-        domain.percentile,
-        domain.n_valid,
+    return _trusted(
+        predictor, calibration, domain, "training", "validation molecules' similarity to train"
     )
-    return replace(predictor, calibration=calibration, domain=domain)
 
 
 def fit_fold_trust(predictor: Predictor, data: PreparedData, folds: Folds) -> Predictor:
@@ -177,16 +169,31 @@ def fit_fold_trust(predictor: Predictor, data: PreparedData, folds: Folds) -> Pr
     raw = out_of_fold_probabilities(predictor, data, folds)
     calibration = fit_calibration(data.labels[folds.rows], raw, predictor.tasks)
     domain = fold_domain(data, folds, predictor.featurizer.n_bits)
+    return _trusted(
+        predictor, calibration, domain, "non-test", f"out-of-fold similarities over {folds.k} folds"
+    )
+
+
+def _trusted(
+    predictor: Predictor,
+    calibration: Calibration,
+    domain: Domain,
+    reference: str,
+    threshold_from: str,
+) -> Predictor:
+    """`predictor` with its calibration and domain, both logged: each task's calibration note,
+    the domain's `reference` rows and the similarities its threshold was chosen on."""
     for task, note in calibration.notes().items():
-        log.info("calibration of %s (out of fold): %s", task, note)
+        log.info("calibration of %s: %s", task, note)
     log.info(
-        "applicability domain: %d distinct non-test fingerprints, threshold %.3f (the %gth "
-        "percentile of %d out-of-fold similarities over %d folds)",
+        "applicability domain: %d distinct %s fingerprints, threshold %.3f (the %gth percentile "
+        "of %d %s)",
         domain.n_train,
+        reference,
         domain.threshold,
         domain.percentile,
         domain.n_valid,
-        folds.k,
+        threshold_from,
     )
     return replace(predictor, calibration=calibration, domain=domain)
 
