@@ -398,41 +398,46 @@ def tox21_slice(data: str, n: int, out: Path) -> Path:
 
 def small(args: argparse.Namespace) -> None:
     """Each config on a fixed slice of the data, per split seed and repeat: test ROC-AUC, its
-    spread over seeds and over repeated runs, the validation-test gap, wall."""
+    spread over seeds and over repeated runs, the validation-test gap, wall. The configs take
+    turns within each seed, so a stopped run still leaves paired figures."""
+    # config -> seed -> (test ROC-AUC, gap, wall) per run
+    found: dict[str, dict[int, list[tuple[float, float, float]]]] = {c: {} for c in args.configs}
     with tempfile.TemporaryDirectory() as tmp:
         data = str(tox21_slice(args.data, args.slice, Path(tmp) / f"tox21-slice-{args.slice}.csv"))
         print(f"slice: {args.slice} rows of {args.data} (default_rng(0))", flush=True)
-        summary = []
-        for config in args.configs:
-            stem = Path(config).stem
-            tests: dict[int, list[float]] = {}
-            gaps, walls = [], []
-            for seed in args.split_seeds:
-                for run in range(args.repeats):
+        for seed in args.split_seeds:
+            for run in range(args.repeats):
+                for config in args.configs:
+                    stem = Path(config).stem
                     t0 = time.perf_counter()
                     extra = {**args.extra, "tracking.experiment_name": f"small-{stem}"}
                     name = f"s-{stem}-{seed}-{run}"
                     result = tuned_job(config, data, "random", seed, Path(tmp), name, extra)
-                    walls.append(time.perf_counter() - t0)
+                    wall = time.perf_counter() - t0
                     chosen = float(result.trials[METRIC].max())
-                    tests.setdefault(seed, []).append(result.test.roc_auc)
-                    gaps.append(chosen - result.test.roc_auc)
+                    test = result.test.roc_auc
+                    found[config].setdefault(seed, []).append((test, chosen - test, wall))
                     print(
                         f"  {stem} seed {seed} run {run}: {len(result.trials)} trials, chosen on "
-                        f"{chosen:.4f}, test ROC-AUC {result.test.roc_auc:.4f} "
-                        f"({len(result.test.per_task)} tasks scored); wall {walls[-1]:.0f} s",
+                        f"{chosen:.4f}, test ROC-AUC {test:.4f} ({len(result.test.per_task)} "
+                        f"tasks scored); wall {wall:.0f} s",
                         flush=True,
                     )
-            per_seed = [float(np.mean(v)) for v in tests.values()]
-            std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
-            repeated = [float(np.std(v, ddof=1)) for v in tests.values() if len(v) > 1]
-            summary.append(
-                f"{config}: test ROC-AUC {np.mean(per_seed):.4f} +- {std:.4f} over seeds "
-                f"{args.split_seeds} (per seed {', '.join(f'{t:.4f}' for t in per_seed)})"
-                + (f"; std of repeated runs {np.mean(repeated):.4f}" if repeated else "")
-                + f"; gap {np.mean(gaps):+.4f}; wall {np.mean(walls):.0f} s per job"
-            )
-        print("\n".join(summary), flush=True)
+    for config, seeds in found.items():
+        runs = [r for rows in seeds.values() for r in rows]
+        per_seed = [float(np.mean([r[0] for r in rows])) for rows in seeds.values()]
+        std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
+        repeated = [
+            float(np.std([r[0] for r in rows], ddof=1)) for rows in seeds.values() if len(rows) > 1
+        ]
+        print(
+            f"{config}: test ROC-AUC {np.mean(per_seed):.4f} +- {std:.4f} over seeds "
+            f"{list(seeds)} (per seed {', '.join(f'{t:.4f}' for t in per_seed)})"
+            + (f"; std of repeated runs {np.mean(repeated):.4f}" if repeated else "")
+            + f"; gap {np.mean([r[1] for r in runs]):+.4f}; wall "
+            f"{np.mean([r[2] for r in runs]):.0f} s per job",
+            flush=True,
+        )
 
 
 def nr_ar(args: argparse.Namespace) -> None:
