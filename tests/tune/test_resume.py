@@ -236,7 +236,8 @@ def kill_and_resume(
             wait_for_snapshot_of_running_checkpoint(job, driver, tmp_path / "driver1.log")
     finally:
         kill_tree(driver)
-    snapshot = snapshot_checkpoints(job)  # the newest, as the resume will read it
+    # the newest snapshot, as the resume will read it (local storage only)
+    snapshot = snapshot_checkpoints(job) if running_checkpoint else set()
     done_before = finished_trials(job.study_storage, job.name)
     assert done_before < 6, "the search finished before the kill: widen the window"
     before = {
