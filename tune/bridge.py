@@ -48,7 +48,7 @@ class StudySearch(OptunaSearch):
     def __init__(
         self,
         *args: Any,
-        resampler: Callable[[], optuna.samplers.BaseSampler] | None = None,
+        resampler: Callable[..., optuna.samplers.BaseSampler] | None = None,
         **kwargs: Any,
     ) -> None:
         self._resampler = resampler  # a sampler made for the study as it stands now
@@ -84,9 +84,15 @@ class StudySearch(OptunaSearch):
         saved one's random state predates trials asked after the last snapshot, and would
         propose their configurations again (OptunaSearch's private `_sampler`)."""
         super().restore(checkpoint_path)
-        if self._resampler is not None:  # counts the study's trials without reading them
+        if self._resampler is None:
+            return
+        if inspect.signature(self._resampler).parameters:
+            # pickled by an earlier toxtune (`partial(make_sampler, search)`): it takes the
+            # count, read here from the whole study once
+            self._sampler = self._resampler(len(self._ot_study.trials))
+        else:  # `study.fresh_sampler`: counts the study's trials without reading them
             self._sampler = self._resampler()
-            self._ot_study.sampler = self._sampler
+        self._ot_study.sampler = self._sampler
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)

@@ -3,6 +3,7 @@ a job whose study or MLflow record has vanished is refused instead of silently s
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -279,6 +280,11 @@ def test_the_study_is_counted_and_its_orphans_failed_without_reading_its_trials(
     assert study.fail_stale_trials(job, keep={"live0"}) == 2
     assert ended_read() == 0
     monkeypatch.undo()
+    # a searcher an earlier toxtune pickled holds a resampler that takes the count: still restored
+    searcher._resampler = functools.partial(study.make_sampler, job.search)
+    searcher.save(str(tmp_path / "older.pkl"))
+    searcher.restore(str(tmp_path / "older.pkl"))
+    assert isinstance(searcher._sampler, optuna.samplers.TPESampler)
 
     states = {t.user_attrs[RAY_TRIAL_ATTR]: t.state for t in found.get_trials()}
     assert [states[f"live{i}"].name for i in range(3)] == ["RUNNING", "FAIL", "FAIL"]
