@@ -337,21 +337,40 @@ def protocol(args: argparse.Namespace) -> None:
 FoldRow = tuple[float, float, float, int]
 
 
+def scored_job(
+    label: str,
+    config: str,
+    data: str,
+    split: str,
+    seed: int,
+    root: Path,
+    name: str,
+    extra: dict[str, Any],
+) -> tuple[JobResult, float, float]:
+    """`tuned_job`, timed and printed as one line: (result, wall seconds, gap), the gap being
+    the winner's selection score less the registered model's test ROC-AUC."""
+    t0 = time.perf_counter()
+    result = tuned_job(config, data, split, seed, root, name, extra)
+    wall = time.perf_counter() - t0
+    chosen = float(result.trials[METRIC].max())
+    gap = chosen - result.test.roc_auc
+    print(
+        f"  {label}: {len(result.trials)} trials, chosen on {chosen:.4f}, test ROC-AUC "
+        f"{result.test.roc_auc:.4f} (gap {gap:+.4f}; {len(result.test.per_task)} tasks scored); "
+        f"wall {wall:.0f} s, search {result.search_seconds:.0f} s",
+        flush=True,
+    )
+    return result, wall, gap
+
+
 def _fold_job(
     args: argparse.Namespace, split: str, seed: int, variant: str, extra: dict[str, Any], root: Path
 ) -> tuple[FoldRow, float]:
     """One whole job of the `folds` comparison; its row and its search's wall seconds."""
     name = f"f-{split}-{seed}-{variant.replace(' ', '_')}"
-    t0 = time.perf_counter()
-    result = tuned_job(args.config, args.data, split, seed, root, name, {**args.extra, **extra})
-    wall = time.perf_counter() - t0
-    chosen = float(result.trials[METRIC].max())
-    gap = chosen - result.test.roc_auc
-    print(
-        f"  {split} seed {seed} {variant}: {len(result.trials)} trials, chosen on {chosen:.4f}, "
-        f"test ROC-AUC {result.test.roc_auc:.4f} (gap {gap:+.4f}); wall {wall:.0f} s, search "
-        f"{result.search_seconds:.0f} s",
-        flush=True,
+    label = f"{split} seed {seed} {variant}"
+    result, wall, gap = scored_job(
+        label, args.config, args.data, split, seed, root, name, {**args.extra, **extra}
     )
     return (result.test.roc_auc, gap, wall, len(result.trials)), result.search_seconds
 
@@ -409,20 +428,12 @@ def small(args: argparse.Namespace) -> None:
             for run in range(args.repeats):
                 for config in args.configs:
                     stem = Path(config).stem
-                    t0 = time.perf_counter()
                     extra = {**args.extra, "tracking.experiment_name": f"small-{stem}"}
-                    name = f"s-{stem}-{seed}-{run}"
-                    result = tuned_job(config, data, "random", seed, Path(tmp), name, extra)
-                    wall = time.perf_counter() - t0
-                    chosen = float(result.trials[METRIC].max())
-                    test = result.test.roc_auc
-                    found[config].setdefault(seed, []).append((test, chosen - test, wall))
-                    print(
-                        f"  {stem} seed {seed} run {run}: {len(result.trials)} trials, chosen on "
-                        f"{chosen:.4f}, test ROC-AUC {test:.4f} ({len(result.test.per_task)} "
-                        f"tasks scored); wall {wall:.0f} s",
-                        flush=True,
+                    name, label = f"s-{stem}-{seed}-{run}", f"{stem} seed {seed} run {run}"
+                    result, wall, gap = scored_job(
+                        label, config, data, "random", seed, Path(tmp), name, extra
                     )
+                    found[config].setdefault(seed, []).append((result.test.roc_auc, gap, wall))
     for config, seeds in found.items():
         runs = [r for rows in seeds.values() for r in rows]
         per_seed = [float(np.mean([r[0] for r in rows])) for rows in seeds.values()]
