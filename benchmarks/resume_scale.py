@@ -3,17 +3,17 @@
     python benchmarks/resume_scale.py                          # 100/300/1000 trials x 10/100
     python benchmarks/resume_scale.py --trials 1000 --results 10 100 --profile /tmp/resume.prof
 
-Each cell first makes the state a killed driver leaves behind after `trials` trials of
-`results` epochs each finished (simulated, no training): Ray Tune's experiment folder, written
-by Ray Tune itself running a trivial trainable that reports a Tox21 trial's metrics (12 tasks)
-`results` times with a small checkpoint at its end; the Optuna study (SQLite) with one COMPLETE
-trial per Ray trial, tagged with its Ray id and holding an intermediate value per epoch; the
-MLflow parent run (SQLite); and the job's round file saying the round did not finish. Then,
-timed, the resume's bookkeeping as `toxtune tune --resume` runs it: the stores checked, the
-parent run reopened, and `tune.search.search` (Ray's state restored with toxtune's callbacks,
-the restored Tune loop run, the round's end checked, the study counted, every trial's record
-read). Data preparation (features cached) and the record stage are not in the figure: neither
-reads the trials' results.
+Each cell first makes the state a killed driver leaves behind after `trials` trials of `results`
+epochs each finished (simulated, no training): Ray Tune's experiment folder, written by Ray Tune
+itself running a trivial trainable that reports a Tox21 trial's metrics (12 tasks) `results`
+times with a small checkpoint at its end (holding its best report, as toxtune's trainable writes
+it); the Optuna study (SQLite) with one COMPLETE trial per Ray trial, tagged with its Ray id and
+holding an intermediate value per epoch; the MLflow parent run (SQLite); and the job's round
+file saying the round did not finish. Then, timed, the resume's bookkeeping as `toxtune tune
+--resume` runs it: the stores checked, the parent run reopened, and `tune.search.search` (Ray's
+state restored with toxtune's callbacks, the restored Tune loop run, the round's end checked,
+the study counted, every trial's record read). Data preparation (features cached) and the record
+stage are not in the figure: neither reads the trials' results.
 
 The goal: seconds at 1,000 trials, and no growth with the number of results per trial.
 """
@@ -49,9 +49,11 @@ def train_trial(config: dict[str, Any]) -> None:
     import numpy as np
     from ray import tune as ray_tune
 
+    from tune.trainable import BEST_ROW_FILE, BestReport
+
     rng = np.random.default_rng(int(config["seed"]))
     n = int(config["_results"])
-    best = 0.0
+    best, kept = 0.0, BestReport()
     for epoch in range(1, n + 1):
         metrics, best = tox21_result(epoch, rng, best, 0.1)
         metrics.update(
@@ -61,11 +63,13 @@ def train_trial(config: dict[str, Any]) -> None:
                 "pid": os.getpid(),
             }
         )
+        kept.offer(metrics)
         if epoch < n:
             ray_tune.report(metrics)
             continue
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "model.pt").write_bytes(b"\0" * 65536)
+            kept.write(Path(tmp) / BEST_ROW_FILE)  # as toxtune's trainable: its best report
             (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch}))
             ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
 

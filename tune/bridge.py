@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
+import pandas as pd
 import ray
 from ray import tune as ray_tune
 from ray.tune.search.optuna import OptunaSearch
@@ -301,6 +302,21 @@ class _ResultsUnread(ray_tune.ExperimentAnalysis):
 
     def _fetch_trial_dataframes(self) -> dict[str, Any]:
         return {}
+
+
+def saved_experiment(path: str, metric: str, mode: str) -> ray_tune.ExperimentAnalysis:
+    """Ray's saved state of the experiment at `path`: its trials (statuses, configurations,
+    last results, checkpoints) without reading any trial's result file."""
+    return _ResultsUnread(path, default_metric=metric, default_mode=mode)
+
+
+def trial_results(grid: ray_tune.ExperimentAnalysis, trial: Any) -> pd.DataFrame:
+    """Every result `trial` of `grid` reported, one row each, as Ray's analysis reads them
+    (its result file, columns flattened with "/"); empty when it has none."""
+    try:
+        return grid._fetch_trial_dataframe(trial)
+    except FileNotFoundError:
+        return pd.DataFrame()
 
 
 # Where ray 2.60.0 builds the analyses toxtune never reads: `Tuner.restore` (for a
@@ -658,6 +674,8 @@ def check() -> None:
         ray_tune.ExperimentAnalysis.__init__
     ):
         missing.append("ray.tune.ExperimentAnalysis._fetch_trial_dataframes")
+    if not callable(getattr(ray_tune.ExperimentAnalysis, "_fetch_trial_dataframe", None)):
+        missing.append("ray.tune.ExperimentAnalysis._fetch_trial_dataframe")
     from ray.train._internal import checkpoint_manager, session
 
     if not hasattr(session, "_TrainingResult"):

@@ -344,8 +344,9 @@ def driver_callbacks(
         bridge.NewestCheckpoint(),
         bridge.CheckpointDeletions(),  # num_to_keep's deletions off the loop
         ProgressLine(),
-        # Each trial's result.json and progress.csv, which `trials.read_trials` reads (Ray's
-        # automatic loggers are off: tune.settings.TUNE_ENV).
+        # Each trial's result.json and progress.csv (Ray's automatic loggers are off:
+        # tune.settings.TUNE_ENV): a trial's whole history, which `trials.read_trials` reads
+        # only for a trial whose checkpoints do not carry its best report.
         JsonLoggerCallback(),
         CSVLoggerCallback(),
     ]

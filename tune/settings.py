@@ -21,7 +21,7 @@ TUNE_ENV = {
     # (its own thread and an event file per trial) took about 6 % of the driver's samples at 32
     # trials in flight (py-spy, benchmarks/driver.py) and nothing reads it: MLflow holds the
     # curves.
-    # `tune.search.driver_callbacks` adds the JSON and CSV loggers Ray's analysis reads.
+    # `tune.search.driver_callbacks` adds the JSON and CSV loggers (each trial's history).
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     # Ray warns when snapshots come faster than this; none are forced now, but keep it quiet.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",

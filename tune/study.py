@@ -31,10 +31,11 @@ from tune.space import Param, default_point, sample
 from tune.tracking.backend import sqlite_path
 from tune.tracking.names import JOB_TAG
 from tune.tracking.runs import find_job_run
+from tune.trainable import SCORE
 
 log = logging.getLogger(__name__)
 
-METRIC, MODE = "best_val_roc_auc", "max"
+METRIC, MODE = SCORE, "max"
 
 
 class SpaceSampler:

@@ -45,10 +45,15 @@ from tune.space import to_run_configs
 CHECKPOINT_FILE = "model.pt"
 STATE_FILE = "train_state.pt"  # beside model.pt: where the trial's training stood
 FOLDS_FILE = "folds.json"  # beside model.pt in a k-fold trial's: the epochs it reported so far
+# Beside model.pt in every checkpoint: the trial's best report so far (`BestReport`), the row
+# its record shows, read there instead of among all its results (tune.trials).
+BEST_ROW_FILE = "best_row.json"
 FOLD_KEY = "val_roc_auc_fold"  # `val_roc_auc_fold/<i>`: fold i's score in a k-fold trial's epoch
 # In a restored trial's first report: its epochs before the checkpoint's, as JSON rows of
 # headline metrics, so the driver logs the ones a killed driver never sent (tracking.callback).
 EARLIER_EPOCHS = "earlier_epochs"
+# The score a trial is ranked by: the searcher, ASHA and the records maximise it (tune.study).
+SCORE = "best_val_roc_auc"
 ABORT_KEY = "_toxtune_abort"  # set by the retry policy on a trial that must not be retried
 
 
@@ -133,12 +138,18 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     for hook in data.hooks:
         hook.on_start(index, share)
 
-    def report(epoch: dict[str, Any], reason: str, checkpoint: Any = None, **extra: Any) -> None:
+    kept = BestReport(_restored_file(BEST_ROW_FILE, read_best_row))
+
+    def report(
+        epoch: dict[str, Any], reason: str, checkpoint_dir: str | None = None, **extra: Any
+    ) -> None:
+        """Report `epoch` to Tune; with `checkpoint_dir` (its files written) as its checkpoint,
+        which also gets the trial's best report so far."""
         metrics: dict[str, Any] = {
             "epoch": epoch["epoch"],
             "train_loss": epoch["train_loss"],
             **{k: v for k, v in epoch.items() if k.startswith("val_")},
-            "best_val_roc_auc": best["roc_auc"],
+            SCORE: best["roc_auc"],
             "best_epoch": best["epoch"],
             "lr": epoch["lr"],
             "epoch_seconds": epoch["seconds"],
@@ -148,6 +159,11 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             **static,
             **extra,
         }
+        kept.offer(metrics)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            kept.write(Path(checkpoint_dir) / BEST_ROW_FILE)
+            checkpoint = ray_tune.Checkpoint.from_directory(checkpoint_dir)
         # An unreachable results store is waited out (tune.outage), not a failed trial.
         outage.report_waiting(lambda: ray_tune.report(dict(metrics), checkpoint=checkpoint))
 
@@ -186,7 +202,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
             epoch.checkpoint(Path(tmp) / CHECKPOINT_FILE, extra={"trial_id": trial_id}, best=True)
             save_train_state(Path(tmp) / STATE_FILE, epoch.state())
             (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch.epoch}))
-            report(row, epoch.stop_reason, ray_tune.Checkpoint.from_directory(tmp))
+            report(row, epoch.stop_reason, tmp)
         for hook in data.hooks:
             hook.on_epoch(index, epoch, trial_id)
         return False
@@ -223,6 +239,31 @@ def earlier_epochs(history: list[dict[str, float]]) -> list[dict[str, float]]:
             row["best_val_roc_auc"] = best
         rows.append(row)
     return rows
+
+
+class BestReport:
+    """A trial's best report so far: the first with the highest `SCORE` (the row
+    Ray's analysis picks among all results with the job's metric and mode), kept in each
+    checkpoint so the trial's record is read from one small file at any number of epochs."""
+
+    def __init__(self, restored: dict[str, Any] | None = None) -> None:
+        self.row = restored
+
+    def offer(self, metrics: dict[str, Any]) -> None:
+        value = float(metrics.get(SCORE, math.nan))
+        if math.isnan(value):
+            return
+        if self.row is None or value > float(self.row[SCORE]):
+            self.row = {k: v for k, v in metrics.items() if k != EARLIER_EPOCHS}
+
+    def write(self, path: Path) -> None:
+        if self.row is not None:
+            path.write_text(json.dumps(self.row))
+
+
+def read_best_row(path: Path) -> dict[str, Any]:
+    """A checkpoint's `BEST_ROW_FILE`."""
+    return json.loads(Path(path).read_text())
 
 
 def restored_state() -> dict[str, Any] | None:
@@ -325,7 +366,7 @@ def _train_folds(
             }
             (Path(tmp) / FOLDS_FILE).write_text(json.dumps(state))
             (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"epoch": scores.epoch}))
-            report(row, reason, ray_tune.Checkpoint.from_directory(tmp))
+            report(row, reason, tmp)
         for hook in data.hooks:
             hook.on_epoch(index, first, trial_id)
 

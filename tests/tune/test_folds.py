@@ -188,11 +188,11 @@ def test_a_restored_fold_trial_reports_no_epoch_twice(
         saved: list[dict[str, Any]] = []
 
         def report(
-            epoch: dict[str, Any], reason: str, checkpoint: Any = None, **extra: Any
+            epoch: dict[str, Any], reason: str, checkpoint_dir: str | None = None, **extra: Any
         ) -> None:
             reports.append((dict(epoch), reason, extra))
-            if checkpoint is not None:
-                folder = Path(checkpoint.path)
+            if checkpoint_dir is not None:
+                folder = Path(checkpoint_dir)
                 saved.append(json.loads((folder / FOLDS_FILE).read_text()))
                 assert len(load_checkpoint(folder / CHECKPOINT_FILE).model.members) == K
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
         assert row.best_epoch <= row.epochs <= job.search.max_epochs
         assert (row.status == "finished") == (row.epochs == job.search.max_epochs)
     assert "test_roc_auc" in parent.data.metrics
+    # Each trial's row, read from its newest checkpoint, is its best epoch's report, the one
+    # Ray's analysis finds among all the results in the trial's result file.
+    assert best_results(Path(result.experiment_path)) == {
+        row.trial_id: (row.epoch, row.val_roc_auc, row.best_epoch)
+        for row in result.trials.itertuples()
+    }
     # The winner was retrained over two more seeds; their spread is logged beside the score.
     assert result.test_seeds["test_seeds"] == 2
     assert 0.0 <= result.test_seeds["test_roc_auc_mean"] <= 1.0
@@ -80,6 +87,19 @@ def test_tiny_search_tracks_registers_and_scores_the_test_split(
     model = mlflow.pyfunc.load_model(f"models:/{job.model_name}@champion")
     out = model.predict(pd.DataFrame({"smiles": ["CCO", "not a smiles"]}))
     assert out["error"].iloc[0] == "" and out["error"].iloc[1] != ""
+
+
+def best_results(experiment: Path) -> dict[str, tuple[int, float, int]]:
+    """Per trial of a Ray experiment folder, (epoch, val_roc_auc, best_epoch) of the first of
+    its results in result.json with the highest METRIC."""
+    found: dict[str, dict] = {}
+    for path in experiment.glob("*/result.json"):
+        for line in path.read_text().splitlines():
+            result = json.loads(line)
+            seen = found.get(result["trial_id"])
+            if METRIC in result and (seen is None or result[METRIC] > seen[METRIC]):
+                found[result["trial_id"]] = result
+    return {k: (r["epoch"], r["val_roc_auc"], r["best_epoch"]) for k, r in found.items()}
 
 
 def _overlap(trials: list[tuple[float, float]]) -> int:
@@ -234,11 +254,15 @@ def test_a_resume_reads_each_round_once_and_the_study_whole_once(
     tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A resume's own bookkeeping must not grow with the results per trial (issue 24 item 5):
-    Ray's saved state of a round, every result file of every trial in it, is read once for the
-    end check and the trial records together (it was read twice), and the study with all its
-    intermediate values once, for the finished trials a restore must not train again (it was
-    read three times). The state is a killed driver's after 4 simulated trials (no training),
-    as benchmarks/resume_scale.py makes it; the records are those a fresh reading gives."""
+    Ray's saved state of a round is read once for the end check and the trial records
+    together (it was read twice), no trial's result file is parsed when its checkpoint carries
+    its best report (every one was parsed, three times before `bridge.ray_results_unread`),
+    and the study with all its intermediate values once, for the finished trials a restore
+    must not train again (it was read three times). The state is a killed driver's after 4
+    simulated trials (no training), as benchmarks/resume_scale.py makes it; one trial's
+    checkpoint lacks the best report (as an earlier toxtune wrote it) and only its results are
+    read. Each record's row is the one Ray's own analysis picks (its best epoch, not its last),
+    and the records are those a fresh reading gives."""
     import json
     import tempfile
 
@@ -247,27 +271,33 @@ def test_a_resume_reads_each_round_once_and_the_study_whole_once(
     from ray import tune as ray_tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from tune import study, tracking
+    from tune import bridge, study, tracking
     from tune.bridge import RAY_TRIAL_ATTR
     from tune.search import Rounds, search
 
     job = tiny_job(tmp_path, small_csv, search__scheduler="fifo")
 
     def train_trial(config: dict) -> None:  # named as toxtune's: Ray restores by the name
-        best = 0.0
+        from tune.trainable import BEST_ROW_FILE, BestReport
+
+        best, kept = 0.0, BestReport()
         for epoch in range(1, 4):
-            value = 0.5 + 0.1 * ((epoch * config["k"]) % 3)
+            value = 0.5 + 0.1 * ((epoch * config["k"]) % 3)  # best epoch: 2, 1, 1, 1
             best = max(best, value)
             metrics = {
+                "epoch": epoch,
                 "val_roc_auc": value,
                 METRIC: best,
                 "finished_reason": "max_epochs" if epoch == 3 else "",
             }
+            kept.offer(metrics)
             if epoch < 3:
                 ray_tune.report(metrics)
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+                if config["k"] != 4:  # k=4: a checkpoint without it, as earlier toxtunes wrote
+                    kept.write(Path(tmp) / BEST_ROW_FILE)
                 ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(tmp))
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -303,10 +333,11 @@ def test_a_resume_reads_each_round_once_and_the_study_whole_once(
 
     analyses: list[str] = []  # toxtune's readings of a round's saved state (Ray's own aside)
 
-    class Counted(ray_tune.ExperimentAnalysis):
-        def __init__(self, path: str, **kwargs: object) -> None:
-            analyses.append(path)
-            super().__init__(path, **kwargs)
+    saved_experiment = bridge.saved_experiment
+
+    def counted(path: str, *args: object) -> object:
+        analyses.append(path)
+        return saved_experiment(path, *args)
 
     read: list[str] = []  # the Ray id of each study trial read from the database
     build = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
@@ -324,14 +355,22 @@ def test_a_resume_reads_each_round_once_and_the_study_whole_once(
         return parse(self, trial)
 
     monkeypatch.setattr(ray_tune.ExperimentAnalysis, "_fetch_trial_dataframe", parsing)
-    monkeypatch.setattr(ray_tune, "ExperimentAnalysis", Counted)
+    monkeypatch.setattr(bridge, "saved_experiment", counted)
     monkeypatch.setattr(optuna.storages.RDBStorage, "_build_frozen_trial_from_trial_model", reading)
     outcome = search(job, data, parent)
     monkeypatch.undo()
 
     assert analyses == [job.storage.uri_of(job.name)]
-    # Tuner.restore and the end of tune.run built one each, parsing every result again
-    assert sorted(parsed) == sorted(r.metrics["trial_id"] for r in grid)
+    # Tuner.restore and the end of tune.run built one each, parsing every result again; now
+    # only the trial whose checkpoint has no best report is read among its results, once
+    assert parsed == [r.metrics["trial_id"] for r in grid if r.config["k"] == 4]
+    for r in grid:  # the row of each record is the best epoch's, as Ray's analysis picks it
+        frame = r.metrics_dataframe
+        expected = frame.loc[frame[METRIC].idxmax()]
+        row = next(t.row for t in outcome.trials if t.trial_id == r.metrics["trial_id"])
+        assert row["epoch"] == expected["epoch"] and row["config/k"] == r.config["k"]
+        assert row["val_roc_auc"] == pytest.approx(expected["val_roc_auc"])
+    assert {int(t.row["epoch"]) for t in outcome.trials} == {1, 2}
     assert sorted(read) == sorted(r.metrics["trial_id"] for r in grid)  # each trial once
     fresh = read_trials(job, [job.name])
 
