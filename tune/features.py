@@ -12,6 +12,9 @@ The result is cached in the job's storage (a local folder or an object store eve
 resumed driver reach) under `feature_cache/{key}.npz`, where the key is a hash of the SMILES list,
 the featurizer settings, the cache format and the toxtune version (content-addressed: any job
 on the same molecules and settings finds it). Bit fingerprints are stored packed (8 per byte).
+Until that file is written, each chunk is kept there as it arrives (`ChunkParts`, under
+`feature_cache/{key}.parts/`): a driver killed mid-featurization resumes with the chunks it had
+and featurizes only the rest; the parts are removed once the whole matrix is cached.
 
 A job without a cluster (no `ray.address`, no RAY_ADDRESS) keeps featurizing in the driver's
 process pool with the local disk cache (`toxmodel.featurize.featurize_cached`), as fast as before.
@@ -91,6 +94,7 @@ class ClusterRun:
     seconds: float = 0.0
     cache_hit: bool = False
     per_node: dict[str, int] = field(default_factory=dict)  # node id -> chunks it computed
+    from_parts: int = 0  # chunks an earlier, interrupted featurization had already kept
 
 
 def on_cluster(job: JobConfig) -> bool:
@@ -141,11 +145,14 @@ def featurize_on_cluster(
         run.cache_hit = True
         log.info("features found in %s", storage.uri_of(CACHE_FOLDER, f"{key}.npz"))
         return cached
-    features = featurize_with_ray(items, config, progress, chunk_size, fault, run)
+    parts = ChunkParts(storage, key)
+    features = featurize_with_ray(items, config, progress, chunk_size, fault, run, parts)
     try:
         write_cached(storage, key, features, items)
     except OSError as exc:
         log.warning("could not write the feature cache to %s: %s", storage.uri, exc)
+    else:
+        parts.remove()
     return features
 
 
@@ -156,8 +163,11 @@ def featurize_with_ray(
     chunk_size: int | None = None,
     fault: ChunkFault | None = None,
     run: ClusterRun | None = None,
+    parts: ChunkParts | None = None,
 ) -> Features:
-    """Featurize in Ray tasks, one per chunk, and assemble the chunks in input order."""
+    """Featurize in Ray tasks, one per chunk, and assemble the chunks in input order. With
+    `parts`, the chunks an interrupted run kept are taken from there (at the chunk size it
+    used) and each new chunk is kept there as it arrives."""
     import ray
     from tqdm.auto import tqdm
 
@@ -167,14 +177,27 @@ def featurize_with_ray(
     started = time.monotonic()
     items = list(smiles)
     size = chunk_size or default_chunk_size(len(items), int(ray.cluster_resources().get("CPU", 1)))
+    starts = range(0, len(items), size)
+    chunks: list[FeatureChunk | None] = [None] * len(starts)
+    if parts is not None:
+        size, starts = parts.plan(len(items), size)
+        chunks = [None] * len(starts)
+        for index, chunk in parts.kept(len(starts)).items():
+            chunks[index] = chunk
+        run.from_parts = sum(c is not None for c in chunks)
+        if run.from_parts:
+            log.info("%d of %d chunks kept by an earlier run", run.from_parts, len(chunks))
     task = _remote_task()
     refs = {
         task.remote(index, start, items[start : start + size], config, fault): index
-        for index, start in enumerate(range(0, len(items), size))
+        for index, start in enumerate(starts)
+        if chunks[index] is None
     }
-    chunks: list[FeatureChunk | None] = [None] * len(refs)
     pending = list(refs)
-    with tqdm(total=len(items), unit="mol", desc="featurize", disable=not progress) as bar:
+    kept_rows = sum(len(c.valid_rows) + len(c.invalid) for c in chunks if c is not None)
+    with tqdm(
+        total=len(items), initial=kept_rows, unit="mol", desc="featurize", disable=not progress
+    ) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             index = refs[done[0]]
@@ -191,6 +214,8 @@ def featurize_with_ray(
                     f"{CHUNK_RETRIES + 1} times (worker or node lost each time): {exc}"
                 ) from exc
             chunks[index] = chunk
+            if parts is not None:
+                parts.keep(index, chunk)
             run.per_node[node] = run.per_node.get(node, 0) + 1
             bar.update(len(chunk.valid_rows) + len(chunk.invalid))
     features = assemble([c for c in chunks if c is not None], config)
@@ -239,6 +264,99 @@ def _remote_task() -> Any:
 
 
 # ---------------------------------------------------------------- the storage cache
+
+
+@dataclass(frozen=True)
+class ChunkParts:
+    """The chunks of one featurization (cache key `key`) kept in `storage` as they arrive, so
+    that a driver killed mid-featurization loses only the chunks in flight. The folder holds
+    `plan.json` (the chunk size and row count, which a resumed driver keeps even when its
+    cluster would cut other chunks) and one `{index}.npz` per chunk; a part that cannot be
+    read (cut short by the kill) is featurized again."""
+
+    storage: Storage
+    key: str
+
+    @property
+    def folder(self) -> str:
+        return f"{self.key}.parts"
+
+    def plan(self, n: int, size: int) -> tuple[int, range]:
+        """(chunk size, chunk starts): the earlier run's when its plan covers `n` rows."""
+        text = self.storage.read_text(CACHE_FOLDER, self.folder, "plan.json")
+        saved = json.loads(text) if text else {}
+        if saved.get("n") == n and int(saved.get("size", 0)) > 0:
+            size = int(saved["size"])
+        else:
+            self.storage.write_text(
+                CACHE_FOLDER, self.folder, "plan.json", text=json.dumps({"n": n, "size": size})
+            )
+        return size, range(0, n, size)
+
+    def kept(self, n_chunks: int) -> dict[int, FeatureChunk]:
+        """The readable parts among chunks 0..n_chunks-1, by index."""
+        found: dict[int, FeatureChunk] = {}
+        folder = self.storage.path(CACHE_FOLDER, self.folder)
+        listed = self.storage.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        names = {info.base_name for info in listed}
+        for index in range(n_chunks):
+            if f"{index}.npz" not in names:
+                continue
+            path = f"{folder}/{index}.npz"
+            try:
+                with self.storage.fs.open_input_stream(path) as stream:
+                    found[index] = _chunk_from(io.BytesIO(stream.read()))
+            except Exception as exc:  # cut short by the kill, or unreadable: featurize again
+                log.warning("feature chunk %s is unreadable (%s); featurizing it again", path, exc)
+        return found
+
+    def keep(self, index: int, chunk: FeatureChunk) -> None:
+        """Write chunk `index` (a failed write costs only its reuse after a kill)."""
+        buffer = io.BytesIO()
+        _chunk_to(chunk, buffer)
+        path = self.storage.path(CACHE_FOLDER, self.folder, f"{index}.npz")
+        try:
+            self.storage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self.storage.fs.open_output_stream(path) as stream:
+                stream.write(buffer.getvalue())
+        except OSError as exc:
+            log.warning("could not keep feature chunk %s: %s", path, exc)
+
+    def remove(self) -> None:
+        """Delete the parts (the whole matrix is cached)."""
+        try:
+            self.storage.fs.delete_dir(self.storage.path(CACHE_FOLDER, self.folder))
+        except (FileNotFoundError, OSError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("could not remove the feature chunks %s: %s", self.folder, exc)
+
+
+def _chunk_to(chunk: FeatureChunk, out: io.BytesIO) -> None:
+    meta = {
+        "invalid": [[item.row, item.smiles, item.reason] for item in chunk.invalid],
+        "canonical": chunk.canonical,
+    }
+    np.savez(
+        out,
+        valid_rows=chunk.valid_rows,
+        morgan=chunk.morgan,
+        maccs=chunk.maccs,
+        descriptors=chunk.descriptors,
+        meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
+    )
+
+
+def _chunk_from(source: io.BytesIO) -> FeatureChunk:
+    with np.load(source, allow_pickle=False) as data:
+        meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+        return FeatureChunk(
+            valid_rows=data["valid_rows"],
+            morgan=data["morgan"],
+            maccs=data["maccs"],
+            descriptors=data["descriptors"],
+            invalid=[InvalidSmiles(int(r), s, why) for r, s, why in meta["invalid"]],
+            canonical=list(meta["canonical"]),
+        )
 
 
 def read_cached(

@@ -196,3 +196,61 @@ def test_a_cluster_job_featurizes_with_ray_into_its_storage(
     assert calls == [len(table)]
     assert len(list((tmp_path / "results" / CACHE_FOLDER).glob("*.npz"))) == 1
     assert_same(on_cluster, local)
+
+
+class DriverKilled(BaseException):
+    """Stands for the driver's death right after it kept a chunk."""
+
+
+def test_a_driver_killed_mid_featurization_resumes_with_the_chunks_it_kept(
+    smiles: list[str], tmp_path: Path, local_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chunk is kept in the job's storage as it arrives: a driver killed after keeping 3
+    of 7 chunks resumes (another process: nothing shared but the storage) by featurizing only
+    the other 4, at the chunk size the first run used even when asked for another, and gets
+    the same matrix; a part cut short by the kill is featurized again; once the whole matrix is
+    cached the parts are gone."""
+    config = FeaturizerConfig(n_bits=256, maccs=True)
+    want = featurize(smiles, config, n_jobs=1)
+    keep = cluster_features.ChunkParts.keep
+    kept: list[int] = []
+
+    def dying(self: cluster_features.ChunkParts, index: int, chunk: object) -> None:
+        keep(self, index, chunk)  # type: ignore[arg-type]
+        kept.append(index)
+        if len(kept) == 3:
+            raise DriverKilled
+
+    for storage in _storages(tmp_path):
+        kept.clear()
+        monkeypatch.setattr(cluster_features.ChunkParts, "keep", dying)
+        with pytest.raises(DriverKilled):
+            featurize_on_cluster(smiles, config, storage, chunk_size=50)
+        monkeypatch.undo()
+        assert _cached_files(storage) == ["folder"]  # its parts; the whole matrix never written
+
+        resumed = Storage.open(storage.uri)
+        run = ClusterRun()
+        got = featurize_on_cluster(smiles, config, resumed, chunk_size=64, run=run)
+        assert_same(got, want)
+        assert run.from_parts == 3 and sum(run.per_node.values()) == 7 - 3
+        assert run.chunks == 7  # the first run's chunks of 50, not 64
+        assert _cached_files(storage) == ["npz"]  # the whole file, the parts removed
+
+    # A part the kill cut short is read as missing and featurized again.
+    storage = Storage.open(str(tmp_path / "cut"))
+    parts = cluster_features.ChunkParts(storage, cluster_features.cache_key(smiles, config))
+    parts.plan(len(smiles), 50)
+    folder = tmp_path / "cut" / CACHE_FOLDER / parts.folder
+    (folder / "0.npz").write_bytes(b"PK\x03\x04 cut short")
+    run = ClusterRun()
+    assert_same(featurize_on_cluster(smiles, config, storage, run=run), want)
+    assert run.from_parts == 0 and sum(run.per_node.values()) == 7
+
+
+def _cached_files(storage: Storage) -> list[str]:
+    """The kinds of entries in the storage's feature cache folder: 'npz' or 'folder'."""
+    import pyarrow.fs as pafs
+
+    infos = storage.fs.get_file_info(pafs.FileSelector(storage.path(CACHE_FOLDER)))
+    return sorted("folder" if i.type == pafs.FileType.Directory else "npz" for i in infos)
