@@ -13,8 +13,10 @@ small chunks: the Python start and the RDKit import are not the figure), then ti
 radius 2, 2,048 bits) and the default chunking, and records how many chunks each node ran and a
 digest of the result. Both runs must give the same digest. Then, on the two-node cluster, the
 storage cache: writing the features to a local storage folder and reading them back (a resumed
-driver's cache hit). `--local` adds `toxmodel.featurize.featurize(n_jobs=1)` in the driver
-(today's single-process path) as the reference for what Ray's tasks cost on top.
+driver's cache hit). `--keep-chunks` adds the two-node run keeping each chunk in a storage
+folder as it arrives, as a job does (what resuming a killed driver costs up front). `--local`
+adds `toxmodel.featurize.featurize(n_jobs=1)` in the driver (today's single-process path) as the
+reference for what Ray's tasks cost on top.
 
 Printed: a table of seconds, molecules per second and speed-up over the one-node run.
 """
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toxmodel.featurize import Features, FeaturizerConfig, featurize
 from tune.features import (
+    ChunkParts,
     ClusterRun,
     cache_key,
     featurize_with_ray,
@@ -83,8 +86,12 @@ def digest(features: Features) -> str:
     return h.hexdigest()[:12]
 
 
-def on_cluster(nodes: int, smiles: list[str], config: FeaturizerConfig) -> tuple[Row, Features]:
-    """Featurize on a fresh local cluster of `nodes` 1-CPU nodes; the run after a warm-up."""
+def on_cluster(
+    nodes: int, smiles: list[str], config: FeaturizerConfig, keep_chunks: bool = False
+) -> tuple[Row, Features]:
+    """Featurize on a fresh local cluster of `nodes` 1-CPU nodes; the run after a warm-up. With
+    `keep_chunks`, each chunk is kept in a local storage folder as it arrives, as a job's
+    featurization does (`tune.features.ChunkParts`)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -100,11 +107,16 @@ def on_cluster(nodes: int, smiles: list[str], config: FeaturizerConfig) -> tuple
         warm = ClusterRun()
         featurize_with_ray(smiles[: 400 * nodes * 2], config, chunk_size=200, run=warm)
         run = ClusterRun()
-        started = time.perf_counter()
-        features = featurize_with_ray(smiles, config, run=run)
-        seconds = time.perf_counter() - started
+        with tempfile.TemporaryDirectory(prefix="toxtune-chunks-") as tmp:
+            parts = (
+                ChunkParts(Storage.open(tmp), cache_key(smiles, config)) if keep_chunks else None
+            )
+            started = time.perf_counter()
+            features = featurize_with_ray(smiles, config, run=run, parts=parts)
+            seconds = time.perf_counter() - started
         spread = "/".join(str(c) for c in sorted(run.per_node.values(), reverse=True))
         name = f"Ray, {nodes} node{'s' if nodes > 1 else ''} x 1 CPU"
+        name += ", chunks kept" if keep_chunks else ""
         return Row(name, seconds, digest(features), f"{spread} of {run.chunks}"), features
     finally:
         ray.shutdown()
@@ -116,6 +128,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="molecules (default 10^6)")
     parser.add_argument("--csv", type=Path, help="synthetic set to read or write")
     parser.add_argument("--local", action="store_true", help="also time featurize(n_jobs=1)")
+    parser.add_argument(
+        "--keep-chunks", action="store_true", help="also time 2 nodes keeping each chunk"
+    )
     args = parser.parse_args()
     path = args.csv or Path(tempfile.gettempdir()) / f"toxtune-featurize-cluster-{args.n}.csv"
     smiles = molecules(args.n, path)
@@ -131,9 +146,14 @@ def main() -> None:
         rows.append(Row("driver, 1 process", time.perf_counter() - started, digest(local), "-"))
         del local
     one, features = on_cluster(1, smiles, config)
+    rows.append(one)
     del features
+    if args.keep_chunks:
+        kept, features = on_cluster(2, smiles, config, keep_chunks=True)
+        rows.append(kept)
+        del features
     two, features = on_cluster(2, smiles, config)
-    rows += [one, two]
+    rows.append(two)
 
     with tempfile.TemporaryDirectory(prefix="toxtune-feature-store-") as tmp:
         storage = Storage.open(tmp)
