@@ -79,18 +79,12 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
     spread = range(s.final_seeds) if s.final_seeds > 1 else range(0)
     retrained = retrain(job, data, best.config, sorted({*spread, *range(1, s.ensemble)}))
     seeds = seed_spread(data, [retrained[k] for k in spread]) if spread else {}
-    predictor = load_checkpoint(local_checkpoint(best.checkpoint, workdir / "best"))
-    extra = dict(predictor.extra)
-    if data.folds is not None:
-        predictor = fit_fold_trust(predictor, data, data.folds)
-    else:
-        if s.ensemble > 1:
-            predictor = ensemble_of(predictor, [retrained[k] for k in range(1, s.ensemble)])
-            extra = {}
-        predictor = fit_trust(predictor, data)
-    members = len(predictor.model.members) if isinstance(predictor.model, Ensemble) else 1
-    extra.update(trial_id=best.trial_id, members=members, seed=job.search.seed)
-    ckpt = save_final(job, predictor, extra, workdir)
+    others = [retrained[k] for k in range(1, s.ensemble)]
+    del retrained
+    # The model is built and saved in a function of its own, so that it (its domain's search
+    # structures above all: two CSR copies of the training bits) is freed before the saved one
+    # is loaded and builds its own to flag the test split.
+    ckpt = build_final(job, data, best, others, workdir)
     final = load_checkpoint(ckpt)  # what is registered, as it will be read
     frame = predict_split(final, data, data.split.test)
     raw = frame[final.tasks].to_numpy(dtype=np.float64)
@@ -109,6 +103,31 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
         test_domain=domain_scores(final, labels, probs, frame),
         calibration=final.calibration.notes() if final.calibration is not None else {},
     )
+
+
+def build_final(
+    job: JobConfig,
+    data: PreparedData,
+    best: TrialRecord,
+    others: list[FitResult],
+    workdir: Path,
+) -> Path:
+    """The model to register, saved (`save_final`): the best trial's network, averaged with
+    the retrained `others` when the job asks for an ensemble, or its k fold models, calibrated
+    and given a domain. Returns its local path; nothing of it stays in memory."""
+    assert best.checkpoint is not None
+    predictor = load_checkpoint(local_checkpoint(best.checkpoint, workdir / "best"))
+    extra = dict(predictor.extra)
+    if data.folds is not None:
+        predictor = fit_fold_trust(predictor, data, data.folds)
+    else:
+        if others:
+            predictor = ensemble_of(predictor, others)
+            extra = {}
+        predictor = fit_trust(predictor, data)
+    members = len(predictor.model.members) if isinstance(predictor.model, Ensemble) else 1
+    extra.update(trial_id=best.trial_id, members=members, seed=job.search.seed)
+    return save_final(job, predictor, extra, workdir)
 
 
 def predict_split(
@@ -137,8 +156,11 @@ def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
     raw = frame[predictor.tasks].to_numpy(dtype=np.float64)
     calibration = fit_calibration(data.labels[valid], raw, predictor.tasks)
     fingerprint = data.features.fingerprint
-    domain = fit_domain(  # the training rows are read in place, never copied out
-        fingerprint, fingerprint[valid], predictor.featurizer.n_bits, train_rows=data.split.train
+    # The training rows are read in place, never copied out; of the validation rows only those
+    # the threshold is chosen on (`fit_domain` would draw the same sample from all of them).
+    sampled = valid[threshold_rows(len(valid), VALID_SAMPLE)]
+    domain = fit_domain(
+        fingerprint, fingerprint[sampled], predictor.featurizer.n_bits, train_rows=data.split.train
     )
     return _trusted(
         predictor, calibration, domain, "training", "validation molecules' similarity to train"

@@ -4,9 +4,11 @@ threshold, the clustered search, the blob."""
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
@@ -334,3 +336,38 @@ def test_training_rows_chosen_by_index_give_the_domain_of_those_rows() -> None:
     np.testing.assert_array_equal(by_index.similarity(queries), copied.similarity(queries))
     whole = fit_domain(fingerprint, valid, n_bits=64)
     assert whole.n_train > by_index.n_train  # the index really selects
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, domain_module.SPARSE_ROWS])
+def test_the_sparse_training_bits_equal_scipys_matrix_of_the_unpacked_rows(rows: int) -> None:
+    bits = ecfp_like(300, 200, seed=5)
+    bits[[0, 17, 299]] = False  # empty rows, one of them last
+    packed = pack_bits(bits)
+    got = domain_module._sparse(packed, 200, rows=rows)
+    want = sp.csr_matrix(bits, dtype=np.float32)
+    assert got.dtype == np.float32 and got.shape == (300, 200) and got.has_canonical_format
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.data, want.data)
+    empty = domain_module._sparse(packed[:0], 200, rows=rows)
+    assert empty.shape == (0, 200) and empty.nnz == 0
+
+
+def test_building_the_sparse_bits_never_holds_the_rows_unpacked_or_two_matrices() -> None:
+    """The CSR build peaks at about the matrix's own size plus one slice (tracemalloc sees
+    numpy's buffers, so the figure is exact, not timed): not at every row unpacked (the old
+    build's 65,536-row slices were 128 MB at 1024 bits) nor at the slices' matrices and their
+    stack together (twice the matrix)."""
+    bits = ecfp_like(20_000, 1024, seed=6)
+    packed = pack_bits(bits)
+    del bits
+    rows = 250
+    tracemalloc.start()
+    try:
+        matrix = domain_module._sparse(packed, 1024, rows=rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+    assert size < 20_000 * 1024 / 4  # the whole rows unpacked would be far above the bound
+    assert peak < 1.5 * size + 4 * rows * 1024, (peak, size)

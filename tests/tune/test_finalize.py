@@ -3,6 +3,7 @@ into the job's storage, and the test split scored once with the calibrated model
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 from ray import tune as ray_tune
 
 from tests.tune.conftest import tiny_job
-from toxmodel.checkpoint import load_checkpoint
-from toxmodel.domain import nearest_similarity
+from toxmodel.checkpoint import Predictor, load_checkpoint
+from toxmodel.domain import Domain, nearest_similarity
 from toxmodel.metrics import brier_score, evaluate, expected_calibration_error
 from toxmodel.model import Ensemble
 from toxmodel.train import fit
+from tune import finalize as finalize_module
+from tune.config import JobConfig
 from tune.finalize import FINAL_DIR, FinalModel, finalize, score_test
 from tune.prepare import PreparedData, prepare_data
 from tune.space import DEFAULT_POINT, to_run_configs
@@ -46,9 +49,8 @@ def _molecules() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["smiles", *TASKS]).drop_duplicates("smiles")
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[FinalModel, PreparedData, Path]:
-    root = tmp_path_factory.mktemp("finalize")
+def _job_and_best(root: Path) -> tuple[JobConfig, PreparedData, TrialRecord]:
+    """A tiny ensemble job on `_molecules`, its data, and a 3-epoch fit as its best trial."""
     csv = root / "molecules.csv"
     _molecules().to_csv(csv, index=False)
     job = tiny_job(root, csv)
@@ -68,6 +70,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[FinalModel, Prep
         finished_reason="max_epochs",
         checkpoint=ray_tune.Checkpoint.from_directory(str(trial)),
     )
+    return job, data, record
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[FinalModel, PreparedData, Path]:
+    root = tmp_path_factory.mktemp("finalize")
+    job, data, record = _job_and_best(root)
     final = finalize(job, data, record, root / "scratch")
     return final, data, job.storage.local(job.name)
 
@@ -129,3 +138,35 @@ def test_domain_threshold_comes_from_validation_and_flags_test_molecules(
     assert out["in_domain"][1] is np.False_
     assert out["error"][2] != "" and out["in_domain"][2] is pd.NA
     assert np.isnan(out.loc[2, [f"{t}_std" for t in TASKS]].to_numpy(dtype=float)).all()
+
+
+def test_the_fitted_model_is_let_go_before_the_registered_one_flags_the_test_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model finalize fits and saves holds a domain whose search structures are CSR copies
+    of the training bits; the saved model, loaded to score the test split, builds its own. Both
+    at once made the driver's memory peak of a whole job (issue 23), so the first must be gone
+    (freed by reference counting, no garbage collection needed) before the test split is
+    predicted."""
+    job, data, record = _job_and_best(tmp_path)
+    fit_trust, predict_split = finalize_module.fit_trust, finalize_module.predict_split
+    fitted: list[weakref.ref[Domain]] = []
+    alive_at_test: list[bool] = []
+
+    def trusted(predictor: Predictor, data: PreparedData) -> Predictor:
+        out = fit_trust(predictor, data)
+        assert out.domain is not None and "_exact" in vars(out.domain)  # its search is built
+        fitted.append(weakref.ref(out.domain))
+        return out
+
+    def predicted(
+        predictor: Predictor, data: PreparedData, rows: np.ndarray, calibrated: bool = False
+    ) -> pd.DataFrame:
+        if rows is data.split.test:
+            alive_at_test.append(any(ref() is not None for ref in fitted))
+        return predict_split(predictor, data, rows, calibrated)
+
+    monkeypatch.setattr(finalize_module, "fit_trust", trusted)
+    monkeypatch.setattr(finalize_module, "predict_split", predicted)
+    finalize(job, data, record, tmp_path / "scratch")
+    assert len(fitted) == 1 and alive_at_test == [False]
