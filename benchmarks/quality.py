@@ -34,14 +34,15 @@ of the applicability domain (and the share out), and ECE and Brier score before 
 calibration. `--repeats N` runs each split seed N times, so the spread of repeated runs of one
 seed can be set beside the spread over seeds.
 
-`folds`: issue 26 item 3. For each split seed, the config's job as it is (`search.folds: 1`)
-and then the same job with `search.folds: K` (`--folds`, ensemble 1: the fold models are the
+`folds`: issue 26 item 3. For each split seed, the config's job as it is (`search.folds: 1`) and
+then the same job with `search.folds: K` (`--folds`, ensemble 1: the fold models are the
 registered model), whose search is given the wall time the first job took less the non-search
 time of the last k-fold job (`search.time_limit_s`), so both jobs take about the same wall time;
 `--equal-trials-seeds` also runs the k-fold job without a time limit (the config's number of
-trials) for those seeds. Reports test ROC-AUC mean +- std over seeds, the validation-test gap
-(the winner's selection score, a single split's or the fold mean, less the registered model's
-test ROC-AUC) and wall time, per variant.
+trials) for those seeds; `--equal-trials-only` runs only that job, for every split seed (to set
+beside an earlier sitting's folds 1 figures). Reports test ROC-AUC mean +- std over seeds, the
+validation-test gap (the winner's selection score, a single split's or the fold mean, less the
+registered model's test ROC-AUC) and wall time, per variant.
 
 `small`: issue 26 item 4. A fixed random slice of Tox21 (`--slice` molecules, chosen with
 numpy's default_rng(0), written to a temporary file, never kept), and on it each of `--configs`
@@ -385,14 +386,15 @@ def folds(args: argparse.Namespace) -> None:
         found: dict[str, list[FoldRow]] = {}
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.split_seeds:
-                row, _ = _fold_job(args, split, seed, "folds 1", {"search.folds": 1}, Path(tmp))
-                found.setdefault("folds 1", []).append(row)
-                limit = max(row[2] - k_overhead, 60.0)
-                extra = {**k_set, "search.time_limit_s": limit}
-                row, search_s = _fold_job(args, split, seed, timed, extra, Path(tmp))
-                found.setdefault(timed, []).append(row)
-                k_overhead = row[2] - search_s
-                if seed in args.equal_trials_seeds:
+                if not args.equal_trials_only:
+                    row, _ = _fold_job(args, split, seed, "folds 1", {"search.folds": 1}, Path(tmp))
+                    found.setdefault("folds 1", []).append(row)
+                    limit = max(row[2] - k_overhead, 60.0)
+                    extra = {**k_set, "search.time_limit_s": limit}
+                    row, search_s = _fold_job(args, split, seed, timed, extra, Path(tmp))
+                    found.setdefault(timed, []).append(row)
+                    k_overhead = row[2] - search_s
+                if args.equal_trials_only or seed in args.equal_trials_seeds:
                     row, _ = _fold_job(args, split, seed, untimed, k_set, Path(tmp))
                     found.setdefault(untimed, []).append(row)
         for variant, rows in found.items():
@@ -502,6 +504,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5, help="folds: k of the k-fold variant")
     parser.add_argument(
         "--equal-trials-seeds", type=int, nargs="*", default=[], help="folds: also untimed"
+    )
+    parser.add_argument(
+        "--equal-trials-only", action="store_true", help="folds: only the untimed k-fold job"
     )
     parser.add_argument(
         "--set",
