@@ -177,16 +177,14 @@ def featurize_with_ray(
     started = time.monotonic()
     items = list(smiles)
     size = chunk_size or default_chunk_size(len(items), int(ray.cluster_resources().get("CPU", 1)))
-    starts = range(0, len(items), size)
-    chunks: list[FeatureChunk | None] = [None] * len(starts)
+    starts, kept = range(0, len(items), size), {}
     if parts is not None:
         size, starts = parts.plan(len(items), size)
-        chunks = [None] * len(starts)
-        for index, chunk in parts.kept(len(starts)).items():
-            chunks[index] = chunk
-        run.from_parts = sum(c is not None for c in chunks)
-        if run.from_parts:
-            log.info("%d of %d chunks kept by an earlier run", run.from_parts, len(chunks))
+        kept = parts.kept(len(starts))
+    chunks: list[FeatureChunk | None] = [kept.get(i) for i in range(len(starts))]
+    run.from_parts = len(kept)
+    if kept:
+        log.info("%d of %d chunks kept by an earlier run", len(kept), len(chunks))
     task = _remote_task()
     refs = {
         task.remote(index, start, items[start : start + size], config, fault): index
@@ -326,9 +324,10 @@ class ChunkParts:
         """Delete the parts (the whole matrix is cached)."""
         try:
             self.storage.fs.delete_dir(self.storage.path(CACHE_FOLDER, self.folder))
-        except (FileNotFoundError, OSError) as exc:
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("could not remove the feature chunks %s: %s", self.folder, exc)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove the feature chunks %s: %s", self.folder, exc)
 
 
 def _chunk_to(chunk: FeatureChunk, out: io.BytesIO) -> None:
