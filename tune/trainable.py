@@ -138,7 +138,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     for hook in data.hooks:
         hook.on_start(index, share)
 
-    kept = BestReport(_restored_file(BEST_ROW_FILE, read_best_row))
+    kept = BestReport(_restored_file(BEST_ROW_FILE, lambda path: json.loads(path.read_text())))
 
     def report(
         epoch: dict[str, Any], reason: str, checkpoint_dir: str | None = None, **extra: Any
@@ -259,11 +259,6 @@ class BestReport:
     def write(self, path: Path) -> None:
         if self.row is not None:
             path.write_text(json.dumps(self.row))
-
-
-def read_best_row(path: Path) -> dict[str, Any]:
-    """A checkpoint's `BEST_ROW_FILE`."""
-    return json.loads(Path(path).read_text())
 
 
 def restored_state() -> dict[str, Any] | None:
