@@ -40,7 +40,7 @@ from tune.resources import TrialShape, gpu_fraction, local_request_problem
 from tune.space import build_space
 from tune.study import METRIC, MODE
 from tune.trainable import TrialData, train_trial
-from tune.trials import TrialRecord, analysis, read_trials, round_records
+from tune.trials import TrialRecord, analysis, endings, read_trials, round_records
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,10 @@ def search(
         trainable = _trainable(job, data, _trial_data(job, data, faults, finished))
         with witness.handlers_restored(), bridge.ray_results_unread():
             bridge.restore_tuner(job.storage.uri_of(name), trainable, callbacks).fit()
-        read[name] = round_records(job, name, _all_ended(job, name, stops))
+        grid = _all_ended(job, name, stops)
+        read[name] = round_records(job, name, grid)
+        # trials that ended just before the kill: Tune does not complete them again
+        tracking.settle_trial_runs(job.tracking_uri, parent_run_id, endings(grid, read[name]))
     remaining = study.remaining(job)
     if remaining > 0:
         first_run = not rounds.names

@@ -20,7 +20,7 @@ from tune import bridge
 from tune.config import JobConfig
 from tune.errors import SearchError
 from tune.study import METRIC, MODE
-from tune.tracking import trial_ending
+from tune.tracking import TrialEnding, trial_ending
 from tune.trainable import BEST_ROW_FILE, EARLIER_EPOCHS
 
 
@@ -89,6 +89,27 @@ def round_records(
             )
         )
     return records
+
+
+def endings(grid: ray_tune.ExperimentAnalysis, records: list[TrialRecord]) -> list[TrialEnding]:
+    """How each trial of the round `grid` ended, for `tracking.settle_trial_runs`; a trial's
+    result file is read only if its run lacks epochs."""
+    by_id = {t.trial_id: t for t in grid.trials}
+
+    def history(trial: Any) -> list[dict[str, Any]]:
+        return bridge.trial_results(grid, trial).to_dict("records")
+
+    return [
+        TrialEnding(
+            trial_id=r.trial_id,
+            status=r.status,
+            reason=r.finished_reason,
+            epochs=r.epochs,
+            best=r.row,
+            history=lambda t=by_id[r.trial_id]: history(t),
+        )
+        for r in records
+    ]
 
 
 def _best_row(grid: ray_tune.ExperimentAnalysis, trial: Any) -> dict[str, Any] | None:

@@ -93,7 +93,9 @@ def test_a_killed_k_fold_job_resumes_its_fold_trials_through_ray(
     checkpoint (all three fold models) rather than training it from epoch 1 again, no epoch is
     logged twice, and the registered model is the best trial's three fold models."""
     config = write_config(tmp_path, small_csv, num_samples=6, search={"folds": 3})
-    restorable = kill_and_resume(tmp_path, config, running_checkpoint=True)
+    # 2.5 s epochs: the last four trials outlive several of Tune's 5-s snapshots (with 1 s, a
+    # fast machine finished the search before a snapshot named a running trial's checkpoint)
+    restorable = kill_and_resume(tmp_path, config, running_checkpoint=True, slow_epochs_s=2.5)
     assert restorable, "no unfinished trial had a checkpoint at the kill"
     job = load_config(config)
     for trial_id in restorable:
@@ -109,10 +111,12 @@ def test_a_killed_k_fold_job_resumes_its_fold_trials_through_ray(
     assert final.extra["members"] == 3
 
 
-def start_driver(tmp_path: Path, args: list[str], log_name: str, **kw: Any) -> subprocess.Popen:
-    """`toxtune tune ARGS` in its own session, epochs slowed to 1 s to widen the windows; its
-    output goes to `log_name` (stderr too, unless `kw` says otherwise)."""
-    env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": 1.0})}
+def start_driver(
+    tmp_path: Path, args: list[str], log_name: str, slow_epochs_s: float = 1.0, **kw: Any
+) -> subprocess.Popen:
+    """`toxtune tune ARGS` in its own session, epochs slowed to `slow_epochs_s` to widen the
+    windows; its output goes to `log_name` (stderr too, unless `kw` says otherwise)."""
+    env = {**os.environ, "TOXTUNE_FAULT_PLAN": json.dumps({"slow_epochs_s": slow_epochs_s})}
     log = open(tmp_path / log_name, "w")  # noqa: SIM115
     options = {"stdout": log, "stderr": subprocess.STDOUT, **kw}
     return subprocess.Popen([TOXTUNE, "tune", *args], env=env, start_new_session=True, **options)
@@ -215,6 +219,7 @@ def kill_and_resume(
     config: Path,
     lose_newest_checkpoint: bool = False,
     running_checkpoint: bool = False,
+    slow_epochs_s: float = 1.0,
 ) -> set[str]:
     """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
     lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking).
@@ -224,10 +229,11 @@ def kill_and_resume(
     must continue from the newest one left, never fail and never log an epoch twice.
     `running_checkpoint`: kill only once Ray's experiment snapshot names a checkpoint of an
     unfinished trial. Returns the ids of the unfinished trials the snapshot had a checkpoint of
-    at the kill: the resume must restore these from it.
+    at the kill: the resume must restore these from it. `slow_epochs_s`: each epoch's sleep in
+    the first run (Tune snapshots every 5 s: the trials must outlive a snapshot).
     """
     job = load_config(config)
-    driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log")
+    driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log", slow_epochs_s)
     try:
         wait_for_trials(job, driver, tmp_path / "driver1.log", complete=2)
         if lose_newest_checkpoint:  # kill only once a running trial has a checkpoint to lose

@@ -38,12 +38,14 @@ from tune.tracking import (
     JobSummary,
     MlflowTrialCallback,
     TrackingError,
+    TrialEnding,
     check_tracking,
     child_runs,
     close_orphans,
     default_tracking_uri,
     finish_job_run,
     log_job_summary,
+    settle_trial_runs,
     source_tags,
     start_job_run,
 )
@@ -398,6 +400,76 @@ def test_close_orphans_kills_only_runs_that_will_not_continue(tmp_path: Path) ->
     finish_job_run(uri, parent, "failed")
     assert client.get_run(keep).info.status == "KILLED"
     assert client.get_run(parent).info.status == "FAILED"
+
+
+def test_settle_ends_runs_whose_trials_ended_before_the_kill_with_their_lost_epochs(
+    tmp_path: Path,
+) -> None:
+    """A driver killed just after a trial ended took that trial's last epoch and its closing
+    with it: the run is RUNNING with epoch 1 only, while Ray's state has the trial finished.
+    Settling gives it the lost epochs once (also those a restored report carried), its best
+    report's per-task scores at the best step, its ending tags and FINISHED; a run whose trial
+    is still unfinished stays open for close_orphans, and a closed run is left alone."""
+    uri = default_tracking_uri(tmp_path)
+    parent = start_job_run(uri, "exp", "job", {}, resume=False)
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+
+    def child(trial_id: str, status: str = "RUNNING") -> str:
+        run_id = client.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: trial_id}).info.run_id
+        client.log_metric(run_id, "train_loss", 0.9, step=1)
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    lost, failed, running, closed = child("t1"), child("t2"), child("t3"), child("t4", "FINISHED")
+    reports = [  # epoch 2 came back in a restored trial's first report (epoch 3)
+        {"training_iteration": 1, "epoch": 1, "train_loss": 0.9, "val_roc_auc": 0.6},
+        {
+            "training_iteration": 3,
+            "epoch": 3,
+            "train_loss": 0.5,
+            "val_roc_auc": 0.7,
+            EARLIER_EPOCHS: json.dumps([{"epoch": 2, "train_loss": 0.7, "val_roc_auc": 0.8}]),
+            "config/lr": 0.01,
+        },
+    ]
+    best = {"epoch": 2, "val_roc_auc": 0.8, "val_roc_auc/NR-AR": 0.75, "config/lr": 0.01}
+    read: list[str] = []
+
+    def ending(trial_id: str, status: str, epochs: int) -> TrialEnding:
+        def history() -> list[dict[str, Any]]:
+            read.append(trial_id)
+            return reports[:epochs]
+
+        reason = "max_epochs" if status == "finished" else ""
+        return TrialEnding(trial_id, status, reason, epochs, best, history)
+
+    endings = [
+        ending("t1", "finished", 3),
+        ending("t2", "failed", 1),
+        ending("t3", "running", 2),
+        ending("t4", "finished", 3),
+    ]
+    assert sorted(settle_trial_runs(uri, parent, endings)) == sorted([lost, failed])
+
+    run = client.get_run(lost)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[STATUS_TAG] == "finished"
+    assert run.data.tags["toxtune.epochs"] == "3"
+    assert run.data.tags["toxtune.finished_reason"] == "max_epochs"
+    steps = [(m.step, m.value) for m in client.get_metric_history(lost, "train_loss")]
+    assert sorted(steps) == [(1, 0.9), (2, 0.7), (3, 0.5)]
+    per_task = client.get_metric_history(lost, "val_roc_auc/NR-AR")
+    assert [(m.step, m.value) for m in per_task] == [(2, 0.75)]
+    assert not [k for k in run.data.metrics if k.startswith("config")]
+    assert client.get_run(failed).info.status == "FAILED"
+    assert client.get_run(failed).data.tags[STATUS_TAG] == "failed"
+    assert read == ["t1"]  # the failed run had its one epoch: no result file read
+    assert client.get_run(running).info.status == "RUNNING"
+    assert client.get_run(closed).info.status == "FINISHED"
+    assert STATUS_TAG not in client.get_run(closed).data.tags
+    assert settle_trial_runs(uri, parent, endings) == []  # a second pass changes nothing
 
 
 def _study(n: int) -> optuna.Study:

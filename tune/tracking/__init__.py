@@ -6,6 +6,7 @@
     MlflowTrialCallback(uri, exp, parent, max_epochs, dataset)  # callback.py: trial runs
     log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots, text
     register_best_model(uri, parent, checkpoint, name)         # registry.py: version, alias
+    settle_trial_runs(uri, parent, endings)     # callback.py: runs a killed driver left open
     finish_job_run(uri, parent, status)                        # runs.py: closed whatever happens
 
 Modules, one idea each: `backend` (URIs, clients, health checks, experiments, HTTP fast-fail),
@@ -25,7 +26,12 @@ from tune.tracking.backend import (
     experiment_url,
     fast_fail_http,
 )
-from tune.tracking.callback import MlflowTrialCallback, trial_ending
+from tune.tracking.callback import (
+    MlflowTrialCallback,
+    TrialEnding,
+    settle_trial_runs,
+    trial_ending,
+)
 from tune.tracking.names import JOB_TAG, KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG
 from tune.tracking.provenance import DatasetInfo, dataset_info, source_tags
 from tune.tracking.registry import Registration, register_best_model
@@ -43,6 +49,7 @@ __all__ = [
     "MlflowTrialCallback",
     "Registration",
     "TrackingError",
+    "TrialEnding",
     "check_artifact_home",
     "check_tracking",
     "child_runs",
@@ -56,6 +63,7 @@ __all__ = [
     "finish_job_run",
     "log_job_summary",
     "register_best_model",
+    "settle_trial_runs",
     "source_tags",
     "start_job_run",
     "trial_ending",

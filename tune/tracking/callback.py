@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
@@ -57,11 +57,12 @@ from tune.tracking.backend import (
     client_for,
     fast_fail_http,
     is_transient,
+    retrying,
     server_alive,
 )
 from tune.tracking.names import KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_params, safe_key
 from tune.tracking.provenance import DatasetInfo, log_dataset, source_tags
-from tune.tracking.runs import log_params
+from tune.tracking.runs import child_runs, log_params
 from tune.trainable import EARLIER_EPOCHS
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,83 @@ def _error_summary(text: str) -> str:
         if not line[:1].isspace() and not line.startswith(("Traceback", "Failure # ")):
             return line.strip()
     return lines[-1].strip() if lines else "unknown error"
+
+
+@dataclass(frozen=True)
+class TrialEnding:
+    """How a trial ended, as Ray's saved state says: what its MLflow run must show."""
+
+    trial_id: str
+    status: str  # finished | early_stopped | failed (the status tag's words)
+    reason: str  # its finished_reason, or ""
+    epochs: int
+    best: Mapping[str, Any]  # its best report: the per-task scores are logged from it
+    history: Callable[[], list[Mapping[str, Any]]]  # every report, read only when needed
+
+
+ENDED = {"finished": "FINISHED", "early_stopped": "FINISHED", "failed": "FAILED"}
+
+
+def settle_trial_runs(
+    tracking_uri: str, parent_run_id: str, endings: list[TrialEnding]
+) -> list[str]:
+    """End the trial runs a killed driver left RUNNING although Ray's saved state has their
+    trials ended: the driver died with their last epochs and their closing still queued, and
+    a restored round never completes those trials again. Each gets the epochs its run lacks,
+    its best report's per-task scores, its ending tags and status, as `on_trial_complete`
+    would have logged them. Returns the ids of the runs it ended; errors are logged, not
+    raised (the trials' results are safe in the job's storage)."""
+    ended = {e.trial_id: e for e in endings if e.status in ENDED}
+    if not ended:
+        return []
+    client = client_for(tracking_uri)
+    settled = []
+    try:
+        for run in retrying("settle_trial_runs", lambda: child_runs(client, parent_run_id)):
+            ending = ended.get(run.data.tags.get(TRIAL_TAG, ""))
+            if run.info.status != "RUNNING" or ending is None:
+                continue
+            retrying("settle_trial_runs", lambda r=run, e=ending: _settle(client, r, e))
+            settled.append(run.info.run_id)
+    except Exception as exc:
+        log.error("could not end the trial runs of MLflow run %s: %s", parent_run_id, exc)
+    return settled
+
+
+def _settle(client: MlflowClient, run: Run, ending: TrialEnding) -> None:
+    run_id = run.info.run_id
+    history = client.get_metric_history(run_id, "train_loss")
+    done = max((m.step for m in history), default=0)
+    now = int(time.time() * 1000)
+    metrics: list[Metric] = []
+    for row in _reports(ending.history()) if done < ending.epochs else []:
+        step = int(row.get("training_iteration") or row["epoch"])
+        if step > done:
+            headline = {k: v for k, v in row.items() if "/" not in str(k)}
+            metrics += result_metrics(headline, step, now)
+    best_step = int(ending.best.get("training_iteration") or ending.best.get("epoch") or 0)
+    if not any("/" in k for k in run.data.metrics):  # its closing never began
+        per_task = {k: v for k, v in ending.best.items() if "/" in str(k)}
+        metrics += result_metrics(per_task, best_step, now)
+    metrics = [m for m in metrics if np.isfinite(m.value)]
+    tags = {STATUS_TAG: ending.status, "toxtune.epochs": str(ending.epochs)}
+    if ending.reason:
+        tags["toxtune.finished_reason"] = ending.reason
+    for i in range(0, len(metrics), BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + BATCH])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.set_terminated(run_id, ENDED[ending.status])
+
+
+def _reports(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A trial's reports with the earlier epochs a restored trial's first report carries."""
+    out: list[Mapping[str, Any]] = []
+    for row in rows:
+        earlier = row.get(EARLIER_EPOCHS)
+        if isinstance(earlier, str) and earlier:
+            out += json.loads(earlier)
+        out.append(row)
+    return out
 
 
 @dataclass
