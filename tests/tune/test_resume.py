@@ -30,6 +30,7 @@ from tune.config import JobConfig, load_config
 from tune.finalize import FINAL_DIR
 from tune.job import run_job
 from tune.study import rdb
+from tune.tracking import STATUS_TAG, TRIAL_TAG
 from tune.trainable import CHECKPOINT_FILE, EARLIER_EPOCHS
 
 pytestmark = pytest.mark.slow
@@ -214,6 +215,20 @@ def wait_for_snapshot_of_running_checkpoint(
     )
 
 
+def reopen_a_finished_trial_run(job: JobConfig, done: set[str]) -> str:
+    """Put a finished trial's MLflow run back to RUNNING, as when the driver died with the
+    trial's closing still queued in its sender: the resume must end it FINISHED (Ray's state
+    has the trial ended and never completes it again), not KILLED. Returns the run's id."""
+    client = MlflowClient(job.tracking_uri)
+    exp = client.get_experiment_by_name(job.tracking.experiment_name)
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    ended = [r for r in runs if r.data.tags.get(TRIAL_TAG) in done and r.info.status == "FINISHED"]
+    run = min(ended, key=lambda r: r.info.end_time)  # the likeliest in Ray's last snapshot
+    client.update_run(run.info.run_id, status="RUNNING")
+    client.set_tag(run.info.run_id, STATUS_TAG, "running")
+    return run.info.run_id
+
+
 def kill_and_resume(
     tmp_path: Path,
     config: Path,
@@ -257,6 +272,7 @@ def kill_and_resume(
         for folder in cut:
             shutil.rmtree(max(folder.glob("checkpoint_*")))
     restorable = snapshot - set(before)
+    reopened = reopen_a_finished_trial_run(job, set(before))
 
     out = subprocess.run(
         [
@@ -292,6 +308,7 @@ def kill_and_resume(
     assert len(trial_ids) == len(set(trial_ids))  # no duplicate child per trial
     finished = [k for k in kids if k.info.status == "FINISHED"]
     assert len(finished) >= 6
+    assert client.get_run(reopened).data.tags[STATUS_TAG] in ("finished", "early_stopped")
     for k in finished:
         # One value per epoch, restored trials included: none trained or logged twice.
         steps = [m.step for m in client.get_metric_history(k.info.run_id, "train_loss")]

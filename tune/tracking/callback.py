@@ -29,7 +29,9 @@ before one is made, and a restored trial's steps its run already holds are not l
 MLflow's own HTTP retries are turned down meanwhile (`backend.fast_fail_http`). A driver killed
 outright loses what was still queued; the restored trial's first report carries the epochs
 before its checkpoint's (`tune.trainable.EARLIER_EPOCHS`), and the steps its run lacks are
-logged from them, so its metric history has every epoch once.
+logged from them, so its metric history has every epoch once. A trial that had ended by Tune's
+last snapshot is not run or completed again: `settle_trial_runs`, after the restored round,
+gives its run the epochs it lacks (from the trial's result file) and its closing.
 """
 
 from __future__ import annotations
