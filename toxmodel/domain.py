@@ -51,6 +51,13 @@ Two searches, built when the domain is first queried:
   those queries (about 10 % of queries drawn as the validation rows, all of them for queries
   far from the training set). `Domain.similarity(..., exact=True)` gives the exact answer.
 
+Threads: both searches, the partitions' build and the threshold run in threads (`workers`;
+by default every CPU the process may use), because scipy's sparse products and numpy's loops
+release the GIL and threads share the training rows without copying them. The exact search
+splits the queries; the clustered one ranks the centres by blocks of queries and then scans
+the probed clusters in groups, one group a thread. The answers do not depend on the number of
+threads (the partitions assign a fixed PARTITION_ROWS rows at a time).
+
 The threshold is chosen by the exact search, whatever search the domain answers with (before,
 the clustered domain chose it with its own search, which read it low), on at most
 `VALID_SAMPLE` validation rows, a seeded random sample: VALID_SAMPLE x n_train pairs, linear in
@@ -62,10 +69,14 @@ query (`benchmarks/domain_scale.py`; larger sizes not measured).
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -91,6 +102,15 @@ VALID_SAMPLE = 4000
 THRESHOLD_SEARCHES = ("exact", "domain")
 # Clustered search: re-check answers below the threshold exactly (flags exact by construction)
 CERTIFY = False
+# Threads: queries go to the searches in blocks of at least this many rows, several blocks a
+# thread (blocks differ in cost); the partition build assigns training rows this many at a
+# time, a fixed size so the clusters do not depend on the number of threads (ties between
+# centres are broken in scan order, which depends on the block).
+THREAD_MIN_ROWS = 4 * TILE_QUERIES
+BLOCKS_PER_THREAD = 4
+PARTITION_ROWS = 16_384
+B = TypeVar("B")  # a block of work for `_by_blocks`
+R = TypeVar("R")  # its result
 
 
 def morgan_bits(fingerprint: np.ndarray, n_bits: int) -> np.ndarray:
@@ -219,6 +239,35 @@ def _tile_shape(chunk_pairs: int) -> tuple[int, int]:
     return queries, max(1, chunk_pairs // queries)
 
 
+def _threads(workers: int | None) -> int:
+    """`workers`, or every CPU this process may use. The searches run in threads: scipy's
+    sparse products and numpy's loops release the GIL, so threads use the cores without
+    copying the training rows into other processes."""
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1 or None, got {workers}")
+        return workers
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _by_blocks(fn: Callable[[B], R], blocks: list[B], threads: int) -> list[R]:
+    """`fn` of every block, in order: in `threads` threads when there is more than one block."""
+    if threads <= 1 or len(blocks) <= 1:
+        return [fn(block) for block in blocks]
+    with ThreadPoolExecutor(min(threads, len(blocks))) as pool:
+        return list(pool.map(fn, blocks))
+
+
+def _query_blocks(m: int, threads: int) -> list[slice]:
+    """Contiguous blocks of `m` query rows: one without threads (or too few rows), else up to
+    BLOCKS_PER_THREAD a thread of at least THREAD_MIN_ROWS rows each."""
+    count = min(threads * BLOCKS_PER_THREAD, m // THREAD_MIN_ROWS) if threads > 1 else 1
+    edges = np.linspace(0, m, max(count, 1) + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+
 def _exact_nearest(
     query: np.ndarray,
     ref: sp.csr_matrix,
@@ -290,53 +339,76 @@ def _clustered_nearest(
     index: _Clusters,
     n_probe: int,
     chunk_pairs: int = CHUNK_PAIRS,
+    threads: int = 1,
 ) -> np.ndarray:
     """Max Tanimoto of each boolean query row to every centre and to the members of its
-    `n_probe` most similar centres' clusters in each partition of `index` over `train`."""
+    `n_probe` most similar centres' clusters in each partition of `index` over `train`.
+
+    In `threads` threads: the centres by blocks of queries, then the clusters in groups (each
+    cluster's members are gathered once, for all the queries that probe it)."""
     m = len(query)
-    best = np.zeros(m)
     if m == 0:
-        return best
+        return np.zeros(0)
     q_counts = query.sum(axis=1, dtype=np.float64)
     n_parts, n_clusters = index.centres.shape
     n_probe = min(n_probe, n_clusters)
-    probes = np.empty((m, n_parts, n_probe), dtype=np.int64)
     queries_per_tile, rows = _tile_shape(chunk_pairs)
-    for start in range(0, m, queries_per_tile):  # all centres, and the clusters to probe
-        part = slice(start, start + queries_per_tile)
-        query_t = _transposed(query[part])
-        sims = np.concatenate(
-            [
-                _tanimoto(
-                    index.centre_rows[c0 : c0 + rows],
-                    index.centre_counts[c0 : c0 + rows],
-                    query_t,
-                    q_counts[part],
-                )
-                for c0 in range(0, n_parts * n_clusters, rows)
-            ]
-        ).T  # (queries, n_parts * n_clusters)
-        best[part] = sims.max(axis=1)
-        sims = sims.reshape(len(sims), n_parts, n_clusters)
-        if n_probe < n_clusters:
-            probes[part] = np.argpartition(-sims, n_probe - 1, axis=2)[:, :, :n_probe]
-        else:
-            probes[part] = np.arange(n_clusters)[None, None, :]
+
+    def centres(part: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Best centre similarity and the clusters to probe, for the queries of `part`."""
+        best = np.zeros(part.stop - part.start)
+        probes = np.empty((len(best), n_parts, n_probe), dtype=np.int64)
+        for start in range(0, len(best), queries_per_tile):
+            tile = slice(part.start + start, min(part.stop, part.start + start + queries_per_tile))
+            query_t = _transposed(query[tile])
+            sims = np.concatenate(
+                [
+                    _tanimoto(
+                        index.centre_rows[c0 : c0 + rows],
+                        index.centre_counts[c0 : c0 + rows],
+                        query_t,
+                        q_counts[tile],
+                    )
+                    for c0 in range(0, n_parts * n_clusters, rows)
+                ]
+            ).T  # (queries, n_parts * n_clusters)
+            here = slice(start, start + len(sims))
+            best[here] = sims.max(axis=1)
+            sims = sims.reshape(len(sims), n_parts, n_clusters)
+            if n_probe < n_clusters:
+                probes[here] = np.argpartition(-sims, n_probe - 1, axis=2)[:, :, :n_probe]
+            else:
+                probes[here] = np.arange(n_clusters)[None, None, :]
+        return best, probes
+
+    found = _by_blocks(centres, _query_blocks(m, threads), threads)
+    best = np.concatenate([b for b, _ in found])
+    probes = np.concatenate([p for _, p in found])
     # then cluster by cluster, with the queries that probe it
     cluster = (probes + (np.arange(n_parts) * n_clusters)[None, :, None]).ravel()
     by_cluster = np.argsort(cluster, kind="stable")
     asking = by_cluster // (n_parts * n_probe)
     bounds = np.searchsorted(cluster[by_cluster], np.arange(n_parts * n_clusters + 1))
-    for g in np.flatnonzero(np.diff(bounds)):
-        who = asking[bounds[g] : bounds[g + 1]]
-        members = index.members(int(g))
-        for r0 in range(0, len(members), rows):
-            ids = members[r0 : r0 + rows]
-            ref, ref_counts = train[ids], counts[ids]
-            for q0 in range(0, len(who), queries_per_tile):
-                qs = who[q0 : q0 + queries_per_tile]
-                found, _ = _best_rows(ref, ref_counts, _transposed(query[qs]), q_counts[qs])
-                best[qs] = np.maximum(best[qs], found)
+    probed = np.flatnonzero(np.diff(bounds))
+
+    def members(share: int) -> np.ndarray:
+        """Each query's best similarity among the members of every `threads`-th probed
+        cluster from the `share`-th on."""
+        local = np.zeros(m)
+        for g in probed[share::threads]:
+            who = asking[bounds[g] : bounds[g + 1]]
+            inside = index.members(int(g))
+            for r0 in range(0, len(inside), rows):
+                ids = inside[r0 : r0 + rows]
+                ref, ref_counts = train[ids], counts[ids]
+                for q0 in range(0, len(who), queries_per_tile):
+                    qs = who[q0 : q0 + queries_per_tile]
+                    value, _ = _best_rows(ref, ref_counts, _transposed(query[qs]), q_counts[qs])
+                    local[qs] = np.maximum(local[qs], value)
+        return local
+
+    for local in _by_blocks(members, list(range(threads)), threads):
+        np.maximum(best, local, out=best)
     return best
 
 
@@ -354,9 +426,22 @@ class _Search:
         return cls(matrix[order], counts[order])
 
     def exact(
-        self, query: np.ndarray, chunk_pairs: int = CHUNK_PAIRS, floor: np.ndarray | None = None
+        self,
+        query: np.ndarray,
+        chunk_pairs: int = CHUNK_PAIRS,
+        floor: np.ndarray | None = None,
+        workers: int | None = 1,
     ) -> np.ndarray:
-        return _exact_nearest(query, self.rows, self.counts, chunk_pairs, floor)[0]
+        """The exact answer of every query row (`_exact_nearest`), its rows split over
+        `workers` threads (None: every CPU); the answer does not depend on the split."""
+
+        def block(rows: slice) -> np.ndarray:
+            low = None if floor is None else floor[rows]
+            return _exact_nearest(query[rows], self.rows, self.counts, chunk_pairs, low)[0]
+
+        threads = _threads(workers)
+        parts = _by_blocks(block, _query_blocks(len(query), threads), threads)
+        return np.concatenate(parts) if parts else np.zeros(0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -448,6 +533,7 @@ class Domain:
         exact: bool = False,
         chunk_pairs: int = CHUNK_PAIRS,
         certify: bool | None = None,
+        workers: int | None = None,
     ) -> np.ndarray:
         """NN Tanimoto similarity to train of featurized rows (`Features.fingerprint`), by the
         domain's search; `exact` forces the exact search.
@@ -456,17 +542,21 @@ class Domain:
         the threshold is replaced by the exact one (an exact search that starts from the
         clustered answer), so `in_domain` of the result equals the exact search's flags;
         answers at or above the threshold stay the clustered lower bounds (their flag is
-        already right). It costs the exact search for the queries below the threshold."""
+        already right). It costs the exact search for the queries below the threshold.
+
+        `workers`: threads the queries are split over (None: every CPU this process may use);
+        the answer is the same for any number."""
         query = morgan_bits(fingerprint, self.n_bits)
+        threads = _threads(workers)
         if exact or self.search == "exact":
-            return self._exact.exact(query, chunk_pairs)
-        rows = self._rows
-        sims = _clustered_nearest(
-            query, rows, _row_counts(rows), self._clusters, self.n_probe, chunk_pairs
-        )
+            return self._exact.exact(query, chunk_pairs, workers=threads)
+        rows, clusters = self._rows, self._clusters  # built here, not in the threads
+        counts = _row_counts(rows)
+
+        sims = _clustered_nearest(query, rows, counts, clusters, self.n_probe, chunk_pairs, threads)
         low = np.flatnonzero(sims < self.threshold)
         if (self.certify if certify is None else certify) and len(low):
-            sims[low] = self._exact.exact(query[low], chunk_pairs, floor=sims[low])
+            sims[low] = self._exact.exact(query[low], chunk_pairs, sims[low], workers=threads)
         return sims
 
     def in_domain(self, similarity: np.ndarray) -> np.ndarray:
@@ -553,27 +643,28 @@ def _check_clusters(
 
 
 def _partition(
-    train: sp.csr_matrix, packed: np.ndarray, n_clusters: int, rng: np.random.Generator
+    train: sp.csr_matrix,
+    packed: np.ndarray,
+    n_clusters: int,
+    rng: np.random.Generator,
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One partition: rows cluster by cluster, cluster starts, centres.
 
     `n_clusters` rows drawn at random are the centres; each row (`packed`: the same rows)
     joins its most similar centre (exact search; a row sharing no bit with any centre joins the
-    first cluster)."""
+    first cluster). Rows are assigned PARTITION_ROWS at a time, in `threads` threads."""
     n = train.shape[0]
     picked = np.sort(rng.choice(n, size=min(n_clusters, n), replace=False))
     centres = _Search.by_count(train[picked])
     centre_order = np.argsort(_row_counts(train)[picked], kind="stable")  # as by_count sorts
-    position = np.concatenate(
-        [
-            _exact_nearest(
-                unpack_bits(packed[start : start + 65_536], train.shape[1]),
-                centres.rows,
-                centres.counts,
-            )[1]
-            for start in range(0, n, 65_536)
-        ]
-    )
+
+    def nearest_centre(rows: slice) -> np.ndarray:
+        query = unpack_bits(packed[rows], train.shape[1])
+        return _exact_nearest(query, centres.rows, centres.counts)[1]
+
+    blocks = [slice(start, start + PARTITION_ROWS) for start in range(0, n, PARTITION_ROWS)]
+    position = np.concatenate(_by_blocks(nearest_centre, blocks, threads))
     cluster = np.where(position >= 0, centre_order[np.maximum(position, 0)], 0)
     cluster[picked] = np.arange(len(picked))  # a centre is in its own cluster
     order = np.argsort(cluster, kind="stable")
@@ -601,6 +692,7 @@ def fit_domain(
     valid_sample: int | None = VALID_SAMPLE,
     threshold_search: str = "exact",
     train_rows: np.ndarray | None = None,
+    workers: int | None = None,
 ) -> Domain:
     """The domain of a model trained on `train_fingerprint` rows (`Features.fingerprint`), its
     threshold the `percentile` of the validation rows' NN similarity to train.
@@ -617,6 +709,9 @@ def fit_domain(
 
     `train_rows`: the rows of `train_fingerprint` the model trained on (None: all), read in
     place, so the caller need not copy them out of the whole feature matrix.
+
+    `workers`: threads for the partitions and the threshold's search (None: every CPU this
+    process may use); the domain is the same for any number.
 
     Without validation rows the threshold is 0 (every valid molecule in domain) and says so by
     `n_valid == 0`.
@@ -638,7 +733,10 @@ def fit_domain(
         k = n_clusters or math.ceil(CLUSTERS_PER_SQRT * math.sqrt(n))
         k = max(1, min(k, n))
         rows, rng = domain._rows, np.random.default_rng(seed)
-        parts = [_partition(rows, domain.train_packed, k, rng) for _ in range(n_partitions)]
+        threads = _threads(workers)
+        parts = [
+            _partition(rows, domain.train_packed, k, rng, threads) for _ in range(n_partitions)
+        ]
         domain.cluster_rows, domain.cluster_starts, domain.centres = (
             np.stack(arrays) for arrays in zip(*parts, strict=True)
         )
@@ -652,7 +750,8 @@ def fit_domain(
     if valid_sample is not None and len(valid) > valid_sample:
         valid = valid[threshold_rows(len(valid), valid_sample, seed)]
     if len(valid):
-        sims = domain.similarity(valid, exact=threshold_search == "exact", certify=False)
+        exact = threshold_search == "exact"
+        sims = domain.similarity(valid, exact=exact, certify=False, workers=workers)
         domain.threshold = float(np.percentile(sims, percentile))
         domain.n_valid = len(valid)
     if not math.isfinite(domain.threshold):

@@ -4,7 +4,9 @@ threshold, the clustered search, the blob."""
 from __future__ import annotations
 
 import io
+import threading
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -234,6 +236,41 @@ def test_clustered_search_never_exceeds_exact_and_probing_everything_is_exact() 
     # a training molecule probes its own cluster (its centre is the most similar one) unless
     # n_probe other centres tie with it
     assert np.mean(domain.similarity(train[:300]) == 1.0) > 0.99
+
+
+def test_threads_split_the_work_and_change_no_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 3 threads the partitions, the threshold and every search (exact, clustered,
+    certified) give what one thread gives, bit for bit, and the work ran in several threads."""
+    monkeypatch.setattr(domain_module, "THREAD_MIN_ROWS", 64)
+    monkeypatch.setattr(domain_module, "PARTITION_ROWS", 500)
+    train, valid = ecfp_like(3000, 256, seed=21), ecfp_like(400, 256, seed=22)
+    query = ecfp_like(700, 256, seed=23)
+    seen: set[int] = set()
+    for name in ("_exact_nearest", "_clustered_nearest"):
+        real = getattr(domain_module, name)
+
+        def spy(*args: object, _real: Any = real, **kw: object) -> Any:
+            seen.add(threading.get_ident())
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(domain_module, name, spy)
+    kw = {"search": "clustered", "n_clusters": 30, "n_probe": 2}
+    one, three = (
+        fit_domain(train, valid, 256, workers=1, **kw),
+        fit_domain(train, valid, 256, workers=3, **kw),
+    )
+    for field in ("cluster_rows", "cluster_starts", "centres"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(three, field))
+    assert one.threshold == three.threshold
+    assert one.threshold == np.percentile(brute_force(valid, train), DOMAIN_PERCENTILE)
+    seen.clear()
+    for args in ({}, {"exact": True}, {"certify": True}):
+        want = one.similarity(query, workers=1, **args)
+        np.testing.assert_array_equal(three.similarity(query, workers=3, **args), want)
+    np.testing.assert_array_equal(one.similarity(query, exact=True), brute_force(query, train))
+    assert len(seen) > 1, "the searches ran in one thread"
+    with pytest.raises(ValueError, match="workers"):
+        one.similarity(query, workers=0)
 
 
 def test_auto_search_clusters_above_exact_max_train(monkeypatch: pytest.MonkeyPatch) -> None:
