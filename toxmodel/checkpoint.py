@@ -350,6 +350,9 @@ class Predictor:
         `nn_similarity` is NaN and `in_domain` <NA> without a stored domain. Rows whose SMILES is
         empty, over-long or unparsable get NaN/<NA> in every number column and the reason in
         `error` ("" for rows that were predicted); bad input never raises.
+
+        `n_jobs`: processes featurizing and threads searching the domain (None: featurize in
+        process for small inputs, else every CPU; the domain search uses every CPU).
         """
         items = list(smiles)
         n = len(items)
@@ -375,7 +378,7 @@ class Predictor:
             if std is not None:
                 spread[rows] = std
             if self.domain is not None:
-                similarity[rows] = self.domain.similarity(feats.fingerprint)
+                similarity[rows] = self.domain.similarity(feats.fingerprint, workers=n_jobs)
                 inside[rows] = self.domain.in_domain(similarity[rows])
         if calibrated:
             probs = self.calibrate(probs)
