@@ -85,9 +85,10 @@ DOMAIN_PERCENTILE = 10.0  # threshold = this percentile of validation NN similar
 TILE_QUERIES = 128  # queries per tile of the similarity kernel
 CHUNK_PAIRS = TILE_QUERIES * 8192  # query x train pairs per tile (8 MB of float64 ratios)
 # search="auto": exact up to this many distinct training fingerprints, clustered above. Measured
-# (benchmarks/domain_scale.py, 2 CPUs, 10^4 queries): exact 1.7 s at 2 * 10^4 rows, 15 s at
-# 2 * 10^5, 146 s at 10^6; clustered 1.0 / 3.4 / 17 s with 98.9 / 97.1 / 95.4 % of in_domain
-# flags as the exact answer's. Up to 2 * 10^5 the exact answer costs seconds and is kept.
+# (benchmarks/domain_scale.py, 2 CPUs, 10^4 queries, one thread): exact 1.7 s at 2 * 10^4 rows,
+# 15 s at 2 * 10^5, 146 s at 10^6; clustered 1.0 / 3.4 / 17 s with 98.9 / 97.1 / 95.4 % of
+# in_domain flags as the exact answer's (two threads: 1.9x and 1.4x faster,
+# benchmarks/domain_threads.py). Up to 2 * 10^5 the exact answer costs seconds and is kept.
 EXACT_MAX_TRAIN = 200_000
 CLUSTERS_PER_SQRT = 2.0  # clustered search: ceil(this * sqrt(n_train)) clusters
 N_PARTITIONS = 6  # clustered search: independent partitions of the training rows
