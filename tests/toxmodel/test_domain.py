@@ -238,6 +238,15 @@ def test_clustered_search_never_exceeds_exact_and_probing_everything_is_exact() 
     assert np.mean(domain.similarity(train[:300]) == 1.0) > 0.99
 
 
+def test_the_clusters_a_query_probes_are_its_most_similar_centres() -> None:
+    """`_top` gives the k largest per row, largest first, the lowest index among ties: what
+    a stable descending sort gives."""
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 6, size=(50, 3, 40)).astype(float)  # many ties
+    want = np.argsort(-values, axis=-1, kind="stable")[..., :4]
+    np.testing.assert_array_equal(domain_module._top(values.copy(), 4), want)
+
+
 def test_threads_split_the_work_and_change_no_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     """With 3 threads the partitions, the threshold and every search (exact, clustered,
     certified) give what one thread gives, bit for bit, and the work ran in several threads."""
