@@ -404,12 +404,13 @@ def _clustered_nearest(
     asking = by_cluster // (n_parts * n_probe)
     bounds = np.searchsorted(cluster[by_cluster], np.arange(n_parts * n_clusters + 1))
     probed = np.flatnonzero(np.diff(bounds))
+    groups = threads if m >= THREAD_MIN_ROWS else 1  # a few queries: no threads to start
 
     def members(share: int) -> np.ndarray:
-        """Each query's best similarity among the members of every `threads`-th probed
+        """Each query's best similarity among the members of every `groups`-th probed
         cluster from the `share`-th on."""
         local = np.zeros(m)
-        for g in probed[share::threads]:
+        for g in probed[share::groups]:
             who = asking[bounds[g] : bounds[g + 1]]
             inside = index.members(int(g))
             for r0 in range(0, len(inside), rows):
@@ -421,7 +422,7 @@ def _clustered_nearest(
                     local[qs] = np.maximum(local[qs], value)
         return local
 
-    for local in _by_blocks(members, list(range(threads)), threads):
+    for local in _by_blocks(members, list(range(groups)), groups):
         np.maximum(best, local, out=best)
     return best
 
@@ -566,7 +567,6 @@ class Domain:
             return self._exact.exact(query, chunk_pairs, workers=threads)
         rows, clusters = self._rows, self._clusters  # built here, not in the threads
         counts = _row_counts(rows)
-
         sims = _clustered_nearest(query, rows, counts, clusters, self.n_probe, chunk_pairs, threads)
         low = np.flatnonzero(sims < self.threshold)
         if (self.certify if certify is None else certify) and len(low):
