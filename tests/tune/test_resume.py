@@ -218,11 +218,16 @@ def wait_for_snapshot_of_running_checkpoint(
 def reopen_a_finished_trial_run(job: JobConfig, done: set[str]) -> str:
     """Put a finished trial's MLflow run back to RUNNING, as when the driver died with the
     trial's closing still queued in its sender: the resume must end it FINISHED (Ray's state
-    has the trial ended and never completes it again), not KILLED. Returns the run's id."""
+    has the trial ended and never completes it again), not KILLED. Returns the run's id. When
+    the kill already left a finished trial's run RUNNING, that run is the one."""
     client = MlflowClient(job.tracking_uri)
     exp = client.get_experiment_by_name(job.tracking.experiment_name)
     runs = client.search_runs([exp.experiment_id], max_results=200)
-    ended = [r for r in runs if r.data.tags.get(TRIAL_TAG) in done and r.info.status == "FINISHED"]
+    ended = [r for r in runs if r.data.tags.get(TRIAL_TAG) in done]
+    assert ended, "no run of a finished trial: its start was lost too"
+    open_ = [r for r in ended if r.info.status == "RUNNING"]
+    if open_:
+        return open_[0].info.run_id
     run = min(ended, key=lambda r: r.info.end_time)  # the likeliest in Ray's last snapshot
     client.update_run(run.info.run_id, status="RUNNING")
     client.set_tag(run.info.run_id, STATUS_TAG, "running")
