@@ -119,6 +119,35 @@ def _error_summary(text: str) -> str:
     return lines[-1].strip() if lines else "unknown error"
 
 
+def ending_tags(status: str, epochs: int, reason: str) -> dict[str, str]:
+    """The tags an ended trial's run carries: its status word, epochs run, finished reason."""
+    tags = {STATUS_TAG: status, "toxtune.epochs": str(epochs)}
+    if reason:
+        tags["toxtune.finished_reason"] = reason
+    return tags
+
+
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: list[Metric], tags: list[RunTag]
+) -> None:
+    """`metrics` and `tags` in as few `log_batch` requests as MLflow's 1,000-entry limit allows
+    (the tags with the first)."""
+    size = BATCH - len(tags)
+    for i in range(0, max(len(metrics), 1), size):
+        chunk = metrics[i : i + size]
+        if chunk or (tags and i == 0):
+            client.log_batch(run_id, metrics=chunk, tags=tags if i == 0 else [])
+
+
+def end_run(
+    client: MlflowClient, run_id: str, status: str, tags: dict[str, str], metrics: list[Metric]
+) -> None:
+    """Log a trial's last metrics, then its ending tags, and end its run with `status`."""
+    log_metrics(client, run_id, metrics, [])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.set_terminated(run_id, status)
+
+
 @dataclass(frozen=True)
 class TrialEnding:
     """How a trial ended, as Ray's saved state says: what its MLflow run must show."""
@@ -176,13 +205,8 @@ def _settle(client: MlflowClient, run: Run, ending: TrialEnding) -> None:
         per_task = {k: v for k, v in ending.best.items() if "/" in str(k)}
         metrics += result_metrics(per_task, best_step, now)
     metrics = [m for m in metrics if np.isfinite(m.value)]
-    tags = {STATUS_TAG: ending.status, "toxtune.epochs": str(ending.epochs)}
-    if ending.reason:
-        tags["toxtune.finished_reason"] = ending.reason
-    for i in range(0, len(metrics), BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + BATCH])
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.set_terminated(run_id, ENDED[ending.status])
+    tags = ending_tags(ending.status, ending.epochs, ending.reason)
+    end_run(client, run_id, ENDED[ending.status], tags, metrics)
 
 
 def _reports(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -456,13 +480,6 @@ class MlflowTrialCallback(ray_tune.Callback):
             self._status[trial.trial_id] = "RUNNING"
         self.client.set_tag(run_id, STATUS_TAG, "running")
 
-    def _log_metrics(self, run_id: str, metrics: list[Metric], tags: list[RunTag]) -> None:
-        size = BATCH - len(tags)
-        for i in range(0, max(len(metrics), 1), size):
-            chunk = metrics[i : i + size]
-            if chunk or (tags and i == 0):
-                self.client.log_batch(run_id, metrics=chunk, tags=tags if i == 0 else [])
-
     def _results_fn(self, ops: list[_Op]) -> Callable[[], None]:
         return lambda: self._log_results(ops)
 
@@ -481,16 +498,13 @@ class MlflowTrialCallback(ray_tune.Callback):
                 metrics += op.metrics
             tags += op.tags
             done = max(done, op.step)
-        self._log_metrics(run_id, metrics, tags)
+        log_metrics(self.client, run_id, metrics, tags)
         self.requests += 1
         self._logged[trial.trial_id] = done
 
     def _close(self, trial: Any, status: str, tags: dict[str, str], best: list[Metric]) -> None:
         """Log the best row's per-task scores (once), the ending tags, and end the run."""
-        run_id = self._run_id(trial)
-        self._log_metrics(run_id, best, [])
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(run_id, status)
+        end_run(self.client, self._run_id(trial), status, tags, best)
         self._status[trial.trial_id] = status
 
     # -- Tune hooks ---------------------------------------------------------------------------
@@ -555,9 +569,7 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status, reason, epochs = trial_ending(trial.last_result or {}, self.max_epochs)
-        tags = {STATUS_TAG: status, "toxtune.epochs": str(epochs)}
-        if reason:
-            tags["toxtune.finished_reason"] = reason
+        tags = ending_tags(status, epochs, reason)
         best = self._best.pop(trial.trial_id, [])
         self._submit(
             _Op(f"complete {trial.trial_id}", lambda: self._close(trial, "FINISHED", tags, best))
