@@ -2,7 +2,9 @@
 the domain query for the brute-force search toxtune used before (`old`), the exact search
 (`exact`: rows sorted by bit count, the Swamidass-Baldi bound, a sparse product per tile) and the
 clustered search (`clustered`), side by side in one run, and how far the clustered answer is
-from the exact one.
+from the exact one. `first-pass query`: the same clustered index without its second pass (the
+queries below the threshold searching `n_probe_low` clusters a partition); `6x3`: the clustered
+search before the second pass existed (6 partitions x 3 probes, one pass), fitted and queried.
 
 Fits, before and now: `exact fit` = the exact search on every validation row (before);
 `sampled fit` = the exact search on at most `VALID_SAMPLE` of them (now); `clustered fit (old
@@ -256,6 +258,21 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
     seconds, certified = timed(lambda: clustered.similarity(query, certify=True))
     times["certified query"].append((n, seconds))
     row["certified query"] = seconds
+    first_pass = dataclasses.replace(clustered, n_probe_low=0)  # the same index, one pass
+    seconds, first_sims = timed(lambda: first_pass.similarity(query))
+    times["first-pass query"].append((n, seconds))
+    row["first-pass query"] = seconds
+    # before the second pass: 6 partitions x 3 probes, one pass
+    seconds, before = timed(
+        lambda: fit_domain(
+            train, valid, args.bits, search="clustered", n_partitions=6, n_probe=3, n_probe_low=0
+        )
+    )
+    times["6x3 fit (before)"].append((n, seconds))
+    row["6x3 fit (before)"] = seconds
+    seconds, before_sims = timed(lambda: before.similarity(query))
+    times["6x3 query (before)"].append((n, seconds))
+    row["6x3 query (before)"] = seconds
 
     assert clustered.centres is not None
     truth = exact_sims >= exact_threshold  # the exact answer: exact search, exact threshold
@@ -278,11 +295,15 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
             "in domain (exact)": f"{truth.mean():.3f}",
             "flags: clustered (old)": agree(clustered_old.in_domain(sims)),
             "flags: clustered, sampled threshold": agree(clustered.in_domain(sims)),
+            "flags: first pass alone": agree(clustered.in_domain(first_sims)),
+            "flags: 6x3, one pass (before)": agree(before.in_domain(before_sims)),
+            "second pass": f"{np.mean(first_sims < clustered.threshold):.3f}",
             "flags: certified": agree(clustered.in_domain(certified)),
             "flags: exact search, sampled threshold": agree(sampled.in_domain(exact_sims)),
             "certified = exact at its threshold": f"{np.mean(certified_flags == own):.4f}",
             "re-checked": f"{np.mean(sims < clustered.threshold):.3f}",
             "nn error mean / max (clustered)": f"{error.mean():.4f} / {error.max():.3f}",
+            "nn error mean (6x3 before)": f"{(exact_sims - before_sims).mean():.4f}",
             "nn error mean / max (certified)": f"{cert_error.mean():.4f} / {cert_error.max():.3f}",
             "packed MB": f"{exact.train_packed.nbytes / 1e6:.1f}",
             "index MB": f"{index_mb(clustered):.1f}",
@@ -367,6 +388,9 @@ def main() -> None:
         "exact query",
         "clustered query",
         "certified query",
+        "first-pass query",
+        "6x3 fit (before)",
+        "6x3 query (before)",
     ]
     times: dict[str, list[tuple[int, float]]] = {m: [] for m in methods}
     figures: list[dict[str, Any]] = []

@@ -36,20 +36,24 @@ Two searches, built when the domain is first queried:
 - **clustered** (`search="clustered"`; "auto" above `EXACT_MAX_TRAIN`): an inverted-file index
   (faiss's `IndexIVF`, with Tanimoto) repeated over `N_PARTITIONS` independent partitions. In
   each, `ceil(CLUSTERS_PER_SQRT * sqrt(n_train))` training rows drawn at random (seeded) are
-  centres and every training row joins the centre most similar to it (exact search). A query is
-  compared with every centre and with the members of the `n_probe` clusters per partition whose
-  centres are most similar to it: about P * (K + n_probe * n_train / K) comparisons instead of
-  n_train. One partition misses a neighbour that sits in another cluster than the query's
-  nearest centres; independent partitions rarely all miss it (measured on 10^5 ECFP-like rows:
-  4 partitions x 4 probes found the exact nearest neighbour for 93 % of queries comparing
-  8.5 % of the pairs, 1 partition x 16 probes for 76 % comparing 6 %). The answer
-  is the exact similarity of a real training molecule, so it never exceeds the exact one; where
-  all partitions missed the nearest neighbour it reads lower, so a flag can only be wrong one
-  way: in domain called out. `certify` (`Domain.certify`, or per call) re-checks exactly the
-  answers below the threshold, starting from the clustered answer (Swamidass-Baldi pruning
-  against it): the flags then equal the exact search's, at the cost of the exact search for
-  those queries (about 10 % of queries drawn as the validation rows, all of them for queries
-  far from the training set). `Domain.similarity(..., exact=True)` gives the exact answer.
+  centres and every training row joins the centre most similar to it (exact search). A query
+  ranks every centre (float32) and is compared with the members of the `n_probe` clusters per
+  partition whose centres are most similar to it: about P * (K + n_probe * n_train / K)
+  comparisons instead of n_train. One partition misses a neighbour that sits in another
+  cluster than the query's nearest centres; independent partitions rarely all miss it. The
+  answer is the exact similarity of a real training molecule, so it never exceeds the exact
+  one; where all partitions missed the nearest neighbour it reads lower, so a flag can only be
+  wrong one way: in domain called out. Hence a **second pass**: a query whose answer is below
+  the threshold (the only flags that can be wrong) searches the members of its next most
+  similar clusters, up to `n_probe_low` a partition. Measured at 10^6 ECFP-like rows, 10^4
+  queries drawn like the validation rows (`/tmp`-free figures in RESULTS, "The domain's second
+  pass"): 4 partitions x 2 probes alone gave 91.7 % of the exact flags, 6 x 3 (before the
+  second pass) 96.5 %, 4 x 2 then 32 probes for the 18 % below the threshold 99.5 %.
+  `certify` (`Domain.certify`, or per call) re-checks exactly the answers still below the
+  threshold, starting from the clustered answer (Swamidass-Baldi pruning against it): the
+  flags then equal the exact search's, at the cost of the exact search for those queries
+  (about 10 % of queries drawn as the validation rows, all of them for queries far from the
+  training set). `Domain.similarity(..., exact=True)` gives the exact answer.
 
 Threads: both searches, the partitions' build and the threshold run in threads (`workers`;
 by default every CPU the process may use), because scipy's sparse products and numpy's loops
@@ -91,8 +95,12 @@ CHUNK_PAIRS = TILE_QUERIES * 8192  # query x train pairs per tile (8 MB of float
 # benchmarks/domain_threads.py). Up to 2 * 10^5 the exact answer costs seconds and is kept.
 EXACT_MAX_TRAIN = 200_000
 CLUSTERS_PER_SQRT = 2.0  # clustered search: ceil(this * sqrt(n_train)) clusters
-N_PARTITIONS = 6  # clustered search: independent partitions of the training rows
-N_PROBE = 3  # clustered search: clusters searched per query in each partition
+N_PARTITIONS = 4  # clustered search: independent partitions of the training rows
+N_PROBE = 2  # clustered search: clusters searched per query in each partition
+# clustered search: clusters searched per partition, in all, for a query whose first answer is
+# below the threshold (a flag that could be wrong); 0 or <= N_PROBE: no second pass
+N_PROBE_LOW = 32
+TOP_PASSES = 8  # `_top`: argmax passes up to this many, argpartition above
 SEARCHES = ("auto", "exact", "clustered")
 SPARSE_ROWS = 8192  # packed rows unpacked at once when the CSR matrix is built
 # The threshold: exact NN similarity of at most this many validation rows (a seeded random
@@ -212,14 +220,16 @@ def _best_rows(
     return best, first
 
 
-def _tanimoto(
+def _best(
     ref: sp.csr_matrix, r_counts: np.ndarray, query_t: np.ndarray, q_counts: np.ndarray
 ) -> np.ndarray:
-    """Every Tanimoto of `ref` rows with `query_t` columns, float64 (n, m): exact, for ranking
-    the centres and as a lower bound of the answer."""
+    """`_best_rows` without the rows, for the small tiles of one cluster's members: every ratio
+    divided in float64 at once (the same correctly rounded quotient `_best_rows` takes for its
+    maximum), cheaper there than finding the float32 maxima first."""
     inter = np.asarray(ref @ query_t, dtype=np.float64)
     union = r_counts[:, None] + q_counts[None, :] - inter
-    return np.divide(inter, np.maximum(union, 1.0), out=inter)
+    np.maximum(union, 1.0, out=union)
+    return np.divide(inter, union, out=inter).max(axis=0)
 
 
 def _transposed(query: np.ndarray) -> np.ndarray:
@@ -334,16 +344,34 @@ def _exact_nearest(
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the `k` largest values along the last axis, largest first (ties: the lowest
-    index), by `k` argmax passes; overwrites `values`. For the few clusters a query probes this
-    is several times faster than `np.argpartition` over every centre (2.4 ms against 18 ms for
-    128 queries x 6 x 1,789 centres, k = 3)."""
+    """Indices of the `k` largest values along the last axis, largest first; overwrites
+    `values`. Up to TOP_PASSES, by `k` argmax passes (ties: the lowest index; for the few
+    clusters a query probes this is several times faster than `np.argpartition` over every
+    centre: 2.4 ms against 18 ms for 128 queries x 6 x 1,789 centres, k = 3); above it, by
+    `np.argpartition` and a stable sort of the `k` (ties at the k-th value: argpartition's
+    choice, the same for the same values)."""
+    if k > TOP_PASSES:
+        part = np.argpartition(-values, k - 1, axis=-1)[..., :k]
+        order = np.argsort(-np.take_along_axis(values, part, axis=-1), axis=-1, kind="stable")
+        return np.take_along_axis(part, order, axis=-1).astype(np.int64)
     out = np.empty((*values.shape[:-1], k), dtype=np.int64)
     for j in range(k):
         top = values.argmax(axis=-1)
         out[..., j] = top
         np.put_along_axis(values, top[..., None], -np.inf, axis=-1)
     return out
+
+
+def _centre_similarity(
+    centres: sp.csr_matrix, c_counts: np.ndarray, query_t: np.ndarray, q_counts: np.ndarray
+) -> np.ndarray:
+    """Tanimoto of every query column of `query_t` with every centre row, float32 (m, n):
+    for ranking the centres only (the answer comes from the members the ranking picks)."""
+    inter = np.asarray(centres @ query_t, dtype=np.float32)
+    union = c_counts.astype(np.float32)[:, None] + q_counts.astype(np.float32)[None, :]
+    union -= inter
+    np.maximum(union, 1.0, out=union)
+    return np.divide(inter, union, out=union).T
 
 
 def _clustered_nearest(
@@ -354,54 +382,49 @@ def _clustered_nearest(
     n_probe: int,
     chunk_pairs: int = CHUNK_PAIRS,
     threads: int = 1,
+    skip: int = 0,
 ) -> np.ndarray:
-    """Max Tanimoto of each boolean query row to every centre and to the members of its
-    `n_probe` most similar centres' clusters in each partition of `index` over `train`.
+    """Max Tanimoto of each boolean query row to the members of its `n_probe` most similar
+    centres' clusters in each partition of `index` over `train`, leaving out the `skip` most
+    similar (a second pass of more probes after a first of `skip`). With `skip` 0 the most
+    similar centre of every partition is among the members (a centre is in its cluster).
 
     In `threads` threads: the centres by blocks of queries, then the clusters in groups (each
     cluster's members are gathered once, for all the queries that probe it)."""
     m = len(query)
-    if m == 0:
-        return np.zeros(0)
-    q_counts = query.sum(axis=1, dtype=np.float64)
     n_parts, n_clusters = index.centres.shape
     n_probe = min(n_probe, n_clusters)
+    if m == 0 or skip >= n_probe:
+        return np.zeros(m)
     queries_per_tile, rows = _tile_shape(chunk_pairs)
 
-    def centres(part: slice) -> tuple[np.ndarray, np.ndarray]:
-        """Best centre similarity and the clusters to probe, for the queries of `part`."""
-        best = np.zeros(part.stop - part.start)
-        probes = np.empty((len(best), n_parts, n_probe), dtype=np.int64)
-        for start in range(0, len(best), queries_per_tile):
+    def centres(part: slice) -> np.ndarray:
+        """The clusters to probe, for the queries of `part`."""
+        probes = np.empty((part.stop - part.start, n_parts, n_probe - skip), dtype=np.int64)
+        for start in range(0, len(probes), queries_per_tile):
             tile = slice(part.start + start, min(part.stop, part.start + start + queries_per_tile))
-            query_t = _transposed(query[tile])
-            sims = np.concatenate(
-                [
-                    _tanimoto(
-                        index.centre_rows[c0 : c0 + rows],
-                        index.centre_counts[c0 : c0 + rows],
-                        query_t,
-                        q_counts[tile],
-                    )
-                    for c0 in range(0, n_parts * n_clusters, rows)
-                ]
-            ).T  # (queries, n_parts * n_clusters)
-            here = slice(start, start + len(sims))
-            best[here] = sims.max(axis=1)
+            query_t, q_counts = _transposed(query[tile]), counts_of[tile]
+            sims = np.empty((tile.stop - tile.start, n_parts * n_clusters), dtype=np.float32)
+            for c0 in range(0, n_parts * n_clusters, rows):
+                c1 = min(c0 + rows, n_parts * n_clusters)
+                sims[:, c0:c1] = _centre_similarity(
+                    index.centre_rows[c0:c1], index.centre_counts[c0:c1], query_t, q_counts
+                )
             sims = sims.reshape(len(sims), n_parts, n_clusters)
+            here = slice(start, start + len(sims))
             if n_probe < n_clusters:
-                probes[here] = _top(sims, n_probe)
+                probes[here] = _top(sims, n_probe)[..., skip:]
             else:
-                probes[here] = np.arange(n_clusters)[None, None, :]
-        return best, probes
+                probes[here] = np.arange(skip, n_clusters)[None, None, :]
+        return probes
 
-    found = _by_blocks(centres, _query_blocks(m, threads), threads)
-    best = np.concatenate([b for b, _ in found])
-    probes = np.concatenate([p for _, p in found])
+    counts_of = query.sum(axis=1, dtype=np.float64)
+    probes = np.concatenate(_by_blocks(centres, _query_blocks(m, threads), threads))
     # then cluster by cluster, with the queries that probe it
+    width = n_parts * (n_probe - skip)
     cluster = (probes + (np.arange(n_parts) * n_clusters)[None, :, None]).ravel()
     by_cluster = np.argsort(cluster, kind="stable")
-    asking = by_cluster // (n_parts * n_probe)
+    asking = by_cluster // width
     bounds = np.searchsorted(cluster[by_cluster], np.arange(n_parts * n_clusters + 1))
     probed = np.flatnonzero(np.diff(bounds))
     groups = threads if m >= THREAD_MIN_ROWS else 1  # a few queries: no threads to start
@@ -418,10 +441,11 @@ def _clustered_nearest(
                 ref, ref_counts = train[ids], counts[ids]
                 for q0 in range(0, len(who), queries_per_tile):
                     qs = who[q0 : q0 + queries_per_tile]
-                    value, _ = _best_rows(ref, ref_counts, _transposed(query[qs]), q_counts[qs])
+                    value = _best(ref, ref_counts, _transposed(query[qs]), counts_of[qs])
                     local[qs] = np.maximum(local[qs], value)
         return local
 
+    best = np.zeros(m)
     for local in _by_blocks(members, list(range(groups)), groups):
         np.maximum(best, local, out=best)
     return best
@@ -517,6 +541,7 @@ class Domain:
     cluster_starts: np.ndarray | None = None  # int64 (n_partitions, n_clusters + 1)
     centres: np.ndarray | None = None  # int64 (n_partitions, n_clusters)
     n_probe: int = 0  # clusters a query searches per partition
+    n_probe_low: int = N_PROBE_LOW  # the same, in all, for an answer below the threshold
     certify: bool = CERTIFY  # clustered: answers below the threshold re-checked exactly
 
     @property
@@ -569,6 +594,19 @@ class Domain:
         counts = _row_counts(rows)
         sims = _clustered_nearest(query, rows, counts, clusters, self.n_probe, chunk_pairs, threads)
         low = np.flatnonzero(sims < self.threshold)
+        if self.n_probe_low > self.n_probe and len(low):  # the flags that could be wrong
+            more = _clustered_nearest(
+                query[low],
+                rows,
+                counts,
+                clusters,
+                self.n_probe_low,
+                chunk_pairs,
+                threads,
+                skip=self.n_probe,
+            )
+            sims[low] = np.maximum(sims[low], more)
+            low = low[sims[low] < self.threshold]
         if (self.certify if certify is None else certify) and len(low):
             sims[low] = self._exact.exact(query[low], chunk_pairs, sims[low], workers=threads)
         return sims
@@ -593,6 +631,7 @@ class Domain:
             blob["cluster_starts"] = np.asarray(self.cluster_starts, dtype=np.int64)
             blob["centres"] = np.asarray(self.centres, dtype=np.int64)
             blob["n_probe"] = int(self.n_probe)
+            blob["n_probe_low"] = int(self.n_probe_low)
         return blob
 
     @classmethod
@@ -606,12 +645,13 @@ class Domain:
                 f"got {packed.dtype} {tuple(packed.shape)}"
             )
         rows = starts = centres = None
-        n_probe = 0
+        n_probe, n_probe_low = 0, N_PROBE_LOW
         if blob.get("cluster_rows") is not None:
             rows = _array(blob["cluster_rows"]).astype(np.int32)
             starts = _array(blob["cluster_starts"]).astype(np.int64)
             centres = _array(blob["centres"]).astype(np.int64)
             n_probe = int(blob["n_probe"])
+            n_probe_low = int(blob.get("n_probe_low", N_PROBE_LOW))  # older: today's second pass
             _check_clusters(rows, starts, centres, len(packed), n_probe)
         return cls(
             train_packed=packed,
@@ -623,6 +663,7 @@ class Domain:
             cluster_starts=starts,
             centres=centres,
             n_probe=n_probe,
+            n_probe_low=n_probe_low,
         )
 
 
@@ -701,6 +742,7 @@ def fit_domain(
     search: str = "auto",
     n_partitions: int = N_PARTITIONS,
     n_probe: int = N_PROBE,
+    n_probe_low: int = N_PROBE_LOW,
     n_clusters: int | None = None,
     seed: int = 0,
     valid_sample: int | None = VALID_SAMPLE,
@@ -713,13 +755,15 @@ def fit_domain(
 
     `search`: "exact", "clustered" (`n_partitions` partitions of `n_clusters` clusters each,
     default `ceil(CLUSTERS_PER_SQRT * sqrt(n_train))`, centres drawn with `seed`; a query
-    searches `n_probe` clusters per partition) or "auto" (exact up to `EXACT_MAX_TRAIN` distinct
-    training fingerprints, clustered above).
+    searches `n_probe` clusters per partition, and `n_probe_low` in all where its answer is
+    below the threshold) or "auto" (exact up to `EXACT_MAX_TRAIN` distinct training
+    fingerprints, clustered above).
 
     The threshold: the `percentile` of the validation rows' NN similarity, over at most
     `valid_sample` of them (drawn with `seed`; None: all), computed by the exact search
     (`threshold_search="exact"`) or by the domain's own search ("domain": what toxtune did
-    before; for a clustered domain it reads lower than the exact percentile).
+    before; for a clustered domain it reads lower than the exact percentile, and as the
+    threshold is not known yet, a clustered search makes no second pass).
 
     `train_rows`: the rows of `train_fingerprint` the model trained on (None: all), read in
     place, so the caller need not copy them out of the whole feature matrix.
@@ -742,8 +786,11 @@ def fit_domain(
     domain = Domain(np.unique(packed, axis=0), n_bits, threshold=0.0, percentile=percentile)
     n = domain.n_train
     if search == "clustered" or (search == "auto" and n > EXACT_MAX_TRAIN):
-        if n_probe < 1 or n_partitions < 1:
-            raise ValueError(f"n_probe and n_partitions must be >= 1: {n_probe}, {n_partitions}")
+        if n_probe < 1 or n_partitions < 1 or n_probe_low < 0:
+            raise ValueError(
+                "n_probe and n_partitions must be >= 1, n_probe_low >= 0: "
+                f"{n_probe}, {n_partitions}, {n_probe_low}"
+            )
         k = n_clusters or math.ceil(CLUSTERS_PER_SQRT * math.sqrt(n))
         k = max(1, min(k, n))
         rows, rng = domain._rows, np.random.default_rng(seed)
@@ -754,7 +801,7 @@ def fit_domain(
         domain.cluster_rows, domain.cluster_starts, domain.centres = (
             np.stack(arrays) for arrays in zip(*parts, strict=True)
         )
-        domain.n_probe = int(n_probe)
+        domain.n_probe, domain.n_probe_low = int(n_probe), int(n_probe_low)
     if threshold_search not in THRESHOLD_SEARCHES:
         raise ValueError(
             f"threshold_search must be one of {THRESHOLD_SEARCHES}, got {threshold_search!r}"

@@ -245,6 +245,17 @@ def test_the_clusters_a_query_probes_are_its_most_similar_centres() -> None:
     values = rng.integers(0, 6, size=(50, 3, 40)).astype(float)  # many ties
     want = np.argsort(-values, axis=-1, kind="stable")[..., :4]
     np.testing.assert_array_equal(domain_module._top(values.copy(), 4), want)
+    # above TOP_PASSES (argpartition): the k largest, largest first; ties in any order
+    k = domain_module.TOP_PASSES + 4
+    got = domain_module._top(values.copy(), k)
+    want = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(
+        np.take_along_axis(values, got, axis=-1), np.take_along_axis(values, want, axis=-1)
+    )
+    assert all(len(set(row)) == k for row in got.reshape(-1, k))
+    distinct = rng.permutation(50 * 3 * 40).reshape(50, 3, 40).astype(float)
+    want = np.argsort(-distinct, axis=-1)[..., :k]
+    np.testing.assert_array_equal(domain_module._top(distinct.copy(), k), want)
 
 
 def test_threads_split_the_work_and_change_no_answer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,7 +335,9 @@ def test_certified_clustered_flags_equal_the_exact_flags() -> None:
     real training row's similarity, so the flag is right either way."""
     train, valid = ecfp_like(3000, 256, seed=13), ecfp_like(300, 256, seed=14)
     query = np.concatenate([ecfp_like(500, 256, seed=15), ecfp_like(100, 256, seed=99)])
-    domain = fit_domain(train, valid, 256, search="clustered", n_clusters=40, n_probe=1)
+    domain = fit_domain(
+        train, valid, 256, search="clustered", n_clusters=40, n_probe=1, n_probe_low=0
+    )
     exact = brute_force(query, train)
     plain = domain.similarity(query)
     certified = domain.similarity(query, certify=True)
@@ -337,6 +350,37 @@ def test_certified_clustered_flags_equal_the_exact_flags() -> None:
     above = plain >= domain.threshold
     np.testing.assert_array_equal(certified[above], plain[above])  # left as it was
     np.testing.assert_array_equal(certified[~above], exact[~above])  # re-checked: exact
+
+
+def test_answers_below_the_threshold_probe_further_and_only_they_change() -> None:
+    """The second pass (n_probe_low clusters a partition) looks again only where the first
+    answer is below the threshold: those answers can only rise towards the exact one, the rest
+    stay as they were, and a second pass over every cluster gives the exact flags."""
+    train, valid = ecfp_like(3000, 256, seed=13), ecfp_like(300, 256, seed=14)
+    query = np.concatenate([ecfp_like(500, 256, seed=15), ecfp_like(100, 256, seed=99)])
+    exact = brute_force(query, train)
+    kw = {"search": "clustered", "n_clusters": 40, "n_probe": 1}
+    first = fit_domain(train, valid, 256, n_probe_low=0, **kw)
+    plain = first.similarity(query)
+    want = exact >= first.threshold
+    wrong = np.sum(first.in_domain(plain) != want)
+    assert wrong > 0  # one probe misses some neighbours
+    for n_probe_low, exact_flags in ((8, False), (40, True)):
+        domain = fit_domain(train, valid, 256, n_probe_low=n_probe_low, **kw)
+        assert domain.n_probe_low == n_probe_low and domain.threshold == first.threshold
+        again = domain.similarity(query)
+        above = plain >= domain.threshold
+        np.testing.assert_array_equal(again[above], plain[above])  # not looked at again
+        assert np.all(again >= plain) and np.all(again <= exact)
+        assert np.sum(domain.in_domain(again) != want) < wrong
+        if exact_flags:
+            np.testing.assert_array_equal(domain.in_domain(again), want)
+            np.testing.assert_array_equal(again[~above], exact[~above])
+        blob = Domain.from_blob(domain.to_blob())
+        assert blob.n_probe_low == n_probe_low
+        np.testing.assert_array_equal(blob.similarity(query), again)
+    with pytest.raises(ValueError, match="n_probe_low"):
+        fit_domain(train, valid, 256, n_probe_low=-1, **kw)
 
 
 def test_threshold_on_a_validation_sample_is_the_exact_percentile_of_that_sample() -> None:
@@ -356,8 +400,15 @@ def test_threshold_on_a_validation_sample_is_the_exact_percentile_of_that_sample
 
 def test_a_clustered_threshold_by_its_own_search_is_what_toxtune_did_before() -> None:
     train, valid = ecfp_like(3000, 256, seed=18), ecfp_like(400, 256, seed=19)
-    old = fit_domain(
-        train, valid, 256, search="clustered", n_clusters=40, n_probe=1, threshold_search="domain"
+    old = fit_domain(  # before: no second pass either
+        train,
+        valid,
+        256,
+        search="clustered",
+        n_clusters=40,
+        n_probe=1,
+        n_probe_low=0,
+        threshold_search="domain",
     )
     assert old.threshold == np.percentile(old.similarity(valid), DOMAIN_PERCENTILE)
     new = fit_domain(train, valid, 256, search="clustered", n_clusters=40, n_probe=1)
