@@ -352,10 +352,14 @@ def test_certified_clustered_flags_equal_the_exact_flags() -> None:
     np.testing.assert_array_equal(certified[~above], exact[~above])  # re-checked: exact
 
 
-def test_answers_below_the_threshold_probe_further_and_only_they_change() -> None:
+def test_answers_below_the_threshold_probe_further_and_only_they_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The second pass (n_probe_low clusters a partition) looks again only where the first
-    answer is below the threshold: those answers can only rise towards the exact one, the rest
-    stay as they were, and a second pass over every cluster gives the exact flags."""
+    answer is below the threshold (by at most LOW_BAND): those answers can only rise towards
+    the exact one, the rest stay as they were, and a second pass over every cluster gives the
+    exact flags."""
+    monkeypatch.setattr(domain_module, "LOW_BAND", 1.0)  # every answer below the threshold
     train, valid = ecfp_like(3000, 256, seed=13), ecfp_like(300, 256, seed=14)
     query = np.concatenate([ecfp_like(500, 256, seed=15), ecfp_like(100, 256, seed=99)])
     exact = brute_force(query, train)
@@ -379,6 +383,15 @@ def test_answers_below_the_threshold_probe_further_and_only_they_change() -> Non
         blob = Domain.from_blob(domain.to_blob())
         assert blob.n_probe_low == n_probe_low
         np.testing.assert_array_equal(blob.similarity(query), again)
+    # answers further below the threshold than LOW_BAND: far from every training molecule,
+    # out of domain whatever the first pass missed; left as they were
+    monkeypatch.setattr(domain_module, "LOW_BAND", 0.02)
+    banded = domain.similarity(query)
+    far = plain < domain.threshold - 0.02
+    near = (plain < domain.threshold) & ~far
+    assert far.any() and near.any()
+    np.testing.assert_array_equal(banded[far], plain[far])
+    np.testing.assert_array_equal(banded[near], exact[near])  # every cluster: exact
     with pytest.raises(ValueError, match="n_probe_low"):
         fit_domain(train, valid, 256, n_probe_low=-1, **kw)
 
