@@ -21,6 +21,8 @@ Optuna study in the temp folder):
   group+split      `tune.prepare.prepare_data` given those features (keys, duplicates, split,
                    invalid report): its own featurize_cached call is answered from memory
   ray start        `tune.search.init_ray` (a private local Ray)
+  share            `tune.shared.share_matrices`: the matrices into Ray's object store, the
+                   driver's own copy dropped (as run_job does; the stages after read the store's)
   search           `tune.search.search` (MLflow parent run opened first, as run_job does)
   finalize         `tune.finalize.finalize`, with its parts below it: retrain (the ensemble's
                    extra member), fit_trust (validation predictions, calibration, domain), of it
@@ -248,6 +250,7 @@ def profile_size(n: int, csv: Path, queries: Path, root: Path, ensemble: int) ->
     from tune.config import CONFIG_FILE, dump_config
     from tune.job import refuse_finished
     from tune.search import Rounds, init_ray, search
+    from tune.shared import share_matrices
 
     result = SizeResult(n)
     job = job_for(csv, root, n, ensemble)
@@ -276,6 +279,9 @@ def profile_size(n: int, csv: Path, queries: Path, root: Path, ensemble: int) ->
         job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))
         with stage(result, "ray start"):
             init_ray(job)
+        del features  # from here on, as in a job, the driver holds the store's copy alone
+        with stage(result, "share"):
+            data = share_matrices(data)
         parent = tracking.start_job_run(
             uri, job.tracking.experiment_name, job.name, job.to_dict(), resume=False
         )
@@ -313,7 +319,7 @@ def profile_size(n: int, csv: Path, queries: Path, root: Path, ensemble: int) ->
             if status != "FINISHED":
                 tracking.finish_job_run(uri, parent, status)
             ray.shutdown()
-        del data, features, table
+        del data, table
         model = f"models:/{registration.name}/{registration.version}"
         bare = _without_domain(final.checkpoint, uri, parent, root)
         for name, uri_of_model in (("predict +domain", model), ("predict -domain", bare)):

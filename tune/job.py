@@ -5,6 +5,7 @@
     claim_job(job, table)                    # the record claimed (other data: refused)
     refuse_finished(job)                     # nothing left to continue: refused
     data = prepare_data(job, table=table)    # features (cached) -> split
+    data = share_matrices(data)              # one copy in Ray's store: the driver's and trials'
     outcome = search(job, data, parent)      # Ray Tune trials chosen by the Optuna study
     final = finalize(job, data, best)        # retrain seeds / ensemble, score the test split once
     registration = record(job, data, ...)    # MLflow summary, plots, registered model
@@ -40,6 +41,7 @@ from tune.search import (
     resume_command,
     search,
 )
+from tune.shared import share_matrices
 
 
 @dataclass
@@ -109,6 +111,9 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
         stops.route_sigterm()  # ray.init replaced the SIGTERM handler
     data = prepare_data(job, progress=progress, table=molecules)  # ... featurize and split
     job.storage.write_text(job.name, CONFIG_FILE, text=dump_config(job))
+    init_ray(job)  # (joined already on a cluster)
+    stops.route_sigterm()
+    data = share_matrices(data)  # one copy of the matrices for the driver and every trial
     parent = tracking.start_job_run(
         job.tracking_uri,
         job.tracking.experiment_name,

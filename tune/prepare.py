@@ -18,6 +18,7 @@ import csv
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,9 @@ class PreparedData:
     split: Split
     # search.folds > 1: the rows outside split.test (split.train + split.valid) in k folds
     folds: Folds | None = None
+    # Ray's object reference to (fingerprint, descriptors) once `tune.shared.share_matrices`
+    # moved them into the object store (features then read that copy); None before
+    matrices: Any = None
 
 
 def load_job_table(job: JobConfig) -> MoleculeTable:

@@ -37,6 +37,7 @@ from tune.faults import ErrorBudget, PendingWatch, RetryPolicy
 from tune.interrupt import StopSignals
 from tune.prepare import PreparedData
 from tune.resources import TrialShape, gpu_fraction, local_request_problem
+from tune.shared import without_matrices
 from tune.space import build_space
 from tune.study import METRIC, MODE
 from tune.trainable import TrialData, train_trial
@@ -433,8 +434,9 @@ def _trial_data(
     faults: FaultPlan | None,
     finished: Mapping[str, float] | None = None,
 ) -> TrialData:
+    shared = data.matrices is not None  # the matrices travel as their reference
     return TrialData(
-        features=data.features,
+        features=without_matrices(data.features) if shared else data.features,
         labels=data.labels,
         split=data.split,
         tasks=data.table.tasks,
@@ -445,6 +447,7 @@ def _trial_data(
         hooks=(faults,) if faults else (),
         finished=dict(finished or {}),
         folds=data.folds,
+        matrices=data.matrices,
     )
 
 

@@ -40,6 +40,7 @@ from toxmodel.split import Split
 from toxmodel.train import EpochResult, TrainConfig, fit, load_train_state, save_train_state
 from tune import outage, settings
 from tune.bridge import PROGRESS_FILE
+from tune.shared import with_matrices
 from tune.space import to_run_configs
 
 CHECKPOINT_FILE = "model.pt"
@@ -87,6 +88,9 @@ class TrialData:
     # again (it reports its last epoch, or the study's value, so Tune can complete it).
     finished: Mapping[str, float] = field(default_factory=dict)
     folds: Folds | None = None  # search.folds > 1: train and score on these k folds
+    # The matrices' object reference when the driver shared them (`tune.shared`): `features`
+    # then holds zero-row matrices and `shared_features` maps the node's copy
+    matrices: Any = None
 
     def __post_init__(self) -> None:
         # A trial trains on the matrices alone. The molecule keys (one Python string per row)
@@ -94,6 +98,12 @@ class TrialData:
         # strings per trial at 10^6 molecules), unlike the arrays, which stay in shared memory.
         if self.features.canonical is not None or self.features.invalid:
             self.features = replace(self.features, canonical=None, invalid=[])
+
+    def shared_features(self) -> Features:
+        """The features with their matrices: read in place from the object store when shared."""
+        if self.matrices is None:
+            return self.features
+        return with_matrices(self.features, self.matrices)
 
 
 def trial_device() -> tuple[str, str, float]:
@@ -208,7 +218,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         return False
 
     fit(
-        data.features,
+        data.shared_features(),
         data.labels,
         data.split,
         data.tasks,
@@ -366,7 +376,7 @@ def _train_folds(
             hook.on_epoch(index, first, trial_id)
 
     fit_folds(
-        data.features,
+        data.shared_features(),
         data.labels,
         data.folds,
         data.tasks,
