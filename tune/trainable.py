@@ -1,6 +1,7 @@
 """The Ray Tune trainable: one trial trains one `toxmodel` MLP in one process (reused by the next).
 
-The featurized data arrives once through Ray's object store (`tune.with_parameters`); a trial
+The featurized data arrives once through Ray's object store (`tune.with_parameters`; in a job
+the matrices themselves travel as the reference the driver shared, `tune.shared`); a trial
 never reads the CSV or runs RDKit. Its arrays are read-only views of the node's shared store,
 and training reads them in place (`toxmodel.train`), so trials on one node share one copy of
 the feature matrix; only the molecules' matrices travel (see `TrialData`).
