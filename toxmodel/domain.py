@@ -467,7 +467,11 @@ class _Search:
 
     @classmethod
     def by_count(cls, matrix: sp.csr_matrix) -> _Search:
+        """The rows sorted by bit count: `matrix` itself when they are already (a domain fitted
+        today stores them so), else a sorted copy."""
         counts = _row_counts(matrix)
+        if np.all(counts[1:] >= counts[:-1]):
+            return cls(matrix, counts)
         order = np.argsort(counts, kind="stable")
         return cls(matrix[order], counts[order])
 
@@ -538,7 +542,7 @@ class Domain:
     """The training set's Morgan bits (packed), the in-domain threshold and, for a large
     training set, the partitions the clustered search probes."""
 
-    train_packed: np.ndarray  # uint8 (n_train, ceil(n_bits / 8)), duplicates removed
+    train_packed: np.ndarray  # uint8 (n_train, ceil(n_bits / 8)), distinct, by bit count
     n_bits: int
     threshold: float  # in_domain = nn_similarity >= threshold
     percentile: float = DOMAIN_PERCENTILE  # how the threshold was chosen
@@ -790,7 +794,12 @@ def fit_domain(
         raise ValueError("the applicability domain needs at least one training molecule")
     valid = np.asarray(valid_fingerprint)
     morgan_bits(valid[:0], n_bits)  # the shape check alone
-    domain = Domain(np.unique(packed, axis=0), n_bits, threshold=0.0, percentile=percentile)
+    distinct = np.unique(packed, axis=0)
+    del packed
+    # sorted by bit count, so the exact search scans these rows themselves (no sorted copy)
+    by_count = np.argsort(np.bitwise_count(distinct).sum(axis=1, dtype=np.int64), kind="stable")
+    domain = Domain(distinct[by_count], n_bits, threshold=0.0, percentile=percentile)
+    del distinct
     n = domain.n_train
     if search == "clustered" or (search == "auto" and n > EXACT_MAX_TRAIN):
         if n_probe < 1 or n_partitions < 1 or n_probe_low < 0:

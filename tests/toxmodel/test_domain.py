@@ -484,3 +484,20 @@ def test_building_the_sparse_bits_never_holds_the_rows_unpacked_or_two_matrices(
     size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
     assert size < 20_000 * 1024 / 4  # the whole rows unpacked would be far above the bound
     assert peak < 1.5 * size + 4 * rows * 1024, (peak, size)
+
+
+def test_a_fitted_domain_keeps_its_rows_by_bit_count_and_the_exact_search_no_second_copy() -> None:
+    """The exact search scans rows sorted by bit count; a domain fitted today stores them so,
+    and the search uses the domain's own rows (at 10^6 molecules a sorted copy was 0.3 GB).
+    A domain saved with its rows in another order still answers exactly, from a sorted copy."""
+    train, query = ecfp_like(800, 256, seed=31), ecfp_like(120, 256, seed=32)
+    domain = fit_domain(train, query[:0], 256, search="exact")
+    counts = np.bitwise_count(domain.train_packed).sum(axis=1)
+    assert np.all(np.diff(counts) >= 0) and counts[0] < counts[-1]
+    assert domain._exact.rows is domain._rows
+    np.testing.assert_array_equal(domain.similarity(query), brute_force(query, train))
+    shuffled = Domain.from_blob(
+        {**domain.to_blob(), "train_bits": domain.train_packed[::-1].copy()}
+    )
+    assert shuffled._exact.rows is not shuffled._rows
+    np.testing.assert_array_equal(shuffled.similarity(query), brute_force(query, train))
