@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +85,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
+
+from toxmodel.cpus import available_cpus
 
 DOMAIN_PERCENTILE = 10.0  # threshold = this percentile of validation NN similarity to train
 TILE_QUERIES = 128  # queries per tile of the similarity kernel
@@ -265,9 +266,7 @@ def _threads(workers: int | None) -> int:
         if workers < 1:
             raise ValueError(f"workers must be >= 1 or None, got {workers}")
         return workers
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    return available_cpus()
 
 
 def _by_blocks(fn: Callable[[B], R], blocks: list[B], threads: int) -> list[R]:

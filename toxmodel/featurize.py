@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from toxmodel.cpus import available_cpus
+
 log = logging.getLogger(__name__)
 
 MAX_SMILES_LENGTH = 1000  # longer inputs are refused: nothing in Tox21/ToxCast comes close (~350)
@@ -314,12 +316,6 @@ class FeatureChunk:
     canonical: list[str]  # molecule key per valid row
 
 
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 def _per_molecule_cost(config: FeaturizerConfig) -> float:
     cost = _COST_BASE
     cost += _COST_MACCS if config.maccs else 0.0
@@ -336,7 +332,7 @@ def _resolve_jobs(n_jobs: int | None, n: int, config: FeaturizerConfig) -> int:
         return max(1, min(n_jobs, n))
     if n * _per_molecule_cost(config) < _POOL_MIN_SECONDS:
         return 1
-    return max(1, min(_available_cpus(), n))
+    return max(1, min(available_cpus(), n))
 
 
 def _chunk_size(n: int, workers: int) -> int:

@@ -379,6 +379,29 @@ def test_calibration_and_domain_travel_in_a_weights_only_checkpoint(
     assert calibrated["in_domain"][2] is np.False_
 
 
+def test_predict_n_jobs_sets_the_domain_search_threads(
+    with_descriptors: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predict(n_jobs=...)` is how a caller bounds the CPUs prediction takes: the domain's
+    search gets the same count (None: every CPU), and the answer does not change with it."""
+    first = with_descriptors.result
+    fp = with_descriptors.features.fingerprint
+    domain = fit_domain(fp[:30], fp[30:], first.featurizer.n_bits)
+    predictor = replace(first.predictor(), domain=domain)
+    seen: list[int | None] = []
+    real = Domain.similarity
+
+    def spy(self: Domain, fingerprint: np.ndarray, *args: Any, **kw: Any) -> np.ndarray:
+        seen.append(kw.get("workers"))
+        return real(self, fingerprint, *args, **kw)
+
+    monkeypatch.setattr(Domain, "similarity", spy)
+    want = predictor.predict(SMILES[:4])
+    for n_jobs in (1, 2):
+        pd.testing.assert_frame_equal(predictor.predict(SMILES[:4], n_jobs=n_jobs), want)
+    assert seen == [None, 1, 2]
+
+
 def test_checkpoint_without_trust_fields_still_loads_and_predicts(
     bits_only: Trained, tmp_path: Path
 ) -> None:
