@@ -25,6 +25,8 @@ frequencies with a long tail (a few bits in most molecules), classes of related 
 series of analogues (a parent with bits dropped and added); at N = 20,000 it gives 25 +- 10 on
 bits of 1024 and a validation 10th percentile NN similarity near 0.37 (Tox21's 1024-bit ECFP4:
 30 +- 16 bits, 0.34). `random` is independent bits at 4 % (the issue's first figures).
+`--set CSV`: real molecules instead (a random draw of the file's valid rows, e.g.
+`benchmarks/synthetic.py`'s set; their Morgan bits by the featurizer, cached in the temp folder).
 
 Timed: `fit` = `fit_domain` (pack, deduplicate, index when clustered, validation NN
 similarity, threshold); `query` = `Domain.similarity` of the query rows. `old` and the exact
@@ -56,6 +58,7 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +122,23 @@ def random_bits(n: int, n_bits: int, seed: int) -> np.ndarray:
         stop = min(n, start + 50_000)
         out[start:stop] = rng.random((stop - start, n_bits), dtype=np.float32) < 0.04
     return out
+
+
+def molecule_bits(path: Path, n: int, n_bits: int) -> np.ndarray:
+    """Morgan bits (the featurizer's, `n_bits`) of `n` molecules of the CSV at `path` drawn at
+    random (seeded) from its valid rows, in random order: a random split of real molecules."""
+    import pandas as pd
+
+    from toxmodel.featurize import FeaturizerConfig, featurize_cached, smiles_digest
+
+    smiles = pd.read_csv(path, usecols=["smiles"])["smiles"].astype(str).tolist()
+    config = FeaturizerConfig(n_bits=n_bits, maccs=False, descriptors=False)
+    cache = Path(tempfile.gettempdir()) / "toxtune-domain-scale-cache"
+    features = featurize_cached(smiles, config, cache, smiles_digest(smiles))
+    if len(features) < n:
+        raise SystemExit(f"{path} has {len(features):,} valid molecules, {n:,} needed")
+    rows = np.random.default_rng(SEED).choice(len(features), size=n, replace=False)
+    return morgan_bits(features.fingerprint[rows], n_bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +214,12 @@ def index_mb(domain: Domain) -> float:
 
 
 def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> dict[str, Any]:
-    make = ecfp_like if args.fingerprints == "ecfp-like" else random_bits
     n_valid = n // 10
-    bits = make(n + n_valid + args.queries, args.bits, SEED + n)
+    if args.set:
+        bits = molecule_bits(Path(args.set), n + n_valid + args.queries, args.bits)
+    else:
+        make = ecfp_like if args.fingerprints == "ecfp-like" else random_bits
+        bits = make(n + n_valid + args.queries, args.bits, SEED + n)
     train, valid, query = bits[:n], bits[n : n + n_valid], bits[n + n_valid :]
     print(f"\nN = {n:,} training rows, {n_valid:,} validation, {len(query):,} queries", flush=True)
     row: dict[str, Any] = {"n": n}
@@ -366,6 +389,11 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=1024)
     parser.add_argument("--fingerprints", choices=["ecfp-like", "random"], default="ecfp-like")
     parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument(
+        "--set",
+        help="a CSV of molecules (a `smiles` column, e.g. benchmarks/synthetic.py's): their "
+        "Morgan bits instead of --fingerprints (featurized once, cached in the temp folder)",
+    )
     parser.add_argument("--old-fit-max", type=int, default=200_000)
     parser.add_argument("--old-query-max", type=int, default=200_000)
     parser.add_argument("--exact-fit-max", type=int, default=200_000)
@@ -376,7 +404,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(
-        f"load average at start: {os.getloadavg()[0]:.2f}; {args.fingerprints} fingerprints of "
+        f"load average at start: {os.getloadavg()[0]:.2f}; {args.set or args.fingerprints} bits of "
         f"{args.bits} bits, seed {SEED}"
     )
     methods = [
