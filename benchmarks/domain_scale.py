@@ -14,7 +14,7 @@ threshold)` = partitions, then the threshold by the clustered search on every va
 by the exact search (flags exact by construction).
 
     python benchmarks/domain_scale.py [--sizes 20000 200000 1000000] [--bits 1024]
-        [--fingerprints ecfp-like|random] [--queries 10000] [--old-fit-max 200000]
+        [--fingerprints ecfp-like|random | --set CSV] [--queries 10000] [--old-fit-max 200000]
         [--old-query-max 200000] [--exact-fit-max 200000] [--predict]
         [--data ../shared/data/tox21.csv]
 
