@@ -11,6 +11,9 @@ side by side through:
 
 - `bare`: Ray Tune alone, the same trials, no callbacks, Ray's defaults (snapshot period
   "auto", every checkpoint kept), results in a local folder;
+- `bare-s3`: the same bare Tune with its results (snapshots and checkpoints) in the team
+  stack's S3 bucket: what the object store costs Tune alone on this machine, so that the team
+  stack's ratio to it is the cost of toxtune's bookkeeping rather than of the bucket;
 - `embedded`: toxtune's real bookkeeping (`tune.search.build_tuner` and `driver_callbacks`: the
   Optuna study as searcher, the MLflow trial callback, retries, error budget, checkpoint
   re-pointing, toxtune's Tune settings) with a local results folder, MLflow and the study in
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toxmodel.sources import TOX21_TASKS
 
-STACKS = ("bare", "embedded", "team")
+STACKS = ("bare", "bare-s3", "embedded", "team")
 BUCKET = "toxtune-driver-bench"
 
 
@@ -244,7 +247,8 @@ def ray_as_shipped() -> Iterator[None]:
 SHIPPED: tuple[Any, Any] = (None, None)  # set in main(), before anything is patched
 
 
-def run_bare(cell: Cell, root: Path, epochs: int, run_s: float, every: int) -> Cell:
+def run_bare(cell: Cell, storage: str, epochs: int, run_s: float, every: int) -> Cell:
+    """Bare Ray Tune: the same trials, no callbacks, results under `storage` (folder or URI)."""
     from ray import tune as ray_tune
 
     from tune import settings
@@ -265,7 +269,7 @@ def run_bare(cell: Cell, root: Path, epochs: int, run_s: float, every: int) -> C
             time_budget_s=run_s,
         ),
         run_config=ray_tune.RunConfig(
-            name=f"bare-{cell.in_flight}-{cell.epoch_s}", storage_path=str(root), verbose=1
+            name=f"{cell.stack}-{cell.in_flight}-{cell.epoch_s}", storage_path=storage, verbose=1
         ),
     )
     cpu, t = CpuSampler(), time.monotonic()
@@ -403,17 +407,19 @@ def table(cells: list[Cell], gpu_epoch_s: float) -> str:
     per_gpu = 16 / gpu_epoch_s
     head = (
         f"{'stack':<9}{'flight':>7}{'reached':>8}{'ramp s':>7}{'epoch s':>8}{'ideal/s':>8}"
-        f"{'res/s':>7}{'x bare':>7}{'CPU s/1k':>9}{'slow med':>9}{'slow max':>9}"
+        f"{'res/s':>7}{'x bare':>7}{'x b-s3':>7}{'CPU s/1k':>9}{'slow med':>9}{'slow max':>9}"
         f"{'GPUs':>6}{'GPUs cpu':>9}{'results':>8}{'wall s':>7}  lost"
     )
     lines = [head]
     bare = {(c.in_flight, c.epoch_s): c.rate for c in cells if c.stack == "bare"}
+    bare_s3 = {(c.in_flight, c.epoch_s): c.rate for c in cells if c.stack == "bare-s3"}
     for c in cells:
         ratio = c.rate / bare.get((c.in_flight, c.epoch_s), float("nan"))
+        ratio_s3 = c.rate / bare_s3.get((c.in_flight, c.epoch_s), float("nan"))
         by_cpu = 1000 / c.cpu_ms_per_result / per_gpu if c.cpu_ms_per_result else float("nan")
         lines.append(
             f"{c.stack:<9}{c.in_flight:>7}{c.reached:>8}{c.ramp_s:>7.0f}{c.epoch_s:>8.2f}"
-            f"{c.ideal:>8.0f}{c.rate:>7.1f}{ratio:>7.2f}{c.cpu_ms_per_result:>9.1f}"
+            f"{c.ideal:>8.0f}{c.rate:>7.1f}{ratio:>7.2f}{ratio_s3:>7.2f}{c.cpu_ms_per_result:>9.1f}"
             f"{c.slowdown_median:>9.2f}{c.slowdown_max:>9.2f}{c.rate / per_gpu:>6.1f}"
             f"{by_cpu:>9.1f}{c.results:>8}{c.wall_s:>7.0f}  {c.lost or '-'}"
         )
@@ -454,7 +460,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="toxtune-driver-bench-") as tmp:
         root = Path(tmp)
         with contextlib.ExitStack() as stack:
-            team = stack.enter_context(team_stack(root)) if "team" in args.stacks else None
+            on_team = {"team", "bare-s3"} & set(args.stacks)
+            team = stack.enter_context(team_stack(root)) if on_team else None
             for n in args.in_flight:
                 for epoch_s in args.epoch_s:
                     run_s = args.run_s or 30 + 1.5 * n
@@ -462,7 +469,11 @@ def main() -> None:
                     for name in args.stacks:
                         cell = Cell(name, n, epoch_s)
                         if name == "bare":
-                            run_bare(cell, root / "bare", epochs, run_s, args.checkpoint_every)
+                            run_bare(cell, str(root / "bare"), epochs, run_s, args.checkpoint_every)
+                        elif name == "bare-s3":
+                            assert team is not None
+                            bare_uri = team[0].rsplit("/", 1)[0] + "/bare"
+                            run_bare(cell, bare_uri, epochs, run_s, args.checkpoint_every)
                         elif name == "embedded":
                             folder = str(root / f"emb-{n}-{epoch_s}")
                             run_toxtune(
