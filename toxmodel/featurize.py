@@ -383,21 +383,26 @@ def _collect(chunks: Iterable[FeatureChunk], bar: Any) -> list[FeatureChunk]:
 def assemble(results: Sequence[FeatureChunk], config: FeaturizerConfig) -> Features:
     """Join chunks, given in input order, into one `Features`: the bit blocks unpacked into one
     uint8 matrix, invalid rows and molecule keys in row order. Chunks made by `featurize_chunk`
-    over consecutive slices assemble to exactly what `featurize` returns for the whole list."""
+    over consecutive slices assemble to exactly what `featurize` returns for the whole list.
+
+    Each chunk is unpacked into its own rows of the matrix, so the peak is the matrix and one
+    chunk, not two matrices (at 10^6 molecules and 1,024 bits, 1 GB less)."""
     n_valid = sum(len(r.valid_rows) for r in results)
-    fingerprint = np.zeros((n_valid, fingerprint_width(config)), np.uint8)
+    fingerprint = np.empty((n_valid, fingerprint_width(config)), np.uint8)
     n_desc = len(descriptor_names()) if config.descriptors else 0
     descriptors = np.zeros((0, n_desc), np.float32)
     valid_rows = np.zeros(0, np.int64)
     if results:
-        morgan = np.concatenate([r.morgan for r in results], axis=0)
-        if config.counts:
-            fingerprint[:, : config.n_bits] = morgan
-        else:
-            fingerprint[:, : config.n_bits] = _unpack(morgan, config.n_bits)
-        if config.maccs:
-            maccs = np.concatenate([r.maccs for r in results], axis=0)
-            fingerprint[:, config.n_bits :] = _unpack(maccs, MACCS_BITS)
+        start = 0
+        for r in results:  # each chunk straight into its rows: no second matrix-sized array
+            rows = slice(start, start + len(r.valid_rows))
+            if config.counts:
+                fingerprint[rows, : config.n_bits] = r.morgan
+            else:
+                fingerprint[rows, : config.n_bits] = _unpack(r.morgan, config.n_bits)
+            if config.maccs:
+                fingerprint[rows, config.n_bits :] = _unpack(r.maccs, MACCS_BITS)
+            start = rows.stop
         descriptors = np.concatenate([r.descriptors for r in results], axis=0)
         valid_rows = np.concatenate([r.valid_rows for r in results]).astype(np.int64)
     invalid = [item for r in results for item in r.invalid]

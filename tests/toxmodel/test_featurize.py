@@ -6,6 +6,7 @@ import csv
 import itertools
 import logging
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from toxmodel.featurize import (
     MACCS_BITS,
     MAX_SMILES_LENGTH,
     DescriptorScaler,
+    FeatureChunk,
     Features,
     FeaturizerConfig,
     InvalidSmiles,
@@ -32,6 +34,7 @@ from toxmodel.featurize import (
     featurize,
     featurize_cached,
     featurize_chunk,
+    fingerprint_width,
     write_invalid_report,
 )
 
@@ -189,6 +192,51 @@ def test_chunks_of_any_size_assemble_to_the_whole(tiny_smiles: list[str]) -> Non
     np.testing.assert_array_equal(got.valid_rows, whole.valid_rows)
     assert got.invalid == whole.invalid and whole.invalid  # invalid rows in several chunks
     assert got.canonical == whole.canonical
+
+
+@pytest.mark.parametrize(
+    ("counts", "maccs"),
+    [(False, False), (False, True), (True, False)],
+    ids=["bits", "maccs", "counts"],
+)
+def test_assembling_chunks_holds_one_matrix_not_two(counts: bool, maccs: bool) -> None:
+    """At 10^6 molecules the matrix is a gigabyte: joining the workers' packed chunks must not
+    build a second matrix-sized array on the way (numpy's allocations are seen by tracemalloc)."""
+    config = FeaturizerConfig(n_bits=1024, counts=counts, maccs=maccs)
+    rng = np.random.default_rng(0)
+    chunks, start = [], 0
+    for size in [400] * 100 + [123]:
+        bits = rng.random((size, 1024)) < 0.05
+        morgan = bits.astype(np.uint8) * 3 if counts else np.packbits(bits, 1, bitorder="little")
+        maccs_bits = np.packbits(rng.random((size, MACCS_BITS)) < 0.2, 1, bitorder="little")
+        chunks.append(
+            FeatureChunk(
+                np.arange(start, start + size),
+                morgan,
+                maccs_bits if maccs else np.zeros((size, 0), np.uint8),
+                np.zeros((size, 0), np.float32),
+                [],
+                [f"C{i}" for i in range(start, start + size)],
+            )
+        )
+        start += size
+    tracemalloc.start()
+    try:
+        got = assemble(chunks, config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    matrix = got.fingerprint.nbytes
+    assert peak < 1.3 * matrix, f"peak {peak / 1e6:.1f} MB for a {matrix / 1e6:.1f} MB matrix"
+    whole = np.concatenate([c.morgan for c in chunks])
+    want = whole if counts else np.unpackbits(whole, 1, count=1024, bitorder="little")
+    np.testing.assert_array_equal(got.fingerprint[:, :1024], want)
+    if maccs:
+        packed = np.concatenate([c.maccs for c in chunks])
+        np.testing.assert_array_equal(
+            got.fingerprint[:, 1024:], np.unpackbits(packed, 1, count=MACCS_BITS, bitorder="little")
+        )
+    assert got.fingerprint.shape == (start, fingerprint_width(config))
 
 
 def test_small_input_stays_in_process(
