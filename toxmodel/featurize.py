@@ -9,9 +9,11 @@ import logging
 import math
 import multiprocessing
 import os
+import struct
 import sys
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -253,16 +255,21 @@ def featurize_cached(
     content_hash: str,
     n_jobs: int | None = None,
     progress: bool = False,
+    mapped: bool = False,
 ) -> Features:
     """`featurize()` memoized on disk as cache_dir/features/{hash[:16]}-{config.key()}.npz.
 
     The file is uncompressed (a hit is one read) and written atomically. It also stores a digest
     of the SMILES list, so a stale or mismatched file is recomputed rather than trusted.
+
+    `mapped`: a hit maps the two matrices read-only from the file instead of reading them, so
+    their pages are read only if touched: for callers that need the rows, keys and widths but
+    not the features themselves (`toxtune data`'s summary; 2 GB at 10^6 molecules).
     """
     items = list(smiles)
     path = feature_cache_path(cache_dir, content_hash, config)
     digest = smiles_digest(items)
-    cached = _read_cache(path, config, digest)
+    cached = _read_cache(path, config, digest, mapped)
     if cached is not None:
         log.debug("feature cache hit: %s", path)
         return cached
@@ -645,8 +652,11 @@ def smiles_digest(smiles: Sequence[Any]) -> str:
     return hasher.hexdigest()
 
 
-def _read_cache(path: Path, config: FeaturizerConfig, digest: str) -> Features | None:
-    """The cached features, or None when the file is absent, stale or unreadable."""
+def _read_cache(
+    path: Path, config: FeaturizerConfig, digest: str, mapped: bool = False
+) -> Features | None:
+    """The cached features, or None when the file is absent, stale or unreadable; `mapped`:
+    the matrices as read-only memory maps of the file (`_mapped_member`)."""
     if not path.is_file():
         return None
     try:
@@ -660,9 +670,12 @@ def _read_cache(path: Path, config: FeaturizerConfig, digest: str) -> Features |
                 log.info("feature cache %s does not match these inputs; recomputing", path)
                 return None
             invalid = [InvalidSmiles(int(r), s, why) for r, s, why in meta["invalid"]]
+            matrices = {
+                name: _mapped_member(path, name) if mapped else data[name]
+                for name in ("fingerprint", "descriptors")
+            }
             return Features(
-                fingerprint=data["fingerprint"],
-                descriptors=data["descriptors"],
+                **matrices,
                 valid_rows=data["valid_rows"].astype(np.int64, copy=False),
                 invalid=invalid,
                 config=config,
@@ -671,6 +684,39 @@ def _read_cache(path: Path, config: FeaturizerConfig, digest: str) -> Features |
     except Exception as exc:
         log.warning("feature cache %s is unreadable (%s); recomputing", path, exc)
         return None
+
+
+def _mapped_member(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an uncompressed .npz (what `_write_cache` writes), as a read-only memory
+    map of the file: the zip entry's local header gives where its .npy starts, the .npy header
+    the array's dtype, shape and order."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{path}: {name} is compressed, it cannot be mapped")
+    with path.open("rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: no zip entry header at {info.header_offset}")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {name} holds Python objects")
+    if math.prod(shape) == 0:  # nothing to map (mmap refuses zero bytes)
+        empty = np.zeros(shape, dtype)
+        empty.flags.writeable = False
+        return empty
+    order = "F" if fortran else "C"
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
 
 
 def _write_cache(path: Path, features: Features, digest: str) -> None:

@@ -294,6 +294,10 @@ def test_fuzz_smiles_alphabet(text: str) -> None:
 # ---------------------------------------------------------------- the disk cache
 
 
+def _no_rdkit(task: object) -> None:
+    raise AssertionError("featurized again on a cache hit")
+
+
 def test_cache_hit_is_served_from_file(
     tiny_smiles: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -304,10 +308,7 @@ def test_cache_hit_is_served_from_file(
     assert path.is_file()
     assert not list(path.parent.glob("*.tmp"))
 
-    def no_rdkit(task: object) -> None:
-        raise AssertionError("featurized again on a cache hit")
-
-    monkeypatch.setattr(featurize_module, "_featurize_chunk", no_rdkit)
+    monkeypatch.setattr(featurize_module, "_featurize_chunk", _no_rdkit)
     hit = featurize_cached(tiny_smiles, config, tmp_path, "ab" * 32)
     np.testing.assert_array_equal(hit.fingerprint, cold.fingerprint)
     np.testing.assert_array_equal(hit.descriptors, cold.descriptors)  # NaNs compare equal here
@@ -315,6 +316,54 @@ def test_cache_hit_is_served_from_file(
     assert hit.invalid == cold.invalid and hit.config == config
     assert hit.canonical == cold.canonical and len(hit.canonical) == len(hit)
     assert hit.fingerprint.dtype == np.uint8 and hit.descriptors.dtype == np.float32
+
+
+def test_a_mapped_cache_hit_gives_the_same_features_read_only(
+    tiny_smiles: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = FeaturizerConfig(n_bits=256, maccs=True, descriptors=True)
+    cold = featurize_cached(tiny_smiles, config, tmp_path, "ad" * 32, n_jobs=1)
+    monkeypatch.setattr(featurize_module, "_featurize_chunk", _no_rdkit)
+    hit = featurize_cached(tiny_smiles, config, tmp_path, "ad" * 32, mapped=True)
+    assert isinstance(hit.fingerprint, np.memmap) and isinstance(hit.descriptors, np.memmap)
+    np.testing.assert_array_equal(hit.fingerprint, cold.fingerprint)
+    np.testing.assert_array_equal(hit.descriptors, cold.descriptors)
+    np.testing.assert_array_equal(hit.valid_rows, cold.valid_rows)
+    assert hit.invalid == cold.invalid and hit.canonical == cold.canonical
+    with pytest.raises(ValueError, match="read-only"):
+        hit.fingerprint[0, 0] = 1  # the cache file cannot be changed through it
+
+
+def test_a_mapped_cache_hit_does_not_load_the_matrix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`toxtune data` on a cached 10^6-row file needs the keys, not the 2 GB matrix."""
+    n, config = 20_000, FeaturizerConfig(n_bits=2048)
+    rng = np.random.default_rng(0)
+    made = Features(
+        (rng.random((n, 2048)) < 0.05).astype(np.uint8),
+        np.zeros((n, 0), np.float32),
+        np.arange(n),
+        [],
+        config,
+        [f"C{i}" for i in range(n)],
+    )
+    smiles = [f"C{i}" for i in range(n)]
+    monkeypatch.setattr(featurize_module, "featurize", lambda *args, **kwargs: made)
+    featurize_cached(smiles, config, tmp_path, "ae" * 32)
+    peaks = {}
+    for mapped in (False, True):
+        tracemalloc.start()
+        try:
+            hit = featurize_cached(smiles, config, tmp_path, "ae" * 32, mapped=mapped)
+            peaks[mapped] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert hit.fingerprint.shape == made.fingerprint.shape and hit.canonical == made.canonical
+    matrix = made.fingerprint.nbytes
+    assert peaks[False] > matrix  # what a plain read costs
+    assert peaks[True] < 0.2 * matrix, f"mapped read peak {peaks[True] / 1e6:.1f} MB"
+    np.testing.assert_array_equal(hit.fingerprint[::997], made.fingerprint[::997])
 
 
 def test_cache_keyed_by_config_and_inputs(tiny_smiles: list[str], tmp_path: Path) -> None:

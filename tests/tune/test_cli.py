@@ -47,6 +47,11 @@ def test_data_summary_lists_invalid_rows_and_label_balance(
     assert "not_a_smiles" in out
     assert "toxic" in out and "other" in out
     assert "not_a_smiles" in report.read_text()
+    written = report.read_text()
+    # Again, from the feature cache (its matrices mapped, not read): the same summary and report.
+    assert list((tmp_path / "cache" / "features").glob("*.npz"))
+    again = cli(capfd, "data", "--data", str(csv), "--invalid-report", str(report))
+    assert again[0] == 0 and again[1] == out and report.read_text() == written
 
 
 def test_data_shows_progress_and_prints_a_summary_that_does_not_grow_with_the_rows(

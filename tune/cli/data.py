@@ -21,7 +21,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     cache = default_cache_dir()
     table = load_table(args.data, args.smiles_column, args.targets, cache, progress=True)
     config = FeaturizerConfig(standardize=getattr(args, "standardize", False))
-    features = featurize_cached(table.smiles, config, cache, table.content_hash, progress=True)
+    # Mapped: the summary needs the rows, keys and widths, not the matrices (2 GB at 10^6 rows).
+    features = featurize_cached(
+        table.smiles, config, cache, table.content_hash, progress=True, mapped=True
+    )
     print(summarize(table, features))
     report = None
     if args.invalid_report:
