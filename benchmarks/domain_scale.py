@@ -3,8 +3,10 @@ the domain query for the brute-force search toxtune used before (`old`), the exa
 (`exact`: rows sorted by bit count, the Swamidass-Baldi bound, a sparse product per tile) and the
 clustered search (`clustered`), side by side in one run, and how far the clustered answer is
 from the exact one. `first-pass query`: the same clustered index without its second pass (the
-queries below the threshold searching `n_probe_low` clusters a partition); `6x3`: the clustered
-search before the second pass existed (6 partitions x 3 probes, one pass), fitted and queried.
+queries below the threshold searching `n_probe_low` clusters in each of `low_partitions`
+partitions); `4x32`: the same index with the second pass of before (32 clusters in each of the
+4 partitions); `6x3`: the clustered search before the second pass existed (6 partitions x 3
+probes, one pass), fitted and queried.
 
 Fits, before and now: `exact fit` = the exact search on every validation row (before);
 `sampled fit` = the exact search on at most `VALID_SAMPLE` of them (now); `clustered fit (old
@@ -286,6 +288,12 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
     clustered.n_probe_low = n_probe_low
     times["first-pass query"].append((n, seconds))
     row["first-pass query"] = seconds
+    now = (clustered.n_probe_low, clustered.low_partitions)
+    clustered.n_probe_low, clustered.low_partitions = 32, 0  # the same index, 4 x 32
+    seconds, wide_sims = timed(lambda: clustered.similarity(query))
+    clustered.n_probe_low, clustered.low_partitions = now
+    times["4x32 query (before)"].append((n, seconds))
+    row["4x32 query (before)"] = seconds
     # before the second pass: 6 partitions x 3 probes, one pass
     seconds, before = timed(
         lambda: fit_domain(
@@ -320,6 +328,7 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
             "flags: clustered (old)": agree(clustered_old.in_domain(sims)),
             "flags: clustered, sampled threshold": agree(clustered.in_domain(sims)),
             "flags: first pass alone": agree(clustered.in_domain(first_sims)),
+            "flags: 4x32 second pass (before)": agree(clustered.in_domain(wide_sims)),
             "flags: 6x3, one pass (before)": agree(before.in_domain(before_sims)),
             "second pass": f"{np.mean(first_sims < clustered.threshold):.3f}",
             "flags: certified": agree(clustered.in_domain(certified)),
@@ -327,6 +336,7 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
             "certified = exact at its threshold": f"{np.mean(certified_flags == own):.4f}",
             "re-checked": f"{np.mean(sims < clustered.threshold):.3f}",
             "nn error mean / max (clustered)": f"{error.mean():.4f} / {error.max():.3f}",
+            "nn error mean (4x32 before)": f"{(exact_sims - wide_sims).mean():.4f}",
             "nn error mean (6x3 before)": f"{(exact_sims - before_sims).mean():.4f}",
             "nn error mean / max (certified)": f"{cert_error.mean():.4f} / {cert_error.max():.3f}",
             "packed MB": f"{exact.train_packed.nbytes / 1e6:.1f}",
@@ -418,6 +428,7 @@ def main() -> None:
         "clustered query",
         "certified query",
         "first-pass query",
+        "4x32 query (before)",
         "6x3 fit (before)",
         "6x3 query (before)",
     ]

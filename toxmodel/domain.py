@@ -18,7 +18,8 @@ Storage: the distinct training fingerprints, bit-packed (`np.packbits`, 8 bits a
 they are a float32 CSR matrix of their on bits. |a & b| for a tile of training rows and queries
 is one sparse x dense product (exact integer sums), Tanimoto = |a & b| / (|a| + |b| - |a & b|)
 is compared in float32 and the maxima divided again in float64, so the answer equals RDKit's
-`BulkTanimotoSimilarity` bit for bit. Two empty fingerprints have similarity 0. (AND + popcount
+`BulkTanimotoSimilarity` bit for bit (up to FLOAT32_MAX_BITS bits two different ratios never
+round to one float32; wider fingerprints compare in float64). Two empty fingerprints have similarity 0. (AND + popcount
 on packed 64-bit words, numpy's `bitwise_count`, was measured 1.2x slower at 1024 bits and 2x at
 2048: it pays for every word, the product only for the on bits, 1.5-3 % of them for ECFP.)
 
@@ -45,12 +46,14 @@ Two searches, built when the domain is first queried:
   one; where all partitions missed the nearest neighbour it reads lower, so a flag can only be
   wrong one way: in domain called out. Hence a **second pass**: a query whose answer is below
   the threshold (the only flags that can be wrong) searches the members of its next most
-  similar clusters, up to `n_probe_low` a partition, if it is at most `LOW_BAND` below (a
-  query far from everything is out of domain whatever the first pass missed). Measured at
-  10^6 ECFP-like rows, 10^4 queries drawn like the validation rows (`benchmarks/domain_scale.py`,
-  RESULTS "The domain's second pass"): 4 partitions x 2 probes alone gave 91.4 % of the exact
-  flags, 6 x 3 (before the second pass) 96.2 %, 4 x 2 and then 32 probes for the 18 % below the
-  threshold 99.1 % (the exact search with the same sampled threshold: 99.65 %).
+  similar clusters, up to `n_probe_low` in each of the first `low_partitions` partitions, if it
+  is at most `LOW_BAND` below (a query far from everything is out of domain whatever the first
+  pass missed). Measured at 10^6 ECFP-like rows, 10^4 queries drawn like the validation rows
+  (`benchmarks/domain_scale.py`, RESULTS "The domain's second pass"): 4 partitions x 2 probes
+  alone gave 91.4 % of the exact flags, 6 x 3 (before the second pass) 96.2 %, 4 x 2 and then
+  32 probes in all 4 partitions for the 18 % below the threshold 99.1 % (the exact search with
+  the same sampled threshold: 99.65 %); 64 probes in 2 partitions (today) answer as well for
+  less (RESULTS "The second pass in two partitions").
   `certify` (`Domain.certify`, or per call) re-checks exactly the answers still below the
   threshold, starting from the clustered answer (Swamidass-Baldi pruning against it): the
   flags then equal the exact search's, at the cost of the exact search for those queries
@@ -102,12 +105,19 @@ N_PARTITIONS = 4  # clustered search: independent partitions of the training row
 N_PROBE = 2  # clustered search: clusters searched per query in each partition
 # clustered search: clusters searched per partition, in all, for a query whose first answer is
 # below the threshold (a flag that could be wrong); 0 or <= N_PROBE: no second pass
-N_PROBE_LOW = 32
+N_PROBE_LOW = 64
+# ... in this many partitions (the first ones; 0: all). The partitions cover the same rows near
+# a query, so depth in two pays more than the same clusters spread over four, and ranks half
+# the centres: at 10^6 rows 2 x 64 took 0.57-0.69x the time of 4 x 32 for the same flags
+# within 0.02 points (RESULTS "The second pass in two partitions").
+LOW_PARTITIONS = 2
 # ... and whose first answer is at most this far below the threshold: a query far from every
 # training molecule (its nearest neighbour far below the threshold) is out of domain whatever
 # the first pass missed, and would pay the second pass for nothing. At 10^6 ECFP-like rows the
 # first pass's wrongly low answers sat at most 0.18 below the threshold (99 % within 0.16).
 LOW_BAND = 0.2
+# `_best`: up to this many bits, ratios compared in float32 (exact: see there), else float64
+FLOAT32_MAX_BITS = 2048
 TOP_PASSES = 8  # `_top`: argmax passes up to this many, argpartition above
 SEARCHES = ("auto", "exact", "clustered")
 SPARSE_ROWS = 8192  # packed rows unpacked at once when the CSR matrix is built
@@ -167,6 +177,7 @@ def _pack_morgan(
 
 # on bits of every byte value: `_packed_counts` without numpy 2's `bitwise_count` (the project
 # supports numpy >= 1.24)
+_BIT_SHIFTS = np.arange(8, dtype=np.uint8)[None, :, None]  # `_transposed_packed`
 _BYTE_BITS = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
 
 
@@ -241,18 +252,38 @@ def _best_rows(
 def _best(
     ref: sp.csr_matrix, r_counts: np.ndarray, query_t: np.ndarray, q_counts: np.ndarray
 ) -> np.ndarray:
-    """`_best_rows` without the rows, for the small tiles of one cluster's members: every ratio
-    divided in float64 at once (the same correctly rounded quotient `_best_rows` takes for its
-    maximum), cheaper there than finding the float32 maxima first."""
-    inter = np.asarray(ref @ query_t, dtype=np.float64)
-    union = r_counts[:, None] + q_counts[None, :] - inter
+    """`_best_rows` without the rows, for the small tiles of one cluster's members.
+
+    Up to FLOAT32_MAX_BITS bits the ratios are compared in float32 and only each query's
+    largest is divided again in float64: two different Tanimoto fractions p/u (u <= n_bits)
+    differ by at least 1 / n_bits^2, more than twice float32's rounding error below 1, so the
+    float32 maximum is the exact maximum's fraction. Wider fingerprints divide every ratio in
+    float64. Either way the answer is the correctly rounded quotient `_best_rows` returns."""
+    inter = np.asarray(ref @ query_t)
+    if query_t.shape[0] > FLOAT32_MAX_BITS:
+        inter = inter.astype(np.float64)
+        union = r_counts[:, None] + q_counts[None, :] - inter
+        np.maximum(union, 1.0, out=union)
+        return np.divide(inter, union, out=union).max(axis=0)
+    union = r_counts.astype(np.float32)[:, None] + q_counts.astype(np.float32)[None, :]
+    union -= inter
     np.maximum(union, 1.0, out=union)
-    return np.divide(inter, union, out=inter).max(axis=0)
+    top = np.divide(inter, union, out=union).argmax(axis=0)
+    num = inter[top, np.arange(len(top))].astype(np.float64)
+    return num / np.maximum(r_counts[top] + q_counts - num, 1.0)
 
 
 def _transposed(query: np.ndarray) -> np.ndarray:
     """Boolean query rows (m, n_bits) -> float32 (n_bits, m), C-ordered (the product's input)."""
     return np.ascontiguousarray(query.T, dtype=np.float32)
+
+
+def _transposed_packed(packed: np.ndarray, n_bits: int) -> np.ndarray:
+    """`_transposed` of `pack_bits` rows (m, ceil(n_bits / 8)): the bytes are transposed and
+    then split into bits, 8x less data moved across the transpose than from booleans."""
+    columns = np.ascontiguousarray(packed.T)  # (n_bytes, m)
+    bits = (columns[:, None, :] >> _BIT_SHIFTS) & 1  # (n_bytes, 8, m), little-endian bits
+    return bits.reshape(-1, len(packed))[:n_bits].astype(np.float32)
 
 
 def _count_bound(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
@@ -409,9 +440,10 @@ def _clustered_nearest(
     cluster's members are gathered once, for all the queries that probe it)."""
     m = len(query)
     n_parts, n_clusters = index.centres.shape
-    n_probe = min(n_probe, n_clusters)
-    if m == 0 or skip >= n_probe:
+    if m == 0 or skip >= min(n_probe, n_clusters):  # nothing, or the first pass saw all
         return np.zeros(m)
+    if n_probe >= n_clusters:  # every cluster, the first pass's too: which they were is not
+        n_probe, skip = n_clusters, 0  # known here, and skipping by index would miss some
     queries_per_tile, rows = _tile_shape(chunk_pairs)
 
     def centres(part: slice) -> np.ndarray:
@@ -419,7 +451,7 @@ def _clustered_nearest(
         probes = np.empty((part.stop - part.start, n_parts, n_probe - skip), dtype=np.int64)
         for start in range(0, len(probes), queries_per_tile):
             tile = slice(part.start + start, min(part.stop, part.start + start + queries_per_tile))
-            query_t, q_counts = _transposed(query[tile]), counts_of[tile]
+            query_t, q_counts = _transposed_packed(packed[tile], n_bits), counts_of[tile]
             sims = np.empty((tile.stop - tile.start, n_parts * n_clusters), dtype=np.float32)
             for c0 in range(0, n_parts * n_clusters, rows):
                 c1 = min(c0 + rows, n_parts * n_clusters)
@@ -431,10 +463,11 @@ def _clustered_nearest(
             if n_probe < n_clusters:
                 probes[here] = _top(sims, n_probe)[..., skip:]
             else:
-                probes[here] = np.arange(skip, n_clusters)[None, None, :]
+                probes[here] = np.arange(n_clusters)[None, None, :]
         return probes
 
     counts_of = query.sum(axis=1, dtype=np.float64)
+    packed, n_bits = pack_bits(query), query.shape[1]
     probes = np.concatenate(_by_blocks(centres, _query_blocks(m, threads), threads))
     # then cluster by cluster, with the queries that probe it
     width = n_parts * (n_probe - skip)
@@ -455,9 +488,11 @@ def _clustered_nearest(
             for r0 in range(0, len(inside), rows):
                 ids = inside[r0 : r0 + rows]
                 ref, ref_counts = train[ids], counts[ids]
-                for q0 in range(0, len(who), queries_per_tile):
-                    qs = who[q0 : q0 + queries_per_tile]
-                    value = _best(ref, ref_counts, _transposed(query[qs]), counts_of[qs])
+                tile = max(queries_per_tile, chunk_pairs // len(ids))  # a small cluster: more
+                for q0 in range(0, len(who), tile):
+                    qs = who[q0 : q0 + tile]
+                    query_t = _transposed_packed(packed[qs], n_bits)
+                    value = _best(ref, ref_counts, query_t, counts_of[qs])
                     local[qs] = np.maximum(local[qs], value)
         return local
 
@@ -562,6 +597,7 @@ class Domain:
     centres: np.ndarray | None = None  # int64 (n_partitions, n_clusters)
     n_probe: int = 0  # clusters a query searches per partition
     n_probe_low: int = N_PROBE_LOW  # the same, in all, for an answer below the threshold
+    low_partitions: int = LOW_PARTITIONS  # ... in this many partitions (0: all)
     certify: bool = CERTIFY  # clustered: answers below the threshold re-checked exactly
 
     @property
@@ -586,6 +622,17 @@ class Domain:
         assert self.cluster_rows is not None and self.cluster_starts is not None
         assert self.centres is not None
         return _Clusters.of(self.cluster_rows, self.cluster_starts, self.centres, self._rows)
+
+    def _low_clusters(self) -> _Clusters:
+        """The partitions the second pass searches: the first `low_partitions` (0, or more
+        than there are: all). Not cached: it follows `low_partitions`, and costs a gather of
+        the centres' rows."""
+        clusters, parts = self._clusters, self.low_partitions
+        if parts == 0 or parts >= len(clusters.centres):
+            return clusters
+        return _Clusters.of(
+            clusters.rows[:parts], clusters.starts[:parts], clusters.centres[:parts], self._rows
+        )
 
     def similarity(
         self,
@@ -619,7 +666,7 @@ class Domain:
                 query[near],
                 rows,
                 counts,
-                clusters,
+                self._low_clusters(),
                 self.n_probe_low,
                 chunk_pairs,
                 threads,
@@ -652,6 +699,7 @@ class Domain:
             blob["centres"] = np.asarray(self.centres, dtype=np.int64)
             blob["n_probe"] = int(self.n_probe)
             blob["n_probe_low"] = int(self.n_probe_low)
+            blob["low_partitions"] = int(self.low_partitions)
         return blob
 
     @classmethod
@@ -665,14 +713,16 @@ class Domain:
                 f"got {packed.dtype} {tuple(packed.shape)}"
             )
         rows = starts = centres = None
-        n_probe, n_probe_low = 0, N_PROBE_LOW
+        n_probe, n_probe_low, low_partitions = 0, N_PROBE_LOW, LOW_PARTITIONS
         if blob.get("cluster_rows") is not None:
             rows = _array(blob["cluster_rows"]).astype(np.int32)
             starts = _array(blob["cluster_starts"]).astype(np.int64)
             centres = _array(blob["centres"]).astype(np.int64)
             n_probe = int(blob["n_probe"])
-            n_probe_low = int(blob.get("n_probe_low", N_PROBE_LOW))  # older: today's second pass
-            _check_clusters(rows, starts, centres, len(packed), n_probe)
+            if "n_probe_low" in blob:  # saved with its own second pass: over every partition
+                n_probe_low = int(blob["n_probe_low"])  # until low_partitions was saved too
+                low_partitions = int(blob.get("low_partitions", 0))
+            _check_clusters(rows, starts, centres, len(packed), n_probe, low_partitions)
         return cls(
             train_packed=packed,
             n_bits=n_bits,
@@ -684,6 +734,7 @@ class Domain:
             centres=centres,
             n_probe=n_probe,
             n_probe_low=n_probe_low,
+            low_partitions=low_partitions,
         )
 
 
@@ -692,7 +743,12 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _check_clusters(
-    rows: np.ndarray, starts: np.ndarray, centres: np.ndarray, n_train: int, n_probe: int
+    rows: np.ndarray,
+    starts: np.ndarray,
+    centres: np.ndarray,
+    n_train: int,
+    n_probe: int,
+    low_partitions: int = 0,
 ) -> None:
     """A clustered domain's partitions, or ValueError saying what is inconsistent."""
     parts, k = centres.shape if centres.ndim == 2 else (0, 0)
@@ -715,6 +771,8 @@ def _check_clusters(
             raise ValueError(f"domain clusters: a centre of partition {p} is not in its cluster")
     if n_probe < 1:
         raise ValueError(f"domain clusters: n_probe must be >= 1, got {n_probe}")
+    if low_partitions < 0:
+        raise ValueError(f"domain clusters: low_partitions must be >= 0, got {low_partitions}")
 
 
 def _partition(
@@ -763,6 +821,7 @@ def fit_domain(
     n_partitions: int = N_PARTITIONS,
     n_probe: int = N_PROBE,
     n_probe_low: int = N_PROBE_LOW,
+    low_partitions: int = LOW_PARTITIONS,
     n_clusters: int | None = None,
     seed: int = 0,
     valid_sample: int | None = VALID_SAMPLE,
@@ -775,9 +834,9 @@ def fit_domain(
 
     `search`: "exact", "clustered" (`n_partitions` partitions of `n_clusters` clusters each,
     default `ceil(CLUSTERS_PER_SQRT * sqrt(n_train))`, centres drawn with `seed`; a query
-    searches `n_probe` clusters per partition, and `n_probe_low` in all where its answer is
-    below the threshold) or "auto" (exact up to `EXACT_MAX_TRAIN` distinct training
-    fingerprints, clustered above).
+    searches `n_probe` clusters per partition, and `n_probe_low` in all in each of the first
+    `low_partitions` (0: all) where its answer is below the threshold) or "auto" (exact up
+    to `EXACT_MAX_TRAIN` distinct training fingerprints, clustered above).
 
     The threshold: the `percentile` of the validation rows' NN similarity, over at most
     `valid_sample` of them (drawn with `seed`; None: all), computed by the exact search
@@ -816,6 +875,8 @@ def fit_domain(
                 "n_probe and n_partitions must be >= 1, n_probe_low >= 0: "
                 f"{n_probe}, {n_partitions}, {n_probe_low}"
             )
+        if low_partitions < 0:
+            raise ValueError(f"low_partitions must be >= 0 (0: all), got {low_partitions}")
         k = n_clusters or math.ceil(CLUSTERS_PER_SQRT * math.sqrt(n))
         k = max(1, min(k, n))
         rows, rng = domain._rows, np.random.default_rng(seed)
@@ -827,6 +888,7 @@ def fit_domain(
             np.stack(arrays) for arrays in zip(*parts, strict=True)
         )
         domain.n_probe, domain.n_probe_low = int(n_probe), int(n_probe_low)
+        domain.low_partitions = int(low_partitions)
     if threshold_search not in THRESHOLD_SEARCHES:
         raise ValueError(
             f"threshold_search must be one of {THRESHOLD_SEARCHES}, got {threshold_search!r}"

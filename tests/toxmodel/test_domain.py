@@ -238,6 +238,58 @@ def test_clustered_search_never_exceeds_exact_and_probing_everything_is_exact() 
     assert np.mean(domain.similarity(train[:300]) == 1.0) > 0.99
 
 
+@pytest.mark.parametrize("n_bits", [100, 2048, 4096])
+def test_probing_every_cluster_is_exact_at_any_width(n_bits: int) -> None:
+    """The clustered search's kernels (queries transposed from packed bytes, ratios compared in
+    float32 up to FLOAT32_MAX_BITS bits, in float64 above) give brute force's answer bit for bit,
+    also for widths that are not whole bytes."""
+    train, query = ecfp_like(1500, n_bits, seed=21), ecfp_like(300, n_bits, seed=22)
+    query[:20] = train[:20]  # similarity 1
+    exact = brute_force(query, train)
+    domain = fit_domain(train, query[:0], n_bits, search="clustered", n_clusters=12, n_probe=12)
+    np.testing.assert_array_equal(domain.similarity(query), exact)
+
+
+@pytest.mark.parametrize("n_bits", [2048, 16384])
+def test_the_member_kernel_finds_the_exact_maximum_among_close_ratios(n_bits: int) -> None:
+    """Dense rows give Tanimoto fractions with denominators in the thousands, many of them a
+    few 1e-7 apart: the float32 comparison (2048 bits) must still find the largest, and wider
+    rows (compared in float64) too."""
+    rng = np.random.default_rng(n_bits)
+    ref = rng.random((400, n_bits)) < 0.45
+    query = rng.random((64, n_bits)) < 0.45
+    ref_counts, q_counts = ref.sum(1).astype(np.float64), query.sum(1).astype(np.float64)
+    got = domain_module._best(
+        sp.csr_matrix(ref, dtype=np.float32),
+        ref_counts,
+        domain_module._transposed_packed(pack_bits(query), n_bits),
+        q_counts,
+    )
+    np.testing.assert_array_equal(got, brute_force(query, ref))
+    inter = query.astype(np.int64) @ ref.T.astype(np.int64)
+    ratios = np.sort((inter / (q_counts[:, None] + ref_counts[None, :] - inter)).ravel())
+    assert np.min(np.diff(ratios)[np.diff(ratios) > 0]) < 1e-6  # close fractions were there
+
+
+def test_wide_rows_whose_ratios_round_alike_in_float32_still_give_the_larger() -> None:
+    """At 16,384 bits 3846/8551 and 3649/8113 are one float32: the wide rows are compared in
+    float64, so the second training row's larger similarity is the answer."""
+    n_bits = 16384
+    query = np.zeros((1, n_bits), bool)
+    query[0, :8000] = True
+    ref = np.zeros((2, n_bits), bool)
+    ref[0, :3846], ref[0, 8000:8551] = True, True  # 3846 / (8000 + 4397 - 3846)
+    ref[1, :3649], ref[1, 8000:8113] = True, True  # 3649 / (8000 + 3762 - 3649)
+    assert np.float32(3846 / 8551) == np.float32(3649 / 8113) and 3649 / 8113 > 3846 / 8551
+    got = domain_module._best(
+        sp.csr_matrix(ref, dtype=np.float32),
+        ref.sum(1).astype(np.float64),
+        domain_module._transposed_packed(pack_bits(query), n_bits),
+        query.sum(1).astype(np.float64),
+    )
+    assert got[0] == 3649 / 8113
+
+
 def test_the_clusters_a_query_probes_are_its_most_similar_centres() -> None:
     """`_top` gives the k largest per row, largest first, the lowest index among ties: what
     a stable descending sort gives."""
@@ -320,9 +372,18 @@ def test_clustered_domain_travels_in_a_weights_only_blob() -> None:
     assert again.n_probe == domain.n_probe and again.n_probe_low == domain.n_probe_low
     np.testing.assert_array_equal(again.similarity(valid), domain.similarity(valid))
     blob = domain.to_blob()
+    assert blob["low_partitions"] == domain_module.LOW_PARTITIONS == again.low_partitions
     # saved before the second pass existed: it gets today's second pass over the same index
-    older = Domain.from_blob({k: v for k, v in blob.items() if k != "n_probe_low"})
+    older = Domain.from_blob(
+        {k: v for k, v in blob.items() if k not in ("n_probe_low", "low_partitions")}
+    )
     assert older.n_probe_low == domain_module.N_PROBE_LOW
+    assert older.low_partitions == domain_module.LOW_PARTITIONS
+    # saved with a second pass over every partition: it keeps that pass
+    every = Domain.from_blob({k: v for k, v in blob.items() if k != "low_partitions"})
+    assert every.n_probe_low == domain.n_probe_low and every.low_partitions == 0
+    with pytest.raises(ValueError, match="low_partitions"):
+        Domain.from_blob({**blob, "low_partitions": -1})
     bad_starts = blob["cluster_starts"].copy()
     bad_starts[0, 1] = bad_starts[0, 0]  # an empty cluster
     with pytest.raises(ValueError, match="cluster"):
@@ -397,6 +458,30 @@ def test_answers_below_the_threshold_probe_further_and_only_they_change(
     np.testing.assert_array_equal(banded[near], exact[near])  # every cluster: exact
     with pytest.raises(ValueError, match="n_probe_low"):
         fit_domain(train, valid, 256, n_probe_low=-1, **kw)
+    with pytest.raises(ValueError, match="low_partitions"):
+        fit_domain(train, valid, 256, low_partitions=-1, **kw)
+
+
+@pytest.mark.parametrize("low_partitions", [1, 2, 0])
+def test_a_second_pass_over_every_cluster_of_fewer_partitions_is_exact(
+    monkeypatch: pytest.MonkeyPatch, low_partitions: int
+) -> None:
+    """The second pass searches the first `low_partitions` partitions (0: all) deeper; probing
+    every cluster of even one partition gives the exact answer below the threshold, the first
+    pass's clusters included (their indices are not known to the second pass)."""
+    monkeypatch.setattr(domain_module, "LOW_BAND", 1.0)
+    train, valid = ecfp_like(3000, 256, seed=13), ecfp_like(300, 256, seed=14)
+    query = np.concatenate([ecfp_like(500, 256, seed=15), ecfp_like(100, 256, seed=99)])
+    exact = brute_force(query, train)
+    kw = {"search": "clustered", "n_clusters": 40, "n_probe": 1}
+    plain = fit_domain(train, valid, 256, n_probe_low=0, **kw).similarity(query)
+    domain = fit_domain(train, valid, 256, n_probe_low=40, low_partitions=low_partitions, **kw)
+    assert domain.low_partitions == low_partitions
+    again = domain.similarity(query)
+    below = plain < domain.threshold
+    np.testing.assert_array_equal(again[below], exact[below])
+    np.testing.assert_array_equal(again[~below], plain[~below])
+    assert Domain.from_blob(domain.to_blob()).low_partitions == low_partitions
 
 
 def test_threshold_on_a_validation_sample_is_the_exact_percentile_of_that_sample() -> None:
