@@ -25,8 +25,10 @@ Optuna study in the temp folder):
                    driver's own copy dropped (as run_job does; the stages after read the store's)
   search           `tune.search.search` (MLflow parent run opened first, as run_job does)
   finalize         `tune.finalize.finalize`, with its parts below it: retrain (the ensemble's
-                   extra member), fit_trust (validation predictions, calibration, domain), of it
-                   fit_domain (the applicability-domain threshold), and the rest (save, test)
+                   extra member), build_final (the model to register: fit_trust = validation
+                   predictions, calibration and fit_domain, the applicability domain; then
+                   save_final), predict_split (twice: the validation rows inside fit_trust,
+                   then the test rows the saved model flags)
   record           `tune.record.record` + `finish_job_run`, with its parts: log_job_summary,
                    explanations (the pictures), register (the MLflow model version)
   predict +domain  `toxtune predict` (a subprocess: the CLI as a user runs it, Python start-up
@@ -38,8 +40,9 @@ Memory: a thread samples every 0.2 s the driver's RSS and that of all its descen
 featurize pool, Ray's processes and trial workers; a CLI subprocess counts as a descendant):
 `driver` is the driver's peak RSS during the stage, `others` the peak of the descendants' RSS
 summed (shared pages such as Ray's object store count once per process that maps them),
-`largest` the peak RSS of one descendant (e.g. a trial worker). Also printed: the size of the
-feature matrix (uint8) at each N.
+`largest` the peak RSS of one descendant (e.g. a trial worker), `start` the driver's RSS when
+the stage or part began (its peak minus this is what it added). Parts are sampled on their own.
+Also printed: the size of the feature matrix (uint8) at each N.
 
 `--set FILE` uses a set written by `benchmarks/synthetic.py` (at least max(sizes) + queries
 rows) instead of generating one, so a long run can be split: `--json OUT` saves each run's
@@ -95,6 +98,7 @@ class Peak:
     driver: int = 0
     others: int = 0  # descendants' RSS summed
     largest: int = 0  # one descendant's
+    start: int = 0  # the driver's RSS when sampling began
 
 
 class MemorySampler:
@@ -109,6 +113,7 @@ class MemorySampler:
 
     def __enter__(self) -> MemorySampler:
         self.sample()
+        self.peak.start = self.peak.driver
         self._thread.start()
         return self
 
@@ -138,7 +143,7 @@ class Row:
 
     stage: str
     seconds: float
-    peak: Peak | None = None  # None for a part timed inside a stage
+    peak: Peak | None = None
     note: str = ""
 
 
@@ -187,11 +192,13 @@ def timed_parts(result: SizeResult, targets: Sequence[tuple[Any, str, str]]) -> 
 
 def _timing(fn: Callable[..., Any], result: SizeResult, label: str) -> Callable[..., Any]:
     def timed(*args: Any, **kwargs: Any) -> Any:
+        sampler = MemorySampler()
         started = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            with sampler:
+                return fn(*args, **kwargs)
         finally:
-            row = Row(label, time.perf_counter() - started)
+            row = Row(label, time.perf_counter() - started, sampler.peak)
             result.rows.append(row)
             print(format_row(row), flush=True)
 
@@ -256,7 +263,10 @@ def profile_size(n: int, csv: Path, queries: Path, root: Path, ensemble: int) ->
     job = job_for(csv, root, n, ensemble)
     uri = job.tracking_uri
     print(f"\n== N = {n:,} ({csv.stat().st_size / 2**20:.0f} MiB CSV); load {_load()}", flush=True)
-    print(f"{'stage':22s} {'seconds':>9s} {'driver GB':>9s} {'others GB':>9s} {'largest':>8s}")
+    print(
+        f"{'stage':22s} {'seconds':>9s} {'driver GB':>9s} {'others GB':>9s} {'largest':>8s} "
+        f"{'start GB':>8s}"
+    )
     try:
         tracking.check_tracking(uri)
         tracking.check_artifact_home(uri, job.tracking.experiment_name)
@@ -292,8 +302,11 @@ def profile_size(n: int, csv: Path, queries: Path, root: Path, ensemble: int) ->
             best = trials.best(outcome.trials, job, outcome.seconds)
             parts = [
                 (finalize_mod, "retrain", "  retrain"),
-                (finalize_mod, "fit_trust", "  fit_trust"),
-                (finalize_mod, "fit_domain", "    fit_domain"),
+                (finalize_mod, "build_final", "  build_final"),
+                (finalize_mod, "fit_trust", "    fit_trust"),
+                (finalize_mod, "fit_domain", "      fit_domain"),
+                (finalize_mod, "save_final", "    save_final"),
+                (finalize_mod, "predict_split", "  predict_split"),
             ]
             with (
                 tempfile.TemporaryDirectory(dir=root) as scratch,
@@ -399,8 +412,9 @@ def format_row(row: Row) -> str:
     peak = row.peak
     mem = (
         f"{peak.driver / GB:9.2f} {peak.others / GB:9.2f} {peak.largest / GB:8.2f}"
+        f" {peak.start / GB:8.2f}"
         if peak
-        else f"{'':9s} {'':9s} {'':8s}"
+        else f"{'':9s} {'':9s} {'':8s} {'':8s}"
     )
     note = f"  {row.note}" if row.note else ""
     return f"{row.stage:22s} {row.seconds:9.2f} {mem}{note}"

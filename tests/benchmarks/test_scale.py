@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from scale import MemorySampler, fit_exponent
+from scale import MemorySampler, SizeResult, fit_exponent, timed_parts
 from synthetic import DEFAULT_DATA, FLIP, MISSING, TASKS, SyntheticError, generate
 
 N, PARENTS = 1500, 200
@@ -116,3 +118,22 @@ def test_memory_sampler_counts_a_child_process() -> None:
     assert sampler.peak.largest > 250 * 2**20
     assert sampler.peak.others >= sampler.peak.largest
     assert sampler.peak.driver > 0
+
+
+def test_a_timed_part_records_the_driver_memory_it_added() -> None:
+    """A part of a stage (a function the stage calls) is sampled on its own: its row says what
+    the driver held when it began and its peak while it ran."""
+
+    def work() -> int:
+        block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MiB, touched
+        time.sleep(0.6)
+        return int(block[:: 2**20].sum())
+
+    holder = types.SimpleNamespace(work=work)
+    result = SizeResult(1)
+    with timed_parts(result, [(holder, "work", "  work")]):
+        assert holder.work() == 200
+    assert holder.work is work  # put back
+    (row,) = result.rows
+    assert row.stage == "  work" and row.seconds >= 0.6 and row.peak is not None
+    assert row.peak.driver - row.peak.start > 150 * 2**20
