@@ -19,9 +19,10 @@ they are a float32 CSR matrix of their on bits. |a & b| for a tile of training r
 is one sparse x dense product (exact integer sums), Tanimoto = |a & b| / (|a| + |b| - |a & b|)
 is compared in float32 and the maxima divided again in float64, so the answer equals RDKit's
 `BulkTanimotoSimilarity` bit for bit (up to FLOAT32_MAX_BITS bits two different ratios never
-round to one float32; wider fingerprints compare in float64). Two empty fingerprints have similarity 0. (AND + popcount
-on packed 64-bit words, numpy's `bitwise_count`, was measured 1.2x slower at 1024 bits and 2x at
-2048: it pays for every word, the product only for the on bits, 1.5-3 % of them for ECFP.)
+round to one float32; wider fingerprints compare in float64). Two empty fingerprints have
+similarity 0. (AND + popcount on packed 64-bit words, numpy's `bitwise_count`, was measured
+1.2x slower at 1024 bits and 2x at 2048: it pays for every word, the product only for the on
+bits, 1.5-3 % of them for ECFP.)
 
 Two searches, built when the domain is first queried:
 
@@ -52,7 +53,7 @@ Two searches, built when the domain is first queried:
   (`benchmarks/domain_scale.py`, RESULTS "The domain's second pass"): 4 partitions x 2 probes
   alone gave 91.4 % of the exact flags, 6 x 3 (before the second pass) 96.2 %, 4 x 2 and then
   32 probes in all 4 partitions for the 18 % below the threshold 99.1 % (the exact search with
-  the same sampled threshold: 99.65 %); 64 probes in 2 partitions (today) answer as well for
+  the same sampled threshold: 99.65 %); 96 probes in 2 partitions (today) answer as well for
   less (RESULTS "The second pass in two partitions").
   `certify` (`Domain.certify`, or per call) re-checks exactly the answers still below the
   threshold, starting from the clustered answer (Swamidass-Baldi pruning against it): the
@@ -105,11 +106,12 @@ N_PARTITIONS = 4  # clustered search: independent partitions of the training row
 N_PROBE = 2  # clustered search: clusters searched per query in each partition
 # clustered search: clusters searched per partition, in all, for a query whose first answer is
 # below the threshold (a flag that could be wrong); 0 or <= N_PROBE: no second pass
-N_PROBE_LOW = 64
+N_PROBE_LOW = 96
 # ... in this many partitions (the first ones; 0: all). The partitions cover the same rows near
-# a query, so depth in two pays more than the same clusters spread over four, and ranks half
-# the centres: at 10^6 rows 2 x 64 took 0.57-0.69x the time of 4 x 32 for the same flags
-# within 0.02 points (RESULTS "The second pass in two partitions").
+# a query, so depth in two finds what the same clusters spread over four find, and ranks half
+# the centres: at 10^6 rows 2 x 96 matched 4 x 32's flags on ECFP-like and real molecules for
+# about 0.8x its time; 2 x 64 was faster still but lost 0.16 points of flags on ECFP-like rows
+# (RESULTS "The second pass in two partitions").
 LOW_PARTITIONS = 2
 # ... and whose first answer is at most this far below the threshold: a query far from every
 # training molecule (its nearest neighbour far below the threshold) is out of domain whatever
