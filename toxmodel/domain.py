@@ -490,7 +490,9 @@ def _clustered_nearest(
             for r0 in range(0, len(inside), rows):
                 ids = inside[r0 : r0 + rows]
                 ref, ref_counts = train[ids], counts[ids]
-                tile = max(queries_per_tile, chunk_pairs // len(ids))  # a small cluster: more
+                # a small cluster takes more queries a tile, as many as keep both the tile's
+                # pairs and its transposed queries within chunk_pairs numbers
+                tile = max(queries_per_tile, chunk_pairs // max(len(ids), n_bits))
                 for q0 in range(0, len(who), tile):
                     qs = who[q0 : q0 + tile]
                     query_t = _transposed_packed(packed[qs], n_bits)

@@ -290,6 +290,25 @@ def test_wide_rows_whose_ratios_round_alike_in_float32_still_give_the_larger() -
     assert got[0] == 3649 / 8113
 
 
+def test_many_queries_on_one_small_cluster_stay_within_chunk_pairs() -> None:
+    """Three clusters of about 100 rows, 6,000 queries probing each: a tile takes more queries
+    when the cluster is small, but no more than keep its transposed queries within chunk_pairs
+    numbers (a tile of all 6,000 queries would transpose 24 MB at once, with its temporaries)."""
+    train, query = ecfp_like(300, 1024, seed=23), ecfp_like(6000, 1024, seed=24)
+    domain = fit_domain(
+        train, query[:0], 1024, search="clustered", n_clusters=3, n_probe=3, n_partitions=1
+    )
+    domain.similarity(query[:10])  # builds the index outside the measurement
+    tracemalloc.start()
+    try:
+        got = domain.similarity(query)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, brute_force(query, train))
+    assert peak < 50 * 2**20, peak  # 27 MB measured; 97 MB with whole-cluster tiles
+
+
 def test_the_clusters_a_query_probes_are_its_most_similar_centres() -> None:
     """`_top` gives the k largest per row, largest first, the lowest index among ties: what
     a stable descending sort gives."""
