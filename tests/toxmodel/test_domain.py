@@ -309,6 +309,23 @@ def test_many_queries_on_one_small_cluster_stay_within_chunk_pairs() -> None:
     assert peak < 50 * 2**20, peak  # 27 MB measured; 97 MB with whole-cluster tiles
 
 
+def test_the_clustered_search_never_holds_the_queries_as_booleans() -> None:
+    """The queries are packed a slice at a time (8 bits a byte): 40,000 rows of 1,024 bits
+    would be a 41 MB boolean copy."""
+    train, valid = ecfp_like(2000, 1024, seed=25), ecfp_like(200, 1024, seed=26)
+    query = ecfp_like(40_000, 1024, seed=27).view(np.uint8)  # as featurize gives them
+    domain = fit_domain(train, valid, 1024, search="clustered", n_clusters=40)
+    want = domain.similarity(query[:500])  # builds the index outside the measurement
+    tracemalloc.start()
+    try:
+        got = domain.similarity(query)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got[:500], want)
+    assert peak < 60 * 2**20, peak  # 42 MB measured; 84 MB with the boolean copy
+
+
 def test_the_clusters_a_query_probes_are_its_most_similar_centres() -> None:
     """`_top` gives the k largest per row, largest first, the lowest index among ties: what
     a stable descending sort gives."""
