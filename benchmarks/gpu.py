@@ -480,7 +480,11 @@ def run_packing_k(
             break
         time.sleep(0.05)
     startup = time.time() - spawned
-    go.write_text(repr(time.time() + 0.2))
+    # written whole under another name, then renamed: a worker polling for `go` could read it
+    # empty between write_text's create and write (seen once in CI, on a loaded machine)
+    staged = folder / "go.part"
+    staged.write_text(repr(time.time() + 0.2))
+    os.replace(staged, go)
     for i, p in enumerate(procs):
         try:
             p.wait(timeout=window_s + 300)
