@@ -1,11 +1,13 @@
-"""Shared fixtures: the real Tox21/ToxCast files (skipped when absent), small CSVs, test SMILES."""
+"""Shared fixtures: the real Tox21/ToxCast files (skipped when absent), small CSVs, test SMILES;
+`traced_peak` for memory assertions."""
 
 from __future__ import annotations
 
 import gzip
+import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -57,6 +59,19 @@ VALID_SMILES = [
 ]
 # Unclosed ring, kekulization failure, syntax error, empty, hypervalent aluminium.
 INVALID_SMILES = ["C1CC", "c1cccc1", "xyz", "", "CC(=O)O[AlH3](O)O"]
+
+T = TypeVar("T")
+
+
+def traced_peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """`fn()` and the peak bytes Python and numpy allocated while it ran (tracemalloc sees
+    numpy's buffers, so a memory bound is exact, not timed)."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import threading
-import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
+from tests.conftest import traced_peak
 from toxmodel import domain as domain_module
 from toxmodel.checkpoint import _plain
 from toxmodel.domain import (
@@ -299,12 +299,7 @@ def test_many_queries_on_one_small_cluster_stay_within_chunk_pairs() -> None:
         train, query[:0], 1024, search="clustered", n_clusters=3, n_probe=3, n_partitions=1
     )
     domain.similarity(query[:10])  # builds the index outside the measurement
-    tracemalloc.start()
-    try:
-        got = domain.similarity(query)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = traced_peak(lambda: domain.similarity(query))
     np.testing.assert_array_equal(got, brute_force(query, train))
     assert peak < 50 * 2**20, peak  # 27 MB measured; 97 MB with whole-cluster tiles
 
@@ -316,12 +311,7 @@ def test_the_clustered_search_never_holds_the_queries_as_booleans() -> None:
     query = ecfp_like(40_000, 1024, seed=27).view(np.uint8)  # as featurize gives them
     domain = fit_domain(train, valid, 1024, search="clustered", n_clusters=40)
     want = domain.similarity(query[:500])  # builds the index outside the measurement
-    tracemalloc.start()
-    try:
-        got = domain.similarity(query)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = traced_peak(lambda: domain.similarity(query))
     np.testing.assert_array_equal(got[:500], want)
     assert peak < 60 * 2**20, peak  # 42 MB measured; 84 MB with the boolean copy
 
@@ -596,12 +586,7 @@ def test_building_the_sparse_bits_never_holds_the_rows_unpacked_or_two_matrices(
     packed = pack_bits(bits)
     del bits
     rows = 250
-    tracemalloc.start()
-    try:
-        matrix = domain_module._sparse(packed, 1024, rows=rows)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    matrix, peak = traced_peak(lambda: domain_module._sparse(packed, 1024, rows=rows))
     size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
     assert size < 20_000 * 1024 / 4  # the whole rows unpacked would be far above the bound
     assert peak < 1.5 * size + 4 * rows * 1024, (peak, size)

@@ -6,7 +6,6 @@ import csv
 import itertools
 import logging
 import time
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from rdkit import Chem, DataStructs
 from rdkit.Chem import MACCSkeys, rdFingerprintGenerator
 
+from tests.conftest import traced_peak
 from toxmodel import featurize as featurize_module
 from toxmodel.data import load_table
 from toxmodel.featurize import (
@@ -220,12 +220,7 @@ def test_assembling_chunks_holds_one_matrix_not_two(counts: bool, maccs: bool) -
             )
         )
         start += size
-    tracemalloc.start()
-    try:
-        got = assemble(chunks, config)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = traced_peak(lambda: assemble(chunks, config))
     matrix = got.fingerprint.nbytes
     assert peak < 1.3 * matrix, f"peak {peak / 1e6:.1f} MB for a {matrix / 1e6:.1f} MB matrix"
     whole = np.concatenate([c.morgan for c in chunks])
@@ -353,12 +348,11 @@ def test_a_mapped_cache_hit_does_not_load_the_matrix(
     featurize_cached(smiles, config, tmp_path, "ae" * 32)
     peaks = {}
     for mapped in (False, True):
-        tracemalloc.start()
-        try:
-            hit = featurize_cached(smiles, config, tmp_path, "ae" * 32, mapped=mapped)
-            peaks[mapped] = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        hit, peaks[mapped] = traced_peak(
+            lambda mapped=mapped: featurize_cached(
+                smiles, config, tmp_path, "ae" * 32, mapped=mapped
+            )
+        )
         assert hit.fingerprint.shape == made.fingerprint.shape and hit.canonical == made.canonical
     matrix = made.fingerprint.nbytes
     assert peaks[False] > matrix  # what a plain read costs
