@@ -109,8 +109,8 @@ N_PROBE = 2  # clustered search: clusters searched per query in each partition
 N_PROBE_LOW = 96
 # ... in this many partitions (the first ones; 0: all). The partitions cover the same rows near
 # a query, so depth in two finds what the same clusters spread over four find, and ranks half
-# the centres: at 10^6 rows 2 x 96 matched 4 x 32's flags on ECFP-like and real molecules for
-# about 0.8x its time; 2 x 64 was faster still but lost 0.16 points of flags on ECFP-like rows
+# the centres: at 10^6 rows 2 x 96 matched 4 x 32's flags on ECFP-like and real molecules in
+# 0.81-0.88x its query time; 2 x 64 was faster still but lost 0.16 points of flags on ECFP-like rows
 # (RESULTS "The second pass in two partitions").
 LOW_PARTITIONS = 2
 # ... and whose first answer is at most this far below the threshold: a query far from every
@@ -170,11 +170,12 @@ def _pack_morgan(
     fp = np.asarray(fingerprint)
     if fp.ndim != 2 or fp.shape[1] < n_bits:
         raise ValueError(f"need a fingerprint of at least {n_bits} columns, got shape {fp.shape}")
-    n = len(fp) if take is None else len(take)
+    index = None if take is None else np.asarray(take)
+    n = len(fp) if index is None else len(index)
     out = np.empty((n, (n_bits + 7) // 8), dtype=np.uint8)
     for start in range(0, n, rows):
         part = slice(start, start + rows)  # all rows: a view of the slice, no gathered copy
-        block = fp[part, :n_bits] if take is None else fp[np.asarray(take)[part], :n_bits]
+        block = fp[part, :n_bits] if index is None else fp[index[part], :n_bits]
         out[part] = pack_bits(block > 0)
     return out
 
