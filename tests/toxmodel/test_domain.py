@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -269,6 +270,26 @@ def test_the_member_kernel_finds_the_exact_maximum_among_close_ratios(n_bits: in
     inter = query.astype(np.int64) @ ref.T.astype(np.int64)
     ratios = np.sort((inter / (q_counts[:, None] + ref_counts[None, :] - inter)).ravel())
     assert np.min(np.diff(ratios)[np.diff(ratios) > 0]) < 1e-6  # close fractions were there
+
+
+def test_the_member_kernel_gives_empty_fingerprints_0_without_dividing_0_by_0() -> None:
+    """An empty query against empty and non-empty members: similarity 0, and no 0 / 0 (a NaN
+    ratio would be argmax's pick and numpy's warning); non-empty queries are unaffected by an
+    empty member ranked before the one they match."""
+    ref = np.zeros((3, 64), bool)
+    ref[1, :5], ref[2, 3:9] = True, True  # row 0 empty
+    query = np.zeros((3, 64), bool)
+    query[1, :5], query[2, 40:44] = True, True  # query 0 empty; query 2 shares no bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = domain_module._best(
+            sp.csr_matrix(ref, dtype=np.float32),
+            ref.sum(1).astype(np.float64),
+            domain_module._transposed_packed(pack_bits(query), 64),
+            query.sum(1).astype(np.float64),
+        )
+    np.testing.assert_array_equal(got, [0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(got, brute_force(query, ref))
 
 
 def test_wide_rows_whose_ratios_round_alike_in_float32_still_give_the_larger() -> None:
