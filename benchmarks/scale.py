@@ -28,7 +28,7 @@ Optuna study in the temp folder):
                    extra member), build_final (the model to register: fit_trust = validation
                    predictions, calibration and fit_domain, the applicability domain; then
                    save_final), predict_split (twice: the validation rows inside fit_trust,
-                   then the test rows the saved model flags)
+                   then, as "predict_split (2)", the test rows the saved model flags)
   record           `tune.record.record` + `finish_job_run`, with its parts: log_job_summary,
                    explanations (the pictures), register (the MLflow model version)
   predict +domain  `toxtune predict` (a subprocess: the CLI as a user runs it, Python start-up
@@ -198,7 +198,10 @@ def _timing(fn: Callable[..., Any], result: SizeResult, label: str) -> Callable[
             with sampler:
                 return fn(*args, **kwargs)
         finally:
-            row = Row(label, time.perf_counter() - started, sampler.peak)
+            # a part called again in one stage (predict_split) gets its own row: "label (2)"
+            calls = sum(r.stage == label or r.stage.startswith(f"{label} (") for r in result.rows)
+            name = label if calls == 0 else f"{label} ({calls + 1})"
+            row = Row(name, time.perf_counter() - started, sampler.peak)
             result.rows.append(row)
             print(format_row(row), flush=True)
 
@@ -510,7 +513,8 @@ def main() -> None:
             csv = part.write_csv(tmp / f"synthetic-{n}.csv")
             root = tmp / f"n{n}"
             results.append(profile_size(n, csv, queries, root, args.ensemble))
-            shutil.rmtree(root, ignore_errors=True)
+            if not args.keep:  # kept: the job's store, model and predictions, to look at after
+                shutil.rmtree(root, ignore_errors=True)
             if args.json:
                 save_results(results, Path(args.json))
         print(f"\n== summary (seconds; {n_queries:,} queries predicted at every size)")
