@@ -192,7 +192,10 @@ def _packed_counts(packed: np.ndarray) -> np.ndarray:
 
 
 def _sparse(packed: np.ndarray, n_bits: int, rows: int = SPARSE_ROWS) -> sp.csr_matrix:
-    """Packed rows as a float32 CSR matrix of their on bits (n, n_bits), in canonical form.
+    """Packed rows as a CSR matrix of their on bits (n, n_bits), in canonical form, its values
+    uint8 ones: a product with float32 queries upcasts the gathered rows it is given (a cluster,
+    a chunk), which measured no slower than float32 values, and the values take 1 byte a bit
+    instead of 4 (0.09 GB less for the 30 million bits of 782,000 distinct molecules).
 
     Built `rows` rows at a time from the flat positions of a slice's on bits (a row's
     columns are its positions modulo `n_bits`, already sorted), so the build peaks at about
@@ -213,7 +216,7 @@ def _sparse(packed: np.ndarray, n_bits: int, rows: int = SPARSE_ROWS) -> sp.csr_
         np.cumsum(np.concatenate(counts), out=indptr[1:])
     indices = np.concatenate(columns).astype(index, copy=False) if columns else indptr[:0]
     del columns
-    data = np.ones(nnz, dtype=np.float32)
+    data = np.ones(nnz, dtype=np.uint8)
     return sp.csr_matrix((data, indices, indptr), shape=(n, n_bits))
 
 
@@ -571,8 +574,9 @@ class _Clusters:
     def of(
         cls, rows: np.ndarray, starts: np.ndarray, centres: np.ndarray, train: sp.csr_matrix
     ) -> _Clusters:
-        flat = centres.ravel()
-        return cls(rows, starts, centres, train[flat], _row_counts(train)[flat])
+        flat = centres.ravel()  # the centres' bits float32 once: every query tile reads them
+        centre_rows = train[flat].astype(np.float32)
+        return cls(rows, starts, centres, centre_rows, _row_counts(train)[flat])
 
     def members(self, g: int) -> np.ndarray:
         """Training rows of cluster `g` counted over all partitions (p * n_clusters + c)."""
@@ -700,6 +704,12 @@ class Domain:
             query = unpack_bits(packed[low], self.n_bits)
             sims[low] = self._exact.exact(query, chunk_pairs, sims[low], workers=threads)
         return sims
+
+    def drop_search(self) -> None:
+        """Free what the searches built on the first query (the CSR bits, the partitions'
+        centres; 0.3 GB at 10^6 molecules); the next query builds them again."""
+        for name in ("_rows", "_exact", "_clusters"):
+            self.__dict__.pop(name, None)
 
     def in_domain(self, similarity: np.ndarray) -> np.ndarray:
         """similarity >= threshold, elementwise (NaN similarity -> False)."""
@@ -885,12 +895,8 @@ def fit_domain(
         raise ValueError("the applicability domain needs at least one training molecule")
     valid = np.asarray(valid_fingerprint)
     morgan_bits(valid[:0], n_bits)  # the shape check alone
-    distinct = np.unique(packed, axis=0)
+    domain = Domain(_distinct_rows_by_count(packed), n_bits, threshold=0.0, percentile=percentile)
     del packed
-    # sorted by bit count, so the exact search scans these rows themselves (no sorted copy)
-    by_count = np.argsort(_packed_counts(distinct), kind="stable")
-    domain = Domain(distinct[by_count], n_bits, threshold=0.0, percentile=percentile)
-    del distinct
     n = domain.n_train
     if search == "clustered" or (search == "auto" and n > EXACT_MAX_TRAIN):
         if n_probe < 1 or n_partitions < 1 or n_probe_low < 0:
@@ -927,4 +933,27 @@ def fit_domain(
         domain.n_valid = len(valid)
     if not math.isfinite(domain.threshold):
         raise ValueError(f"domain threshold is not finite: {domain.threshold}")
+    domain.drop_search()  # saved next, as a rule: the first query builds them again
     return domain
+
+
+def _distinct_rows_by_count(packed: np.ndarray) -> np.ndarray:
+    """The distinct rows of `packed` (which it sorts in place when contiguous) ordered by bit
+    count, ties in byte order: `np.unique(packed, axis=0)` ordered by count, with one copy of
+    the distinct rows instead of np.unique's sorted copy, its flattened copy and its result
+    (0.1 GB each at 10^6 molecules of 1024 bits). The exact search scans these rows themselves."""
+    packed = np.ascontiguousarray(packed)
+    if len(packed) == 0:
+        return packed
+    rows = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()  # packed's memory
+    rows.sort()  # byte order, as np.unique's
+    first = np.empty(len(rows), dtype=bool)
+    first[0] = True
+    first[1:] = rows[1:] != rows[:-1]  # (the ufunc has no void loop; the operator has)
+    distinct = np.flatnonzero(first)
+    del first
+    step = SPARSE_ROWS
+    counts = np.concatenate(
+        [_packed_counts(packed[i : i + step]) for i in range(0, len(packed), step)]
+    )[distinct]
+    return packed[distinct[np.argsort(counts, kind="stable")]]

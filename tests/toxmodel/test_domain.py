@@ -590,7 +590,7 @@ def test_the_sparse_training_bits_equal_scipys_matrix_of_the_unpacked_rows(rows:
     packed = pack_bits(bits)
     got = domain_module._sparse(packed, 200, rows=rows)
     want = sp.csr_matrix(bits, dtype=np.float32)
-    assert got.dtype == np.float32 and got.shape == (300, 200) and got.has_canonical_format
+    assert got.dtype == np.uint8 and got.shape == (300, 200) and got.has_canonical_format
     np.testing.assert_array_equal(got.indptr, want.indptr)
     np.testing.assert_array_equal(got.indices, want.indices)
     np.testing.assert_array_equal(got.data, want.data)
@@ -611,6 +611,46 @@ def test_building_the_sparse_bits_never_holds_the_rows_unpacked_or_two_matrices(
     size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
     assert size < 20_000 * 1024 / 4  # the whole rows unpacked would be far above the bound
     assert peak < 1.5 * size + 4 * rows * 1024, (peak, size)
+
+
+def test_the_distinct_rows_are_np_uniques_ordered_by_bit_count_with_one_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What fit_domain stores: every distinct row once, by bit count, ties in byte order (as
+    np.unique then a stable sort by count gave), also from a non-contiguous array; built with
+    one copy of the distinct rows beside the sorted input (np.unique held three)."""
+    bits = ecfp_like(6000, 1024, seed=40)
+    bits[3000:] = bits[:3000]  # every row twice
+    bits[10] = False  # an empty row
+    packed = pack_bits(bits)
+    unique = np.unique(packed, axis=0)
+    want = unique[np.argsort(domain_module._packed_counts(unique), kind="stable")]
+    wide = np.zeros((len(packed), 2 * packed.shape[1]), np.uint8)
+    wide[:, ::2] = packed
+    got = domain_module._distinct_rows_by_count(wide[:, ::2])  # not contiguous
+    np.testing.assert_array_equal(got, want)
+    rng = np.random.default_rng(41)
+    shuffled = packed[rng.permutation(len(packed))]
+    monkeypatch.setattr(domain_module, "SPARSE_ROWS", 256)  # bit counts a slice at a time
+    got, peak = traced_peak(lambda: domain_module._distinct_rows_by_count(shuffled))
+    np.testing.assert_array_equal(got, want)
+    assert peak < 1.6 * got.nbytes, (peak, got.nbytes)  # np.unique's copies: about 3x
+    assert len(domain_module._distinct_rows_by_count(packed[:0])) == 0
+
+
+def test_a_fitted_domain_keeps_no_search_structures_and_answers_alike_after() -> None:
+    """fit_domain returns the domain without the CSR bits and partitions' centres its search
+    built (a job saves it next: 0.3 GB at 10^6 molecules); the first query builds them again
+    and answers as the search inside fit_domain did."""
+    train, valid = ecfp_like(3000, 512, seed=42), ecfp_like(300, 512, seed=43)
+    domain = fit_domain(train, valid, 512, search="clustered", n_clusters=20)
+    assert not {"_rows", "_exact", "_clusters"} & set(vars(domain))
+    sims = domain.similarity(valid)
+    assert "_rows" in vars(domain)  # built again by the query
+    domain.drop_search()
+    np.testing.assert_array_equal(domain.similarity(valid), sims)
+    exact = domain.similarity(valid, exact=True, certify=False)
+    assert domain.threshold == float(np.percentile(exact, domain.percentile))
 
 
 def test_a_fitted_domain_keeps_its_rows_by_bit_count_and_the_exact_search_no_second_copy() -> None:
