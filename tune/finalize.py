@@ -34,6 +34,7 @@ from toxmodel.fused import fit_many
 from toxmodel.metrics import Metrics, brier_score, evaluate, expected_calibration_error
 from toxmodel.model import MLP, Ensemble
 from toxmodel.train import FitResult
+from tune import heap
 from tune.config import JobConfig
 from tune.prepare import PreparedData
 from tune.space import to_run_configs
@@ -81,10 +82,12 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
     seeds = seed_spread(data, [retrained[k] for k in spread]) if spread else {}
     others = [retrained[k] for k in range(1, s.ensemble)]
     del retrained
+    heap.trim()  # each part starts where the last one began: see tune.heap
     # The model is built and saved in a function of its own, so that it (its domain's search
     # structures above all: two CSR copies of the training bits) is freed before the saved one
     # is loaded and builds its own to flag the test split.
     ckpt = build_final(job, data, best, others, workdir)
+    heap.trim()
     final = load_checkpoint(ckpt)  # what is registered, as it will be read
     frame = predict_split(final, data, data.split.test)
     raw = frame[final.tasks].to_numpy(dtype=np.float64)
@@ -155,6 +158,8 @@ def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
     frame = predict_split(predictor, data, valid)
     raw = frame[predictor.tasks].to_numpy(dtype=np.float64)
     calibration = fit_calibration(data.labels[valid], raw, predictor.tasks)
+    del frame
+    heap.trim()  # the predictions' freed working set, before the domain adds its own
     fingerprint = data.features.fingerprint
     # The training rows are read in place, never copied out; of the validation rows only those
     # the threshold is chosen on (`fit_domain` would draw the same sample from all of them).
@@ -162,6 +167,7 @@ def fit_trust(predictor: Predictor, data: PreparedData) -> Predictor:
     domain = fit_domain(
         fingerprint, fingerprint[sampled], predictor.featurizer.n_bits, train_rows=data.split.train
     )
+    heap.trim()  # what the domain's fit freed, before the model is saved
     return _trusted(
         predictor, calibration, domain, "training", "validation molecules' similarity to train"
     )

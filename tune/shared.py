@@ -19,6 +19,7 @@ import numpy as np
 import ray
 
 from toxmodel.featurize import Features
+from tune import heap
 
 if TYPE_CHECKING:  # trials import this module; they need not import the driver's stages
     from tune.prepare import PreparedData
@@ -31,6 +32,7 @@ def share_matrices(data: PreparedData) -> PreparedData:
     if data.matrices is not None:
         return data
     features = data.features
+    heap.trim()  # the put holds a second copy for a moment: no freed pages beside both
     ref = ray.put((features.fingerprint, features.descriptors))
     fingerprint, descriptors = ray.get(ref)
     shared = replace(features, fingerprint=fingerprint, descriptors=descriptors)
