@@ -171,3 +171,21 @@ def test_the_fitted_model_is_let_go_before_the_registered_one_flags_the_test_spl
     monkeypatch.setattr(finalize_module, "predict_split", predicted)
     finalize(job, data, record, tmp_path / "scratch")
     assert len(fitted) == 1 and alive_at_test == [False]
+
+
+def test_a_split_predicted_in_chunks_equals_it_predicted_at_once(
+    finished: tuple[FinalModel, PreparedData, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finalize predicts a split PREDICT_CHUNK molecules at a time (memory at 10^6 molecules):
+    the rows, their order, every column and its type are those of one call."""
+    final, data, _ = finished
+    predictor = load_checkpoint(final.checkpoint)
+    rows = data.split.test
+    whole = finalize_module.predict_split(predictor, data, rows)
+    monkeypatch.setattr(finalize_module, "PREDICT_CHUNK", 37)
+    assert len(rows) > 3 * 37
+    chunked = finalize_module.predict_split(predictor, data, rows)
+    pd.testing.assert_frame_equal(chunked, whole)
+    assert chunked["smiles"].tolist() == [
+        data.table.smiles[i] for i in data.features.valid_rows[rows]
+    ]
