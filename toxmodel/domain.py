@@ -909,8 +909,9 @@ def fit_domain(
         raise ValueError("the applicability domain needs at least one training molecule")
     valid = np.asarray(valid_fingerprint)
     morgan_bits(valid[:0], n_bits)  # the shape check alone
-    domain = Domain(_distinct_rows_by_count(packed), n_bits, threshold=0.0, percentile=percentile)
-    del packed
+    distinct = _distinct_rows_by_count(packed, n_bits)
+    domain = Domain(distinct, n_bits, threshold=0.0, percentile=percentile)
+    del packed, distinct
     n = domain.n_train
     if search == "clustered" or (search == "auto" and n > EXACT_MAX_TRAIN):
         if n_probe < 1 or n_partitions < 1 or n_probe_low < 0:
@@ -951,7 +952,7 @@ def fit_domain(
     return domain
 
 
-def _distinct_rows_by_count(packed: np.ndarray) -> np.ndarray:
+def _distinct_rows_by_count(packed: np.ndarray, n_bits: int) -> np.ndarray:
     """The distinct rows of `packed` (which it sorts in place when contiguous) ordered by bit
     count, ties in byte order: `np.unique(packed, axis=0)` ordered by count, with one copy of
     the distinct rows instead of np.unique's sorted copy, its flattened copy and its result
@@ -966,8 +967,5 @@ def _distinct_rows_by_count(packed: np.ndarray) -> np.ndarray:
     first[1:] = rows[1:] != rows[:-1]  # (the ufunc has no void loop; the operator has)
     distinct = np.flatnonzero(first)
     del first
-    step = SPARSE_ROWS
-    counts = np.concatenate(
-        [_packed_counts(packed[i : i + step]) for i in range(0, len(packed), step)]
-    )[distinct]
+    counts = _bit_counts(packed, n_bits, SPARSE_ROWS)[distinct]
     return packed[distinct[np.argsort(counts, kind="stable")]]

@@ -641,15 +641,15 @@ def test_the_distinct_rows_are_np_uniques_ordered_by_bit_count_with_one_copy(
     want = unique[np.argsort(domain_module._packed_counts(unique), kind="stable")]
     wide = np.zeros((len(packed), 2 * packed.shape[1]), np.uint8)
     wide[:, ::2] = packed
-    got = domain_module._distinct_rows_by_count(wide[:, ::2])  # not contiguous
+    got = domain_module._distinct_rows_by_count(wide[:, ::2], 1024)  # not contiguous
     np.testing.assert_array_equal(got, want)
     rng = np.random.default_rng(41)
     shuffled = packed[rng.permutation(len(packed))]
     monkeypatch.setattr(domain_module, "SPARSE_ROWS", 256)  # bit counts a slice at a time
-    got, peak = traced_peak(lambda: domain_module._distinct_rows_by_count(shuffled))
+    got, peak = traced_peak(lambda: domain_module._distinct_rows_by_count(shuffled, 1024))
     np.testing.assert_array_equal(got, want)
     assert peak < 1.6 * got.nbytes, (peak, got.nbytes)  # np.unique's copies: about 3x
-    assert len(domain_module._distinct_rows_by_count(packed[:0])) == 0
+    assert len(domain_module._distinct_rows_by_count(packed[:0], 1024)) == 0
 
 
 def test_a_fitted_domain_keeps_no_search_structures_and_answers_alike_after() -> None:
