@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 METHODS = ("random", "stratified", "scaffold")
 SPLIT_NAMES = ("train", "valid", "test")
@@ -101,16 +102,15 @@ def molecule_groups(keys: Sequence[str]) -> np.ndarray:
     """Group ids (int64, numbered in first-seen order) for rows keyed by molecule.
 
     Rows with one key share a group; an empty key (a row with no molecule) is a group of its own.
+    Hashed by `pd.factorize` (first-seen order too): a Python dict over 10^6 keys took 1.5 s,
+    and more than 10x the time of 10^5.
     """
-    ids: dict[str, int] = {}
-    out = np.empty(len(keys), dtype=np.int64)
-    for i, key in enumerate(keys):
-        if key:
-            out[i] = ids.setdefault(key, len(ids))
-        else:
-            out[i] = len(ids)
-            ids[f"\x00row:{i}"] = len(ids)
-    return out
+    values = np.array(keys, dtype=object).reshape(-1)  # a copy: the empty keys are replaced
+    empty = np.flatnonzero(values == "")
+    if len(empty):  # each its own group, in its place: a key no molecule has
+        values[empty] = [f"\x00row:{i}" for i in empty]
+    codes, _ = pd.factorize(values)
+    return codes.astype(np.int64)
 
 
 def missing_class_warnings(labels: np.ndarray, split: Split, tasks: Sequence[str]) -> list[str]:

@@ -318,8 +318,10 @@ def test_stratified_groups_carry_their_rows_labels() -> None:
 def test_molecule_groups_and_bad_groups() -> None:
     from toxmodel.split import molecule_groups
 
-    ids = molecule_groups(["CCO", "", "C", "CCO", "", "C"])
+    keys = np.array(["CCO", "", "C", "CCO", "", "C"], dtype=object)
+    ids = molecule_groups(keys)
     assert ids.tolist() == [0, 1, 2, 0, 3, 2]  # an empty key is never shared
+    assert keys.tolist() == ["CCO", "", "C", "CCO", "", "C"]  # the caller's keys untouched
     with pytest.raises(ValueError, match="3 rows but 2 group ids"):
         split_dataset(["C", "CC", "CCC"], np.zeros((3, 1)), SplitConfig(), groups=[0, 1])
     with pytest.raises(ValueError, match="integers"):
