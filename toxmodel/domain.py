@@ -15,9 +15,10 @@ molecules are novel scaffolds, so the threshold is lower; under a random split, 
 cut such as Tanimoto 0.4 would ignore both the fingerprint size and the split.
 
 Storage: the distinct training fingerprints, bit-packed (`np.packbits`, 8 bits a byte); loaded,
-they are a float32 CSR matrix of their on bits. |a & b| for a tile of training rows and queries
-is one sparse x dense product (exact integer sums), Tanimoto = |a & b| / (|a| + |b| - |a & b|)
-is compared in float32 and the maxima divided again in float64, so the answer equals RDKit's
+they are a CSR matrix of their on bits (uint8 ones). |a & b| for a tile of training rows and
+queries is one sparse x dense product (exact integer sums), pairs are ranked in float32 (by
+Tanimoto |a & b| / (|a| + |b| - |a & b|), or in the clustered search by |a & b| / (|a| + |b|),
+which orders them alike) and the maxima divided again in float64, so the answer equals RDKit's
 `BulkTanimotoSimilarity` bit for bit (up to FLOAT32_MAX_BITS bits two different ratios never
 round to one float32; wider fingerprints compare in float64). Two empty fingerprints have
 similarity 0. (AND + popcount on packed 64-bit words, numpy's `bitwise_count`, was measured
