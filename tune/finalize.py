@@ -84,9 +84,9 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
     others = [retrained[k] for k in range(1, s.ensemble)]
     del retrained
     heap.trim()  # each part starts where the last one began: see tune.heap
-    # The model is built and saved in a function of its own, so that it (its domain's search
-    # structures above all: two CSR copies of the training bits) is freed before the saved one
-    # is loaded and builds its own to flag the test split.
+    # The model is built and saved in a function of its own, so that it is freed before the
+    # saved one is loaded and builds its domain's search structures to flag the test split
+    # (the fitted domain already dropped its own: fit_domain returns it without them).
     ckpt = build_final(job, data, best, others, workdir)
     heap.trim()
     final = load_checkpoint(ckpt)  # what is registered, as it will be read

@@ -1,4 +1,5 @@
-"""Give the driver's freed heap back to the operating system between finalize's parts.
+"""Give the driver's freed heap back to the operating system before the matrices are
+shared and between finalize's parts.
 
 glibc raises its mmap threshold after a large block is freed (up to 32 MB), so the many
 1-32 MB arrays a stage allocates (predictions, slices of the feature matrix, the domain's
