@@ -4,9 +4,9 @@ the domain query for the brute-force search toxtune used before (`old`), the exa
 clustered search (`clustered`), side by side in one run, and how far the clustered answer is
 from the exact one. `first-pass query`: the same clustered index without its second pass (the
 queries below the threshold searching `n_probe_low` clusters in each of `low_partitions`
-partitions); `4x32`: the same index with the second pass of before (32 clusters in each of the
-4 partitions); `6x3`: the clustered search before the second pass existed (6 partitions x 3
-probes, one pass), fitted and queried.
+partitions); `4x2`: the clustered search of before (4 partitions x 2 probes, then the same
+second pass of 96 in the first 2 of them), fitted and queried beside today's (2 partitions x
+6 probes, then 128 in both).
 
 Fits, before and now: `exact fit` = the exact search on every validation row (before);
 `sampled fit` = the exact search on at most `VALID_SAMPLE` of them (now); `clustered fit (old
@@ -288,23 +288,24 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
     clustered.n_probe_low = n_probe_low
     times["first-pass query"].append((n, seconds))
     row["first-pass query"] = seconds
-    now = (clustered.n_probe_low, clustered.low_partitions)
-    clustered.n_probe_low, clustered.low_partitions = 32, 0  # the same index, 4 x 32
-    seconds, wide_sims = timed(lambda: clustered.similarity(query))
-    clustered.n_probe_low, clustered.low_partitions = now
-    times["4x32 query (before)"].append((n, seconds))
-    row["4x32 query (before)"] = seconds
-    # before the second pass: 6 partitions x 3 probes, one pass
+    # before: 4 partitions x 2 probes, then 96 in the first 2 partitions
     seconds, before = timed(
         lambda: fit_domain(
-            train, valid, args.bits, search="clustered", n_partitions=6, n_probe=3, n_probe_low=0
+            train,
+            valid,
+            args.bits,
+            search="clustered",
+            n_partitions=4,
+            n_probe=2,
+            n_probe_low=96,
+            low_partitions=2,
         )
     )
-    times["6x3 fit (before)"].append((n, seconds))
-    row["6x3 fit (before)"] = seconds
+    times["4x2 fit (before)"].append((n, seconds))
+    row["4x2 fit (before)"] = seconds
     seconds, before_sims = timed(lambda: before.similarity(query))
-    times["6x3 query (before)"].append((n, seconds))
-    row["6x3 query (before)"] = seconds
+    times["4x2 query (before)"].append((n, seconds))
+    row["4x2 query (before)"] = seconds
 
     assert clustered.centres is not None
     truth = exact_sims >= exact_threshold  # the exact answer: exact search, exact threshold
@@ -328,16 +329,14 @@ def run_size(n: int, args: argparse.Namespace, times: dict, figures: list) -> di
             "flags: clustered (old)": agree(clustered_old.in_domain(sims)),
             "flags: clustered, sampled threshold": agree(clustered.in_domain(sims)),
             "flags: first pass alone": agree(clustered.in_domain(first_sims)),
-            "flags: 4x32 second pass (before)": agree(clustered.in_domain(wide_sims)),
-            "flags: 6x3, one pass (before)": agree(before.in_domain(before_sims)),
+            "flags: 4x2 (before)": agree(before.in_domain(before_sims)),
             "second pass": f"{np.mean(first_sims < clustered.threshold):.3f}",
             "flags: certified": agree(clustered.in_domain(certified)),
             "flags: exact search, sampled threshold": agree(sampled.in_domain(exact_sims)),
             "certified = exact at its threshold": f"{np.mean(certified_flags == own):.4f}",
             "re-checked": f"{np.mean(sims < clustered.threshold):.3f}",
             "nn error mean / max (clustered)": f"{error.mean():.4f} / {error.max():.3f}",
-            "nn error mean (4x32 before)": f"{(exact_sims - wide_sims).mean():.4f}",
-            "nn error mean (6x3 before)": f"{(exact_sims - before_sims).mean():.4f}",
+            "nn error mean (4x2 before)": f"{(exact_sims - before_sims).mean():.4f}",
             "nn error mean / max (certified)": f"{cert_error.mean():.4f} / {cert_error.max():.3f}",
             "packed MB": f"{exact.train_packed.nbytes / 1e6:.1f}",
             "index MB": f"{index_mb(clustered):.1f}",
@@ -428,9 +427,8 @@ def main() -> None:
         "clustered query",
         "certified query",
         "first-pass query",
-        "4x32 query (before)",
-        "6x3 fit (before)",
-        "6x3 query (before)",
+        "4x2 fit (before)",
+        "4x2 query (before)",
     ]
     times: dict[str, list[tuple[int, float]]] = {m: [] for m in methods}
     figures: list[dict[str, Any]] = []

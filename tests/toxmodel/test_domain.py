@@ -222,7 +222,7 @@ def test_a_domain_saved_before_the_clustered_search_loads_and_answers_exactly() 
 def test_clustered_search_never_exceeds_exact_and_probing_everything_is_exact() -> None:
     train, query = ecfp_like(4000, 512, seed=7), ecfp_like(600, 512, seed=8)
     exact = brute_force(query, train)
-    domain = fit_domain(train, query[:0], 512, search="clustered", n_clusters=40, n_probe=2)
+    domain = fit_domain(train, query[:0], 512, search="clustered", n_clusters=40)
     assert domain.search == "clustered"
     assert domain.centres is not None and domain.centres.shape == (
         domain_module.N_PARTITIONS,
@@ -520,7 +520,7 @@ def test_a_second_pass_over_every_cluster_of_fewer_partitions_is_exact(
     train, valid = ecfp_like(3000, 256, seed=13), ecfp_like(300, 256, seed=14)
     query = np.concatenate([ecfp_like(500, 256, seed=15), ecfp_like(100, 256, seed=99)])
     exact = brute_force(query, train)
-    kw = {"search": "clustered", "n_clusters": 40, "n_probe": 1}
+    kw = {"search": "clustered", "n_clusters": 40, "n_probe": 1, "n_partitions": 4}
     plain = fit_domain(train, valid, 256, n_probe_low=0, **kw).similarity(query)
     domain = fit_domain(train, valid, 256, n_probe_low=40, low_partitions=low_partitions, **kw)
     assert domain.low_partitions == low_partitions
