@@ -109,8 +109,10 @@ CLUSTERS_PER_SQRT = 2.0  # clustered search: ceil(this * sqrt(n_train)) clusters
 # clustered search: independent partitions of the training rows, and the clusters a query
 # searches in each. Two partitions of 6 probes (then 128, below) rank half the centres 4 x 2
 # (then 96) ranked, and a fit builds half the partitions: at 10^6 rows, ECFP-like and real
-# molecules, 0.90-0.92x the query time, the same flags or more, 0.6x the fit (RESULTS "The
-# clustered search in two partitions"). 2 x 4 (then 96) lost 0.2 points of flags.
+# molecules, the same flags or more in 0.6x the fit; queries drawn like the validation rows in
+# 0.82-0.94x the time, the 10^6 job's out-of-distribution queries (a quarter take the second
+# pass, now 128 deep) in 1.04x (RESULTS "The clustered search in two partitions"). Faster
+# choices lost flags on ECFP-like rows: 2 x 6 then 96 0.2 points, 3 x 3 then 96 0.1.
 N_PARTITIONS = 2
 N_PROBE = 6
 # clustered search: clusters searched per partition, in all, for a query whose first answer is
