@@ -56,12 +56,16 @@ class _Groups:
         return conflict
 
 
-def _group(keys: Sequence[str]) -> _Groups:
-    codes, uniques = pd.factorize(np.asarray(keys, dtype=object))
+def _group(keys: Sequence[str] | np.ndarray) -> _Groups:
+    """Rows grouped by key: strings ("" = no molecule, in no group of repeats) or integer ids
+    (`toxmodel.split.molecule_groups`: a row without a molecule has an id of its own)."""
+    integer = isinstance(keys, np.ndarray) and keys.dtype.kind in "iu"
+    codes, uniques = pd.factorize(keys if integer else np.asarray(keys, dtype=object))
     if len(codes) < 2**31:
         codes = codes.astype(np.int32)
     sizes = np.bincount(codes, minlength=len(uniques))
-    sizes[uniques == ""] = 0
+    if not integer:
+        sizes[uniques == ""] = 0
     return _Groups(codes, np.asarray(uniques, dtype=object), sizes)
 
 
@@ -83,8 +87,10 @@ class DuplicateCounts:
     conflicting: int  # of those, molecules with a 0 and a 1 for some task
 
 
-def count_duplicates(keys: Sequence[str], labels: np.ndarray) -> DuplicateCounts:
-    """Repeated molecules among rows keyed by `keys` ("" = no molecule, never a repeat)."""
+def count_duplicates(keys: Sequence[str] | np.ndarray, labels: np.ndarray) -> DuplicateCounts:
+    """Repeated molecules among rows keyed by `keys` ("" = no molecule, never a repeat), or by
+    the integer ids `toxmodel.split.molecule_groups` gives for such keys (hashed faster: a job
+    hashes its 10^6 keys once, for this count and its split)."""
     if len(keys) == 0:
         return DuplicateCounts(0, 0, 0)
     groups = _group(keys)

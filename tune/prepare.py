@@ -128,7 +128,8 @@ def prepare_data(
             write_invalid_report(features.invalid, local, table.lines)
         check_parsed(table, features, job.storage.uri_of(job.name, INVALID_REPORT))
     keys = features.row_keys(len(table))
-    counts = count_duplicates(keys, table.labels)
+    ids = molecule_groups(keys)  # the keys hashed once: the count and the split read the ids
+    counts = count_duplicates(ids, table.labels)
     if counts.shared_rows:
         log.info(
             "%d rows share a molecule with another row (%d molecules, %d with conflicting "
@@ -142,11 +143,11 @@ def prepare_data(
         merged = deduplicate(table, keys, job.data.duplicates)
         _report_merged(job, table, keys, merged)
         features = features.take(merged.rows)
-        keys = [keys[i] for i in merged.rows]
+        ids = ids[merged.rows]
         table = merged.table
     labels = table.labels[features.valid_rows]
     valid_smiles = [table.smiles[i] for i in features.valid_rows]
-    groups = molecule_groups([keys[i] for i in features.valid_rows])
+    groups = molecule_groups(ids[features.valid_rows])  # renumbered, first seen first
     split = split_dataset(valid_smiles, labels, job.split, groups=groups)
     with job.storage.staged(job.name, INVALID_REPORT) as local:
         write_invalid_report(features.invalid, local, table.lines)

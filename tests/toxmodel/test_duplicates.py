@@ -12,6 +12,7 @@ import pytest
 from toxmodel.data import load_table
 from toxmodel.duplicates import count_duplicates, deduplicate, find_conflicts
 from toxmodel.featurize import FeaturizerConfig, featurize
+from toxmodel.split import molecule_groups
 from toxmodel.summary import describe
 
 # Four spellings of ethanol (two of them salts, which standardize folds in), methanol twice,
@@ -106,3 +107,5 @@ def test_conflicts_and_counts_match_a_plain_count_on_random_tables() -> None:
         assert counts.shared_rows == sum(len(r) for r in repeated.values())
         assert counts.molecules == len(repeated)
         assert counts.conflicting == len(want)
+        # a job counts by the ids its split uses (the keys hashed once): the same counts
+        assert count_duplicates(molecule_groups(keys), labels) == counts, trial

@@ -322,6 +322,10 @@ def test_molecule_groups_and_bad_groups() -> None:
     ids = molecule_groups(keys)
     assert ids.tolist() == [0, 1, 2, 0, 3, 2]  # an empty key is never shared
     assert keys.tolist() == ["CCO", "", "C", "CCO", "", "C"]  # the caller's keys untouched
+    # ids of some of the rows are renumbered in first-seen order, as their keys would be
+    rows = np.array([2, 3, 5, 0])
+    renumbered = molecule_groups(ids[rows]).tolist()
+    assert renumbered == molecule_groups(keys[rows]).tolist() == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="3 rows but 2 group ids"):
         split_dataset(["C", "CC", "CCC"], np.zeros((3, 1)), SplitConfig(), groups=[0, 1])
     with pytest.raises(ValueError, match="integers"):
