@@ -104,7 +104,8 @@ def molecule_groups(keys: Sequence[str] | np.ndarray) -> np.ndarray:
     Rows with one key share a group; an empty key (a row with no molecule) is a group of its own.
     Hashed by `pd.factorize` (first-seen order too): a Python dict over 10^6 keys took 1.5 s,
     and more than 10x the time of 10^5. Integer keys (ids this function gave, for a subset of
-    the rows: renumbered) hash without Python objects: 10^6 ids in a few ms.
+    the rows: renumbered) hash without Python objects: 10^6 ids in 60-100 ms, against about
+    0.22 s for 10^6 canonical SMILES.
     """
     if isinstance(keys, np.ndarray) and keys.dtype.kind in "iu":
         return pd.factorize(keys.reshape(-1))[0].astype(np.int64)
