@@ -100,12 +100,15 @@ from toxmodel.cpus import available_cpus
 DOMAIN_PERCENTILE = 10.0  # threshold = this percentile of validation NN similarity to train
 TILE_QUERIES = 128  # queries per tile of the similarity kernel
 CHUNK_PAIRS = TILE_QUERIES * 8192  # query x train pairs per tile (8 MB of float64 ratios)
-# search="auto": exact up to this many distinct training fingerprints, clustered above. Measured
-# (benchmarks/domain_scale.py, 2 CPUs, 10^4 queries, one thread): exact 1.7 s at 2 * 10^4 rows,
-# 15 s at 2 * 10^5, 146 s at 10^6 (two threads: 29.7 s; the clustered search with its second
-# pass 4.3 s, 99.1 % of the exact in_domain flags). Up to 2 * 10^5 the exact answer costs
-# seconds and is kept.
-EXACT_MAX_TRAIN = 200_000
+# search="auto": exact up to this many distinct training fingerprints, clustered above. Up to
+# here the exact search costs at most what featurizing and predicting a molecule costs (about
+# 0.2 ms on 2 CPUs), so a prediction with the check runs at >= 0.5x one without it; above it,
+# more. Measured (benchmarks/domain_scale.py, 2 CPUs, 10^4 ECFP-like queries): exact 1.79 s at
+# 5 * 10^4 rows, 3.28 s at 10^5, 7.21 s at 2 * 10^5; clustered 0.74, 1.16, 1.47 s with 99.92,
+# 99.90, 99.83 % of the exact flags (real molecules at 10^5: 1.01 against 3.37 s, 99.80 %).
+# It was 2 * 10^5 (seconds for 10^4 queries), which made a 10^5-molecule model predict 10^5
+# molecules at 0.40x (RESULTS "The clustered search in two partitions").
+EXACT_MAX_TRAIN = 50_000
 CLUSTERS_PER_SQRT = 2.0  # clustered search: ceil(this * sqrt(n_train)) clusters
 # clustered search: independent partitions of the training rows, and the clusters a query
 # searches in each. Two partitions of 6 probes (then 128, below) rank half the centres 4 x 2
