@@ -736,8 +736,9 @@ class Domain:
         return sims
 
     def drop_search(self) -> None:
-        """Free what the searches built on the first query (the CSR bits, the partitions'
-        centres; 0.3 GB at 10^6 molecules); the next query builds them again."""
+        """Free what the searches built on the first query (the CSR bits, 0.15 GB for the
+        782,000 distinct molecules of a 10^6 job, and the partitions' centres); the next query
+        builds them again."""
         for name in ("_rows", "_exact", "_clusters"):
             self.__dict__.pop(name, None)
 
