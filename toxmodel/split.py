@@ -11,6 +11,7 @@ import pandas as pd
 
 METHODS = ("random", "stratified", "scaffold")
 SPLIT_NAMES = ("train", "valid", "test")
+COUNT_BLOCK = 16_384  # rows per block when counting labels per split (fits the CPU caches)
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,7 @@ def split_dataset(
         approximate.
     """
     validate_split_config(config)
-    y = np.asarray(labels, dtype=np.float64)
-    if y.ndim == 1:
-        y = y.reshape(-1, 1)
+    y = np.asarray(labels)  # no float64 copy unless stratified reads it: 96 MB at 10^6 x 12
     n = len(smiles)
     if y.shape[0] != n:
         raise ValueError(f"{n} SMILES but {y.shape[0]} label rows")
@@ -92,6 +91,7 @@ def split_dataset(
     if config.method == "random":
         assignment = _random_assignment(group_of, targets, rng)
     elif config.method == "stratified":
+        y = np.asarray(y, dtype=np.float64).reshape(n, -1)
         assignment = _stratified_assignment(y, group_of, targets, rng)
     else:
         assignment = _scaffold_assignment(smiles, group_of, targets, config, rng)
@@ -122,26 +122,38 @@ def missing_class_warnings(labels: np.ndarray, split: Split, tasks: Sequence[str
 
     Empty splits (a fraction of 0) are skipped.
     """
-    y = np.asarray(labels, dtype=np.float64)
+    y = np.asarray(labels)
     if y.ndim == 1:
         y = y.reshape(-1, 1)
+    part = np.zeros(len(y), dtype=np.int8)  # 1 + the split each row is in (0: none)
+    for k, name in enumerate(SPLIT_NAMES):
+        part[getattr(split, name)] = k + 1
+    # positives and negatives per (part, task), a block of rows at a time: no copy of the
+    # labels (gathering each split's rows cost 0.35 s at 10^6 rows x 12 tasks, reading column
+    # by column 0.12 s)
+    positives = np.zeros((len(SPLIT_NAMES) + 1, y.shape[1]), dtype=np.int64)
+    negatives = np.zeros_like(positives)
+    for start in range(0, len(y), COUNT_BLOCK):
+        block, where = y[start : start + COUNT_BLOCK], part[start : start + COUNT_BLOCK]
+        for k in range(1, len(positives)):
+            rows = block[where == k]
+            positives[k] += np.count_nonzero(rows == 1, axis=0)
+            negatives[k] += np.count_nonzero(rows == 0, axis=0)
     messages: list[str] = []
-    for name in SPLIT_NAMES:
-        rows = np.asarray(getattr(split, name), dtype=np.int64)
-        if rows.size == 0:
+    for k, name in enumerate(SPLIT_NAMES):
+        size = len(getattr(split, name))
+        if size == 0:
             continue
-        part = y[rows]
         for j, task in enumerate(tasks):
-            positives = int(np.sum(part[:, j] == 1))
-            negatives = int(np.sum(part[:, j] == 0))
-            if positives and negatives:
+            pos, neg = int(positives[k + 1, j]), int(negatives[k + 1, j])
+            if pos and neg:
                 continue
-            lacking = "positives" if not positives else "negatives"
-            if not positives and not negatives:
+            lacking = "positives" if not pos else "negatives"
+            if not pos and not neg:
                 lacking = "labels"
             messages.append(
-                f"{name} split: task {task!r} has no {lacking} ({positives} positives, "
-                f"{negatives} negatives in {rows.size} rows); its ROC-AUC is undefined there"
+                f"{name} split: task {task!r} has no {lacking} ({pos} positives, "
+                f"{neg} negatives in {size} rows); its ROC-AUC is undefined there"
             )
     return messages
 
@@ -169,10 +181,22 @@ def _group_index(groups: np.ndarray | Sequence[int] | None, n: int) -> np.ndarra
         raise ValueError(f"{n} rows but {g.shape[0]} group ids")
     if g.size and not np.issubdtype(g.dtype, np.integer):
         raise ValueError(f"group ids must be integers, got dtype {g.dtype}")
+    if _first_seen(g):  # already so (`molecule_groups` numbers them so): no sort
+        return g.astype(np.int64, copy=False)
     _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
     rank = np.empty(first.size, dtype=np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(first.size)
     return rank[inverse.reshape(-1)]
+
+
+def _first_seen(g: np.ndarray) -> bool:
+    """Whether integer ids are 0..G-1 numbered in first-seen row order: each id is at most one
+    above every id before it (so a new one is exactly the next), and none is negative."""
+    if not g.size:
+        return True
+    if g[0] != 0 or g.min() < 0:
+        return False
+    return bool(np.all(g[1:] <= np.maximum.accumulate(g)[:-1] + 1))
 
 
 def _cut(sizes: np.ndarray, quotas: np.ndarray) -> np.ndarray:

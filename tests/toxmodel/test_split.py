@@ -209,6 +209,68 @@ def test_missing_class_warnings_name_task_and_split() -> None:
     assert not any("'B'" in m for m in messages)
 
 
+def test_missing_class_warnings_count_every_split_and_task_across_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The counts in the messages are the split's labels counted one by one, whatever the
+    block size the rows are counted in (rows of one split scattered over many blocks)."""
+    import toxmodel.split as split_module
+
+    rng = np.random.default_rng(3)
+    n, tasks = 200, ["A", "B", "C", "D"]
+    labels = rng.choice(np.array([0, 1, np.nan], np.float32), size=(n, len(tasks)))
+    rows = rng.permutation(n)
+    split = Split(np.sort(rows[:150]), np.sort(rows[150:180]), np.sort(rows[180:]))
+    labels[split.valid, 0] = np.where(np.isnan(labels[split.valid, 0]), np.nan, 0)  # no positives
+    labels[split.test, 1] = np.nan  # no labels
+    labels[split.train, 2] = np.where(np.isnan(labels[split.train, 2]), np.nan, 1)  # no negatives
+    expected = []
+    for name in SPLIT_NAMES:
+        part = labels[getattr(split, name)]
+        for j, task in enumerate(tasks):
+            pos, neg = int((part[:, j] == 1).sum()), int((part[:, j] == 0).sum())
+            if not (pos and neg):
+                expected.append((name, task, pos, neg))
+    assert len(expected) == 3
+    for block in (7, 64, 16_384):
+        monkeypatch.setattr(split_module, "COUNT_BLOCK", block)
+        messages = missing_class_warnings(labels, split, tasks)
+        assert len(messages) == len(expected)
+        for message, (name, task, pos, neg) in zip(messages, expected, strict=True):
+            assert message.startswith(f"{name} split: task {task!r}")
+            size = len(getattr(split, name))
+            assert f"({pos} positives, {neg} negatives in {size} rows)" in message
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [0, 1, 0, 2, 1, 3],  # already numbered in first-seen order
+        [0, 2, 1, 2, 1, 0],  # an id skips ahead of one not yet seen
+        [1, 0, 1, 2, 0, 3],  # does not start at 0
+        [0, 1, -1, 1, 2, 2],  # a negative id
+        [0, 0, 1, 1, 3, 2],  # a gap, then the id it skipped
+    ],
+)
+def test_group_ids_in_any_numbering_give_one_split(groups: list[int]) -> None:
+    """The split depends on which rows share a group, not on the ids' values: ids already in
+    first-seen order (taken as they are) and any other numbering of the same groups agree."""
+    from toxmodel.split import molecule_groups
+
+    smiles = [f"C{'C' * i}O" for i in range(6)] * 5
+    # 5 copies of the pattern, each with ids of its own right after the last copy's
+    ids = np.array(groups * 5) + np.repeat(np.arange(5) * (max(groups) + 1), 6)
+    labels = _synthetic_labels(len(smiles), 2, seed=1)
+    first_seen = molecule_groups(ids)
+    for method in ("random", "stratified"):
+        for seed in range(3):
+            config = SplitConfig(method=method, seed=seed)
+            given = split_dataset(smiles, labels, config, groups=ids)
+            renumbered = split_dataset(smiles, labels, config, groups=first_seen)
+            for name in SPLIT_NAMES:
+                np.testing.assert_array_equal(getattr(given, name), getattr(renumbered, name))
+
+
 # ------------------------------------------------------------ repeated molecules stay together
 
 
