@@ -239,18 +239,55 @@ class StudyReports:
 
 def _write_batch(batch: list[tuple[Any, float, int]]) -> None:
     """Write (optuna.Trial, value, step) intermediate values in one transaction of the trials'
-    RDB storage: what `Trial.report` writes, without a commit per value. Uses optuna 5.0.0's
-    `_CachedStorage._backend`, `_rdb.storage._create_scoped_session` and
-    `RDBStorage._set_trial_intermediate_value_without_commit` (no public batch write); raises
-    (nothing written) if a trial cannot take a value, e.g. because it already finished."""
+    RDB storage: what `Trial.report` writes, in three statements a batch (the trials' states,
+    the steps already stored, the new rows) instead of two queries and an insert a value
+    (optuna's `_set_trial_intermediate_value_without_commit`: 4.5 ms of driver CPU a result on
+    PostgreSQL at 64 trials in flight, benchmarks/driver.py). A later value for a step replaces
+    an earlier one, as a report does. Raises (nothing written) if a trial cannot take a value,
+    e.g. because it already finished. Uses optuna 5's `_CachedStorage._backend`,
+    `_rdb.storage._create_scoped_session` and the `_rdb.models` of trials and their
+    intermediate values (no public batch write)."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
     backend = getattr(batch[0][0].storage, "_backend", batch[0][0].storage)
+    values = {(trial._trial_id, step): value for trial, value, step in batch}  # last one wins
+    trial_ids = sorted({trial_id for trial_id, _ in values})
+    rows = models.TrialIntermediateValueModel
     with _create_scoped_session(backend.scoped_session) as session:
-        for trial, value, step in batch:
-            backend._set_trial_intermediate_value_without_commit(
-                session, trial._trial_id, step, value
+        states = dict(
+            session.query(models.TrialModel.trial_id, models.TrialModel.state).filter(
+                models.TrialModel.trial_id.in_(trial_ids)
             )
+        )
+        for trial_id in trial_ids:
+            if trial_id not in states:
+                raise KeyError(f"study trial id {trial_id} not found")
+            backend.check_trial_is_updatable(trial_id, states[trial_id])
+        stored = {
+            (row.trial_id, row.step): row
+            for row in session.query(rows).filter(
+                rows.trial_id.in_(trial_ids), rows.step.in_({step for _, step in values})
+            )
+        }
+        new = []
+        for (trial_id, step), value in values.items():
+            stored_value, value_type = rows.intermediate_value_to_stored_repr(value)
+            row = stored.get((trial_id, step))
+            if row is None:
+                new.append(
+                    {
+                        "trial_id": trial_id,
+                        "step": step,
+                        "intermediate_value": stored_value,
+                        "intermediate_value_type": value_type,
+                    }
+                )
+            else:
+                row.intermediate_value, row.intermediate_value_type = stored_value, value_type
+        if new:  # one executemany, not an INSERT ... RETURNING a row
+            session.execute(sqlalchemy.insert(rows), new)
 
 
 def with_console_metrics(trainable: Any, names: list[str]) -> Any:
@@ -652,13 +689,28 @@ def check() -> None:
     frozen = optuna.trial.create_trial(value=0.0, params={}, distributions={})
     if not hasattr(frozen, "_trial_id"):
         missing.append("optuna.trial.FrozenTrial._trial_id")
-    from optuna.storages import RDBStorage, _cached_storage
+    from optuna.storages import _cached_storage
     from optuna.storages._rdb import storage as rdb_storage
 
     if not callable(getattr(rdb_storage, "_create_scoped_session", None)):
         missing.append("optuna.storages._rdb.storage._create_scoped_session")
-    if not callable(getattr(RDBStorage, "_set_trial_intermediate_value_without_commit", None)):
-        missing.append("RDBStorage._set_trial_intermediate_value_without_commit")
+    from optuna.storages._rdb import models as rdb_models
+
+    wanted = {
+        "TrialModel": ("trial_id", "state"),
+        "TrialIntermediateValueModel": (
+            "trial_id",
+            "step",
+            "intermediate_value",
+            "intermediate_value_type",
+            "intermediate_value_to_stored_repr",
+        ),
+    }
+    for name, attrs in wanted.items():
+        model = getattr(rdb_models, name, None)
+        missing += [
+            f"optuna.storages._rdb.models.{name}.{a}" for a in attrs if not hasattr(model, a)
+        ]
     if "self._backend = " not in inspect.getsource(_cached_storage._CachedStorage.__init__):
         missing.append("optuna.storages._CachedStorage._backend")
     for fn, arg in ((ray.init, "_node_ip_address"), (ray_tune.Tuner.restore, "_resume_config")):

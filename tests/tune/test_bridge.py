@@ -176,3 +176,60 @@ def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
     assert all(thread != loop for _, thread in deleted), deleted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "checkpoint_000004"]
     assert checkpoint_manager._delete_fs_path is spy  # Tune's own deletion is back
+
+
+def _study_with_trials(url: str, n: int) -> tuple[object, list[object]]:
+    import optuna
+
+    from tune import study as study_module
+
+    found = optuna.create_study(storage=study_module.rdb(url), study_name="s")
+    return found, [found.ask() for _ in range(n)]
+
+
+def test_a_batch_of_intermediate_values_is_a_few_statements_and_writes_what_reports_would(
+    tmp_path: Path,
+) -> None:
+    """The study's writer stores a batch of epochs as optuna's own per-value write does (a
+    repeated step takes the later value, NaN and infinities kept), in a number of SQL
+    statements that does not grow with the batch (two queries a value cost 4.5 ms of driver CPU
+    a result on PostgreSQL at 64 trials in flight); a batch with a finished trial writes
+    nothing."""
+    import math
+
+    import optuna
+    from sqlalchemy import event
+
+    values = [(0, 0.5, 1), (0, 0.7, 1), (0, math.nan, 2), (1, math.inf, 1), (1, 0.3, 2)]
+    values += [(1, 0.4, 2), (2, -math.inf, 5)] + [(2, i / 100, 10 + i) for i in range(40)]
+
+    def stored(found: object) -> list[dict[int, float]]:
+        return [
+            {step: ("nan" if math.isnan(v) else v) for step, v in t.intermediate_values.items()}
+            for t in found.get_trials(deepcopy=False)
+        ]
+
+    one_by_one, trials = _study_with_trials(f"sqlite:///{tmp_path / 'a.db'}", 3)
+    backend = trials[0].storage._backend
+    backend.set_trial_intermediate_value(trials[0]._trial_id, 1, 0.1)  # stored before
+    for i, value, step in values:
+        backend.set_trial_intermediate_value(trials[i]._trial_id, step, value)
+
+    batched, trials = _study_with_trials(f"sqlite:///{tmp_path / 'b.db'}", 3)
+    backend = trials[0].storage._backend
+    backend.set_trial_intermediate_value(trials[0]._trial_id, 1, 0.1)
+    statements: list[str] = []
+    event.listen(backend.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    bridge._write_batch([(trials[i], value, step) for i, value, step in values[:7]])
+    small = len(statements)
+    statements.clear()
+    bridge._write_batch([(trials[i], value, step) for i, value, step in values[7:]])
+    large = len(statements)
+    assert stored(batched) == stored(one_by_one)
+    assert large <= small <= 6  # states, stored steps, inserts (+ updates), commit
+
+    batched.tell(trials[1], 0.9)
+    before = stored(batched)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        bridge._write_batch([(trials[0], 0.2, 50), (trials[1], 0.2, 50)])
+    assert stored(batched) == before
