@@ -144,8 +144,14 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         """Told in the loop, as before, once the trial's queued epochs are in the study: the
-        study is what a resume trusts, so a finished trial is in it before Tune goes on."""
+        study is what a resume trusts, so a finished trial is in it before Tune goes on. The
+        result a trial ends on (its last epoch, or the one ASHA stopped it at) reaches the
+        searcher here instead of through `on_trial_result` (ray 2.60.0), so it is queued as
+        the trial's last intermediate value first: the study then holds every epoch MLflow
+        does (it lacked the last one before)."""
         if self._attach(trial_id):
+            if result and not error and self.metric in result and "training_iteration" in result:
+                self.on_trial_result(trial_id, result)
             self._reports.wait()
             super().on_trial_complete(trial_id, result, error)
 

@@ -217,6 +217,32 @@ def test_results_are_told_without_reading_the_whole_study(
     assert 21 not in values["t0"] and values["t1"][21] == 0.9
 
 
+def test_the_epoch_a_trial_ends_on_is_in_the_study_as_mlflow_has_it(
+    tmp_path: Path, small_csv: Path
+) -> None:
+    """Tune hands a trial's last result (its final epoch, or the one ASHA stopped it at) to the
+    searcher's `on_trial_complete` only, not to `on_trial_result`: the study must still hold it
+    as an intermediate value, as the trial's MLflow run does, besides the value told. A failed
+    trial's last result is not reported."""
+    job = tiny_job(tmp_path, small_csv, **{"search.evaluate_default": False})
+    db = study.sqlite_file(job.study_storage)
+    assert db is not None
+    db.parent.mkdir(parents=True, exist_ok=True)
+    searcher, found = study.make_searcher(job, build_space(job.search.space), first_run=True)
+    searcher.set_search_properties(study.METRIC, study.MODE, config={})
+    for trial_id in ("done", "failed"):
+        assert searcher.suggest(trial_id) is not None
+        for epoch in (1, 2, 3):
+            result = {study.METRIC: 0.5 + epoch / 100, "training_iteration": epoch}
+            searcher.on_trial_result(trial_id, result)
+    searcher.on_trial_complete("done", {study.METRIC: 0.6, "training_iteration": 4})
+    searcher.on_trial_complete("failed", {study.METRIC: 0.6, "training_iteration": 4}, error=True)
+    trials = {t.user_attrs["ray_trial_id"]: t for t in found.get_trials()}
+    assert trials["done"].intermediate_values == {1: 0.51, 2: 0.52, 3: 0.53, 4: 0.6}
+    assert trials["done"].value == 0.6
+    assert trials["failed"].intermediate_values == {1: 0.51, 2: 0.52, 3: 0.53}
+
+
 def test_the_study_is_counted_and_its_orphans_failed_without_reading_its_trials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
