@@ -173,6 +173,19 @@ def test_a_database_created_by_another_process_at_the_same_moment_is_opened(
         study.rdb(url)
 
 
+def _fresh_searcher(
+    tmp_path: Path, small_csv: Path
+) -> tuple[JobConfig, study.StudySearch, optuna.Study]:
+    """A tiny job's searcher over a new SQLite study, told the metric, as Tune sets it up."""
+    job = tiny_job(tmp_path, small_csv, **{"search.evaluate_default": False})
+    db = study.sqlite_file(job.study_storage)
+    assert db is not None
+    db.parent.mkdir(parents=True, exist_ok=True)
+    searcher, found = study.make_searcher(job, build_space(job.search.space), first_run=True)
+    searcher.set_search_properties(study.METRIC, study.MODE, config={})
+    return job, searcher, found
+
+
 def test_results_are_told_without_reading_the_whole_study(
     tmp_path: Path, small_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,12 +194,7 @@ def test_results_are_told_without_reading_the_whole_study(
     flight and grew with the epochs. Values queued meanwhile are written in one transaction,
     and a snapshot of the searcher waits for them. A trial the study finished behind a restored
     driver's back is still not told (that check is made once, from its own row)."""
-    job = tiny_job(tmp_path, small_csv, **{"search.evaluate_default": False})
-    db = study.sqlite_file(job.study_storage)
-    assert db is not None
-    db.parent.mkdir(parents=True, exist_ok=True)
-    searcher, found = study.make_searcher(job, build_space(job.search.space), first_run=True)
-    searcher.set_search_properties(study.METRIC, study.MODE, config={})
+    job, searcher, found = _fresh_searcher(tmp_path, small_csv)
     ids = [f"t{i}" for i in range(4)]
     for trial_id in ids:
         assert searcher.suggest(trial_id) is not None
@@ -224,12 +232,7 @@ def test_the_epoch_a_trial_ends_on_is_in_the_study_as_mlflow_has_it(
     searcher's `on_trial_complete` only, not to `on_trial_result`: the study must still hold it
     as an intermediate value, as the trial's MLflow run does, besides the value told. A failed
     trial's last result is not reported."""
-    job = tiny_job(tmp_path, small_csv, **{"search.evaluate_default": False})
-    db = study.sqlite_file(job.study_storage)
-    assert db is not None
-    db.parent.mkdir(parents=True, exist_ok=True)
-    searcher, found = study.make_searcher(job, build_space(job.search.space), first_run=True)
-    searcher.set_search_properties(study.METRIC, study.MODE, config={})
+    _, searcher, found = _fresh_searcher(tmp_path, small_csv)
     for trial_id in ("done", "failed"):
         assert searcher.suggest(trial_id) is not None
         for epoch in (1, 2, 3):
