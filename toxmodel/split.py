@@ -190,8 +190,9 @@ def _group_index(groups: np.ndarray | Sequence[int] | None, n: int) -> np.ndarra
 
 
 def _first_seen(g: np.ndarray) -> bool:
-    """Whether integer ids are 0..G-1 numbered in first-seen row order: each id is at most one
-    above every id before it (so a new one is exactly the next), and none is negative."""
+    """Whether integer ids are 0..G-1 numbered in first-seen row order: the first is 0, none is
+    negative, and each is at most one above the largest before it (so a new one is exactly the
+    next)."""
     if not g.size:
         return True
     if g[0] != 0 or g.min() < 0:
