@@ -14,16 +14,16 @@ handle, and flags the tail it was never checked on. Under a scaffold split the v
 molecules are novel scaffolds, so the threshold is lower; under a random split, higher. A fixed
 cut such as Tanimoto 0.4 would ignore both the fingerprint size and the split.
 
-Storage: the distinct training fingerprints, bit-packed (`np.packbits`, 8 bits a byte); loaded,
-they are a CSR matrix of their on bits (uint8 ones). |a & b| for a tile of training rows and
-queries is one sparse x dense product (exact integer sums), pairs are ranked in float32 (by
-Tanimoto |a & b| / (|a| + |b| - |a & b|), or in the clustered search by |a & b| / (|a| + |b|),
-which orders them alike) and the maxima divided again in float64, so the answer equals RDKit's
-`BulkTanimotoSimilarity` bit for bit (up to FLOAT32_MAX_BITS bits two different ratios never
-round to one float32; wider fingerprints compare in float64). Two empty fingerprints have
-similarity 0. (AND + popcount on packed 64-bit words, numpy's `bitwise_count`, was measured
-1.2x slower at 1024 bits and 2x at 2048: it pays for every word, the product only for the on
-bits, 1.5-3 % of them for ECFP.)
+Storage: the distinct training fingerprints, bit-packed (`np.packbits`, 8 bits a byte). The
+exact search reads them as a CSR matrix of their on bits (uint8 ones): |a & b| for a tile of
+training rows and queries is one sparse x dense product (exact integer sums), pairs are ranked
+in float32 by Tanimoto |a & b| / (|a| + |b| - |a & b|) and the maxima divided again in float64,
+so the answer equals RDKit's `BulkTanimotoSimilarity` bit for bit. (AND + popcount on packed
+64-bit words in numpy, `bitwise_count`, was measured 1.2x slower at 1024 bits and 2x at 2048:
+each step is a pass over a temporary, where the product pays only for the on bits, 1.5-3 % of
+them for ECFP.) The clustered search reads them as 64-bit words through compiled kernels
+(`toxmodel.tanimoto`: AND, popcount and the running maximum fused, fractions compared exactly),
+about 10x the sparse product's speed a pair, with the same answers bit for bit.
 
 Two searches, built when the domain is first queried:
 
@@ -134,8 +134,6 @@ LOW_PARTITIONS = 2
 # the first pass missed, and would pay the second pass for nothing. At 10^6 ECFP-like rows the
 # first pass's wrongly low answers sat at most 0.18 below the threshold (99 % within 0.16).
 LOW_BAND = 0.2
-# `_best`: up to this many bits, ratios compared in float32 (exact: see there), else float64
-FLOAT32_MAX_BITS = 2048
 TOP_PASSES = 8  # `_top`: argmax passes up to this many, argpartition above
 SEARCHES = ("auto", "exact", "clustered")
 SPARSE_ROWS = 8192  # packed rows unpacked at once when the CSR matrix is built
@@ -198,7 +196,6 @@ def _pack_morgan(
 
 # on bits of every byte value: `_packed_counts` without numpy 2's `bitwise_count` (the project
 # supports numpy >= 1.24)
-_BIT_SHIFTS = np.arange(8, dtype=np.uint8)[None, :, None]  # `_transposed_packed`
 _BYTE_BITS = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
 
 
@@ -289,51 +286,9 @@ def _best_rows(
     return best, first
 
 
-def _best(
-    ref: sp.csr_matrix, r_counts: np.ndarray, query_t: np.ndarray, q_counts: np.ndarray
-) -> np.ndarray:
-    """`_best_rows` without the rows, for the small tiles of one cluster's members.
-
-    The member with the largest Tanimoto T = p / (s - p) (p = |a & b|, s = |a| + |b|) is the
-    one with the largest x = p / s, since T = x / (1 - x) grows with x: the argmax needs one
-    broadcast sum and one division, not the union's three passes. Up to FLOAT32_MAX_BITS bits
-    x is compared in float32 and only each query's largest T divided in float64: two different
-    fractions p/s differ by at least 1 / (s1 s2), more than their float32 rounding errors
-    ((x1 + x2) 2^-24 < 1 / (s1 s2), as p1 s2 + p2 s1 < s1 s2 <= 4 n_bits^2 <= 2^24), so the
-    float32 maximum is the exact maximum's fraction. Wider fingerprints divide every ratio in
-    float64. Either way the answer is the correctly rounded quotient `_best_rows` returns."""
-    inter = np.asarray(ref @ query_t)
-    if query_t.shape[0] > FLOAT32_MAX_BITS:
-        inter = inter.astype(np.float64)
-        union = r_counts[:, None] + q_counts[None, :] - inter
-        np.maximum(union, 1.0, out=union)
-        return np.divide(inter, union, out=union).max(axis=0)
-    sums = _count_sums(r_counts, q_counts)
-    top = np.divide(inter, sums, out=sums).argmax(axis=0)
-    num = inter[top, np.arange(len(top))].astype(np.float64)
-    return num / np.maximum(r_counts[top] + q_counts - num, 1.0)
-
-
-def _count_sums(r_counts: np.ndarray, q_counts: np.ndarray) -> np.ndarray:
-    """float32 |a| + |b| (rows x queries): x = |a & b| / this orders pairs as Tanimoto does.
-    An empty row counts 0.5, so that two empty fingerprints give 0 / 0.5 = 0, not NaN (an
-    empty row's |a & b| is 0 whatever it counts)."""
-    rows = np.maximum(r_counts, 0.5).astype(np.float32)
-    return rows[:, None] + q_counts.astype(np.float32)[None, :]
-
-
 def _transposed(query: np.ndarray) -> np.ndarray:
     """Boolean query rows (m, n_bits) -> float32 (n_bits, m), C-ordered (the product's input)."""
     return np.ascontiguousarray(query.T, dtype=np.float32)
-
-
-def _transposed_packed(packed: np.ndarray, n_bits: int) -> np.ndarray:
-    """`_transposed` of `pack_bits` rows (m, ceil(n_bits / 8)): the bytes are transposed and
-    then split into bits, 8x less data moved across the transpose than from booleans (158 ->
-    71 us for 170 queries of 1024 bits; `np.unpackbits` along axis 0 took 149 us)."""
-    columns = np.ascontiguousarray(packed.T)  # (n_bytes, m)
-    bits = (columns[:, None, :] >> _BIT_SHIFTS) & 1  # (n_bytes, 8, m), little-endian bits
-    return bits.reshape(-1, len(packed))[:n_bits].astype(np.float32)
 
 
 def _count_bound(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
@@ -459,56 +414,42 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _centre_similarity(
-    centres: sp.csr_matrix, c_counts: np.ndarray, query_t: np.ndarray, q_counts: np.ndarray
-) -> np.ndarray:
-    """A float32 score (m, n) of every query column of `query_t` against every centre row, in
-    Tanimoto's order: |a & b| / (|a| + |b|) (see `_best`), for ranking the centres only (the
-    answer comes from the members the ranking picks)."""
-    inter = np.asarray(centres @ query_t, dtype=np.float32)
-    sums = _count_sums(c_counts, q_counts)
-    return np.divide(inter, sums, out=sums).T
-
-
 def _clustered_nearest(
     packed: np.ndarray,
-    train: sp.csr_matrix,
-    counts: np.ndarray,
+    n_bits: int,
     index: _Clusters,
     n_probe: int,
-    chunk_pairs: int = CHUNK_PAIRS,
     threads: int = 1,
     skip: int = 0,
 ) -> np.ndarray:
-    """Max Tanimoto of each query row (`pack_bits` rows of `train`'s width: 8x smaller than
+    """Max Tanimoto of each query row (`pack_bits` rows of `n_bits` bits: 8x smaller than
     booleans) to the members of its `n_probe` most similar centres' clusters in each partition
-    of `index` over `train`, leaving out the `skip` most similar (a second pass of more probes
-    after a first of `skip`). With `skip` 0 the most similar centre of every partition is among
-    the members (a centre is in its cluster).
+    of `index`, leaving out the `skip` most similar (a second pass of more probes after a first
+    of `skip`). With `skip` 0 the most similar centre of every partition is among the members
+    (a centre is in its cluster).
 
-    In `threads` threads: the centres by blocks of queries, then the clusters in groups (each
-    cluster's members are gathered once, for all the queries that probe it)."""
-    m, n_bits = len(packed), train.shape[1]
+    Both steps are compiled kernels (`toxmodel.tanimoto`), in `threads` threads: the centres
+    ranked by blocks of queries, then the clusters in groups (each cluster's members gathered
+    once, for all the queries that probe it)."""
+    from toxmodel import tanimoto  # compiled on first use; see the module
+
+    m = len(packed)
     n_parts, n_clusters = index.centres.shape
     if m == 0 or skip >= min(n_probe, n_clusters):  # nothing, or the first pass saw all
         return np.zeros(m)
     if n_probe >= n_clusters:  # every cluster, the first pass's too: which they were is not
         n_probe, skip = n_clusters, 0  # known here, and skipping by index would miss some
-    queries_per_tile, rows = _tile_shape(chunk_pairs)
+    query = tanimoto.words(packed, n_bits)
+    q_counts = tanimoto.counts(query)
 
     def centres(part: slice) -> np.ndarray:
         """The clusters to probe, for the queries of `part`."""
         probes = np.empty((part.stop - part.start, n_parts, n_probe - skip), dtype=np.int64)
-        for start in range(0, len(probes), queries_per_tile):
-            tile = slice(part.start + start, min(part.stop, part.start + start + queries_per_tile))
-            query_t, q_counts = _transposed_packed(packed[tile], n_bits), counts_of[tile]
-            sims = np.empty((tile.stop - tile.start, n_parts * n_clusters), dtype=np.float32)
-            for c0 in range(0, n_parts * n_clusters, rows):
-                c1 = min(c0 + rows, n_parts * n_clusters)
-                sims[:, c0:c1] = _centre_similarity(
-                    index.centre_rows[c0:c1], index.centre_counts[c0:c1], query_t, q_counts
-                )
-            sims = sims.reshape(len(sims), n_parts, n_clusters)
+        for start in range(0, len(probes), TILE_QUERIES):
+            tile = slice(part.start + start, min(part.stop, part.start + start + TILE_QUERIES))
+            sims = tanimoto.ratio_scores(
+                query[tile], q_counts[tile], index.centre_words, index.centre_counts
+            ).reshape(tile.stop - tile.start, n_parts, n_clusters)
             here = slice(start, start + len(sims))
             if n_probe < n_clusters:
                 probes[here] = _top(sims, n_probe)[..., skip:]
@@ -516,7 +457,6 @@ def _clustered_nearest(
                 probes[here] = np.arange(n_clusters)[None, None, :]
         return probes
 
-    counts_of = _packed_counts(packed).astype(np.float64)
     probes = np.concatenate(_by_blocks(centres, _query_blocks(m, threads), threads))
     # then cluster by cluster, with the queries that probe it
     width = n_parts * (n_probe - skip)
@@ -531,20 +471,18 @@ def _clustered_nearest(
         """Each query's best similarity among the members of every `groups`-th probed
         cluster from the `share`-th on."""
         local = np.zeros(m)
-        for g in probed[share::groups]:
-            who = asking[bounds[g] : bounds[g + 1]]
-            inside = index.members(int(g))
-            for r0 in range(0, len(inside), rows):
-                ids = inside[r0 : r0 + rows]
-                ref, ref_counts = train[ids], counts[ids]
-                # a small cluster takes more queries a tile, as many as keep both the tile's
-                # pairs and its transposed queries within chunk_pairs numbers
-                tile = max(queries_per_tile, chunk_pairs // max(len(ids), n_bits))
-                for q0 in range(0, len(who), tile):
-                    qs = who[q0 : q0 + tile]
-                    query_t = _transposed_packed(packed[qs], n_bits)
-                    value = _best(ref, ref_counts, query_t, counts_of[qs])
-                    local[qs] = np.maximum(local[qs], value)
+        tanimoto.best_in_clusters(
+            query,
+            q_counts,
+            index.words,
+            index.counts,
+            index.members,
+            index.member_starts,
+            probed[share::groups],
+            asking,
+            bounds,
+            local,
+        )
         return local
 
     best = np.zeros(m)
@@ -592,26 +530,45 @@ class _Search:
 @dataclass(frozen=True, eq=False)
 class _Clusters:
     """The clustered search's partitions: in partition p, cluster c holds training rows
-    `rows[p, starts[p, c]:starts[p, c + 1]]`, its centre is row `centres[p, c]`."""
+    `rows[p, starts[p, c]:starts[p, c + 1]]`, its centre is row `centres[p, c]`; and what the
+    compiled kernels read: the training rows as 64-bit words, cluster g = p * n_clusters + c
+    as `members[member_starts[g]:member_starts[g + 1]]`, the centres' words transposed."""
 
     rows: np.ndarray  # (n_partitions, n_train) int32
     starts: np.ndarray  # (n_partitions, n_clusters + 1) int64
     centres: np.ndarray  # (n_partitions, n_clusters) int64
-    centre_rows: sp.csr_matrix  # the centres' bits, partition by partition
-    centre_counts: np.ndarray
+    words: np.ndarray  # (n_train, n_words) uint64: the training rows
+    counts: np.ndarray  # (n_train,) int64: their on bits
+    centre_words: np.ndarray  # (n_words, n_partitions * n_clusters) uint64
+    centre_counts: np.ndarray  # (n_partitions * n_clusters,) int64
 
     @classmethod
     def of(
-        cls, rows: np.ndarray, starts: np.ndarray, centres: np.ndarray, train: sp.csr_matrix
+        cls,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        centres: np.ndarray,
+        words: np.ndarray,
+        counts: np.ndarray,
     ) -> _Clusters:
-        flat = centres.ravel()  # the centres' bits float32 once: every query tile reads them
-        centre_rows = train[flat].astype(np.float32)
-        return cls(rows, starts, centres, centre_rows, _row_counts(train)[flat])
+        from toxmodel import tanimoto
 
-    def members(self, g: int) -> np.ndarray:
-        """Training rows of cluster `g` counted over all partitions (p * n_clusters + c)."""
-        p, c = divmod(g, self.centres.shape[1])
-        return self.rows[p, self.starts[p, c] : self.starts[p, c + 1]]
+        flat = centres.ravel()
+        return cls(
+            rows, starts, centres, words, counts, tanimoto.transposed(words[flat]), counts[flat]
+        )
+
+    @property
+    def members(self) -> np.ndarray:
+        """Every partition's rows one after another (a view of `rows`)."""
+        return np.ascontiguousarray(self.rows).ravel()
+
+    @cached_property
+    def member_starts(self) -> np.ndarray:
+        """Where cluster g = p * n_clusters + c starts in `members`, and the end (int64)."""
+        parts, n = self.rows.shape
+        flat = (self.starts[:, :-1] + (np.arange(parts) * n)[:, None]).ravel()
+        return np.append(flat, parts * n).astype(np.int64)
 
 
 def nearest_similarity(
@@ -670,10 +627,20 @@ class Domain:
         return _Search.by_count(self._rows)
 
     @cached_property
+    def _words(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training rows as 64-bit words and their bit counts, for the compiled kernels
+        of the clustered search (0.1 GB for 782,000 distinct molecules of 1024 bits, where
+        the CSR bits the exact search reads take 0.15 GB)."""
+        from toxmodel import tanimoto
+
+        words = tanimoto.words(self.train_packed, self.n_bits)
+        return words, tanimoto.counts(words)
+
+    @cached_property
     def _clusters(self) -> _Clusters:
         assert self.cluster_rows is not None and self.cluster_starts is not None
         assert self.centres is not None
-        return _Clusters.of(self.cluster_rows, self.cluster_starts, self.centres, self._rows)
+        return _Clusters.of(self.cluster_rows, self.cluster_starts, self.centres, *self._words)
 
     def _low_clusters(self) -> _Clusters:
         """The partitions the second pass searches: the first `low_partitions` (0, or more
@@ -683,7 +650,11 @@ class Domain:
         if parts == 0 or parts >= len(clusters.centres):
             return clusters
         return _Clusters.of(
-            clusters.rows[:parts], clusters.starts[:parts], clusters.centres[:parts], self._rows
+            clusters.rows[:parts],
+            clusters.starts[:parts],
+            clusters.centres[:parts],
+            clusters.words,
+            clusters.counts,
         )
 
     def similarity(
@@ -711,20 +682,15 @@ class Domain:
             return self._exact.exact(query, chunk_pairs, workers=threads)
         # the queries packed a slice at a time: no boolean copy of them (100 MB at 10^5 rows)
         packed = _pack_morgan(fingerprint, self.n_bits, rows=SPARSE_ROWS)
-        rows, clusters = self._rows, self._clusters  # built here, not in the threads
-        counts = _row_counts(rows)
-        sims = _clustered_nearest(
-            packed, rows, counts, clusters, self.n_probe, chunk_pairs, threads
-        )
+        clusters = self._clusters  # built here, not in the threads
+        sims = _clustered_nearest(packed, self.n_bits, clusters, self.n_probe, threads)
         near = np.flatnonzero((sims < self.threshold) & (sims >= self.threshold - LOW_BAND))
         if self.n_probe_low > self.n_probe and len(near):  # the flags that could be wrong
             more = _clustered_nearest(
                 packed[near],
-                rows,
-                counts,
+                self.n_bits,
                 self._low_clusters(),
                 self.n_probe_low,
-                chunk_pairs,
                 threads,
                 skip=self.n_probe,
             )
@@ -739,7 +705,7 @@ class Domain:
         """Free what the searches built on the first query (the CSR bits, 0.15 GB for the
         782,000 distinct molecules of a 10^6 job, and the partitions' centres); the next query
         builds them again."""
-        for name in ("_rows", "_exact", "_clusters"):
+        for name in ("_rows", "_exact", "_words", "_clusters"):
             self.__dict__.pop(name, None)
 
     def in_domain(self, similarity: np.ndarray) -> np.ndarray:

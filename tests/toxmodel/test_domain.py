@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -241,74 +240,14 @@ def test_clustered_search_never_exceeds_exact_and_probing_everything_is_exact() 
 
 @pytest.mark.parametrize("n_bits", [100, 2048, 4096])
 def test_probing_every_cluster_is_exact_at_any_width(n_bits: int) -> None:
-    """The clustered search's kernels (queries transposed from packed bytes, ratios compared in
-    float32 up to FLOAT32_MAX_BITS bits, in float64 above) give brute force's answer bit for bit,
-    also for widths that are not whole bytes."""
+    """The clustered search's compiled kernels (rows as 64-bit words, fractions compared as
+    integers) give brute force's answer bit for bit, also for widths that are not whole bytes
+    or words."""
     train, query = ecfp_like(1500, n_bits, seed=21), ecfp_like(300, n_bits, seed=22)
     query[:20] = train[:20]  # similarity 1
     exact = brute_force(query, train)
     domain = fit_domain(train, query[:0], n_bits, search="clustered", n_clusters=12, n_probe=12)
     np.testing.assert_array_equal(domain.similarity(query), exact)
-
-
-@pytest.mark.parametrize("n_bits", [2048, 16384])
-def test_the_member_kernel_finds_the_exact_maximum_among_close_ratios(n_bits: int) -> None:
-    """Dense rows give Tanimoto fractions with denominators in the thousands, many of them a
-    few 1e-7 apart: the float32 comparison (2048 bits) must still find the largest, and wider
-    rows (compared in float64) too."""
-    rng = np.random.default_rng(n_bits)
-    ref = rng.random((400, n_bits)) < 0.45
-    query = rng.random((64, n_bits)) < 0.45
-    ref_counts, q_counts = ref.sum(1).astype(np.float64), query.sum(1).astype(np.float64)
-    got = domain_module._best(
-        sp.csr_matrix(ref, dtype=np.float32),
-        ref_counts,
-        domain_module._transposed_packed(pack_bits(query), n_bits),
-        q_counts,
-    )
-    np.testing.assert_array_equal(got, brute_force(query, ref))
-    inter = query.astype(np.int64) @ ref.T.astype(np.int64)
-    ratios = np.sort((inter / (q_counts[:, None] + ref_counts[None, :] - inter)).ravel())
-    assert np.min(np.diff(ratios)[np.diff(ratios) > 0]) < 1e-6  # close fractions were there
-
-
-def test_the_member_kernel_gives_empty_fingerprints_0_without_dividing_0_by_0() -> None:
-    """An empty query against empty and non-empty members: similarity 0, and no 0 / 0 (a NaN
-    ratio would be argmax's pick and numpy's warning); non-empty queries are unaffected by an
-    empty member ranked before the one they match."""
-    ref = np.zeros((3, 64), bool)
-    ref[1, :5], ref[2, 3:9] = True, True  # row 0 empty
-    query = np.zeros((3, 64), bool)
-    query[1, :5], query[2, 40:44] = True, True  # query 0 empty; query 2 shares no bit
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = domain_module._best(
-            sp.csr_matrix(ref, dtype=np.float32),
-            ref.sum(1).astype(np.float64),
-            domain_module._transposed_packed(pack_bits(query), 64),
-            query.sum(1).astype(np.float64),
-        )
-    np.testing.assert_array_equal(got, [0.0, 1.0, 0.0])
-    np.testing.assert_array_equal(got, brute_force(query, ref))
-
-
-def test_wide_rows_whose_ratios_round_alike_in_float32_still_give_the_larger() -> None:
-    """At 16,384 bits 3846/8551 and 3649/8113 are one float32: the wide rows are compared in
-    float64, so the second training row's larger similarity is the answer."""
-    n_bits = 16384
-    query = np.zeros((1, n_bits), bool)
-    query[0, :8000] = True
-    ref = np.zeros((2, n_bits), bool)
-    ref[0, :3846], ref[0, 8000:8551] = True, True  # 3846 / (8000 + 4397 - 3846)
-    ref[1, :3649], ref[1, 8000:8113] = True, True  # 3649 / (8000 + 3762 - 3649)
-    assert np.float32(3846 / 8551) == np.float32(3649 / 8113) and 3649 / 8113 > 3846 / 8551
-    got = domain_module._best(
-        sp.csr_matrix(ref, dtype=np.float32),
-        ref.sum(1).astype(np.float64),
-        domain_module._transposed_packed(pack_bits(query), n_bits),
-        query.sum(1).astype(np.float64),
-    )
-    assert got[0] == 3649 / 8113
 
 
 def test_many_queries_on_one_small_cluster_stay_within_chunk_pairs() -> None:
@@ -658,9 +597,9 @@ def test_a_fitted_domain_keeps_no_search_structures_and_answers_alike_after() ->
     and answers as the search inside fit_domain did."""
     train, valid = ecfp_like(3000, 512, seed=42), ecfp_like(300, 512, seed=43)
     domain = fit_domain(train, valid, 512, search="clustered", n_clusters=20)
-    assert not {"_rows", "_exact", "_clusters"} & set(vars(domain))
+    assert not {"_rows", "_exact", "_words", "_clusters"} & set(vars(domain))
     sims = domain.similarity(valid)
-    assert "_rows" in vars(domain)  # built again by the query
+    assert {"_words", "_clusters"} <= set(vars(domain))  # built again by the query
     domain.drop_search()
     np.testing.assert_array_equal(domain.similarity(valid), sims)
     exact = domain.similarity(valid, exact=True, certify=False)

@@ -1,0 +1,149 @@
+"""Tanimoto similarity of bit-packed fingerprints, compiled: AND + popcount on 64-bit words.
+
+The clustered applicability-domain search (`toxmodel.domain`) compares every query with a few
+thousand training rows: the members of the clusters it probes and, first, every cluster's
+centre. numpy cannot fuse AND, popcount and the running maximum (each is a pass over a
+temporary of queries x rows x words), and scipy's sparse product pays an indexed gather per
+on bit; these loops, compiled by numba, do the three in registers: 2.3 ns a pair of 1024-bit
+rows on one core against 22 ns for the sparse product (a 442-row cluster, 512 queries; scratch
+measurement, RESULTS "A compiled popcount kernel for the domain's clustered search").
+
+The reference rows are held transposed, word by word (`(n_words, n_rows)`), so the loop over
+rows is contiguous and compiles to vector popcounts where the CPU has them. Every count is an
+exact integer, and the best row is chosen by comparing fractions exactly (p1 * s2 > p2 * s1),
+so the answers equal brute force's bit for bit at any width.
+
+numba is imported with this module; `toxmodel.domain` imports it only when a search runs, so
+the rest of `toxmodel` (training, checkpoints) works where numba is not installed.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+def words(packed: np.ndarray, n_bits: int) -> np.ndarray:
+    """Packed rows (uint8, `np.packbits(..., bitorder="little")`) as uint64 words
+    (n, ceil(n_bits / 64)), C-ordered, with every bit beyond `n_bits` cleared (whatever a file
+    put in the last byte's spare bits, or padding)."""
+    n_bytes = (n_bits + 7) // 8
+    n_words = (n_bits + 63) // 64
+    out = np.zeros((len(packed), n_words * 8), dtype=np.uint8)
+    out[:, :n_bytes] = packed[:, :n_bytes]
+    if n_bits % 8:
+        out[:, n_bytes - 1] &= np.uint8((1 << (n_bits % 8)) - 1)
+    return out.view("<u8").astype(np.uint64, copy=False)
+
+
+def transposed(rows: np.ndarray) -> np.ndarray:
+    """`words` rows as (n_words, n_rows), C-ordered: the layout the kernels read references in."""
+    return np.ascontiguousarray(rows.T)
+
+
+@numba.njit(inline="always")
+def _popcount(x: np.uint64) -> np.uint64:  # LLVM compiles this idiom to the popcnt instruction
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return (x * _H01) >> np.uint64(56)
+
+
+@numba.njit(nogil=True, cache=True)
+def counts(rows: np.ndarray) -> np.ndarray:
+    """On bits per row of `words` rows, int64."""
+    out = np.zeros(rows.shape[0], dtype=np.int64)
+    for i in range(rows.shape[0]):
+        for k in range(rows.shape[1]):
+            out[i] += np.int64(_popcount(rows[i, k]))
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _intersections(query: np.ndarray, ref_t: np.ndarray, length: int, out: np.ndarray) -> None:
+    """out[j] = |query & ref row j| for the first `length` rows of the transposed `ref_t`."""
+    for j in range(length):
+        out[j] = 0
+    for k in range(ref_t.shape[0]):
+        x = query[k]
+        row = ref_t[k]
+        for j in range(length):
+            out[j] += _popcount(x & row[j])
+
+
+@numba.njit(nogil=True, cache=True)
+def ratio_scores(
+    query: np.ndarray, q_counts: np.ndarray, ref_t: np.ndarray, r_counts: np.ndarray
+) -> np.ndarray:
+    """float32 (m, n): |a & b| / (|a| + |b|) of every query row with every reference row,
+    which orders pairs as Tanimoto does (T = x / (1 - x)), for ranking cluster centres. An
+    empty reference row counts 0.5 (two empty rows: 0, not 0 / 0). Each value is the float32
+    division of float32 operands, as numpy computes it."""
+    m, n = query.shape[0], ref_t.shape[1]
+    out = np.empty((m, n), dtype=np.float32)
+    inter = np.empty(n, dtype=np.uint64)
+    rows = np.empty(n, dtype=np.float32)
+    for j in range(n):
+        rows[j] = np.float32(max(r_counts[j], 0.5))
+    for i in range(m):
+        _intersections(query[i], ref_t, n, inter)
+        q = np.float32(q_counts[i])
+        for j in range(n):
+            out[i, j] = np.float32(inter[j]) / (rows[j] + q)
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def best_in_clusters(
+    query: np.ndarray,
+    q_counts: np.ndarray,
+    train: np.ndarray,
+    t_counts: np.ndarray,
+    members: np.ndarray,
+    starts: np.ndarray,
+    clusters: np.ndarray,
+    asking: np.ndarray,
+    ask_starts: np.ndarray,
+    best: np.ndarray,
+) -> None:
+    """For every cluster g in `clusters`, the max Tanimoto of each query that asks for it
+    (`asking[ask_starts[g]:ask_starts[g + 1]]`) to its training rows
+    (`members[starts[g]:starts[g + 1]]`, rows of `train`, uint64 words), raised into `best`.
+
+    A cluster's rows are gathered once, transposed, for all the queries asking for it. The
+    best row is the one with the largest p / s (p = |a & b|, s = |a| + |b|), compared as
+    integers, and its Tanimoto p / (s - p) is divided once in float64: the correctly rounded
+    exact maximum (0 where nothing is shared)."""
+    n_words = train.shape[1]
+    longest = 0
+    for g in clusters:
+        longest = max(longest, starts[g + 1] - starts[g])
+    ref_t = np.empty((n_words, longest), dtype=np.uint64)
+    ref_counts = np.empty(longest, dtype=np.int64)
+    inter = np.empty(longest, dtype=np.uint64)
+    for g in clusters:
+        lo, length = starts[g], starts[g + 1] - starts[g]
+        for j in range(length):
+            row = members[lo + j]
+            ref_counts[j] = t_counts[row]
+            for k in range(n_words):
+                ref_t[k, j] = train[row, k]
+        for a in range(ask_starts[g], ask_starts[g + 1]):
+            i = asking[a]
+            _intersections(query[i], ref_t, length, inter)
+            c = q_counts[i]
+            top_p, top_s = np.int64(0), np.int64(1)
+            for j in range(length):
+                p = np.int64(inter[j])
+                s = c + ref_counts[j]
+                if p * top_s > top_p * s:
+                    top_p, top_s = p, s
+            if top_p > 0:
+                value = top_p / (top_s - top_p)
+                if value > best[i]:
+                    best[i] = value
