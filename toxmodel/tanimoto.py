@@ -46,6 +46,20 @@ def transposed(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows.T)
 
 
+def transposed_words(
+    packed: np.ndarray, n_bits: int, order: np.ndarray | None = None, block: int = 8192
+) -> np.ndarray:
+    """`transposed(words(packed[order], n_bits))`, `block` rows at a time: no whole copy of
+    the rows in another layout on the way (0.1 GB at 782,000 rows of 1024 bits)."""
+    n = len(packed) if order is None else len(order)
+    out = np.empty(((n_bits + 63) // 64, n), dtype=np.uint64)
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        part = packed[rows] if order is None else packed[order[rows]]
+        out[:, rows] = words(part, n_bits).T
+    return out
+
+
 @numba.njit(inline="always")
 def _popcount(x: np.uint64) -> np.uint64:  # LLVM compiles this idiom to the popcnt instruction
     x = x - ((x >> np.uint64(1)) & _M1)
@@ -65,15 +79,52 @@ def counts(rows: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def _intersections(query: np.ndarray, ref_t: np.ndarray, length: int, out: np.ndarray) -> None:
-    """out[j] = |query & ref row j| for the first `length` rows of the transposed `ref_t`."""
+def _intersections(
+    query: np.ndarray, ref_t: np.ndarray, lo: int, length: int, out: np.ndarray
+) -> None:
+    """out[j] = |query & ref row lo + j| for `length` rows of the transposed `ref_t`."""
     for j in range(length):
         out[j] = 0
     for k in range(ref_t.shape[0]):
         x = query[k]
         row = ref_t[k]
         for j in range(length):
-            out[j] += _popcount(x & row[j])
+            out[j] += _popcount(x & row[lo + j])
+
+
+@numba.njit(nogil=True, cache=True)
+def best_in_range(
+    query: np.ndarray,
+    q_counts: np.ndarray,
+    ref_t: np.ndarray,
+    r_counts: np.ndarray,
+    lo: int,
+    hi: int,
+    take: np.ndarray,
+    top: np.ndarray,
+    where: np.ndarray,
+) -> None:
+    """For each query row i in `take`: where reference rows lo..hi - 1 (columns of `ref_t`)
+    hold a Tanimoto above top[i], top[i] becomes it and where[i] the first row reaching it.
+
+    The best row is the one with the largest p / s (p = |a & b|, s = |a| + |b|), compared as
+    integers, its Tanimoto p / (s - p) divided once in float64 (0 where nothing is shared, so
+    a query sharing no bit keeps top and where)."""
+    inter = np.empty(max(hi - lo, 0), dtype=np.uint64)
+    for i in take:
+        _intersections(query[i], ref_t, lo, hi - lo, inter)
+        c = q_counts[i]
+        top_p, top_s, row = np.int64(0), np.int64(1), -1
+        for j in range(hi - lo):
+            p = np.int64(inter[j])
+            s = c + r_counts[lo + j]
+            if p * top_s > top_p * s:
+                top_p, top_s, row = p, s, lo + j
+        if top_p > 0:
+            value = top_p / (top_s - top_p)
+            if value > top[i]:
+                top[i] = value
+                where[i] = row
 
 
 @numba.njit(nogil=True, cache=True)
@@ -91,7 +142,7 @@ def ratio_scores(
     for j in range(n):
         rows[j] = np.float32(max(r_counts[j], 0.5))
     for i in range(m):
-        _intersections(query[i], ref_t, n, inter)
+        _intersections(query[i], ref_t, 0, n, inter)
         q = np.float32(q_counts[i])
         for j in range(n):
             out[i, j] = np.float32(inter[j]) / (rows[j] + q)
@@ -135,7 +186,7 @@ def best_in_clusters(
                 ref_t[k, j] = train[row, k]
         for a in range(ask_starts[g], ask_starts[g + 1]):
             i = asking[a]
-            _intersections(query[i], ref_t, length, inter)
+            _intersections(query[i], ref_t, 0, length, inter)
             c = q_counts[i]
             top_p, top_s = np.int64(0), np.int64(1)
             for j in range(length):

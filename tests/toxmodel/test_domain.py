@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
 from tests.conftest import traced_peak
 from toxmodel import domain as domain_module
+from toxmodel import tanimoto
 from toxmodel.checkpoint import _plain
 from toxmodel.domain import (
     DOMAIN_PERCENTILE,
@@ -522,48 +522,46 @@ def test_training_rows_chosen_by_index_give_the_domain_of_those_rows() -> None:
     assert whole.n_train > by_index.n_train  # the index really selects
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, domain_module.SPARSE_ROWS])
-def test_the_sparse_training_bits_equal_scipys_matrix_of_the_unpacked_rows(rows: int) -> None:
+@pytest.mark.parametrize("block", [1, 7, 64, 8192])
+def test_the_searched_words_are_the_rows_words_transposed_block_by_block(block: int) -> None:
+    """The exact search's layout (words transposed, rows in a given order) built `block` rows
+    at a time equals the whole rows' words transposed, for empty rows and an empty set too."""
     bits = ecfp_like(300, 200, seed=5)
     bits[[0, 17, 299]] = False  # empty rows, one of them last
     packed = pack_bits(bits)
-    got = domain_module._sparse(packed, 200, rows=rows)
-    want = sp.csr_matrix(bits, dtype=np.float32)
-    assert got.dtype == np.uint8 and got.shape == (300, 200) and got.has_canonical_format
-    np.testing.assert_array_equal(got.indptr, want.indptr)
-    np.testing.assert_array_equal(got.indices, want.indices)
-    np.testing.assert_array_equal(got.data, want.data)
-    empty = domain_module._sparse(packed[:0], 200, rows=rows)
-    assert empty.shape == (0, 200) and empty.nnz == 0
+    order = np.random.default_rng(0).permutation(300)
+    got = tanimoto.transposed_words(packed, 200, order, block=block)
+    want = np.ascontiguousarray(tanimoto.words(packed[order], 200).T)
+    assert got.dtype == np.uint64 and got.shape == (4, 300) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        tanimoto.transposed_words(packed, 200, block=block), tanimoto.words(packed, 200).T
+    )
+    assert tanimoto.transposed_words(packed[:0], 200, block=block).shape == (4, 0)
 
 
-def test_building_the_sparse_bits_never_holds_the_rows_unpacked_or_two_matrices() -> None:
-    """The CSR build peaks at the matrix's own size plus one slice (tracemalloc sees numpy's
-    buffers, so the figure is exact, not timed): not at every row unpacked (the old build's
-    65,536-row slices were 128 MB at 1024 bits), nor at the slices' matrices and their stack
-    together (twice the matrix), nor at a list of the slices' columns and their join (twice the
-    column indices)."""
-    bits = ecfp_like(20_000, 1024, seed=6)
-    packed = pack_bits(bits)
-    del bits
-    rows = 50
-    matrix, peak = traced_peak(lambda: domain_module._sparse(packed, 1024, rows=rows))
-    size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
-    assert size < 20_000 * 1024 / 4  # the whole rows unpacked would be far above the bound
-    assert peak < 1.1 * size + 4 * rows * 1024, (peak, size)
+def test_building_the_searched_words_holds_the_result_and_one_block() -> None:
+    """The transposed words are built a block at a time (tracemalloc sees numpy's buffers, so
+    the figure is exact, not timed): no whole copy of the rows in the other layout beside them
+    (0.1 GB at 782,000 rows of 1024 bits)."""
+    packed = pack_bits(ecfp_like(20_000, 1024, seed=6))
+    block = 50
+    words, peak = traced_peak(lambda: tanimoto.transposed_words(packed, 1024, block=block))
+    assert peak < words.nbytes + 4 * block * 128, (peak, words.nbytes)
 
 
-def test_the_sparse_bits_ignore_what_a_file_put_in_the_last_bytes_spare_bits() -> None:
+def test_a_domain_whose_file_set_the_last_bytes_spare_bits_answers_as_a_clean_one() -> None:
     """203 bits take 26 bytes, 5 bits of the last one spare: a domain read from a file with
-    those bits set builds the same matrix as one with them clear."""
-    bits = ecfp_like(400, 203, seed=7)
-    packed = pack_bits(bits)
-    dirty = packed.copy()
-    dirty[::3, -1] |= 0b11111000
-    got = domain_module._sparse(dirty, 203, rows=64)
-    want = sp.csr_matrix(bits, dtype=np.float32)
-    np.testing.assert_array_equal(got.indptr, want.indptr)
-    np.testing.assert_array_equal(got.indices, want.indices)
+    those bits set answers as one with them clear, by either search."""
+    train, query = ecfp_like(400, 203, seed=7), ecfp_like(100, 203, seed=8)
+    clean = fit_domain(train, query[:0], 203, search="clustered", n_clusters=8)
+    dirty_bits = clean.train_packed.copy()
+    dirty_bits[::3, -1] |= 0b11111000
+    dirty = Domain.from_blob({**clean.to_blob(), "train_bits": dirty_bits})
+    want = brute_force(query, train)
+    np.testing.assert_array_equal(dirty.similarity(query, exact=True), want)
+    dirty.n_probe = 8  # every cluster: the exact answer
+    np.testing.assert_array_equal(dirty.similarity(query), want)
 
 
 def test_the_distinct_rows_are_np_uniques_ordered_by_bit_count_with_one_copy(
@@ -584,7 +582,7 @@ def test_the_distinct_rows_are_np_uniques_ordered_by_bit_count_with_one_copy(
     np.testing.assert_array_equal(got, want)
     rng = np.random.default_rng(41)
     shuffled = packed[rng.permutation(len(packed))]
-    monkeypatch.setattr(domain_module, "SPARSE_ROWS", 256)  # bit counts a slice at a time
+    monkeypatch.setattr(domain_module, "PACK_ROWS", 256)  # bit counts a slice at a time
     got, peak = traced_peak(lambda: domain_module._distinct_rows_by_count(shuffled, 1024))
     np.testing.assert_array_equal(got, want)
     assert peak < 1.6 * got.nbytes, (peak, got.nbytes)  # np.unique's copies: about 3x
@@ -592,12 +590,12 @@ def test_the_distinct_rows_are_np_uniques_ordered_by_bit_count_with_one_copy(
 
 
 def test_a_fitted_domain_keeps_no_search_structures_and_answers_alike_after() -> None:
-    """fit_domain returns the domain without the CSR bits and partitions' centres its search
+    """fit_domain returns the domain without the words and partitions' centres its search
     built (a job saves it next: 0.3 GB at 10^6 molecules); the first query builds them again
     and answers as the search inside fit_domain did."""
     train, valid = ecfp_like(3000, 512, seed=42), ecfp_like(300, 512, seed=43)
     domain = fit_domain(train, valid, 512, search="clustered", n_clusters=20)
-    assert not {"_rows", "_exact", "_words", "_clusters"} & set(vars(domain))
+    assert not {"_exact", "_words", "_clusters"} & set(vars(domain))
     sims = domain.similarity(valid)
     assert {"_words", "_clusters"} <= set(vars(domain))  # built again by the query
     domain.drop_search()
@@ -606,18 +604,18 @@ def test_a_fitted_domain_keeps_no_search_structures_and_answers_alike_after() ->
     assert domain.threshold == float(np.percentile(exact, domain.percentile))
 
 
-def test_a_fitted_domain_keeps_its_rows_by_bit_count_and_the_exact_search_no_second_copy() -> None:
+def test_a_fitted_domain_keeps_its_rows_by_bit_count_and_any_order_answers_exactly() -> None:
     """The exact search scans rows sorted by bit count; a domain fitted today stores them so,
-    and the search uses the domain's own rows (at 10^6 molecules a sorted copy was 0.3 GB).
-    A domain saved with its rows in another order still answers exactly, from a sorted copy."""
+    and the search reads them in that order. A domain saved with its rows in another order
+    still answers exactly, from a sorted copy."""
     train, query = ecfp_like(800, 256, seed=31), ecfp_like(120, 256, seed=32)
     domain = fit_domain(train, query[:0], 256, search="exact")
     counts = np.bitwise_count(domain.train_packed).sum(axis=1)
     assert np.all(np.diff(counts) >= 0) and counts[0] < counts[-1]
-    assert domain._exact.rows is domain._rows
+    np.testing.assert_array_equal(domain._exact.words_t, tanimoto.words(domain.train_packed, 256).T)
     np.testing.assert_array_equal(domain.similarity(query), brute_force(query, train))
     shuffled = Domain.from_blob(
         {**domain.to_blob(), "train_bits": domain.train_packed[::-1].copy()}
     )
-    assert shuffled._exact.rows is not shuffled._rows
+    assert np.all(np.diff(shuffled._exact.counts) >= 0)
     np.testing.assert_array_equal(shuffled.similarity(query), brute_force(query, train))
