@@ -26,6 +26,9 @@ _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
+# `best_in_range`: reference rows every query goes through before the next block (64 KB of
+# 1024-bit words: in a core's L2; a whole 8192-row chunk streamed per query ran 1.4x slower)
+RANGE_BLOCK = 512
 
 
 def words(packed: np.ndarray, n_bits: int) -> np.ndarray:
@@ -87,9 +90,9 @@ def _intersections(
         out[j] = 0
     for k in range(ref_t.shape[0]):
         x = query[k]
-        row = ref_t[k]
-        for j in range(length):
-            out[j] += _popcount(x & row[lo + j])
+        row = ref_t[k, lo : lo + length]  # indexed from 0: the loop compiles to vector code
+        for j in range(length):  # (with row[lo + j] it does not: 8.8 against 2.3 ns a pair)
+            out[j] += _popcount(x & row[j])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -109,22 +112,31 @@ def best_in_range(
 
     The best row is the one with the largest p / s (p = |a & b|, s = |a| + |b|), compared as
     integers, its Tanimoto p / (s - p) divided once in float64 (0 where nothing is shared, so
-    a query sharing no bit keeps top and where)."""
-    inter = np.empty(max(hi - lo, 0), dtype=np.uint64)
-    for i in take:
-        _intersections(query[i], ref_t, lo, hi - lo, inter)
-        c = q_counts[i]
-        top_p, top_s, row = np.int64(0), np.int64(1), -1
-        for j in range(hi - lo):
-            p = np.int64(inter[j])
-            s = c + r_counts[lo + j]
-            if p * top_s > top_p * s:
-                top_p, top_s, row = p, s, lo + j
-        if top_p > 0:
-            value = top_p / (top_s - top_p)
+    a query sharing no bit keeps top and where). The rows go RANGE_BLOCK at a time, every
+    query through a block before the next, so that a block stays in the core's cache."""
+    m = len(take)
+    top_p = np.zeros(m, dtype=np.int64)
+    top_s = np.ones(m, dtype=np.int64)
+    row = np.full(m, -1, dtype=np.int64)
+    inter = np.empty(RANGE_BLOCK, dtype=np.uint64)
+    for start in range(lo, hi, RANGE_BLOCK):
+        length = min(RANGE_BLOCK, hi - start)
+        for t in range(m):
+            i = take[t]
+            _intersections(query[i], ref_t, start, length, inter)
+            c = q_counts[i]
+            for j in range(length):
+                p = np.int64(inter[j])
+                s = c + r_counts[start + j]
+                if p * top_s[t] > top_p[t] * s:
+                    top_p[t], top_s[t], row[t] = p, s, start + j
+    for t in range(m):
+        if top_p[t] > 0:
+            value = top_p[t] / (top_s[t] - top_p[t])
+            i = take[t]
             if value > top[i]:
                 top[i] = value
-                where[i] = row
+                where[i] = row[t]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -131,3 +131,29 @@ def test_a_query_is_compared_only_with_the_clusters_it_asks_for() -> None:
         rows = [members[starts[g] : starts[g + 1]] for g in (0, 2) if (i + g) % 3]
         want = brute_force(query[i : i + 1], ref[np.concatenate(rows)])[0] if rows else 0.0
         assert best[i] == want, i
+
+
+def test_a_range_gives_each_query_its_best_and_the_first_row_reaching_it() -> None:
+    """Over rows spanning several of the kernel's blocks, each query's answer is brute force's
+    over the range, its row the first that reaches it (duplicates of the best row sit in two
+    blocks); a query whose known floor is not beaten keeps it and row -1."""
+    n_bits = 512
+    ref, query = ecfp_like(2 * tanimoto.RANGE_BLOCK + 300, n_bits, seed=7), ecfp_like(40, n_bits, 8)
+    dup = [5, tanimoto.RANGE_BLOCK + 20, 2 * tanimoto.RANGE_BLOCK + 7]
+    ref[dup] = query[0]
+    lo, hi = 3, len(ref) - 2
+    q, r = tanimoto.words(pack_bits(query), n_bits), tanimoto.words(pack_bits(ref), n_bits)
+    top, where = np.zeros(40), np.full(40, -1)
+    top[1] = 1.0  # a floor nothing beats
+    take = np.arange(40)
+    tanimoto.best_in_range(
+        q, tanimoto.counts(q), tanimoto.transposed(r), tanimoto.counts(r), lo, hi, take, top, where
+    )
+    inter = query.astype(np.int64) @ ref[lo:hi].T.astype(np.int64)
+    union = query.sum(1)[:, None] + ref[lo:hi].sum(1)[None, :] - inter
+    sims = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    others = np.delete(np.arange(40), 1)
+    np.testing.assert_array_equal(top[others], sims[others].max(axis=1))
+    np.testing.assert_array_equal(where[others], lo + sims[others].argmax(axis=1))
+    assert where[0] == dup[0] and top[0] == 1.0  # the first of the three copies of query 0
+    assert (top[1], where[1]) == (1.0, -1)
