@@ -19,6 +19,9 @@ the rest of `toxmodel` (training, checkpoints) works where numba is not installe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -29,6 +32,17 @@ _H01 = np.uint64(0x0101010101010101)
 # `best_in_range`: reference rows every query goes through before the next block (64 KB of
 # 1024-bit words: in a core's L2; a whole 8192-row chunk streamed per query ran 1.4x slower)
 RANGE_BLOCK = 512
+
+
+def compiled(fn: Callable[..., Any]) -> Any:
+    """`fn` compiled without the GIL, its machine code cached on disk (beside this file, or in
+    the user's cache folder, or NUMBA_CACHE_DIR) so that only a machine's first use compiles
+    it (1.7 s for the kernels here). Where numba finds no folder to cache in, it refuses
+    `cache=True` outright; the kernels are then compiled in each process instead of failing."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
 
 
 def words(packed: np.ndarray, n_bits: int) -> np.ndarray:
@@ -71,7 +85,7 @@ def _popcount(x: np.uint64) -> np.uint64:  # LLVM compiles this idiom to the pop
     return (x * _H01) >> np.uint64(56)
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def counts(rows: np.ndarray) -> np.ndarray:
     """On bits per row of `words` rows, int64."""
     out = np.zeros(rows.shape[0], dtype=np.int64)
@@ -81,7 +95,7 @@ def counts(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _intersections(
     query: np.ndarray, ref_t: np.ndarray, lo: int, length: int, out: np.ndarray
 ) -> None:
@@ -95,7 +109,7 @@ def _intersections(
             out[j] += _popcount(x & row[j])
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def best_in_range(
     query: np.ndarray,
     q_counts: np.ndarray,
@@ -139,7 +153,7 @@ def best_in_range(
                 where[i] = row[t]
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def ratio_scores(
     query: np.ndarray, q_counts: np.ndarray, ref_t: np.ndarray, r_counts: np.ndarray
 ) -> np.ndarray:
@@ -161,7 +175,7 @@ def ratio_scores(
     return out
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def best_in_clusters(
     query: np.ndarray,
     q_counts: np.ndarray,

@@ -157,3 +157,12 @@ def test_a_range_gives_each_query_its_best_and_the_first_row_reaching_it() -> No
     np.testing.assert_array_equal(where[others], lo + sims[others].argmax(axis=1))
     assert where[0] == dup[0] and top[0] == 1.0  # the first of the three copies of query 0
     assert (top[1], where[1]) == (1.0, -1)
+
+
+def test_a_kernel_numba_cannot_cache_is_compiled_without_the_cache() -> None:
+    """numba refuses `cache=True` where it finds no folder to cache in (a function without a
+    source file stands in for a read-only install here); the kernel still compiles and runs."""
+    namespace: dict[str, object] = {}
+    exec("def add_one(x):\n    return x + 1\n", namespace)  # no file: no cache locator
+    kernel = tanimoto.compiled(namespace["add_one"])
+    assert kernel(41) == 42
