@@ -98,16 +98,16 @@ DOMAIN_PERCENTILE = 10.0  # threshold = this percentile of validation NN similar
 TILE_QUERIES = 128  # queries per tile of the similarity kernel
 CHUNK_PAIRS = TILE_QUERIES * 8192  # exact search: query x train pairs per tile (8192 rows)
 # search="auto": exact up to this many distinct training fingerprints, clustered above. Up to
-# here the exact search costs at most what featurizing and predicting a molecule costs (about
-# 0.2 ms on 2 CPUs), so a prediction with the check runs at >= 0.5x one without it; above it,
-# more. Measured (benchmarks/domain_scale.py, 2 CPUs, 10^4 ECFP-like queries): exact 1.79 s at
-# 5 * 10^4 rows, 3.28 s at 10^5, 7.21 s at 2 * 10^5; clustered 0.74, 1.16, 1.47 s with 99.92,
-# 99.90, 99.83 % of the exact flags (real molecules at 10^5: 1.01 against 3.37 s, 99.80 %).
-# It was 2 * 10^5 (seconds for 10^4 queries), which made a 10^5-molecule model predict 10^5
-# molecules at 0.40x (RESULTS "The clustered search in two partitions"). These figures are the
-# sparse product's, before the compiled kernels (which made both searches 2.5-3x faster at
-# 10^6 rows); the limit was not measured again.
-EXACT_MAX_TRAIN = 50_000
+# here the exact search costs at most about half what featurizing and predicting a molecule
+# costs (about 0.2 ms on 2 CPUs), so a prediction with the check runs at >= 0.6x one without
+# it, with exact flags. Measured with the compiled kernels (benchmarks/domain_scale.py, 2 CPUs,
+# 10^4 queries drawn like the validation rows): exact 0.58 s at 5 * 10^4 ECFP-like rows, 1.17 s
+# at 10^5, 2.26 s at 2 * 10^5; clustered 0.19, 0.26, 0.44 s with 99.92, 99.90, 99.83 % of the
+# exact flags; real molecules at 10^5: 1.02 against 0.19 s, 99.80 %. The 10^5 scale job's own
+# 10^5 queries (79,459 training rows): exact 8.4 s, clustered 5.0-5.8 s, 99.92 % of the flags
+# (RESULTS "The exact search up to 100,000 rows"). It was 50,000 with the sparse product
+# (exact 3.28 s at 10^5), and 2 * 10^5 before that (a 10^5-molecule model predicted at 0.40x).
+EXACT_MAX_TRAIN = 100_000
 CLUSTERS_PER_SQRT = 2.0  # clustered search: ceil(this * sqrt(n_train)) clusters
 # clustered search: independent partitions of the training rows, and the clusters a query
 # searches in each. Two partitions of 6 probes (then 128, below) rank half the centres 4 x 2
