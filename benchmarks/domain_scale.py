@@ -2,12 +2,12 @@
 the domain query for the brute-force search toxtune used before (`old`), the exact search
 (`exact`: rows sorted by bit count, the Swamidass-Baldi bound, compiled popcount kernels; a
 sparse product per tile before 2026-12-05 evening, and RESULTS' figures before that date are
-the sparse product's) and the clustered search (`clustered`), side by side in one run, and how far the clustered answer is
-from the exact one. `first-pass query`: the same clustered index without its second pass (the
-queries below the threshold searching `n_probe_low` clusters in each of `low_partitions`
-partitions); `4x2`: the clustered search of before (4 partitions x 2 probes, then the same
-second pass of 96 in the first 2 of them), fitted and queried beside today's (2 partitions x
-6 probes, then 128 in both).
+the sparse product's) and the clustered search (`clustered`), side by side in one run, and how
+far the clustered answer is from the exact one. `first-pass query`: the same clustered index
+without its second pass (the queries below the threshold searching `n_probe_low` clusters in
+each of `low_partitions` partitions); `4x2`: the clustered search of before (4 partitions x 2
+probes, then the same second pass of 96 in the first 2 of them), fitted and queried beside
+today's (2 partitions x 6 probes, then 128 in both).
 
 Fits, before and now: `exact fit` = the exact search on every validation row (before);
 `sampled fit` = the exact search on at most `VALID_SAMPLE` of them (now); `clustered fit (old

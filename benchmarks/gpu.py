@@ -4,8 +4,8 @@ Here, where RDKit and the data are (writes one compressed .npz of about 10 MB):
 
     python benchmarks/gpu.py prepare --out gpu_bench/
 
-On a GPU machine (Python, PyTorch, numpy, pandas, scikit-learn; no RDKit, Ray, Optuna or MLflow
-needed: `run` imports none of them and checks so), about 5 minutes on an H100:
+On a GPU machine (Python, PyTorch, numpy, pandas, scikit-learn; no RDKit, Ray, Optuna, MLflow
+or numba needed: `run` imports none of them and checks so), about 5 minutes on an H100:
 
     python benchmarks/gpu.py run --data gpu_bench/tox21_features.npz --out OUT [--budget-s 420]
 
@@ -59,7 +59,7 @@ from toxmodel.split import Split  # noqa: E402
 from toxmodel.train import EpochResult, TrainConfig, fit  # noqa: E402
 from tune.resources import CUDA_CONTEXT_BYTES, TrialShape, estimate_trial_bytes, gpu_fraction  # noqa: E402
 
-FORBIDDEN = ("rdkit", "ray", "optuna", "mlflow")  # absent on the GPU machine
+FORBIDDEN = ("rdkit", "ray", "optuna", "mlflow", "numba")  # absent on the GPU machine
 DATA_FILE = "tox21_features.npz"
 RESULTS_FILE = "gpu_results.json"
 FULL = {  # sizes for a real run

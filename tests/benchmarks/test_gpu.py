@@ -68,7 +68,8 @@ def test_check_mode_writes_every_section_with_finite_figures(tmp_path: Path) -> 
 
 
 def test_run_imports_nothing_the_gpu_machine_lacks() -> None:
-    """`run` must work without RDKit, Ray, Optuna and MLflow: importing it pulls none in."""
+    """`run` must work without RDKit, Ray, Optuna, MLflow and numba: importing it pulls none
+    in."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import gpu, train_loop; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in gpu.FORBIDDEN))"
