@@ -64,3 +64,24 @@ class StopSignals:
         finally:
             if main and previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def shut_down_ray() -> None:
+    """Stop this process's Ray now, at the end of a finished job, with Ctrl-C ignored meanwhile.
+
+    Otherwise Ray stops in its exit handler, and a Ctrl-C pressed while it stops its processes
+    printed "Exception ignored in atexit callback ... KeyboardInterrupt" under a job that had
+    registered its model and exited 0: the job was whole, the traceback said otherwise. Signal
+    handlers can only be set from the main thread; elsewhere Ray is stopped as it is."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        ray.shutdown()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tune.interrupt import StopSignals
+from tune.interrupt import StopSignals, shut_down_ray
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +39,36 @@ def test_without_sigterm_the_stop_is_named_sigint() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
     assert stops.signal == signal.SIGINT
+
+
+class _InterruptedError(Exception):
+    """Raised by the test's SIGINT handler: a Ctrl-C that reached Python."""
+
+
+def test_a_ctrl_c_while_ray_stops_after_a_finished_job_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The user's Ctrl-C lands while Ray shuts down at the end of a job: nothing is raised (Ray's
+    exit handler used to print a KeyboardInterrupt traceback there), Ray is stopped, and the
+    SIGINT handler is put back for whatever comes after."""
+    import ray
+
+    stopped: list[bool] = []
+
+    def shutdown() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C, delivered during the shutdown
+        time.sleep(0.2)  # a handler would run before this ends
+        stopped.append(True)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise _InterruptedError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    signal.signal(signal.SIGINT, interrupted)
+    shut_down_ray()
+    assert stopped == [True]
+    assert signal.getsignal(signal.SIGINT) is interrupted
+    with pytest.raises(_InterruptedError):  # and Ctrl-C works again afterwards
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
