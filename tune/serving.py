@@ -79,8 +79,19 @@ from tune.serving import ToxicityModel
 
 set_model(ToxicityModel())
 '''
-# Third-party packages the model imports (toxtune itself must be installed where it is served).
-RUNTIME_PACKAGES = ("mlflow", "torch", "rdkit", "numpy", "pandas", "scikit-learn")
+# Third-party packages the model code imports (toxmodel, this module), pinned in the logged
+# model (toxtune itself must be installed where it is served).
+RUNTIME_PACKAGES = (
+    "mlflow",
+    "torch",
+    "rdkit",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "scipy",
+    "numba",
+    "tqdm",
+)
 PREDICT_CHUNK = 50_000  # rows per chunk in predict_file
 # Output names pandas would read as compressed but predict_file cannot write so (it writes gzip
 # for a name ending in .gz, plain CSV otherwise): refused rather than written as plain CSV.

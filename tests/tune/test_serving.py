@@ -400,3 +400,25 @@ def test_readme_serve_line_answers_strict_json_with_null_for_invalid_smiles(
     want = _expected(checkpoint, ["CCO"])
     assert all(rows[0][n] == pytest.approx(float(want[n][0]), abs=1e-6) for n in NUMBERS)
     assert rows[0]["in_domain"] is bool(want["in_domain"][0])
+
+
+def test_the_served_model_pins_every_package_its_code_imports() -> None:
+    """The logged model's requirements name every third-party distribution that toxmodel and
+    tune/serving.py import directly (numba, for the domain check, came in without a pin)."""
+    import ast
+    import importlib.metadata
+
+    root = Path(__file__).resolve().parents[2]
+    modules: set[str] = set()
+    for path in [*(root / "toxmodel").glob("*.py"), root / "tune" / "serving.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"__future__", "toxmodel", "tune"}
+    distributions = importlib.metadata.packages_distributions()
+    pinned = {pin.split("==")[0].lower() for pin in serving.requirements()}
+    missing = {m for m in third_party if not pinned & {d.lower() for d in distributions[m]}}
+    assert not missing, f"imported, not pinned in the served model: {sorted(missing)}"
+    assert {"numba", "torch", "rdkit"} <= third_party  # the scan sees the imports
