@@ -148,12 +148,15 @@ class StudySearch(OptunaSearch):
         result a trial ends on (its last epoch, or the one ASHA stopped it at) reaches the
         searcher here instead of through `on_trial_result` (ray 2.60.0), so it is queued as
         the trial's last intermediate value first: the study then holds every epoch MLflow
-        does (it lacked the last one before)."""
+        does (it lacked the last one before). A trial that errored is told without its result:
+        Ray's OptunaSearch tells a result-bearing trial COMPLETE with that value even when it
+        errored, so the study called finished (and the history plot drew) a trial that the
+        trial table and MLflow call failed; without the result it is FAIL."""
         if self._attach(trial_id):
             if result and not error and self.metric in result and "training_iteration" in result:
                 self.on_trial_result(trial_id, result)
             self._reports.wait()
-            super().on_trial_complete(trial_id, result, error)
+            super().on_trial_complete(trial_id, None if error else result, error)
 
 
 class StudyReports:

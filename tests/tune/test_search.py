@@ -152,6 +152,14 @@ def test_failed_and_diverged_trials_do_not_stop_the_search(
     assert kinds == ["code_error", "diverged"]
     assert result.failed_trials == 2
     assert len(result.trials) == 4
+    # the study agrees: the two trials that raised are failed there too, not complete
+    found = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    assert sorted(t.state.name for t in found.get_trials()) == [
+        "COMPLETE",
+        "COMPLETE",
+        "FAIL",
+        "FAIL",
+    ]
 
     # A trial whose result files never reached the storage (it failed before they were
     # written, as under load) is still listed, from the experiment state, with its failure.

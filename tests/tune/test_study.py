@@ -231,7 +231,7 @@ def test_the_epoch_a_trial_ends_on_is_in_the_study_as_mlflow_has_it(
     """Tune hands a trial's last result (its final epoch, or the one ASHA stopped it at) to the
     searcher's `on_trial_complete` only, not to `on_trial_result`: the study must still hold it
     as an intermediate value, as the trial's MLflow run does, besides the value told. A failed
-    trial's last result is not reported."""
+    trial's last result is not reported, and the trial is failed in the study."""
     _, searcher, found = _fresh_searcher(tmp_path, small_csv)
     for trial_id in ("done", "failed"):
         assert searcher.suggest(trial_id) is not None
@@ -244,6 +244,11 @@ def test_the_epoch_a_trial_ends_on_is_in_the_study_as_mlflow_has_it(
     assert trials["done"].intermediate_values == {1: 0.51, 2: 0.52, 3: 0.53, 4: 0.6}
     assert trials["done"].value == 0.6
     assert trials["failed"].intermediate_values == {1: 0.51, 2: 0.52, 3: 0.53}
+    # a trial that errored is failed in the study, as in the trial table and MLflow (Ray's
+    # OptunaSearch told it COMPLETE with its last value, which the history plot then drew)
+    assert trials["done"].state == optuna.trial.TrialState.COMPLETE
+    assert trials["failed"].state == optuna.trial.TrialState.FAIL
+    assert trials["failed"].value is None
 
 
 def test_the_study_is_counted_and_its_orphans_failed_without_reading_its_trials(
