@@ -1,12 +1,12 @@
 """Tanimoto similarity of bit-packed fingerprints, compiled: AND + popcount on 64-bit words.
 
-The clustered applicability-domain search (`toxmodel.domain`) compares every query with a few
-thousand training rows: the members of the clusters it probes and, first, every cluster's
-centre. numpy cannot fuse AND, popcount and the running maximum (each is a pass over a
-temporary of queries x rows x words), and scipy's sparse product pays an indexed gather per
-on bit; these loops, compiled by numba, do the three in registers: 2.3 ns a pair of 1024-bit
-rows on one core against 22 ns for the sparse product (a 442-row cluster, 512 queries; scratch
-measurement, RESULTS "A compiled popcount kernel for the domain's clustered search").
+The applicability domain's searches (`toxmodel.domain`) compare queries with training rows:
+the exact search with every row whose bit count can still win, the clustered search with the
+members of the clusters it probes and, first, every cluster's centre. numpy cannot fuse AND,
+popcount and the running maximum (each is a pass over a temporary of queries x rows x words),
+and scipy's sparse product pays an indexed gather per on bit; these loops, compiled by numba,
+do the three in registers: 2.3-2.7 ns a pair of 1024-bit rows on one core against 22 ns for
+the sparse product (RESULTS "A compiled popcount kernel for the domain's searches").
 
 The reference rows are held transposed, word by word (`(n_words, n_rows)`), so the loop over
 rows is contiguous and compiles to vector popcounts where the CPU has them. Every count is an
@@ -85,6 +85,22 @@ def _popcount(x: np.uint64) -> np.uint64:  # LLVM compiles this idiom to the pop
     return (x * _H01) >> np.uint64(56)
 
 
+@numba.njit(inline="always")
+def _best_fraction(
+    inter: np.ndarray, c: int, ref_counts: np.ndarray, lo: int, length: int
+) -> tuple[int, int, int]:
+    """(p, s, j): among `length` rows, the first j with the largest p / s, p = inter[j] =
+    |a & b|, s = c + ref_counts[lo + j] = |a| + |b|, compared as integers (p1 s2 > p2 s1);
+    (0, 1, -1) where no row shares a bit. Its Tanimoto is p / (s - p)."""
+    top_p, top_s, top_j = np.int64(0), np.int64(1), -1
+    for j in range(length):
+        p = np.int64(inter[j])
+        s = c + ref_counts[lo + j]
+        if p * top_s > top_p * s:
+            top_p, top_s, top_j = p, s, j
+    return top_p, top_s, top_j
+
+
 @compiled
 def counts(rows: np.ndarray) -> np.ndarray:
     """On bits per row of `words` rows, int64."""
@@ -124,10 +140,9 @@ def best_in_range(
     """For each query row i in `take`: where reference rows lo..hi - 1 (columns of `ref_t`)
     hold a Tanimoto above top[i], top[i] becomes it and where[i] the first row reaching it.
 
-    The best row is the one with the largest p / s (p = |a & b|, s = |a| + |b|), compared as
-    integers, its Tanimoto p / (s - p) divided once in float64 (0 where nothing is shared, so
-    a query sharing no bit keeps top and where). The rows go RANGE_BLOCK at a time, every
-    query through a block before the next, so that a block stays in the core's cache."""
+    The best row is `_best_fraction`'s, its Tanimoto p / (s - p) divided once in float64 (a
+    query sharing no bit keeps top and where). The rows go RANGE_BLOCK at a time, every query
+    through a block before the next, so that a block stays in the core's cache."""
     m = len(take)
     top_p = np.zeros(m, dtype=np.int64)
     top_s = np.ones(m, dtype=np.int64)
@@ -138,12 +153,9 @@ def best_in_range(
         for t in range(m):
             i = take[t]
             _intersections(query[i], ref_t, start, length, inter)
-            c = q_counts[i]
-            for j in range(length):
-                p = np.int64(inter[j])
-                s = c + r_counts[start + j]
-                if p * top_s[t] > top_p[t] * s:
-                    top_p[t], top_s[t], row[t] = p, s, start + j
+            p, s, j = _best_fraction(inter, q_counts[i], r_counts, start, length)
+            if p * top_s[t] > top_p[t] * s:  # strictly: an earlier block's row keeps a tie
+                top_p[t], top_s[t], row[t] = p, s, start + j
     for t in range(m):
         if top_p[t] > 0:
             value = top_p[t] / (top_s[t] - top_p[t])
@@ -193,9 +205,8 @@ def best_in_clusters(
     (`members[starts[g]:starts[g + 1]]`, rows of `train`, uint64 words), raised into `best`.
 
     A cluster's rows are gathered once, transposed, for all the queries asking for it. The
-    best row is the one with the largest p / s (p = |a & b|, s = |a| + |b|), compared as
-    integers, and its Tanimoto p / (s - p) is divided once in float64: the correctly rounded
-    exact maximum (0 where nothing is shared)."""
+    best row is `_best_fraction`'s, its Tanimoto p / (s - p) divided once in float64: the
+    correctly rounded exact maximum (0 where nothing is shared)."""
     n_words = train.shape[1]
     longest = 0
     for g in clusters:
@@ -213,14 +224,6 @@ def best_in_clusters(
         for a in range(ask_starts[g], ask_starts[g + 1]):
             i = asking[a]
             _intersections(query[i], ref_t, 0, length, inter)
-            c = q_counts[i]
-            top_p, top_s = np.int64(0), np.int64(1)
-            for j in range(length):
-                p = np.int64(inter[j])
-                s = c + ref_counts[j]
-                if p * top_s > top_p * s:
-                    top_p, top_s = p, s
-            if top_p > 0:
-                value = top_p / (top_s - top_p)
-                if value > best[i]:
-                    best[i] = value
+            p, s, _ = _best_fraction(inter, q_counts[i], ref_counts, 0, length)
+            if p > 0 and p / (s - p) > best[i]:
+                best[i] = p / (s - p)
