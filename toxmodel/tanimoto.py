@@ -5,7 +5,7 @@ the exact search with every row whose bit count can still win, the clustered sea
 members of the clusters it probes and, first, every cluster's centre. numpy cannot fuse AND,
 popcount and the running maximum (each is a pass over a temporary of queries x rows x words),
 and scipy's sparse product pays an indexed gather per on bit; these loops, compiled by numba,
-do the three in registers: 2.3-2.7 ns a pair of 1024-bit rows on one core against 22 ns for
+do the three in registers: 2.3-3 ns a pair of 1024-bit rows on one core against 22 ns for
 the sparse product (RESULTS "A compiled popcount kernel for the domain's searches").
 
 The reference rows are held transposed, word by word (`(n_words, n_rows)`), so the loop over
