@@ -193,27 +193,16 @@ def _pack_morgan(
     return out
 
 
-# on bits of every byte value: `_packed_counts` without numpy 2's `bitwise_count` (the project
-# supports numpy >= 1.24)
-_BYTE_BITS = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
-
-
-def _packed_counts(packed: np.ndarray) -> np.ndarray:
-    """On bits per row of packed bit rows (uint8), int64."""
-    return _BYTE_BITS[packed].sum(axis=1, dtype=np.int64)
-
-
 def _bit_counts(packed: np.ndarray, n_bits: int, rows: int) -> np.ndarray:
     """On bits among the first `n_bits` of every packed row, `rows` rows at a time, int64
-    (the last byte's bits beyond `n_bits` are not counted, whatever a file put there)."""
-    whole, tail = divmod(n_bits, 8)
+    (the last byte's bits beyond `n_bits` are not counted, whatever a file put there): the
+    kernels' own count, on one block of words at a time."""
+    from toxmodel import tanimoto
+
     out = np.empty(len(packed), dtype=np.int64)
     for start in range(0, len(packed), rows):
         part = packed[start : start + rows]
-        counts = _packed_counts(part[:, :whole])
-        if tail:
-            counts += _BYTE_BITS[part[:, whole] & ((1 << tail) - 1)]
-        out[start : start + len(part)] = counts
+        out[start : start + len(part)] = tanimoto.counts(tanimoto.words(part, n_bits))
     return out
 
 
