@@ -99,9 +99,10 @@ TILE_QUERIES = 128  # queries per tile of the similarity kernel
 CHUNK_PAIRS = TILE_QUERIES * 8192  # exact search: query x train pairs per tile (8192 rows)
 # search="auto": exact up to this many distinct training fingerprints, clustered above. Up to
 # here the exact search costs at most about half what featurizing and predicting a molecule
-# costs (about 0.2 ms on 2 CPUs), so a prediction with the check runs at >= 0.6x one without
-# it, with exact flags. Measured with the compiled kernels (benchmarks/domain_scale.py, 2 CPUs,
-# 10^4 queries drawn like the validation rows): exact 0.58 s at 5 * 10^4 ECFP-like rows, 1.17 s
+# costs (about 0.2 ms on 2 CPUs), so a prediction with the check runs at about 0.65x one
+# without it or faster (0.700x measured at 79,459 rows), with exact flags. Measured with the
+# compiled kernels (benchmarks/domain_scale.py, 2 CPUs, 10^4 queries drawn like the validation
+# rows): exact 0.58 s at 5 * 10^4 ECFP-like rows, 1.17 s
 # at 10^5, 2.26 s at 2 * 10^5; clustered 0.19, 0.26, 0.44 s with 99.92, 99.90, 99.83 % of the
 # exact flags; real molecules at 10^5: 1.02 against 0.19 s, 99.80 %. The 10^5 scale job's own
 # 10^5 queries (79,459 training rows): exact 8.4 s, clustered 5.0-5.8 s, 99.92 % of the flags
@@ -166,12 +167,6 @@ def morgan_bits(fingerprint: np.ndarray, n_bits: int) -> np.ndarray:
 def pack_bits(bits: np.ndarray) -> np.ndarray:
     """Boolean rows -> uint8 bytes, 8 bits a byte, little-endian bit order."""
     return np.packbits(np.asarray(bits, dtype=bool), axis=1, bitorder="little")
-
-
-def unpack_bits(packed: np.ndarray, n_bits: int) -> np.ndarray:
-    """`pack_bits` undone: boolean rows of `n_bits`."""
-    out = np.unpackbits(np.asarray(packed, np.uint8), axis=1, count=n_bits, bitorder="little")
-    return out.view(bool)  # 0/1 bytes are booleans already: no second copy of the rows
 
 
 def _pack_morgan(
@@ -480,9 +475,9 @@ class _Clusters:
             rows, starts, centres, words, counts, tanimoto.transposed(words[flat]), counts[flat]
         )
 
-    @property
+    @cached_property
     def members(self) -> np.ndarray:
-        """Every partition's rows one after another (a view of `rows`)."""
+        """Every partition's rows one after another (a view of `rows` when it is contiguous)."""
         return np.ascontiguousarray(self.rows).ravel()
 
     @cached_property
@@ -591,7 +586,8 @@ class Domain:
         already right). It costs the exact search for the queries below the threshold.
 
         `workers`: threads the queries are split over (None: every CPU this process may use);
-        the answer is the same for any number."""
+        `chunk_pairs`: the exact search's query x row pairs a tile (where it scans); neither
+        changes the answer."""
         threads = _threads(workers)
         # the queries packed a slice at a time: no boolean copy of them (100 MB at 10^5 rows)
         packed = _pack_morgan(fingerprint, self.n_bits, rows=PACK_ROWS)

@@ -13,8 +13,9 @@ rows is contiguous and compiles to vector popcounts where the CPU has them. Ever
 exact integer, and the best row is chosen by comparing fractions exactly (p1 * s2 > p2 * s1),
 so the answers equal brute force's bit for bit at any width.
 
-numba is imported with this module; `toxmodel.domain` imports it only when a search runs, so
-the rest of `toxmodel` (training, checkpoints) works where numba is not installed.
+numba is imported with this module; `toxmodel.domain` imports it only when a domain is fitted
+or searched, so the rest of `toxmodel` (training, checkpoints) works where numba is not
+installed.
 """
 
 from __future__ import annotations
