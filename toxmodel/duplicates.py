@@ -3,8 +3,9 @@
 Contract: `find_conflicts(smiles, labels)` lists SMILES texts seen with a 0 and a 1 for a task;
 `count_duplicates(keys, labels)` counts repeated molecules by molecule key (`toxmodel.featurize`
 canonical SMILES); `deduplicate(table, keys, policy)` makes one row per molecule as
-DUPLICATE_POLICIES says. Each groups rows by key with one hash pass (`pandas.factorize`) and
-counts labels with `np.bincount`, so 10^6 rows take a second and a few arrays of one int a row.
+DUPLICATE_POLICIES says. Each groups rows by key with one hash pass (`pandas.factorize`; ids
+from `toxmodel.split.molecule_groups` need none) and counts labels with `np.bincount`, so 10^6
+rows take a second and a few arrays of one int a row.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from toxmodel.split import molecule_groups
 
 if TYPE_CHECKING:
     from toxmodel.data import MoleculeTable
@@ -60,7 +63,11 @@ def _group(keys: Sequence[str] | np.ndarray) -> _Groups:
     """Rows grouped by key: strings ("" = no molecule, in no group of repeats) or integer ids
     (`toxmodel.split.molecule_groups`: a row without a molecule has an id of its own)."""
     integer = isinstance(keys, np.ndarray) and keys.dtype.kind in "iu"
-    codes, uniques = pd.factorize(keys if integer else np.asarray(keys, dtype=object))
+    if integer:  # numbered first-seen already (`molecule_groups`): renumbered only if not
+        codes = molecule_groups(keys)
+        uniques = np.arange(int(codes.max()) + 1 if len(codes) else 0)
+    else:
+        codes, uniques = pd.factorize(np.asarray(keys, dtype=object))
     if len(codes) < 2**31:
         codes = codes.astype(np.int32)
     sizes = np.bincount(codes, minlength=len(uniques))
@@ -89,8 +96,8 @@ class DuplicateCounts:
 
 def count_duplicates(keys: Sequence[str] | np.ndarray, labels: np.ndarray) -> DuplicateCounts:
     """Repeated molecules among rows keyed by `keys` ("" = no molecule, never a repeat), or by
-    the integer ids `toxmodel.split.molecule_groups` gives for such keys (hashed faster: a job
-    hashes its 10^6 keys once, for this count and its split)."""
+    the integer ids `toxmodel.split.molecule_groups` gives for such keys (read without hashing:
+    a job hashes its 10^6 keys once, for this count and its split)."""
     if len(keys) == 0:
         return DuplicateCounts(0, 0, 0)
     groups = _group(keys)

@@ -94,15 +94,19 @@ class Features:
     def __len__(self) -> int:
         return int(self.fingerprint.shape[0])
 
+    def molecule_keys(self) -> list[str]:
+        """The molecule key of each valid row (in `valid_rows` order)."""
+        if self.canonical is None:
+            raise ValueError("these features carry no canonical SMILES (built without them)")
+        return self.canonical
+
     def row_keys(self, n_rows: int) -> list[str]:
         """The molecule key of every input row ("" for a row that did not featurize).
 
         Rows with one key are one molecule: the featurizer saw the same structure for them.
         """
-        if self.canonical is None:
-            raise ValueError("these features carry no canonical SMILES (built without them)")
         keys = [""] * n_rows
-        for row, key in zip(self.valid_rows.tolist(), self.canonical, strict=True):
+        for row, key in zip(self.valid_rows.tolist(), self.molecule_keys(), strict=True):
             keys[row] = key
         return keys
 

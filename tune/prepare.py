@@ -127,8 +127,8 @@ def prepare_data(
         with job.storage.staged(job.name, INVALID_REPORT) as local:
             write_invalid_report(features.invalid, local, table.lines)
         check_parsed(table, features, job.storage.uri_of(job.name, INVALID_REPORT))
-    keys = features.row_keys(len(table))
-    ids = molecule_groups(keys)  # the keys hashed once: the count and the split read the ids
+    # the keys hashed once, the valid rows' only: the count and the split read the ids
+    ids = molecule_groups(features.molecule_keys(), features.valid_rows, len(table))
     counts = count_duplicates(ids, table.labels)
     if counts.shared_rows:
         log.info(
@@ -140,14 +140,16 @@ def prepare_data(
             job.data.duplicates,
         )
     if job.data.duplicates != "keep":
+        keys = features.row_keys(len(table))
         merged = deduplicate(table, keys, job.data.duplicates)
         _report_merged(job, table, keys, merged)
         features = features.take(merged.rows)
         ids = ids[merged.rows]
         table = merged.table
-    labels = table.labels[features.valid_rows]
-    valid_smiles = [table.smiles[i] for i in features.valid_rows]
-    groups = molecule_groups(ids[features.valid_rows])  # renumbered, first seen first
+    every = len(features.valid_rows) == len(table)  # every row featurized: no copies
+    labels = table.labels if every else table.labels[features.valid_rows]
+    valid_smiles = table.smiles if every else [table.smiles[i] for i in features.valid_rows]
+    groups = ids if every else molecule_groups(ids[features.valid_rows])  # renumbered
     split = split_dataset(valid_smiles, labels, job.split, groups=groups)
     with job.storage.staged(job.name, INVALID_REPORT) as local:
         write_invalid_report(features.invalid, local, table.lines)

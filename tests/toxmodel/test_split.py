@@ -377,6 +377,71 @@ def test_stratified_groups_carry_their_rows_labels() -> None:
         assert int(labels[split.train].sum()) == 4
 
 
+class _Hashing(str):
+    """A key whose hash is chosen: to make two different keys collide, or a key hash like ""."""
+
+    value = 7
+
+    def __hash__(self) -> int:
+        return self.value
+
+
+def _by_text(keys: list[str]) -> list[int]:
+    """Group ids by a plain dict of the texts: first-seen order, "" never shared."""
+    first: dict[str, int] = {}
+    ids = []
+    for i, key in enumerate(keys):
+        ids.append(first.setdefault(key, len(first)) if key else len(first))
+        if not key:
+            first[f"\x00{i}"] = len(first)
+    return ids
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_molecule_groups_by_hash_equal_grouping_the_texts(seed: int) -> None:
+    """The hashed grouping gives the ids a dict of the texts gives, with keys repeated and
+    missing, for every row's keys and for a job's valid rows only (rows, n_rows)."""
+    from toxmodel.split import molecule_groups
+
+    rng = np.random.default_rng(seed)
+    pool = [f"C{'C' * i}O" for i in range(40)]
+    keys = [pool[i] if rng.random() > 0.2 else "" for i in rng.integers(0, 40, 500)]
+    expected = _by_text(keys)
+    assert molecule_groups(keys).tolist() == expected
+    valid = np.flatnonzero([bool(k) for k in keys])
+    ids = molecule_groups([keys[i] for i in valid], valid, len(keys))
+    assert ids.tolist() == expected
+    # every row has a molecule: the hashes' codes are the ids
+    full = [k or "CN" for k in keys]
+    assert molecule_groups(full, np.arange(len(full)), len(full)).tolist() == _by_text(full)
+
+
+def test_molecule_groups_are_exact_when_hashes_collide() -> None:
+    """Two different keys with one hash, or a key hashing as "" does, are still told apart
+    (the texts decide), and "" rows stay rows of their own."""
+    from toxmodel.split import molecule_groups
+
+    keys = ["CCO", "", "C", "CCO", "", "C", "CN"]
+    colliding = [_Hashing(k) if k else k for k in keys]  # every key hashes to 7
+    assert molecule_groups(colliding).tolist() == _by_text(keys) == [0, 1, 2, 0, 3, 2, 4]
+    like_empty = list(keys)
+    like_empty[2] = type("_Zero", (_Hashing,), {"value": 0})("C")  # hashes as "" does
+    assert molecule_groups(like_empty).tolist() == _by_text(keys)
+    rows = np.array([0, 2, 3, 5, 6])
+    assert molecule_groups([colliding[i] for i in rows], rows, 7).tolist() == _by_text(keys)
+
+
+def test_group_ids_of_some_rows_are_renumbered_first_seen() -> None:
+    """Ids of a subset of the rows come back numbered 0..G-1 in first-seen order, whether rows
+    of their own were left out (a job's invalid rows) or the order of new ids changed."""
+    from toxmodel.split import molecule_groups
+
+    ids = np.array([0, 1, 2, 0, 3, 2, 4, 1])
+    assert molecule_groups(ids[[0, 2, 3, 5, 6, 7]]).tolist() == [0, 1, 0, 1, 2, 3]
+    assert molecule_groups(ids[[2, 0, 5, 3, 7]]).tolist() == [0, 1, 0, 1, 2]
+    assert molecule_groups(np.array([5, 9, 5, 100])).tolist() == [0, 1, 0, 2]
+
+
 def test_molecule_groups_and_bad_groups() -> None:
     from toxmodel.split import molecule_groups
 
