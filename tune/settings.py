@@ -3,6 +3,7 @@ script, the test session), never by library code as a side effect of a call."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -28,10 +29,20 @@ TUNE_ENV = {
 }
 
 
+# The cyclic garbage collector runs a young collection every GC_THRESHOLDS[0] allocations of
+# containers (Python's default: 700). Reading a 10^6-row file allocates a list per row, and with
+# the ~400,000 objects imported Ray, MLflow and pandas leave in the heap the default let 11 full
+# collections rescan them all: loading 10^6 rows took 4.3-4.7 s in the job's driver against
+# 2.6-2.7 s with 10,000 (0.24 s for 10^5 either way: the cost appeared only past 10^5 rows).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
 def configure_process() -> None:
-    """Set the environment toxtune's driver needs (before Ray starts)."""
+    """Set the environment toxtune's driver needs (before Ray starts) and the collector's
+    thresholds (GC_THRESHOLDS)."""
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def quiet_worker_logs() -> None:
