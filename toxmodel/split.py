@@ -252,12 +252,7 @@ def _group_index(groups: np.ndarray | Sequence[int] | None, n: int) -> np.ndarra
         raise ValueError(f"{n} rows but {g.shape[0]} group ids")
     if g.size and not np.issubdtype(g.dtype, np.integer):
         raise ValueError(f"group ids must be integers, got dtype {g.dtype}")
-    if _first_seen(g):  # already so (`molecule_groups` numbers them so): no sort
-        return g.astype(np.int64, copy=False)
-    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
-    rank = np.empty(first.size, dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-    return rank[inverse.reshape(-1)]
+    return _renumbered(g)  # as they are when `molecule_groups` numbered them: no hash
 
 
 def _first_seen(g: np.ndarray) -> bool:
