@@ -15,6 +15,7 @@ import numpy as np
 
 from toxmodel.duplicates import DuplicateCounts, count_duplicates
 from toxmodel.errors import shorten
+from toxmodel.split import molecule_groups
 
 if TYPE_CHECKING:
     from toxmodel.data import MoleculeTable
@@ -129,7 +130,9 @@ def describe(table: MoleculeTable, features: Features | None = None) -> DataSumm
     ]
     duplicates = None
     if features.canonical is not None:
-        duplicates = count_duplicates(features.row_keys(len(table)), labels)
+        # the keys hashed as a job hashes them (`molecule_groups`), the valid rows' only
+        ids = molecule_groups(features.molecule_keys(), features.valid_rows, len(table))
+        duplicates = count_duplicates(ids, labels)
     return DataSummary(
         source=table.source,
         rows=len(table),
