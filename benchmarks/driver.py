@@ -28,9 +28,12 @@ CPUs takes a minute, longer when the driver is busy); the driver process's CPU s
 1,000 results over the whole run; each trial's slowdown (wall time of its reported epochs over
 their ideal time, median and max). For toxtune it then checks that nothing was
 lost: every result Tune recorded is a step of the trial's MLflow run and an intermediate value
-of its study trial. GPUs fed: at 16 packed trials per GPU and a Tox21 epoch of `--gpu-epoch-s`
-on a GPU, one GPU makes 16 / gpu_epoch_s results a second, so one driver feeds
-(results/s it absorbs) / (16 / gpu_epoch_s) GPUs; by CPU: 1 / (CPU s per result) / that rate.
+of its study trial. `mlflow`, `pg`, `s3`: CPU ms a result of the stack's servers (the MLflow
+server's processes, PostgreSQL's, moto's), which share this machine's CPUs with the trials and
+the driver and run on machines of their own in a team's cluster. GPUs fed: at 16 packed
+trials per GPU and a Tox21 epoch of `--gpu-epoch-s` on a GPU, one GPU makes 16 / gpu_epoch_s
+results a second, so one driver feeds (results/s it absorbs) / (16 / gpu_epoch_s) GPUs; by
+CPU: 1 / (CPU s per result) / that rate.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +140,7 @@ class Cell:
     slowdown_median: float = float("nan")
     slowdown_max: float = float("nan")
     lost: str = ""  # "" (not checked), "none" or what is missing
+    services_s: dict[str, float] = field(default_factory=dict)  # CPU s of the stack's servers
     wall_s: float = 0.0
     reached: int = 0  # trials reporting when the measuring window opened
     ramp_s: float = 0.0  # from the first trial's start to the last trial's first result
@@ -153,6 +157,11 @@ class Cell:
     @property
     def cpu_ms_per_result(self) -> float:
         return 1000 * self.cpu_s / self.results if self.results else float("nan")
+
+    def service_ms_per_result(self, kind: str) -> float:
+        """CPU ms a result of one kind of server (`mlflow`, `postgres`, `s3`)."""
+        used = self.services_s.get(kind, float("nan"))
+        return 1000 * used / self.results if self.results else float("nan")
 
 
 class PeakMemory:
@@ -181,6 +190,66 @@ class CpuSampler:
 
     def used(self) -> float:
         return self._cpu() - self.start
+
+
+SERVICES = ("mlflow", "postgres", "s3")
+
+
+def service_of(proc: psutil.Process) -> str | None:
+    """Which of the team stack's servers a process belongs to, if any."""
+    try:
+        if proc.name().startswith("postgres"):
+            return "postgres"
+        line = " ".join(proc.cmdline())
+    except psutil.Error:
+        return None
+    if "moto_server" in line:
+        return "s3"
+    if "mlflow" in line and ("server" in line or "uvicorn" in line or "gunicorn" in line):
+        return "mlflow"
+    return None
+
+
+class ServicesCpu:
+    """CPU seconds the servers of the stack (MLflow server, PostgreSQL, moto's S3) use while a
+    cell runs, by kind: on this machine they share the 2 CPUs with the trials and the driver,
+    on a team's cluster they run elsewhere. Sampled each 0.5 s, per process (a process that
+    starts and ends between two samples is missed: the servers' processes live long)."""
+
+    def __init__(self) -> None:
+        self._base: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _sample(self, first: bool = False) -> None:
+        for proc in psutil.process_iter():
+            kind = service_of(proc)
+            if kind is None:
+                continue
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            used = t.user + t.system
+            if first:
+                self._base[proc.pid] = used
+            self._last[proc.pid] = (kind, used)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def used(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        out = dict.fromkeys(SERVICES, 0.0)
+        for pid, (kind, used) in self._last.items():
+            out[kind] += max(used - self._base.get(pid, 0.0), 0.0)
+        return out
 
 
 def measure(cell: Cell, histories: dict[str, list[dict[str, Any]]], run_s: float) -> None:
@@ -272,10 +341,11 @@ def run_bare(cell: Cell, storage: str, epochs: int, run_s: float, every: int) ->
             name=f"{cell.stack}-{cell.in_flight}-{cell.epoch_s}", storage_path=storage, verbose=1
         ),
     )
-    cpu, t = CpuSampler(), time.monotonic()
+    cpu, services, t = CpuSampler(), ServicesCpu(), time.monotonic()
     with ray_as_shipped():
         grid = tuner.fit()
     cell.cpu_s, cell.wall_s = cpu.used(), time.monotonic() - t
+    cell.services_s = services.used()
     measure(cell, histories_of(grid), run_s)
     return cell
 
@@ -338,9 +408,10 @@ def run_toxtune(
     trainable = ray_tune.with_resources(trial, {"cpu": 1})
     trainable = bridge_console(trainable)
     tuner, _ = build_tuner(job, trainable, job.name, cell.in_flight, True, callbacks)
-    cpu, t = CpuSampler(), time.monotonic()
+    cpu, services, t = CpuSampler(), ServicesCpu(), time.monotonic()
     grid = tuner.fit()
     cell.cpu_s, cell.wall_s = cpu.used(), time.monotonic() - t
+    cell.services_s = services.used()
     tr.finish_job_run(job.tracking_uri, parent, "FINISHED")
     histories = histories_of(grid)
     measure(cell, histories, run_s)
@@ -408,7 +479,8 @@ def table(cells: list[Cell], gpu_epoch_s: float) -> str:
     head = (
         f"{'stack':<9}{'flight':>7}{'reached':>8}{'ramp s':>7}{'epoch s':>8}{'ideal/s':>8}"
         f"{'res/s':>7}{'x bare':>7}{'x b-s3':>7}{'CPU s/1k':>9}{'slow med':>9}{'slow max':>9}"
-        f"{'GPUs':>6}{'GPUs cpu':>9}{'results':>8}{'wall s':>7}  lost"
+        f"{'GPUs':>6}{'GPUs cpu':>9}{'results':>8}{'wall s':>7}"
+        f"{'mlflow':>7}{'pg':>6}{'s3':>6}  lost"
     )
     lines = [head]
     bare = {(c.in_flight, c.epoch_s): c.rate for c in cells if c.stack == "bare"}
@@ -421,7 +493,12 @@ def table(cells: list[Cell], gpu_epoch_s: float) -> str:
             f"{c.stack:<9}{c.in_flight:>7}{c.reached:>8}{c.ramp_s:>7.0f}{c.epoch_s:>8.2f}"
             f"{c.ideal:>8.0f}{c.rate:>7.1f}{ratio:>7.2f}{ratio_s3:>7.2f}{c.cpu_ms_per_result:>9.1f}"
             f"{c.slowdown_median:>9.2f}{c.slowdown_max:>9.2f}{c.rate / per_gpu:>6.1f}"
-            f"{by_cpu:>9.1f}{c.results:>8}{c.wall_s:>7.0f}  {c.lost or '-'}"
+            f"{by_cpu:>9.1f}{c.results:>8}{c.wall_s:>7.0f}"
+            + "".join(
+                f"{c.service_ms_per_result(k):>{w}.1f}"
+                for k, w in zip(SERVICES, (7, 6, 6), strict=True)
+            )
+            + f"  {c.lost or '-'}"
         )
     return "\n".join(lines)
 

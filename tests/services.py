@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune.cli.ui import SERVER_ENV
+
 BIN = Path(sys.executable).parent
 
 
@@ -93,6 +95,7 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**SERVER_ENV, **os.environ},
         )
         wait_http(f"{self.url}/health", timeout=120)
 

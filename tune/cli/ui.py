@@ -1,7 +1,10 @@
 """`toxtune ui`: the MLflow UI on the job's tracking backend, stopped as a whole.
 
-`mlflow ui` runs uvicorn workers and job consumers as child processes. It is started in a
-process group of its own; SIGTERM, SIGINT or SIGHUP to toxtune (a supervisor, `timeout`,
+`mlflow ui` runs uvicorn workers as child processes. It is started without MLflow 3's job
+runner (`SERVER_ENV`; a user's own setting of the variable wins): toxtune uses none of its jobs
+(GenAI evaluation, trace rollups), and its seven consumer processes cost a UI about 1.4 GiB of
+memory and 17 s of CPU as it starts (`benchmarks/mlflow_server.py`). It is started in a process group of its
+own; SIGTERM, SIGINT or SIGHUP to toxtune (a supervisor, `timeout`,
 Ctrl-C, a closed terminal) stops that whole group and every descendant, so nothing is left
 holding the port. The port is checked before the server starts (mlflow ui itself exits 0 when
 it cannot bind), and a server that exits before it ever answered is an error.
@@ -29,6 +32,7 @@ STOP_GRACE_S = 10.0  # after SIGTERM, how long the server may take before SIGKIL
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's `Default` experiment, created with every store
 MAX_LINKS = 20  # experiment links printed before the rest is only counted
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # the job runner off (above)
 
 
 def port_number(value: str) -> int:
@@ -95,7 +99,7 @@ def _answers(url: str) -> bool:
 def serve(cmd: list[str], health_url: str) -> int:
     """Run the server command until it exits or toxtune is told to stop; returns the exit code
     (128 + the signal number when stopped by a signal)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**SERVER_ENV, **os.environ})
     received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -1,0 +1,138 @@
+"""What a team's `mlflow server` costs in CPU: to start, idle, and a trial's epochs per request.
+
+    python benchmarks/mlflow_server.py
+    python benchmarks/mlflow_server.py --epochs-per-request 1 2 4 8 16 --requests 150
+
+The server runs on PostgreSQL (the team stack's backend, `tests.team_stack`), one worker,
+artifacts in a local folder. CPU is the machine's (every process but this one: the server's
+processes and PostgreSQL's), so run it on a quiet machine.
+
+- start and idle, with MLflow 3's job runner (its default) and without it
+  (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`, as `toxtune ui`, cluster.yaml and the tests
+  start it): wall time to answer /health, the machine's CPU over the first SETTLE_S seconds
+  from launch (the job runner's consumers start after /health answers), CPU a second over the
+  `--idle-s` seconds of nothing after that, and the server's processes and their memory (PSS);
+- per request: `log_batch` requests as toxtune's trial callback sends them (one request per
+  trial, a trial's queued epochs together, each epoch the headline metrics a simulated Tox21
+  result logs), spread over 64 runs: server CPU and client CPU a request and an epoch, by
+  epochs per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.driver import tox21_result
+from tests.team_stack import postgres_server, team_mlflow
+
+SETTLE_S = 40.0
+
+
+def machine_cpu_but_me() -> float:
+    """CPU seconds of the whole machine, less this process's."""
+    t = psutil.cpu_times()
+    me = psutil.Process().cpu_times()
+    return t.user + t.system + t.nice - (me.user + me.system)
+
+
+def start_and_idle(
+    pg_url: str, idle_s: float, job_runner: bool
+) -> tuple[float, float, float, int, float]:
+    """One server: (wall s to answer /health, machine CPU s over the first SETTLE_S from
+    launch, CPU s a second idle after that, its processes, their memory in GiB (PSS))."""
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if job_runner else "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the tests' server takes the environment's setting first
+    try:
+        c0, t0 = machine_cpu_but_me(), time.monotonic()
+        with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
+            wall = time.monotonic() - t0
+            time.sleep(max(SETTLE_S - wall, 0.0))  # its job consumers start after /health
+            c1 = machine_cpu_but_me()
+            time.sleep(idle_s)
+            idle = (machine_cpu_but_me() - c1) / idle_s
+            assert server.proc is not None
+            root = psutil.Process(server.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+            memory = sum(p.memory_full_info().pss for p in procs) / 2**30
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return wall, c1 - c0, idle, len(procs), memory
+
+
+def per_request(pg_url: str, epochs: list[int], requests: int) -> list[tuple[int, float, float]]:
+    """(epochs a request, server CPU ms a request, client CPU ms a request), job runner off."""
+    from mlflow.tracking import MlflowClient
+
+    from tune.tracking.callback import result_metrics
+
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    rng = np.random.default_rng(0)
+    out = []
+    with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
+        client = MlflowClient(server.url)
+        exp = client.create_experiment("requests")
+        runs = [client.create_run(exp).info.run_id for _ in range(64)]
+        step = {r: 0 for r in runs}
+        for k in [epochs[0], *epochs]:  # the first size twice: the first pass warms up
+            c0, p0 = machine_cpu_but_me(), time.process_time()
+            for i in range(requests):
+                run = runs[i % len(runs)]
+                metrics = []
+                for _ in range(k):
+                    step[run] += 1
+                    row, _ = tox21_result(step[run], rng, 0.0, 0.1)
+                    headline = {key: v for key, v in row.items() if "/" not in key}
+                    metrics += result_metrics(headline, step[run], int(time.time() * 1000))
+                client.log_batch(run, metrics=metrics)
+            server_ms = 1000 * (machine_cpu_but_me() - c0) / requests
+            client_ms = 1000 * (time.process_time() - p0) / requests
+            out.append((k, server_ms, client_ms))
+        per_epoch = len(metrics) // k
+    print(f"(each epoch: {per_epoch} metrics)")
+    return out[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs-per-request", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--requests", type=int, default=150)
+    parser.add_argument("--idle-s", type=float, default=20.0)
+    args = parser.parse_args()
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs")
+    with postgres_server() as pg:
+        print(
+            f"{'job runner':<12}{'start wall s':>13}{'CPU s, first 40 s':>18}"
+            f"{'idle CPU s/s':>13}{'processes':>10}{'memory GiB':>11}"
+        )
+        for on in (True, False):
+            db = pg.create_database(f"idle{int(on)}")
+            wall, cpu, idle, n, memory = start_and_idle(db, args.idle_s, on)
+            print(
+                f"{'on' if on else 'off':<12}{wall:>13.1f}{cpu:>18.1f}{idle:>13.3f}{n:>10}"
+                f"{memory:>11.2f}",
+                flush=True,
+            )
+        rows = per_request(pg.create_database("requests"), args.epochs_per_request, args.requests)
+    print(f"{'epochs/req':>10}{'server ms/req':>14}{'server ms/epoch':>16}{'client ms/epoch':>16}")
+    for k, server_ms, client_ms in rows:
+        print(f"{k:>10}{server_ms:>14.1f}{server_ms / k:>16.2f}{client_ms / k:>16.2f}")
+
+
+if __name__ == "__main__":
+    main()
