@@ -3,11 +3,11 @@
 `mlflow ui` runs uvicorn workers as child processes. It is started without MLflow 3's job
 runner (`SERVER_ENV`; a user's own setting of the variable wins): toxtune uses none of its jobs
 (GenAI evaluation, trace rollups), and its seven consumer processes cost a UI about 1.4 GiB of
-memory and 17 s of CPU as it starts (`benchmarks/mlflow_server.py`). It is started in a process group of its
-own; SIGTERM, SIGINT or SIGHUP to toxtune (a supervisor, `timeout`,
-Ctrl-C, a closed terminal) stops that whole group and every descendant, so nothing is left
-holding the port. The port is checked before the server starts (mlflow ui itself exits 0 when
-it cannot bind), and a server that exits before it ever answered is an error.
+memory and 17 s of CPU as it starts (`benchmarks/mlflow_server.py`). It is started in a process
+group of its own; SIGTERM, SIGINT or SIGHUP to toxtune (a supervisor, `timeout`, Ctrl-C, a
+closed terminal) stops that whole group and every descendant, so nothing is left holding the
+port. The port is checked before the server starts (mlflow ui itself exits 0 when it cannot
+bind), and a server that exits before it ever answered is an error.
 """
 
 from __future__ import annotations
