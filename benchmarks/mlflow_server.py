@@ -15,7 +15,8 @@ processes and PostgreSQL's), so run it on a quiet machine.
 - per request: `log_batch` requests as toxtune's trial callback sends them (one request per
   trial, a trial's queued epochs together, each epoch the headline metrics a simulated Tox21
   result logs), spread over 64 runs: server CPU and client CPU a request and an epoch, by
-  epochs per request.
+  epochs per request. How many epochs a request carries is what the trial callback's pacing
+  (`tune.tracking.callback.send_interval`) decides.
 """
 
 from __future__ import annotations

@@ -674,6 +674,107 @@ def test_results_wait_for_no_request_and_go_one_request_per_trial(tmp_path: Path
         assert (kid.info.status, kid.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
 
 
+def _epoch(epoch: int) -> dict[str, Any]:
+    return {"training_iteration": epoch, "epoch": epoch, "train_loss": 1 / epoch}
+
+
+def test_results_pass_other_trials_starts_and_ends_but_never_their_own(tmp_path: Path) -> None:
+    """With trials starting and ending between their results (ASHA at many trials in flight),
+    each trial's queued epochs still go as one request a send: a result may pass another
+    trial's start or end in the queue, never its own trial's, nor the job's own operations."""
+    uri = default_tracking_uri(tmp_path / "store")
+    check_tracking(uri)
+    parent = start_job_run(uri, "exp", "job-1", {"search": {"num_samples": 4}}, resume=False)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS)
+    t0, t1, t2, t3 = trials = [_Trial(f"t{i}", {"lr": 0.01}) for i in range(4)]
+    for trial in trials[:3]:
+        callback.on_trial_start(0, [], trial)
+    assert callback.flush(timeout_s=60)
+    with callback._sending:  # nothing goes while the queue builds up
+        for trial in (t0, t1, t2):
+            callback.on_trial_result(0, [], trial, _epoch(1))
+        t0.last_result = {**_epoch(1), "finished_reason": "patience"}
+        callback.on_trial_complete(0, [], t0)
+        callback.on_trial_result(0, [], t1, _epoch(2))
+        callback.on_trial_start(0, [], t3)
+        callback.on_trial_result(0, [], t3, _epoch(1))  # waits for its run to exist
+        callback.on_trial_result(0, [], t2, _epoch(2))
+        callback.on_trial_result(0, [], t1, _epoch(3))
+    for trial, epochs in ((t1, 3), (t2, 2), (t3, 1)):
+        trial.last_result = {**_epoch(epochs), "finished_reason": "max_epochs"}
+        callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    assert callback.pending == 0 and callback.dropped == []
+    assert callback.requests == 4  # one a trial (seven when results stopped at each start/end)
+    client = MlflowClient(uri)
+    kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(client, parent)}
+    for name, epochs in (("t0", 1), ("t1", 3), ("t2", 2), ("t3", 1)):
+        assert steps(client, kids[name], "train_loss") == list(range(1, epochs + 1)), name
+        assert kids[name].info.status == "FINISHED", name
+
+
+def test_a_result_never_passes_its_own_trials_operation_or_the_jobs() -> None:
+    """What one send takes from the queue: the results that may go now, each trial's in order;
+    a result behind an operation of its own trial, or behind one of the job's, waits."""
+    from tune.tracking.callback import _Op
+
+    callback = MlflowTrialCallback("sqlite:///unused.db", "exp", "parent", max_epochs=EPOCHS)
+    a, b, c = (_Trial(name, {}) for name in "abc")
+
+    def result(trial: _Trial, step: int) -> _Op:
+        return _Op(f"result {trial.trial_id}#{step}", trial=trial, step=step)
+
+    queue = [
+        result(a, 1),
+        result(b, 1),
+        _Op("end a", lambda: None, "a"),
+        result(a, 2),  # behind its own trial's end: waits
+        result(b, 2),  # passes a's end
+        _Op("job", lambda: None),  # the job's own: nothing later passes it
+        result(c, 1),
+    ]
+    callback._queue.extend(queue)
+    assert [op.what for op in callback._take()] == ["result a#1", "result b#1", "result b#2"]
+    assert [op.what for op in callback._queue] == ["end a", "result a#2", "job", "result c#1"]
+    assert [op.what for op in callback._take()] == ["end a"]
+    assert [op.what for op in callback._take()] == ["result a#2"]
+
+
+def test_the_sender_spaces_its_sends_by_the_trials_it_sends_for() -> None:
+    """One request per trial a send: with 32 trials reporting, the sender waits 32 /
+    REQUESTS_PER_S = 4 s before its next send, so a team's server gets about 8 requests a
+    second, each with more epochs; with 4 trials it sends again after SEND_EVERY_S."""
+    from tune.tracking import callback as cb
+
+    assert (cb.REQUESTS_PER_S, cb.SEND_EVERY_S) == (8.0, 1.0)
+
+    def gaps(n_trials: int) -> float:
+        callback = MlflowTrialCallback("sqlite:///unused.db", "exp", "parent", max_epochs=9)
+        sent: list[tuple[float, str, list[int]]] = []
+        callback._log_results = lambda ops: sent.append(  # type: ignore[method-assign]
+            (time.monotonic(), ops[0].trial.trial_id, [op.step for op in ops])
+        )
+        trials = [_Trial(f"t{i}", {}) for i in range(n_trials)]
+        with callback._sending:  # the first send takes every trial's first epoch
+            for trial in trials:
+                callback.on_trial_result(0, [], trial, _epoch(1))
+        deadline = time.monotonic() + 30
+        while len(sent) < n_trials and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for trial in trials:
+            callback.on_trial_result(0, [], trial, _epoch(2))
+        while len(sent) < 2 * n_trials and time.monotonic() < deadline:
+            time.sleep(0.01)
+        callback._stop_sender(5)
+        assert sorted((t, steps) for _, t, steps in sent) == sorted(
+            [(t.trial_id, [1]) for t in trials] + [(t.trial_id, [2]) for t in trials]
+        )  # one request a trial a send, each epoch once
+        return sent[n_trials][0] - sent[0][0]
+
+    assert 3.5 <= gaps(32) <= 6.0
+    assert 0.8 <= gaps(4) <= 2.5
+
+
 def test_a_restored_trial_logs_the_epochs_a_killed_driver_never_sent(tmp_path: Path) -> None:
     """Epochs 3-4 were still queued for MLflow when the driver died; the restored trial's first
     report (epoch 5, from its checkpoint) carries its history, and its run ends with every

@@ -12,11 +12,16 @@ headline curves and a 617-task job writes 10 rows an epoch instead of 1,244.
 Trials on other nodes need neither MLflow access nor the driver's disk: all logging happens
 here, in the driver.
 
-Off the Tune loop: a Tune hook only queues its operation; a sender thread sends the queue in
-order, so the driver's loop never waits for MLflow. The sender sends at most every SEND_EVERY_S,
-and the epochs that arrive meanwhile (or while a request is in flight) go together: consecutive
-results are grouped by trial and each trial's group is one `log_batch` request (MLflow's batch
-is per run), so requests per second follow the trials in flight, not the results
+Off the Tune loop: a Tune hook only queues its operation; a sender thread sends the queue, each
+trial's operations in order, so the driver's loop never waits for MLflow. The epochs that
+arrive between two sends (or while a request is in flight) go together: each trial's queued
+results are one `log_batch` request (MLflow's batch is per run), and they may pass another
+trial's start or end in the queue, never their own trial's. A request costs a team's server
+about 8 ms of CPU and an epoch in it about 1 ms more (`benchmarks/mlflow_server.py`), so the
+sender paces itself by the trials it sends for: every SEND_EVERY_S with a few trials in
+flight, every trials / REQUESTS_PER_S seconds with more (at most MAX_SEND_EVERY_S, how far the
+MLflow charts may lag behind the trials), so that requests per second stay near
+REQUESTS_PER_S however many trials report, and each carries more epochs
 (`benchmarks/driver.py`).
 
 Resilience: every MLflow call goes through that ordered buffer. When the server is unreachable
@@ -36,6 +41,7 @@ gives its run the epochs it lacks (from the trial's result file) and its closing
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import numbers
@@ -73,11 +79,21 @@ METRIC_PREFIXES = ("train_", "val_", "best_")
 EXTRA_METRICS = ("lr", "epoch_seconds")
 RESULT_TAGS = ("node_ip", "node_id", "device", "gpu_ids", "gpu_fraction")
 FLUSH_AT_END_S = 120.0
-# The sender's pace: one request per trial with new epochs per interval, however fast they come
-# (without it, at 32 trials in flight each result was a request of its own: py-spy).
-SEND_EVERY_S = 1.0
+# The sender's pace: one request per trial with new epochs per send, however fast they come
+# (without it, at 32 trials in flight each result was a request of its own: py-spy), and sends
+# spaced so that those requests stay near REQUESTS_PER_S a second (`send_interval`).
+SEND_EVERY_S = 1.0  # the shortest interval between two sends
+REQUESTS_PER_S = 8.0
+MAX_SEND_EVERY_S = 10.0  # the longest: how far the MLflow charts may lag behind the trials
 BATCH = 1000  # MLflow's limit on metrics per log_batch
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def send_interval(trials: int) -> float:
+    """Seconds from one send to the next after a send for `trials` trials' results: with
+    one request per trial a send, `trials / REQUESTS_PER_S` keeps the request rate near
+    REQUESTS_PER_S, within [SEND_EVERY_S, MAX_SEND_EVERY_S]."""
+    return min(max(trials / REQUESTS_PER_S, SEND_EVERY_S), MAX_SEND_EVERY_S)
 
 
 def trial_ending(last: Mapping[str, Any], max_epochs: int) -> tuple[str, str, int]:
@@ -223,10 +239,12 @@ def _reports(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 @dataclass
 class _Op:
     """One queued MLflow operation: `fn`, or (`trial` set) one epoch's metrics and tags, which
-    the sender batches with the trial's other queued epochs."""
+    the sender batches with the trial's other queued epochs. `of`: the trial id an `fn` is
+    about (its start, end, ...), or None for the job's own (which no result may pass)."""
 
     what: str
     fn: Callable[[], None] | None = None
+    of: str | None = None
     attempts: int = 0
     trial: Any = None
     step: int = 0
@@ -234,7 +252,7 @@ class _Op:
     tags: list[RunTag] = field(default_factory=list)
 
 
-MAX_RESULTS_PER_SEND = 2000  # queued epochs one send takes at most (one request per trial)
+MAX_RESULTS_PER_SEND = 20_000  # queued epochs one take holds at most (one request per trial)
 
 
 class MlflowTrialCallback(ray_tune.Callback):
@@ -271,6 +289,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._logged: dict[str, int] = {}
         self.requests = 0  # MLflow requests made for results (a batch of epochs is one)
         self._queue: deque[_Op] = deque()
+        self._sent_for: set[str] = set()  # the trials the last flush sent results for
         self._retry_at = 0.0
         self._backoff = 1.0
         self._threads()
@@ -319,14 +338,14 @@ class MlflowTrialCallback(ray_tune.Callback):
             self._wake.notify()
 
     def _send_forever(self) -> None:
-        """The sender thread: send what is queued, in order, at most every SEND_EVERY_S, so
-        that a trial's epochs that arrive meanwhile go as one request; sleep while nothing is
-        due."""
-        sent_at = float("-inf")
+        """The sender thread: send what is queued, then wait `send_interval` of the trials it
+        sent for, so that a trial's epochs that arrive meanwhile go as one request; sleep while
+        nothing is due."""
+        sent_at, interval = float("-inf"), SEND_EVERY_S
         while True:
             with self._wake:
                 while not self._stop:
-                    due = max(self._retry_at, sent_at + SEND_EVERY_S)
+                    due = max(self._retry_at, sent_at + interval)
                     if self._queue and due <= time.monotonic():
                         break
                     self._wake.wait(timeout=due - time.monotonic() if self._queue else None)
@@ -334,6 +353,7 @@ class MlflowTrialCallback(ray_tune.Callback):
                     return
             sent_at = time.monotonic()
             self.flush()
+            interval = send_interval(len(self._sent_for))
 
     def _stop_sender(self, timeout_s: float) -> None:
         with self._wake:
@@ -351,6 +371,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         end = time.monotonic() + timeout_s
         if not self._sending.acquire(timeout=max(timeout_s, 0.0) or -1):
             return False
+        self._sent_for = set()
         try:
             while self._queue:
                 if self._retry_at > end:
@@ -370,17 +391,30 @@ class MlflowTrialCallback(ray_tune.Callback):
             self._sending.release()
 
     def _take(self) -> list[_Op]:
-        """The head operation, or the run of consecutive results at the head (batched)."""
+        """The head operation when it is not a result; else the queued results (batched)
+        that may go now: each trial's in order, none past an earlier operation of its own
+        trial or of the job's (a trial's results may pass another trial's start or end)."""
         with self._wake:
-            ops = [self._queue.popleft()]
-            if ops[0].trial is not None:
-                while (
-                    self._queue
-                    and self._queue[0].trial is not None
-                    and len(ops) < MAX_RESULTS_PER_SEND
-                ):
-                    ops.append(self._queue.popleft())
-            return ops
+            if self._queue[0].trial is None:
+                return [self._queue.popleft()]
+            taken: list[_Op] = []
+            kept: deque[_Op] = deque()
+            held: set[str] = set()  # trials whose next results wait behind a kept operation
+            for i, op in enumerate(self._queue):
+                trial = str(op.trial.trial_id) if op.trial is not None else op.of
+                if op.trial is not None and trial not in held:
+                    taken.append(op)
+                    if len(taken) == MAX_RESULTS_PER_SEND:
+                        kept.extend(itertools.islice(self._queue, i + 1, None))
+                        break
+                    continue
+                kept.append(op)
+                if trial is None:  # the job's own: nothing later passes it
+                    kept.extend(itertools.islice(self._queue, i + 1, None))
+                    break
+                held.add(trial)
+            self._queue = kept
+            return taken
 
     def _send(self, ops: list[_Op]) -> list[_Op]:
         """Send `ops`; return those to retry (in order) after a transient failure.
@@ -392,6 +426,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         groups: dict[str, list[_Op]] = {}
         for op in ops:
             groups.setdefault(str(op.trial.trial_id), []).append(op)
+        self._sent_for.update(groups)
         retry: list[_Op] = []
         for group in groups.values():
             if retry:  # the server is down: keep the rest, in order, for later
@@ -522,11 +557,11 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)  # a retry may run on another node
-        self._submit(_Op(f"start {trial.trial_id}", lambda: self._open(trial)))
+        self._submit(_Op(f"start {trial.trial_id}", lambda: self._open(trial), trial.trial_id))
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)
-        self._submit(_Op(f"restore {trial.trial_id}", lambda: self._open(trial)))
+        self._submit(_Op(f"restore {trial.trial_id}", lambda: self._open(trial), trial.trial_id))
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -565,15 +600,14 @@ class MlflowTrialCallback(ray_tune.Callback):
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.log_text(run_id, text, f"errors/attempt-{attempt}.txt")
 
-        self._submit(_Op(f"recover {trial.trial_id}", op))
+        self._submit(_Op(f"recover {trial.trial_id}", op, trial.trial_id))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status, reason, epochs = trial_ending(trial.last_result or {}, self.max_epochs)
         tags = ending_tags(status, epochs, reason)
         best = self._best.pop(trial.trial_id, [])
-        self._submit(
-            _Op(f"complete {trial.trial_id}", lambda: self._close(trial, "FINISHED", tags, best))
-        )
+        close = lambda: self._close(trial, "FINISHED", tags, best)  # noqa: E731
+        self._submit(_Op(f"complete {trial.trial_id}", close, trial.trial_id))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """The trial failed for good: run FAILED, error tags and the full error text."""
@@ -598,7 +632,7 @@ class MlflowTrialCallback(ray_tune.Callback):
             self.client.log_text(run_id, latest, f"errors/attempt-{attempt}.txt")
             self._close(trial, "FAILED", tags, best)
 
-        self._submit(_Op(f"error {trial.trial_id}", op))
+        self._submit(_Op(f"error {trial.trial_id}", op, trial.trial_id))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Wait (up to FLUSH_AT_END_S) for everything queued to reach MLflow."""
