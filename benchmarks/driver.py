@@ -143,6 +143,7 @@ class Cell:
     services_s: dict[str, float] = field(default_factory=dict)  # CPU s of the stack's servers
     wall_s: float = 0.0
     reached: int = 0  # trials reporting when the measuring window opened
+    requests: int = 0  # MLflow requests the trial callback made for results (toxtune only)
     ramp_s: float = 0.0  # from the first trial's start to the last trial's first result
 
     @property
@@ -412,6 +413,7 @@ def run_toxtune(
     grid = tuner.fit()
     cell.cpu_s, cell.wall_s = cpu.used(), time.monotonic() - t
     cell.services_s = services.used()
+    cell.requests = next(c.requests for c in callbacks if isinstance(c, tr.MlflowTrialCallback))
     tr.finish_job_run(job.tracking_uri, parent, "FINISHED")
     histories = histories_of(grid)
     measure(cell, histories, run_s)
@@ -566,7 +568,8 @@ def main() -> None:
                         cells.append(cell)
                         print(
                             f"[{name} {n} in flight, {epoch_s} s epochs: {cell.rate:.1f} res/s, "
-                            f"{cell.cpu_ms_per_result:.2f} CPU ms/result, lost {cell.lost}; "
+                            f"{cell.cpu_ms_per_result:.2f} CPU ms/result, lost {cell.lost}, "
+                            f"{cell.requests} MLflow requests for results; "
                             f"peak memory so far {memory.peak:.1f} GiB]",
                             flush=True,
                         )

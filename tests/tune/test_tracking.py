@@ -7,6 +7,7 @@ one fails once and then succeeds on retry. Everything is checked through `Mlflow
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -773,6 +774,58 @@ def test_the_sender_spaces_its_sends_by_the_trials_it_sends_for() -> None:
 
     assert 3.5 <= gaps(32) <= 6.0
     assert 0.8 <= gaps(4) <= 2.5
+
+
+def test_a_trials_run_costs_the_server_five_requests_and_the_console_nothing(
+    mlflow_http: MlflowServer, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """At many trials in flight every trial's start and end reaches the team's server: a new
+    trial's run is made without a search (the job's earlier runs are listed once), running and
+    tagged so when made, its params logged without reading the run back, and it ends in one
+    request with its last metrics and tags and one that ends it, without MLflow's read of the
+    whole run and two "View run" console lines a trial."""
+    import mlflow.store.tracking.rest_store as rest_store
+
+    calls: collections.Counter[str] = collections.Counter()
+    real = rest_store.call_endpoint
+
+    def counted(creds: Any, endpoint: str, *args: Any, **kwargs: Any) -> Any:
+        calls[endpoint.rsplit("/mlflow/", 1)[-1]] += 1
+        return real(creds, endpoint, *args, **kwargs)
+
+    uri = mlflow_http.url
+    parent = start_job_run(uri, "exp", "job-1", {"search": {"num_samples": 4}}, resume=False)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=2)
+    trials = [_Trial(f"t{i}", {"lr": 0.01 * (i + 1), "width": 256}) for i in range(4)]
+    capfd.readouterr()
+    monkeypatch.setattr(rest_store, "call_endpoint", counted)
+    with callback._sending:  # each trial's epochs go together
+        for trial in trials:
+            callback.on_trial_start(0, [], trial)
+            for epoch in (1, 2):
+                result = {**_epoch(epoch), "val_roc_auc/NR-AR": 0.6, "best_epoch": epoch}
+                callback.on_trial_result(0, [], trial, result)
+                trial.last_result = {**result, "finished_reason": "max_epochs"}
+            callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    monkeypatch.setattr(rest_store, "call_endpoint", real)
+    assert callback.pending == 0 and callback.dropped == []
+    assert "View run" not in capfd.readouterr().out
+    assert calls["runs/search"] == 1 and calls["runs/get"] <= 2, calls  # once, not per trial
+    assert calls["runs/set-tag"] == 0 and calls["runs/create"] == 4, calls
+    # per trial: create, params, the epochs, the ending, the end; the job's run read once
+    # (8 a trial before: a search, two reads, two tags, separate ending metrics and tags)
+    assert sum(calls.values()) <= 4 * 5 + 3, calls
+    client = MlflowClient(uri)
+    kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(client, parent)}
+    for trial in trials:
+        kid = kids[trial.trial_id]
+        assert kid.info.status == "FINISHED" and kid.info.end_time, trial
+        assert kid.data.tags[STATUS_TAG] == "finished"
+        assert kid.data.tags["toxtune.finished_reason"] == "max_epochs"
+        assert kid.data.params["lr"] == str(trial.config["lr"])
+        assert steps(client, kid, "train_loss") == [1, 2]
+        assert steps(client, kid, "val_roc_auc/NR-AR") == [2]
 
 
 def test_a_restored_trial_logs_the_epochs_a_killed_driver_never_sent(tmp_path: Path) -> None:

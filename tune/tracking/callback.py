@@ -63,6 +63,7 @@ from tune.resources import classify_failure, last_error
 from tune.tracking.backend import (
     MAX_BACKOFF_S,
     client_for,
+    end_run_quietly,
     fast_fail_http,
     is_transient,
     retrying,
@@ -158,10 +159,10 @@ def log_metrics(
 def end_run(
     client: MlflowClient, run_id: str, status: str, tags: dict[str, str], metrics: list[Metric]
 ) -> None:
-    """Log a trial's last metrics, then its ending tags, and end its run with `status`."""
-    log_metrics(client, run_id, metrics, [])
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.set_terminated(run_id, status)
+    """Log a trial's last metrics and its ending tags together, and end its run with `status`
+    (quietly: no console lines a trial)."""
+    log_metrics(client, run_id, metrics, [RunTag(k, v) for k, v in tags.items()])
+    end_run_quietly(client, run_id, status)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,10 @@ def _settle(client: MlflowClient, run: Run, ending: TrialEnding) -> None:
     metrics = [m for m in metrics if np.isfinite(m.value)]
     tags = ending_tags(ending.status, ending.epochs, ending.reason)
     end_run(client, run_id, ENDED[ending.status], tags, metrics)
+
+
+def _started(run: Run) -> int:
+    return int(run.info.start_time or 0)
 
 
 def _reports(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -287,6 +292,9 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._best: dict[str, list[Metric]] = {}  # trial -> per-task metrics of its best row
         # trial -> the last step its run holds: a restored trial's older steps are not re-logged
         self._logged: dict[str, int] = {}
+        self._earlier: dict[str, Run] | None = None  # see _earlier_runs
+        self._creating: set[str] = set()  # trials whose run this driver asked MLflow to make
+        self._opened: set[str] = set()  # runs made running and tagged so, not yet opened
         self.requests = 0  # MLflow requests made for results (a batch of epochs is one)
         self._queue: deque[_Op] = deque()
         self._sent_for: set[str] = set()  # the trials the last flush sent results for
@@ -305,7 +313,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         state = self.__dict__.copy()
         for key in ("_wake", "_sending", "_sender", "_stop"):
             state.pop(key)
-        state.update(_client=None, _queue=deque())
+        state.update(_client=None, _queue=deque(), _earlier=None, _creating=set(), _opened=set())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -471,24 +479,38 @@ class MlflowTrialCallback(ray_tune.Callback):
             self._experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
         return self._experiment_id
 
+    def _earlier_runs(self) -> dict[str, Run]:
+        """The job's trial runs made before this driver's first trial started (a resumed job's),
+        by trial id: listed once, so a new trial's run is created without a search."""
+        if self._earlier is None:
+            self._earlier = {}
+            for run in sorted(child_runs(self.client, self.parent_run_id), key=_started):
+                self._earlier.setdefault(run.data.tags.get(TRIAL_TAG, ""), run)
+        return self._earlier
+
     def _run_id(self, trial: Any) -> str:
-        """The trial's child run: found by tag (retried/resumed trials) or created once."""
+        """The trial's child run: one made before (a resumed job's, or one whose creation
+        this driver tried before, its answer lost) or made now, once."""
         trial_id = str(trial.trial_id)
         if trial_id in self._runs:
             return self._runs[trial_id]
-        found = self.client.search_runs(
-            [self._exp_id()],
-            filter_string=(
-                f"tags.`{TRIAL_TAG}` = '{trial_id}' "
-                f"and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
-            ),
-            max_results=1,
-            order_by=["attributes.start_time ASC"],
-        )
+        earlier = self._earlier_runs().get(trial_id)
+        found = [earlier] if earlier is not None else []
+        if not found and trial_id in self._creating:  # it may exist: look for it by tag
+            found = self.client.search_runs(
+                [self._exp_id()],
+                filter_string=(
+                    f"tags.`{TRIAL_TAG}` = '{trial_id}' "
+                    f"and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+                ),
+                max_results=1,
+                order_by=["attributes.start_time ASC"],
+            )
         if found:
             run_id, status = found[0].info.run_id, found[0].info.status
             history = self.client.get_metric_history(run_id, "train_loss")
             self._logged[trial_id] = max((m.step for m in history), default=0)
+            self._opened.discard(trial_id)
         else:
             tags = {
                 **source_tags(),
@@ -498,10 +520,13 @@ class MlflowTrialCallback(ray_tune.Callback):
                 STATUS_TAG: "running",
                 "toxtune.trial_name": str(trial),
             }
+            self._creating.add(trial_id)
             run = self.client.create_run(self._exp_id(), run_name=trial_id, tags=tags)
             run_id, status = run.info.run_id, run.info.status
+            self._opened.add(trial_id)  # made running, tagged running
         config = {k: v for k, v in dict(trial.config).items() if not str(k).startswith("_")}
-        log_params(self.client, run_id, flat_params(config))
+        existing = found[0].data.params if found else {}
+        log_params(self.client, run_id, flat_params(config), existing)
         if self.dataset is not None:
             log_dataset(self.client, run_id, self.dataset)
         self._runs[trial_id] = run_id
@@ -509,7 +534,11 @@ class MlflowTrialCallback(ray_tune.Callback):
         return run_id
 
     def _open(self, trial: Any) -> None:
+        """The trial (re)starts: its run is running and tagged so (a run made now is already)."""
         run_id = self._run_id(trial)
+        if trial.trial_id in self._opened:
+            self._opened.discard(trial.trial_id)
+            return
         if self._status.get(trial.trial_id) != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
             self._status[trial.trial_id] = "RUNNING"

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Param, RunTag, ViewType
 
-from tune.tracking.backend import client_for, ensure_experiment, retrying, search_all
+from tune.tracking.backend import (
+    client_for,
+    end_run_quietly,
+    ensure_experiment,
+    retrying,
+    search_all,
+)
 from tune.tracking.names import (
     JOB_TAG,
     KIND_TAG,
@@ -34,9 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
-    """Log params once; those already there (a resumed/retried run) are left as they are."""
-    existing = client.get_run(run_id).data.params
+def log_params(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, str],
+    existing: Mapping[str, str] | None = None,
+) -> None:
+    """Log params once; those already there (a resumed/retried run) are left as they are.
+    `existing`: the run's params when the caller has them (a run it just made has none)."""
+    if existing is None:
+        existing = client.get_run(run_id).data.params
     changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
     if changed:
         log.warning("run %s: params changed since first logged, kept the old: %s", run_id, changed)
@@ -128,7 +141,7 @@ def close_orphans(tracking_uri: str, parent_run_id: str, keep_trial_ids: set[str
             continue
         run_id = run.info.run_id
         retrying("close_orphans", lambda rid=run_id: client.set_tag(rid, STATUS_TAG, "killed"))
-        retrying("close_orphans", lambda rid=run_id: client.set_terminated(rid, "KILLED"))
+        retrying("close_orphans", lambda rid=run_id: end_run_quietly(client, rid, "KILLED"))
         closed.append(run_id)
     return closed
 
