@@ -16,7 +16,10 @@ processes and PostgreSQL's), so run it on a quiet machine.
   trial, a trial's queued epochs together, each epoch the headline metrics a simulated Tox21
   result logs), spread over 64 runs: server CPU and client CPU a request and an epoch, by
   epochs per request. How many epochs a request carries is what the trial callback's pacing
-  (`tune.tracking.callback.send_interval`) decides.
+  (`tune.tracking.callback.send_interval`) decides;
+- a trial's run: `--trials` trial runs started, given three epochs each and ended by toxtune's
+  trial callback (`tune.tracking.MlflowTrialCallback`), phase by phase: server CPU, the
+  callback's CPU and HTTP requests a trial.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -38,6 +43,7 @@ from benchmarks.driver import tox21_result
 from tests.team_stack import postgres_server, team_mlflow
 
 SETTLE_S = 40.0
+PARTS = ("start", "requests", "lives")
 
 
 def machine_cpu_but_me() -> float:
@@ -109,30 +115,105 @@ def per_request(pg_url: str, epochs: list[int], requests: int) -> list[tuple[int
     return out[1:]
 
 
+@dataclass
+class SimTrial:
+    """What the trial callback reads of a Tune trial."""
+
+    trial_id: str
+    config: dict[str, Any]
+    last_result: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"train_trial_{self.trial_id}"
+
+
+def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
+    """(phase, server CPU ms, client CPU ms, requests) a trial, for `n` trials' runs as the
+    trial callback makes them: their starts, then three epochs each (one request a trial),
+    then their ends (the best epoch's 24 per-task scores, the ending tags, the end)."""
+    import mlflow.store.tracking.rest_store as rest_store
+
+    from tune.tracking import MlflowTrialCallback, start_job_run
+
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    real, count = rest_store.call_endpoint, [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    rng = np.random.default_rng(0)
+    space = {"lr": 1e-3, "n_layers": 2, "width": 512, "dropout": 0.2, "batch_size": 128}
+    trials = [SimTrial(f"{i:05d}", {**space, "seed": i}) for i in range(n)]
+    out = []
+    with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
+        parent = start_job_run(server.url, "lives", "job", {}, resume=False)
+        callback = MlflowTrialCallback(server.url, "lives", parent, max_epochs=3)
+        rest_store.call_endpoint = counted
+        try:
+            for phase in ("start", "3 epochs", "end"):
+                c0, p0, r0 = machine_cpu_but_me(), time.process_time(), count[0]
+                with callback._sending:  # queued first, then sent: each trial's epochs together
+                    for trial in trials:
+                        if phase == "start":
+                            callback.on_trial_start(0, [], trial)
+                        elif phase == "end":
+                            callback.on_trial_complete(0, [], trial)
+                        for epoch in range(1, 4) if phase == "3 epochs" else ():
+                            row, _ = tox21_result(epoch, rng, 0.0, 0.1)
+                            result = {**row, "training_iteration": epoch}
+                            callback.on_trial_result(0, [], trial, result)
+                            trial.last_result = {**result, "finished_reason": "max_epochs"}
+                assert callback.flush(timeout_s=600)
+                server_ms = 1000 * (machine_cpu_but_me() - c0) / n
+                client_ms = 1000 * (time.process_time() - p0) / n
+                out.append((phase, server_ms, client_ms, (count[0] - r0) / n))
+        finally:
+            rest_store.call_endpoint = real
+            callback.on_experiment_end([])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs-per-request", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--idle-s", type=float, default=20.0)
+    parser.add_argument("--trials", type=int, default=64, help="trial runs started and ended")
+    parser.add_argument(
+        "--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure"
+    )
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs")
     with postgres_server() as pg:
-        print(
-            f"{'job runner':<12}{'start wall s':>13}{'CPU s, first 40 s':>18}"
-            f"{'idle CPU s/s':>13}{'processes':>10}{'memory GiB':>11}"
-        )
-        for on in (True, False):
-            db = pg.create_database(f"idle{int(on)}")
-            wall, cpu, idle, n, memory = start_and_idle(db, args.idle_s, on)
+        if "start" in args.parts:
             print(
-                f"{'on' if on else 'off':<12}{wall:>13.1f}{cpu:>18.1f}{idle:>13.3f}{n:>10}"
-                f"{memory:>11.2f}",
-                flush=True,
+                f"{'job runner':<12}{'start wall s':>13}{'CPU s, first 40 s':>18}"
+                f"{'idle CPU s/s':>13}{'processes':>10}{'memory GiB':>11}"
             )
-        rows = per_request(pg.create_database("requests"), args.epochs_per_request, args.requests)
-    print(f"{'epochs/req':>10}{'server ms/req':>14}{'server ms/epoch':>16}{'client ms/epoch':>16}")
-    for k, server_ms, client_ms in rows:
-        print(f"{k:>10}{server_ms:>14.1f}{server_ms / k:>16.2f}{client_ms / k:>16.2f}")
+            for on in (True, False):
+                db = pg.create_database(f"idle{int(on)}")
+                wall, cpu, idle, n, memory = start_and_idle(db, args.idle_s, on)
+                print(
+                    f"{'on' if on else 'off':<12}{wall:>13.1f}{cpu:>18.1f}{idle:>13.3f}{n:>10}"
+                    f"{memory:>11.2f}",
+                    flush=True,
+                )
+        if "requests" in args.parts:
+            db = pg.create_database("requests")
+            rows = per_request(db, args.epochs_per_request, args.requests)
+            print(
+                f"{'epochs/req':>10}{'server ms/req':>14}{'server ms/epoch':>16}"
+                f"{'client ms/epoch':>16}"
+            )
+            for k, server_ms, client_ms in rows:
+                print(f"{k:>10}{server_ms:>14.1f}{server_ms / k:>16.2f}{client_ms / k:>16.2f}")
+        if "lives" in args.parts:
+            lives = trial_lives(pg.create_database("lives"), args.trials)
+            print(f"{args.trials} trial runs, a trial: {'server ms':>10}{'client ms':>10}"
+                  f"{'requests':>9}")  # fmt: skip
+            for phase, server_ms, client_ms, requests in lives:
+                print(f"{phase:>24}: {server_ms:>10.1f}{client_ms:>10.1f}{requests:>9.1f}")
 
 
 if __name__ == "__main__":
