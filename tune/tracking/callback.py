@@ -1,13 +1,14 @@
 """Trial runs: a Ray Tune callback in the driver logs each trial as a child of the job's run.
 
-Contract: one MLflow run per trial (a retried or resumed trial continues its own run, found by
-tag), tagged with its status (`toxtune.status` = running | retrying | finished | early_stopped |
-failed, or killed by `close_orphans`), its node and device, its error text when it fails, and
-the job's dataset as an input. Each epoch logs the headline metrics, the ones without a `/`
-(`train_loss`, `val_loss`, `val_roc_auc`, `val_pr_auc`, `best_val_roc_auc`, `lr`,
-`epoch_seconds`, ...); the per-task scores (`val_roc_auc/<task>`, ...) are logged once, when the
-trial ends, from its best epoch's row at that epoch's step, so the chart view opens on the
-headline curves and a 617-task job writes 10 rows an epoch instead of 1,244.
+Contract: one MLflow run per trial (a retried or resumed trial continues its own run, found
+among the job's trial runs, which each driver lists once), tagged with its status
+(`toxtune.status` = running | retrying | finished | early_stopped | failed, or killed by
+`close_orphans`), its node and device, its error text when it fails, and the job's dataset as an
+input. Each epoch logs the headline metrics, the ones without a `/` (`train_loss`, `val_loss`,
+`val_roc_auc`, `val_pr_auc`, `best_val_roc_auc`, `lr`, `epoch_seconds`, ...); the per-task
+scores (`val_roc_auc/<task>`, ...) are logged once, when the trial ends, from its best epoch's
+row at that epoch's step, so the chart view opens on the headline curves and a 617-task job
+writes 10 rows an epoch instead of 1,244.
 
 Trials on other nodes need neither MLflow access nor the driver's disk: all logging happens
 here, in the driver.
@@ -29,14 +30,15 @@ Resilience: every MLflow call goes through that ordered buffer. When the server 
 backoff, and with a deadline at `on_experiment_end`, which waits for the queue; so a server
 restart mid-job loses no result. Replays are safe because every operation is idempotent: metrics
 carry the timestamp taken when the result arrived (MLflow drops exact duplicates), params are
-logged only when missing, dataset inputs are deduplicated by MLflow, runs are looked up by tag
-before one is made, and a restored trial's steps its run already holds are not logged again.
-MLflow's own HTTP retries are turned down meanwhile (`backend.fast_fail_http`). A driver killed
-outright loses what was still queued; the restored trial's first report carries the epochs
-before its checkpoint's (`tune.trainable.EARLIER_EPOCHS`), and the steps its run lacks are
-logged from them, so its metric history has every epoch once. A trial that had ended by Tune's
-last snapshot is not run or completed again: `settle_trial_runs`, after the restored round,
-gives its run the epochs it lacks (from the trial's result file) and its closing.
+logged only when missing, dataset inputs are deduplicated by MLflow, a run whose creation was
+tried before is looked up by tag before one is made, and a restored trial's steps its run
+already holds are not logged again. MLflow's own HTTP retries are turned down meanwhile
+(`backend.fast_fail_http`). A driver killed outright loses what was still queued; the restored
+trial's first report carries the epochs before its checkpoint's
+(`tune.trainable.EARLIER_EPOCHS`), and the steps its run lacks are logged from them, so its
+metric history has every epoch once. A trial that had ended by Tune's last snapshot is not run
+or completed again: `settle_trial_runs`, after the restored round, gives its run the epochs it
+lacks (from the trial's result file) and its closing.
 """
 
 from __future__ import annotations
