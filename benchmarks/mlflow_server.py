@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import psutil
@@ -58,10 +59,9 @@ def start_and_idle(
 ) -> tuple[float, float, float, int, float]:
     """One server: (wall s to answer /health, machine CPU s over the first SETTLE_S from
     launch, CPU s a second idle after that, its processes, their memory in GiB (PSS))."""
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if job_runner else "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the tests' server takes the environment's setting first
-    try:
+    runner = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if job_runner else "false"}
+    # the tests' server takes the environment's setting first
+    with mock.patch.dict(os.environ, runner):
         c0, t0 = machine_cpu_but_me(), time.monotonic()
         with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
             wall = time.monotonic() - t0
@@ -73,12 +73,6 @@ def start_and_idle(
             root = psutil.Process(server.proc.pid)
             procs = [root, *root.children(recursive=True)]
             memory = sum(p.memory_full_info().pss for p in procs) / 2**30
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return wall, c1 - c0, idle, len(procs), memory
 
 
