@@ -77,12 +77,12 @@ def start_and_idle(
 
 
 def per_request(pg_url: str, epochs: list[int], requests: int) -> list[tuple[int, float, float]]:
-    """(epochs a request, server CPU ms a request, client CPU ms a request), job runner off."""
+    """(epochs a request, server CPU ms a request, client CPU ms a request); the tests' server
+    runs without the job runner unless the environment says otherwise."""
     from mlflow.tracking import MlflowClient
 
     from tune.tracking.callback import result_metrics
 
-    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     rng = np.random.default_rng(0)
     out = []
     with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
@@ -129,7 +129,6 @@ def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
 
     from tune.tracking import MlflowTrialCallback, start_job_run
 
-    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     real, count = rest_store.call_endpoint, [0]
 
     def counted(*args: Any, **kwargs: Any) -> Any:
@@ -143,8 +142,7 @@ def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
     with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
         parent = start_job_run(server.url, "lives", "job", {}, resume=False)
         callback = MlflowTrialCallback(server.url, "lives", parent, max_epochs=3)
-        rest_store.call_endpoint = counted
-        try:
+        with mock.patch.object(rest_store, "call_endpoint", counted):
             for phase in ("start", "3 epochs", "end"):
                 c0, p0, r0 = machine_cpu_but_me(), time.process_time(), count[0]
                 with callback._sending:  # queued first, then sent: each trial's epochs together
@@ -153,18 +151,17 @@ def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
                             callback.on_trial_start(0, [], trial)
                         elif phase == "end":
                             callback.on_trial_complete(0, [], trial)
-                        for epoch in range(1, 4) if phase == "3 epochs" else ():
-                            row, _ = tox21_result(epoch, rng, 0.0, 0.1)
-                            result = {**row, "training_iteration": epoch}
-                            callback.on_trial_result(0, [], trial, result)
-                            trial.last_result = {**result, "finished_reason": "max_epochs"}
+                        else:
+                            for epoch in range(1, 4):
+                                row, _ = tox21_result(epoch, rng, 0.0, 0.1)
+                                result = {**row, "training_iteration": epoch}
+                                callback.on_trial_result(0, [], trial, result)
+                                trial.last_result = {**result, "finished_reason": "max_epochs"}
                 assert callback.flush(timeout_s=600)
                 server_ms = 1000 * (machine_cpu_but_me() - c0) / n
                 client_ms = 1000 * (time.process_time() - p0) / n
                 out.append((phase, server_ms, client_ms, (count[0] - r0) / n))
-        finally:
-            rest_store.call_endpoint = real
-            callback.on_experiment_end([])
+        callback.on_experiment_end([])
     return out
 
 
