@@ -1,0 +1,210 @@
+"""What the registered model of a k-fold job is worth, and what does not lift it (issue 26).
+
+    python benchmarks/ensembles.py members --split scaffold --split-seed 0
+    python benchmarks/ensembles.py size --split scaffold --split-seed 0
+    python benchmarks/ensembles.py blend --split scaffold --split-seed 0 --configs 8
+
+One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
+(`configs/tox21.yaml`'s features and limits: at most 40 epochs, patience 6), no Ray, no
+search; every figure is the mean test ROC-AUC over tasks of an averaged set of networks. The
+test split is the job's and plays no part in any choice.
+
+`members`: at `tune.space.DEFAULT_POINT` (every search's first trial), the three ways to build
+a five-network model: today's folds-1 ensemble (five seeds on the training split, each stopped
+on validation), the fold ensemble of a `search.folds: 5` job (fold i's model trains on the other
+four folds of the non-test rows and stops on its own fold), and a refit on every non-test row
+(scikit-learn's `GridSearchCV(refit=True)` habit: five seeds, for the fold models' mean best
+epoch, no early stopping; the epoch kept is the best on 2,000 of its own training rows, in
+effect the last; `refit_kept` says which).
+
+`size`: at the default point, whether more networks help: ten folds against five, five folds
+repeated with a second fold seed (ten networks), ten seeds against five.
+
+`blend`: fold ensembles of `--configs` configurations (the default point and the rest drawn at
+random from the search space, Optuna's RandomSampler seeded 1000 + split seed), then which to
+register, chosen on out-of-fold predictions only: the best configuration by OOF ROC-AUC (what a
+k-fold job registers), the top 2/3/5 averaged, all of them, and Caruana's ensemble selection
+(greedy, with replacement, 10 rounds, each adding the configuration that most raises the
+averaged OOF ROC-AUC).
+
+Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from toxmodel.folds import Folds, make_folds, out_of_fold
+from toxmodel.fused import fit_many
+from toxmodel.metrics import evaluate
+from toxmodel.model import ModelConfig
+from toxmodel.split import Split, molecule_groups
+from toxmodel.train import FitResult, TrainConfig
+from tune import settings
+from tune.config import load_config
+from tune.prepare import PreparedData, prepare_data
+from tune.space import DEFAULT_POINT, build_space, sample, to_run_configs
+
+MAX_EPOCHS, PATIENCE, K = 40, 6, 5
+
+
+class Bench:
+    """One split seed's prepared data and the scoring of averaged networks on its test split."""
+
+    def __init__(self, data: PreparedData, method: str, seed: int) -> None:
+        self.data, self.method, self.seed = data, method, seed
+        self.test = data.split.test
+        self.nontest = np.concatenate([data.split.train, data.split.valid])
+
+    def fit(
+        self, point: dict[str, Any], splits: Split | list[Split], seeds: range, **train: Any
+    ) -> list[FitResult]:
+        model, config = self.configs(point)
+        configs = [replace(config, seed=s, **train) for s in seeds]
+        d = self.data
+        return fit_many(d.features, d.labels, splits, d.table.tasks, model, configs, num_threads=1)
+
+    @staticmethod
+    def configs(point: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+        return to_run_configs(point, MAX_EPOCHS, PATIENCE, 0)
+
+    def probs(self, results: list[FitResult], rows: np.ndarray) -> list[np.ndarray]:
+        f = self.data.features
+        return [
+            r.predictor().probabilities(f.fingerprint[rows], f.descriptors[rows]).astype(np.float64)
+            for r in results
+        ]
+
+    def test_auc(self, probs: list[np.ndarray]) -> float:
+        d = self.data
+        return evaluate(d.labels[self.test], np.mean(probs, axis=0), d.table.tasks).roc_auc
+
+    def folds(self, k: int, seed: int) -> Folds:
+        """k folds of the non-test rows as a k-fold job makes them (fold seed `seed`)."""
+        d = self.data
+        f, table = d.features, d.table
+        ids = molecule_groups(f.molecule_keys(), f.valid_rows, len(table))
+        every = len(f.valid_rows) == len(table)
+        groups = ids if every else molecule_groups(ids[f.valid_rows])
+        smiles = table.smiles if every else [table.smiles[i] for i in f.valid_rows]
+        return make_folds(
+            self.nontest, k, method=self.method, seed=seed, labels=d.labels, groups=groups,
+            smiles=smiles, test=self.test,
+        )  # fmt: skip
+
+
+def members(b: Bench) -> dict[str, Any]:
+    point, out = dict(DEFAULT_POINT), {}
+    seeds = b.fit(point, b.data.split, range(K))
+    out["folds1_seeds"] = b.test_auc(b.probs(seeds, b.test))
+    folds = b.folds(K, b.seed)
+    fold_models = b.fit(point, list(folds.splits), range(K))
+    out["folds5"] = b.test_auc(b.probs(fold_models, b.test))
+    epochs = max(1, round(float(np.mean([r.best_epoch for r in fold_models]))))
+    everything = Split(train=folds.rows, valid=folds.rows[:2000], test=b.test)
+    refit = b.fit(point, everything, range(K), epochs=epochs, patience=0)
+    out["refit"] = b.test_auc(b.probs(refit, b.test))
+    out["refit_epochs"], out["refit_kept"] = epochs, [r.best_epoch for r in refit]
+    out["folds5_epochs"] = [r.best_epoch for r in fold_models]
+    return out
+
+
+def size(b: Bench) -> dict[str, Any]:
+    point, out = dict(DEFAULT_POINT), {}
+    ten = b.probs(b.fit(point, list(b.folds(10, b.seed).splits), range(10)), b.test)
+    out["folds10"] = b.test_auc(ten)
+    first = b.probs(b.fit(point, list(b.folds(K, b.seed).splits), range(K)), b.test)
+    second = b.probs(b.fit(point, list(b.folds(K, b.seed + 100).splits), range(K, 2 * K)), b.test)
+    out["folds5"], out["folds5_second_seed"] = b.test_auc(first), b.test_auc(second)
+    out["folds5x2"] = b.test_auc(first + second)
+    seeds = b.probs(b.fit(point, b.data.split, range(2 * K)), b.test)
+    out["seeds5"], out["seeds10"] = b.test_auc(seeds[:K]), b.test_auc(seeds)
+    return out
+
+
+def blend(b: Bench, n: int) -> dict[str, Any]:
+    d = b.data
+    tasks = d.table.tasks
+    folds = b.folds(K, b.seed)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1000 + b.seed))
+    space = build_space()
+    points = [dict(DEFAULT_POINT)] + [sample(study.ask(), space) for _ in range(n - 1)]
+    oofs, tests = [], []
+    for point in points:
+        models = b.fit(point, list(folds.splits), range(K))
+        per_fold = [
+            (s.valid, b.probs([m], s.valid)[0]) for m, s in zip(models, folds.splits, strict=True)
+        ]
+        oofs.append(out_of_fold(folds, per_fold))
+        tests.append(np.mean(b.probs(models, b.test), axis=0))
+
+    def oof_auc(chosen: list[int]) -> float:
+        return evaluate(d.labels[folds.rows], np.mean([oofs[i] for i in chosen], 0), tasks).roc_auc
+
+    def test_auc(chosen: list[int]) -> float:
+        return b.test_auc([tests[i] for i in chosen])
+
+    order = sorted(range(n), key=lambda i: -oof_auc([i]))
+    out: dict[str, Any] = {
+        "configs": [{"oof": oof_auc([i]), "test": test_auc([i])} for i in range(n)],
+        "default": test_auc([0]),
+        "best_by_oof": test_auc(order[:1]),
+    }
+    for m in (2, 3, 5):
+        out[f"top{m}"] = test_auc(order[:m])
+    out["all"] = test_auc(list(range(n)))
+    chosen: list[int] = []
+    for _ in range(10):  # Caruana et al. 2004: greedy ensemble selection with replacement
+        chosen.append(max(range(n), key=lambda i: oof_auc([*chosen, i])))
+    out["greedy"], out["greedy_chosen"] = test_auc(chosen), chosen
+    return out
+
+
+def main() -> None:
+    settings.configure_process()
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("part", choices=["members", "size", "blend"])
+    parser.add_argument("--data", default="../shared/data/tox21.csv")
+    parser.add_argument("--config", default="configs/tox21.yaml")
+    parser.add_argument("--split", default="scaffold", choices=["random", "scaffold"])
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--configs", type=int, default=8, help="blend: configurations")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        job = load_config(
+            args.config,
+            {
+                "split.method": args.split,
+                "split.seed": args.split_seed,
+                "data.source": str(Path(args.data).resolve()),
+                "ray.storage_path": tmp,
+                "tracking.run_name": "ensembles",
+            },
+        )
+        b = Bench(prepare_data(job, progress=False), args.split, args.split_seed)
+        out = {"part": args.part, "split": args.split, "split_seed": args.split_seed}
+        if args.part == "members":
+            out.update(members(b))
+        elif args.part == "size":
+            out.update(size(b))
+        else:
+            out.update(blend(b, args.configs))
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
