@@ -15,7 +15,8 @@ on validation), the fold ensemble of a `search.folds: 5` job (fold i's model tra
 four folds of the non-test rows and stops on its own fold), and a refit on every non-test row
 (scikit-learn's `GridSearchCV(refit=True)` habit: five seeds, for the fold models' mean best
 epoch, no early stopping; the epoch kept is the best on 2,000 of its own training rows, in
-effect the last; `refit_kept` says which).
+effect the last; `refit_kept` says which). `<name>_one_network`: the mean of its five networks' own
+figures.
 
 `size`: at the default point, whether more networks help: ten folds against five, five folds
 repeated with a second fold seed (ten networks), ten seeds against five.
@@ -104,16 +105,22 @@ class Bench:
 
 
 def members(b: Bench) -> dict[str, Any]:
-    point, out = dict(DEFAULT_POINT), {}
-    seeds = b.fit(point, b.data.split, range(K))
-    out["folds1_seeds"] = b.test_auc(b.probs(seeds, b.test))
+    point = dict(DEFAULT_POINT)
     folds = b.folds(K, b.seed)
     fold_models = b.fit(point, list(folds.splits), range(K))
-    out["folds5"] = b.test_auc(b.probs(fold_models, b.test))
     epochs = max(1, round(float(np.mean([r.best_epoch for r in fold_models]))))
     everything = Split(train=folds.rows, valid=folds.rows[:2000], test=b.test)
     refit = b.fit(point, everything, range(K), epochs=epochs, patience=0)
-    out["refit"] = b.test_auc(b.probs(refit, b.test))
+    built = {
+        "folds1_seeds": b.fit(point, b.data.split, range(K)),
+        "folds5": fold_models,
+        "refit": refit,
+    }
+    out: dict[str, Any] = {}
+    for name, results in built.items():
+        probs = b.probs(results, b.test)
+        out[name] = b.test_auc(probs)
+        out[f"{name}_one_network"] = float(np.mean([b.test_auc([p]) for p in probs]))
     out["refit_epochs"], out["refit_kept"] = epochs, [r.best_epoch for r in refit]
     out["folds5_epochs"] = [r.best_epoch for r in fold_models]
     return out
