@@ -16,7 +16,8 @@ four folds of the non-test rows and stops on its own fold), and a refit on every
 (scikit-learn's `GridSearchCV(refit=True)` habit: five seeds, for the fold models' mean best
 epoch, no early stopping; the epoch kept is the best on 2,000 of its own training rows, in
 effect the last; `refit_kept` says which). `<name>_one_network`: the mean of its five networks' own
-figures.
+figures; `folds5_oof`: the fold models' out-of-fold ROC-AUC (what a choice may read).
+`--set featurizer.radius=3` etc. changes the job's config (features, limits) for any part.
 
 `size`: at the default point, whether more networks help: ten folds against five, five folds
 repeated with a second fold seed (ten networks), ten seeds against five.
@@ -44,6 +45,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+import yaml
 
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
@@ -86,6 +88,18 @@ class Bench:
             for r in results
         ]
 
+    def oof(self, models: list[FitResult], folds: Folds) -> np.ndarray:
+        """Every non-test row's probabilities by the fold model that did not train on it."""
+        per_fold = [
+            (s.valid, self.probs([m], s.valid)[0])
+            for m, s in zip(models, folds.splits, strict=True)
+        ]
+        return out_of_fold(folds, per_fold)
+
+    def oof_auc(self, oof: np.ndarray, folds: Folds) -> float:
+        d = self.data
+        return evaluate(d.labels[folds.rows], oof, d.table.tasks).roc_auc
+
     def test_auc(self, probs: list[np.ndarray]) -> float:
         d = self.data
         return evaluate(d.labels[self.test], np.mean(probs, axis=0), d.table.tasks).roc_auc
@@ -123,6 +137,7 @@ def members(b: Bench) -> dict[str, Any]:
         out[f"{name}_one_network"] = float(np.mean([b.test_auc([p]) for p in probs]))
     out["refit_epochs"], out["refit_kept"] = epochs, [r.best_epoch for r in refit]
     out["folds5_epochs"] = [r.best_epoch for r in fold_models]
+    out["folds5_oof"] = b.oof_auc(b.oof(fold_models, folds), folds)
     return out
 
 
@@ -140,8 +155,6 @@ def size(b: Bench) -> dict[str, Any]:
 
 
 def blend(b: Bench, n: int) -> dict[str, Any]:
-    d = b.data
-    tasks = d.table.tasks
     folds = b.folds(K, b.seed)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1000 + b.seed))
     space = build_space()
@@ -149,14 +162,11 @@ def blend(b: Bench, n: int) -> dict[str, Any]:
     oofs, tests = [], []
     for point in points:
         models = b.fit(point, list(folds.splits), range(K))
-        per_fold = [
-            (s.valid, b.probs([m], s.valid)[0]) for m, s in zip(models, folds.splits, strict=True)
-        ]
-        oofs.append(out_of_fold(folds, per_fold))
+        oofs.append(b.oof(models, folds))
         tests.append(np.mean(b.probs(models, b.test), axis=0))
 
     def oof_auc(chosen: list[int]) -> float:
-        return evaluate(d.labels[folds.rows], np.mean([oofs[i] for i in chosen], 0), tasks).roc_auc
+        return b.oof_auc(np.mean([oofs[i] for i in chosen], axis=0), folds)
 
     def test_auc(chosen: list[int]) -> float:
         return b.test_auc([tests[i] for i in chosen])
@@ -188,6 +198,9 @@ def main() -> None:
     parser.add_argument("--split", default="scaffold", choices=["random", "scaffold"])
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--configs", type=int, default=8, help="blend: configurations")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (YAML values)"
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,10 +212,16 @@ def main() -> None:
                 "data.source": str(Path(args.data).resolve()),
                 "ray.storage_path": tmp,
                 "tracking.run_name": "ensembles",
+                **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)},
             },
         )
         b = Bench(prepare_data(job, progress=False), args.split, args.split_seed)
-        out = {"part": args.part, "split": args.split, "split_seed": args.split_seed}
+        out = {
+            "part": args.part,
+            "split": args.split,
+            "split_seed": args.split_seed,
+            "set": args.set,
+        }
         if args.part == "members":
             out.update(members(b))
         elif args.part == "size":
