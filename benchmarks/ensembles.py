@@ -50,9 +50,8 @@ import yaml
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
 from toxmodel.metrics import evaluate
-from toxmodel.model import ModelConfig
 from toxmodel.split import Split, molecule_groups
-from toxmodel.train import FitResult, TrainConfig
+from toxmodel.train import FitResult
 from tune import settings
 from tune.config import load_config
 from tune.prepare import PreparedData, prepare_data
@@ -72,14 +71,10 @@ class Bench:
     def fit(
         self, point: dict[str, Any], splits: Split | list[Split], seeds: range, **train: Any
     ) -> list[FitResult]:
-        model, config = self.configs(point)
+        model, config = to_run_configs(point, MAX_EPOCHS, PATIENCE, 0)
         configs = [replace(config, seed=s, **train) for s in seeds]
         d = self.data
         return fit_many(d.features, d.labels, splits, d.table.tasks, model, configs, num_threads=1)
-
-    @staticmethod
-    def configs(point: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-        return to_run_configs(point, MAX_EPOCHS, PATIENCE, 0)
 
     def probs(self, results: list[FitResult], rows: np.ndarray) -> list[np.ndarray]:
         f = self.data.features
