@@ -5,7 +5,7 @@
     python benchmarks/ensembles.py blend --split scaffold --split-seed 0 --configs 8
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
-(`configs/tox21.yaml`'s features and limits: at most 40 epochs, patience 6), no Ray, no
+(`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
 search; every figure is the mean test ROC-AUC over tasks of an averaged set of networks. The
 test split is the job's and plays no part in any choice.
 
@@ -17,7 +17,8 @@ four folds of the non-test rows and stops on its own fold), and a refit on every
 epoch, no early stopping; the epoch kept is the best on 2,000 of its own training rows, in
 effect the last; `refit_kept` says which). `<name>_one_network`: the mean of its five networks' own
 figures; `folds5_oof`: the fold models' out-of-fold ROC-AUC (what a choice may read).
-`--set featurizer.radius=3` etc. changes the job's config (features, limits) for any part.
+`--set featurizer.radius=3` (repeatable) changes the job's config (features, limits, split) for
+any part, as quality.py's `--set` does.
 
 `size`: at the default point, whether more networks help: ten folds against five, five folds
 repeated with a second fold seed (ten networks), ten seeds against five.
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-import yaml
+from quality import _parse_override  # benchmarks/quality.py: the same --set KEY=VALUE
 
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
@@ -53,25 +54,29 @@ from toxmodel.metrics import evaluate
 from toxmodel.split import Split, molecule_groups
 from toxmodel.train import FitResult
 from tune import settings
-from tune.config import load_config
+from tune.config import JobConfig, load_config
 from tune.prepare import PreparedData, prepare_data
 from tune.space import DEFAULT_POINT, build_space, sample, to_run_configs
 
-MAX_EPOCHS, PATIENCE, K = 40, 6, 5
+K = 5  # folds of the k-fold job measured
 
 
 class Bench:
-    """One split seed's prepared data and the scoring of averaged networks on its test split."""
+    """One job's prepared data (its split method and seed, its epoch limits) and the scoring of
+    averaged networks on its test split."""
 
-    def __init__(self, data: PreparedData, method: str, seed: int) -> None:
-        self.data, self.method, self.seed = data, method, seed
+    def __init__(self, job: JobConfig, data: PreparedData) -> None:
+        self.job, self.data = job, data
+        self.method, self.seed = job.split.method, job.split.seed
         self.test = data.split.test
         self.nontest = np.concatenate([data.split.train, data.split.valid])
 
     def fit(
         self, point: dict[str, Any], splits: Split | list[Split], seeds: range, **train: Any
     ) -> list[FitResult]:
-        model, config = to_run_configs(point, MAX_EPOCHS, PATIENCE, 0)
+        model, config = to_run_configs(
+            point, self.job.search.max_epochs, self.job.search.patience, 0
+        )
         configs = [replace(config, seed=s, **train) for s in seeds]
         d = self.data
         return fit_many(d.features, d.labels, splits, d.table.tasks, model, configs, num_threads=1)
@@ -194,7 +199,12 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--configs", type=int, default=8, help="blend: configurations")
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (YAML values)"
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set featurizer.radius=3 (repeatable)",
     )
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -207,15 +217,15 @@ def main() -> None:
                 "data.source": str(Path(args.data).resolve()),
                 "ray.storage_path": tmp,
                 "tracking.run_name": "ensembles",
-                **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)},
+                **dict(_parse_override(item) for item in args.extra),
             },
         )
-        b = Bench(prepare_data(job, progress=False), args.split, args.split_seed)
+        b = Bench(job, prepare_data(job, progress=False))
         out = {
             "part": args.part,
-            "split": args.split,
-            "split_seed": args.split_seed,
-            "set": args.set,
+            "split": job.split.method,
+            "split_seed": job.split.seed,
+            "set": args.extra,
         }
         if args.part == "members":
             out.update(members(b))
