@@ -13,10 +13,16 @@ grows with the training set is the domain: its distinct training fingerprints, b
 (n_bits / 8 bytes a molecule: about 200 MB for 8 x 10^5 training molecules of 2048 bits), plus,
 for a clustered domain, 4 bytes a molecule per partition. A trial's checkpoint holds no domain.
 
+A fold ensemble may also hold gradient-boosted trees (`toxmodel.trees`), one set per member
+(fold i's trees read fold i's inputs), and the trees' share of the blend: its probability is
+(1 - w) x the networks' mean + w x the tree sets' mean. The trees are LightGBM model text (plain
+strings), so such a file still loads with `weights_only=True`; a reader of an older format
+version refuses it by version rather than answering the networks alone.
+
 `Predictor.predict` answers, per molecule: the probability per task (calibrated when the
 checkpoint holds a calibration), then the ensemble's spread per task (`<task>_std`, the
-population std of the members' raw probabilities; empty for a single network, which has no
-spread to report), the nearest-neighbour Tanimoto similarity to the training set
+population std of the networks' raw probabilities, trees left out; empty for a single network,
+which has no spread to report), the nearest-neighbour Tanimoto similarity to the training set
 (`nn_similarity`) and whether it reaches the domain threshold (`in_domain`).
 """
 
@@ -40,6 +46,7 @@ from toxmodel.calibration import Calibration
 from toxmodel.domain import Domain
 from toxmodel.featurize import DescriptorScaler, FeaturizerConfig, featurize
 from toxmodel.model import MLP, Ensemble, ModelConfig
+from toxmodel.trees import Trees, blend
 
 FORMAT = "toxtune-mlp"
 FORMAT_VERSION = 1  # one model
@@ -47,7 +54,15 @@ ENSEMBLE_FORMAT_VERSION = 2  # several models averaged (an older reader refuses 
 # Several models averaged, each with its own descriptor scaler (a fold ensemble: each fold's
 # model was scaled on its own training rows); a reader of version 2 would apply one scaler to all.
 MEMBER_SCALERS_FORMAT_VERSION = 3
-VERSIONS = (FORMAT_VERSION, ENSEMBLE_FORMAT_VERSION, MEMBER_SCALERS_FORMAT_VERSION)
+# Several models averaged and blended with gradient-boosted trees (`trees`, `tree_weight`); a
+# reader of version 3 would answer the networks alone.
+TREES_FORMAT_VERSION = 4
+VERSIONS = (
+    FORMAT_VERSION,
+    ENSEMBLE_FORMAT_VERSION,
+    MEMBER_SCALERS_FORMAT_VERSION,
+    TREES_FORMAT_VERSION,
+)
 PREDICT_BATCH = 4096  # rows per forward pass at inference
 STD_SUFFIX = "_std"  # `<task>_std`: the ensemble's spread for that task
 SIMILARITY = "nn_similarity"  # nearest-neighbour Tanimoto similarity to the training set
@@ -127,6 +142,8 @@ def save_ensemble(
     calibration: Calibration | None = None,
     domain: Domain | None = None,
     member_scalers: Sequence[DescriptorScaler | None] | None = None,
+    trees: Sequence[Trees] | None = None,
+    tree_weight: float = 0.0,
 ) -> Path:
     """Write several models as one checkpoint; it loads as a `Predictor` that averages them.
 
@@ -134,7 +151,9 @@ def save_ensemble(
     split); their architectures may differ (e.g. the top-k trials of a search). Members trained
     on different rows (the folds of a cross-validation) each scaled their descriptors on their
     own training rows: `member_scalers` (one per member; `scaler` must then be None) keeps each
-    member's, in a format version older readers refuse.
+    member's, in a format version older readers refuse. `trees` (one set per member, set i
+    reading member i's inputs; or one set for members sharing `scaler`) are blended in at
+    `tree_weight`, likewise.
     """
     if not members:
         raise ValueError("an ensemble checkpoint needs at least one member")
@@ -143,10 +162,16 @@ def save_ensemble(
             raise ValueError("give either one shared scaler or member_scalers, not both")
         if len(member_scalers) != len(members):
             raise ValueError(f"{len(member_scalers)} member scalers for {len(members)} members")
-    blob = {
-        "format_version": ENSEMBLE_FORMAT_VERSION
-        if member_scalers is None
-        else MEMBER_SCALERS_FORMAT_VERSION,
+    if trees:
+        if not (len(trees) == len(members) or (member_scalers is None and len(trees) == 1)):
+            raise ValueError(f"{len(trees)} tree sets for {len(members)} members: one per member")
+        if any(list(t.tasks) != [str(task) for task in tasks] for t in trees):
+            raise ValueError(f"tree sets' tasks differ from {list(tasks)}")
+        if not 0.0 <= tree_weight <= 1.0:
+            raise ValueError(f"tree_weight {tree_weight} is not in [0, 1]")
+    version = ENSEMBLE_FORMAT_VERSION if member_scalers is None else MEMBER_SCALERS_FORMAT_VERSION
+    blob: dict[str, Any] = {
+        "format_version": TREES_FORMAT_VERSION if trees else version,
         "members": [
             {"state_dict": _weights(m), "model_config": _plain(c, f"members[{i}].model_config")}
             for i, (m, c) in enumerate(members)
@@ -154,6 +179,9 @@ def save_ensemble(
     }
     for i, member_scaler in enumerate(member_scalers or ()):
         blob["members"][i]["scaler"] = _plain(member_scaler, f"members[{i}].scaler")
+    if trees:
+        blob["trees"] = [t.to_blob() for t in trees]
+        blob["tree_weight"] = float(tree_weight)
     return _write(Path(path), blob, featurizer, tasks, n_inputs, scaler, extra, calibration, domain)
 
 
@@ -171,7 +199,10 @@ def save_predictor(
     if isinstance(model, Ensemble):
         members = [(m, m.config) for m in model.members]
         scalers = {"member_scalers": predictor.member_scalers}
-        return save_ensemble(path, members, *args, extra=meta, **trust, **scalers)
+        blended = {"trees": predictor.trees, "tree_weight": predictor.tree_weight}
+        return save_ensemble(path, members, *args, extra=meta, **trust, **scalers, **blended)
+    if predictor.trees:
+        raise ValueError("trees are saved with an ensemble's members; this predictor holds one MLP")
     return save_checkpoint(path, model, model.config, *args, extra=meta, **trust)
 
 
@@ -264,8 +295,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
         model_config = models[0].config
         model: MLP | Ensemble = models[0] if version == FORMAT_VERSION else Ensemble(models)
         member_scalers = None
-        if version == MEMBER_SCALERS_FORMAT_VERSION:
+        if version == MEMBER_SCALERS_FORMAT_VERSION or (
+            version == TREES_FORMAT_VERSION and "scaler" in members[0]
+        ):
             member_scalers = [_scaler(member.get("scaler")) for member in members]
+        trees = None
+        if version == TREES_FORMAT_VERSION:
+            trees = [Trees.from_blob(t) for t in blob["trees"]]
+            one = member_scalers is None and len(trees) == 1
+            if not (len(trees) == len(members) or one) or any(t.tasks != tasks for t in trees):
+                raise ValueError(f"{len(trees)} tree sets for {len(members)} members of {tasks}")
         calibration = domain = None
         if blob.get("calibration") is not None:
             calibration = Calibration.from_blob(blob["calibration"])
@@ -290,6 +329,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pre
         calibration=calibration,
         domain=domain,
         member_scalers=member_scalers,
+        trees=trees,
+        tree_weight=float(blob.get("tree_weight", 0.0)),
     )
 
 
@@ -316,6 +357,10 @@ class Predictor:
     # An ensemble whose members scale descriptors each their own way (a fold ensemble), one per
     # member (`scaler` is then None); None: every member uses `scaler`
     member_scalers: list[DescriptorScaler | None] | None = None
+    # Gradient-boosted trees blended in at `tree_weight` (a fold ensemble's: one set per member,
+    # reading that member's inputs); None: the networks alone
+    trees: list[Trees] | None = None
+    tree_weight: float = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -407,8 +452,8 @@ class Predictor:
     def _probabilities_and_spread(
         self, fingerprint: np.ndarray, descriptors: np.ndarray, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Mean sigmoid outputs for featurized rows, and their std over members (None for one
-        network), in batches."""
+        """Mean sigmoid outputs for featurized rows (blended with the trees' when it holds
+        trees), and their std over the networks (None for one network), in batches."""
         device = self.device
         model = self.model.eval()
         spread = self.has_spread
@@ -427,12 +472,30 @@ class Predictor:
                 elif spread and isinstance(model, Ensemble):
                     members = model.member_probabilities(xs[0]).float()
                 else:
-                    means.append(torch.sigmoid(model(xs[0])).float().cpu().numpy())
-                    continue
-                means.append(members.mean(0).cpu().numpy())
+                    members = torch.sigmoid(model(xs[0])).float()[None]
+                mean = members.mean(0).cpu().numpy()
+                if self.trees:
+                    inputs = [x.cpu().numpy() for x in xs]
+                    mean = blend(mean, self.tree_probabilities(inputs), self.tree_weight)
+                means.append(mean.astype(np.float32))
                 if spread:
                     stds.append(members.std(0, correction=0).cpu().numpy())
         return np.concatenate(means), np.concatenate(stds) if stds else None
+
+    def tree_probabilities(
+        self, inputs: Sequence[np.ndarray], columns: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """The tree sets' mean probabilities for the rows `inputs` (as `inputs()` builds them:
+        tree set i reads copy i, or every set the one copy of members sharing a scaler), for
+        the task columns asked (every task by default)."""
+        if not self.trees:
+            raise ValueError("this model holds no trees")
+        if len(inputs) not in (1, len(self.trees)):
+            raise ValueError(f"{len(inputs)} input copies for {len(self.trees)} tree sets")
+        copies = inputs if len(inputs) == len(self.trees) else [inputs[0]] * len(self.trees)
+        return np.mean(
+            [t.probabilities(x, columns) for t, x in zip(self.trees, copies, strict=True)], axis=0
+        )
 
     def inputs(self, fingerprint: np.ndarray, descriptors: np.ndarray) -> list[np.ndarray]:
         """The float32 model inputs of featurized rows (fingerprint, then scaled descriptors):

@@ -44,6 +44,7 @@ import torch
 from toxmodel.checkpoint import PREDICT_BATCH, CheckpointError, Predictor
 from toxmodel.featurize import FeaturizerConfig, _parse_all, featurize, fingerprint_width
 from toxmodel.model import Ensemble
+from toxmodel.trees import blend
 
 FORMATS = ("png", "svg")
 DRAW_SIZE = (400, 300)  # pixels (width, height) of each picture
@@ -227,14 +228,15 @@ def _occluded_logits(
 
 def _logits(predictor: Predictor, x: np.ndarray, column: int, batch_size: int) -> np.ndarray:
     """The model's logits for one task column, in batches, on the model's device; `x` is
-    `_inputs`' shape (one copy, or one per member: the logit of the members' mean probability)."""
+    `_inputs`' shape (one copy, or one per member: the logit of the members' mean probability;
+    with trees, the logit of the blended probability the model answers)."""
     model, device = predictor.model, predictor.device
     model.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, x.shape[1], batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[:, start : start + batch_size]))
-            chunk = chunk.to(device)
+            rows = np.ascontiguousarray(x[:, start : start + batch_size])
+            chunk = torch.from_numpy(rows).to(device)
             if len(chunk) == 1:
                 logits = model(chunk[0])
             else:
@@ -243,7 +245,14 @@ def _logits(predictor: Predictor, x: np.ndarray, column: int, batch_size: int) -
                     [torch.sigmoid(m(c)) for m, c in zip(model.members, chunk, strict=True)]
                 )
                 logits = torch.logit(probs.mean(0), eps=Ensemble.EPS)
-            out.append(logits[:, column].double().cpu().numpy())
+            column_logits = logits[:, column].double().cpu().numpy()
+            if predictor.trees:
+                networks = 1.0 / (1.0 + np.exp(-column_logits))
+                trees = predictor.tree_probabilities(list(rows), [column])[:, 0]
+                p = blend(networks, trees, predictor.tree_weight)
+                p = np.clip(p, Ensemble.EPS, 1.0 - Ensemble.EPS)
+                column_logits = np.log(p) - np.log1p(-p)
+            out.append(column_logits)
     return np.concatenate(out)
 
 

@@ -118,6 +118,9 @@ class SearchConfig:
     # scores each trial by its mean validation ROC-AUC over them and registers the best trial's
     # k fold models averaged (no retrain); 1 is the single train/valid split
     folds: int = 1
+    # k-fold jobs: also train gradient-boosted trees (toxmodel.trees) on each fold and blend
+    # them with the fold models at the trees' share that scores best out of fold (0 keeps none)
+    trees: bool = False
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,11 @@ def validate(job: JobConfig) -> JobConfig:
             f"search.folds ({s.folds}) and search.ensemble ({s.ensemble}) both choose the "
             "registered model: a k-fold job registers its k fold models averaged; set "
             "search.ensemble to 1"
+        )
+    if s.trees and s.folds < 2:
+        raise ConfigError(
+            "search.trees needs search.folds > 1: the trees' share of the blend is chosen on "
+            "out-of-fold predictions, which only a k-fold job has"
         )
     _positive(s.patience, "search.patience", allow_zero=True)
     if s.reduction_factor < 2:

@@ -11,6 +11,8 @@ test split plays no part in any choice.
 A k-fold job (`search.folds` > 1) registers the best trial's k fold models averaged, as its
 checkpoint holds them (no retrain; each member keeps its own descriptor scaler), calibrated and
 given a domain on the out-of-fold predictions instead of the validation split (`fit_fold_trust`).
+With `search.trees` it first trains gradient-boosted trees on each fold (`fold_trees`) and blends
+them in at the share that scores best out of fold; calibration and domain then see the blend.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from ray import tune as ray_tune
 
 from toxmodel.calibration import Calibration, fit_calibration
 from toxmodel.checkpoint import IN_DOMAIN, SIMILARITY, Predictor, load_checkpoint, save_predictor
+from toxmodel.cpus import available_cpus
 from toxmodel.domain import VALID_SAMPLE, Domain, fit_domain, threshold_rows
 from toxmodel.folds import Folds, out_of_fold
 from toxmodel.fused import fit_many
 from toxmodel.metrics import Metrics, brier_score, evaluate, expected_calibration_error
 from toxmodel.model import MLP, Ensemble
 from toxmodel.train import FitResult
+from toxmodel.trees import blend_weight, fit_trees
 from tune import heap
 from tune.config import JobConfig
 from tune.prepare import PreparedData
@@ -65,6 +69,8 @@ class FinalModel:
     # test_roc_auc_out_of_domain (left out when that part has no task with both classes)
     test_domain: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, str] = field(default_factory=dict)  # task -> method and why
+    # search.trees: tree_weight (the trees' share) and oof_roc_auc_networks / _trees / _blend
+    blend: dict[str, float] = field(default_factory=dict)
 
 
 def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Path) -> FinalModel:
@@ -106,6 +112,7 @@ def finalize(job: JobConfig, data: PreparedData, best: TrialRecord, workdir: Pat
         test_calibration=calibration_scores(labels, raw, probs),
         test_domain=domain_scores(final, labels, probs, frame),
         calibration=final.calibration.notes() if final.calibration is not None else {},
+        blend={k: float(v) for k, v in final.extra.items() if k in BLEND_KEYS},
     )
     del final, frame  # the registered model's domain search (0.15 GB at 10^6): not needed again
     heap.trim()
@@ -126,6 +133,9 @@ def build_final(
     predictor = load_checkpoint(local_checkpoint(best.checkpoint, workdir / "best"))
     extra = dict(predictor.extra)
     if data.folds is not None:
+        if job.search.trees:
+            predictor, scores = fold_trees(predictor, data, data.folds, job.search.seed)
+            extra.update(scores)
         predictor = fit_fold_trust(predictor, data, data.folds)
     else:
         if others:
@@ -238,12 +248,58 @@ def _trusted(
     return replace(predictor, calibration=calibration, domain=domain)
 
 
+BLEND_KEYS = ("tree_weight", "oof_roc_auc_networks", "oof_roc_auc_trees", "oof_roc_auc_blend")
+
+
+def fold_trees(
+    predictor: Predictor, data: PreparedData, folds: Folds, seed: int
+) -> tuple[Predictor, dict[str, float]]:
+    """The fold ensemble with gradient-boosted trees trained on each fold (fold i's trees on
+    fold i's training rows, stopped early on its validation rows, reading the inputs fold i's
+    network reads), blended in at the trees' share whose out-of-fold ROC-AUC is best
+    (`toxmodel.trees.blend_weight`; share 0 registers the networks alone). Returns it and the
+    scores the choice read (`BLEND_KEYS`)."""
+    networks = out_of_fold_probabilities(predictor, data, folds)
+    features, labels, tasks = data.features, data.labels, list(predictor.tasks)
+    trees, per_fold = [], []
+    for i, (single, split) in enumerate(zip(fold_members(predictor), folds.splits, strict=True)):
+        train = single.inputs(features.fingerprint[split.train], features.descriptors[split.train])
+        valid = single.inputs(features.fingerprint[split.valid], features.descriptors[split.valid])
+        fitted = fit_trees(
+            train[0], labels[split.train], valid[0], labels[split.valid], tasks,
+            seed=seed + i, num_threads=available_cpus(),
+        )  # fmt: skip
+        del train
+        trees.append(fitted)
+        per_fold.append((split.valid, fitted.probabilities(valid[0])))
+    grown = out_of_fold(folds, per_fold)
+    weight, scores = blend_weight(labels[folds.rows], networks, grown, tasks)
+    out = {
+        "tree_weight": weight,
+        "oof_roc_auc_networks": scores[0.0],
+        "oof_roc_auc_trees": scores[1.0],
+        "oof_roc_auc_blend": scores[weight],
+    }
+    log.info(
+        "trees: share %.2f of the blend (out-of-fold ROC-AUC: networks %.4f, trees %.4f, "
+        "blend %.4f; shares tried %s)",
+        weight, scores[0.0], scores[1.0], scores[weight],
+        ", ".join(f"{w:g}: {v:.4f}" for w, v in scores.items()),
+    )  # fmt: skip
+    if weight == 0.0:
+        return predictor, out
+    return replace(predictor, trees=trees, tree_weight=weight), out
+
+
 def fold_members(predictor: Predictor) -> list[Predictor]:
     """Each member of a fold ensemble as a model of its own, with its own descriptor scaler."""
     if not isinstance(predictor.model, Ensemble):
         raise TypeError(f"a fold checkpoint holds {type(predictor.model).__name__}, not Ensemble")
     members = list(predictor.model.members)
     scalers = predictor.member_scalers or [predictor.scaler] * len(members)
+    trees = predictor.trees or [None] * len(members)
+    if len(trees) != len(members):
+        raise ValueError(f"{len(trees)} tree sets for a fold ensemble of {len(members)} models")
     return [
         replace(
             predictor,
@@ -254,8 +310,9 @@ def fold_members(predictor: Predictor) -> list[Predictor]:
             calibration=None,
             domain=None,
             extra={},
+            trees=None if tree is None else [tree],
         )
-        for m, scaler in zip(members, scalers, strict=True)
+        for m, scaler, tree in zip(members, scalers, trees, strict=True)
     ]
 
 

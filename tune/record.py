@@ -69,7 +69,7 @@ def record(
             test_seeds=final.test_seeds,
             skipped_columns=dict(data.table.skipped_columns),
             dataset=tracking.dataset_info(data.table, job.split),
-            trust={**final.test_calibration, **final.test_domain},
+            trust={**final.test_calibration, **final.test_domain, **final.blend},
             reliability_data=(
                 data.labels[data.split.test],
                 final.test_probs,
@@ -97,6 +97,8 @@ def record(
             # members of the registered model: the k fold models of a k-fold job
             "ensemble": str(job.search.folds if job.search.folds > 1 else job.search.ensemble),
             "folds": str(job.search.folds),
+            # search.trees: the trees' share of the registered blend (0: the networks alone)
+            **({"tree_weight": f"{final.blend['tree_weight']:g}"} if final.blend else {}),
         },
     )
 

@@ -90,6 +90,7 @@ RUNTIME_PACKAGES = (
     "scikit-learn",
     "scipy",
     "numba",
+    "lightgbm",  # a fold ensemble blended with trees (search.trees) predicts with them
     "tqdm",
 )
 PREDICT_CHUNK = 50_000  # rows per chunk in predict_file

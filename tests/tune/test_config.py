@@ -74,6 +74,8 @@ def test_a_grace_period_the_user_chose_is_checked(overrides: dict, names: str) -
         ({"search.folds": 2.5}, "search.folds"),
         ({"search.folds": True}, "search.folds"),
         ({"search.folds": 3, "search.ensemble": 2}, "set search.ensemble to 1"),
+        ({"search.trees": True}, "search.trees needs search.folds > 1"),
+        ({"search.trees": "yes", "search.folds": 3}, "search.trees"),
         ({"search.searcher": "grid"}, "search.searcher"),
         ({"search.scheduler": "pbt"}, "search.scheduler"),
         ({"search.reduction_factor": 1}, "search.reduction_factor"),

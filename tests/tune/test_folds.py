@@ -17,8 +17,10 @@ from mlflow.tracking import MlflowClient
 from tests.tune.conftest import TASKS, tiny_job
 from toxmodel.calibration import fit_calibration
 from toxmodel.checkpoint import load_checkpoint
-from toxmodel.folds import fit_folds
+from toxmodel.folds import fit_folds, out_of_fold
+from toxmodel.metrics import evaluate
 from toxmodel.model import Ensemble
+from toxmodel.trees import blend, blend_weight
 from tune import trainable
 from tune.finalize import FINAL_DIR, fold_members, out_of_fold_probabilities, score_test
 from tune.job import JobResult, run_job
@@ -37,6 +39,7 @@ def _fold_job(root: Path, data: Path, **overrides: Any) -> Any:
         "search__num_samples": 2,
         "search__max_epochs": 2,
         "featurizer__descriptors": True,  # each fold model has a descriptor scaler of its own
+        "search__trees": True,  # and trees of its own, blended in at a share chosen out of fold
         "tracking__registered_model_name": "folds",
     }
     return tiny_job(root, data, **{**settings, **overrides})
@@ -70,6 +73,8 @@ def test_a_fold_job_registers_its_best_trials_fold_models_averaged(
     assert final.extra["trial_id"] == result.best_trial_id and final.extra["folds"] == K
     assert final.scaler is None and final.member_scalers is not None  # one per fold
     assert not np.array_equal(final.member_scalers[0].center, final.member_scalers[1].center)
+    assert final.trees is not None and len(final.trees) == K  # trees of their own too
+    assert final.tree_weight == final.extra["tree_weight"] > 0
     # Calibration and domain fitted out of fold: the domain's reference set is every non-test
     # row, its threshold chosen on every non-test row's similarity to its fold's training rows.
     assert final.calibration is not None and final.domain is not None
@@ -80,6 +85,10 @@ def test_a_fold_job_registers_its_best_trials_fold_models_averaged(
     client = MlflowClient(job.tracking_uri)
     version = client.get_model_version_by_alias(job.model_name, "champion")
     assert version.tags["folds"] == str(K) and version.tags["ensemble"] == str(K)
+    assert float(version.tags["tree_weight"]) == final.tree_weight
+    logged = client.get_run(result.parent_run_id).data.metrics
+    for key in ("tree_weight", "oof_roc_auc_networks", "oof_roc_auc_trees", "oof_roc_auc_blend"):
+        assert logged[key] == pytest.approx(final.extra[key])
     source = tmp_path / "in.csv"
     source.write_text("smiles\nCCO\nnot-a-smiles\nc1ccccc1O\n")
     out = predict_file(
@@ -159,6 +168,40 @@ def test_out_of_fold_predictions_cover_every_non_test_row_once(
     for i, split in enumerate(folds.splits):
         assert not np.isin(split.valid, split.train).any()
         assert (folds.fold[np.searchsorted(folds.rows, split.valid)] == i).all()
+
+
+@pytest.mark.slow
+def test_the_trees_share_is_the_one_that_scores_best_out_of_fold(
+    fold_run: tuple[Any, JobResult, PreparedData],
+) -> None:
+    """The registered blend's share of trees is, of the shares tried, the one whose blend of
+    the fold networks' and the fold trees' out-of-fold predictions scores best; each fold's
+    trees never trained on the rows they predict out of fold (their scores there are below
+    their scores on their own training rows)."""
+    _, result, data = fold_run
+    folds = data.folds
+    assert folds is not None
+    final = load_checkpoint(Path(result.experiment_path) / FINAL_DIR / CHECKPOINT_FILE)
+    assert final.trees is not None
+    networks = out_of_fold_probabilities(replace(final, trees=None), data, folds)
+    f, labels = data.features, data.labels
+    per_fold, seen = [], []
+    for single, split in zip(fold_members(final), folds.splits, strict=True):
+        assert single.trees is not None
+        for rows, out in ((split.valid, per_fold), (split.train, seen)):
+            x = single.inputs(f.fingerprint[rows], f.descriptors[rows])
+            out.append((rows, single.tree_probabilities(x)))
+    grown = out_of_fold(folds, per_fold)
+    weight, scores = blend_weight(labels[folds.rows], networks, grown, TASKS)
+    assert weight == final.tree_weight
+    assert scores[weight] == pytest.approx(final.extra["oof_roc_auc_blend"], abs=1e-9)
+    assert scores[1.0] == pytest.approx(final.extra["oof_roc_auc_trees"], abs=1e-9)
+    for (valid_rows, valid), (train_rows, train) in zip(per_fold, seen, strict=True):
+        held_out = evaluate(labels[valid_rows], valid, TASKS).roc_auc
+        assert held_out < evaluate(labels[train_rows], train, TASKS).roc_auc
+    # What the registered model answers out of fold is this blend, as calibration saw it.
+    blended = out_of_fold_probabilities(final, data, folds)
+    np.testing.assert_allclose(blended, blend(networks, grown, weight), atol=1e-6)
 
 
 def test_a_restored_fold_trial_reports_no_epoch_twice(

@@ -55,7 +55,8 @@ class JobSummary:
     the history and importance plots; `roc_data` is (y_true, y_prob, tasks) of the best model
     on the test split, for the ROC plot. `test_seeds` and `trust` hold extra metrics logged as
     named (`trust`: test_ece, test_ece_uncalibrated, test_brier, test_brier_uncalibrated,
-    domain_threshold, test_in_domain, ...). `reliability_data` is (y_true, calibrated,
+    domain_threshold, test_in_domain, ...; a blend with trees: tree_weight, oof_roc_auc_networks,
+    oof_roc_auc_trees, oof_roc_auc_blend). `reliability_data` is (y_true, calibrated,
     uncalibrated or None) on the test split, for the reliability diagram; `calibration` maps
     each task to its calibration method and why. `dataset` is the job's dataset input; without
     it one is made from the fields above.
@@ -251,6 +252,13 @@ def _trust_lines(metrics: Mapping[str, float], calibration: Mapping[str, str]) -
             f"{_score(metrics, 'domain_threshold')}; {_num(100 * share)} % of test molecules "
             f"inside (ROC-AUC {_score(metrics, inside)} inside, {_score(metrics, outside)} "
             "outside)."
+        )
+    if "tree_weight" in metrics:
+        lines.append(
+            f"Trees: {_num(100 * metrics['tree_weight'])} % of the blend, chosen out of fold "
+            f"(ROC-AUC: networks {_score(metrics, 'oof_roc_auc_networks')}, trees "
+            f"{_score(metrics, 'oof_roc_auc_trees')}, "
+            f"blend {_score(metrics, 'oof_roc_auc_blend')})."
         )
     return ["", *lines] if lines else []
 
