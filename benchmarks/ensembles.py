@@ -3,6 +3,7 @@
     python benchmarks/ensembles.py members --split scaffold --split-seed 0
     python benchmarks/ensembles.py size --split scaffold --split-seed 0
     python benchmarks/ensembles.py blend --split scaffold --split-seed 0 --configs 8
+    python benchmarks/ensembles.py trees --split scaffold --split-seed 0
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
 (`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
@@ -30,6 +31,13 @@ k-fold job registers), the top 2/3/5 averaged, all of them, and Caruana's ensemb
 (greedy, with replacement, 10 rounds, each adding the configuration that most raises the
 averaged OOF ROC-AUC).
 
+`trees`: a `search.folds: 5, search.trees: true` job's registered model at the default point,
+built by the job's own code (`tune.finalize.fold_trees`): the five fold networks, LightGBM trees
+trained on each fold (`toxmodel.trees`), and the trees' share chosen on out-of-fold predictions.
+Reports the networks alone, the trees alone and the chosen blend on test (and every share tried,
+out of fold and on test, so the choice can be judged); `--set featurizer.descriptors=false` and
+the like give the trees of "LightGBM on fingerprints".
+
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
 
@@ -51,10 +59,13 @@ from quality import _parse_override  # benchmarks/quality.py: the same --set KEY
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
 from toxmodel.metrics import evaluate
+from toxmodel.model import Ensemble
 from toxmodel.split import Split, molecule_groups
 from toxmodel.train import FitResult
+from toxmodel.trees import blend as blend_of
 from tune import settings
 from tune.config import JobConfig, load_config
+from tune.finalize import fold_trees
 from tune.prepare import PreparedData, prepare_data
 from tune.space import DEFAULT_POINT, build_space, sample, to_run_configs
 
@@ -187,12 +198,39 @@ def blend(b: Bench, n: int) -> dict[str, Any]:
     return out
 
 
+def trees(b: Bench) -> dict[str, Any]:
+    folds = b.folds(K, b.seed)
+    results = b.fit(dict(DEFAULT_POINT), list(folds.splits), range(K))
+    scalers = [r.scaler for r in results]
+    networks = replace(
+        results[0].predictor(),
+        model=Ensemble([r.model for r in results]).eval(),
+        scaler=None,
+        member_scalers=None if all(x is None for x in scalers) else scalers,
+    )
+    t0 = time.perf_counter()
+    blended, scores = fold_trees(networks, replace(b.data, folds=folds), folds, b.seed)
+    out: dict[str, Any] = {"trees_seconds": round(time.perf_counter() - t0, 1), **scores}
+    f = b.data.features
+    fp, desc = f.fingerprint[b.test], f.descriptors[b.test]
+    net = networks.probabilities(fp, desc).astype(np.float64)
+    grown = replace(networks, trees=blended.trees or None)
+    if grown.trees:
+        tree = grown.tree_probabilities(networks.inputs(fp, desc))
+        out["test_trees"] = b.test_auc([tree])
+        out["test_shares"] = {w: b.test_auc([blend_of(net, tree, w)]) for w in (0.25, 0.5, 0.75)}
+    out["test_networks"] = b.test_auc([net])
+    out["test_blend"] = b.test_auc([blended.probabilities(fp, desc).astype(np.float64)])
+    out["rounds"] = [t.rounds for t in blended.trees or []]
+    return out
+
+
 def main() -> None:
     settings.configure_process()
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["members", "size", "blend"])
+    parser.add_argument("part", choices=["members", "size", "blend", "trees"])
     parser.add_argument("--data", default="../shared/data/tox21.csv")
     parser.add_argument("--config", default="configs/tox21.yaml")
     parser.add_argument("--split", default="scaffold", choices=["random", "scaffold"])
@@ -231,6 +269,8 @@ def main() -> None:
             out.update(members(b))
         elif args.part == "size":
             out.update(size(b))
+        elif args.part == "trees":
+            out.update(trees(b))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)
