@@ -62,6 +62,7 @@ class JobResult:
     skipped_columns: dict[str, str] = field(default_factory=dict)  # column -> why not a task
     alias_note: str = ""  # what happened to the registered model's alias, and why
     search_seconds: float = 0.0  # wall time of this command's search (SearchOutcome.seconds)
+    blend: dict[str, float] = field(default_factory=dict)  # search.trees: FinalModel.blend
 
 
 def refuse_finished(job: JobConfig) -> None:
@@ -153,4 +154,5 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
         skipped_columns=dict(data.table.skipped_columns),
         alias_note=registration.note,
         search_seconds=outcome.seconds,
+        blend=final.blend,
     )

@@ -55,6 +55,13 @@ def format_result(job: JobConfig, result: JobResult) -> str:
         lines.append(f"  {task:<16} ROC-AUC {m['roc_auc']:.4f}  PR-AUC {m['pr_auc']:.4f}")
     if t.skipped:
         lines.append(f"  skipped (one class only in test): {', '.join(t.skipped)}")
+    b = result.blend
+    if b:
+        lines.append(
+            f"trees: {100 * b['tree_weight']:g} % of the blend, chosen out of fold (ROC-AUC: "
+            f"networks {b['oof_roc_auc_networks']:.4f}, trees {b['oof_roc_auc_trees']:.4f}, "
+            f"blend {b['oof_roc_auc_blend']:.4f})"
+        )
     s = result.test_seeds
     if s:
         lines.append(

@@ -25,6 +25,7 @@ from tune import trainable
 from tune.finalize import FINAL_DIR, fold_members, out_of_fold_probabilities, score_test
 from tune.job import JobResult, run_job
 from tune.prepare import PreparedData, prepare_data
+from tune.report import format_result
 from tune.serving import predict_file
 from tune.space import DEFAULT_POINT, to_run_configs
 from tune.trainable import CHECKPOINT_FILE, FOLD_KEY, FOLDS_FILE, TrialData
@@ -75,6 +76,8 @@ def test_a_fold_job_registers_its_best_trials_fold_models_averaged(
     assert not np.array_equal(final.member_scalers[0].center, final.member_scalers[1].center)
     assert final.trees is not None and len(final.trees) == K  # trees of their own too
     assert final.tree_weight == final.extra["tree_weight"] > 0
+    assert result.blend == {k: final.extra[k] for k in result.blend} and len(result.blend) == 4
+    assert f"trees: {100 * final.tree_weight:g} % of the blend" in format_result(job, result)
     # Calibration and domain fitted out of fold: the domain's reference set is every non-test
     # row, its threshold chosen on every non-test row's similarity to its fold's training rows.
     assert final.calibration is not None and final.domain is not None
