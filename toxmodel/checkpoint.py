@@ -15,9 +15,9 @@ for a clustered domain, 4 bytes a molecule per partition. A trial's checkpoint h
 
 A fold ensemble may also hold gradient-boosted trees (`toxmodel.trees`), one set per member
 (fold i's trees read fold i's inputs), and the trees' share of the blend: its probability is
-(1 - w) x the networks' mean + w x the tree sets' mean. The trees are LightGBM model text (plain
-strings), so such a file still loads with `weights_only=True`; a reader of an older format
-version refuses it by version rather than answering the networks alone.
+(1 - w) x the networks' mean + w x the tree sets' mean. The trees are LightGBM model text,
+compressed into uint8 tensors, so such a file still loads with `weights_only=True`; a reader of
+an older format version refuses it by version rather than answering the networks alone.
 
 `Predictor.predict` answers, per molecule: the probability per task (calibrated when the
 checkpoint holds a calibration), then the ensemble's spread per task (`<task>_std`, the
