@@ -40,9 +40,11 @@ registered model), whose search is given the wall time the first job took less t
 time of the last k-fold job (`search.time_limit_s`), so both jobs take about the same wall time;
 `--equal-trials-seeds` also runs the k-fold job without a time limit (the config's number of
 trials) for those seeds; `--equal-trials-only` runs only that job, for every split seed (to set
-beside an earlier sitting's folds 1 figures). Reports test ROC-AUC mean +- std over seeds, the
-validation-test gap (the winner's selection score, a single split's or the fold mean, less the
-registered model's test ROC-AUC) and wall time, per variant.
+beside an earlier sitting's folds 1 figures); `--trees` gives the k-fold variant
+`search.trees: true` (its trees, trained in finalize, count in its non-search time). Reports
+test ROC-AUC mean +- std over seeds, the validation-test gap (the winner's selection score, a
+single split's or the fold mean, less the registered model's test ROC-AUC) and wall time, per
+variant.
 
 `small`: issue 26 item 4. A fixed random slice of Tox21 (`--slice` molecules, chosen with
 numpy's default_rng(0), written to a temporary file, never kept), and on it each of `--configs`
@@ -381,6 +383,8 @@ def folds(args: argparse.Namespace) -> None:
     same number of trials): test ROC-AUC, validation-test gap, wall."""
     k_overhead = 30.0  # non-search seconds of a k-fold job, until one has been measured
     k_set = {"search.folds": args.folds, "search.ensemble": 1, "search.final_seeds": 1}
+    if args.trees:
+        k_set["search.trees"] = True  # the k-fold variant's model: fold networks + trees
     timed, untimed = f"folds {args.folds} equal wall", f"folds {args.folds} equal trials"
     for split in args.splits:
         found: dict[str, list[FoldRow]] = {}
@@ -502,6 +506,9 @@ def main() -> None:
     )
     parser.add_argument("--slice", type=int, default=1500, help="small: rows of the data")
     parser.add_argument("--folds", type=int, default=5, help="folds: k of the k-fold variant")
+    parser.add_argument(
+        "--trees", action="store_true", help="folds: the k-fold variant sets search.trees"
+    )
     parser.add_argument(
         "--equal-trials-seeds", type=int, nargs="*", default=[], help="folds: also untimed"
     )
