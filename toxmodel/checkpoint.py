@@ -461,10 +461,8 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(fingerprint), batch_size):
                 stop = start + batch_size
-                xs = [
-                    torch.from_numpy(x).to(device)
-                    for x in self.inputs(fingerprint[start:stop], descriptors[start:stop])
-                ]
+                arrays = self.inputs(fingerprint[start:stop], descriptors[start:stop])
+                xs = [torch.from_numpy(x).to(device) for x in arrays]
                 if self.member_scalers is not None and isinstance(model, Ensemble):
                     members = torch.stack(
                         [torch.sigmoid(m(x)) for m, x in zip(model.members, xs, strict=True)]
@@ -475,8 +473,7 @@ class Predictor:
                     members = torch.sigmoid(model(xs[0])).float()[None]
                 mean = members.mean(0).cpu().numpy()
                 if self.trees:
-                    inputs = [x.cpu().numpy() for x in xs]
-                    mean = blend(mean, self.tree_probabilities(inputs), self.tree_weight)
+                    mean = blend(mean, self.tree_probabilities(arrays), self.tree_weight)
                 means.append(mean.astype(np.float32))
                 if spread:
                     stds.append(members.std(0, correction=0).cpu().numpy())

@@ -49,7 +49,9 @@ class TreeConfig:
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1 or self.early_stopping < 1 or self.num_leaves < 2:
-            raise ValueError(f"TreeConfig needs max_rounds, early_stopping >= 1: {self}")
+            raise ValueError(
+                f"TreeConfig needs max_rounds, early_stopping >= 1 and num_leaves >= 2: {self}"
+            )
         if not (0 < self.subsample <= 1 and 0 < self.colsample_bytree <= 1):
             raise ValueError(f"TreeConfig subsample and colsample_bytree in (0, 1]: {self}")
 
