@@ -10,10 +10,11 @@ scaled by that training set's scaler) and stopped early on its validation rows.
 Memory: LightGBM bins its training matrix (about one byte a value) after the float32 inputs are
 built in full: 4 bytes x (fingerprint + descriptor columns) a training row, 9.7 kB a row at
 `configs/tox21.yaml`'s 2,432 columns, about 10 GB at 10^6 rows; meant for the data sizes where a
-fold ensemble is (10^3-10^5 molecules). A booster is stored as LightGBM's model text,
-zlib-compressed into a uint8 tensor (Tox21: 8.4-11.8 MB of text a fold's twelve models,
-3.4-4.8 MB stored, against 12 MB a default-point network), so a checkpoint holding trees
-still loads with `torch.load(weights_only=True)`.
+fold ensemble is (10^3-10^5 molecules). `fit_bytes` estimates one fold's peak, which a job
+checks against the driver's memory before its search (`tune.prepare.check_trees_memory`).
+A booster is stored as LightGBM's model text, zlib-compressed into a uint8 tensor (Tox21:
+8.4-11.8 MB of text a fold's twelve models, 3.4-4.8 MB stored, against 12 MB a default-point
+network), so a checkpoint holding trees still loads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -176,6 +177,16 @@ def fit_trees(
         models.append(booster.model_to_string(num_iteration=kept))
         rounds.append(int(kept))
     return Trees(tasks=tasks, models=models, prevalence=prevalence, rounds=rounds)
+
+
+FIT_OVERHEAD = 1.5  # fit_trees adds ~1.4-1.5x the float32 training inputs (a task's labelled
+# rows copied, LightGBM's bins): measured at 20,000 and 40,000 rows x 2,432 columns
+
+
+def fit_bytes(train_rows: int, valid_rows: int, columns: int) -> int:
+    """About the most memory one fold's trees take: its float32 training and validation inputs
+    (4 bytes a value) and what `fit_trees` adds on top of them."""
+    return int(4 * columns * ((1 + FIT_OVERHEAD) * train_rows + valid_rows))
 
 
 def blend(networks: np.ndarray, trees: np.ndarray, weight: float) -> np.ndarray:

@@ -29,6 +29,7 @@ from toxmodel.featurize import MOLECULE_KEY, Features, featurize_cached, write_i
 from toxmodel.folds import Folds, make_folds
 from toxmodel.sources import default_cache_dir
 from toxmodel.split import Split, missing_class_warnings, molecule_groups, split_dataset
+from toxmodel.trees import fit_bytes
 from tune import study
 from tune.config import CONFIG_FILE, JobConfig
 from tune.errors import ConfigError, JobMismatchError
@@ -157,7 +158,33 @@ def prepare_data(
     for warning in missing_class_warnings(labels, split, table.tasks):
         log.warning(warning)
     folds = job_folds(job, split, labels, groups, valid_smiles, table.tasks)
+    if job.search.trees and folds is not None:
+        check_trees_memory(folds, features.n_features)
     return PreparedData(table, features, labels, split, folds)
+
+
+def check_trees_memory(folds: Folds, columns: int, available: int | None = None) -> None:
+    """Refuse a `search.trees` job whose trees would not fit in this driver's memory: they are
+    trained in finalize, after the whole search, one fold at a time on float32 inputs
+    (`toxmodel.trees.fit_bytes`), so running out there would lose the search's hours."""
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    train, valid = max((s.train.size, s.valid.size) for s in folds.splits)
+    need = fit_bytes(train, valid, columns)
+    if need > available:
+        raise ConfigError(
+            f"search.trees needs about {_size(need)} to train one fold's trees after "
+            f"the search ({train:,} training and {valid:,} validation rows x {columns:,} input "
+            f"columns as float32, with LightGBM's copies); this machine has "
+            f"{_size(available)} available. Set search.trees: false, use fewer "
+            "fingerprint bits, or run the job's driver on a machine with more memory"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def job_folds(

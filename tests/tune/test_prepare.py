@@ -10,10 +10,12 @@ import ray
 
 from tests.tune.conftest import tiny_job
 from toxmodel.errors import DataError
+from toxmodel.folds import make_folds
 from toxmodel.split import Split
+from toxmodel.trees import fit_bytes
 from tune.errors import ConfigError
 from tune.job import run_job
-from tune.prepare import check_validation
+from tune.prepare import check_trees_memory, check_validation
 
 
 def test_validation_without_both_classes_of_any_task_is_refused_naming_counts() -> None:
@@ -212,3 +214,30 @@ def test_conflicting_repeats_are_not_said_to_be_kept_when_the_policy_merges_them
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "conflicting labels" in said and "CCO" in said
     assert "all rows kept" not in said
+
+
+def test_trees_that_would_not_fit_the_drivers_memory_are_refused_before_the_search(
+    tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trees are trained in finalize, after every trial: a driver without the memory for
+    them must hear so before the search, not be killed after it."""
+    import psutil
+
+    tight = psutil.virtual_memory()._replace(available=2**16)  # 64 KiB free
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: tight)
+    job = tiny_job(tmp_path, small_csv, search__folds=3, search__trees=True)
+    named = r"needs about [\d.]+ MiB .* x 256 input columns .* 0.1 MiB available"
+    with pytest.raises(ConfigError, match=named):
+        run_job(job, progress=False)
+    assert not ray.is_initialized()
+
+
+def test_the_trees_memory_check_reads_the_largest_fold() -> None:
+    rows = np.arange(100)
+    folds = make_folds(rows, 3, method="random", seed=0)
+    train, valid = max((s.train.size, s.valid.size) for s in folds.splits)
+    assert train == 67  # 100 rows in folds of 34, 33, 33: the largest training part
+    need = fit_bytes(train, valid, 500)
+    check_trees_memory(folds, 500, available=need)
+    with pytest.raises(ConfigError, match="67 training and 33 validation rows x 500 input"):
+        check_trees_memory(folds, 500, available=need - 1)
