@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from quality import _parse_override  # benchmarks/quality.py: the same --set KEY=VALUE
+from quality import add_overrides, overrides  # benchmarks/quality.py: the same --set
 
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
@@ -236,14 +236,7 @@ def main() -> None:
     parser.add_argument("--split", default="scaffold", choices=["random", "scaffold"])
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--configs", type=int, default=8, help="blend: configurations")
-    parser.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. --set featurizer.radius=3 (repeatable)",
-    )
+    add_overrides(parser, "config override, e.g. --set featurizer.radius=3 (repeatable)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +248,7 @@ def main() -> None:
                 "data.source": str(Path(args.data).resolve()),
                 "ray.storage_path": tmp,
                 "tracking.run_name": "ensembles",
-                **dict(_parse_override(item) for item in args.extra),
+                **overrides(args.extra),
             },
         )
         b = Bench(job, prepare_data(job, progress=False))

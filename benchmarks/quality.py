@@ -518,14 +518,7 @@ def main() -> None:
     parser.add_argument(
         "--equal-trials-only", action="store_true", help="folds: only the untimed k-fold job"
     )
-    parser.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for protocol/nr-ar, e.g. --set search.num_samples=20",
-    )
+    add_overrides(parser, "config override for protocol/nr-ar, e.g. --set search.num_samples=20")
     parser.add_argument("--repeats", type=int, default=1, help="protocol: runs per split seed")
     parser.add_argument(
         "--trust", action="store_true", help="protocol: spread, domain, calibration figures"
@@ -535,7 +528,7 @@ def main() -> None:
     parser.add_argument("--tutorial-epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    args.extra = dict(_parse_override(item) for item in args.extra)
+    args.extra = overrides(args.extra)
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.platform()} | torch {torch.__version__} | threads {args.threads}")
     if args.command == "baseline":
@@ -551,11 +544,22 @@ def main() -> None:
         nr_ar(args)
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-    return key, yaml.safe_load(value)
+def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.extra`, read by `overrides`."""
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
+def overrides(items: list[str]) -> dict[str, Any]:
+    """The config overrides of `--set KEY=VALUE` flags, values read as YAML."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 if __name__ == "__main__":
