@@ -4,6 +4,8 @@
     python benchmarks/ensembles.py size --split scaffold --split-seed 0
     python benchmarks/ensembles.py blend --split scaffold --split-seed 0 --configs 8
     python benchmarks/ensembles.py trees --split scaffold --split-seed 0
+    python benchmarks/ensembles.py tree-settings --split scaffold --split-seed 0
+    python benchmarks/ensembles.py auxiliary --split random --split-seed 0
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
 (`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
@@ -38,6 +40,17 @@ Reports the networks alone, the trees alone and the chosen blend on test (and ev
 out of fold and on test, so the choice can be judged); `--set featurizer.descriptors=false` and
 the like give the trees of "LightGBM on fingerprints".
 
+`tree-settings`: at the default point's fold networks, the trees of `trees` with other LightGBM
+settings (`TREE_SETTINGS`: sparser column draws; smaller, more regularised trees), each blended
+at its own share chosen out of fold; and two other blend rules for today's trees: a share per
+task (each task's best out of fold) and averaging log-odds instead of probabilities.
+
+`auxiliary`: whether ToxCast's 617 assays (`--auxiliary`, matched to the job's molecules by the
+job's molecule key) learned beside the Tox21 tasks as extra outputs lift the Tox21 tasks: three
+seeds of the default point on the job's own split, with and without them; the auxiliary labels
+of validation and test molecules are hidden (only training molecules' are learned), so early
+stopping and every score read the Tox21 tasks alone.
+
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
 
@@ -53,19 +66,26 @@ from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 import torch
 from quality import add_overrides, overrides  # benchmarks/quality.py: the same --set
+from scipy.special import expit, logit
+from sklearn.metrics import roc_auc_score
 
+from toxmodel.checkpoint import Predictor
+from toxmodel.cpus import available_cpus
+from toxmodel.featurize import canonical_smiles
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
 from toxmodel.metrics import evaluate
 from toxmodel.model import Ensemble
 from toxmodel.split import Split, molecule_groups
 from toxmodel.train import FitResult
+from toxmodel.trees import WEIGHTS, TreeConfig, blend_weight, fit_trees
 from toxmodel.trees import blend as blend_of
 from tune import settings
 from tune.config import JobConfig, load_config
-from tune.finalize import fold_trees
+from tune.finalize import fold_members, fold_trees, out_of_fold_probabilities
 from tune.prepare import PreparedData, prepare_data
 from tune.space import DEFAULT_POINT, build_space, sample, to_run_configs
 
@@ -198,16 +218,21 @@ def blend(b: Bench, n: int) -> dict[str, Any]:
     return out
 
 
-def trees(b: Bench) -> dict[str, Any]:
-    folds = b.folds(K, b.seed)
+def fold_networks(b: Bench, folds: Folds) -> Predictor:
+    """The default point's fold ensemble, as a k-fold job registers it (before trees)."""
     results = b.fit(dict(DEFAULT_POINT), list(folds.splits), range(K))
     scalers = [r.scaler for r in results]
-    networks = replace(
+    return replace(
         results[0].predictor(),
         model=Ensemble([r.model for r in results]).eval(),
         scaler=None,
         member_scalers=None if all(x is None for x in scalers) else scalers,
     )
+
+
+def trees(b: Bench) -> dict[str, Any]:
+    folds = b.folds(K, b.seed)
+    networks = fold_networks(b, folds)
     t0 = time.perf_counter()
     blended, scores = fold_trees(networks, replace(b.data, folds=folds), folds, b.seed)
     out: dict[str, Any] = {"trees_seconds": round(time.perf_counter() - t0, 1), **scores}
@@ -225,12 +250,127 @@ def trees(b: Bench) -> dict[str, Any]:
     return out
 
 
+TREE_SETTINGS = {
+    "default": TreeConfig(),
+    "sparser_columns": TreeConfig(colsample_bytree=0.1),
+    "smaller_trees": TreeConfig(
+        learning_rate=0.05, num_leaves=15, min_child_samples=20, colsample_bytree=0.2,
+        reg_lambda=5.0,
+    ),
+}  # fmt: skip
+
+
+def tree_settings(b: Bench) -> dict[str, Any]:
+    folds = b.folds(K, b.seed)
+    networks = fold_networks(b, folds)
+    data = replace(b.data, folds=folds)
+    f, labels, tasks = data.features, data.labels, list(networks.tasks)
+    y_oof = labels[folds.rows]
+    net_oof = out_of_fold_probabilities(networks, data, folds)
+    net_test = networks.probabilities(f.fingerprint[b.test], f.descriptors[b.test])
+    net_test = net_test.astype(np.float64)
+    out: dict[str, Any] = {"networks": b.test_auc([net_test])}
+    for name, config in TREE_SETTINGS.items():
+        t0, per_fold, tests = time.perf_counter(), [], []
+        for i, (single, split) in enumerate(zip(fold_members(networks), folds.splits, strict=True)):
+            x = {
+                part: single.inputs(f.fingerprint[rows], f.descriptors[rows])[0]
+                for part, rows in (("train", split.train), ("valid", split.valid), ("test", b.test))
+            }
+            grown = fit_trees(
+                x["train"], labels[split.train], x["valid"], labels[split.valid], tasks,
+                config=config, seed=b.seed + i, num_threads=available_cpus(),
+            )  # fmt: skip
+            per_fold.append((split.valid, grown.probabilities(x["valid"])))
+            tests.append(grown.probabilities(x["test"]))
+        tree_oof, tree_test = out_of_fold(folds, per_fold), np.mean(tests, axis=0)
+        weight, scores = blend_weight(y_oof, net_oof, tree_oof, tasks)
+        out[name] = {
+            "trees": b.test_auc([tree_test]),
+            "trees_oof": scores[1.0],
+            "share": weight,
+            "blend": b.test_auc([blend_of(net_test, tree_test, weight)]),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        if name == "default":
+            per_task = _per_task_blend(y_oof, net_oof, tree_oof, net_test, tree_test)
+            out["per_task_share"] = b.test_auc([per_task])
+            scored = [_log_odds_blend(y_oof, net_oof, tree_oof, tasks, w) for w in WEIGHTS]
+            w = max(WEIGHTS, key=lambda w: (scored[WEIGHTS.index(w)], -w))
+            out["log_odds_share"] = w
+            out["log_odds_blend"] = b.test_auc([_log_odds(net_test, tree_test, w)])
+    return out
+
+
+def _log_odds(networks: np.ndarray, trees: np.ndarray, weight: float) -> np.ndarray:
+    z = (1 - weight) * logit(np.clip(networks, 1e-6, 1 - 1e-6))
+    return expit(z + weight * logit(np.clip(trees, 1e-6, 1 - 1e-6)))
+
+
+def _log_odds_blend(
+    y: np.ndarray, networks: np.ndarray, trees: np.ndarray, tasks: list[str], weight: float
+) -> float:
+    return evaluate(y, _log_odds(networks, trees, weight), tasks).roc_auc
+
+
+def _per_task_blend(
+    y_oof: np.ndarray, net_oof: np.ndarray, tree_oof: np.ndarray, net: np.ndarray, tree: np.ndarray
+) -> np.ndarray:
+    """Each task blended at the share that scores its own out-of-fold ROC-AUC best."""
+    shares = []
+    for j in range(y_oof.shape[1]):
+        known = ~np.isnan(y_oof[:, j])
+        y = y_oof[known, j]
+        scored = [
+            roc_auc_score(y, blend_of(net_oof[known, j], tree_oof[known, j], w))
+            if np.unique(y).size == 2 else -1.0
+            for w in WEIGHTS
+        ]  # fmt: skip
+        shares.append(WEIGHTS[int(np.argmax(scored))])
+    w = np.array(shares)
+    return (1 - w) * net + w * tree
+
+
+def auxiliary(b: Bench, path: str) -> dict[str, Any]:
+    d = b.data
+    table = pd.read_csv(path)
+    keys = canonical_smiles(table.pop("smiles").astype(str).tolist(), b.job.featurizer)
+    table.index = keys
+    assays = table[table.index != ""].groupby(level=0).max()  # a molecule's rows: any positive
+    aux = assays.reindex(d.features.molecule_keys()).to_numpy(np.float32)
+    matched = int((~np.isnan(aux)).any(axis=1).sum())
+    aux[d.split.valid], aux[d.split.test] = np.nan, np.nan  # training molecules' labels only
+    n_tasks = d.labels.shape[1]
+    out: dict[str, Any] = {"assays": aux.shape[1], "molecules_matched": matched}
+    for name, labels in (("tox21_only", d.labels), ("with_auxiliary", np.hstack([d.labels, aux]))):
+        tasks = list(d.table.tasks) + [f"aux {i}" for i in range(labels.shape[1] - n_tasks)]
+        model, config = to_run_configs(
+            dict(DEFAULT_POINT), b.job.search.max_epochs, b.job.search.patience, 0
+        )
+        t0 = time.perf_counter()
+        results = fit_many(
+            d.features, labels, d.split, tasks, model,
+            [replace(config, seed=s) for s in range(3)], num_threads=1,
+        )  # fmt: skip
+        probs = [p[:, :n_tasks] for p in b.probs(results, b.test)]
+        out[name] = {
+            "one_network": [b.test_auc([p]) for p in probs],
+            "mean_of_3": b.test_auc(probs),
+            "epochs": [len(r.history) for r in results],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    return out
+
+
 def main() -> None:
     settings.configure_process()
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["members", "size", "blend", "trees"])
+    parser.add_argument(
+        "part", choices=["members", "size", "blend", "trees", "tree-settings", "auxiliary"]
+    )
+    parser.add_argument("--auxiliary", default="../shared/data/toxcast.csv.gz")
     parser.add_argument("--data", default="../shared/data/tox21.csv")
     parser.add_argument("--config", default="configs/tox21.yaml")
     parser.add_argument("--split", default="scaffold", choices=["random", "scaffold"])
@@ -264,6 +404,10 @@ def main() -> None:
             out.update(size(b))
         elif args.part == "trees":
             out.update(trees(b))
+        elif args.part == "tree-settings":
+            out.update(tree_settings(b))
+        elif args.part == "auxiliary":
+            out.update(auxiliary(b, args.auxiliary))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)
