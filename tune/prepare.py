@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from toxmodel.data import MoleculeTable, check_parsed, load_table
 from toxmodel.duplicates import Deduplicated, count_duplicates, deduplicate
@@ -168,8 +169,6 @@ def check_trees_memory(folds: Folds, columns: int, available: int | None = None)
     trained in finalize, after the whole search, one fold at a time on float32 inputs
     (`toxmodel.trees.fit_bytes`), so running out there would lose the search's hours."""
     if available is None:
-        import psutil
-
         available = int(psutil.virtual_memory().available)
     train, valid = max((s.train.size, s.valid.size) for s in folds.splits)
     need = fit_bytes(train, valid, columns)
