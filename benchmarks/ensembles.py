@@ -70,10 +70,8 @@ import pandas as pd
 import torch
 from quality import add_overrides, overrides  # benchmarks/quality.py: the same --set
 from scipy.special import expit, logit
-from sklearn.metrics import roc_auc_score
 
 from toxmodel.checkpoint import Predictor
-from toxmodel.cpus import available_cpus
 from toxmodel.featurize import canonical_smiles
 from toxmodel.folds import Folds, make_folds, out_of_fold
 from toxmodel.fused import fit_many
@@ -81,11 +79,11 @@ from toxmodel.metrics import evaluate
 from toxmodel.model import Ensemble
 from toxmodel.split import Split, molecule_groups
 from toxmodel.train import FitResult
-from toxmodel.trees import WEIGHTS, TreeConfig, blend_weight, fit_trees
+from toxmodel.trees import WEIGHTS, TreeConfig, blend_weight
 from toxmodel.trees import blend as blend_of
 from tune import settings
 from tune.config import JobConfig, load_config
-from tune.finalize import fold_members, fold_trees, out_of_fold_probabilities
+from tune.finalize import fold_trees, grow_fold_trees, out_of_fold_probabilities
 from tune.prepare import PreparedData, prepare_data
 from tune.space import DEFAULT_POINT, build_space, sample, to_run_configs
 
@@ -270,20 +268,11 @@ def tree_settings(b: Bench) -> dict[str, Any]:
     net_test = networks.probabilities(f.fingerprint[b.test], f.descriptors[b.test])
     net_test = net_test.astype(np.float64)
     out: dict[str, Any] = {"networks": b.test_auc([net_test])}
+    inputs = networks.inputs(f.fingerprint[b.test], f.descriptors[b.test])
     for name, config in TREE_SETTINGS.items():
-        t0, per_fold, tests = time.perf_counter(), [], []
-        for i, (single, split) in enumerate(zip(fold_members(networks), folds.splits, strict=True)):
-            x = {
-                part: single.inputs(f.fingerprint[rows], f.descriptors[rows])[0]
-                for part, rows in (("train", split.train), ("valid", split.valid), ("test", b.test))
-            }
-            grown = fit_trees(
-                x["train"], labels[split.train], x["valid"], labels[split.valid], tasks,
-                config=config, seed=b.seed + i, num_threads=available_cpus(),
-            )  # fmt: skip
-            per_fold.append((split.valid, grown.probabilities(x["valid"])))
-            tests.append(grown.probabilities(x["test"]))
-        tree_oof, tree_test = out_of_fold(folds, per_fold), np.mean(tests, axis=0)
+        t0 = time.perf_counter()
+        grown, tree_oof = grow_fold_trees(networks, data, folds, b.seed, config)
+        tree_test = replace(networks, trees=grown).tree_probabilities(inputs)
         weight, scores = blend_weight(y_oof, net_oof, tree_oof, tasks)
         out[name] = {
             "trees": b.test_auc([tree_test]),
@@ -316,17 +305,14 @@ def _log_odds_blend(
 def _per_task_blend(
     y_oof: np.ndarray, net_oof: np.ndarray, tree_oof: np.ndarray, net: np.ndarray, tree: np.ndarray
 ) -> np.ndarray:
-    """Each task blended at the share that scores its own out-of-fold ROC-AUC best."""
-    shares = []
-    for j in range(y_oof.shape[1]):
-        known = ~np.isnan(y_oof[:, j])
-        y = y_oof[known, j]
-        scored = [
-            roc_auc_score(y, blend_of(net_oof[known, j], tree_oof[known, j], w))
-            if np.unique(y).size == 2 else -1.0
-            for w in WEIGHTS
-        ]  # fmt: skip
-        shares.append(WEIGHTS[int(np.argmax(scored))])
+    """Each task blended at the share that scores its own out-of-fold ROC-AUC best (a task
+    lacking a class out of fold keeps share 0)."""
+    tasks = [str(j) for j in range(y_oof.shape[1])]
+    per_task = [evaluate(y_oof, blend_of(net_oof, tree_oof, w), tasks).per_task for w in WEIGHTS]
+    shares = [
+        max(WEIGHTS, key=lambda w: per_task[WEIGHTS.index(w)].get(t, {}).get("roc_auc", -1.0))
+        for t in tasks
+    ]
     w = np.array(shares)
     return (1 - w) * net + w * tree
 

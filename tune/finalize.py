@@ -37,7 +37,7 @@ from toxmodel.fused import fit_many
 from toxmodel.metrics import Metrics, brier_score, evaluate, expected_calibration_error
 from toxmodel.model import MLP, Ensemble
 from toxmodel.train import FitResult
-from toxmodel.trees import blend_weight, fit_trees
+from toxmodel.trees import TreeConfig, Trees, blend_weight, fit_trees
 from tune import heap
 from tune.config import JobConfig
 from tune.prepare import PreparedData
@@ -260,20 +260,8 @@ def fold_trees(
     (`toxmodel.trees.blend_weight`; share 0 registers the networks alone). Returns it and the
     scores the choice read (`BLEND_KEYS`)."""
     networks = out_of_fold_probabilities(predictor, data, folds)
-    features, labels, tasks = data.features, data.labels, list(predictor.tasks)
-    trees, per_fold = [], []
-    for i, (single, split) in enumerate(zip(fold_members(predictor), folds.splits, strict=True)):
-        train = single.inputs(features.fingerprint[split.train], features.descriptors[split.train])
-        valid = single.inputs(features.fingerprint[split.valid], features.descriptors[split.valid])
-        fitted = fit_trees(
-            train[0], labels[split.train], valid[0], labels[split.valid], tasks,
-            seed=seed + i, num_threads=available_cpus(),
-        )  # fmt: skip
-        del train
-        trees.append(fitted)
-        per_fold.append((split.valid, fitted.probabilities(valid[0])))
-    grown = out_of_fold(folds, per_fold)
-    weight, scores = blend_weight(labels[folds.rows], networks, grown, tasks)
+    trees, grown = grow_fold_trees(predictor, data, folds, seed)
+    weight, scores = blend_weight(data.labels[folds.rows], networks, grown, list(predictor.tasks))
     out = {
         "tree_weight": weight,
         "oof_roc_auc_networks": scores[0.0],
@@ -289,6 +277,31 @@ def fold_trees(
     if weight == 0.0:
         return predictor, out
     return replace(predictor, trees=trees, tree_weight=weight), out
+
+
+def grow_fold_trees(
+    predictor: Predictor,
+    data: PreparedData,
+    folds: Folds,
+    seed: int,
+    config: TreeConfig | None = None,
+) -> tuple[list[Trees], np.ndarray]:
+    """Each fold's trees (fold i's on its training rows, stopped on its validation rows, reading
+    the inputs fold i's network reads; seed + i) and their out-of-fold probabilities, aligned
+    with `folds.rows`."""
+    features, labels, tasks = data.features, data.labels, list(predictor.tasks)
+    trees, per_fold = [], []
+    for i, (single, split) in enumerate(zip(fold_members(predictor), folds.splits, strict=True)):
+        train = single.inputs(features.fingerprint[split.train], features.descriptors[split.train])
+        valid = single.inputs(features.fingerprint[split.valid], features.descriptors[split.valid])
+        fitted = fit_trees(
+            train[0], labels[split.train], valid[0], labels[split.valid], tasks,
+            config=config or TreeConfig(), seed=seed + i, num_threads=available_cpus(),
+        )  # fmt: skip
+        del train
+        trees.append(fitted)
+        per_fold.append((split.valid, fitted.probabilities(valid[0])))
+    return trees, out_of_fold(folds, per_fold)
 
 
 def fold_members(predictor: Predictor) -> list[Predictor]:
