@@ -129,6 +129,9 @@ def comparison_tags(job: JobConfig, tasks: Sequence[str], content_hash: str) -> 
         "split_fractions": "/".join(str(float(f)) for f in (s.train, s.valid, s.test)),
         "duplicates": job.data.duplicates,
         "molecule_key": MOLECULE_KEY,
+        # which rows the score is a mean over: the validation split, or every non-test row
+        # across a k-fold job's folds (each fold model on its own fold)
+        "validation": "split" if job.search.folds == 1 else f"{job.search.folds} folds",
     }
 
 

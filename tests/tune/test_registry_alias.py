@@ -65,6 +65,8 @@ def test_other_tasks_on_the_same_data_never_take_the_alias(sqlite_uri: str, chec
     [
         ({"split__train": 0.7, "split__valid": 0.2}, "split_fractions"),
         ({"data__duplicates": "average"}, "duplicates"),
+        # a k-fold job's score is a mean over every non-test row's folds, not the split's rows
+        ({"search__folds": 5, "search__ensemble": 1}, "validation"),
     ],
 )
 def test_other_split_fractions_or_duplicates_policy_never_take_the_alias(
@@ -88,7 +90,7 @@ def test_a_holder_without_the_new_tags_keeps_the_alias(sqlite_uri: str, checkpoi
     assert _champion(sqlite_uri) == "1"
     assert new.note.endswith(
         "(version 1, from an older toxtune, has no tasks, split_fractions, duplicates, "
-        "molecule_key tag); move it by hand if this model should serve"
+        "molecule_key, validation tag); move it by hand if this model should serve"
     )
 
 
@@ -114,6 +116,10 @@ def test_comparison_tags_are_short_and_ignore_the_featurizer() -> None:
     assert all(len(v) < 100 for v in tags.values())
     assert tags["tasks"].startswith("617:")
     assert tags["split"] == "random:0" and tags["split_fractions"] == "0.8/0.1/0.1"
+    assert tags["validation"] == "split"
+    assert comparison_tags(_job(search__folds=3, search__ensemble=1), [], DATA_HASH)[
+        "validation"
+    ] == ("3 folds")
     same = comparison_tags(_job(featurizer__n_bits=256, featurizer__maccs=True), [], DATA_HASH)
     assert same == comparison_tags(_job(), [], DATA_HASH)
     assert comparison_tags(_job(), ["a", "b"], DATA_HASH) != comparison_tags(

@@ -3,8 +3,8 @@
 Contract: `register_best_model` logs the checkpoint under the job's run, registers it as a new
 version of the named model, and moves the alias (`champion` by default) only when the versions'
 validation scores are comparable (same `COMPARABLE_TAGS`: data, tasks, split, duplicates policy,
-molecule key) and the new one is strictly better; the returned `Registration.note` says what
-happened to the alias and why, in words a user reads.
+molecule key, validation rows) and the new one is strictly better; the returned
+`Registration.note` says what happened to the alias and why, in words a user reads.
 """
 
 from __future__ import annotations
@@ -38,11 +38,20 @@ class Registration:
 
 
 # Two validation ROC-AUCs are comparable only when these version tags agree: they fix the
-# validation rows (data content, split method:seed, split fractions, and the duplicates policy and
-# molecule key, which decide which rows are one molecule and so where each lands) and the tasks
-# the score averages over. The featurizer is left out: it changes the model, not the validation
+# validation rows (data content, split method:seed, split fractions, the duplicates policy and
+# molecule key, which decide which rows are one molecule and so where each lands, and whether the
+# score is on the validation split or a mean over a k-fold job's folds) and the tasks the score
+# averages over. The featurizer is left out: it changes the model, not the validation
 # set. A key missing on one side (a holder registered by an older toxtune) counts as different.
-COMPARABLE_TAGS = ("data_hash", "tasks", "split", "split_fractions", "duplicates", "molecule_key")
+COMPARABLE_TAGS = (
+    "data_hash",
+    "tasks",
+    "split",
+    "split_fractions",
+    "duplicates",
+    "molecule_key",
+    "validation",
+)
 
 
 def tasks_tag(tasks: Sequence[str]) -> str:
