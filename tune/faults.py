@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from ray import tune as ray_tune
@@ -51,6 +52,18 @@ class ErrorBudget(ray_tune.Callback, ray_tune.Stopper):
 
     def stop_all(self) -> bool:
         return len(self.failed) >= self.limit
+
+    def spent(self) -> str:
+        """Why the budget stopped the search, in the words the end-of-job report and the job's
+        MLflow run use; "" while it has not."""
+        if not self.stop_all():
+            return ""
+        kinds = Counter(self.failed.values()).most_common()
+        said = ", ".join(f"{n} {kind}" for kind, n in kinds)
+        return (
+            f"the error budget (faults.max_failed_trials = {self.limit}) was spent: "
+            f"{len(self.failed)} trials failed for good ({said})"
+        )
 
 
 class PendingWatch(ray_tune.Callback, ray_tune.Stopper):

@@ -63,6 +63,7 @@ class JobResult:
     alias_note: str = ""  # what happened to the registered model's alias, and why
     search_seconds: float = 0.0  # wall time of this command's search (SearchOutcome.seconds)
     blend: dict[str, float] = field(default_factory=dict)  # search.trees: FinalModel.blend
+    stopped: str = ""  # why the search stopped before its trials ran (SearchOutcome.stopped)
 
 
 def refuse_finished(job: JobConfig) -> None:
@@ -126,10 +127,10 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
     try:
         with tempfile.TemporaryDirectory(prefix="toxtune-job-") as scratch:
             outcome = search(job, data, parent, faults, stops)
-            best = trials.best(outcome.trials, job, outcome.seconds)
+            best = trials.best(outcome.trials, job, outcome.seconds, outcome.stopped)
             final = finalize(job, data, best, Path(scratch))
             table = trials.table(outcome.trials)
-            registration = record(job, data, table, final, parent, outcome.cluster)
+            registration = record(job, data, table, final, parent, outcome)
         rounds = Rounds.load(job)
         rounds.registered = f"{registration.name}/{registration.version}"
         rounds.save(job)
@@ -155,4 +156,5 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
         alias_note=registration.note,
         search_seconds=outcome.seconds,
         blend=final.blend,
+        stopped=outcome.stopped,
     )

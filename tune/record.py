@@ -25,6 +25,7 @@ from tune.config import JobConfig
 from tune.errors import TrackingError
 from tune.finalize import FinalModel
 from tune.prepare import DUPLICATES_REPORT, INVALID_REPORT, PreparedData
+from tune.search import SearchOutcome
 from tune.space import build_space, describe
 from tune.tracking.explanations import log_explanations
 from tune.tracking.registry import tasks_tag
@@ -41,7 +42,7 @@ def record(
     trials: pd.DataFrame,
     final: FinalModel,
     parent_run_id: str,
-    cluster: dict[str, float],
+    outcome: SearchOutcome,
 ) -> tracking.Registration:
     """Log the job summary to the parent run and register the final model."""
     with tempfile.TemporaryDirectory(prefix="toxtune-record-") as tmp:
@@ -58,7 +59,7 @@ def record(
             invalid_report=report,
             search_space=describe(build_space(job.search.space)),
             ray_address=job.ray.address or "local",
-            cluster=cluster,
+            cluster=outcome.cluster,
             best_trial_id=final.trial_id,
             best_params=final.params,
             best_valid=final.valid,
@@ -77,6 +78,7 @@ def record(
             ),
             calibration=final.calibration,
             duplicates_report=duplicates,
+            stopped=outcome.stopped,
         )
         tracking.log_job_summary(job.tracking_uri, parent_run_id, summary)
     explain_confident_positives(job, data, final, parent_run_id)

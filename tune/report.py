@@ -35,6 +35,12 @@ def format_result(job: JobConfig, result: JobResult) -> str:
             f"{cut}. Run the rest with: {resume_command(job)} (add --time-limit SECONDS "
             "for another limit)"
         )
+    if result.stopped:
+        lines.append(
+            f"search stopped early: {result.stopped}. The model is the best of the trials that "
+            "finished; the failed trials' errors are in their MLflow runs (toxtune ui). Once "
+            f"their cause is fixed, run the rest with: {resume_command(job)}"
+        )
     for column, why in result.skipped_columns.items():
         lines.append(f"column {column!r} not used as a task: {why}")
     if result.failed_trials:

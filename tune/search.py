@@ -163,6 +163,7 @@ class SearchOutcome:
     failed: dict[str, str]  # trial id -> failure kind, for trials that failed for good
     cluster: dict[str, float]
     seconds: float = 0.0  # wall time of this command's search
+    stopped: str = ""  # why the search stopped before its trials ran (`ErrorBudget.spent`)
 
 
 def check_ray_address(job: JobConfig, timeout_s: float = 10.0) -> None:
@@ -263,15 +264,12 @@ def search(
     study.fail_stale_trials(job)
     rounds.finished = True
     rounds.save(job)
-    if budget.stop_all():
-        log.error(
-            "error budget spent: %d trials failed (%s)",
-            len(budget.failed),
-            budget.failed,
-        )
+    stopped = budget.spent()
+    if stopped:
+        log.error("search stopped early: %s: %s", stopped, budget.failed)
     records = read_trials(job, rounds.names, read)
     seconds = time.monotonic() - started
-    return SearchOutcome(rounds.names, records, budget.failed, cluster_size(), seconds)
+    return SearchOutcome(rounds.names, records, budget.failed, cluster_size(), seconds, stopped)
 
 
 def _restorable(job: JobConfig, rounds: Rounds) -> bool:

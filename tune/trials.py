@@ -198,9 +198,12 @@ def table(records: list[TrialRecord]) -> pd.DataFrame:
 UNFINISHED = frozenset({"pending", "running", "paused"})  # Ray statuses of a trial still due
 
 
-def best(records: list[TrialRecord], job: JobConfig, seconds: float = 0.0) -> TrialRecord:
+def best(
+    records: list[TrialRecord], job: JobConfig, seconds: float = 0.0, stopped: str = ""
+) -> TrialRecord:
     """The best trial (validation only) that ended and left a checkpoint; a trial an interrupted
-    round left unfinished is never chosen (its run is to continue, or was run again)."""
+    round left unfinished is never chosen (its run is to continue, or was run again). `seconds`
+    and `stopped` (the search's; `SearchOutcome`) say why, when none did."""
     scored = [
         r
         for r in records
@@ -213,6 +216,8 @@ def best(records: list[TrialRecord], job: JobConfig, seconds: float = 0.0) -> Tr
                 f": {_time_limit(job)} was reached after {seconds:.0f} s, before any trial "
                 "finished an epoch; raise the limit"
             )
+        elif stopped:
+            why = f": {stopped}; the failed trials' errors are in their MLflow runs"
         raise SearchError(f"no trial of job {job.name} finished with a checkpoint{why}")
     return max(scored, key=lambda r: r.score)
 

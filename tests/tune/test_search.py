@@ -19,7 +19,9 @@ from tune.drills import FaultPlan
 from tune.finalize import FINAL_DIR, score_test
 from tune.job import run_job
 from tune.prepare import prepare_data
+from tune.report import format_result
 from tune.study import METRIC
+from tune.tracking.names import NOTE_TAG, STOPPED_TAG
 from tune.trainable import CHECKPOINT_FILE
 from tune.trials import read_trials
 
@@ -136,6 +138,39 @@ def test_fractional_gpus_pack_trials(
     assert set(trials["gpu_ids"].astype(str)) == {"0"}  # each trial saw its assigned GPU
     spans = list(zip(trials["trial_started_at"], trials["reported_at"], strict=True))
     assert _overlap(spans) == expected
+
+
+def test_a_spent_error_budget_stops_the_search_and_the_job_says_why(
+    tmp_path: Path, small_csv: Path, no_ray: None
+) -> None:
+    """`faults.max_failed_trials: 2`: once two trials have failed for good no other starts; the
+    model is the best of those that finished, and the report and the job's MLflow run say the
+    search ended early, why, and how to run the rest."""
+    job = tiny_job(
+        tmp_path,
+        small_csv,
+        **{
+            "search.num_samples": 6,
+            "search.max_concurrent": 1,  # one trial at a time: the stop comes before trial 3
+            "search.scheduler": "fifo",
+            "faults.max_failed_trials": 2,
+        },
+    )
+    result = run_job(job, faults=FaultPlan(raise_in=frozenset({1, 2})), progress=False)
+    assert result.failed_trials == 2
+    assert len(result.trials) == 3  # trial 0 finished, 1 and 2 failed, 3-5 never started
+    said = "the error budget (faults.max_failed_trials = 2) was spent: 2 trials failed for good"
+    assert result.stopped.startswith(said) and "2 code_error" in result.stopped
+    assert sorted(result.trials["status"]) == ["failed", "failed", "finished"]
+    assert result.model_version == "1"
+    report = format_result(job, result)
+    assert f"search stopped early: {result.stopped}" in report
+    assert f"--resume {job.name}" in report
+    run = MlflowClient(job.tracking_uri).get_run(result.parent_run_id)
+    assert run.data.tags[STOPPED_TAG] == result.stopped
+    assert f"**Search stopped early**: {result.stopped}." in run.data.tags[NOTE_TAG]
+    found = optuna.load_study(study_name=job.name, storage=job.study_storage)
+    assert sorted(t.state.name for t in found.get_trials()) == ["COMPLETE", "FAIL", "FAIL"]
 
 
 def test_failed_and_diverged_trials_do_not_stop_the_search(

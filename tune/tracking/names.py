@@ -15,6 +15,7 @@ from typing import Any
 JOB_TAG, TRIAL_TAG, STATUS_TAG = "toxtune.job", "toxtune.trial_id", "toxtune.status"
 KIND_TAG, PARENT_TAG = "toxtune.kind", "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run's Description in the MLflow UI (markdown)
+STOPPED_TAG = "toxtune.search_stopped"  # a job run: why its search ended before its trials
 
 _KEY_BAD = re.compile(r"[^/\w.\- :]")
 

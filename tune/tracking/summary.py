@@ -29,7 +29,7 @@ from mlflow.entities import Metric, RunTag
 
 from tune import plots
 from tune.tracking.backend import client_for
-from tune.tracking.names import NOTE_TAG, jsonable, safe_key
+from tune.tracking.names import NOTE_TAG, STOPPED_TAG, jsonable, safe_key
 from tune.tracking.provenance import DatasetInfo, data_stem, log_dataset
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class JobSummary:
     reliability_data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
     calibration: dict[str, str] = field(default_factory=dict)
     duplicates_report: Path | None = None  # rows folded into another row of their molecule
+    stopped: str = ""  # why the search stopped before its trials ran (the error budget)
 
     def dataset_info(self) -> DatasetInfo:
         if self.dataset is not None:
@@ -136,6 +137,8 @@ def log_job_summary(tracking_uri: str, parent_run_id: str, summary: JobSummary) 
     }
     if summary.skipped_columns:
         tags["dataset.skipped_columns"] = json.dumps(summary.skipped_columns)
+    if summary.stopped:
+        tags[STOPPED_TAG] = summary.stopped
     client.log_batch(run, tags=[RunTag(k, v[:8000]) for k, v in tags.items()])
     log_dataset(client, run, summary.dataset_info())
     metrics = summary_metrics(summary)
@@ -280,6 +283,8 @@ def describe(
         f"{_score(metrics, 'best_val_pr_auc')} |",
         f"| {test_name} | {_score(metrics, 'test_roc_auc')} | {_score(metrics, 'test_pr_auc')} |",
     ]
+    if summary.stopped:
+        lines[1:1] = ["", f"**Search stopped early**: {summary.stopped}."]
     seeds = summary.test_seeds
     if seeds.get("test_seeds"):
         lines.append(
