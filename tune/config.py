@@ -138,7 +138,8 @@ class FaultConfig:
     """Retries and the error budget."""
 
     max_retries: int = 2  # per trial, for retryable failures only (OOM, lost node)
-    max_failed_trials: int = 5  # stop the job with a report after this many failed trials
+    max_failed_trials: int = 5  # no trial starts after this many failed for good (the report
+    # and the job's MLflow run say so; the best finished trial is still registered)
 
 
 @dataclass(frozen=True)

@@ -201,13 +201,18 @@ UNFINISHED = frozenset({"pending", "running", "paused"})  # Ray statuses of a tr
 def best(
     records: list[TrialRecord], job: JobConfig, seconds: float = 0.0, stopped: str = ""
 ) -> TrialRecord:
-    """The best trial (validation only) that ended and left a checkpoint; a trial an interrupted
-    round left unfinished is never chosen (its run is to continue, or was run again). `seconds`
-    and `stopped` (the search's; `SearchOutcome`) say why, when none did."""
+    """The best trial (validation only) that ended without an error and left a checkpoint. A
+    trial an interrupted round left unfinished is never chosen (its run is to continue, or was
+    run again), nor one that failed, whatever its best epoch scored: the study and its MLflow run
+    call it failed, and a configuration that diverged or raised would be trained again for the
+    ensemble. `seconds` and `stopped` (the search's; `SearchOutcome`) say why, when none did."""
     scored = [
         r
         for r in records
-        if r.checkpoint is not None and np.isfinite(r.score) and r.status not in UNFINISHED
+        if r.checkpoint is not None
+        and np.isfinite(r.score)
+        and r.status not in UNFINISHED
+        and r.status != "failed"
     ]
     if not scored:
         why = ""

@@ -162,6 +162,8 @@ def test_a_spent_error_budget_stops_the_search_and_the_job_says_why(
     said = "the error budget (faults.max_failed_trials = 2) was spent: 2 trials failed for good"
     assert result.stopped.startswith(said) and "2 code_error" in result.stopped
     assert sorted(result.trials["status"]) == ["failed", "failed", "finished"]
+    # the failed trials scored an epoch before they raised; the model is still the finished one's
+    assert result.trials.set_index("trial_id").loc[result.best_trial_id, "status"] == "finished"
     assert result.model_version == "1"
     report = format_result(job, result)
     assert f"search stopped early: {result.stopped}" in report
