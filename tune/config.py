@@ -497,7 +497,7 @@ def load_config(
         text, where = p.read_text(), str(p)
     if text is not None:
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no Python objects
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -517,6 +517,30 @@ def load_config(
     if job.featurizer.radius < 0:
         raise ConfigError(f"featurizer.radius must be >= 0, got {job.featurizer.radius}")
     return validate(job)
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping: PyYAML would keep the
+    last one without a word, so a setting the user wrote would be silently ignored."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str | int | float | bool):
+            continue  # a list or mapping as a key: construct_mapping says what is wrong
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice (lines {seen[key]} and {line}); "
+                "YAML would keep only the last, so remove one", key_node.start_mark,
+            )  # fmt: skip
+        seen[key] = line
+    return loader.construct_mapping(node)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def dump_config(job: JobConfig) -> str:

@@ -158,6 +158,15 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+    twice = tmp_path / "twice.yaml"  # PyYAML alone keeps the last and drops the first unsaid
+    twice.write_text("search:\n  folds: 5\n  num_samples: 3\n  folds: 1\nsplit: {seed: 1}\n")
+    with pytest.raises(
+        ConfigError, match=r"twice.yaml: .*'folds' is given twice \(lines 2 and 4\)"
+    ):
+        load_config(twice)
+    # one name in two sections is two keys
+    twice.write_text("split: {seed: 1}\nsearch: {seed: 2}\n")
+    assert (load_config(twice).split.seed, load_config(twice).search.seed) == (1, 2)
 
 
 def test_flags_override_the_file_and_resume_reads_the_saved_config(tmp_path: Path) -> None:
