@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+import ray
 
-from tune.errors import JobMismatchError
+from tests.tune.conftest import tiny_job
+from tune.errors import JobMismatchError, TrackingError
+from tune.job import run_job
 from tune.tracking.backend import (
     FAST_FAIL_HTTP,
+    check_artifact_client,
     check_artifact_home,
     client_for,
     ensure_experiment,
@@ -92,3 +97,20 @@ def test_an_embedded_store_copied_to_another_folder_is_refused(tmp_path: Path) -
     assert str(original / "mlartifacts") in str(err.value)
     assert str(copy / "mlartifacts") in str(err.value)
     check_artifact_home(f"sqlite:///{copy / 'mlflow.db'}", "another-experiment")
+
+
+def test_a_bucket_for_artifacts_without_its_client_is_refused_before_the_job_runs(
+    tmp_path: Path, small_csv: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An experiment whose artifacts go to s3:// needs boto3 on the driver; MLflow would import
+    it only at the first upload, after the search: the job is refused at its start instead."""
+    job = tiny_job(tmp_path, small_csv)
+    client = client_for(job.tracking_uri)
+    client.create_experiment(job.tracking.experiment_name, artifact_location="s3://team/mlflow")
+    check_artifact_client(job.tracking_uri, job.tracking.experiment_name)  # boto3 here: fine
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as on a machine without toxtune[team]
+    said = r"'tiny-exp' keeps its artifacts in s3://team/mlflow, which needs the 'boto3' package"
+    with pytest.raises(TrackingError, match=said + r".*pip install 'toxtune\[team\]'"):
+        run_job(job, progress=False)
+    assert not ray.is_initialized()
+    check_artifact_client(job.tracking_uri, "another")  # a local artifact location needs none

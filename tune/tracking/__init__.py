@@ -2,6 +2,7 @@
 
     check_tracking(uri)                         # backend.py: refuse an unusable backend first
     check_artifact_home(uri, exp)               # ... or a copied embedded store
+    check_artifact_client(uri, exp)             # ... or a bucket without its client (boto3)
     parent = start_job_run(uri, exp, name, config, resume)     # runs.py: the job's run
     MlflowTrialCallback(uri, exp, parent, max_epochs, dataset)  # callback.py: trial runs
     log_job_summary(uri, parent, JobSummary(...))              # summary.py: metrics, plots, text
@@ -18,6 +19,7 @@ Every call uses an explicit client for the job's URI; nothing sets MLflow's glob
 
 from tune.errors import TrackingError
 from tune.tracking.backend import (
+    check_artifact_client,
     check_artifact_home,
     check_tracking,
     client_for,
@@ -50,6 +52,7 @@ __all__ = [
     "Registration",
     "TrackingError",
     "TrialEnding",
+    "check_artifact_client",
     "check_artifact_home",
     "check_tracking",
     "child_runs",

@@ -19,6 +19,7 @@ values while a holder is inside; in a toxtune driver there are none.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -101,6 +102,30 @@ def check_artifact_home(uri: str, experiment_name: str) -> None:
             "MLflow would write this job's artifacts there. Continue the job in its original "
             "folder, or track it on an MLflow server (--tracking-uri http://...)"
         )
+
+
+# The package MLflow's client imports for an artifact location's scheme, on the first upload:
+# a job whose experiment keeps its artifacts in a bucket needs it on the driver.
+ARTIFACT_CLIENTS = {"s3": "boto3"}
+
+
+def check_artifact_client(uri: str, experiment_name: str) -> None:
+    """Refuse, before the job runs, an experiment whose artifacts go to an object store whose
+    client package is missing (an MLflow server started with `--default-artifact-root s3://...`
+    without `--serve-artifacts`): MLflow would import it at the first upload, after trials."""
+    client = client_for(uri)
+    location = client.get_experiment(ensure_experiment(client, uri, experiment_name))
+    package = ARTIFACT_CLIENTS.get(urlparse(location.artifact_location).scheme)
+    if package is None:
+        return
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:
+        raise TrackingError(
+            f"MLflow experiment {experiment_name!r} keeps its artifacts in "
+            f"{location.artifact_location}, which needs the {package!r} package on this machine: "
+            "install it with: pip install 'toxtune[team]'"
+        ) from exc
 
 
 def client_for(uri: str) -> MlflowClient:
