@@ -253,6 +253,20 @@ def test_working_dir_holds_the_config_and_the_local_data(tmp_path: Path) -> None
     assert not shipped & {".env", "id_rsa", "server.pem", "mlflow.db", ".git"}
 
 
+def test_a_data_file_too_big_to_ship_is_refused_naming_its_size(tmp_path: Path) -> None:
+    """Ray's working directory travels through its object store: a file over 200 MiB must be on
+    shared storage or at a URL instead."""
+    big = tmp_path / "big.csv"
+    with big.open("wb") as fh:  # sparse: takes no disk
+        fh.truncate(submission.MAX_DATA_BYTES + 2**20)
+    j = replace(job(), data=replace(job().data, source=str(big)))
+    root = tmp_path / "wd"
+    root.mkdir()
+    with pytest.raises(ClusterError, match=r"big\.csv is 201 MiB, too big to ship with the job"):
+        submission.prepare_working_dir(root, j, {}, None)
+    assert not list(root.rglob("*.csv"))
+
+
 def test_working_dir_refuses_a_missing_relative_data_file(tmp_path: Path) -> None:
     j = replace(job(), data=replace(job().data, source="nowhere/mols.csv"))
     with pytest.raises(ClusterError, match=r"nowhere/mols\.csv: no such file"):

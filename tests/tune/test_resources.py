@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
+from tune.config import load_config
+from tune.errors import SearchError
 from tune.resources import (
     CUDA_CONTEXT_BYTES,
     TrialShape,
@@ -13,6 +20,7 @@ from tune.resources import (
     is_retryable,
     next_gpu_share,
 )
+from tune.search import resources_for
 
 GIB = 2**30
 TOX21 = dict(n_rows=7823, fp_bytes_per_row=2048, n_descriptors=0, n_tasks=12)
@@ -80,3 +88,40 @@ def test_oom_retry_doubles_the_share_up_to_one_gpu() -> None:
 def test_failures_are_classified_and_only_some_retried(text: str, kind: str, retry: bool) -> None:
     assert classify_failure(text) == kind
     assert is_retryable(kind) is retry
+
+
+def test_auto_sizes_each_trial_from_its_configuration_and_the_gpu_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--gpus-per-trial auto`: each trial's share is sized from its own configuration against
+    one GPU's memory (the driver's GPU, or `resources.gpu_memory_gb` where it has none)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only driver
+    data = SimpleNamespace(
+        features=_Features(np.zeros((500_000, 2048), np.uint8), np.zeros((500_000, 200))),
+        labels=np.zeros((500_000, 12), np.float32),
+    )
+    job = load_config(overrides={"resources.gpus_per_trial": "auto"})
+    with pytest.raises(SearchError, match=r"no GPU is visible.*resources\.gpu_memory_gb"):
+        resources_for(job, data)
+    small = {"n_layers": 1, "width_0": 256, "batch_size": 64}
+    big = {"n_layers": 2, "width_0": 4096, "width_1": 4096, "batch_size": 1024}
+    shares = {}
+    for gb in (8, 24):
+        on = replace(job.resources, gpu_memory_gb=gb)
+        sized = resources_for(replace(job, resources=on), data)
+        shares[gb] = (sized(small)["gpu"], sized(big)["gpu"])
+        assert sized(small)["cpu"] == job.resources.cpus_per_trial
+    assert shares[8][0] < shares[8][1]  # a bigger network asks for more of the same GPU
+    assert shares[24][1] < shares[8][1]  # and for more of a smaller GPU
+
+
+class _Features:
+    """What `resources_for` reads of the job's features: their shapes."""
+
+    def __init__(self, fingerprint: np.ndarray, descriptors: np.ndarray) -> None:
+        self.fingerprint, self.descriptors = fingerprint, descriptors
+
+    def __len__(self) -> int:
+        return len(self.fingerprint)
