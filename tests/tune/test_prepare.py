@@ -184,6 +184,28 @@ def test_resume_with_another_duplicates_policy_is_refused(tmp_path: Path, make_c
         claim_job(other, load_job_table(other))
 
 
+def test_a_new_job_whose_name_already_has_a_study_in_a_shared_database_is_refused(
+    tmp_path: Path, make_csv
+) -> None:
+    """Two machines sharing one study database but not a results folder: a new job named like
+    another's study would continue that job's trials as its own."""
+    import optuna
+
+    from tune.errors import JobMismatchError
+    from tune.prepare import claim_job, load_job_table
+
+    shared = f"sqlite:///{tmp_path / 'team-optuna.db'}"
+    other = optuna.create_study(study_name="tiny", storage=shared)
+    other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    job = tiny_job(tmp_path, _repeats_csv(make_csv), **{"tracking.study_storage": shared})
+    said = r"job 'tiny' is new in .* but the study database .* study of that name with 3 trials"
+    with pytest.raises(JobMismatchError, match=said):
+        claim_job(job, load_job_table(job))
+    assert not job.storage.exists(job.name)  # nothing of the job written
+    mine = tiny_job(tmp_path, _repeats_csv(make_csv), **{"tracking.run_name": "mine"})
+    claim_job(mine, load_job_table(mine))  # another name (or an empty study) is fine
+
+
 def test_toxtune_data_prints_repeated_molecules(
     tmp_path: Path, make_csv, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
