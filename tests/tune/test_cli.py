@@ -367,6 +367,25 @@ def test_the_report_blames_the_time_limit_only_when_it_ended_the_search(
     assert "time limit" not in out
 
 
+def test_the_report_lists_a_one_class_task_the_job_dropped(
+    tmp_path: Path, make_csv, capsys: pytest.CaptureFixture
+) -> None:
+    """`data.allow_single_class: true` drops a task with one class instead of refusing the
+    data; the end-of-job report must say which and why, not leave it to be missed."""
+    from toxmodel.data import load_table
+    from tune.report import print_result
+
+    rows = "".join(f"{'C' * (i + 1)}O,{i % 2},0\n" for i in range(12))
+    table = load_table(make_csv("smiles,toxic,inert\n" + rows), allow_single_class=True)
+    assert table.tasks == ["toxic"]
+    job, result = _finished_job(tmp_path, 3, 10.0)
+    result.skipped_columns = dict(table.skipped_columns)  # as run_job hands them on
+    print_result(job, result)
+    said = [line for line in capsys.readouterr().out.splitlines() if "'inert'" in line]
+    assert len(said) == 1 and said[0].startswith("column 'inert' not used as a task: ")
+    assert "12" in said[0]  # its counts: 12 of class 0, none of class 1
+
+
 def test_predict_compresses_an_output_named_gz(
     tmp_path: Path,
     capfd: pytest.CaptureFixture,
