@@ -287,6 +287,29 @@ def test_ui_prints_a_link_per_experiment_before_serving(
     ]
 
 
+def test_ui_on_every_interface_warns_that_it_has_no_authentication(
+    tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.services import free_port
+    from tune.cli import ui
+
+    served: list[list[str]] = []
+    monkeypatch.setattr(ui, "serve", lambda cmd, health: served.append(cmd) or 0)
+    port = free_port()
+    results = str(tmp_path / "results")
+    code, out, err = cli(capfd, "ui", "--storage-path", results, "--port", str(port))
+    assert code == 0, err
+    assert "warning" not in out  # loopback (the default): no warning
+    code, out, err = cli(
+        capfd, "ui", "--storage-path", results, "--port", str(port), "--host", "0.0.0.0"
+    )
+    assert code == 0, err
+    warned = "warning: the UI is reachable from other machines and has no authentication"
+    assert warned in out.splitlines()
+    host = served[-1][served[-1].index("--host") + 1]
+    assert host == "0.0.0.0"
+
+
 def _finished_job(tmp_path: Path, ran: int, search_seconds: float, **overrides: object) -> tuple:
     """A job config and a fabricated JobResult of `ran` trials whose search took
     `search_seconds` (what `toxtune tune` hands `print_result`)."""
