@@ -653,3 +653,26 @@ class TestRealCluster:
         # a path outside the private mount is still shared by all three
         storage.check_shared_storage(str(tmp_path / "shared"), timeout_s=90)
         assert len([n for n in ray.nodes() if n.get("Alive")]) == 3
+
+
+def test_the_auth_token_is_read_from_the_variable_then_its_file_then_the_home_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's token authentication answers 401 without it: the token is found where Ray keeps
+    it, in Ray's order, and read fresh on every call (a token rotated mid-session is used)."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert cinfo.auth_headers() == {}  # none anywhere: no header, not an empty bearer
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    assert cinfo.auth_headers() == {"Authorization": "Bearer from-home"}
+    named = tmp_path / "token"
+    named.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))
+    assert cinfo.auth_headers() == {"Authorization": "Bearer from-path"}
+    named.write_text("rotated")
+    assert cinfo.auth_headers() == {"Authorization": "Bearer rotated"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", " from-variable ")
+    assert cinfo.auth_headers() == {"Authorization": "Bearer from-variable"}
