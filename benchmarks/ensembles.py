@@ -57,9 +57,11 @@ Each prints one JSON line. Nothing is kept: the job's feature cache lives in a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,35 @@ class Bench:
             self.nontest, k, method=self.method, seed=seed, labels=d.labels, groups=groups,
             smiles=smiles, test=self.test,
         )  # fmt: skip
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    """The options that pick the job measured: its data, config, split method and seed."""
+    parser.add_argument("--data", default="../shared/data/tox21.csv")
+    parser.add_argument("--config", default="configs/tox21.yaml")
+    parser.add_argument("--split", default=split, choices=["random", "scaffold"])
+    parser.add_argument("--split-seed", type=int, default=0)
+
+
+@contextlib.contextmanager
+def prepared(
+    args: argparse.Namespace, run_name: str, extra: dict[str, Any] | None = None
+) -> Iterator[Bench]:
+    """The job `args` pick (`add_job_arguments`; `extra`: more config overrides), its data
+    prepared as a job prepares it, in a temporary results folder kept while the caller runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = load_config(
+            args.config,
+            {
+                "split.method": args.split,
+                "split.seed": args.split_seed,
+                "data.source": str(Path(args.data).resolve()),
+                "ray.storage_path": tmp,
+                "tracking.run_name": run_name,
+                **(extra or {}),
+            },
+        )
+        yield Bench(job, prepare_data(job, progress=False))
 
 
 def members(b: Bench) -> dict[str, Any]:
@@ -357,31 +388,16 @@ def main() -> None:
         "part", choices=["members", "size", "blend", "trees", "tree-settings", "auxiliary"]
     )
     parser.add_argument("--auxiliary", default="../shared/data/toxcast.csv.gz")
-    parser.add_argument("--data", default="../shared/data/tox21.csv")
-    parser.add_argument("--config", default="configs/tox21.yaml")
-    parser.add_argument("--split", default="scaffold", choices=["random", "scaffold"])
-    parser.add_argument("--split-seed", type=int, default=0)
+    add_job_arguments(parser, split="scaffold")
     parser.add_argument("--configs", type=int, default=8, help="blend: configurations")
     add_overrides(parser, "config override, e.g. --set featurizer.radius=3 (repeatable)")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        job = load_config(
-            args.config,
-            {
-                "split.method": args.split,
-                "split.seed": args.split_seed,
-                "data.source": str(Path(args.data).resolve()),
-                "ray.storage_path": tmp,
-                "tracking.run_name": "ensembles",
-                **overrides(args.extra),
-            },
-        )
-        b = Bench(job, prepare_data(job, progress=False))
+    with prepared(args, "ensembles", overrides(args.extra)) as b:
         out = {
             "part": args.part,
-            "split": job.split.method,
-            "split_seed": job.split.seed,
+            "split": b.method,
+            "split_seed": b.seed,
             "set": args.extra,
         }
         if args.part == "members":

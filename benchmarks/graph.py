@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from ensembles import Bench, K, fold_networks  # benchmarks/ensembles.py: the same job and folds
+from ensembles import (  # benchmarks/ensembles.py: the same job and folds
+    Bench,
+    K,
+    add_job_arguments,
+    fold_networks,
+    prepared,
+)
 from rdkit import Chem, RDLogger
 from torch import nn
 
@@ -39,9 +43,7 @@ from toxmodel.featurize import DescriptorScaler
 from toxmodel.folds import out_of_fold
 from toxmodel.metrics import evaluate
 from tune import settings
-from tune.config import load_config
 from tune.finalize import grow_fold_trees, out_of_fold_probabilities
-from tune.prepare import prepare_data
 
 ELEMENTS = [1, 5, 6, 7, 8, 9, 11, 14, 15, 16, 17, 19, 20, 26, 29, 30, 33, 34, 35, 50, 53]
 HYBRIDS = [
@@ -265,26 +267,12 @@ def main() -> None:
     torch.set_num_threads(1)
     RDLogger.DisableLog("rdApp.*")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="../shared/data/tox21.csv")
-    parser.add_argument("--config", default="configs/tox21.yaml")
-    parser.add_argument("--split", default="random", choices=["random", "scaffold"])
-    parser.add_argument("--split-seed", type=int, default=0)
+    add_job_arguments(parser, split="random")
     parser.add_argument("--max-epochs", type=int, default=30)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        job = load_config(
-            args.config,
-            {
-                "split.method": args.split,
-                "split.seed": args.split_seed,
-                "data.source": str(Path(args.data).resolve()),
-                "ray.storage_path": tmp,
-                "tracking.run_name": "graph",
-            },
-        )
-        b = Bench(job, prepare_data(job, progress=False))
-    out = {"split": job.split.method, "split_seed": job.split.seed, **run(b, args.max_epochs)}
+    with prepared(args, "graph") as b:
+        out = {"split": b.method, "split_seed": b.seed, **run(b, args.max_epochs)}
     out["seconds"] = round(time.perf_counter() - t0)
     print(json.dumps(out), flush=True)
 
