@@ -533,9 +533,11 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
         line = key_node.start_mark.line + 1
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"{key!r} is given twice (lines {seen[key]} and {line}); "
-                "YAML would keep only the last, so remove one", key_node.start_mark,
-            )  # fmt: skip
+                None,
+                None,
+                f"{key!r} is given twice (lines {seen[key]} and {line}); "
+                "YAML would keep only the last, so remove one",
+            )  # fmt: skip (no mark: the lines are named, and the CLI's error is one line)
         seen[key] = line
     return loader.construct_mapping(node)
 
