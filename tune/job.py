@@ -104,11 +104,11 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
     job.storage.check_writable()
     tracking.check_tracking(job.tracking_uri)
     tracking.check_artifact_home(job.tracking_uri, job.tracking.experiment_name)
-    tracking.check_artifact_client(job.tracking_uri, job.tracking.experiment_name)
     molecules = load_job_table(job)  # 1. prepare: read and check, claim the record ...
     claim_job(job, molecules)
     refuse_finished(job)
     study.check_job_stores(job, started=bool(Rounds.load(job).names))
+    tracking.check_artifact_client(job.tracking_uri, job.tracking.experiment_name)
     if on_cluster(job):  # join the cluster first: its nodes featurize (tune.features)
         init_ray(job)
         stops.route_sigterm()  # ray.init replaced the SIGTERM handler

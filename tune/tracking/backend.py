@@ -113,9 +113,16 @@ def check_artifact_client(uri: str, experiment_name: str) -> None:
     """Refuse, before the job runs, an experiment whose artifacts go to an object store whose
     client package is missing (an MLflow server started with `--default-artifact-root s3://...`
     without `--serve-artifacts`): MLflow would import it at the first upload, after trials."""
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return  # a new embedded store: its experiments keep their artifacts beside it
     client = client_for(uri)
-    location = client.get_experiment(ensure_experiment(client, uri, experiment_name))
-    package = ARTIFACT_CLIENTS.get(urlparse(location.artifact_location).scheme)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None and path is not None:
+        return  # likewise a new experiment in an embedded store (`ensure_experiment`)
+    if exp is None:  # on a server, where it will keep them is the server's to say
+        exp = client.get_experiment(ensure_experiment(client, uri, experiment_name))
+    package = ARTIFACT_CLIENTS.get(urlparse(exp.artifact_location).scheme)
     if package is None:
         return
     try:
@@ -123,7 +130,7 @@ def check_artifact_client(uri: str, experiment_name: str) -> None:
     except ImportError as exc:
         raise TrackingError(
             f"MLflow experiment {experiment_name!r} keeps its artifacts in "
-            f"{location.artifact_location}, which needs the {package!r} package on this machine: "
+            f"{exp.artifact_location}, which needs the {package!r} package on this machine: "
             "install it with: pip install 'toxtune[team]'"
         ) from exc
 
