@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,16 +90,19 @@ def test_failures_are_classified_and_only_some_retried(text: str, kind: str, ret
 
 
 def test_auto_sizes_each_trial_from_its_configuration_and_the_gpu_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`--gpus-per-trial auto`: each trial's share is sized from its own configuration against
     one GPU's memory (the driver's GPU, or `resources.gpu_memory_gb` where it has none)."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only driver
+    rows = 500_000  # shapes only: broadcast views, no memory behind them
     data = SimpleNamespace(
-        features=_Features(np.zeros((500_000, 2048), np.uint8), np.zeros((500_000, 200))),
-        labels=np.zeros((500_000, 12), np.float32),
+        features=_Features(
+            np.broadcast_to(np.uint8(0), (rows, 2048)), np.broadcast_to(np.float32(0), (rows, 200))
+        ),
+        labels=np.broadcast_to(np.float32(0), (rows, 12)),
     )
     job = load_config(overrides={"resources.gpus_per_trial": "auto"})
     with pytest.raises(SearchError, match=r"no GPU is visible.*resources\.gpu_memory_gb"):

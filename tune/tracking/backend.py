@@ -112,7 +112,9 @@ ARTIFACT_CLIENTS = {"s3": "boto3"}
 def check_artifact_client(uri: str, experiment_name: str) -> None:
     """Refuse, before the job runs, an experiment whose artifacts go to an object store whose
     client package is missing (an MLflow server started with `--default-artifact-root s3://...`
-    without `--serve-artifacts`): MLflow would import it at the first upload, after trials."""
+    without `--serve-artifacts`): MLflow would import it at the first upload, after trials.
+    Makes nothing in an embedded store (a store that vanished must still be found missing);
+    on a server it makes the job's experiment, as `start_job_run` would, to learn where."""
     path = sqlite_path(uri)
     if path is not None and not path.exists():
         return  # a new embedded store: its experiments keep their artifacts beside it
