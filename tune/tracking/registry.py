@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -24,6 +25,9 @@ from tune.errors import TrackingError
 from tune.tracking.backend import client_for, sqlite_path
 
 ALIAS_METRIC_TAG = "val_roc_auc"
+ALIAS_ATTEMPTS = 5  # decisions about the alias before a registration gives up (`_move_alias`)
+RACE_WINDOW_S = 120.0  # versions created this close may have decided about the alias together
+SETTLE_S = 2.0  # how long a job that moved the alias waits before it looks again
 
 
 @dataclass(frozen=True)
@@ -100,21 +104,83 @@ def register_best_model(
         model_name, source=source, run_id=parent_run_id, tags=tags, model_id=info.model_id
     )
     _wait_ready(client, model_name, version.version)
-    moved, note = _alias_decision(client, model_name, alias, tags)
+    moved, note = _move_alias(client, model_name, alias, version, tags)
     if moved:
-        client.set_registered_model_alias(model_name, alias, version.version)
         note = f"@{alias} moved to version {version.version}" + (f" ({note})" if note else "")
     client.set_model_version_tag(model_name, version.version, "toxtune.alias_note", note)
     return Registration(model_name, str(version.version), alias, moved, note)
 
 
-def _alias_decision(
-    client: MlflowClient, model_name: str, alias: str, tags: Mapping[str, str]
+def _move_alias(
+    client: MlflowClient,
+    model_name: str,
+    alias: str,
+    version: ModelVersion,
+    tags: Mapping[str, str],
 ) -> tuple[bool, str]:
-    """(move the alias?, why) for a new version with `tags` against the alias's holder."""
+    """Move `alias` to `version` when it beats the holder (`_alias_decision`); (moved?, why).
+
+    MLflow has no compare-and-set for an alias, and jobs of one model can finish together (two
+    submitted at once, on a shared server). Two that both find no holder both insert the alias:
+    one gets a unique-key error, and then decides again against the version that took it. One
+    that moved the alias while another version was registered within RACE_WINDOW_S waits
+    SETTLE_S and looks again: a job that decided against an older holder and moved the alias
+    after this one did is caught, and the two versions are compared as usual. What is left
+    is a job whose decision and move lie more than SETTLE_S apart.
+    """
+    error: MlflowException | None = None
+    for _ in range(ALIAS_ATTEMPTS):
+        moved, note = _alias_decision(client, model_name, alias, tags, version.version)
+        if not moved:
+            return False, note
+        try:
+            client.set_registered_model_alias(model_name, alias, version.version)
+        except MlflowException as exc:  # another job's version took it first: decide again
+            error = exc
+            continue
+        if not _registered_alongside(client, model_name, version):
+            return True, note
+        time.sleep(SETTLE_S)
+        if _holder(client, model_name, alias) == str(version.version):
+            return True, note
+    raise TrackingError(
+        f"@{alias} of model {model_name} kept changing while version {version.version} was "
+        f"registered ({ALIAS_ATTEMPTS} attempts); set it by hand. Last error: {error}"
+    )
+
+
+def _holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """The version `alias` points to, None when it points nowhere."""
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _registered_alongside(client: MlflowClient, model_name: str, version: ModelVersion) -> bool:
+    """Whether another version of the model was created within RACE_WINDOW_S of `version`
+    (its job may have decided about the alias at the same time)."""
+    recent = client.search_model_versions(
+        f"name = '{model_name}'", max_results=20, order_by=["creation_timestamp DESC"]
+    )
+    created = int(version.creation_timestamp or 0)
+    return any(
+        str(v.version) != str(version.version)
+        and abs(int(v.creation_timestamp or 0) - created) <= RACE_WINDOW_S * 1000
+        for v in recent
+    )
+
+
+def _alias_decision(
+    client: MlflowClient, model_name: str, alias: str, tags: Mapping[str, str], own: str = ""
+) -> tuple[bool, str]:
+    """(move the alias?, why) for a new version with `tags` against the alias's holder;
+    `own`: the new version's number (a holder that is already it stays)."""
     try:
         holder = client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
+        return True, ""
+    if own and str(holder.version) == str(own):
         return True, ""
     where = f"@{alias} stays on version {holder.version}"
     differs = [k for k in COMPARABLE_TAGS if holder.tags.get(k) != tags.get(k)]
