@@ -622,9 +622,15 @@ class CheckpointDeletions(ray_tune.Callback):
         self._queue.put((fs, fs_path))
 
     def _run(self, jobs: queue.Queue[tuple[Any, str] | None]) -> None:
+        """Delete what is queued until None. A deletion that raises is logged and the next one
+        goes on: Tune's `_delete_fs_path` asks whether the path is a folder before its own
+        try, so a checkpoint already gone (lost with a killed driver) raises there, and a dead
+        thread would leave `wait` waiting for ever."""
         while (item := jobs.get()) is not None:
             try:
                 self._delete(fs=item[0], fs_path=item[1])
+            except Exception as exc:  # space only: the search must go on
+                log.warning("could not delete the dropped checkpoint %s: %s", item[1], exc)
             finally:
                 jobs.task_done()
 

@@ -178,6 +178,29 @@ def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
     assert checkpoint_manager._delete_fs_path is spy  # Tune's own deletion is back
 
 
+def test_a_dropped_checkpoint_already_gone_does_not_stop_the_deletions(tmp_path: Path) -> None:
+    """A resumed job's trial whose newest checkpoint was lost with the killed driver: Tune drops a
+    checkpoint that no longer exists, and its deletion raises (`_delete_fs_path` stats the path
+    outside its own try). The deletions after it still happen and the experiment's end returns;
+    it used to wait for ever on a dead thread (a resume hung in the killed-driver drill)."""
+    import threading
+
+    import pyarrow.fs
+
+    fs = pyarrow.fs.LocalFileSystem()
+    kept = tmp_path / "checkpoint_000002"
+    kept.mkdir()
+    deletions = bridge.CheckpointDeletions()
+    deletions.setup()
+    deletions.enqueue(fs, str(tmp_path / "checkpoint_000001"))  # gone before Tune dropped it
+    deletions.enqueue(fs, str(kept))
+    ended = threading.Thread(target=deletions.on_experiment_end, kwargs={"trials": []})
+    ended.start()
+    ended.join(timeout=30)
+    assert not ended.is_alive(), "the experiment's end waits for a deletion that never comes"
+    assert not kept.exists()
+
+
 def _study_with_trials(url: str, n: int) -> tuple[object, list[object]]:
     import optuna
 
