@@ -676,3 +676,84 @@ def test_the_auth_token_is_read_from_the_variable_then_its_file_then_the_home_fi
     assert cinfo.auth_headers() == {"Authorization": "Bearer rotated"}
     monkeypatch.setenv("RAY_AUTH_TOKEN", " from-variable ")
     assert cinfo.auth_headers() == {"Authorization": "Bearer from-variable"}
+
+
+# --- a submitted job stopped -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`toxtune jobs stop` mid-search: Ray's Jobs API sends the driver SIGTERM (and SIGKILL 3 s
+    later, `RAY_JOB_STOP_WAIT_TIME_S`), and the job stops as after Ctrl-C within that: its log
+    ends with toxtune's stop line, its MLflow run is KILLED, nothing is registered. `toxtune
+    submit --wait` watching it exits 1 with the log's last lines (docs/CLUSTER.md: 0 only if
+    the job SUCCEEDED); `jobs status` says STOPPED and a second `jobs stop` that it was not
+    running."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.services import submitted_job_id
+    from tests.team_stack import TOX21, small_tox21_job
+
+    if not TOX21.is_file():
+        pytest.skip(f"no local Tox21 copy at {TOX21}")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = small_tox21_job(
+        tmp_path,
+        "long.yaml",
+        search={"num_samples": 20, "max_epochs": 3, "max_concurrent": 1},
+        resources={"cpus_per_trial": 1, "gpus_per_trial": 0},
+        tracking={"tracking_uri": tracking, "experiment_name": "stopped", "run_name": "stopme"},
+    )
+    with ray_cluster(tmp_path / "ray", num_cpus=2, dashboard=True) as ray_c:
+        toxtune = [str(BIN / "toxtune")]
+        address = ["--address", ray_c.dashboard_url]
+        cmd = [*toxtune, "submit", *address, "--config", str(config), "--wait"]
+        cmd += ["--storage-path", str(tmp_path / "results")]
+        out_path, err_path = tmp_path / "submit.out", tmp_path / "submit.err"
+        with out_path.open("w") as out, err_path.open("w") as err:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=err, text=True)
+        try:
+            job_id = submitted_job_id(proc, out_path, err_path, timeout_s=300)
+            jobs = submission.JobsClient.connect(ray_c.dashboard_url)
+            deadline = time.monotonic() + 300
+            while "ended after" not in jobs.logs(job_id):  # a trial has finished
+                assert jobs.status(job_id) in ("PENDING", "RUNNING"), jobs.logs(job_id)[-4000:]
+                assert time.monotonic() < deadline, jobs.logs(job_id)[-4000:]
+                time.sleep(0.5)
+            stop = subprocess.run(
+                [*toxtune, "jobs", "stop", job_id, *address], capture_output=True, text=True
+            )
+            assert stop.returncode == 0 and f"stop requested for {job_id}" in stop.stdout
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        status = subprocess.run(
+            [*toxtune, "jobs", "status", job_id, *address], capture_output=True, text=True
+        )
+        again = subprocess.run(
+            [*toxtune, "jobs", "stop", job_id, *address], capture_output=True, text=True
+        )
+        log = jobs.logs(job_id)
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    assert f"job {job_id} STOPPED" in stdout
+    assert "--- last lines of the job's log ---" in stderr
+    stopped = "toxtune tune: error: job 'stopme' stopped by SIGTERM"
+    assert stopped in log and "nothing was finalized or registered" in log, log[-3000:]
+    assert stopped in stderr  # the job's last lines, where --wait shows them
+    assert "status:     STOPPED" in status.stdout, status.stdout
+    assert f"{job_id} was not running (STOPPED)" in again.stdout, again.stdout
+    client = MlflowClient(tracking)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("stopped").experiment_id],
+        filter_string="tags.`mlflow.runName` = 'stopme'",
+    )
+    assert [r.info.status for r in parent] == ["KILLED"]
+    assert client.search_registered_models() == []
