@@ -33,7 +33,7 @@ class TrialRecord:
     row: dict[str, Any]  # the best epoch's metrics and `config/...` columns
     config: dict[str, Any]
     epochs: int
-    status: str  # finished | early_stopped | failed | ... (the MLflow status tag's words)
+    status: str  # finished | early_stopped | stopped | failed | ... (the status tag's words)
     finished_reason: str
     checkpoint: ray_tune.Checkpoint | None  # the best epoch's (in the results storage)
 

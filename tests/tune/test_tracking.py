@@ -675,6 +675,43 @@ def test_results_wait_for_no_request_and_go_one_request_per_trial(tmp_path: Path
         assert (kid.info.status, kid.data.tags[STATUS_TAG]) == ("FINISHED", "finished")
 
 
+def test_trials_the_search_ended_are_told_apart_from_those_the_scheduler_stopped(
+    tmp_path: Path,
+) -> None:
+    """Each way a trial completes, as its run and the trials table say it: its own stop
+    (`finished`), the scheduler's after an epoch (`early_stopped`), and the search's end (the
+    time limit or the error budget) before its first epoch: `stopped`, run KILLED, 0 epochs. It
+    used to read as `early_stopped` with 0 epochs, a scheduler decision no epoch was behind."""
+    from tune.config import load_config
+    from tune.trials import _ending
+
+    uri = default_tracking_uri(tmp_path / "store")
+    check_tracking(uri)
+    parent = start_job_run(uri, "exp", "job-1", {"search": {"num_samples": 3}}, resume=False)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS)
+    own = _Trial("own", {}, {**_epoch(2), "finished_reason": "patience"})
+    asha, never = _Trial("asha", {}, _epoch(1)), _Trial("never", {})
+    for trial in (own, asha):
+        callback.on_trial_start(0, [], trial)
+        callback.on_trial_result(0, [], trial, trial.last_result)
+    for trial in (own, asha, never):
+        callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(MlflowClient(uri), parent)}
+    seen = {
+        name: (k.info.status, k.data.tags[STATUS_TAG], k.data.tags["toxtune.epochs"])
+        for name, k in kids.items()
+    }
+    assert seen == {
+        "own": ("FINISHED", "finished", "2"),
+        "asha": ("FINISHED", "early_stopped", "1"),
+        "never": ("KILLED", "stopped", "0"),
+    }
+    job = load_config(overrides={"search.max_epochs": EPOCHS})
+    assert _ending(job, "TERMINATED", {}) == (0, "stopped", "")  # the trials table's word
+    assert _ending(job, "TERMINATED", _epoch(1)) == (1, "early_stopped", "")
+
+
 def _epoch(epoch: int) -> dict[str, Any]:
     return {"training_iteration": epoch, "epoch": epoch, "train_loss": 1 / epoch}
 

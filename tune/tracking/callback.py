@@ -2,7 +2,7 @@
 
 Contract: one MLflow run per trial (a retried or resumed trial continues its own run, found
 among the job's trial runs, which each driver lists once), tagged with its status
-(`toxtune.status` = running | retrying | finished | early_stopped | failed, or killed by
+(`toxtune.status` = running | retrying | finished | early_stopped | stopped | failed, or killed by
 `close_orphans`), its node and device, its error text when it fails, and the job's dataset as an
 input. Each epoch logs the headline metrics, the ones without a `/` (`train_loss`, `val_loss`,
 `val_roc_auc`, `val_pr_auc`, `best_val_roc_auc`, `lr`, `epoch_seconds`, ...); the per-task
@@ -102,12 +102,16 @@ def send_interval(trials: int) -> float:
 def trial_ending(last: Mapping[str, Any], max_epochs: int) -> tuple[str, str, int]:
     """(status, finished_reason, epochs run) of a trial that completed, from its last result.
 
-    `finished`: it stopped itself (max_epochs, patience); `early_stopped`: the scheduler did.
+    `finished`: it stopped itself (max_epochs, patience); `early_stopped`: the scheduler did
+    (ASHA acts on a reported epoch); `stopped`: the search ended (its time limit, the error
+    budget, a stop signal) before the trial's first epoch.
     """
     reason = str(last.get("finished_reason") or "")
     epochs = int(last.get("training_iteration", 0) or 0)
     if not reason and max_epochs and epochs >= max_epochs:
         reason = "max_epochs"
+    if not reason and epochs == 0:
+        return "stopped", reason, epochs
     return ("finished" if reason else "early_stopped"), reason, epochs
 
 
@@ -172,14 +176,20 @@ class TrialEnding:
     """How a trial ended, as Ray's saved state says: what its MLflow run must show."""
 
     trial_id: str
-    status: str  # finished | early_stopped | failed (the status tag's words)
+    status: str  # finished | early_stopped | stopped | failed (the status tag's words)
     reason: str  # its finished_reason, or ""
     epochs: int
     best: Mapping[str, Any]  # its best report: the per-task scores are logged from it
     history: Callable[[], list[Mapping[str, Any]]]  # every report, read only when needed
 
 
-ENDED = {"finished": "FINISHED", "early_stopped": "FINISHED", "failed": "FAILED"}
+# The MLflow run status of each way a trial ends (`trial_ending`, `on_trial_error`).
+ENDED = {
+    "finished": "FINISHED",
+    "early_stopped": "FINISHED",
+    "stopped": "KILLED",
+    "failed": "FAILED",
+}
 
 
 def settle_trial_runs(
@@ -637,7 +647,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         status, reason, epochs = trial_ending(trial.last_result or {}, self.max_epochs)
         tags = ending_tags(status, epochs, reason)
         best = self._best.pop(trial.trial_id, [])
-        close = lambda: self._close(trial, "FINISHED", tags, best)  # noqa: E731
+        close = lambda: self._close(trial, ENDED[status], tags, best)  # noqa: E731
         self._submit(_Op(f"complete {trial.trial_id}", close, trial.trial_id))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
