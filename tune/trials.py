@@ -176,7 +176,9 @@ def _ending(job: JobConfig, status: str, last: dict[str, Any]) -> tuple[int, str
 
 
 def table(records: list[TrialRecord]) -> pd.DataFrame:
-    """One row per trial, best first: the best epoch plus `epochs`, `status`, `round`."""
+    """One row per trial, best first: the best epoch plus `epochs`, `status`, `round`. Failed
+    trials come after the others whatever they scored before failing (`best` never picks
+    one), so the first row is the trial the job chose, as the report's top trials show."""
     if not records:
         return pd.DataFrame()
     rows = [
@@ -192,7 +194,11 @@ def table(records: list[TrialRecord]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if METRIC not in frame:
         return frame
-    return frame.sort_values(METRIC, ascending=False, na_position="last", ignore_index=True)
+    failed = frame["status"] == "failed"
+    order = frame.assign(_failed=failed).sort_values(
+        ["_failed", METRIC], ascending=[True, False], na_position="last"
+    )
+    return order.drop(columns="_failed").reset_index(drop=True)
 
 
 UNFINISHED = frozenset({"pending", "running", "paused"})  # Ray statuses of a trial still due

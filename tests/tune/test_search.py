@@ -164,6 +164,8 @@ def test_a_spent_error_budget_stops_the_search_and_the_job_says_why(
     assert sorted(result.trials["status"]) == ["failed", "failed", "finished"]
     # the failed trials scored an epoch before they raised; the model is still the finished one's
     assert result.trials.set_index("trial_id").loc[result.best_trial_id, "status"] == "finished"
+    # the failed ones scored higher here; the table (and the report's top trials) lists them last
+    assert list(result.trials["status"]) == ["finished", "failed", "failed"]
     assert result.model_version == "1"
     report = format_result(job, result)
     assert f"search stopped early: {result.stopped}" in report
