@@ -333,6 +333,17 @@ def wait_for_trial_on(
         time.sleep(0.5)
 
 
+def start_submit(
+    cmd: list[str], folder: Path, name: str = "submit"
+) -> tuple[subprocess.Popen, Path, Path]:
+    """Start a `toxtune submit` command in `folder`, its stdout and stderr going to
+    `folder/<name>.out` and `.err`; (the process, those two paths)."""
+    out_path, err_path = folder / f"{name}.out", folder / f"{name}.err"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=folder, stdout=out, stderr=err, text=True)
+    return proc, out_path, err_path
+
+
 def submitted_job_id(
     proc: subprocess.Popen, out_path: Path, err_path: Path, timeout_s: float
 ) -> str:

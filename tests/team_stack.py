@@ -26,8 +26,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tests.services import MlflowServer, free_port, mlflow_server, submitted_job_id
+from tests.services import (
+    MlflowServer,
+    free_port,
+    mlflow_server,
+    start_submit,
+    submitted_job_id,
+)
 
 # Debian's PostgreSQL server binaries (the newest installed major version).
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/nonexistent"), key=str)
@@ -270,11 +277,7 @@ def submit_together(
         "--tracking-uri", tracking_uri, "--storage-path", f"{s3.uri}/shared",
         "--study-storage", study_storage,
     ]  # fmt: skip
-    procs = []
-    for i in range(n):
-        out, err = folder / f"submit{i}.out", folder / f"submit{i}.err"
-        with out.open("w") as o, err.open("w") as e:
-            procs.append((subprocess.Popen(cmd, cwd=folder, stdout=o, stderr=e), out, err))
+    procs = [start_submit(cmd, folder, f"submit{i}") for i in range(n)]
     ids = [submitted_job_id(p, out, err, timeout_s=300) for p, out, err in procs]
     for p, out, err in procs:
         assert p.wait(timeout=120) == 0, out.read_text() + err.read_text()
@@ -323,3 +326,19 @@ def small_tox21_job(
     path = folder / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def job_environment(tmp_path: Path, monkeypatch: Any, epoch_s: float) -> None:
+    """What a Ray cluster's nodes (started next) hand to their jobs: toxtune on PATH, a feature
+    cache, and epochs held `epoch_s` seconds (a drill's fault plan); skips the test without a
+    local Tox21 copy (the jobs run on a slice of it)."""
+    import json
+
+    import pytest
+
+    if not TOX21.is_file():
+        pytest.skip(f"no local Tox21 copy at {TOX21}")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": epoch_s}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)

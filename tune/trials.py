@@ -177,8 +177,8 @@ def _ending(job: JobConfig, status: str, last: dict[str, Any]) -> tuple[int, str
 
 def table(records: list[TrialRecord]) -> pd.DataFrame:
     """One row per trial, best first: the best epoch plus `epochs`, `status`, `round`. Failed
-    trials come after the others whatever they scored before failing (`best` never picks
-    one), so the first row is the trial the job chose, as the report's top trials show."""
+    trials come after the others whatever they scored before failing: `best` never picks one,
+    so none heads the report's top trials above the trial the job chose."""
     if not records:
         return pd.DataFrame()
     rows = [

@@ -693,15 +693,10 @@ def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_w
     running."""
     from mlflow.tracking import MlflowClient
 
-    from tests.services import submitted_job_id
-    from tests.team_stack import TOX21, small_tox21_job
+    from tests.services import start_submit, submitted_job_id
+    from tests.team_stack import job_environment, small_tox21_job
 
-    if not TOX21.is_file():
-        pytest.skip(f"no local Tox21 copy at {TOX21}")
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": 1.0}))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job_environment(tmp_path, monkeypatch, epoch_s=1.0)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = small_tox21_job(
         tmp_path,
@@ -715,9 +710,7 @@ def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_w
         address = ["--address", ray_c.dashboard_url]
         cmd = [*toxtune, "submit", *address, "--config", str(config), "--wait"]
         cmd += ["--storage-path", str(tmp_path / "results")]
-        out_path, err_path = tmp_path / "submit.out", tmp_path / "submit.err"
-        with out_path.open("w") as out, err_path.open("w") as err:
-            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=err, text=True)
+        proc, out_path, err_path = start_submit(cmd, tmp_path)
         try:
             job_id = submitted_job_id(proc, out_path, err_path, timeout_s=300)
             jobs = submission.JobsClient.connect(ray_c.dashboard_url)

@@ -3,8 +3,6 @@ artifacts in the bucket, the Optuna study in PostgreSQL. Nothing is left on the 
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import threading
 import time
@@ -26,15 +24,16 @@ from tests.services import (
     kill_ray_node,
     model_server,
     ray_cluster,
+    start_submit,
     submitted_job_id,
     wait_for_trial_on,
 )
 from tests.team_stack import (
     SMALL_TARGETS,
-    TOX21,
     Postgres,
     S3Server,
     bucket_keys,
+    job_environment,
     postgres_available,
     postgres_server,
     s3_server,
@@ -369,7 +368,7 @@ def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A 4-trial, 4-epoch job on 300 Tox21 rows (0.5 logical GPU per trial, 1-s epochs; a
     2-network ensemble registered), and the environment the cluster's nodes (started next)
     hand to it; returns the config."""
-    _job_environment(tmp_path, monkeypatch, epoch_s=1.0)
+    job_environment(tmp_path, monkeypatch, epoch_s=1.0)
     return small_tox21_job(
         tmp_path,
         "tiny.yaml",
@@ -394,17 +393,6 @@ def _cluster_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
 
 
-def _job_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch_s: float) -> None:
-    """What the cluster's nodes (started next) hand to their jobs: toxtune on PATH, a feature
-    cache, and epochs held `epoch_s` seconds (a drill's fault plan)."""
-    if not TOX21.is_file():
-        pytest.skip(f"no local Tox21 copy at {TOX21}")
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TOXTUNE_FAULT_PLAN", json.dumps({"slow_epochs_s": epoch_s}))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
     tmp_path: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,9 +415,7 @@ def test_submitted_job_on_two_nodes_sharing_no_folder_survives_losing_a_node(
             "--storage-path", f"{stack.s3.uri}/team", "--study-storage", stack.study_storage,
             "--follow",
         ]  # fmt: skip
-        out_path, err_path = tmp_path / "submit.out", tmp_path / "submit.err"
-        with out_path.open("w") as out, err_path.open("w") as err:
-            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=err, text=True)
+        proc, out_path, err_path = start_submit(cmd, tmp_path)
         try:
             job_id = submitted_job_id(proc, out_path, err_path, timeout_s=300)
             jobs = submission.JobsClient.connect(ray_c.dashboard_url)
@@ -501,7 +487,7 @@ def _shared_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: 
     jobs' searches last long enough to overlap), and the environment the cluster's node
     (started next) hands to its jobs; returns the config. No run name: each submit names its
     job afresh."""
-    _job_environment(tmp_path, monkeypatch, epoch_s=5.0)
+    job_environment(tmp_path, monkeypatch, epoch_s=5.0)
     return small_tox21_job(
         tmp_path,
         "shared.yaml",

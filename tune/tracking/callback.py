@@ -183,7 +183,7 @@ class TrialEnding:
     history: Callable[[], list[Mapping[str, Any]]]  # every report, read only when needed
 
 
-# The MLflow run status of each way a trial ends (`trial_ending`, `on_trial_error`).
+# The MLflow run status of each status word a trial ends with (`trial_ending`, or failed).
 ENDED = {
     "finished": "FINISHED",
     "early_stopped": "FINISHED",
