@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -221,6 +222,19 @@ def test_entrypoint_renders_resume_and_no_config() -> None:
         submission.render_entrypoint({"tracking.run_name": "job1"}, config_name=None, resume="job1")
     )
     assert argv == ["toxtune", "tune", "--address", "auto", "--resume=job1"]
+
+
+def test_a_stopped_submitted_job_is_continued_by_a_submit_that_ships_its_data_again() -> None:
+    """What `submit --wait` prints for a stopped job: `toxtune submit --resume` to the same
+    cluster with the flags given (not the job's own name) and the local data file shipped anew,
+    not `toxtune tune --resume`, which would run the search on this machine."""
+    given = {"tracking.run_name": "job1", "ray.storage_path": "s3://b/x", "data.targets": ["A"]}
+    line = submission.resume_command("http://127.0.0.1:8265", "job1", given, "/home/me/t 1.csv")
+    assert shlex.split(line) == [
+        "toxtune", "submit", "--resume", "job1", "--address", "http://127.0.0.1:8265",
+        "--storage-path=s3://b/x", "--targets", "A", "--data=/home/me/t 1.csv",
+    ]  # fmt: skip
+    assert "--data" not in submission.resume_command("http://h:8265", "job1", given, None)
 
 
 def test_entrypoint_refuses_an_override_without_a_flag() -> None:
@@ -682,15 +696,16 @@ def test_the_auth_token_is_read_from_the_variable_then_its_file_then_the_home_fi
 
 
 @pytest.mark.slow
-def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_with_it(
+def test_a_submitted_job_stopped_by_jobs_stop_continues_with_the_submit_it_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`toxtune jobs stop` mid-search: Ray's Jobs API sends the driver SIGTERM (and SIGKILL 3 s
     later, `RAY_JOB_STOP_WAIT_TIME_S`), and the job stops as after Ctrl-C within that: its log
     ends with toxtune's stop line, its MLflow run is KILLED, nothing is registered. `toxtune
     submit --wait` watching it exits 1 with the log's last lines (docs/CLUSTER.md: 0 only if
-    the job SUCCEEDED); `jobs status` says STOPPED and a second `jobs stop` that it was not
-    running."""
+    the job SUCCEEDED) and the `toxtune submit --resume` that continues it, its data file
+    shipped anew; `jobs status` says STOPPED and a second `jobs stop` that it was not running.
+    That command, run as printed, finishes every trial and registers the model."""
     from mlflow.tracking import MlflowClient
 
     from tests.services import start_submit, submitted_job_id
@@ -701,7 +716,7 @@ def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_w
     config = small_tox21_job(
         tmp_path,
         "long.yaml",
-        search={"num_samples": 20, "max_epochs": 3, "max_concurrent": 1},
+        search={"num_samples": 5, "max_epochs": 3, "max_concurrent": 1},
         resources={"cpus_per_trial": 1, "gpus_per_trial": 0},
         tracking={"tracking_uri": tracking, "experiment_name": "stopped", "run_name": "stopme"},
     )
@@ -709,7 +724,8 @@ def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_w
         toxtune = [str(BIN / "toxtune")]
         address = ["--address", ray_c.dashboard_url]
         cmd = [*toxtune, "submit", *address, "--config", str(config), "--wait"]
-        cmd += ["--storage-path", str(tmp_path / "results")]
+        results = tmp_path / "results"
+        cmd += ["--storage-path", str(results)]
         proc, out_path, err_path = start_submit(cmd, tmp_path)
         try:
             job_id = submitted_job_id(proc, out_path, err_path, timeout_s=300)
@@ -734,19 +750,31 @@ def test_jobs_stop_stops_a_submitted_job_as_ctrl_c_would_and_submit_wait_exits_w
             [*toxtune, "jobs", "stop", job_id, *address], capture_output=True, text=True
         )
         log = jobs.logs(job_id)
-    stdout, stderr = out_path.read_text(), err_path.read_text()
-    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]
-    assert f"job {job_id} STOPPED" in stdout
-    assert "--- last lines of the job's log ---" in stderr
-    stopped = "toxtune tune: error: job 'stopme' stopped by SIGTERM"
-    assert stopped in log and "nothing was finalized or registered" in log, log[-3000:]
-    assert stopped in stderr  # the job's last lines, where --wait shows them
-    assert "status:     STOPPED" in status.stdout, status.stdout
-    assert f"{job_id} was not running (STOPPED)" in again.stdout, again.stdout
-    client = MlflowClient(tracking)
-    parent = client.search_runs(
-        [client.get_experiment_by_name("stopped").experiment_id],
-        filter_string="tags.`mlflow.runName` = 'stopme'",
-    )
-    assert [r.info.status for r in parent] == ["KILLED"]
-    assert client.search_registered_models() == []
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]
+        assert f"job {job_id} STOPPED" in stdout
+        assert "--- last lines of the job's log ---" in stderr
+        stopped = "toxtune tune: error: job 'stopme' stopped by SIGTERM"
+        assert stopped in log and "nothing was finalized or registered" in log, log[-3000:]
+        assert stopped in stderr  # the job's last lines, where --wait shows them
+        assert "status:     STOPPED" in status.stdout, status.stdout
+        assert f"{job_id} was not running (STOPPED)" in again.stdout, again.stdout
+        client = MlflowClient(tracking)
+        experiment = client.get_experiment_by_name("stopped").experiment_id
+        (parent,) = client.search_runs([experiment], "tags.`mlflow.runName` = 'stopme'")
+        assert parent.info.status == "KILLED"
+        assert client.search_registered_models() == []
+
+        (resume,) = [ln for ln in stderr.splitlines() if ln.startswith("continue it with: ")]
+        argv = shlex.split(resume.removeprefix("continue it with: "))
+        assert argv[:4] == ["toxtune", "submit", "--resume", "stopme"], resume
+        assert f"--data={tmp_path / 'tox21_small.csv'}" in argv  # shipped again
+        resumed = subprocess.run(
+            [*toxtune, *argv[1:], "--wait"], capture_output=True, text=True, timeout=600
+        )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"  # the same run
+    study = optuna.load_study(study_name="stopme", storage=f"sqlite:///{results}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    (version,) = client.search_model_versions("name = 'toxtune-tox21_small'")
+    assert version.run_id == parent.info.run_id

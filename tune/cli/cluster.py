@@ -74,8 +74,9 @@ def follow_logs(client: JobsClient, job_id: str) -> str:
     return client.wait(job_id)
 
 
-def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool) -> int:
-    """Print how the job ended; exit code 0 iff it SUCCEEDED (the log's tail otherwise)."""
+def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool, resume: str = "") -> int:
+    """Print how the job ended; exit code 0 iff it SUCCEEDED (the log's tail otherwise, and
+    for a stopped job `resume`, the command that continues it from here)."""
     details = client.details(job_id)
     message = f": {details.message}" if details.message else ""
     print(f"job {job_id} {status}{message}", flush=True)
@@ -84,6 +85,8 @@ def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool) -> int
     if tail_logs:
         lines = client.logs(job_id).splitlines()[-40:]
         print("--- last lines of the job's log ---", *lines, sep="\n", file=sys.stderr)
+    if status == "STOPPED" and resume:
+        print(f"continue it with: {resume}", file=sys.stderr, flush=True)
     return 1
 
 
@@ -95,7 +98,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Check the job against the cluster, submit it, optionally wait or follow."""
     from tune.cluster.checks import check_job
     from tune.cluster.info import cluster_info
-    from tune.cluster.submission import resolve_address
+    from tune.cluster.submission import resolve_address, resume_command
     from tune.config import load_config
 
     overrides = tune_overrides(args)
@@ -121,12 +124,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"  logs:   toxtune jobs logs {job_id} --address {q} --follow")
         print(f"  stop:   toxtune jobs stop {job_id} --address {q}")
         print(f"  dashboard: {address}/#/jobs/{job_id}", flush=True)
+        resume = resume_command(address, sent.name, overrides, sent.shipped)
         try:
             if args.follow:
-                return finish(client, job_id, follow_logs(client, job_id), tail_logs=False)
+                status = follow_logs(client, job_id)
+                return finish(client, job_id, status, tail_logs=False, resume=resume)
             if args.wait:
                 status = client.wait(job_id, on_status=_print_status(job_id))
-                return finish(client, job_id, status, tail_logs=True)
+                return finish(client, job_id, status, tail_logs=True, resume=resume)
         except KeyboardInterrupt:
             print(f"\nstopped watching; job {job_id} keeps running (toxtune jobs stop {job_id})")
             return 130

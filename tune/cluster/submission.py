@@ -119,11 +119,32 @@ def render_entrypoint(
     overrides: dict[str, Any], config_name: str | None = JOB_CONFIG_NAME, resume: str | None = None
 ) -> str:
     """The job's shell command: `toxtune tune` with the user's flags, each value shell-quoted."""
-    flag_of = {key: flag for flag, (key, _) in TUNE_FLAGS.items()}
     argv = ["toxtune", "tune"]
     if config_name:
         argv += ["--config", config_name]
-    argv += ["--address", "auto"]
+    argv += ["--address", "auto", *_flag_args(overrides, resume)]
+    if resume:
+        argv.append(f"--resume={resume}")
+    return shlex.join(argv)
+
+
+def resume_command(address: str, name: str, overrides: dict[str, Any], shipped: str | None) -> str:
+    """The `toxtune submit` that continues the submitted job `name` from its saved config: the
+    flags this submission gave again (where its results, tracking and study live), and the data
+    file shipped from here (`shipped`) shipped anew, since the stopped job's working directory
+    is gone with it."""
+    again = dict(overrides)
+    if shipped:
+        again["data.source"] = shipped
+    argv = ["toxtune", "submit", "--resume", name, "--address", address]
+    return shlex.join(argv + _flag_args(again, resume=name))
+
+
+def _flag_args(overrides: dict[str, Any], resume: str | None) -> list[str]:
+    """`--flag=value` for each override (`--targets A B` for the targets); the job's own name
+    is left out when it continues (`resume`), as is the address."""
+    flag_of = {key: flag for flag, (key, _) in TUNE_FLAGS.items()}
+    argv: list[str] = []
     for key, value in overrides.items():
         if key == "ray.address" or (key == "tracking.run_name" and resume and value == resume):
             continue
@@ -137,9 +158,7 @@ def render_entrypoint(
         if flag is None:
             raise ClusterError(f"no `toxtune tune` flag sets {key}; put it in the --config file")
         argv.append(f"--{flag.replace('_', '-')}={value}")
-    if resume:
-        argv.append(f"--resume={resume}")
-    return shlex.join(argv)
+    return argv
 
 
 def _ignore(_: str, names: list[str]) -> set[str]:
@@ -382,8 +401,10 @@ class Submission:
     """A job handed to the cluster."""
 
     job_id: str
+    name: str  # the job's name (its study, runs and results folder)
     entrypoint: str
     notes: list[str]  # what was shipped, and what must exist on the cluster
+    shipped: str | None = None  # the data file shipped from here (its absolute path here)
 
 
 def submit_job(
@@ -409,4 +430,6 @@ def submit_job(
         job_id = client.submit(
             entrypoint, env, {JOB_METADATA: job.name}, submission_id=submission_id
         )
-    return Submission(job_id=job_id, entrypoint=entrypoint, notes=notes)
+    moved = rendered.get("data.source") != overrides.get("data.source")  # shipped from here
+    shipped = str(local_path(job.data.source)) if moved else None
+    return Submission(job_id, job.name, entrypoint, notes, shipped)
