@@ -13,6 +13,23 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules with the most end-to-end (`slow`) tests first, each module's tests
+    together and in their order. `make test`'s workers (xdist worksteal) start on the long
+    tests and share the short ones at the end, instead of one long test running alone last;
+    a module stays whole, so its module-scoped services start once."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(
+            item.get_closest_marker("slow")
+        )
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.module.__name__, i)
+    items.sort(key=lambda it: (-slow[it.module.__name__], first[it.module.__name__]))
+
+
 # Varied drug-like and simple molecules (several ring systems, salts, stereo, acyclics).
 VALID_SMILES = [
     "CC(=O)Oc1ccccc1C(=O)O",
