@@ -30,6 +30,7 @@ from ray.tune.stopper import CombinedStopper
 
 from tune import bridge, study, tracking
 from tune.cluster import check_cluster_storage
+from tune.cluster.submission import CONTINUE_ENV
 from tune.config import JobConfig, RayConfig
 from tune.drills import FaultPlan
 from tune.errors import ClusterError, ConfigError, JobInterruptedError, SearchError
@@ -315,7 +316,13 @@ def _all_ended(job: JobConfig, name: str, stops: StopSignals) -> ray_tune.Experi
 
 
 def resume_command(job: JobConfig) -> str:
-    """The command that continues `job` from where it stands."""
+    """The command that continues `job` from where it stands. A submitted job names the
+    `toxtune submit --resume` its submitter gave it (`CONTINUE_ENV` in its driver's
+    environment): run where the user works, it ships the data again and runs on the cluster,
+    where `toxtune tune --resume` would run the search on that machine."""
+    submitted = os.environ.get(CONTINUE_ENV, "")
+    if submitted:
+        return submitted
     where = "" if job.ray.storage_path == RayConfig().storage_path else job.ray.storage_path
     command = f"toxtune tune --resume {shlex.quote(job.name)}"
     return command + (f" --storage-path {shlex.quote(where)}" if where else "")

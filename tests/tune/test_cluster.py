@@ -340,11 +340,13 @@ def test_submit_names_the_job_as_the_config_does(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cinfo, "cluster_info", lambda address, config=None: ONE)
-    sent: list[tuple[str, dict]] = []
+    sent: list[tuple[str, dict, dict]] = []
 
     class Recorder:
+        address = "http://10.0.0.1:8265"
+
         def submit(self, entrypoint: str, runtime_env: dict, metadata: dict, **kw: object) -> str:
-            sent.append((entrypoint, metadata))
+            sent.append((entrypoint, metadata, runtime_env))
             return "raysubmit_1"
 
         def names(self) -> set[str]:
@@ -356,7 +358,11 @@ def test_submit_names_the_job_as_the_config_does(
     base = ["submit", "--address", "http://10.0.0.1:8265", "--storage-path", "/mnt/r"]
     assert cluster_cli.cmd_submit(build_parser().parse_args([*base, "--config", str(config)])) == 0
     assert "--run-name=cluster-e2e" in sent[-1][0]
-    assert sent[-1][1] == {"toxtune_job": "cluster-e2e"}
+    # the job carries the submit that continues it: `jobs status` and its own stop line name it
+    again = "toxtune submit --resume cluster-e2e --address http://10.0.0.1:8265 "
+    again += "--storage-path=/mnt/r"
+    assert sent[-1][1] == {"toxtune_job": "cluster-e2e", "toxtune_resume": again}
+    assert sent[-1][2]["env_vars"] == {submission.CONTINUE_ENV: again}
     config.write_text("tracking: {experiment_name: exp}\n")
     assert cluster_cli.cmd_submit(build_parser().parse_args([*base, "--config", str(config)])) == 0
     fresh = sent[-1][1]["toxtune_job"]
@@ -386,6 +392,8 @@ def test_jobs_submitted_in_the_same_second_get_names_of_their_own(
     jobs: list[submission.JobDetails] = []
 
     class Cluster:
+        address = "http://10.0.0.1:8265"
+
         def submit(
             self,
             entrypoint: str,
@@ -704,8 +712,9 @@ def test_a_submitted_job_stopped_by_jobs_stop_continues_with_the_submit_it_names
     ends with toxtune's stop line, its MLflow run is KILLED, nothing is registered. `toxtune
     submit --wait` watching it exits 1 with the log's last lines (docs/CLUSTER.md: 0 only if
     the job SUCCEEDED) and the `toxtune submit --resume` that continues it, its data file
-    shipped anew; `jobs status` says STOPPED and a second `jobs stop` that it was not running.
-    That command, run as printed, finishes every trial and registers the model."""
+    shipped anew, which the job's own stop line and `jobs status` name too; `jobs status` says
+    STOPPED and a second `jobs stop` that it was not running. That command, run as printed,
+    finishes every trial and registers the model."""
     from mlflow.tracking import MlflowClient
 
     from tests.services import start_submit, submitted_job_id
@@ -766,7 +775,12 @@ def test_a_submitted_job_stopped_by_jobs_stop_continues_with_the_submit_it_names
         assert client.search_registered_models() == []
 
         (resume,) = [ln for ln in stderr.splitlines() if ln.startswith("continue it with: ")]
-        argv = shlex.split(resume.removeprefix("continue it with: "))
+        resume = resume.removeprefix("continue it with: ")
+        # the same command in the job's own stop line and in `jobs status`, for whoever reads
+        # the log later or did not watch the job
+        assert f"Continue it with: {resume}" in log, log[-3000:]
+        assert f"continue:   {resume}" in status.stdout, status.stdout
+        argv = shlex.split(resume)
         assert argv[:4] == ["toxtune", "submit", "--resume", "stopme"], resume
         assert f"--data={tmp_path / 'tox21_small.csv'}" in argv  # shipped again
         resumed = subprocess.run(

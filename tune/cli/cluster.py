@@ -98,7 +98,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Check the job against the cluster, submit it, optionally wait or follow."""
     from tune.cluster.checks import check_job
     from tune.cluster.info import cluster_info
-    from tune.cluster.submission import resolve_address, resume_command
+    from tune.cluster.submission import resolve_address
     from tune.config import load_config
 
     overrides = tune_overrides(args)
@@ -124,14 +124,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"  logs:   toxtune jobs logs {job_id} --address {q} --follow")
         print(f"  stop:   toxtune jobs stop {job_id} --address {q}")
         print(f"  dashboard: {address}/#/jobs/{job_id}", flush=True)
-        resume = resume_command(address, sent.name, overrides, sent.shipped)
         try:
             if args.follow:
                 status = follow_logs(client, job_id)
-                return finish(client, job_id, status, tail_logs=False, resume=resume)
+                return finish(client, job_id, status, tail_logs=False, resume=sent.resume)
             if args.wait:
                 status = client.wait(job_id, on_status=_print_status(job_id))
-                return finish(client, job_id, status, tail_logs=True, resume=resume)
+                return finish(client, job_id, status, tail_logs=True, resume=sent.resume)
         except KeyboardInterrupt:
             print(f"\nstopped watching; job {job_id} keeps running (toxtune jobs stop {job_id})")
             return 130
@@ -252,10 +251,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"entrypoint: {d.entrypoint}")
             print(f"started:    {_when(d.start_ms)}")
             print(f"ended:      {_when(d.end_ms)}")
+            if d.status == "STOPPED" and d.resume:
+                print(f"continue:   {d.resume}")
             return 0
         if action == "logs":
             if args.follow:
-                return finish(client, job_id, follow_logs(client, job_id), tail_logs=False)
+                status = follow_logs(client, job_id)
+                resume = client.details(job_id).resume
+                return finish(client, job_id, status, tail_logs=False, resume=resume)
             sys.stdout.write(client.logs(job_id))
             return 0
         if client.stop(job_id):

@@ -37,6 +37,11 @@ DATA_DIR = "_toxtune_data"  # where a local data file is shipped inside the work
 MAX_DATA_BYTES = 200 * 2**20  # above this, a data file must live on shared storage or a URL
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 JOB_METADATA = "toxtune_job"  # the submitted job's metadata key holding the toxtune job's name
+# The `toxtune submit --resume` that continues a submitted job from where it was submitted: in
+# its metadata (`toxtune jobs status` prints it for a stopped job) and in its driver's
+# environment (`tune.search.resume_command` names it in the job's own stop line).
+RESUME_METADATA = "toxtune_resume"
+CONTINUE_ENV = "TOXTUNE_CONTINUE_WITH"
 CLAIM_PREFIX = "toxtune-"  # a fresh-named job's submission id: `toxtune-<name>`, its claim
 
 
@@ -271,6 +276,7 @@ class JobDetails:
     start_ms: int | None = None
     end_ms: int | None = None
     name: str = ""  # the toxtune job's name (its `toxtune_job` metadata; "" for other jobs)
+    resume: str = ""  # the `toxtune submit --resume` that continues it (RESUME_METADATA)
 
 
 def _status(value: Any) -> str:
@@ -286,6 +292,7 @@ def _details(info: Any, job_id: str | None = None) -> JobDetails:
         start_ms=info.start_time,
         end_ms=info.end_time,
         name=str((info.metadata or {}).get(JOB_METADATA, "")),
+        resume=str((info.metadata or {}).get(RESUME_METADATA, "")),
     )
 
 
@@ -405,6 +412,7 @@ class Submission:
     entrypoint: str
     notes: list[str]  # what was shipped, and what must exist on the cluster
     shipped: str | None = None  # the data file shipped from here (its absolute path here)
+    resume: str = ""  # the `toxtune submit --resume` that continues it (resume_command)
 
 
 def submit_job(
@@ -425,11 +433,12 @@ def submit_job(
     with tempfile.TemporaryDirectory(prefix="toxtune-job-") as tmp:
         root = Path(tmp)
         rendered, notes = prepare_working_dir(root, job, overrides, config_path, extra_dir)
+        moved = rendered.get("data.source") != overrides.get("data.source")  # shipped from here
+        shipped = str(local_path(job.data.source)) if moved else None
+        again = resume_command(client.address, job.name, overrides, shipped)
         env = runtime_env(root, runtime_env_json)
+        env["env_vars"] = {**(env.get("env_vars") or {}), CONTINUE_ENV: again}
         entrypoint = render_entrypoint(rendered, JOB_CONFIG_NAME if config_path else None, resume)
-        job_id = client.submit(
-            entrypoint, env, {JOB_METADATA: job.name}, submission_id=submission_id
-        )
-    moved = rendered.get("data.source") != overrides.get("data.source")  # shipped from here
-    shipped = str(local_path(job.data.source)) if moved else None
-    return Submission(job_id, job.name, entrypoint, notes, shipped)
+        metadata = {JOB_METADATA: job.name, RESUME_METADATA: again}
+        job_id = client.submit(entrypoint, env, metadata, submission_id=submission_id)
+    return Submission(job_id, job.name, entrypoint, notes, shipped, again)
