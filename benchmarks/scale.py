@@ -257,7 +257,8 @@ def profile_size(n: int, csv: Path, queries: Path, root: Path, ensemble: int) ->
     from tune import prepare as prepare_mod
     from tune import record as record_mod
     from tune import study, tracking, trials
-    from tune.config import CONFIG_FILE, dump_config
+    from tune.config import dump_config
+    from tune.flags import CONFIG_FILE
     from tune.job import refuse_finished
     from tune.search import Rounds, init_ray, search
     from tune.shared import share_matrices

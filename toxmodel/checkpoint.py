@@ -44,6 +44,7 @@ import torch
 from toxmodel import __version__
 from toxmodel.calibration import Calibration
 from toxmodel.domain import Domain
+from toxmodel.errors import CheckpointError
 from toxmodel.featurize import DescriptorScaler, FeaturizerConfig, featurize
 from toxmodel.model import MLP, Ensemble, ModelConfig
 from toxmodel.trees import Trees, blend
@@ -72,10 +73,6 @@ IN_DOMAIN = "in_domain"  # nn_similarity >= the domain threshold
 def uncertainty_columns(tasks: Sequence[str]) -> list[str]:
     """The columns `Predictor.predict` appends after `error`, in order."""
     return [f"{t}{STD_SUFFIX}" for t in tasks] + [SIMILARITY, IN_DOMAIN]
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable toxtune checkpoint; the message says why."""
 
 
 def _plain(value: Any, where: str) -> Any:

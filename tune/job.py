@@ -25,11 +25,12 @@ import pandas as pd
 
 from toxmodel.metrics import Metrics
 from tune import study, tracking, trials
-from tune.config import CONFIG_FILE, JobConfig, dump_config, named
+from tune.config import JobConfig, dump_config, named
 from tune.drills import FaultPlan
 from tune.errors import JobInterruptedError, JobMismatchError
 from tune.features import on_cluster
 from tune.finalize import finalize
+from tune.flags import CONFIG_FILE
 from tune.interrupt import StopSignals
 from tune.prepare import claim_job, load_job_table, prepare_data
 from tune.record import record

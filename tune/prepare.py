@@ -32,9 +32,10 @@ from toxmodel.sources import default_cache_dir
 from toxmodel.split import Split, missing_class_warnings, molecule_groups, split_dataset
 from toxmodel.trees import fit_bytes
 from tune import study
-from tune.config import CONFIG_FILE, JobConfig
+from tune.config import JobConfig
 from tune.errors import ConfigError, JobMismatchError
 from tune.features import featurize_on_cluster, on_cluster, ray_started
+from tune.flags import CONFIG_FILE
 from tune.identity import (
     Fingerprint,
     check_continuation,

@@ -34,6 +34,26 @@ def test_help_lists_every_subcommand(capfd: pytest.CaptureFixture) -> None:
         assert cmd in out
 
 
+def test_help_and_the_jobs_commands_answer_without_loading_the_model_libraries() -> None:
+    """`toxtune --help`, `toxtune jobs ...` and a command's usage error are answered without
+    importing torch, RDKit, scikit-learn, pandas, MLflow or Ray Tune (3-4 s of start-up on a
+    laptop, for a command that checks a job's status); `tune.flags` holds what parsing needs."""
+    heavy = ("torch", "rdkit", "sklearn", "pandas", "mlflow", "ray.tune", "optuna")
+    probe = (
+        "import sys\n"
+        "from tune.cli import build_parser, main\n"
+        "build_parser().format_help()\n"
+        "code = main(['jobs', 'list', '--address', 'http://127.0.0.1:9'])\n"
+        f"print(code, sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, check=True
+    )
+    assert done.stdout.strip() == "1 []", done.stdout + done.stderr[-2000:]  # 1: unreachable
+    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in done.stderr
+
+
 def test_data_summary_lists_invalid_rows_and_label_balance(
     tmp_path: Path, make_csv, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:

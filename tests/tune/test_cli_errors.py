@@ -86,7 +86,8 @@ def _data(tmp: Path) -> None:
 
 def _saved_job_on_other_data(tmp: Path) -> None:
     """A job `old` whose saved fingerprint is of other data than mols.csv."""
-    from tune.config import CONFIG_FILE, dump_config, load_config
+    from tune.config import dump_config, load_config
+    from tune.flags import CONFIG_FILE
     from tune.identity import FINGERPRINT_FILE
 
     _data(tmp)

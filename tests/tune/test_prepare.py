@@ -169,8 +169,9 @@ def test_prepared_split_never_shares_a_molecule_and_reports_merges(
 
 
 def test_resume_with_another_duplicates_policy_is_refused(tmp_path: Path, make_csv) -> None:
-    from tune.config import CONFIG_FILE, dump_config
+    from tune.config import dump_config
     from tune.errors import JobMismatchError
+    from tune.flags import CONFIG_FILE
     from tune.prepare import claim_job, load_job_table
 
     path = _repeats_csv(make_csv)

@@ -14,8 +14,7 @@ import logging
 import sys
 import traceback
 
-from toxmodel.checkpoint import CheckpointError
-from toxmodel.errors import DataError
+from toxmodel.errors import CheckpointError, DataError
 from tune import settings
 from tune.cli import cluster, configs, data, explain, predict, tune_job, ui
 from tune.errors import ToxtuneError

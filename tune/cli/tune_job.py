@@ -1,6 +1,6 @@
 """`toxtune tune`: which job the flags mean (a new one, or one to continue), then run it.
 
-The tune flags (`tune.config.TUNE_FLAGS`) are shared with `toxtune submit`, which passes them on
+The tune flags (`tune.flags.TUNE_FLAGS`) are shared with `toxtune submit`, which passes them on
 to the job it sends, and partly with `toxtune ui`.
 """
 
@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from tune.cli.configs import config_arg
-from tune.config import CONFIG_FILE, TUNE_FLAGS
+from tune.flags import CONFIG_FILE, TUNE_FLAGS
 from tune.identity import check_name
 from tune.storage import Storage
 

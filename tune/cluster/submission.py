@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune.cluster.storage import local_path
-from tune.config import TUNE_FLAGS
 from tune.errors import ClusterError
+from tune.flags import TUNE_FLAGS
 
 if TYPE_CHECKING:
     from tune.config import JobConfig
