@@ -362,7 +362,14 @@ def test_submit_names_the_job_as_the_config_does(
     again = "toxtune submit --resume cluster-e2e --address http://10.0.0.1:8265 "
     again += "--storage-path=/mnt/r"
     assert sent[-1][1] == {"toxtune_job": "cluster-e2e", "toxtune_resume": again}
-    assert sent[-1][2]["env_vars"] == {submission.CONTINUE_ENV: again}
+    # and Ray's stop gives its driver a minute to end its runs (Ray's own default: 3 s)
+    grace = {submission.STOP_GRACE_ENV: "60"}
+    assert sent[-1][2]["env_vars"] == {**grace, submission.CONTINUE_ENV: again}
+    mine = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "5", "A": "1"}}'
+    args = [*base, "--config", str(config), "--runtime-env-json", mine]
+    assert cluster_cli.cmd_submit(build_parser().parse_args(args)) == 0
+    env = sent[-1][2]["env_vars"]
+    assert env == {"RAY_JOB_STOP_WAIT_TIME_S": "5", "A": "1", submission.CONTINUE_ENV: again}
     config.write_text("tracking: {experiment_name: exp}\n")
     assert cluster_cli.cmd_submit(build_parser().parse_args([*base, "--config", str(config)])) == 0
     fresh = sent[-1][1]["toxtune_job"]
@@ -707,8 +714,8 @@ def test_the_auth_token_is_read_from_the_variable_then_its_file_then_the_home_fi
 def test_a_submitted_job_stopped_by_jobs_stop_continues_with_the_submit_it_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`toxtune jobs stop` mid-search: Ray's Jobs API sends the driver SIGTERM (and SIGKILL 3 s
-    later, `RAY_JOB_STOP_WAIT_TIME_S`), and the job stops as after Ctrl-C within that: its log
+    """`toxtune jobs stop` mid-search: Ray's Jobs API sends the driver SIGTERM (and SIGKILL after
+    `RAY_JOB_STOP_WAIT_TIME_S`, 60 s as submitted), and the job stops as after Ctrl-C: its log
     ends with toxtune's stop line, its MLflow run is KILLED, nothing is registered. `toxtune
     submit --wait` watching it exits 1 with the log's last lines (docs/CLUSTER.md: 0 only if
     the job SUCCEEDED) and the `toxtune submit --resume` that continues it, its data file

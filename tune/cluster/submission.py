@@ -42,6 +42,13 @@ JOB_METADATA = "toxtune_job"  # the submitted job's metadata key holding the tox
 # environment (`tune.search.resume_command` names it in the job's own stop line).
 RESUME_METADATA = "toxtune_resume"
 CONTINUE_ENV = "TOXTUNE_CONTINUE_WITH"
+# `toxtune jobs stop` is Ray's stop: SIGTERM to the driver, SIGKILL after this many seconds (Ray's
+# default is 3). A driver killed before it has stopped its trials and ended their MLflow runs
+# leaves them RUNNING until the job is resumed; a local job with 2-4 trials in flight and an
+# MLflow server exited 4.3-4.5 s after SIGTERM here. The driver exits as soon as it is done; the
+# grace only bounds a stop that hangs. A value the user sets in --runtime-env-json is kept.
+STOP_GRACE_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
+STOP_GRACE_S = 60
 CLAIM_PREFIX = "toxtune-"  # a fresh-named job's submission id: `toxtune-<name>`, its claim
 
 
@@ -437,7 +444,11 @@ def submit_job(
         shipped = str(local_path(job.data.source)) if moved else None
         again = resume_command(client.address, job.name, overrides, shipped)
         env = runtime_env(root, runtime_env_json)
-        env["env_vars"] = {**(env.get("env_vars") or {}), CONTINUE_ENV: again}
+        env["env_vars"] = {
+            STOP_GRACE_ENV: str(STOP_GRACE_S),
+            **(env.get("env_vars") or {}),
+            CONTINUE_ENV: again,
+        }
         entrypoint = render_entrypoint(rendered, JOB_CONFIG_NAME if config_path else None, resume)
         metadata = {JOB_METADATA: job.name, RESUME_METADATA: again}
         job_id = client.submit(entrypoint, env, metadata, submission_id=submission_id)
