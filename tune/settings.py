@@ -37,12 +37,24 @@ TUNE_ENV = {
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
+class _RayResumeHint(logging.Filter):
+    """Drops Ray Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after a
+    stop. A toxtune job continues with the `--resume` command its own stop line names; a bare
+    `Tuner.restore` would run the trials without the job's study, MLflow runs and registration."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
 def configure_process() -> None:
-    """Set the environment toxtune's driver needs (before Ray starts) and the collector's
-    thresholds (GC_THRESHOLDS)."""
+    """Set the environment toxtune's driver needs (before Ray starts), the collector's
+    thresholds (GC_THRESHOLDS) and the filter of Ray Tune's resume hint."""
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
     gc.set_threshold(*GC_THRESHOLDS)
+    tune_log = logging.getLogger("ray.tune.tune")  # the logger of ray/tune/tune.py (2.60.0)
+    if not any(isinstance(f, _RayResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(_RayResumeHint())
 
 
 def quiet_worker_logs() -> None:
