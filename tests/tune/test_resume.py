@@ -82,8 +82,15 @@ def finished_trials(storage: str, name: str) -> int:
 def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
     tmp_path: Path, small_csv: Path
 ) -> None:
+    """Killed as a batch scheduler cancels a job (Slurm's scancel or time limit, systemd's
+    stop): SIGTERM to every process at once, its local Ray's included, then SIGKILL after a
+    grace. Ray's own processes die on the SIGTERM, so the driver cannot stop its trials and waits
+    for the SIGKILL; the resume must still lose, repeat and orphan nothing."""
     kill_and_resume(
-        tmp_path, write_config(tmp_path, small_csv, num_samples=6), lose_newest_checkpoint=True
+        tmp_path,
+        write_config(tmp_path, small_csv, num_samples=6),
+        lose_newest_checkpoint=True,
+        cancel_grace_s=5.0,
     )
 
 
@@ -129,6 +136,19 @@ def wait_for_trials(job: JobConfig, driver: subprocess.Popen, log: Path, complet
         assert driver.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no trial finished in time"
         time.sleep(0.5)
+
+
+def cancel_tree(driver: subprocess.Popen, grace_s: float) -> int | None:
+    """SIGTERM the driver and every process it started at once, as a batch scheduler cancels
+    a job (Slurm signals every process of the job step), and wait up to `grace_s` for the
+    driver to exit; its exit code, or None if it was still there (`kill_tree` then)."""
+    with contextlib.suppress(psutil.Error):
+        for proc in [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(True)]:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return driver.wait(timeout=grace_s)
+    return None
 
 
 def kill_tree(driver: subprocess.Popen) -> None:
@@ -240,6 +260,7 @@ def kill_and_resume(
     lose_newest_checkpoint: bool = False,
     running_checkpoint: bool = False,
     slow_epochs_s: float = 1.0,
+    cancel_grace_s: float | None = None,
 ) -> set[str]:
     """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
     lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking).
@@ -251,6 +272,8 @@ def kill_and_resume(
     unfinished trial. Returns the ids of the unfinished trials the snapshot had a checkpoint of
     at the kill: the resume must restore these from it. `slow_epochs_s`: each epoch's sleep in
     the first run (Tune snapshots every 5 s: the trials must outlive a snapshot).
+    `cancel_grace_s`: first SIGTERM every process of the job, as a batch scheduler's cancel
+    does, and SIGKILL them this many seconds later (`cancel_tree`).
     """
     job = load_config(config)
     driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log", slow_epochs_s)
@@ -261,7 +284,14 @@ def kill_and_resume(
         if running_checkpoint:
             wait_for_snapshot_of_running_checkpoint(job, driver, tmp_path / "driver1.log")
     finally:
+        waited = cancel_tree(driver, cancel_grace_s) if cancel_grace_s is not None else None
         kill_tree(driver)
+    if cancel_grace_s is not None:  # what README and DESIGN say of a scheduler's cancel
+        assert waited is None, f"the driver exited ({waited}) on the cancel: update the docs"
+        client = MlflowClient(job.tracking_uri)
+        exp = client.get_experiment_by_name("resume").experiment_id
+        (job_run,) = client.search_runs([exp], "tags.`toxtune.kind` = 'job'")
+        assert job_run.info.status == "RUNNING"  # until the resume
     # the newest snapshot, as the resume will read it (local storage only)
     snapshot = snapshot_checkpoints(job) if running_checkpoint else set()
     done_before = finished_trials(job.study_storage, job.name)
