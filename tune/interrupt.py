@@ -10,6 +10,9 @@ did not end (`search.search`) and raises JobInterruptedError; a
 signal outside the search arrives as KeyboardInterrupt, which `run_job` turns into
 JobInterruptedError. Either way the MLflow job run ends KILLED, nothing is registered, the job stays
 resumable and the CLI exits 128 + the signal's number with one line saying how to continue.
+A stop that never ends (a signal sent to every process of the job stops the local Ray too, and
+Ray Tune's cleanup waits on it) gives up after STOP_TIMEOUT_S the same way, in the `toxtune`
+command, which owns its process (`give_up_after`; `run_job(stop_timeout_s=...)`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,17 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from types import FrameType
+
+# The `toxtune` command's bound on a stop (`StopSignals.give_up_after`): a stop that has not ended
+# the job this long after its signal never will. A SIGTERM sent to every process of the job (a
+# batch scheduler's cancel: Slurm, systemd) stops the local Ray's own processes too, and Ray
+# Tune's cleanup then waits on them until the scheduler's SIGKILL (Slurm's default grace is
+# 30 s). A stop takes about 4 s here (tests/tune/test_resume.py).
+STOP_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -27,6 +38,41 @@ class StopSignals:
     """The stop signal a job received, if any; SIGTERM is re-raised as SIGINT."""
 
     received: signal.Signals | None = None
+    _give_up: Callable[[signal.Signals], None] | None = field(default=None, repr=False)
+    _after_s: float = field(default=STOP_TIMEOUT_S, repr=False)
+    _watching: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Ray Tune pickles its callbacks with the experiment (`note` is one's): the signal
+        received is kept, the watch is this process's."""
+        return {"received": self.received}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def give_up_after(self, give_up: Callable[[signal.Signals], None], after_s: float) -> None:
+        """Once a stop signal arrives, call `give_up(signal)` (which ends the process) unless
+        `stopped_in_time()` is called within `after_s` seconds."""
+        with self._watching:
+            self._give_up, self._after_s = give_up, after_s
+        if self.received is not None:
+            self._start_watch()
+
+    def stopped_in_time(self) -> None:
+        """The job's own stop (or its end) has got past Ray: no giving up."""
+        with self._watching:
+            self._give_up = None
+
+    def _start_watch(self) -> None:
+        if self._give_up is not None:
+            threading.Thread(target=self._watch, name="toxtune-stop-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        time.sleep(self._after_s)
+        with self._watching:
+            give_up, self._give_up = self._give_up, None
+        if give_up is not None:
+            give_up(self.signal)
 
     def route_sigterm(self) -> None:
         """(Re)install the SIGTERM handler: `ray.init` replaces it, so call it after that too.
@@ -35,12 +81,17 @@ class StopSignals:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.received = self.received or signal.SIGTERM
+        self._first(signal.SIGTERM)
         signal.raise_signal(signal.SIGINT)
 
     def note(self, signum: int) -> None:
         """Remember a stop signal that someone else's handler (Ray Tune's) acts on."""
-        self.received = self.received or signal.Signals(signum)
+        self._first(signal.Signals(signum))
+
+    def _first(self, signum: signal.Signals) -> None:
+        if self.received is None:
+            self.received = signum
+            self._start_watch()
 
     @property
     def stopped(self) -> bool:

@@ -16,7 +16,11 @@ closed (FINISHED or FAILED) whatever happens.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,18 +83,25 @@ def refuse_finished(job: JobConfig) -> None:
         )
 
 
-def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = True) -> JobResult:
+def run_job(
+    job: JobConfig,
+    faults: FaultPlan | None = None,
+    progress: bool = True,
+    stop_timeout_s: float | None = None,
+) -> JobResult:
     """Search, evaluate on the test split, track in MLflow, register the best model.
 
     A job whose folder exists continues (same data and settings only): an interrupted search is
     restored, a finished one grows to `search.num_samples` trials. SIGINT or SIGTERM stops it
-    unfinished and resumable (JobInterruptedError; see `tune.interrupt`).
+    unfinished and resumable (JobInterruptedError; see `tune.interrupt`). With `stop_timeout_s`
+    (the `toxtune` command's, which owns its process) a stop that has not ended by then ends the
+    process (`_give_up`).
     """
     job = named(job, exists=job.storage.exists)
     stops = StopSignals()
     with stops.routing():
         try:
-            return _run(job, faults, progress, stops)
+            return _run(job, faults, progress, stops, stop_timeout_s)
         except KeyboardInterrupt:
             raise JobInterruptedError(
                 f"job {job.name!r} stopped by {stops.signal.name} before it finished: its model "
@@ -99,7 +110,36 @@ def run_job(job: JobConfig, faults: FaultPlan | None = None, progress: bool = Tr
             ) from None
 
 
-def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSignals) -> JobResult:
+def _give_up(job: JobConfig, parent: str, after_s: float) -> Callable[[signal.Signals], None]:
+    """What a job does when its stop has not ended within `after_s` seconds: a stop
+    signal sent to every process of the job (a batch scheduler's cancel) stops the local Ray's
+    own processes too, and Ray Tune's cleanup then waits on them. It ends its MLflow runs
+    KILLED, says how to continue and exits 128 + the signal, as a job stopped the usual way
+    would; the resume is then a killed driver's."""
+
+    def give_up(signum: signal.Signals) -> None:
+        tracking.finish_job_run(job.tracking_uri, parent, "KILLED")
+        print(
+            f"toxtune: error: job {job.name!r} stopped by {signum.name} did not finish stopping "
+            f"within {after_s:g} s (a signal sent to every process of the job, as a batch "
+            "scheduler's cancel does, stops its local Ray too): its MLflow runs ended KILLED, "
+            f"nothing was finalized or registered. Continue it with: {resume_command(job)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    return give_up
+
+
+def _run(
+    job: JobConfig,
+    faults: FaultPlan | None,
+    progress: bool,
+    stops: StopSignals,
+    stop_timeout_s: float | None,
+) -> JobResult:
     check_ray_address(job)
     refuse_impossible_local_request(job)
     job.storage.check_writable()
@@ -125,6 +165,8 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
         job.to_dict(),
         resume=bool(Rounds.load(job).names),
     )
+    if stop_timeout_s is not None:  # a stop that never ends (a scheduler's cancel)
+        stops.give_up_after(_give_up(job, parent, stop_timeout_s), stop_timeout_s)
     status = "FAILED"
     try:
         with tempfile.TemporaryDirectory(prefix="toxtune-job-") as scratch:
@@ -141,6 +183,7 @@ def _run(job: JobConfig, faults: FaultPlan | None, progress: bool, stops: StopSi
         status = "KILLED"  # stopped on purpose; its trial runs end KILLED too
         raise
     finally:
+        stops.stopped_in_time()
         tracking.finish_job_run(job.tracking_uri, parent, status)
     return JobResult(
         name=job.name,

@@ -72,3 +72,29 @@ def test_a_ctrl_c_while_ray_stops_after_a_finished_job_is_ignored(
     with pytest.raises(_InterruptedError):  # and Ctrl-C works again afterwards
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
+
+
+def test_a_stop_that_does_not_end_in_time_gives_up_and_one_that_does_not() -> None:
+    """A stop that hangs (its local Ray stopped with it by a scheduler's cancel) hands over to
+    `give_up` after its bound; one that got past Ray in time never does."""
+    gave_up: list[signal.Signals] = []
+    hung = StopSignals()
+    hung.give_up_after(gave_up.append, 0.3)
+    hung.note(signal.SIGTERM)  # the signal, as Ray Tune's handler sees it
+    prompt = StopSignals()
+    prompt.give_up_after(gave_up.append, 0.3)
+    prompt.note(signal.SIGINT)
+    prompt.stopped_in_time()
+    time.sleep(1.0)
+    assert gave_up == [signal.SIGTERM]
+
+
+def test_stop_signals_pickle_with_the_signal_and_without_the_watch() -> None:
+    """Ray Tune pickles its callbacks with the experiment, and one holds `note`."""
+    import pickle
+
+    stops = StopSignals()
+    stops.give_up_after(lambda sig: None, 60)
+    stops.note(signal.SIGINT)
+    copy = pickle.loads(pickle.dumps(stops))
+    assert copy.signal == signal.SIGINT and copy._give_up is None

@@ -95,11 +95,11 @@ def _listed(storage: Storage) -> str:
 def cmd_tune(args: argparse.Namespace) -> int:
     job = resolve_job(args)
     from tune.drills import FaultPlan
-    from tune.interrupt import shut_down_ray
+    from tune.interrupt import STOP_TIMEOUT_S, shut_down_ray
     from tune.job import run_job
     from tune.report import print_result
 
-    result = run_job(job, faults=FaultPlan.from_env())
+    result = run_job(job, faults=FaultPlan.from_env(), stop_timeout_s=STOP_TIMEOUT_S)
     print_result(job, result)
     shut_down_ray()  # the job is whole: a Ctrl-C while Ray stops changes nothing, says nothing
     return 0
