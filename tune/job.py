@@ -120,8 +120,8 @@ def _give_up(job: JobConfig, parent: str, after_s: float) -> Callable[[signal.Si
     def give_up(signum: signal.Signals) -> None:
         tracking.finish_job_run(job.tracking_uri, parent, "KILLED")
         print(
-            f"toxtune: error: job {job.name!r} stopped by {signum.name} did not finish stopping "
-            f"within {after_s:g} s (a signal sent to every process of the job, as a batch "
+            f"toxtune tune: error: job {job.name!r} stopped by {signum.name} did not finish "
+            f"stopping within {after_s:g} s (a signal sent to every process of the job, as a batch "
             "scheduler's cancel does, stops its local Ray too): its MLflow runs ended KILLED, "
             f"nothing was finalized or registered. Continue it with: {resume_command(job)}",
             file=sys.stderr,
