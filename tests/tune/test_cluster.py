@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -510,6 +511,63 @@ def test_submit_waits_for_a_starting_job_agent_and_reports_other_failures(
         client.submit("toxtune tune", {}, {}, agent_wait_s=-1)
 
 
+def test_a_job_whose_driver_a_signal_ended_is_continued_and_one_that_failed_by_itself_is_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A FAILED job whose driver a signal ended (the kernel's OOM killer: SIGKILL, exit -9 or
+    137 through a shell) left a killed driver's record, which `submit --resume` continues:
+    `jobs status` and a watching `submit --wait` say so and print the command. A job that
+    failed by its own error (exit 1 or 2) would fail the same way again: no command. Read
+    through Ray's own JobDetails, as the Jobs API returns them."""
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    from tune.cli import build_parser
+
+    again = "toxtune submit --resume j --address http://h:8265 --data=/home/me/tox.csv"
+
+    def ray_job(status: JobStatus, code: int | None) -> JobDetails:
+        return JobDetails(
+            type=JobType.SUBMISSION, submission_id="toxtune-j", status=status,
+            entrypoint="toxtune tune", driver_exit_code=code,
+            metadata={submission.JOB_METADATA: "j", submission.RESUME_METADATA: again},
+        )  # fmt: skip
+
+    class Sdk:
+        job = ray_job(JobStatus.FAILED, -9)
+
+        def get_job_info(self, job_id: str) -> JobDetails:
+            return self.job
+
+        def get_job_logs(self, job_id: str) -> str:
+            return "search 1:10 | 2 running\n"
+
+    sdk = Sdk()
+    client = submission.JobsClient("http://h:8265", sdk)
+    monkeypatch.setattr(cluster_cli, "job_client", lambda address: client)
+    status = build_parser().parse_args(["jobs", "status", "toxtune-j", "--address", "http://h"])
+    for ended, code, continued in [
+        (JobStatus.FAILED, -9, True),  # SIGKILL to the driver itself
+        (JobStatus.FAILED, 137, True),  # the same through a shell
+        (JobStatus.FAILED, 143, True),  # toxtune's own stop that gave up (SIGTERM)
+        (JobStatus.FAILED, 1, False),  # toxtune's error: bad input, a store it cannot reach
+        (JobStatus.FAILED, None, False),  # never started (a runtime env that failed)
+        (JobStatus.STOPPED, -15, True),  # `toxtune jobs stop`
+        (JobStatus.SUCCEEDED, 0, False),
+    ]:
+        sdk.job = ray_job(ended, code)
+        assert cluster_cli.cmd_jobs(status) == 0
+        out = capsys.readouterr().out
+        assert (f"continue:   {again}" in out) is continued, (ended, code, out)
+        killed = ended == JobStatus.FAILED and continued
+        assert ("driver:     its driver was ended by a signal" in out) is killed, out
+        assert cluster_cli.finish(client, "toxtune-j", ended.value, tail_logs=True) == (
+            0 if ended == JobStatus.SUCCEEDED else 1
+        )
+        err = capsys.readouterr().err
+        assert (f"continue it with: {again}" in err) is continued, (ended, code, err)
+        assert (f"exit code {code}: the kernel's out-of-memory killer" in err) is killed, err
+
+
 # --- cluster.yaml ------------------------------------------------------------------------------
 
 CREDENTIAL_KEY = (
@@ -721,7 +779,8 @@ def test_a_submitted_job_stopped_by_jobs_stop_continues_with_the_submit_it_names
     the job SUCCEEDED) and the `toxtune submit --resume` that continues it, its data file
     shipped anew, which the job's own stop line and `jobs status` name too; `jobs status` says
     STOPPED and a second `jobs stop` that it was not running. That command, run as printed,
-    finishes every trial and registers the model."""
+    finishes every trial and registers the model. Beside it, Ray's exit codes for a driver a
+    signal ended and one that failed by its own error, as `jobs status` reads them."""
     from mlflow.tracking import MlflowClient
 
     from tests.services import start_submit, submitted_job_id
@@ -780,6 +839,15 @@ def test_a_submitted_job_stopped_by_jobs_stop_continues_with_the_submit_it_names
         (parent,) = client.search_runs([experiment], "tags.`mlflow.runName` = 'stopme'")
         assert parent.info.status == "KILLED"
         assert client.search_registered_models() == []
+        # a driver a signal ended (the OOM killer's SIGKILL) is continued, one that failed by
+        # its own error is not: Ray's exit codes for them, as `jobs status` reads them
+        meta = {submission.RESUME_METADATA: "toxtune submit --resume x"}
+        py = shlex.quote(sys.executable)
+        killed = jobs.submit(f"{py} -c 'import os; os.kill(os.getpid(), 9)'", {}, meta)
+        erred = jobs.submit(f"{py} -c 'raise SystemExit(2)'", {}, meta)
+        assert jobs.wait(killed, poll_s=0.5) == jobs.wait(erred, poll_s=0.5) == "FAILED"
+        assert jobs.details(killed).continues_with == "toxtune submit --resume x"
+        assert jobs.details(erred).continues_with == ""
 
         (resume,) = [ln for ln in stderr.splitlines() if ln.startswith("continue it with: ")]
         resume = resume.removeprefix("continue it with: ")

@@ -23,7 +23,7 @@ from tune.cli.tune_job import add_tune_flags, tune_overrides
 from tune.errors import ClusterError
 
 if TYPE_CHECKING:
-    from tune.cluster.submission import JobsClient, Submission
+    from tune.cluster.submission import JobDetails, JobsClient, Submission
     from tune.config import JobConfig
 
 
@@ -74,9 +74,9 @@ def follow_logs(client: JobsClient, job_id: str) -> str:
     return client.wait(job_id)
 
 
-def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool, resume: str = "") -> int:
+def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool) -> int:
     """Print how the job ended; exit code 0 iff it SUCCEEDED (the log's tail otherwise, and
-    for a stopped job `resume`, the command that continues it from here)."""
+    for a job stopped, or whose driver a signal ended, the command that continues it)."""
     details = client.details(job_id)
     message = f": {details.message}" if details.message else ""
     print(f"job {job_id} {status}{message}", flush=True)
@@ -85,9 +85,19 @@ def finish(client: JobsClient, job_id: str, status: str, tail_logs: bool, resume
     if tail_logs:
         lines = client.logs(job_id).splitlines()[-40:]
         print("--- last lines of the job's log ---", *lines, sep="\n", file=sys.stderr)
-    if status == "STOPPED" and resume:
-        print(f"continue it with: {resume}", file=sys.stderr, flush=True)
+    if details.driver_killed:
+        print(_killed(details), file=sys.stderr)
+    if details.continues_with:
+        print(f"continue it with: {details.continues_with}", file=sys.stderr, flush=True)
     return 1
+
+
+def _killed(details: JobDetails) -> str:
+    return (
+        f"its driver was ended by a signal (exit code {details.driver_exit_code}: the kernel's "
+        "out-of-memory killer, a node shutting down), not by an error of the job: it continues "
+        "as after a killed driver"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +137,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             if args.follow:
                 status = follow_logs(client, job_id)
-                return finish(client, job_id, status, tail_logs=False, resume=sent.resume)
+                return finish(client, job_id, status, tail_logs=False)
             if args.wait:
                 status = client.wait(job_id, on_status=_print_status(job_id))
-                return finish(client, job_id, status, tail_logs=True, resume=sent.resume)
+                return finish(client, job_id, status, tail_logs=True)
         except KeyboardInterrupt:
             print(f"\nstopped watching; job {job_id} keeps running (toxtune jobs stop {job_id})")
             return 130
@@ -251,14 +261,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"entrypoint: {d.entrypoint}")
             print(f"started:    {_when(d.start_ms)}")
             print(f"ended:      {_when(d.end_ms)}")
-            if d.status == "STOPPED" and d.resume:
-                print(f"continue:   {d.resume}")
+            if d.driver_killed:
+                print(f"driver:     {_killed(d)}")
+            if d.continues_with:
+                print(f"continue:   {d.continues_with}")
             return 0
         if action == "logs":
             if args.follow:
                 status = follow_logs(client, job_id)
-                resume = client.details(job_id).resume
-                return finish(client, job_id, status, tail_logs=False, resume=resume)
+                return finish(client, job_id, status, tail_logs=False)
             sys.stdout.write(client.logs(job_id))
             return 0
         if client.stop(job_id):

@@ -284,6 +284,22 @@ class JobDetails:
     end_ms: int | None = None
     name: str = ""  # the toxtune job's name (its `toxtune_job` metadata; "" for other jobs)
     resume: str = ""  # the `toxtune submit --resume` that continues it (RESUME_METADATA)
+    driver_exit_code: int | None = None  # the entrypoint's, once it has ended (Ray's)
+
+    @property
+    def driver_killed(self) -> bool:
+        """A FAILED job whose driver a signal ended (the kernel's out-of-memory killer, a node
+        shutting down, a stop toxtune gave up on): its record is a killed driver's, which a
+        resume continues exactly. A job that failed by an error of its own (exit 1 or 2: bad
+        input, a store it cannot reach) would fail the same way again."""
+        code = self.driver_exit_code
+        return self.status == "FAILED" and code is not None and (code < 0 or code >= 128)
+
+    @property
+    def continues_with(self) -> str:
+        """The command that continues the job from where it ended; "" when there is none to
+        give (it succeeded, is still running, failed by its own error, or is not toxtune's)."""
+        return self.resume if self.status == "STOPPED" or self.driver_killed else ""
 
 
 def _status(value: Any) -> str:
@@ -300,6 +316,7 @@ def _details(info: Any, job_id: str | None = None) -> JobDetails:
         end_ms=info.end_time,
         name=str((info.metadata or {}).get(JOB_METADATA, "")),
         resume=str((info.metadata or {}).get(RESUME_METADATA, "")),
+        driver_exit_code=getattr(info, "driver_exit_code", None),
     )
 
 
