@@ -49,7 +49,10 @@ task (each task's best out of fold) and averaging log-odds instead of probabilit
 job's molecule key) learned beside the Tox21 tasks as extra outputs lift the Tox21 tasks: three
 seeds of the default point on the job's own split, with and without them; the auxiliary labels
 of validation and test molecules are hidden (only training molecules' are learned), so early
-stopping and every score read the Tox21 tasks alone.
+stopping and every score read the Tox21 tasks alone. `--aux-fraction F` (repeatable) also
+trains with a random fraction F of those auxiliary labels kept (numpy `default_rng(0)`, the rest
+hidden): the masked loss averages over the labels it sees, so this weights the auxiliary tasks by
+about F against the Tox21 tasks (617 assays hold 14x Tox21's training labels).
 
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
@@ -348,7 +351,7 @@ def _per_task_blend(
     return (1 - w) * net + w * tree
 
 
-def auxiliary(b: Bench, path: str) -> dict[str, Any]:
+def auxiliary(b: Bench, path: str, fractions: list[float]) -> dict[str, Any]:
     d = b.data
     table = pd.read_csv(path)
     keys = canonical_smiles(table.pop("smiles").astype(str).tolist(), b.job.featurizer)
@@ -359,7 +362,11 @@ def auxiliary(b: Bench, path: str) -> dict[str, Any]:
     aux[d.split.valid], aux[d.split.test] = np.nan, np.nan  # training molecules' labels only
     n_tasks = d.labels.shape[1]
     out: dict[str, Any] = {"assays": aux.shape[1], "molecules_matched": matched}
-    for name, labels in (("tox21_only", d.labels), ("with_auxiliary", np.hstack([d.labels, aux]))):
+    variants = [("tox21_only", d.labels), ("with_auxiliary", np.hstack([d.labels, aux]))]
+    for fraction in fractions:
+        kept = np.where(np.random.default_rng(0).random(aux.shape) < fraction, aux, np.nan)
+        variants.append((f"with_auxiliary_{fraction:g}", np.hstack([d.labels, kept])))
+    for name, labels in variants:
         tasks = list(d.table.tasks) + [f"aux {i}" for i in range(labels.shape[1] - n_tasks)]
         model, config = to_run_configs(
             dict(DEFAULT_POINT), b.job.search.max_epochs, b.job.search.patience, 0
@@ -375,6 +382,7 @@ def auxiliary(b: Bench, path: str) -> dict[str, Any]:
             "mean_of_3": b.test_auc(probs),
             "epochs": [len(r.history) for r in results],
             "seconds": round(time.perf_counter() - t0, 1),
+            "auxiliary_labels": int((~np.isnan(labels[:, n_tasks:])).sum()),
         }
     return out
 
@@ -388,6 +396,10 @@ def main() -> None:
         "part", choices=["members", "size", "blend", "trees", "tree-settings", "auxiliary"]
     )
     parser.add_argument("--auxiliary", default="../shared/data/toxcast.csv.gz")
+    parser.add_argument(
+        "--aux-fraction", type=float, action="append", default=[],
+        help="auxiliary: also with this fraction of the auxiliary labels kept (repeatable)",
+    )  # fmt: skip
     add_job_arguments(parser, split="scaffold")
     parser.add_argument("--configs", type=int, default=8, help="blend: configurations")
     add_overrides(parser, "config override, e.g. --set featurizer.radius=3 (repeatable)")
@@ -409,7 +421,7 @@ def main() -> None:
         elif args.part == "tree-settings":
             out.update(tree_settings(b))
         elif args.part == "auxiliary":
-            out.update(auxiliary(b, args.auxiliary))
+            out.update(auxiliary(b, args.auxiliary, args.aux_fraction))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)
