@@ -39,6 +39,7 @@ class StopSignals:
 
     received: signal.Signals | None = None
     _give_up: Callable[[signal.Signals], None] | None = field(default=None, repr=False)
+    _announce: Callable[[signal.Signals], None] | None = field(default=None, repr=False)
     _after_s: float = field(default=STOP_TIMEOUT_S, repr=False)
     _watching: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -50,11 +51,18 @@ class StopSignals:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    def give_up_after(self, give_up: Callable[[signal.Signals], None], after_s: float) -> None:
-        """Once a stop signal arrives, call `give_up(signal)` (which ends the process) unless
-        `stopped_in_time()` is called within `after_s` seconds."""
+    def give_up_after(
+        self,
+        give_up: Callable[[signal.Signals], None],
+        after_s: float,
+        announce: Callable[[signal.Signals], None] | None = None,
+    ) -> None:
+        """Once a stop signal arrives, call `announce(signal)` at once (say that the job is
+        stopping, before Ray may end the process: see `tune.job._announce`), then
+        `give_up(signal)` (which ends the process) unless `stopped_in_time()` is called within
+        `after_s` seconds. Both run on a thread of their own, not in the signal handler."""
         with self._watching:
-            self._give_up, self._after_s = give_up, after_s
+            self._give_up, self._after_s, self._announce = give_up, after_s, announce
         if self.received is not None:
             self._start_watch()
 
@@ -68,6 +76,8 @@ class StopSignals:
             threading.Thread(target=self._watch, name="toxtune-stop-watch", daemon=True).start()
 
     def _watch(self) -> None:
+        if self._announce is not None:
+            self._announce(self.signal)
         time.sleep(self._after_s)
         with self._watching:
             give_up, self._give_up = self._give_up, None

@@ -94,8 +94,8 @@ def run_job(
     A job whose folder exists continues (same data and settings only): an interrupted search is
     restored, a finished one grows to `search.num_samples` trials. SIGINT or SIGTERM stops it
     unfinished and resumable (JobInterruptedError; see `tune.interrupt`). With `stop_timeout_s`
-    (the `toxtune` command's, which owns its process) a stop that has not ended by then ends the
-    process (`_give_up`).
+    (the `toxtune` command's, which owns its process) a stop is announced at once (`_announce`)
+    and one that has not ended by then ends the process (`_give_up`).
     """
     job = named(job, exists=job.storage.exists)
     stops = StopSignals()
@@ -110,6 +110,30 @@ def run_job(
             ) from None
 
 
+def _announce(job: JobConfig) -> Callable[[signal.Signals], None]:
+    """What the `toxtune` command says the moment a stop signal arrives. A signal sent to every
+    process of the job (a batch scheduler's cancel) stops its local Ray too, and Ray's core
+    worker may then end the driver at once (exit 1) with no word of its own: this line, written
+    first, is then what the log says of the stop (if the driver got to it first)."""
+    resume = resume_command(job)
+
+    def announce(signum: signal.Signals) -> None:
+        _say(
+            f"toxtune tune: {signum.name} received: stopping job {job.name!r} unfinished "
+            f"(nothing will be registered). Continue it with: {resume}"
+        )
+
+    return announce
+
+
+def _say(line: str) -> None:
+    """One whole line on stderr, flushed: written from the stop watch's thread while Ray Tune
+    logs its own stop from the main thread, so it goes as one write (print writes the text and
+    its newline apart, and Ray's line landed between them)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _give_up(job: JobConfig, parent: str, after_s: float) -> Callable[[signal.Signals], None]:
     """What a job does when its stop has not ended within `after_s` seconds: a stop
     signal sent to every process of the job (a batch scheduler's cancel) stops the local Ray's
@@ -119,13 +143,11 @@ def _give_up(job: JobConfig, parent: str, after_s: float) -> Callable[[signal.Si
 
     def give_up(signum: signal.Signals) -> None:
         tracking.finish_job_run(job.tracking_uri, parent, "KILLED")
-        print(
+        _say(
             f"toxtune tune: error: job {job.name!r} stopped by {signum.name} did not finish "
             f"stopping within {after_s:g} s (a signal sent to every process of the job, as a batch "
             "scheduler's cancel does, stops its local Ray too): its MLflow runs ended KILLED, "
-            f"nothing was finalized or registered. Continue it with: {resume_command(job)}",
-            file=sys.stderr,
-            flush=True,
+            f"nothing was finalized or registered. Continue it with: {resume_command(job)}"
         )
         sys.stdout.flush()
         os._exit(128 + signum)
@@ -166,7 +188,7 @@ def _run(
         resume=bool(Rounds.load(job).names),
     )
     if stop_timeout_s is not None:  # a stop that never ends (a scheduler's cancel)
-        stops.give_up_after(_give_up(job, parent, stop_timeout_s), stop_timeout_s)
+        stops.give_up_after(_give_up(job, parent, stop_timeout_s), stop_timeout_s, _announce(job))
     status = "FAILED"
     try:
         with tempfile.TemporaryDirectory(prefix="toxtune-job-") as scratch:

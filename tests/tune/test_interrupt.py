@@ -89,6 +89,26 @@ def test_a_stop_that_does_not_end_in_time_gives_up_and_one_that_does_not() -> No
     assert gave_up == [signal.SIGTERM]
 
 
+def test_a_stop_is_announced_at_once_and_only_once() -> None:
+    """The command says it is stopping the moment the first signal arrives, long before its
+    bound: Ray may end the driver at once (a scheduler's cancel stops its raylet too), and that
+    line is then the log's word on the stop. A second signal says nothing more."""
+    said: list[tuple[signal.Signals, float]] = []
+    gave_up: list[signal.Signals] = []
+    stops = StopSignals()
+    stops.give_up_after(gave_up.append, 0.5, lambda sig: said.append((sig, time.monotonic())))
+    sent = time.monotonic()
+    stops.note(signal.SIGTERM)
+    stops.note(signal.SIGINT)
+    deadline = time.monotonic() + 5
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [sig for sig, _ in said] == [signal.SIGTERM] and said[0][1] - sent < 0.4, said
+    assert gave_up == []  # not yet: the stop has its bound
+    time.sleep(1.0)
+    assert gave_up == [signal.SIGTERM] and len(said) == 1
+
+
 def test_stop_signals_pickle_with_the_signal_and_without_the_watch() -> None:
     """Ray Tune pickles its callbacks with the experiment, and one holds `note`."""
     import pickle

@@ -298,6 +298,8 @@ def kill_and_resume(
         if code == 128 + signal.SIGTERM:  # gave up: the runs ended, the resume line printed
             last = log.strip().splitlines()[-1]
             assert f"Continue it with: toxtune tune --resume {job.name}" in last, last
+            said = f"toxtune tune: SIGTERM received: stopping job {job.name!r} unfinished"
+            assert said in log, log[-3000:]  # at once, 20 s before
             client = MlflowClient(job.tracking_uri)
             exp = client.get_experiment_by_name("resume").experiment_id
             statuses = {r.info.status for r in client.search_runs([exp], max_results=200)}
@@ -423,8 +425,13 @@ def test_ctrl_c_stops_the_job_unregistered_and_resume_completes_it(
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"toxtune tune: error: job 'killme' stopped by {sig.name}")
     assert "nothing was finalized or registered" in last
-    assert f"toxtune tune --resume killme --storage-path {job.storage.uri}" in last
+    storage = f"--storage-path {job.storage.uri}"
+    assert f"toxtune tune --resume killme {storage}" in last
     assert "Tuner.restore(" not in err, err[-3000:]  # Ray's own hint, which would run it bare
+    # and it said so the moment the signal came, before Ray's stop (`tune.job._announce`)
+    said = f"toxtune tune: {sig.name} received: stopping job 'killme' unfinished"
+    (early,) = [ln for ln in err.strip().splitlines()[:-1] if ln.startswith(said)]
+    assert early.endswith(f"Continue it with: toxtune tune --resume killme {storage}"), early
 
     client = MlflowClient(job.tracking_uri)
     assert client.search_model_versions(f"name = '{job.model_name}'") == []
