@@ -436,7 +436,6 @@ class Submission:
     entrypoint: str
     notes: list[str]  # what was shipped, and what must exist on the cluster
     shipped: str | None = None  # the data file shipped from here (its absolute path here)
-    resume: str = ""  # the `toxtune submit --resume` that continues it (resume_command)
 
 
 def submit_job(
@@ -469,4 +468,4 @@ def submit_job(
         entrypoint = render_entrypoint(rendered, JOB_CONFIG_NAME if config_path else None, resume)
         metadata = {JOB_METADATA: job.name, RESUME_METADATA: again}
         job_id = client.submit(entrypoint, env, metadata, submission_id=submission_id)
-    return Submission(job_id, job.name, entrypoint, notes, shipped, again)
+    return Submission(job_id, job.name, entrypoint, notes, shipped)
