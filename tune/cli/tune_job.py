@@ -100,8 +100,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tune.report import print_result
 
     result = run_job(job, faults=FaultPlan.from_env(), stop_timeout_s=STOP_TIMEOUT_S)
+    # The job is whole: a Ctrl-C while Ray stops changes nothing and says nothing. Ray stops
+    # before the summary, so its workers' last lines ("Restored ... from checkpoint") come
+    # before it rather than after the summary's last line.
+    shut_down_ray()
     print_result(job, result)
-    shut_down_ray()  # the job is whole: a Ctrl-C while Ray stops changes nothing, says nothing
     return 0
 
 
