@@ -12,7 +12,9 @@ JobInterruptedError. Either way the MLflow job run ends KILLED, nothing is regis
 resumable and the CLI exits 128 + the signal's number with one line saying how to continue.
 A stop that never ends (a signal sent to every process of the job stops the local Ray too, and
 Ray Tune's cleanup waits on it) gives up after STOP_TIMEOUT_S the same way, in the `toxtune`
-command, which owns its process (`give_up_after`; `run_job(stop_timeout_s=...)`).
+command, which owns its process (`give_up_after`; `run_job(stop_timeout_s=...)`); the same
+watch says at once that the job is stopping and how to continue (its `announce`), since Ray may
+end the driver before the stop itself gets to say it.
 """
 
 from __future__ import annotations
