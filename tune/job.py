@@ -35,6 +35,7 @@ from tune.errors import JobInterruptedError, JobMismatchError
 from tune.features import on_cluster
 from tune.finalize import finalize
 from tune.flags import CONFIG_FILE
+from tune.guard import Watch, watch
 from tune.interrupt import StopSignals
 from tune.prepare import claim_job, load_job_table, prepare_data
 from tune.record import record
@@ -94,8 +95,9 @@ def run_job(
     A job whose folder exists continues (same data and settings only): an interrupted search is
     restored, a finished one grows to `search.num_samples` trials. SIGINT or SIGTERM stops it
     unfinished and resumable (JobInterruptedError; see `tune.interrupt`). With `stop_timeout_s`
-    (the `toxtune` command's, which owns its process) a stop is announced at once (`_announce`)
-    and one that has not ended by then ends the process (`_give_up`).
+    (the `toxtune` command's, which owns its process) a stop is announced at once (`_announce`),
+    one that has not ended by then ends the process (`_give_up`), and a watcher process settles
+    the record if the process dies outright (`tune.guard`).
     """
     job = named(job, exists=job.storage.exists)
     stops = StopSignals()
@@ -134,7 +136,9 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _give_up(job: JobConfig, parent: str, after_s: float) -> Callable[[signal.Signals], None]:
+def _give_up(
+    job: JobConfig, parent: str, after_s: float, guard: Watch
+) -> Callable[[signal.Signals], None]:
     """What a job does when its stop has not ended within `after_s` seconds: a stop
     signal sent to every process of the job (a batch scheduler's cancel) stops the local Ray's
     own processes too, and Ray Tune's cleanup then waits on them. It ends its MLflow runs
@@ -143,6 +147,7 @@ def _give_up(job: JobConfig, parent: str, after_s: float) -> Callable[[signal.Si
 
     def give_up(signum: signal.Signals) -> None:
         tracking.finish_job_run(job.tracking_uri, parent, "KILLED")
+        guard.settled()
         _say(
             f"toxtune tune: error: job {job.name!r} stopped by {signum.name} did not finish "
             f"stopping within {after_s:g} s (a signal sent to every process of the job, as a batch "
@@ -187,8 +192,11 @@ def _run(
         job.to_dict(),
         resume=bool(Rounds.load(job).names),
     )
-    if stop_timeout_s is not None:  # a stop that never ends (a scheduler's cancel)
-        stops.give_up_after(_give_up(job, parent, stop_timeout_s), stop_timeout_s, _announce(job))
+    guard = None
+    if stop_timeout_s is not None:  # the command's: a driver that dies, a stop that never ends
+        guard = watch(job.tracking_uri, parent, job.name, resume_command(job))
+        give_up = _give_up(job, parent, stop_timeout_s, guard)
+        stops.give_up_after(give_up, stop_timeout_s, _announce(job))
     status = "FAILED"
     try:
         with tempfile.TemporaryDirectory(prefix="toxtune-job-") as scratch:
@@ -207,6 +215,8 @@ def _run(
     finally:
         stops.stopped_in_time()
         tracking.finish_job_run(job.tracking_uri, parent, status)
+        if guard is not None:
+            guard.settled()
     return JobResult(
         name=job.name,
         experiment_path=job.storage.uri_of(job.name),

@@ -100,13 +100,19 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_orphans(
 def test_a_killed_k_fold_job_resumes_its_fold_trials_through_ray(
     tmp_path: Path, small_csv: Path
 ) -> None:
-    """The same drill with `search.folds: 3`: Ray restores each unfinished k-fold trial from its
-    checkpoint (all three fold models) rather than training it from epoch 1 again, no epoch is
-    logged twice, and the registered model is the best trial's three fold models."""
+    """The same drill with `search.folds: 3` and the driver killed alone: Ray restores each
+    unfinished k-fold trial from its checkpoint (all three fold models) rather than training it
+    from epoch 1 again, no epoch is logged twice, and the registered model is the best trial's
+    three fold models."""
     config = write_config(tmp_path, small_csv, num_samples=6, search={"folds": 3})
     # 2.5 s epochs: the last four trials outlive several of Tune's 5-s snapshots (with 1 s, a
     # fast machine finished the search before a snapshot named a running trial's checkpoint)
-    restorable = kill_and_resume(tmp_path, config, running_checkpoint=True, slow_epochs_s=2.5)
+    # The driver alone is SIGKILLed, as the kernel's OOM killer picks one process: its watcher
+    # (tune.guard) ends the runs KILLED and says how to continue, and the resume still ends a
+    # finished trial's run as it ended (its closing was lost with the driver).
+    restorable = kill_and_resume(
+        tmp_path, config, running_checkpoint=True, slow_epochs_s=2.5, driver_alone=True
+    )
     assert restorable, "no unfinished trial had a checkpoint at the kill"
     job = load_config(config)
     for trial_id in restorable:
@@ -164,6 +170,26 @@ def kill_tree(driver: subprocess.Popen) -> None:
                 proc.kill()
         psutil.wait_procs(procs, timeout=15)
     driver.wait()
+
+
+def watcher_of(driver: subprocess.Popen) -> psutil.Process:
+    """The driver's watcher (`tune.guard`), which settles the record if the driver dies."""
+    for child in psutil.Process(driver.pid).children():
+        if "tune.guard" in child.cmdline():
+            return child
+    raise AssertionError("the driver started no watcher")
+
+
+def kill_alone(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver alone, as the kernel's OOM killer does, then the local Ray's processes
+    it leaves (its session's: `start_driver`), so no orphaned trial goes on writing."""
+    driver.kill()
+    driver.wait()
+    time.sleep(2.0)  # Ray's own processes see the driver gone
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(proc.pid) == driver.pid:
+                proc.kill()
 
 
 def unfinished_trial_folders(folder: Path, done_ids: set[str]) -> list[Path]:
@@ -238,22 +264,24 @@ def wait_for_snapshot_of_running_checkpoint(
     )
 
 
-def reopen_a_finished_trial_run(job: JobConfig, done: set[str]) -> str:
-    """Put a finished trial's MLflow run back to RUNNING, as when the driver died with the
-    trial's closing still queued in its sender: the resume must end it FINISHED (Ray's state
-    has the trial ended and never completes it again), not KILLED. Returns the run's id. When
-    the kill already left a finished trial's run RUNNING, that run is the one."""
+def reopen_a_finished_trial_run(job: JobConfig, done: set[str], status: str) -> str:
+    """Put a finished trial's MLflow run in `status`, as when the driver died with the trial's
+    closing still queued in its sender: RUNNING where nothing ended the runs (every process
+    killed), KILLED where the driver's watcher or its stop's give-up ended them. The resume must
+    end it FINISHED (Ray's state has the trial ended and never completes it again), not KILLED.
+    Returns the run's id. When the kill already left a finished trial's run so, that run is the
+    one."""
     client = MlflowClient(job.tracking_uri)
     exp = client.get_experiment_by_name(job.tracking.experiment_name)
     runs = client.search_runs([exp.experiment_id], max_results=200)
     ended = [r for r in runs if r.data.tags.get(TRIAL_TAG) in done]
     assert ended, "no run of a finished trial: its start was lost too"
-    open_ = [r for r in ended if r.info.status == "RUNNING"]
+    open_ = [r for r in ended if r.info.status == status]
     if open_:
         return open_[0].info.run_id
     run = min(ended, key=lambda r: r.info.end_time)  # the likeliest in Ray's last snapshot
-    client.update_run(run.info.run_id, status="RUNNING")
-    client.set_tag(run.info.run_id, STATUS_TAG, "running")
+    client.update_run(run.info.run_id, status=status)
+    client.set_tag(run.info.run_id, STATUS_TAG, status.lower())
     return run.info.run_id
 
 
@@ -264,6 +292,7 @@ def kill_and_resume(
     running_checkpoint: bool = False,
     slow_epochs_s: float = 1.0,
     cancel_grace_s: float | None = None,
+    driver_alone: bool = False,
 ) -> set[str]:
     """SIGKILL the driver after two trials finished, `--resume` it, and check that no trial was
     lost, duplicated or trained twice and no run was left RUNNING (any storage/tracking).
@@ -276,7 +305,9 @@ def kill_and_resume(
     at the kill: the resume must restore these from it. `slow_epochs_s`: each epoch's sleep in
     the first run (Tune snapshots every 5 s: the trials must outlive a snapshot).
     `cancel_grace_s`: first SIGTERM every process of the job, as a batch scheduler's cancel
-    does, and SIGKILL them this many seconds later (`cancel_tree`).
+    does, and SIGKILL them this many seconds later (`cancel_tree`). `driver_alone`: SIGKILL the
+    driver alone (`kill_alone`), not every process it started. Either way its watcher outlives
+    the driver, ends its runs KILLED and says how to continue, checked before the resume.
     """
     job = load_config(config)
     driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log", slow_epochs_s)
@@ -286,24 +317,34 @@ def kill_and_resume(
             wait_for_checkpoint_of_running_trial(job, driver, tmp_path / "driver1.log")
         if running_checkpoint:
             wait_for_snapshot_of_running_checkpoint(job, driver, tmp_path / "driver1.log")
+        watcher = watcher_of(driver)
     finally:
         code = cancel_tree(driver, cancel_grace_s) if cancel_grace_s is not None else None
+        if driver_alone:
+            kill_alone(driver)
         kill_tree(driver)
+    settled = cancel_grace_s is not None or driver_alone  # the watcher lived on: runs ended
+    if settled:
+        watcher.wait(timeout=90)
+        log = (tmp_path / "driver1.log").read_text()
+        last = log.strip().splitlines()[-1]
+        assert f"Continue it with: toxtune tune --resume {job.name}" in last, log[-3000:]
+        client = MlflowClient(job.tracking_uri)
+        exp = client.get_experiment_by_name("resume").experiment_id
+        statuses = {r.info.status for r in client.search_runs([exp], max_results=200)}
+        assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+    if driver_alone:
+        assert "its driver (pid" in last and "was killed" in last, last  # the watcher's word
     if cancel_grace_s is not None:
         # Ray's processes stop with the driver. Which first is a race: Ray's core worker ends
-        # the driver at once when its raylet is gone (exit 1, the runs left for the resume to
-        # settle), or Tune's stop waits on them and the job gives up after STOP_TIMEOUT_S.
-        log = (tmp_path / "driver1.log").read_text()
+        # the driver at once when its raylet is gone (exit 1: its watcher ends the runs and
+        # says how to continue), or Tune's stop waits on them and the job gives up after
+        # STOP_TIMEOUT_S (143: the job ends its runs and says it itself).
         assert code in (1, 128 + signal.SIGTERM), log[-3000:]
-        if code == 128 + signal.SIGTERM:  # gave up: the runs ended, the resume line printed
-            last = log.strip().splitlines()[-1]
-            assert f"Continue it with: toxtune tune --resume {job.name}" in last, last
+        if code == 128 + signal.SIGTERM:
             said = f"toxtune tune: SIGTERM received: stopping job {job.name!r} unfinished"
             assert said in log, log[-3000:]  # at once, 20 s before
-            client = MlflowClient(job.tracking_uri)
-            exp = client.get_experiment_by_name("resume").experiment_id
-            statuses = {r.info.status for r in client.search_runs([exp], max_results=200)}
-            assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+            assert "did not finish stopping" in last, last
     # the newest snapshot, as the resume will read it (local storage only)
     snapshot = snapshot_checkpoints(job) if running_checkpoint else set()
     done_before = finished_trials(job.study_storage, job.name)
@@ -319,7 +360,7 @@ def kill_and_resume(
         for folder in cut:
             shutil.rmtree(max(folder.glob("checkpoint_*")))
     restorable = snapshot - set(before)
-    reopened = reopen_a_finished_trial_run(job, set(before))
+    reopened = reopen_a_finished_trial_run(job, set(before), "KILLED" if settled else "RUNNING")
 
     out = subprocess.run(
         [

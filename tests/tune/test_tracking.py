@@ -410,7 +410,9 @@ def test_settle_ends_runs_whose_trials_ended_before_the_kill_with_their_lost_epo
     with it: the run is RUNNING with epoch 1 only, while Ray's state has the trial finished.
     Settling gives it the lost epochs once (also those a restored report carried), its best
     report's per-task scores at the best step, its ending tags and FINISHED; a run whose trial
-    is still unfinished stays open for close_orphans, and a closed run is left alone."""
+    is still unfinished stays open for close_orphans, and a closed run is left alone. A run
+    the driver's watcher (or a stop that gave up) ended KILLED is open in this sense: its trial
+    ended in Ray's state, so it was not the stop's to end."""
     uri = default_tracking_uri(tmp_path)
     parent = start_job_run(uri, "exp", "job", {}, resume=False)
     client = MlflowClient(uri)
@@ -424,6 +426,7 @@ def test_settle_ends_runs_whose_trials_ended_before_the_kill_with_their_lost_epo
         return run_id
 
     lost, failed, running, closed = child("t1"), child("t2"), child("t3"), child("t4", "FINISHED")
+    watched, restored = child("t5", "KILLED"), child("t6", "KILLED")  # the watcher's doing
     reports = [  # epoch 2 came back in a restored trial's first report (epoch 3)
         {"training_iteration": 1, "epoch": 1, "train_loss": 0.9, "val_roc_auc": 0.6},
         {
@@ -451,8 +454,10 @@ def test_settle_ends_runs_whose_trials_ended_before_the_kill_with_their_lost_epo
         ending("t2", "failed", 1),
         ending("t3", "running", 2),
         ending("t4", "finished", 3),
+        ending("t5", "finished", 3),
+        ending("t6", "running", 2),
     ]
-    assert sorted(settle_trial_runs(uri, parent, endings)) == sorted([lost, failed])
+    assert sorted(settle_trial_runs(uri, parent, endings)) == sorted([lost, failed, watched])
 
     run = client.get_run(lost)
     assert run.info.status == "FINISHED"
@@ -466,7 +471,10 @@ def test_settle_ends_runs_whose_trials_ended_before_the_kill_with_their_lost_epo
     assert not [k for k in run.data.metrics if k.startswith("config")]
     assert client.get_run(failed).info.status == "FAILED"
     assert client.get_run(failed).data.tags[STATUS_TAG] == "failed"
-    assert read == ["t1"]  # the failed run had its one epoch: no result file read
+    assert sorted(read) == ["t1", "t5"]  # the failed run had its one epoch: no result file read
+    assert client.get_run(watched).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(watched, "train_loss")) == [1, 2, 3]
+    assert client.get_run(restored).info.status == "KILLED"  # its restored trial reopens it
     assert client.get_run(running).info.status == "RUNNING"
     assert client.get_run(closed).info.status == "FINISHED"
     assert STATUS_TAG not in client.get_run(closed).data.tags

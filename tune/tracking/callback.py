@@ -195,9 +195,11 @@ ENDED = {
 def settle_trial_runs(
     tracking_uri: str, parent_run_id: str, endings: list[TrialEnding]
 ) -> list[str]:
-    """End the trial runs a killed driver left RUNNING although Ray's saved state has their
+    """End the trial runs a killed driver left open although Ray's saved state has their
     trials ended: the driver died with their last epochs and their closing still queued, and
-    a restored round never completes those trials again. Each gets the epochs its run lacks,
+    a restored round never completes those trials again. Open is RUNNING, or KILLED by the
+    driver's watcher (`tune.guard`) or a stop that gave up, which end every open run so: a
+    trial Ray has ended was not stopped by them. Each gets the epochs its run lacks,
     its best report's per-task scores, its ending tags and status, as `on_trial_complete`
     would have logged them. Returns the ids of the runs it ended; errors are logged, not
     raised (the trials' results are safe in the job's storage)."""
@@ -209,7 +211,7 @@ def settle_trial_runs(
     try:
         for run in retrying("settle_trial_runs", lambda: child_runs(client, parent_run_id)):
             ending = ended.get(run.data.tags.get(TRIAL_TAG, ""))
-            if run.info.status != "RUNNING" or ending is None:
+            if run.info.status not in ("RUNNING", "KILLED") or ending is None:
                 continue
             retrying("settle_trial_runs", lambda r=run, e=ending: _settle(client, r, e))
             settled.append(run.info.run_id)

@@ -1,0 +1,85 @@
+"""The watcher that settles a job's record when its driver dies outright (tune.guard).
+
+The drills with a real job are in test_resume.py (a scheduler's cancel, a driver killed alone)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from mlflow import MlflowClient
+
+from tune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, start_job_run
+
+RESUME = "toxtune tune --resume job"
+DRIVER = """
+import sys, time
+from tune.guard import watch
+from tune.tracking import finish_job_run
+uri, parent, end = sys.argv[1:]
+guard = watch(uri, parent, "job", {resume!r})
+print(guard.process.pid, flush=True)
+if end == "settled":
+    finish_job_run(uri, parent, "FINISHED")
+    guard.settled()
+else:
+    time.sleep(120)  # until the test kills it
+"""
+
+
+def _job_with_a_trial(uri: str) -> tuple[MlflowClient, str, str]:
+    parent = start_job_run(uri, "exp", "job", {}, resume=False)
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    trial = client.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: "t1"}).info.run_id
+    return client, parent, trial
+
+
+def _driver(uri: str, parent: str, end: str) -> tuple[subprocess.Popen[str], psutil.Process]:
+    """A driver that starts the watcher as `toxtune tune` does; its stdout names the watcher."""
+    script = DRIVER.format(resume=RESUME)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script, uri, parent, end],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert driver.stdout is not None
+    return driver, psutil.Process(int(driver.stdout.readline()))
+
+
+def test_a_driver_killed_outright_has_its_runs_ended_killed_and_the_resume_said(
+    sqlite_uri: str,
+) -> None:
+    """The OOM killer, or a scheduler's cancel whose SIGTERM stopped the job's local Ray first
+    (Ray then exits the driver at once): no `finally` runs in the driver. The watcher outlives
+    the cancel's signals (which reach every process of the job), then ends the job run and its
+    open trial runs KILLED and prints the command that continues the job, as the last line."""
+    client, parent, trial = _job_with_a_trial(sqlite_uri)
+    driver, watcher = _driver(sqlite_uri, parent, "killed")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        watcher.send_signal(signum)
+    time.sleep(1.0)
+    assert watcher.is_running() and watcher.status() != psutil.STATUS_ZOMBIE
+    assert client.get_run(parent).info.status == "RUNNING"  # the driver lives: nothing done
+    driver.kill()
+    _, err = driver.communicate(timeout=90)  # its stderr closes once the watcher is done
+    assert err.strip().splitlines()[-1].endswith(f"Continue it with: {RESUME}"), err
+    assert "ended unfinished" in err and f"pid {driver.pid}" in err
+    assert client.get_run(parent).info.status == "KILLED"
+    assert client.get_run(trial).info.status == "KILLED"
+    assert client.get_run(trial).data.tags[STATUS_TAG] == "killed"
+
+
+def test_a_driver_that_ended_its_run_leaves_the_watcher_nothing_to_do(sqlite_uri: str) -> None:
+    client, parent, trial = _job_with_a_trial(sqlite_uri)
+    driver, watcher = _driver(sqlite_uri, parent, "settled")
+    _, err = driver.communicate(timeout=90)
+    assert driver.returncode == 0, err
+    watcher.wait(timeout=30)
+    assert "Continue it with" not in err, err
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(trial).info.status == "KILLED"  # ended by the driver's own finish
