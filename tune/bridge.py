@@ -11,6 +11,7 @@ Checked against: ray 2.60.0, optuna 5.0.0 and 5.1.0.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import inspect
 import json
@@ -298,6 +299,79 @@ def _write_batch(batch: list[tuple[Any, float, int]]) -> None:
                 row.intermediate_value, row.intermediate_value_type = stored_value, value_type
         if new:  # one executemany, not an INSERT ... RETURNING a row
             session.execute(sqlalchemy.insert(rows), new)
+
+
+class _SamplingStorage:
+    """The study's storage as one new trial's sampling sees it (`one_pass_sampling`): the
+    study's trials read once, every later read a filter of that reading; the trial's parameter
+    writes held for one transaction; everything else goes to the storage itself."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self._trials: dict[int, list[Any]] = {}
+        self.held: list[tuple[int, str, float, Any]] = []
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[Any]:
+        if study_id not in self._trials:
+            self._trials[study_id] = self._storage.get_all_trials(study_id, deepcopy=False)
+        trials = self._trials[study_id]
+        if states is not None:
+            trials = [t for t in trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def set_trial_param(self, trial_id: int, name: str, value: float, distribution: Any) -> None:
+        self.held.append((trial_id, name, value, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+@contextlib.contextmanager
+def one_pass_sampling(trial: Any) -> Iterator[None]:
+    """Sample a new trial's parameters (a define-by-run space, in the Tune loop) reading the
+    study's trials once and storing the parameters in one transaction.
+
+    Optuna 5's TPE (constant liar, its default: running trials' parameters count against a
+    new proposal) reads every trial afresh from the database for each parameter it samples
+    alone and once more for the rest, and the cached storage reads every unfinished trial,
+    with all its intermediate values, each time; and each `suggest_*` commits its parameter on
+    its own. At 64 trials in flight that was a third of a second of the Tune loop per new
+    trial (RESULTS "A new trial's cost to the driver"). Within one sampling the study's other
+    trials do not change (the driver is the study's one writer, and the report thread adds
+    only intermediate values, which the sampler does not read) and the trial's own parameters
+    are read from Optuna's in-process cache, so the proposal is the same as Optuna's own (a
+    test compares them). A sampling that raises stores what it sampled, as Optuna would have.
+
+    `trial` is Ray's suggest captor (`_OptunaTrialSuggestCaptor.ot_trial`, ray 2.60.0) or an
+    Optuna trial. Uses optuna 5's `Trial.storage`, `Study._storage`, `_CachedStorage._backend`,
+    `._lock`, `._studies[...].param_distribution`, `._trial_id_to_study_id_and_number` and
+    `RDBStorage._set_trial_param_without_commit` (no public batch write or read snapshot)."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    ot_trial = getattr(trial, "ot_trial", trial)
+    study, storage = ot_trial.study, ot_trial.storage
+    backend = getattr(storage, "_backend", None)
+    if not isinstance(backend, RDBStorage) or study._storage is not storage:
+        yield  # an in-memory study: nothing to save
+        return
+    sampling = _SamplingStorage(storage)
+    ot_trial.storage = study._storage = sampling
+    try:
+        yield
+    finally:
+        ot_trial.storage = study._storage = storage
+        if sampling.held:
+            with storage._lock:
+                study_id, _ = storage._trial_id_to_study_id_and_number[ot_trial._trial_id]
+                known = storage._studies[study_id].param_distribution
+                with _create_scoped_session(backend.scoped_session, True) as session:
+                    for trial_id, name, value, distribution in sampling.held:
+                        backend._set_trial_param_without_commit(
+                            session, trial_id, name, value, distribution, known.get(name)
+                        )
+                for _, name, _, distribution in sampling.held:
+                    known.setdefault(name, distribution)
 
 
 def with_console_metrics(trainable: Any, names: list[str]) -> Any:
@@ -727,8 +801,24 @@ def check() -> None:
         missing += [
             f"optuna.storages._rdb.models.{name}.{a}" for a in attrs if not hasattr(model, a)
         ]
-    if "self._backend = " not in inspect.getsource(_cached_storage._CachedStorage.__init__):
-        missing.append("optuna.storages._CachedStorage._backend")
+    cached_init = inspect.getsource(_cached_storage._CachedStorage.__init__)
+    for attr in ("_backend", "_lock", "_studies", "_trial_id_to_study_id_and_number"):
+        if f"self.{attr}" not in cached_init:
+            missing.append(f"optuna.storages._CachedStorage.{attr}")
+    if not hasattr(_cached_storage._StudyInfo(), "param_distribution"):
+        missing.append("optuna.storages._cached_storage._StudyInfo.param_distribution")
+    if not callable(getattr(rdb_storage.RDBStorage, "_set_trial_param_without_commit", None)):
+        missing.append("optuna.storages.RDBStorage._set_trial_param_without_commit")
+    if "self.storage = " not in inspect.getsource(optuna.trial.Trial.__init__):
+        missing.append("optuna.trial.Trial.storage")
+    if "self._storage = " not in inspect.getsource(optuna.study.Study.__init__):
+        missing.append("optuna.study.Study._storage")
+    from ray.tune.search.optuna import optuna_search
+
+    if "self.ot_trial = " not in inspect.getsource(
+        optuna_search._OptunaTrialSuggestCaptor.__init__
+    ):
+        missing.append("ray.tune.search.optuna._OptunaTrialSuggestCaptor.ot_trial")
     for fn, arg in ((ray.init, "_node_ip_address"), (ray_tune.Tuner.restore, "_resume_config")):
         # ray.init takes its private arguments through **kwargs: look for the name it pops.
         if arg not in inspect.signature(fn).parameters and f'"{arg}"' not in inspect.getsource(fn):

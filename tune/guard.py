@@ -12,8 +12,9 @@ watcher then ends the job's runs KILLED, as a stop that gives up does, and says 
 The watcher ignores SIGINT, SIGTERM and SIGHUP (a scheduler's cancel signals every process of
 the job; Ctrl-C is the driver's to handle) and runs in a session of its own, so a terminal's
 Ctrl-C never reaches it; a SIGKILL to every process (a node lost) ends it with the driver, which
-leaves the runs for the resume to settle, as before. It imports MLflow only after the driver
-died.
+leaves the runs for the resume to settle, as before. `watch` returns once the watcher ignores
+those signals (its start costs the job about 40 ms and the machine 13 MB); it imports MLflow
+only after the driver died.
 """
 
 from __future__ import annotations

@@ -256,3 +256,90 @@ def test_a_batch_of_intermediate_values_is_a_few_statements_and_writes_what_repo
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         bridge._write_batch([(trials[0], 0.2, 50), (trials[1], 0.2, 50)])
     assert stored(batched) == before
+
+
+def test_a_new_trial_is_proposed_as_optuna_would_from_one_read_and_stored_in_one_commit(
+    tmp_path: Path,
+) -> None:
+    """The job's space sampled through the searcher's define-by-run function (Ray's suggest
+    captor, as a new trial is), by the job's TPE (constant liar: running trials count against
+    a proposal) over a study with finished and running trials, proposes and stores the same
+    parameters and distributions, conditional ones included, as Optuna's own sampling does;
+    with the study's trials read once and the parameters written in one commit, not a read
+    per parameter sampled alone and a commit per parameter. A sampling that fails keeps what
+    it sampled."""
+    import optuna
+    from ray.tune.search.optuna.optuna_search import _OptunaTrialSuggestCaptor
+    from sqlalchemy import event
+
+    from tests.tune.conftest import tiny_job
+    from tune import study as study_module
+    from tune.space import build_space, sample
+
+    space = build_space()
+    search = tiny_job(tmp_path, tmp_path / "unused.csv").search
+    memory = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    earlier = []
+    for i in range(16):
+        trial = memory.ask()
+        sample(trial, space)
+        state = optuna.trial.TrialState.COMPLETE if i < 12 else optuna.trial.TrialState.RUNNING
+        earlier.append(
+            optuna.trial.create_trial(
+                params=trial.params,
+                distributions=trial.distributions,
+                value=0.5 + i / 100 if i < 12 else None,
+                state=state,
+            )
+        )
+
+    def proposed(url: str, define_by_run: object) -> tuple[list[object], list[int], list[int]]:
+        found = optuna.create_study(
+            storage=study_module.rdb(url),
+            study_name="s",
+            direction="maximize",
+            sampler=study_module.make_sampler(search, 0),
+        )
+        found.add_trials(earlier)
+        engine = found._storage._backend.engine
+        commits: list[int] = []
+        reads: list[int] = []
+        event.listen(engine, "commit", lambda *a: commits.append(1))
+        event.listen(
+            engine,
+            "before_cursor_execute",
+            lambda conn, cursor, statement, *a: (
+                reads.append(1)
+                if "FROM trial_intermediate_values" in statement  # a read of whole trials
+                else None
+            ),
+        )
+        per_trial_commits, per_trial_reads = [], []
+        for _ in range(4):  # each new trial stays running: the next one's liar counts it
+            trial = found.ask()
+            before_commits, before_reads = len(commits), len(reads)
+            define_by_run(_OptunaTrialSuggestCaptor(trial))
+            per_trial_commits.append(len(commits) - before_commits)
+            per_trial_reads.append(len(reads) - before_reads)
+        reread = optuna.load_study(study_name="s", storage=study_module.rdb(url))
+        stored = [(t.params, t.distributions) for t in reread.trials[len(earlier) :]]
+        return stored, per_trial_commits, per_trial_reads
+
+    own, own_commits, own_reads = proposed(
+        f"sqlite:///{tmp_path / 'a.db'}", lambda t: sample(t, space)
+    )
+    one_pass, one_pass_commits, one_pass_reads = proposed(
+        f"sqlite:///{tmp_path / 'b.db'}", study_module.SpaceSampler(space)
+    )
+    assert one_pass == own
+    assert one_pass_reads == [1] * 4 and min(own_reads) > 1  # whole-trial reads
+    # a commit a parameter, against one for all of them (TPE's own system attributes aside)
+    assert max(one_pass_commits) + 8 <= min(own_commits)
+
+    found = optuna.create_study(storage=study_module.rdb(f"sqlite:///{tmp_path / 'c.db'}"))
+    trial = found.ask()
+    with pytest.raises(ValueError), bridge.one_pass_sampling(trial):
+        trial.suggest_int("n_layers", 1, 3)
+        raise ValueError("the space is wrong")
+    reread = optuna.load_study(study_name=found.study_name, storage=found._storage)
+    assert set(reread.trials[0].params) == {"n_layers"}
