@@ -97,8 +97,12 @@ class StudySearch(OptunaSearch):
         self._ot_study.sampler = self._sampler
 
     def suggest(self, trial_id: str) -> dict | None:
-        params = super().suggest(trial_id)
+        """Ray's suggest, the study read once and the parameters written once
+        (`one_pass_sampling`); the trial tagged with its Ray id."""
+        with one_pass_sampling(self._ot_study):
+            params = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
+        ot_trial.storage = self._ot_study._storage  # asked in the block: its view of the study
         ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         self._running.add(trial_id)  # just asked: RUNNING in the study
         if params is not None:
@@ -302,7 +306,7 @@ def _write_batch(batch: list[tuple[Any, float, int]]) -> None:
 
 
 class _SamplingStorage:
-    """The study's storage as one new trial's sampling sees it (`one_pass_sampling`): the
+    """The study's storage as one new trial's ask sees it (`one_pass_sampling`): the
     study's trials read once, every later read a filter of that reading; the trial's parameter
     writes held for one transaction; everything else goes to the storage itself."""
 
@@ -327,43 +331,44 @@ class _SamplingStorage:
 
 
 @contextlib.contextmanager
-def one_pass_sampling(trial: Any) -> Iterator[None]:
-    """Sample a new trial's parameters (a define-by-run space, in the Tune loop) reading the
+def one_pass_sampling(study: optuna.Study) -> Iterator[None]:
+    """Ask a new trial and sample its parameters (Ray's suggest, in the Tune loop) reading the
     study's trials once and storing the parameters in one transaction.
 
-    Optuna 5's TPE (constant liar, its default: running trials' parameters count against a
-    new proposal) reads every trial afresh from the database for each parameter it samples
-    alone and once more for the rest, and the cached storage reads every unfinished trial,
-    with all its intermediate values, each time; and each `suggest_*` commits its parameter on
-    its own. At 64 trials in flight that was a third of a second of the Tune loop per new
-    trial (RESULTS "A new trial's cost to the driver"). Within one sampling the study's other
-    trials do not change (the driver is the study's one writer, and the report thread adds
-    only intermediate values, which the sampler does not read) and the trial's own parameters
-    are read from Optuna's in-process cache, so the proposal is the same as Optuna's own (a
-    test compares them). A sampling that raises stores what it sampled, as Optuna would have.
+    Optuna 5's TPE (constant liar, its default: running trials' parameters count against a new
+    proposal) reads every trial afresh from the database for each parameter it samples alone
+    and once more for the rest, `Study.ask` once more for trials queued to run, and the cached
+    storage reads every unfinished trial, with all its intermediate values, each time; and
+    each `suggest_*` commits its parameter on its own. At 64 trials in flight that was a
+    quarter to a third of a second of the Tune loop per new trial (RESULTS "A new trial's cost
+    to the driver"). Within one ask the study's other trials do not change (the driver is the
+    study's one writer, and its report thread adds only intermediate values, which the sampler
+    does not read) and a trial's own parameters are read from Optuna's in-process cache, so the
+    proposal is Optuna's own (a test compares them). A sampling that raises stores what it
+    sampled, as Optuna would have. A trial asked in the block holds the block's view of the
+    storage: give it back the study's after (`trial.storage = study._storage`).
 
-    `trial` is Ray's suggest captor (`_OptunaTrialSuggestCaptor.ot_trial`, ray 2.60.0) or an
-    Optuna trial. Uses optuna 5's `Trial.storage`, `Study._storage`, `_CachedStorage._backend`,
-    `._lock`, `._studies[...].param_distribution`, `._trial_id_to_study_id_and_number` and
+    Uses optuna 5's `Study._storage`, `Trial.storage`, `_CachedStorage._backend`, `._lock`,
+    `._studies[...].param_distribution`, `._trial_id_to_study_id_and_number` and
     `RDBStorage._set_trial_param_without_commit` (no public batch write or read snapshot)."""
     from optuna.storages import RDBStorage
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    ot_trial = getattr(trial, "ot_trial", trial)
-    study, storage = ot_trial.study, ot_trial.storage
+    storage = study._storage
     backend = getattr(storage, "_backend", None)
-    if not isinstance(backend, RDBStorage) or study._storage is not storage:
+    if not isinstance(backend, RDBStorage):
         yield  # an in-memory study: nothing to save
         return
     sampling = _SamplingStorage(storage)
-    ot_trial.storage = study._storage = sampling
+    study._storage = sampling
     try:
         yield
     finally:
-        ot_trial.storage = study._storage = storage
+        study._storage = storage
         if sampling.held:
             with storage._lock:
-                study_id, _ = storage._trial_id_to_study_id_and_number[ot_trial._trial_id]
+                trial_id = sampling.held[0][0]
+                study_id, _ = storage._trial_id_to_study_id_and_number[trial_id]
                 known = storage._studies[study_id].param_distribution
                 with _create_scoped_session(backend.scoped_session, True) as session:
                     for trial_id, name, value, distribution in sampling.held:
@@ -813,12 +818,6 @@ def check() -> None:
         missing.append("optuna.trial.Trial.storage")
     if "self._storage = " not in inspect.getsource(optuna.study.Study.__init__):
         missing.append("optuna.study.Study._storage")
-    from ray.tune.search.optuna import optuna_search
-
-    if "self.ot_trial = " not in inspect.getsource(
-        optuna_search._OptunaTrialSuggestCaptor.__init__
-    ):
-        missing.append("ray.tune.search.optuna._OptunaTrialSuggestCaptor.ot_trial")
     for fn, arg in ((ray.init, "_node_ip_address"), (ray_tune.Tuner.restore, "_resume_config")):
         # ray.init takes its private arguments through **kwargs: look for the name it pops.
         if arg not in inspect.signature(fn).parameters and f'"{arg}"' not in inspect.getsource(fn):

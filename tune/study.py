@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import NullPool
 
-from tune.bridge import RAY_TRIAL_ATTR, StudySearch, one_pass_sampling
+from tune.bridge import RAY_TRIAL_ATTR, StudySearch
 from tune.config import JobConfig, SearchConfig
 from tune.errors import JobMismatchError
 from tune.space import Param, default_point, sample
@@ -45,8 +45,7 @@ class SpaceSampler:
         self.space = space
 
     def __call__(self, trial: optuna.Trial) -> None:
-        with one_pass_sampling(trial):  # the study read once, the parameters written once
-            sample(trial, self.space)
+        sample(trial, self.space)
 
 
 def rdb(url: str) -> optuna.storages.RDBStorage:
