@@ -99,10 +99,13 @@ class StudySearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         """Ray's suggest, the study read once and the parameters written once
         (`one_pass_sampling`); the trial tagged with its Ray id."""
-        with one_pass_sampling(self._ot_study):
-            params = super().suggest(trial_id)
+        try:
+            with one_pass_sampling(self._ot_study):
+                params = super().suggest(trial_id)
+        finally:  # a trial asked in the block holds the block's view of the study
+            if trial_id in self._ot_trials:
+                self._ot_trials[trial_id].storage = self._ot_study._storage
         ot_trial = self._ot_trials[trial_id]
-        ot_trial.storage = self._ot_study._storage  # asked in the block: its view of the study
         ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         self._running.add(trial_id)  # just asked: RUNNING in the study
         if params is not None:
