@@ -63,16 +63,22 @@ def watch(tracking_uri: str, parent_run_id: str, job_name: str, resume: str) -> 
 
 def _settle(tracking_uri: str, parent_run_id: str, job_name: str, resume: str, pid: str) -> int:
     """The driver died: end its runs KILLED if it left them open, and say so."""
-    from tune.tracking import client_for, finish_job_run
+    from tune.tracking import client_for, fast_fail_http, finish_job_run
 
-    run = client_for(tracking_uri).get_run(parent_run_id)
-    if run.info.status != "RUNNING":  # ended by the driver (or a resume) after all
-        return 0
-    finish_job_run(tracking_uri, parent_run_id, "KILLED")
+    try:
+        with fast_fail_http():
+            status = client_for(tracking_uri).get_run(parent_run_id).info.status
+    except Exception as exc:  # the tracking server went down with the job
+        runs = f"its MLflow runs could not be ended ({type(exc).__name__}: {exc})"
+    else:
+        if status != "RUNNING":  # ended by the driver (or a resume) after all
+            return 0
+        finish_job_run(tracking_uri, parent_run_id, "KILLED")
+        runs = "its MLflow runs ended KILLED"
     sys.stderr.write(
         f"toxtune tune: job {job_name!r} ended unfinished: its driver (pid {pid}) was killed "
         "before it could stop the job (a signal, the kernel's OOM killer, or its local Ray "
-        f"stopping under it): its MLflow runs ended KILLED. Continue it with: {resume}\n"
+        f"stopping under it): {runs}. Continue it with: {resume}\n"
     )
     sys.stderr.flush()
     return 0

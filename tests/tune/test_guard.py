@@ -5,6 +5,7 @@ The drills with a real job are in test_resume.py (a scheduler's cancel, a driver
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,3 +84,21 @@ def test_a_driver_that_ended_its_run_leaves_the_watcher_nothing_to_do(sqlite_uri
     assert "Continue it with" not in err, err
     assert client.get_run(parent).info.status == "FINISHED"
     assert client.get_run(trial).info.status == "KILLED"  # ended by the driver's own finish
+
+
+def test_a_tracking_server_gone_with_the_driver_is_named_and_the_resume_still_said() -> None:
+    """A scheduler's cancel may stop the job's MLflow server with it: the watcher cannot end
+    the runs, says so in one line (no traceback) and still names the command that continues
+    the job, before the scheduler's SIGKILL would come (Slurm's default grace: 30 s)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    driver, _ = _driver(f"http://127.0.0.1:{port}", "0123456789abcdef", "killed")
+    started = time.monotonic()
+    driver.kill()
+    _, err = driver.communicate(timeout=90)
+    assert time.monotonic() - started < 30, err
+    last = err.strip().splitlines()[-1]
+    assert "its MLflow runs could not be ended" in last, err
+    assert last.endswith(f"Continue it with: {RESUME}"), err
+    assert "Traceback" not in err, err
