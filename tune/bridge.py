@@ -97,16 +97,16 @@ class StudySearch(OptunaSearch):
         self._ot_study.sampler = self._sampler
 
     def suggest(self, trial_id: str) -> dict | None:
-        """Ray's suggest, the study read once and the parameters written once
+        """Ray's suggest, the study's changed trials read once and the parameters written once
         (`one_pass_sampling`); the trial tagged with its Ray id."""
         try:
             with one_pass_sampling(self._ot_study):
                 params = super().suggest(trial_id)
+                self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
         finally:  # a trial asked in the block holds the block's view of the study
             if trial_id in self._ot_trials:
                 self._ot_trials[trial_id].storage = self._ot_study._storage
         ot_trial = self._ot_trials[trial_id]
-        ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         self._running.add(trial_id)  # just asked: RUNNING in the study
         if params is not None:
             params["_index"] = ot_trial.number
@@ -311,16 +311,18 @@ def _write_batch(batch: list[tuple[Any, float, int]]) -> None:
 class _SamplingStorage:
     """The study's storage as one new trial's ask sees it (`one_pass_sampling`): the
     study's trials read once, every later read a filter of that reading; the trial's parameter
-    writes held for one transaction; everything else goes to the storage itself."""
+    and attribute writes held for one transaction; everything else goes to the storage
+    itself."""
 
     def __init__(self, storage: Any) -> None:
         self._storage = storage
         self._trials: dict[int, list[Any]] = {}
         self.held: list[tuple[int, str, float, Any]] = []
+        self.held_attrs: list[tuple[str, int, str, Any]] = []
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[Any]:
         if study_id not in self._trials:
-            self._trials[study_id] = self._storage.get_all_trials(study_id, deepcopy=False)
+            self._trials[study_id] = _read_changed_trials(self._storage, study_id)
         trials = self._trials[study_id]
         if states is not None:
             trials = [t for t in trials if t.state in states]
@@ -329,20 +331,144 @@ class _SamplingStorage:
     def set_trial_param(self, trial_id: int, name: str, value: float, distribution: Any) -> None:
         self.held.append((trial_id, name, value, distribution))
 
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.held_attrs.append(("TrialUserAttributeModel", trial_id, key, value))
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.held_attrs.append(("TrialSystemAttributeModel", trial_id, key, value))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._storage, name)
+
+
+def _store_held(storage: Any, sampling: _SamplingStorage) -> None:
+    """What one ask sampled and tagged, in one transaction: the parameters in one insert,
+    each checked as Optuna's `_set_trial_param_without_commit` checks it (the trial still
+    running, the distribution compatible with the study's for that name), then the
+    attributes."""
+    from optuna import distributions
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import insert
+
+    backend = storage._backend
+    trial_ids = {trial_id for trial_id, *_ in sampling.held}
+    trial_ids |= {trial_id for _, trial_id, *_ in sampling.held_attrs}
+    if not trial_ids:
+        return
+    with storage._lock:
+        study_id, _ = storage._trial_id_to_study_id_and_number[next(iter(trial_ids))]
+        known = storage._studies[study_id].param_distribution
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            for trial_id in sorted({trial_id for trial_id, *_ in sampling.held}):
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                backend.check_trial_is_updatable(trial_id, trial.state)
+            rows = []
+            for trial_id, name, value, distribution in sampling.held:
+                previous = known.get(name)
+                if previous is None:  # a name this driver has not stored: the study's own
+                    record = (
+                        session.query(models.TrialParamModel)
+                        .join(models.TrialModel)
+                        .filter(models.TrialModel.study_id == study_id)
+                        .filter(models.TrialParamModel.param_name == name)
+                        .first()
+                    )
+                    if record is not None:
+                        previous = distributions.json_to_distribution(record.distribution_json)
+                if previous is not None:
+                    distributions.check_distribution_compatibility(previous, distribution)
+                rows.append(
+                    {
+                        "trial_id": trial_id,
+                        "param_name": name,
+                        "param_value": value,
+                        "distribution_json": distributions.distribution_to_json(distribution),
+                    }
+                )
+            if rows:
+                session.execute(insert(models.TrialParamModel), rows)
+            for model, trial_id, key, value in sampling.held_attrs:
+                backend._set_trial_attr_without_commit(
+                    session, getattr(models, model), trial_id, key, value
+                )
+        for _, name, _, distribution in sampling.held:
+            known.setdefault(name, distribution)
+
+
+def _read_changed_trials(storage: Any, study_id: int) -> list[Any]:
+    """The study's trials, sorted by number, as Optuna's cached storage reads them
+    (`_CachedStorage.get_all_trials`: finished trials once, unfinished ones afresh each time),
+    except that a trial the cache last read RUNNING and the study still holds RUNNING is not
+    read again: first one query of the unfinished trials' states, then only the trials that
+    changed or are new read in full (their parameters, attributes and intermediate values).
+
+    A running trial's record changes after its ask only by its intermediate values (the
+    report thread's) and its end (the tell, in the Tune loop, which also asks): a sampler
+    reads a running trial's parameters, never its intermediate values (Optuna 5's TPE uses
+    them for pruned trials only, which are read in full once they end). So the ask proposes
+    what Optuna's own read would make it propose (a test compares them), without reading
+    every running trial with all its epochs for each new trial: at 64 trials in flight that
+    read was two thirds of a proposal (RESULTS "A new trial's cost to the driver")."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import or_
+
+    backend = storage._backend
+    with storage._lock:
+        if study_id not in storage._studies:  # the first read: everything
+            return storage.get_all_trials(study_id, deepcopy=False)
+        known = storage._studies[study_id]
+        table = models.TrialModel
+        after = table.trial_id > known.last_finished_trial_id
+        with _create_scoped_session(backend.scoped_session) as session:
+            rows = (
+                session.query(table.trial_id, table.state)
+                .filter(table.study_id == study_id)
+                .filter(
+                    or_(table.trial_id.in_(known.unfinished_trial_ids), after)
+                    if known.unfinished_trial_ids
+                    else after
+                )
+                .all()
+            )
+        changed = {
+            trial_id
+            for trial_id, state in rows
+            if trial_id not in known.unfinished_trial_ids
+            or state != optuna.trial.TrialState.RUNNING
+        }
+        if changed:
+            # Optuna's `_read_trials_from_remote_storage`, over the changed trials only
+            trials = backend._get_trials(
+                study_id,
+                states=None,
+                included_trial_ids=changed,
+                trial_id_greater_than=max(changed),
+            )
+            storage._add_trials_to_cache(study_id, trials)
+            for trial in trials:
+                if not trial.state.is_finished():
+                    known.unfinished_trial_ids.add(trial._trial_id)
+                    continue
+                known.last_finished_trial_id = max(known.last_finished_trial_id, trial._trial_id)
+                known.unfinished_trial_ids.discard(trial._trial_id)
+        return sorted(known.trials.values(), key=lambda t: t.number)
 
 
 @contextlib.contextmanager
 def one_pass_sampling(study: optuna.Study) -> Iterator[None]:
     """Ask a new trial and sample its parameters (Ray's suggest, in the Tune loop) reading the
-    study's trials once and storing the parameters in one transaction.
+    study's trials once, and of those only the ones that changed since the last ask
+    (`_read_changed_trials`), and storing the parameters, TPE's note of them and the attributes
+    set in the block in one transaction (`_store_held`).
 
     Optuna 5's TPE (constant liar, its default: running trials' parameters count against a new
     proposal) reads every trial afresh from the database for each parameter it samples alone
     and once more for the rest, `Study.ask` once more for trials queued to run, and the cached
     storage reads every unfinished trial, with all its intermediate values, each time; and
-    each `suggest_*` commits its parameter on its own. At 64 trials in flight that was a
+    each `suggest_*` commits its parameter on its own (a trial lookup and an insert each), as
+    does each attribute. At 64 trials in flight that was a
     quarter to a third of a second of the Tune loop per new trial (RESULTS "A new trial's cost
     to the driver"). Within one ask the study's other trials do not change (the driver is the
     study's one writer, and its report thread adds only intermediate values, which the sampler
@@ -352,10 +478,12 @@ def one_pass_sampling(study: optuna.Study) -> Iterator[None]:
     storage: give it back the study's after (`trial.storage = study._storage`).
 
     Uses optuna 5's `Study._storage`, `Trial.storage`, `_CachedStorage._backend`, `._lock`,
-    `._studies[...].param_distribution`, `._trial_id_to_study_id_and_number` and
-    `RDBStorage._set_trial_param_without_commit` (no public batch write or read snapshot)."""
+    `._studies[...].param_distribution`, `._trial_id_to_study_id_and_number`,
+    `RDBStorage._set_trial_attr_without_commit` and the tables' models (`TrialModel`,
+    `TrialParamModel`, the attribute models) to write (no public batch write or read snapshot),
+    and to read `_CachedStorage._add_trials_to_cache`, `._studies[...].unfinished_trial_ids`,
+    `.last_finished_trial_id`, `.trials` and `RDBStorage._get_trials`."""
     from optuna.storages import RDBStorage
-    from optuna.storages._rdb.storage import _create_scoped_session
 
     storage = study._storage
     backend = getattr(storage, "_backend", None)
@@ -368,18 +496,7 @@ def one_pass_sampling(study: optuna.Study) -> Iterator[None]:
         yield
     finally:
         study._storage = storage
-        if sampling.held:
-            with storage._lock:
-                trial_id = sampling.held[0][0]
-                study_id, _ = storage._trial_id_to_study_id_and_number[trial_id]
-                known = storage._studies[study_id].param_distribution
-                with _create_scoped_session(backend.scoped_session, True) as session:
-                    for trial_id, name, value, distribution in sampling.held:
-                        backend._set_trial_param_without_commit(
-                            session, trial_id, name, value, distribution, known.get(name)
-                        )
-                for _, name, _, distribution in sampling.held:
-                    known.setdefault(name, distribution)
+        _store_held(storage, sampling)
 
 
 def with_console_metrics(trainable: Any, names: list[str]) -> Any:
@@ -795,7 +912,10 @@ def check() -> None:
     from optuna.storages._rdb import models as rdb_models
 
     wanted = {
-        "TrialModel": ("trial_id", "state"),
+        "TrialModel": ("trial_id", "study_id", "state", "find_or_raise_by_id"),
+        "TrialParamModel": ("trial_id", "param_name", "param_value", "distribution_json"),
+        "TrialUserAttributeModel": ("trial_id", "key", "value_json"),
+        "TrialSystemAttributeModel": ("trial_id", "key", "value_json"),
         "TrialIntermediateValueModel": (
             "trial_id",
             "step",
@@ -813,10 +933,14 @@ def check() -> None:
     for attr in ("_backend", "_lock", "_studies", "_trial_id_to_study_id_and_number"):
         if f"self.{attr}" not in cached_init:
             missing.append(f"optuna.storages._CachedStorage.{attr}")
-    if not hasattr(_cached_storage._StudyInfo(), "param_distribution"):
-        missing.append("optuna.storages._cached_storage._StudyInfo.param_distribution")
-    if not callable(getattr(rdb_storage.RDBStorage, "_set_trial_param_without_commit", None)):
-        missing.append("optuna.storages.RDBStorage._set_trial_param_without_commit")
+    for attr in ("param_distribution", "unfinished_trial_ids", "last_finished_trial_id", "trials"):
+        if not hasattr(_cached_storage._StudyInfo(), attr):
+            missing.append(f"optuna.storages._cached_storage._StudyInfo.{attr}")
+    if not callable(getattr(_cached_storage._CachedStorage, "_add_trials_to_cache", None)):
+        missing.append("optuna.storages._CachedStorage._add_trials_to_cache")
+    for attr in ("_set_trial_attr_without_commit", "_get_trials", "check_trial_is_updatable"):
+        if not callable(getattr(rdb_storage.RDBStorage, attr, None)):
+            missing.append(f"optuna.storages.RDBStorage.{attr}")
     if "self.storage = " not in inspect.getsource(optuna.trial.Trial.__init__):
         missing.append("optuna.trial.Trial.storage")
     if "self._storage = " not in inspect.getsource(optuna.study.Study.__init__):
