@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from tune.bridge import RAY_TRIAL_ATTR, StudySearch
 from tune.config import JobConfig, SearchConfig
@@ -48,19 +48,34 @@ class SpaceSampler:
         sample(trial, self.space)
 
 
-def rdb(url: str) -> optuna.storages.RDBStorage:
+def rdb(url: str, pooled: bool = False) -> optuna.storages.RDBStorage:
     """Optuna's storage for `url`. A server database (PostgreSQL, MySQL) is reached without a
     connection pool: each call opens and closes its connection, so the many short looks a job
-    and its searcher take never pile up idle connections on a team's shared server (its
+    and its commands take never pile up idle connections on a team's shared server (its
     `max_connections` is finite; pooled engines are only released at garbage collection).
-    Once the server has answered, a connection it refuses (restarted, failing over) is retried
-    for up to SERVER_PATIENCE_S (`WaitingNullPool`) instead of failing the job.
+    `pooled`: the one storage a driver keeps for the whole search (its searcher's) holds up to
+    POOL_SIZE connections open instead, two of them idle at most: every Optuna call is a
+    session, and a fresh connection for each cost a new trial's proposal and a trial's tell
+    about 5 ms a session (RESULTS "A new trial's cost to the driver"). Once the server has
+    answered, a connection it refuses (restarted, failing over) is retried for up to
+    SERVER_PATIENCE_S (`WaitingNullPool`, `WaitingQueuePool`, which also replaces a pooled
+    connection the restart cut) instead of failing the job.
 
     A database driver that is not installed is a ConfigError naming it and the extra that
     brings PostgreSQL's (`toxtune[team]`), not optuna's bare ImportError."""
     from tune.errors import ConfigError
 
-    kwargs = {} if url.startswith("sqlite:") else {"engine_kwargs": {"poolclass": WaitingNullPool}}
+    kwargs: dict[str, Any] = {}
+    if not url.startswith("sqlite:"):
+        engine: dict[str, Any] = {"poolclass": WaitingNullPool}
+        if pooled:
+            engine = {
+                "poolclass": WaitingQueuePool,
+                "pool_size": 2,  # kept open: the Tune loop's and the report thread's
+                "max_overflow": POOL_SIZE - 2,
+                "pool_pre_ping": True,
+            }
+        kwargs = {"engine_kwargs": engine}
     try:
         return _open_waiting(url, kwargs)
     except ImportError as exc:  # optuna re-raises SQLAlchemy's failed `import <driver>`
@@ -95,33 +110,54 @@ _UNREACHABLE = (
 )
 
 
-class WaitingNullPool(NullPool):
-    """A NullPool (a fresh connection per use) that waits through a server restart.
+POOL_SIZE = 4  # connections a driver's searcher storage holds at most (`rdb(pooled=True)`)
+
+
+class _WaitsForServer:
+    """A SQLAlchemy pool whose new connections wait through a server restart.
 
     Once a connection succeeded, a connection the server refuses (restarting, failing over) is
     retried with backoff for up to SERVER_PATIENCE_S: a team's PostgreSQL restarted mid-job
     stalls the job's study accesses (the Tune loop, the report thread) while it is down instead
     of ending the job with SQLAlchemy's OperationalError. An operation whose connection the
-    restart cuts while it runs still fails; with no pool, a connection lives for one operation
-    (milliseconds). A plain module-level class: Tune pickles the storage with its searcher.
+    restart cuts while it runs still fails. The pool makes every connection through its
+    creator (SQLAlchemy 2's `Pool._invoke_creator`), a new one and one that replaces a pooled
+    connection found dead by the pre-ping alike, so waiting there covers both. A plain
+    module-level class: Tune pickles the storage with its searcher.
     """
 
     reached = False  # set on the instance by its first connection
 
-    def _do_get(self) -> Any:
-        delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
-        while True:
-            try:
-                record = super()._do_get()
-            except Exception as exc:
-                if not (self.reached and _unreachable(exc)) or time.monotonic() > deadline:
-                    raise
-                log.warning("the study database is unreachable, waiting: %s", _first_line(exc))
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self.reached = True
-            return record
+    def __init__(self, creator: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(creator, *args, **kwargs)  # type: ignore[call-arg]
+        connect = self._invoke_creator  # type: ignore[has-type]
+
+        def waiting(record: Any) -> Any:
+            delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
+            while True:
+                try:
+                    connection = connect(record)
+                except Exception as exc:
+                    if not (self.reached and _unreachable(exc)) or time.monotonic() > deadline:
+                        raise
+                    log.warning("the study database is unreachable, waiting: %s", _first_line(exc))
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                self.reached = True
+                return connection
+
+        self._invoke_creator = waiting
+
+
+class WaitingNullPool(_WaitsForServer, NullPool):
+    """A NullPool (a fresh connection per use) that waits through a server restart; with no
+    pool, a connection lives for one operation (milliseconds)."""
+
+
+class WaitingQueuePool(_WaitsForServer, QueuePool):
+    """A QueuePool that waits through a server restart; its pre-ping finds a pooled connection
+    the restart cut, and the connection that replaces it waits for the server."""
 
 
 _ANSWERED: set[str] = set()  # study database URLs this process has opened
@@ -129,8 +165,8 @@ _ANSWERED: set[str] = set()  # study database URLs this process has opened
 
 def _open_waiting(url: str, kwargs: dict) -> optuna.storages.RDBStorage:
     """Open the storage; a server this process opened before (a job's second look at its
-    study) is waited for as `WaitingNullPool` waits, one never reached is refused at once (a
-    wrong host or port is a configuration error, not a restart)."""
+    study) is waited for as its pools wait (`_WaitsForServer`), one never reached is refused
+    at once (a wrong host or port is a configuration error, not a restart)."""
     delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
     while True:
         try:
@@ -316,7 +352,7 @@ def make_searcher(
     job: JobConfig, space: dict[str, Param], first_run: bool
 ) -> tuple[StudySearch, optuna.Study]:
     """Ray's searcher over the job's persistent study (created on the first run)."""
-    storage = rdb(job.study_storage)
+    storage = rdb(job.study_storage, pooled=True)
     found = optuna.create_study(
         storage=storage, study_name=job.name, direction="maximize", load_if_exists=True
     )

@@ -11,6 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.team_stack import postgres_available, postgres_server
 from tests.tune.conftest import tiny_job
 from tune import study
 from tune.config import JobConfig
@@ -324,3 +325,58 @@ def test_the_study_is_counted_and_its_orphans_failed_without_reading_its_trials(
     assert [states[f"live{i}"].name for i in range(3)] == ["RUNNING", "FAIL", "FAIL"]
     assert study.remaining(job) == 40 - 27
     assert study.count_trials(job) == 28
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not postgres_available(), reason="PostgreSQL server binaries not installed")
+def test_a_drivers_pooled_study_waits_through_a_server_restart_and_holds_few_connections() -> None:
+    """The searcher's study storage keeps its connections (a fresh one per Optuna call cost a
+    proposal and a tell 5 ms a call), at most POOL_SIZE open from two threads at once, and a
+    pooled connection that a server restart cut is replaced by one that waits for the server
+    back: the next ask succeeds once it is, instead of failing the job."""
+    import threading
+    import time
+
+    import sqlalchemy
+
+    with postgres_server() as pg:
+        url = pg.create_database("study")
+        storage = study.rdb(url, pooled=True)
+        found = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+        watcher = sqlalchemy.create_engine(pg.url("postgres"), poolclass=sqlalchemy.pool.NullPool)
+
+        def connections() -> int:
+            with watcher.connect() as conn:
+                return conn.execute(
+                    sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = 'study'")
+                ).scalar_one()
+
+        def asks(n: int) -> None:
+            for _ in range(n):
+                found.tell(found.ask(), 0.5)
+
+        workers = [threading.Thread(target=asks, args=(10,)) for _ in range(2)]
+        for w in workers:
+            w.start()
+        seen = []
+        while any(w.is_alive() for w in workers):
+            seen.append(connections())
+            time.sleep(0.01)
+        for w in workers:
+            w.join()
+        assert 1 <= max(seen) <= study.POOL_SIZE, seen
+        assert 1 <= connections() <= 2  # kept open for the next call, no more
+
+        pg.stop()  # the pooled connections are cut
+        restarted = threading.Timer(3.0, pg.start)
+        restarted.start()
+        started = time.monotonic()
+        try:
+            trial = found.ask()
+        finally:
+            restarted.join()
+        assert time.monotonic() - started >= 2.5  # it waited for the server
+        found.tell(trial, 0.7)
+        reread = optuna.load_study(study_name="s", storage=study.rdb(url))
+        assert len(reread.trials) == 21 and reread.best_value == 0.7
+        watcher.dispose()
