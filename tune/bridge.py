@@ -399,9 +399,10 @@ def _store_held(storage: Any, sampling: _SamplingStorage) -> None:
 def _read_changed_trials(storage: Any, study_id: int) -> list[Any]:
     """The study's trials, sorted by number, as Optuna's cached storage reads them
     (`_CachedStorage.get_all_trials`: finished trials once, unfinished ones afresh each time),
-    except that a trial the cache last read RUNNING and the study still holds RUNNING is not
-    read again: first one query of the unfinished trials' states, then only the trials that
-    changed or are new read in full (their parameters, attributes and intermediate values).
+    except that a trial the cache last read RUNNING (not queued: a trial read WAITING lacks
+    the parameters its ask gives it) and the study still holds RUNNING is not read again:
+    first one query of the unfinished trials' states, then only the trials that changed or
+    are new read in full (their parameters, attributes and intermediate values).
 
     A running trial's record changes after its ask only by its intermediate values (the
     report thread's) and its end (the tell, in the Tune loop, which also asks): a sampler
@@ -432,11 +433,14 @@ def _read_changed_trials(storage: Any, study_id: int) -> list[Any]:
                 )
                 .all()
             )
-        changed = {
+        running = optuna.trial.TrialState.RUNNING
+        read_running = {  # a trial read WAITING (queued) was read without its parameters
             trial_id
-            for trial_id, state in rows
-            if trial_id not in known.unfinished_trial_ids
-            or state != optuna.trial.TrialState.RUNNING
+            for trial_id in known.unfinished_trial_ids
+            if known.trials[storage._trial_id_to_study_id_and_number[trial_id][1]].state == running
+        }
+        changed = {
+            trial_id for trial_id, state in rows if trial_id not in read_running or state != running
         }
         if changed:
             # Optuna's `_read_trials_from_remote_storage`, over the changed trials only

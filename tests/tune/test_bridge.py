@@ -363,9 +363,10 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
     tmp_path: Path,
 ) -> None:
     """Trials asked one after another while earlier ones run, report epochs and end
-    (COMPLETE, PRUNED on their last epoch, FAIL): each new trial is proposed and stored as
-    Optuna's own ask would, and a running trial is read with its epochs once, not again for
-    every later proposal; only the trials that ended or were new since the last ask are."""
+    (COMPLETE, PRUNED on their last epoch, FAIL), one of them queued first (as the default
+    point is): each new trial is proposed and stored as Optuna's own ask would, and a running
+    trial is read with its epochs once, not again for every later proposal; only the trials
+    that ended or were new since the last ask are."""
     import optuna
     from ray.tune.search.optuna.optuna_search import _OptunaTrialSuggestCaptor
 
@@ -392,6 +393,9 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
                 intermediate_values={1: 0.4 + i / 50},
             )
         )
+    queued = memory.ask()
+    sample(queued, space)
+    queued = queued.params
     endings = [
         (optuna.trial.TrialState.COMPLETE, 0.93),
         (optuna.trial.TrialState.PRUNED, None),  # ranked by its last epoch
@@ -431,6 +435,9 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
         storage._backend._get_trials = counted
         per_ask = []
         for r in range(9):
+            if r == 2:  # queued, as the default point is: read WAITING, then asked
+                found.enqueue_trial(queued)
+                found.get_trials()  # the storage reads it waiting, before its ask
             before = len(read)
             running.append(ask(found)._trial_id)
             per_ask.append(len(read) - before)
