@@ -202,6 +202,20 @@ class Postgres:
         _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), name])
         return self.url(name)
 
+    def connections(self, database: str) -> int:
+        """Sessions open on `database` now, this look's own aside."""
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.url("postgres"), poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(
+                    sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d"),
+                    {"d": database},
+                ).scalar_one()
+        finally:
+            engine.dispose()
+
     def stop(self) -> None:
         """Stop the server as a restart does (`-m fast`: open sessions are terminated)."""
         _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.root / "pgdata"), "-m", "fast",

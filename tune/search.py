@@ -224,6 +224,21 @@ def search(
     if job.ray.address or os.environ.get("RAY_ADDRESS"):
         # Every node must see the results folder: refuse before any trial runs (names the node).
         check_cluster_storage(job.storage.uri)
+    try:
+        return _rounds(job, data, parent_run_id, faults, stops, started)
+    finally:
+        study.release_connections()  # the searcher's kept ones, however the search ended
+
+
+def _rounds(
+    job: JobConfig,
+    data: PreparedData,
+    parent_run_id: str,
+    faults: FaultPlan | None,
+    stops: StopSignals,
+    started: float,
+) -> SearchOutcome:
+    """`search`'s rounds: the interrupted one restored, a new one for the trials still due."""
     rounds = Rounds.load(job)
     dataset = tracking.dataset_info(data.table, job.split)
     witness = bridge.StopWitness(stops.note)  # a stop Tune catches still stops the job

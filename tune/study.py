@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,27 @@ class WaitingNullPool(_WaitsForServer, NullPool):
 
 class WaitingQueuePool(_WaitsForServer, QueuePool):
     """A QueuePool that waits through a server restart; its pre-ping finds a pooled connection
-    the restart cut, and the connection that replaces it waits for the server."""
+    the restart cut, and the connection that replaces it waits for the server.
+
+    Each is noted in `_KEEPING` (weakly) so that `release_connections` can close the kept
+    connections when the search ends: the searcher outlives the search (Ray keeps it), and a
+    notebook that ran ten jobs would otherwise hold twenty idle connections on the team's
+    server. A restored searcher's pool is made by Ray's unpickling, out of toxtune's reach, so
+    the pools note themselves."""
+
+    def __init__(self, creator: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(creator, *args, **kwargs)
+        _KEEPING.add(self)
+
+
+_KEEPING: weakref.WeakSet[WaitingQueuePool] = weakref.WeakSet()
+
+
+def release_connections() -> None:
+    """Close the connections the searchers' storages keep (`rdb(pooled=True)`); a later use
+    of such a storage opens them again."""
+    for pool in list(_KEEPING):
+        pool.dispose()
 
 
 _ANSWERED: set[str] = set()  # study database URLs this process has opened

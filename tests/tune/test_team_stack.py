@@ -272,11 +272,15 @@ def test_postgres_restarted_mid_job_loses_no_trial_and_no_epoch(
     job = _team_job(
         tmp_path, small_csv, stack, name, **{"search.max_epochs": 4, "search.scheduler": "fifo"}
     )
+    before = stack.pg.connections("optuna")  # earlier tests' looks at the study
     thread = _when_checkpointed(stack, name, lambda: _restart(stack.pg, down_s=5.0))
     try:
         result = run_job(job, faults=FaultPlan(slow_epochs_s=1.0), progress=False)
     finally:
         thread.join()
+    # the searcher kept its study connections through the job, and closed them at its end
+    # (before this test's own look at the study opens one)
+    assert stack.pg.connections("optuna") <= before
     _assert_whole_record(stack, job, result)
 
 
