@@ -270,38 +270,13 @@ def test_a_new_trial_is_proposed_as_optuna_would_from_one_read_and_stored_in_one
     written in one commit, not a read per parameter sampled alone (and one for the ask) and a
     commit per parameter. A sampling that fails keeps what it sampled."""
     import optuna
-    from ray.tune.search.optuna.optuna_search import _OptunaTrialSuggestCaptor
     from sqlalchemy import event
 
     from tests.tune.conftest import tiny_job
     from tune import study as study_module
-    from tune.space import build_space, sample
 
-    space = build_space()
     search = tiny_job(tmp_path, tmp_path / "unused.csv").search
-    memory = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    earlier = []
-    for i in range(16):
-        trial = memory.ask()
-        sample(trial, space)
-        state = optuna.trial.TrialState.COMPLETE if i < 12 else optuna.trial.TrialState.RUNNING
-        earlier.append(
-            optuna.trial.create_trial(
-                params=trial.params,
-                distributions=trial.distributions,
-                value=0.5 + i / 100 if i < 12 else None,
-                state=state,
-            )
-        )
-
-    def own(found: optuna.Study) -> None:
-        sample(_OptunaTrialSuggestCaptor(found.ask()), space)
-
-    def one_pass(found: optuna.Study) -> None:
-        with bridge.one_pass_sampling(found):
-            trial = found.ask()
-            sample(_OptunaTrialSuggestCaptor(trial), space)
-        trial.storage = found._storage
+    earlier = _earlier_trials(16, finished=12, seed=0)
 
     def proposed(url: str, ask: Any) -> tuple[list[object], list[int], list[int]]:
         found = optuna.create_study(
@@ -341,8 +316,10 @@ def test_a_new_trial_is_proposed_as_optuna_would_from_one_read_and_stored_in_one
         ]
         return stored, per_trial_commits, per_trial_reads
 
-    optunas, optunas_commits, optunas_reads = proposed(f"sqlite:///{tmp_path / 'a.db'}", own)
-    ours, our_commits, our_reads = proposed(f"sqlite:///{tmp_path / 'b.db'}", one_pass)
+    optunas, optunas_commits, optunas_reads = proposed(
+        f"sqlite:///{tmp_path / 'a.db'}", _optunas_ask
+    )
+    ours, our_commits, our_reads = proposed(f"sqlite:///{tmp_path / 'b.db'}", _one_pass_ask)
     assert ours == optunas
     # reads of trials with their intermediate values: the study once (and the new trial
     # once), not once for the ask and once for each parameter sampled alone
@@ -368,51 +345,22 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
     trial is read with its epochs once, not again for every later proposal; only the trials
     that ended or were new since the last ask are."""
     import optuna
-    from ray.tune.search.optuna.optuna_search import _OptunaTrialSuggestCaptor
 
     from tests.tune.conftest import tiny_job
     from tune import study as study_module
     from tune.space import build_space, sample
 
-    space = build_space()
     search = tiny_job(tmp_path, tmp_path / "unused.csv").search
-    memory = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    earlier = []
-    for i in range(14):
-        trial = memory.ask()
-        sample(trial, space)
-        finished = i < 8
-        earlier.append(
-            optuna.trial.create_trial(
-                params=trial.params,
-                distributions=trial.distributions,
-                value=0.5 + i / 100 if finished else None,
-                state=optuna.trial.TrialState.COMPLETE
-                if finished
-                else optuna.trial.TrialState.RUNNING,
-                intermediate_values={1: 0.4 + i / 50},
-            )
-        )
+    earlier = _earlier_trials(14, finished=8, seed=1)
+    memory = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
     queued = memory.ask()
-    sample(queued, space)
+    sample(queued, build_space())
     queued = queued.params
     endings = [
         (optuna.trial.TrialState.COMPLETE, 0.93),
         (optuna.trial.TrialState.PRUNED, None),  # ranked by its last epoch
         (optuna.trial.TrialState.FAIL, None),
     ]
-
-    def own(found: optuna.Study) -> optuna.Trial:
-        trial = found.ask()
-        sample(_OptunaTrialSuggestCaptor(trial), space)
-        return trial
-
-    def one_pass(found: optuna.Study) -> optuna.Trial:
-        with bridge.one_pass_sampling(found):
-            trial = found.ask()
-            sample(_OptunaTrialSuggestCaptor(trial), space)
-        trial.storage = found._storage
-        return trial
 
     def proposed(url: str, ask: Any) -> tuple[list[object], list[int]]:
         found = optuna.create_study(
@@ -451,10 +399,55 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
         stored = [(t.params, t.distributions) for t in reread.trials[len(earlier) :]]
         return stored, per_ask
 
-    optunas, optunas_reads = proposed(f"sqlite:///{tmp_path / 'a.db'}", own)
-    ours, our_reads = proposed(f"sqlite:///{tmp_path / 'b.db'}", one_pass)
+    optunas, optunas_reads = proposed(f"sqlite:///{tmp_path / 'a.db'}", _optunas_ask)
+    ours, our_reads = proposed(f"sqlite:///{tmp_path / 'b.db'}", _one_pass_ask)
     assert ours == optunas
     # six trials run beside each new one: Optuna reads all of them for each proposal (several
     # times); the one-pass read takes the last ask's new trial, still running, once
     assert min(optunas_reads[1:]) >= 6, optunas_reads
     assert max(our_reads[1:]) <= 1, our_reads
+
+
+def _earlier_trials(n: int, finished: int, seed: int) -> list[Any]:
+    """`n` trials of the job's space at random points, the first `finished` COMPLETE, the
+    rest RUNNING; each with one epoch's value."""
+    import optuna
+
+    from tune.space import build_space, sample
+
+    space = build_space()
+    memory = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for i in range(n):
+        trial = memory.ask()
+        sample(trial, space)
+        done = i < finished
+        out.append(
+            optuna.trial.create_trial(
+                params=trial.params,
+                distributions=trial.distributions,
+                value=0.5 + i / 100 if done else None,
+                state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.RUNNING,
+                intermediate_values={1: 0.4 + i / 50},
+            )
+        )
+    return out
+
+
+def _optunas_ask(found: Any) -> Any:
+    """A new trial as Optuna alone asks and samples it (the job's space, Ray's captor)."""
+    from ray.tune.search.optuna.optuna_search import _OptunaTrialSuggestCaptor
+
+    from tune.space import build_space, sample
+
+    trial = found.ask()
+    sample(_OptunaTrialSuggestCaptor(trial), build_space())
+    return trial
+
+
+def _one_pass_ask(found: Any) -> Any:
+    """The same ask inside `one_pass_sampling`, as `StudySearch.suggest` makes it."""
+    with bridge.one_pass_sampling(found):
+        trial = _optunas_ask(found)
+    trial.storage = found._storage
+    return trial
