@@ -272,20 +272,12 @@ def test_a_new_trial_is_proposed_as_optuna_would_from_one_read_and_stored_in_one
     import optuna
     from sqlalchemy import event
 
-    from tests.tune.conftest import tiny_job
     from tune import study as study_module
 
-    search = tiny_job(tmp_path, tmp_path / "unused.csv").search
     earlier = _earlier_trials(16, finished=12, seed=0)
 
     def proposed(url: str, ask: Any) -> tuple[list[object], list[int], list[int]]:
-        found = optuna.create_study(
-            storage=study_module.rdb(url),
-            study_name="s",
-            direction="maximize",
-            sampler=study_module.make_sampler(search, 0),
-        )
-        found.add_trials(earlier)
+        found = _job_study(url, tmp_path, earlier)
         engine = found._storage._backend.engine
         commits: list[int] = []  # transactions that wrote
         reads: list[int] = []
@@ -346,11 +338,9 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
     that ended or were new since the last ask are."""
     import optuna
 
-    from tests.tune.conftest import tiny_job
     from tune import study as study_module
     from tune.space import build_space, sample
 
-    search = tiny_job(tmp_path, tmp_path / "unused.csv").search
     earlier = _earlier_trials(14, finished=8, seed=1)
     memory = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
     queued = memory.ask()
@@ -363,13 +353,7 @@ def test_a_running_trial_is_read_in_full_once_and_proposals_stay_optunas_as_tria
     ]
 
     def proposed(url: str, ask: Any) -> tuple[list[object], list[int]]:
-        found = optuna.create_study(
-            storage=study_module.rdb(url),
-            study_name="s",
-            direction="maximize",
-            sampler=study_module.make_sampler(search, 0),
-        )
-        found.add_trials(earlier)
+        found = _job_study(url, tmp_path, earlier)
         storage = found._storage
         running = [t._trial_id for t in found.trials if t.state.name == "RUNNING"]
         read: list[int] = []
@@ -451,3 +435,20 @@ def _one_pass_ask(found: Any) -> Any:
         trial = _optunas_ask(found)
     trial.storage = found._storage
     return trial
+
+
+def _job_study(url: str, tmp_path: Path, earlier: list[Any]) -> Any:
+    """A study at `url` holding `earlier`, sampled by the job's TPE (seeded as a new job's)."""
+    import optuna
+
+    from tests.tune.conftest import tiny_job
+    from tune import study as study_module
+
+    found = optuna.create_study(
+        storage=study_module.rdb(url),
+        study_name="s",
+        direction="maximize",
+        sampler=study_module.make_sampler(tiny_job(tmp_path, tmp_path / "unused.csv").search, 0),
+    )
+    found.add_trials(earlier)
+    return found
