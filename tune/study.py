@@ -17,8 +17,9 @@ import hashlib
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from sqlalchemy.engine import make_url
@@ -37,6 +38,7 @@ from tune.trainable import SCORE
 log = logging.getLogger(__name__)
 
 METRIC, MODE = SCORE, "max"
+T = TypeVar("T")
 
 
 class SpaceSampler:
@@ -134,19 +136,11 @@ class _WaitsForServer:
         connect = self._invoke_creator  # type: ignore[has-type]
 
         def waiting(record: Any) -> Any:
-            delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
-            while True:
-                try:
-                    connection = connect(record)
-                except Exception as exc:
-                    if not (self.reached and _unreachable(exc)) or time.monotonic() > deadline:
-                        raise
-                    log.warning("the study database is unreachable, waiting: %s", _first_line(exc))
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                self.reached = True
-                return connection
+            connection = _waiting_for_server(
+                lambda: connect(record), lambda: self.reached, Exception, "the study database"
+            )
+            self.reached = True
+            return connection
 
         self._invoke_creator = waiting
 
@@ -188,19 +182,35 @@ def _open_waiting(url: str, kwargs: dict) -> optuna.storages.RDBStorage:
     """Open the storage; a server this process opened before (a job's second look at its
     study) is waited for as its pools wait (`_WaitsForServer`), one never reached is refused
     at once (a wrong host or port is a configuration error, not a restart)."""
+    storage = _waiting_for_server(
+        lambda: _open_racing_creators(url, kwargs),
+        lambda: url in _ANSWERED,
+        (OperationalError, optuna.exceptions.StorageInternalError),
+        f"the study database {shown(url)}",
+    )
+    _ANSWERED.add(url)
+    return storage
+
+
+def _waiting_for_server(
+    call: Callable[[], T],
+    may_wait: Callable[[], bool],
+    errors: type[BaseException] | tuple[type[BaseException], ...],
+    what: str,
+) -> T:
+    """`call()`, retried with backoff for up to SERVER_PATIENCE_S while it raises `errors`
+    that say the server is down or restarting (`_unreachable`) and `may_wait()` holds (the
+    server answered before: one never reached is a configuration error, refused at once)."""
     delay, deadline = 0.25, time.monotonic() + SERVER_PATIENCE_S
     while True:
         try:
-            storage = _open_racing_creators(url, kwargs)
-        except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
-            if not (url in _ANSWERED and _unreachable(exc)) or time.monotonic() > deadline:
+            return call()
+        except errors as exc:
+            if not (may_wait() and _unreachable(exc)) or time.monotonic() > deadline:
                 raise
-            log.warning("study database %s unreachable, waiting: %s", shown(url), _first_line(exc))
+            log.warning("%s is unreachable, waiting: %s", what, _first_line(exc))
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-            continue
-        _ANSWERED.add(url)
-        return storage
 
 
 def _unreachable(exc: BaseException) -> bool:
