@@ -352,15 +352,15 @@ def _store_held(storage: Any, sampling: _SamplingStorage) -> None:
     from sqlalchemy import insert
 
     backend = storage._backend
-    trial_ids = {trial_id for trial_id, *_ in sampling.held}
-    trial_ids |= {trial_id for _, trial_id, *_ in sampling.held_attrs}
-    if not trial_ids:
+    sampled = sorted({trial_id for trial_id, *_ in sampling.held})
+    tagged = [trial_id for _, trial_id, *_ in sampling.held_attrs]
+    if not (sampled or tagged):
         return
     with storage._lock:
-        study_id, _ = storage._trial_id_to_study_id_and_number[next(iter(trial_ids))]
+        study_id, _ = storage._trial_id_to_study_id_and_number[(sampled or tagged)[0]]
         known = storage._studies[study_id].param_distribution
         with _create_scoped_session(backend.scoped_session, True) as session:
-            for trial_id in sorted({trial_id for trial_id, *_ in sampling.held}):
+            for trial_id in sampled:  # the attribute writes check their trial themselves
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
                 backend.check_trial_is_updatable(trial_id, trial.state)
             rows = []
