@@ -58,6 +58,7 @@ CONSOLE_METRICS = (
 )
 DONE_FILE = "toxtune_done.json"
 PROGRESS_EVERY_S = 30.0  # one console summary line per this many seconds
+ENDED_LINES = 10  # ended trials' lines per interval; the best trial's line is always printed
 
 
 class ProgressLine(ray_tune.Callback):
@@ -67,14 +68,18 @@ class ProgressLine(ray_tune.Callback):
     and end and a status table every 30 s; with tens of trials in flight that is a screen a
     second. Here: `search 2:30 | 64 running, 0 pending, 12 done, 1 failed | 23,040 results,
     153/s | best best_val_roc_auc 0.8123 (trial ab12cd34)` every `every_s`, and each ended
-    trial's CONSOLE_METRICS in one line.
+    trial's CONSOLE_METRICS in one line. Under ASHA with tens of trials in flight, trials end
+    several a second; so at most `ended_lines` such lines per interval, and beyond them only
+    the line of a trial that ends as the best so far. The interval's line counts the rest
+    (`| 57 more trials ended`); every trial's run is in MLflow either way.
     """
 
-    def __init__(self, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.every_s = every_s
+    def __init__(self, every_s: float = PROGRESS_EVERY_S, ended_lines: int = ENDED_LINES) -> None:
+        self.every_s, self.ended_lines = every_s, ended_lines
         self._start = self._last = time.monotonic()
         self._results = self._last_results = 0
         self._best: tuple[float, str] | None = None
+        self._ended_shown = self._ended_unshown = 0  # in the current interval
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -96,6 +101,11 @@ class ProgressLine(ray_tune.Callback):
             if k in last
         )
         epochs = last.get("training_iteration", 0)
+        is_best = self._best is not None and self._best[1] == str(trial.trial_id)
+        if self._ended_shown >= self.ended_lines and not is_best:
+            self._ended_unshown += 1
+            return
+        self._ended_shown += 1
         print(f"trial {trial.trial_id} ended after {epochs} epochs: {shown}", flush=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -107,13 +117,16 @@ class ProgressLine(ray_tune.Callback):
         rate = (self._results - self._last_results) / max(now - self._last, 1e-9)
         minutes, seconds = divmod(int(now - self._start), 60)
         best = f" | best {METRIC} {self._best[0]:.4f} (trial {self._best[1]})" if self._best else ""
+        unshown = f" | {self._ended_unshown} more trials ended" if self._ended_unshown else ""
         print(
             f"search {minutes}:{seconds:02d} | {status.count('RUNNING')} running, "
             f"{status.count('PENDING')} pending, {status.count('TERMINATED')} done, "
-            f"{status.count('ERROR')} failed | {self._results:,} results, {rate:.0f}/s{best}",
+            f"{status.count('ERROR')} failed | {self._results:,} results, {rate:.0f}/s{best}"
+            f"{unshown}",
             flush=True,
         )
         self._last, self._last_results = now, self._results
+        self._ended_shown = self._ended_unshown = 0
 
 
 @dataclass
