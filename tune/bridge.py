@@ -528,6 +528,17 @@ def init_local_ray(num_cpus: int | None, num_gpus: int | None, **kwargs: Any) ->
     )
 
 
+def local_ray_session_dir() -> str | None:
+    """The session folder of the Ray this process started itself, or None when it joined a
+    cluster or started none (ray 2.60.0: the private `ray._private.worker._global_node`, the
+    node ray.init made; `head` is False for a node it only connected to). Every process of that
+    Ray holds its log files open under this folder (`tune.guard` finds its leftovers by it)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.head:
+        return None
+    return str(node.get_session_dir_path())
+
+
 def restore_tuner(path: str, trainable: Any, callbacks: list[Any]) -> ray_tune.Tuner:
     """Restore an interrupted experiment with this driver's callbacks.
 
@@ -953,6 +964,15 @@ def check() -> None:
         # ray.init takes its private arguments through **kwargs: look for the name it pops.
         if arg not in inspect.signature(fn).parameters and f'"{arg}"' not in inspect.getsource(fn):
             missing.append(f"{fn.__qualname__}({arg}=...)")
+    from ray._private import node as ray_node
+    from ray._private import worker as ray_worker
+
+    if not hasattr(ray_worker, "_global_node"):
+        missing.append("ray._private.worker._global_node")
+    if "self.head = " not in inspect.getsource(ray_node.Node.__init__) or not callable(
+        getattr(ray_node.Node, "get_session_dir_path", None)
+    ):
+        missing.append("ray._private.node.Node.head / get_session_dir_path")
     for name in RAY_ANALYSES:
         if getattr(importlib.import_module(name), "ExperimentAnalysis", None) is not (
             ray_tune.ExperimentAnalysis

@@ -8,6 +8,10 @@ starts this watcher beside the job (`watch`): a small process holding the read e
 whose write end only the driver holds. The driver writes `settled` once it has ended its job run
 itself (`Watch.settled`); a pipe that closes without that word means the driver died, and the
 watcher then ends the job's runs KILLED, as a stop that gives up does, and says how to continue.
+If the driver had started a Ray of its own (no cluster named), the watcher also ends what is left
+of it: Ray 2.60.0's dashboard and runtime-env agents outlive a killed driver (about 250 MB,
+until the machine restarts). They are found as the processes of the driver's session (`getsid`)
+that hold files open in that Ray's session folder; a cluster's processes are never touched.
 
 The watcher ignores SIGINT, SIGTERM and SIGHUP (a scheduler's cancel signals every process of
 the job; Ctrl-C is the driver's to handle) and runs in a session of its own, so a terminal's
@@ -19,6 +23,7 @@ only after the driver died.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,11 +52,18 @@ class Watch:
             pass
 
 
-def watch(tracking_uri: str, parent_run_id: str, job_name: str, resume: str) -> Watch:
+def watch(
+    tracking_uri: str,
+    parent_run_id: str,
+    job_name: str,
+    resume: str,
+    ray_session: str | None = None,
+) -> Watch:
     """Start the watcher for this process's job run `parent_run_id`; `resume` is the command
-    that continues the job, printed if the driver dies."""
+    that continues the job, printed if the driver dies; `ray_session`, the session folder of a
+    Ray this process started itself, whose leftovers the watcher then ends."""
     args = [sys.executable, "-m", "tune.guard", tracking_uri, parent_run_id, job_name, resume]
-    args.append(str(os.getpid()))
+    args += [str(os.getpid()), ray_session or ""]
     process = subprocess.Popen(
         args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
     )
@@ -61,7 +73,30 @@ def watch(tracking_uri: str, parent_run_id: str, job_name: str, resume: str) -> 
     return Watch(process)
 
 
-def _settle(tracking_uri: str, parent_run_id: str, job_name: str, resume: str, pid: str) -> int:
+def _end_local_ray(session_dir: str, driver_sid: int) -> int:
+    """End the processes of the driver's own Ray that outlived it: those of the driver's
+    session holding files open under Ray's `session_dir` (its logs). SIGKILL at once: their
+    driver is gone, and the agents ignore SIGTERM. Returns how many there were."""
+    import psutil
+
+    prefix = session_dir.rstrip("/") + "/"
+    left = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid == os.getpid() or os.getsid(proc.pid) != driver_sid:
+                continue
+            if any(f.path.startswith(prefix) for f in proc.open_files()):
+                left.append(proc)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
+    return len(left)
+
+
+def _settle(
+    tracking_uri: str, parent_run_id: str, job_name: str, resume: str, pid: str, ray_note: str
+) -> int:
     """The driver died: end its runs KILLED if it left them open, and say so."""
     from tune.tracking import client_for, fast_fail_http, finish_job_run
 
@@ -78,7 +113,7 @@ def _settle(tracking_uri: str, parent_run_id: str, job_name: str, resume: str, p
     sys.stderr.write(
         f"toxtune tune: job {job_name!r} ended unfinished: its driver (pid {pid}) was killed "
         "before it could stop the job (a signal, the kernel's OOM killer, or its local Ray "
-        f"stopping under it): {runs}. Continue it with: {resume}\n"
+        f"stopping under it): {runs}{ray_note}. Continue it with: {resume}\n"
     )
     sys.stderr.flush()
     return 0
@@ -89,11 +124,18 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, signal.SIG_IGN)
     sys.stdout.write("ready\n")
     sys.stdout.close()
-    tracking_uri, parent_run_id, job_name, resume, pid = argv
+    tracking_uri, parent_run_id, job_name, resume, pid, ray_session = argv
+    driver_sid = None
+    with contextlib.suppress(OSError):  # (the driver may die before its watcher starts)
+        driver_sid = os.getsid(int(pid))
     said = sys.stdin.buffer.read()  # until the driver's end closes: its exit, however it came
     if said.startswith(SETTLED):  # (the stop's give-up and the job's end may both say it)
         return 0
-    return _settle(tracking_uri, parent_run_id, job_name, resume, pid)
+    ray_note = ""
+    if ray_session and driver_sid is not None:
+        ended = _end_local_ray(ray_session, driver_sid)
+        ray_note = f"; the {ended} processes its local Ray left were ended" if ended else ""
+    return _settle(tracking_uri, parent_run_id, job_name, resume, pid, ray_note)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from toxmodel.metrics import Metrics
-from tune import study, tracking, trials
+from tune import bridge, study, tracking, trials
 from tune.config import JobConfig, dump_config, named
 from tune.drills import FaultPlan
 from tune.errors import JobInterruptedError, JobMismatchError
@@ -194,7 +194,8 @@ def _run(
     )
     guard = None
     if stop_timeout_s is not None:  # the command's: a driver that dies, a stop that never ends
-        guard = watch(job.tracking_uri, parent, job.name, resume_command(job))
+        ray_session = bridge.local_ray_session_dir()  # (None on a cluster: never ended)
+        guard = watch(job.tracking_uri, parent, job.name, resume_command(job), ray_session)
         give_up = _give_up(job, parent, stop_timeout_s, guard)
         stops.give_up_after(give_up, stop_timeout_s, _announce(job))
     status = "FAILED"

@@ -4,6 +4,8 @@ The drills with a real job are in test_resume.py (a scheduler's cancel, a driver
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import time
 
 import psutil
+import pytest
 from mlflow import MlflowClient
 
 from tune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, start_job_run
@@ -29,6 +32,28 @@ if end == "settled":
 else:
     time.sleep(120)  # until the test kills it
 """
+
+
+RAY_DRIVER = """
+import sys, time
+from tune import bridge
+from tune.guard import watch
+uri, parent = sys.argv[1:]
+bridge.init_local_ray(1, 0)
+session = bridge.local_ray_session_dir()
+guard = watch(uri, parent, "job", {resume!r}, session)
+print(guard.process.pid, session, flush=True)
+time.sleep(300)  # until the test kills it
+"""
+
+
+def _processes_with_files_under(folder: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if any(f.path.startswith(folder + "/") for f in proc.open_files()):
+                found.append(proc)
+    return found
 
 
 def _job_with_a_trial(uri: str) -> tuple[MlflowClient, str, str]:
@@ -102,3 +127,35 @@ def test_a_tracking_server_gone_with_the_driver_is_named_and_the_resume_still_sa
     assert "its MLflow runs could not be ended" in last, err
     assert last.endswith(f"Continue it with: {RESUME}"), err
     assert "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_no_process_of_its_own_ray(sqlite_uri: str) -> None:
+    """The OOM killer takes the driver alone: Ray's dashboard and runtime-env agents outlived
+    it (about 250 MB until the machine restarted). The watcher ends every process of the
+    driver's own Ray before it says how to continue."""
+    _, parent, _ = _job_with_a_trial(sqlite_uri)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", RAY_DRIVER.format(resume=RESUME), sqlite_uri, parent],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # as a job's own terminal or batch step
+    )
+    try:
+        assert driver.stdout is not None
+        _, session = driver.stdout.readline().split()
+        ray_processes = _processes_with_files_under(session)
+        assert len(ray_processes) >= 3, ray_processes  # its GCS, raylet and agents
+        driver.kill()
+        _, err = driver.communicate(timeout=90)  # its stderr closes once the watcher is done
+        last = err.strip().splitlines()[-1]
+        assert last.endswith(f"Continue it with: {RESUME}"), err
+        assert "processes its local Ray left were ended" in last, err
+        left = [p for p in _processes_with_files_under(session) if p.status() != "zombie"]
+        assert not left, [p.cmdline() for p in left]
+    finally:
+        for proc in psutil.process_iter():  # nothing of this test's Ray outlives it
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(proc.pid) == driver.pid:
+                    proc.kill()
