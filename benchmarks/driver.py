@@ -2,6 +2,7 @@
 
     python benchmarks/driver.py                         # 8/32/64 in flight x 0.1/2 s epochs
     python benchmarks/driver.py --in-flight 64 --epoch-s 0.1 --stacks bare embedded
+    python benchmarks/driver.py --in-flight 64 --epoch-s 0.1 --scheduler asha  # trials churn
 
 Simulated trials (no training): each waits its epoch time, reports the metrics a Tox21 trial
 reports (headline metrics, a ROC-AUC and PR-AUC per task for 12 tasks, its node and device) and,
@@ -21,12 +22,24 @@ side by side through:
 - `team`: the same on a team's stack: results in an S3 bucket (moto's server, its own process),
   `mlflow server` on PostgreSQL with its artifacts in the bucket, the study in PostgreSQL.
 
+`--scheduler fifo` (the default) runs `--in-flight` trials that outlast the run: the loop absorbs
+results and asks for few new trials. `--scheduler asha` runs as many trials as the run's time
+allows, `--in-flight` at a time, under ASHA (grace period `--grace`, reduction factor 3): most
+stop at their grace period, so the loop also proposes a new trial every fraction of a second,
+as a real search on a big cluster does. Bare Tune then samples with its own random search
+(`BasicVariantGenerator`), reuses trial processes as toxtune does (`reuse_actors=True`) and
+prints nothing (`verbose=0`: Tune's tables at each trial's start and end would cost its driver);
+toxtune proposes with TPE through the study. Each simulated trial's scores carry a level of
+its own (drawn from its trial id), so ASHA's rungs have something to rank.
+
 Each run lasts `--run-s` seconds (Tune's time budget; the trials are longer). Measured over the
 run's last third: results absorbed per second against the ideal (trials reporting / epoch
 time), and how many trials were reporting by then (`reached`; starting 64 trial processes on 2
 CPUs takes a minute, longer when the driver is busy); the driver process's CPU seconds per
-1,000 results over the whole run; each trial's slowdown (wall time of its reported epochs over
-their ideal time, median and max). For toxtune it then checks that nothing was
+1,000 results over the whole run; `trials` that reported and `new/s`, trials whose first result
+fell in the window, a second (with ASHA `reached` is the mean number of trials live in the
+window, and the ideal counts every slot); each trial's slowdown (wall time of its reported
+epochs over their ideal time, median and max). For toxtune it then checks that nothing was
 lost: every result Tune recorded is a step of the trial's MLflow run and an intermediate value
 of its study trial. `mlflow`, `pg`, `s3`: CPU ms a result of the stack's servers (the MLflow
 server's processes, PostgreSQL's, moto's), which share this machine's CPUs with the trials and
@@ -47,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,15 +74,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toxmodel.sources import TOX21_TASKS
 
 STACKS = ("bare", "bare-s3", "embedded", "team")
+ASHA_SAMPLES = 100_000  # with ASHA: more trials than a run starts; Tune's time budget ends it
 BUCKET = "toxtune-driver-bench"
 
 
 def tox21_result(
-    epoch: int, rng: np.random.Generator, best: float, epoch_s: float
+    epoch: int, rng: np.random.Generator, best: float, epoch_s: float, level: float = 0.0
 ) -> tuple[dict[str, Any], float]:
     """A simulated Tox21 trial's epoch as toxtune's trainable reports it: headline metrics and
-    a ROC-AUC and PR-AUC per task for the 12 tasks, rising with the epoch; and the new best."""
-    auc = 0.6 + 0.3 * (1 - 1 / epoch) + rng.normal(0, 0.01)
+    a ROC-AUC and PR-AUC per task for the 12 tasks, rising with the epoch from the trial's own
+    `level`; and the new best."""
+    auc = 0.6 + level + 0.3 * (1 - 1 / epoch) + rng.normal(0, 0.01)
     best = max(best, auc)
     metrics = {
         "epoch": epoch,
@@ -94,7 +110,9 @@ def simulated_trial(config: dict[str, Any]) -> None:
 
     settings.quiet_worker_logs()  # as toxtune's trials do: no INFO line per checkpoint
     epoch_s, every = float(config["_epoch_s"]), int(config["_checkpoint_every"])
-    rng = np.random.default_rng(int(config.get("_index", 0)) + 1)
+    trial_id = ray_tune.get_context().get_trial_id() or ""
+    rng = np.random.default_rng(zlib.crc32(trial_id.encode()))
+    level = float(rng.normal(0, 0.03))  # this trial's own quality, for ASHA to rank
     started = time.time()
     start = ray_tune.get_checkpoint()
     first = 1
@@ -104,7 +122,7 @@ def simulated_trial(config: dict[str, Any]) -> None:
     best = 0.0
     for epoch in range(first, int(config["_epochs"]) + 1):
         time.sleep(epoch_s)
-        metrics, best = tox21_result(epoch, rng, best, epoch_s)
+        metrics, best = tox21_result(epoch, rng, best, epoch_s, level)
         metrics.update(
             {
                 "finished_reason": "",
@@ -116,7 +134,6 @@ def simulated_trial(config: dict[str, Any]) -> None:
                 "node_id": "simulated",
                 "node_ip": "127.0.0.1",
                 "pid": os.getpid(),
-                "trial_index": int(config.get("_index", -1)),
             }
         )
         if epoch % every:
@@ -145,14 +162,25 @@ class Cell:
     reached: int = 0  # trials reporting when the measuring window opened
     requests: int = 0  # MLflow requests the trial callback made for results (toxtune only)
     ramp_s: float = 0.0  # from the first trial's start to the last trial's first result
+    scheduler: str = "fifo"  # fifo: trials outlast the run; asha: most stop at the grace period
+    trials: int = 0  # trials that reported at least one result
+    window_trials: int = 0  # trials that started reporting inside the measuring window
 
     @property
     def rate(self) -> float:
         return self.window_results / self.window_s if self.window_s > 0 else float("nan")
 
     @property
+    def new_trials_rate(self) -> float:
+        """New trials a second in the measuring window (their first results)."""
+        return self.window_trials / self.window_s if self.window_s > 0 else float("nan")
+
+    @property
     def ideal(self) -> float:
-        """Results/s if every trial reached ran at its epoch time, the driver costing nothing."""
+        """Results/s if every trial reached (with ASHA: every slot) ran at its epoch time, the
+        driver costing nothing."""
+        if self.scheduler == "asha":
+            return self.in_flight / self.epoch_s
         return (self.reached or self.in_flight) / self.epoch_s
 
     @property
@@ -264,9 +292,21 @@ def measure(cell: Cell, histories: dict[str, list[dict[str, Any]]], run_s: float
     if not rows:
         return
     firsts = [h[0]["reported_at"] for h in histories.values() if h]
-    t1 = float(np.median([h[-1]["reported_at"] for h in histories.values() if h]))
-    t0 = t1 - run_s / 3
-    cell.reached = sum(1 for f in firsts if f <= t0)
+    cell.trials = len(firsts)
+    if cell.scheduler == "asha":  # most trials ended early: the window ends with the budget
+        t1 = max(r["reported_at"] for r in rows)
+        t0 = t1 - run_s / 3
+        live = sum(  # trial-seconds inside the window, from a trial's start to its last result
+            max(0.0, min(h[-1]["reported_at"], t1) - max(h[0]["trial_started_at"], t0))
+            for h in histories.values()
+            if h
+        )
+        cell.reached = round(live / (t1 - t0))  # trials live on average in the window
+    else:
+        t1 = float(np.median([h[-1]["reported_at"] for h in histories.values() if h]))
+        t0 = t1 - run_s / 3
+        cell.reached = sum(1 for f in firsts if f <= t0)
+    cell.window_trials = sum(1 for f in firsts if t0 < f <= t1)
     cell.ramp_s = max(firsts) - min(h[0]["trial_started_at"] for h in histories.values() if h)
     cell.window_results = sum(1 for r in rows if t0 < r["reported_at"] <= t1)
     cell.window_s = t1 - t0
@@ -317,9 +357,13 @@ def ray_as_shipped() -> Iterator[None]:
 SHIPPED: tuple[Any, Any] = (None, None)  # set in main(), before anything is patched
 
 
-def run_bare(cell: Cell, storage: str, epochs: int, run_s: float, every: int) -> Cell:
-    """Bare Ray Tune: the same trials, no callbacks, results under `storage` (folder or URI)."""
+def run_bare(
+    cell: Cell, storage: str, epochs: int, run_s: float, every: int, grace: int = 3
+) -> Cell:
+    """Bare Ray Tune: the same trials, no callbacks, results under `storage` (folder or URI);
+    with ASHA, Tune's random search proposes the trials and their processes are reused."""
     from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
 
     from tune import settings
 
@@ -328,18 +372,32 @@ def run_bare(cell: Cell, storage: str, epochs: int, run_s: float, every: int) ->
     trainable = ray_tune.with_resources(simulated_trial, {"cpu": 1})
     config = {"_epoch_s": cell.epoch_s, "_epochs": epochs, "_checkpoint_every": every}
     config["_index"] = ray_tune.randint(0, 10**6)
+    asha = cell.scheduler == "asha"
     tuner = ray_tune.Tuner(
         trainable,
         param_space=config,
         tune_config=ray_tune.TuneConfig(
             metric="best_val_roc_auc",
             mode="max",
-            num_samples=cell.in_flight,
+            num_samples=ASHA_SAMPLES if asha else cell.in_flight,
             max_concurrent_trials=cell.in_flight,
             time_budget_s=run_s,
+            scheduler=(
+                ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=epochs,
+                    grace_period=grace,
+                    reduction_factor=3,
+                )
+                if asha
+                else None
+            ),
+            reuse_actors=asha,
         ),
         run_config=ray_tune.RunConfig(
-            name=f"{cell.stack}-{cell.in_flight}-{cell.epoch_s}", storage_path=storage, verbose=1
+            name=f"{cell.stack}-{cell.scheduler}-{cell.in_flight}-{cell.epoch_s}",
+            storage_path=storage,
+            verbose=0 if asha else 1,  # with ASHA's churn, Tune's per-trial tables cost CPU
         ),
     )
     cpu, services, t = CpuSampler(), ServicesCpu(), time.monotonic()
@@ -352,15 +410,23 @@ def run_bare(cell: Cell, storage: str, epochs: int, run_s: float, every: int) ->
 
 
 def job_for(
-    cell: Cell, storage: str, tracking: str | None, study: str | None, epochs: int, run_s: float
+    cell: Cell,
+    storage: str,
+    tracking: str | None,
+    study: str | None,
+    epochs: int,
+    run_s: float,
+    grace: int = 3,
 ) -> Any:
     from tune.config import load_config
 
+    asha = cell.scheduler == "asha"
     return load_config(
         overrides={
             "data.source": "simulated.csv",
-            "search.scheduler": "fifo",
-            "search.num_samples": cell.in_flight,
+            "search.scheduler": cell.scheduler,
+            **({"search.grace_period": grace} if asha else {}),
+            "search.num_samples": ASHA_SAMPLES if asha else cell.in_flight,
             "search.max_concurrent": cell.in_flight,
             "search.max_epochs": epochs,
             "search.patience": 0,
@@ -369,8 +435,8 @@ def job_for(
             "tracking.tracking_uri": tracking,
             "tracking.study_storage": study,
             "tracking.experiment_name": "driver-bench",
-            "tracking.run_name": f"{cell.stack}-{cell.in_flight}-{cell.epoch_s:g}".replace(
-                ".", "p"
+            "tracking.run_name": (
+                f"{cell.stack}-{cell.scheduler}-{cell.in_flight}-{cell.epoch_s:g}".replace(".", "p")
             ),
         }
     )
@@ -384,6 +450,7 @@ def run_toxtune(
     epochs: int,
     run_s: float,
     every: int,
+    grace: int = 3,
 ) -> Cell:
     from ray import tune as ray_tune
 
@@ -395,7 +462,7 @@ def run_toxtune(
         os.environ[key] = value
     for name in ("consistent_experiment_uploads", "snapshots_by_time_only"):
         getattr(bridge, name, lambda: None)()  # as tune.search.search does (when it does)
-    job = job_for(cell, storage, tracking, study_url, epochs, run_s)
+    job = job_for(cell, storage, tracking, study_url, epochs, run_s, grace)
     job.storage.check_writable()
     parent = tr.start_job_run(
         job.tracking_uri, job.tracking.experiment_name, job.name, job.to_dict(), resume=False
@@ -408,7 +475,7 @@ def run_toxtune(
 
     trainable = ray_tune.with_resources(trial, {"cpu": 1})
     trainable = bridge_console(trainable)
-    tuner, _ = build_tuner(job, trainable, job.name, cell.in_flight, True, callbacks)
+    tuner, _ = build_tuner(job, trainable, job.name, job.search.num_samples, True, callbacks)
     cpu, services, t = CpuSampler(), ServicesCpu(), time.monotonic()
     grid = tuner.fit()
     cell.cpu_s, cell.wall_s = cpu.used(), time.monotonic() - t
@@ -438,7 +505,7 @@ def lost(job: Any, parent: str, histories: dict[str, list[dict[str, Any]]]) -> s
 
     client = client_for(job.tracking_uri)
     exp = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=5000)
+    runs = client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=50_000)
     by_trial = {r.data.tags.get(TRIAL_TAG): r.info.run_id for r in runs}
     found = optuna.load_study(study_name=job.name, storage=study.rdb(job.study_storage))
     told = {
@@ -481,10 +548,10 @@ def table(cells: list[Cell], gpu_epoch_s: float) -> str:
     head = (
         f"{'stack':<9}{'flight':>7}{'reached':>8}{'ramp s':>7}{'epoch s':>8}{'ideal/s':>8}"
         f"{'res/s':>7}{'x bare':>7}{'x b-s3':>7}{'CPU s/1k':>9}{'slow med':>9}{'slow max':>9}"
-        f"{'GPUs':>6}{'GPUs cpu':>9}{'results':>8}{'wall s':>7}"
+        f"{'GPUs':>6}{'GPUs cpu':>9}{'results':>8}{'trials':>7}{'new/s':>6}{'wall s':>7}"
         f"{'mlflow':>7}{'pg':>6}{'s3':>6}  lost"
     )
-    lines = [head]
+    lines = [f"scheduler: {cells[0].scheduler if cells else '-'}", head]
     bare = {(c.in_flight, c.epoch_s): c.rate for c in cells if c.stack == "bare"}
     bare_s3 = {(c.in_flight, c.epoch_s): c.rate for c in cells if c.stack == "bare-s3"}
     for c in cells:
@@ -495,7 +562,7 @@ def table(cells: list[Cell], gpu_epoch_s: float) -> str:
             f"{c.stack:<9}{c.in_flight:>7}{c.reached:>8}{c.ramp_s:>7.0f}{c.epoch_s:>8.2f}"
             f"{c.ideal:>8.0f}{c.rate:>7.1f}{ratio:>7.2f}{ratio_s3:>7.2f}{c.cpu_ms_per_result:>9.1f}"
             f"{c.slowdown_median:>9.2f}{c.slowdown_max:>9.2f}{c.rate / per_gpu:>6.1f}"
-            f"{by_cpu:>9.1f}{c.results:>8}{c.wall_s:>7.0f}"
+            f"{by_cpu:>9.1f}{c.results:>8}{c.trials:>7}{c.new_trials_rate:>6.1f}{c.wall_s:>7.0f}"
             + "".join(
                 f"{c.service_ms_per_result(k):>{w}.1f}"
                 for k, w in zip(SERVICES, (7, 6, 6), strict=True)
@@ -512,6 +579,9 @@ def main() -> None:
     parser.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
     parser.add_argument("--run-s", type=float, default=0.0, help="0: 30 s + 1.5 s per trial")
     parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo")
+    parser.add_argument("--grace", type=int, default=3, help="ASHA's grace period (epochs)")
+    parser.add_argument("--asha-max-epochs", type=int, default=27, help="ASHA's longest trial")
     parser.add_argument("--num-cpus", type=int, default=64)
     parser.add_argument("--gpu-epoch-s", type=float, default=0.5, help="a Tox21 epoch on a GPU")
     parser.add_argument("--out", default="", help="also write the table to this file")
@@ -545,31 +615,30 @@ def main() -> None:
                 for epoch_s in args.epoch_s:
                     run_s = args.run_s or 30 + 1.5 * n
                     epochs = int(10 * run_s / epoch_s)  # longer than the run: Tune's budget ends it
+                    if args.scheduler == "asha":
+                        epochs = args.asha_max_epochs
+                    every, grace = args.checkpoint_every, args.grace
                     for name in args.stacks:
-                        cell = Cell(name, n, epoch_s)
+                        cell = Cell(name, n, epoch_s, scheduler=args.scheduler)
                         if name == "bare":
-                            run_bare(cell, str(root / "bare"), epochs, run_s, args.checkpoint_every)
+                            run_bare(cell, str(root / "bare"), epochs, run_s, every, grace)
                         elif name == "bare-s3":
                             assert team is not None
                             bare_uri = team[0].rsplit("/", 1)[0] + "/bare"
-                            run_bare(cell, bare_uri, epochs, run_s, args.checkpoint_every)
+                            run_bare(cell, bare_uri, epochs, run_s, every, grace)
                         elif name == "embedded":
                             folder = str(root / f"emb-{n}-{epoch_s}")
-                            run_toxtune(
-                                cell, folder, None, None, epochs, run_s, args.checkpoint_every
-                            )
+                            run_toxtune(cell, folder, None, None, epochs, run_s, every, grace)
                         else:
                             assert team is not None
                             results, uri, study_url = team
-                            run_toxtune(
-                                cell, results, uri, study_url, epochs, run_s,
-                                args.checkpoint_every,
-                            )  # fmt: skip
+                            run_toxtune(cell, results, uri, study_url, epochs, run_s, every, grace)
                         cells.append(cell)
                         print(
                             f"[{name} {n} in flight, {epoch_s} s epochs: {cell.rate:.1f} res/s, "
                             f"{cell.cpu_ms_per_result:.2f} CPU ms/result, lost {cell.lost}, "
-                            f"{cell.requests} MLflow requests for results; "
+                            f"{cell.requests} MLflow requests for results, "
+                            f"{cell.trials} trials; "
                             f"peak memory so far {memory.peak:.1f} GiB]",
                             flush=True,
                         )
