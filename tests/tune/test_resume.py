@@ -180,16 +180,23 @@ def watcher_of(driver: subprocess.Popen) -> psutil.Process:
     raise AssertionError("the driver started no watcher")
 
 
-def kill_alone(driver: subprocess.Popen) -> None:
-    """SIGKILL the driver alone, as the kernel's OOM killer does, then the local Ray's processes
-    it leaves (its session's: `start_driver`), so no orphaned trial goes on writing."""
+def kill_alone(driver: subprocess.Popen, watcher: psutil.Process | None) -> list[str]:
+    """SIGKILL the driver alone, as the kernel's OOM killer does, and wait for its watcher,
+    which ends what is left of the driver's local Ray (`tune.guard`). Returns the processes of
+    the driver's session (`start_driver`) that outlived both, and kills them, so no orphaned
+    trial goes on writing."""
     driver.kill()
     driver.wait()
-    time.sleep(2.0)  # Ray's own processes see the driver gone
+    if watcher is not None:
+        with contextlib.suppress(psutil.Error):
+            watcher.wait(timeout=90)
+    left = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
-            if os.getsid(proc.pid) == driver.pid:
+            if os.getsid(proc.pid) == driver.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(proc.cmdline())[:200] or proc.name())
                 proc.kill()
+    return left
 
 
 def unfinished_trial_folders(folder: Path, done_ids: set[str]) -> list[Path]:
@@ -311,6 +318,7 @@ def kill_and_resume(
     """
     job = load_config(config)
     driver = start_driver(tmp_path, ["--config", str(config)], "driver1.log", slow_epochs_s)
+    watcher = None
     try:
         wait_for_trials(job, driver, tmp_path / "driver1.log", complete=2)
         if lose_newest_checkpoint:  # kill only once a running trial has a checkpoint to lose
@@ -320,8 +328,7 @@ def kill_and_resume(
         watcher = watcher_of(driver)
     finally:
         code = cancel_tree(driver, cancel_grace_s) if cancel_grace_s is not None else None
-        if driver_alone:
-            kill_alone(driver)
+        left = kill_alone(driver, watcher) if driver_alone else []
         kill_tree(driver)
     settled = cancel_grace_s is not None or driver_alone  # the watcher lived on: runs ended
     if settled:
@@ -335,6 +342,8 @@ def kill_and_resume(
         assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
     if driver_alone:
         assert "its driver (pid" in last and "was killed" in last, last  # the watcher's word
+        assert "processes its local Ray left were ended" in last, last
+        assert not left, left  # nothing of the driver's own Ray outlived it
     if cancel_grace_s is not None:
         # Ray's processes stop with the driver. Which first is a race: Ray's core worker ends
         # the driver at once when its raylet is gone (exit 1: its watcher ends the runs and
