@@ -371,7 +371,7 @@ def run_bare(
         os.environ.pop(key, None)
     trainable = ray_tune.with_resources(simulated_trial, {"cpu": 1})
     config = {"_epoch_s": cell.epoch_s, "_epochs": epochs, "_checkpoint_every": every}
-    config["_index"] = ray_tune.randint(0, 10**6)
+    config["_index"] = ray_tune.randint(0, 10**6)  # a parameter for its search to sample
     asha = cell.scheduler == "asha"
     tuner = ray_tune.Tuner(
         trainable,
