@@ -94,6 +94,11 @@ class ProgressLine(ray_tune.Callback):
             self._print(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        is_best = self._best is not None and self._best[1] == str(trial.trial_id)
+        if self._ended_shown >= self.ended_lines and not is_best:
+            self._ended_unshown += 1
+            return
+        self._ended_shown += 1
         last = trial.last_result or {}
         shown = "  ".join(
             f"{k} {last[k]:.4f}" if isinstance(last[k], float) else f"{k} {last[k]}"
@@ -101,11 +106,6 @@ class ProgressLine(ray_tune.Callback):
             if k in last
         )
         epochs = last.get("training_iteration", 0)
-        is_best = self._best is not None and self._best[1] == str(trial.trial_id)
-        if self._ended_shown >= self.ended_lines and not is_best:
-            self._ended_unshown += 1
-            return
-        self._ended_shown += 1
         print(f"trial {trial.trial_id} ended after {epochs} epochs: {shown}", flush=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
