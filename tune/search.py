@@ -62,7 +62,7 @@ ENDED_LINES = 10  # ended trials' lines per interval; the best trial's line is a
 
 
 class ProgressLine(ray_tune.Callback):
-    """The search's console: one summary line per interval and one line per ended trial.
+    """The search's console: one summary line per interval and a line per ended trial (bounded).
 
     Tune's own console (verbose=1) prints a trial's config and result as tables at every start
     and end and a status table every 30 s; with tens of trials in flight that is a screen a
