@@ -18,8 +18,11 @@ processes and PostgreSQL's), so run it on a quiet machine.
   epochs per request. How many epochs a request carries is what the trial callback's pacing
   (`tune.tracking.callback.send_interval`) decides;
 - a trial's run: `--trials` trial runs started, given three epochs each and ended by toxtune's
-  trial callback (`tune.tracking.MlflowTrialCallback`), phase by phase: server CPU, the
-  callback's CPU and HTTP requests a trial.
+  trial callback (`tune.tracking.MlflowTrialCallback`, with the job's dataset as their input),
+  phase by phase: server CPU, the callback's CPU and HTTP requests a trial; then `--trials`
+  more whose whole lives (start, three epochs, end) are queued before one send, as with ASHA
+  at many trials in flight: a trial that stops at its grace period lives a few seconds, the
+  sender sends every trials / 8 s (`send_interval`).
 """
 
 from __future__ import annotations
@@ -124,10 +127,12 @@ class SimTrial:
 def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
     """(phase, server CPU ms, client CPU ms, requests) a trial, for `n` trials' runs as the
     trial callback makes them: their starts, then three epochs each (one request a trial),
-    then their ends (the best epoch's 24 per-task scores, the ending tags, the end)."""
+    then their ends (the best epoch's 24 per-task scores, the ending tags, the end); then
+    `n` more trials' whole lives in one send."""
     import mlflow.store.tracking.rest_store as rest_store
 
     from tune.tracking import MlflowTrialCallback, start_job_run
+    from tune.tracking.provenance import DatasetInfo
 
     real, count = rest_store.call_endpoint, [0]
 
@@ -137,26 +142,32 @@ def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
 
     rng = np.random.default_rng(0)
     space = {"lr": 1e-3, "n_layers": 2, "width": 512, "dropout": 0.2, "batch_size": 128}
-    trials = [SimTrial(f"{i:05d}", {**space, "seed": i}) for i in range(n)]
+    trials = [SimTrial(f"{i:05d}", {**space, "seed": i}) for i in range(2 * n)]
+    tasks = tuple(f"task_{t}" for t in range(12))
+    dataset = DatasetInfo("tox21", "0" * 64, "/data/tox21.csv", 7831, tasks, "random:0")
     out = []
     with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
         parent = start_job_run(server.url, "lives", "job", {}, resume=False)
-        callback = MlflowTrialCallback(server.url, "lives", parent, max_epochs=3)
+        callback = MlflowTrialCallback(server.url, "lives", parent, 3, dataset)
+
+        def live(trial: SimTrial, phase: str) -> None:
+            if phase in ("start", "whole life"):
+                callback.on_trial_start(0, [], trial)
+            if phase in ("3 epochs", "whole life"):
+                for epoch in range(1, 4):
+                    row, _ = tox21_result(epoch, rng, 0.0, 0.1)
+                    result = {**row, "training_iteration": epoch}
+                    callback.on_trial_result(0, [], trial, result)
+                    trial.last_result = {**result, "finished_reason": "max_epochs"}
+            if phase in ("end", "whole life"):
+                callback.on_trial_complete(0, [], trial)
+
         with mock.patch.object(rest_store, "call_endpoint", counted):
-            for phase in ("start", "3 epochs", "end"):
+            for phase in ("start", "3 epochs", "end", "whole life"):
                 c0, p0, r0 = machine_cpu_but_me(), time.process_time(), count[0]
                 with callback._sending:  # queued first, then sent: each trial's epochs together
-                    for trial in trials:
-                        if phase == "start":
-                            callback.on_trial_start(0, [], trial)
-                        elif phase == "end":
-                            callback.on_trial_complete(0, [], trial)
-                        else:
-                            for epoch in range(1, 4):
-                                row, _ = tox21_result(epoch, rng, 0.0, 0.1)
-                                result = {**row, "training_iteration": epoch}
-                                callback.on_trial_result(0, [], trial, result)
-                                trial.last_result = {**result, "finished_reason": "max_epochs"}
+                    for trial in trials[n:] if phase == "whole life" else trials[:n]:
+                        live(trial, phase)
                 assert callback.flush(timeout_s=600)
                 server_ms = 1000 * (machine_cpu_but_me() - c0) / n
                 client_ms = 1000 * (time.process_time() - p0) / n

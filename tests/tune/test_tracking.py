@@ -660,6 +660,7 @@ def test_results_wait_for_no_request_and_go_one_request_per_trial(tmp_path: Path
     for trial in trials:
         callback.on_trial_start(0, [], trial)
     assert callback.flush(timeout_s=60)
+    started = callback.requests
     with callback._sending:  # a request in flight: the sender cannot start another
         for epoch in range(1, EPOCHS + 1):
             for trial in trials:
@@ -668,11 +669,12 @@ def test_results_wait_for_no_request_and_go_one_request_per_trial(tmp_path: Path
                 callback.on_trial_result(0, [], trial, result)  # returns at once
                 trial.last_result = {**result, "finished_reason": "max_epochs"}
         assert callback.pending == len(trials) * EPOCHS
+    assert callback.flush(timeout_s=60)
+    assert callback.requests - started == len(trials)  # nine epochs, three requests
     for trial in trials:
         callback.on_trial_complete(0, [], trial)
     callback.on_experiment_end([])
     assert callback.pending == 0 and callback.dropped == []
-    assert callback.requests == len(trials)  # nine epochs, three requests
     client = MlflowClient(uri)
     kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(client, parent)}
     assert set(kids) == {"t0", "t1", "t2"}
@@ -736,6 +738,7 @@ def test_results_pass_other_trials_starts_and_ends_but_never_their_own(tmp_path:
     for trial in trials[:3]:
         callback.on_trial_start(0, [], trial)
     assert callback.flush(timeout_s=60)
+    started = callback.requests
     with callback._sending:  # nothing goes while the queue builds up
         for trial in (t0, t1, t2):
             callback.on_trial_result(0, [], trial, _epoch(1))
@@ -746,12 +749,15 @@ def test_results_pass_other_trials_starts_and_ends_but_never_their_own(tmp_path:
         callback.on_trial_result(0, [], t3, _epoch(1))  # waits for its run to exist
         callback.on_trial_result(0, [], t2, _epoch(2))
         callback.on_trial_result(0, [], t1, _epoch(3))
+    assert callback.flush(timeout_s=60)
+    # one a trial, t0's end and t3's start with their epochs (seven when results stopped at
+    # each start and end)
+    assert callback.requests - started == 4
     for trial, epochs in ((t1, 3), (t2, 2), (t3, 1)):
         trial.last_result = {**_epoch(epochs), "finished_reason": "max_epochs"}
         callback.on_trial_complete(0, [], trial)
     callback.on_experiment_end([])
     assert callback.pending == 0 and callback.dropped == []
-    assert callback.requests == 4  # one a trial (seven when results stopped at each start/end)
     client = MlflowClient(uri)
     kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(client, parent)}
     for name, epochs in (("t0", 1), ("t1", 3), ("t2", 2), ("t3", 1)):
@@ -784,6 +790,58 @@ def test_a_result_never_passes_its_own_trials_operation_or_the_jobs() -> None:
     assert [op.what for op in callback._queue] == ["end a", "result a#2", "job", "result c#1"]
     assert [op.what for op in callback._take()] == ["end a"]
     assert [op.what for op in callback._take()] == ["result a#2"]
+
+
+def test_a_trials_start_and_end_go_with_its_epochs_and_nothing_of_it_passes_its_end() -> None:
+    """What one send takes when trials start and end between sends (ASHA's churn): a trial's
+    start, its epochs and its closing together, in order; after its closing nothing of that
+    trial goes in the same send."""
+    from tune.tracking.callback import _Closing, _Op
+
+    callback = MlflowTrialCallback("sqlite:///unused.db", "exp", "parent", max_epochs=EPOCHS)
+    a, b = (_Trial(name, {}) for name in "ab")
+    ending = _Closing("FINISHED", {}, [])
+    callback._queue.extend(
+        [
+            _Op("start a", trial=a, opening=True),
+            _Op("result a#1", trial=a, step=1),
+            _Op("start b", trial=b, opening=True),
+            _Op("complete a", trial=a, closing=ending),
+            _Op("restore a", trial=a, opening=True),  # after its own end: the next send
+            _Op("result b#1", trial=b, step=1),
+        ]
+    )
+    assert [op.what for op in callback._take()] == [
+        "start a",
+        "result a#1",
+        "start b",
+        "complete a",
+        "result b#1",
+    ]
+    assert [op.what for op in callback._queue] == ["restore a"]
+
+
+def test_a_trial_started_alone_has_its_params_before_its_first_epoch(tmp_path: Path) -> None:
+    """A start sent before any epoch of the trial arrived (a long first epoch) makes the run
+    with its params at once: the MLflow UI never shows a running trial without its config."""
+    uri = default_tracking_uri(tmp_path / "store")
+    check_tracking(uri)
+    parent = start_job_run(uri, "exp", "job-1", {"search": {"num_samples": 1}}, resume=False)
+    callback = MlflowTrialCallback(uri, "exp", parent, max_epochs=EPOCHS)
+    trial = _Trial("t0", {"lr": 0.01, "width": 256})
+    callback.on_trial_start(0, [], trial)
+    assert callback.flush(timeout_s=60)
+    (kid,) = child_runs(MlflowClient(uri), parent)
+    assert kid.data.params == {"lr": "0.01", "width": "256"}
+    assert kid.info.status == "RUNNING" and kid.data.tags[STATUS_TAG] == "running"
+    callback.on_trial_result(0, [], trial, _epoch(1))
+    trial.last_result = {**_epoch(1), "finished_reason": "max_epochs"}
+    callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    (kid,) = child_runs(MlflowClient(uri), parent)
+    assert kid.data.params == {"lr": "0.01", "width": "256"}
+    assert steps(MlflowClient(uri), kid, "train_loss") == [1]
+    assert kid.info.status == "FINISHED" and callback.dropped == []
 
 
 def test_the_sender_spaces_its_sends_by_the_trials_it_sends_for() -> None:
@@ -821,14 +879,14 @@ def test_the_sender_spaces_its_sends_by_the_trials_it_sends_for() -> None:
     assert 0.8 <= gaps(4) <= 2.5
 
 
-def test_a_trials_run_costs_the_server_five_requests_and_the_console_nothing(
+def test_a_trials_run_costs_the_server_three_requests_and_the_console_nothing(
     mlflow_http: MlflowServer, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     """At many trials in flight every trial's start and end reaches the team's server: a new
     trial's run is made without a search (the job's earlier runs are listed once), running and
-    tagged so when made, its params logged without reading the run back, and it ends in one
-    request with its last metrics and tags and one that ends it, without MLflow's read of the
-    whole run and two "View run" console lines a trial."""
+    tagged so when made; its params, its epochs queued meanwhile, its best row's scores and
+    its ending tags go in one request, without reading the run back; and one request ends it,
+    without MLflow's read of the whole run and two "View run" console lines a trial."""
     import mlflow.store.tracking.rest_store as rest_store
 
     calls: collections.Counter[str] = collections.Counter()
@@ -858,9 +916,11 @@ def test_a_trials_run_costs_the_server_five_requests_and_the_console_nothing(
     assert "View run" not in capfd.readouterr().out
     assert calls["runs/search"] == 1 and calls["runs/get"] <= 2, calls  # once, not per trial
     assert calls["runs/set-tag"] == 0 and calls["runs/create"] == 4, calls
-    # per trial: create, params, the epochs, the ending, the end; the job's run read once
-    # (8 a trial before: a search, two reads, two tags, separate ending metrics and tags)
-    assert sum(calls.values()) <= 4 * 5 + 3, calls
+    # per trial: create, its params + epochs + ending, the end; the job's run read once (5 a
+    # trial when the params and the ending went alone; 8 before that: a search, two reads, two
+    # tags, separate ending metrics and tags)
+    assert calls["runs/log-batch"] == 4 and calls["runs/update"] == 4, calls
+    assert sum(calls.values()) <= 4 * 3 + 3, calls
     client = MlflowClient(uri)
     kids = {k.data.tags[TRIAL_TAG]: k for k in child_runs(client, parent)}
     for trial in trials:

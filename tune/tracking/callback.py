@@ -17,13 +17,15 @@ Off the Tune loop: a Tune hook only queues its operation; a sender thread sends 
 trial's operations in order, so the driver's loop never waits for MLflow. The epochs that
 arrive between two sends (or while a request is in flight) go together: each trial's queued
 results are one `log_batch` request (MLflow's batch is per run), and they may pass another
-trial's start or end in the queue, never their own trial's. A request costs a team's server
-about 8 ms of CPU and an epoch in it about 1 ms more (`benchmarks/mlflow_server.py`), so the
-sender paces itself by the trials it sends for: every SEND_EVERY_S with a few trials in
-flight, every trials / REQUESTS_PER_S seconds with more (at most MAX_SEND_EVERY_S, how far the
-MLflow charts may lag behind the trials), so that requests per second stay near
-REQUESTS_PER_S however many trials report, and each carries more epochs
-(`benchmarks/driver.py`).
+trial's start or end in the queue, never their own trial's. A trial that completed ends in
+that same request (its best row's per-task scores and ending tags beside its last epochs) and
+one that ends the run: under ASHA most trials stop right after an epoch, so a trial's run
+costs the server one request fewer. A request costs a team's server about 8 ms of CPU and an
+epoch in it about 1 ms more (`benchmarks/mlflow_server.py`), so the sender paces itself by
+the trials it sends for: every SEND_EVERY_S with a few trials in flight, every trials /
+REQUESTS_PER_S seconds with more (at most MAX_SEND_EVERY_S, how far the MLflow charts may lag
+behind the trials), so that requests per second stay near REQUESTS_PER_S however many trials
+report, and each carries more epochs (`benchmarks/driver.py`).
 
 Resilience: every MLflow call goes through that ordered buffer. When the server is unreachable
 (connection refused, timeout, 5xx) the operation stays queued and is replayed later, with
@@ -51,13 +53,13 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
@@ -73,7 +75,7 @@ from tune.tracking.backend import (
 )
 from tune.tracking.names import KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_params, safe_key
 from tune.tracking.provenance import DatasetInfo, log_dataset, source_tags
-from tune.tracking.runs import child_runs, log_params
+from tune.tracking.runs import PARAMS_PER_BATCH, child_runs, new_params
 from tune.trainable import EARLIER_EPOCHS
 
 log = logging.getLogger(__name__)
@@ -151,15 +153,28 @@ def ending_tags(status: str, epochs: int, reason: str) -> dict[str, str]:
 
 
 def log_metrics(
-    client: MlflowClient, run_id: str, metrics: list[Metric], tags: list[RunTag]
-) -> None:
-    """`metrics` and `tags` in as few `log_batch` requests as MLflow's 1,000-entry limit allows
-    (the tags with the first)."""
-    size = BATCH - len(tags)
+    client: MlflowClient,
+    run_id: str,
+    metrics: list[Metric],
+    tags: list[RunTag],
+    params: Sequence[Param] = (),
+) -> int:
+    """`metrics`, `tags` and `params` in as few `log_batch` requests as MLflow's limits allow
+    (1,000 entries, 100 params; the tags and params with the first); returns the requests."""
+    first, more = list(params[:PARAMS_PER_BATCH]), list(params[PARAMS_PER_BATCH:])
+    size = BATCH - len(tags) - len(first)
+    sent = 0
     for i in range(0, max(len(metrics), 1), size):
         chunk = metrics[i : i + size]
-        if chunk or (tags and i == 0):
-            client.log_batch(run_id, metrics=chunk, tags=tags if i == 0 else [])
+        if chunk or (i == 0 and (tags or first)):
+            client.log_batch(
+                run_id, metrics=chunk, tags=tags if i == 0 else [], params=first if i == 0 else []
+            )
+            sent += 1
+    for i in range(0, len(more), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=more[i : i + PARAMS_PER_BATCH])
+        sent += 1
+    return sent
 
 
 def end_run(
@@ -255,11 +270,22 @@ def _reports(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class _Closing:
+    """How a completed trial's run ends: its MLflow status, ending tags and best row's
+    per-task scores, sent with the trial's last queued epochs."""
+
+    status: str
+    tags: dict[str, str]
+    best: list[Metric]
+
+
 @dataclass
 class _Op:
     """One queued MLflow operation: `fn`, or (`trial` set) one epoch's metrics and tags, which
-    the sender batches with the trial's other queued epochs. `of`: the trial id an `fn` is
-    about (its start, end, ...), or None for the job's own (which no result may pass)."""
+    the sender batches with the trial's other queued epochs, or the trial's (re)start
+    (`opening`) or end (`closing`), which go with them. `of`: the trial id an `fn` is about (a
+    failure, ...), or None for the job's own (which no result may pass)."""
 
     what: str
     fn: Callable[[], None] | None = None
@@ -269,6 +295,8 @@ class _Op:
     step: int = 0
     metrics: list[Metric] = field(default_factory=list)
     tags: list[RunTag] = field(default_factory=list)
+    opening: bool = False
+    closing: _Closing | None = None
 
 
 MAX_RESULTS_PER_SEND = 20_000  # queued epochs one take holds at most (one request per trial)
@@ -308,6 +336,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._logged: dict[str, int] = {}
         self._earlier: dict[str, Run] | None = None  # see _earlier_runs
         self._creating: set[str] = set()  # trials whose run this driver asked MLflow to make
+        self._unsent: dict[str, list[Param]] = {}  # trial -> params its run lacks, sent next
         self._opened: set[str] = set()  # runs made running and tagged so, not yet opened
         self.requests = 0  # MLflow requests made for results (a batch of epochs is one)
         self._queue: deque[_Op] = deque()
@@ -327,7 +356,9 @@ class MlflowTrialCallback(ray_tune.Callback):
         state = self.__dict__.copy()
         for key in ("_wake", "_sending", "_sender", "_stop"):
             state.pop(key)
-        state.update(_client=None, _queue=deque(), _earlier=None, _creating=set(), _opened=set())
+        state.update(
+            _client=None, _queue=deque(), _earlier=None, _creating=set(), _opened=set(), _unsent={}
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -414,8 +445,9 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     def _take(self) -> list[_Op]:
         """The head operation when it is not a result; else the queued results (batched)
-        that may go now: each trial's in order, none past an earlier operation of its own
-        trial or of the job's (a trial's results may pass another trial's start or end)."""
+        that may go now, with the closing of a trial that completed: each trial's in order,
+        none past an earlier operation of its own trial or of the job's (a trial's results may
+        pass another trial's start or end)."""
         with self._wake:
             if self._queue[0].trial is None:
                 return [self._queue.popleft()]
@@ -426,6 +458,8 @@ class MlflowTrialCallback(ray_tune.Callback):
                 trial = str(op.trial.trial_id) if op.trial is not None else op.of
                 if op.trial is not None and trial not in held:
                     taken.append(op)
+                    if op.closing is not None:  # the trial's last: nothing of it goes after
+                        held.add(trial)
                     if len(taken) == MAX_RESULTS_PER_SEND:
                         kept.extend(itertools.islice(self._queue, i + 1, None))
                         break
@@ -504,7 +538,8 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     def _run_id(self, trial: Any) -> str:
         """The trial's child run: one made before (a resumed job's, or one whose creation
-        this driver tried before, its answer lost) or made now, once."""
+        this driver tried before, its answer lost) or made now, once. The params it lacks wait
+        in `_unsent` for the caller's first request to the run (`_params`)."""
         trial_id = str(trial.trial_id)
         if trial_id in self._runs:
             return self._runs[trial_id]
@@ -540,34 +575,45 @@ class MlflowTrialCallback(ray_tune.Callback):
             self._opened.add(trial_id)  # made running, tagged running
         config = {k: v for k, v in dict(trial.config).items() if not str(k).startswith("_")}
         existing = found[0].data.params if found else {}
-        log_params(self.client, run_id, flat_params(config), existing)
+        self._unsent[trial_id] = new_params(run_id, flat_params(config), existing)
         if self.dataset is not None:
             log_dataset(self.client, run_id, self.dataset)
         self._runs[trial_id] = run_id
         self._status[trial_id] = status
         return run_id
 
-    def _open(self, trial: Any) -> None:
+    def _open(self, trial: Any) -> str:
         """The trial (re)starts: its run is running and tagged so (a run made now is already)."""
         run_id = self._run_id(trial)
         if trial.trial_id in self._opened:
             self._opened.discard(trial.trial_id)
-            return
+            return run_id
         if self._status.get(trial.trial_id) != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
             self._status[trial.trial_id] = "RUNNING"
         self.client.set_tag(run_id, STATUS_TAG, "running")
+        return run_id
+
+    def _params(self, trial: Any) -> str:
+        """The trial's run, its params sent now if they were waiting (a failure's fn, which
+        sends no batch of its own)."""
+        run_id = self._run_id(trial)
+        if self._unsent.get(trial.trial_id):
+            log_metrics(self.client, run_id, [], [], self._unsent[trial.trial_id])
+        self._unsent.pop(trial.trial_id, None)
+        return run_id
 
     def _results_fn(self, ops: list[_Op]) -> Callable[[], None]:
         return lambda: self._log_results(ops)
 
     def _log_results(self, ops: list[_Op]) -> None:
-        """One trial's queued epochs in one request (more only past MLflow's 1,000 metrics).
+        """One trial's queued operations in one request (more only past MLflow's limits): its
+        (re)start (the run made, and its params), its epochs, and its closing, then one end.
 
         A step its run already holds (logged before the trial was restored) is not logged
         twice; the tags go with the first epoch that carries them."""
         trial = ops[0].trial
-        run_id = self._run_id(trial)
+        run_id = self._open(trial) if ops[0].opening else self._run_id(trial)
         done = self._logged.get(trial.trial_id, 0)
         metrics: list[Metric] = []
         tags: list[RunTag] = []
@@ -576,9 +622,17 @@ class MlflowTrialCallback(ray_tune.Callback):
                 metrics += op.metrics
             tags += op.tags
             done = max(done, op.step)
-        log_metrics(self.client, run_id, metrics, tags)
-        self.requests += 1
+        closing = ops[-1].closing
+        if closing is not None:
+            metrics += closing.best
+            tags += [RunTag(k, v) for k, v in closing.tags.items()]
+        params = self._unsent.get(trial.trial_id, [])
+        self.requests += log_metrics(self.client, run_id, metrics, tags, params)
+        self._unsent.pop(trial.trial_id, None)
         self._logged[trial.trial_id] = done
+        if closing is not None:
+            end_run_quietly(self.client, run_id, closing.status)
+            self._status[trial.trial_id] = closing.status
 
     def _close(self, trial: Any, status: str, tags: dict[str, str], best: list[Metric]) -> None:
         """Log the best row's per-task scores (once), the ending tags, and end the run."""
@@ -600,11 +654,11 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)  # a retry may run on another node
-        self._submit(_Op(f"start {trial.trial_id}", lambda: self._open(trial), trial.trial_id))
+        self._submit(_Op(f"start {trial.trial_id}", trial=trial, opening=True))
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._tagged.discard(trial.trial_id)
-        self._submit(_Op(f"restore {trial.trial_id}", lambda: self._open(trial), trial.trial_id))
+        self._submit(_Op(f"restore {trial.trial_id}", trial=trial, opening=True))
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -639,7 +693,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         }
 
         def op() -> None:
-            run_id = self._run_id(trial)
+            run_id = self._params(trial)
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.log_text(run_id, text, f"errors/attempt-{attempt}.txt")
 
@@ -648,9 +702,8 @@ class MlflowTrialCallback(ray_tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status, reason, epochs = trial_ending(trial.last_result or {}, self.max_epochs)
         tags = ending_tags(status, epochs, reason)
-        best = self._best.pop(trial.trial_id, [])
-        close = lambda: self._close(trial, ENDED[status], tags, best)  # noqa: E731
-        self._submit(_Op(f"complete {trial.trial_id}", close, trial.trial_id))
+        closing = _Closing(ENDED[status], tags, self._best.pop(trial.trial_id, []))
+        self._submit(_Op(f"complete {trial.trial_id}", trial=trial, closing=closing))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """The trial failed for good: run FAILED, error tags and the full error text."""
@@ -670,7 +723,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         best = self._best.pop(trial.trial_id, [])
 
         def op() -> None:
-            run_id = self._run_id(trial)
+            run_id = self._params(trial)
             self.client.log_text(run_id, full, "error.txt")
             self.client.log_text(run_id, latest, f"errors/attempt-{attempt}.txt")
             self._close(trial, "FAILED", tags, best)

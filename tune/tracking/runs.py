@@ -50,12 +50,21 @@ def log_params(
     `existing`: the run's params when the caller has them (a run it just made has none)."""
     if existing is None:
         existing = client.get_run(run_id).data.params
+    new = new_params(run_id, params, existing)
+    for i in range(0, len(new), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[i : i + PARAMS_PER_BATCH])
+
+
+PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch
+
+
+def new_params(run_id: str, params: Mapping[str, str], existing: Mapping[str, str]) -> list[Param]:
+    """The params of `params` the run does not hold yet; one whose value changed since it was
+    first logged is kept as it was (MLflow params are immutable), with a warning."""
     changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
     if changed:
         log.warning("run %s: params changed since first logged, kept the old: %s", run_id, changed)
-    new = [Param(k, v) for k, v in params.items() if k not in existing]
-    for i in range(0, len(new), 100):
-        client.log_batch(run_id, params=new[i : i + 100])
+    return [Param(k, v) for k, v in params.items() if k not in existing]
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
