@@ -160,7 +160,7 @@ class Cell:
     services_s: dict[str, float] = field(default_factory=dict)  # CPU s of the stack's servers
     wall_s: float = 0.0
     reached: int = 0  # trials reporting when the measuring window opened
-    requests: int = 0  # MLflow requests the trial callback made for results (toxtune only)
+    requests: int = 0  # log_batch requests the trial callback sent for trials (toxtune only)
     ramp_s: float = 0.0  # from the first trial's start to the last trial's first result
     scheduler: str = "fifo"  # fifo: trials outlast the run; asha: most stop at the grace period
     trials: int = 0  # trials that reported at least one result
@@ -637,7 +637,7 @@ def main() -> None:
                         print(
                             f"[{name} {n} in flight, {epoch_s} s epochs: {cell.rate:.1f} res/s, "
                             f"{cell.cpu_ms_per_result:.2f} CPU ms/result, lost {cell.lost}, "
-                            f"{cell.requests} MLflow requests for results, "
+                            f"{cell.requests} MLflow log_batch requests, "
                             f"{cell.trials} trials; "
                             f"peak memory so far {memory.peak:.1f} GiB]",
                             flush=True,

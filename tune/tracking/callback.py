@@ -338,7 +338,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         self._creating: set[str] = set()  # trials whose run this driver asked MLflow to make
         self._unsent: dict[str, list[Param]] = {}  # trial -> params its run lacks, sent next
         self._opened: set[str] = set()  # runs made running and tagged so, not yet opened
-        self.requests = 0  # MLflow requests made for results (a batch of epochs is one)
+        self.requests = 0  # log_batch requests sent for trials (params, epochs, closings)
         self._queue: deque[_Op] = deque()
         self._sent_for: set[str] = set()  # the trials the last flush sent results for
         self._retry_at = 0.0
