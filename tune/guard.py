@@ -11,7 +11,8 @@ watcher then ends the job's runs KILLED, as a stop that gives up does, and says 
 If the driver had started a Ray of its own (no cluster named), the watcher also ends what is left
 of it: Ray 2.60.0's dashboard and runtime-env agents outlive a killed driver (about 250 MB,
 until the machine restarts). They are found as the processes of the driver's session (`getsid`)
-that hold files open in that Ray's session folder; a cluster's processes are never touched.
+that run Ray's programs and hold files open in that Ray's session folder; a cluster's processes
+are never touched.
 
 The watcher ignores SIGINT, SIGTERM and SIGHUP (a scheduler's cancel signals every process of
 the job; Ctrl-C is the driver's to handle) and runs in a session of its own, so a terminal's
@@ -24,6 +25,7 @@ only after the driver died.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -73,17 +75,31 @@ def watch(
     return Watch(process)
 
 
+def _ray_programs() -> tuple[str, str]:
+    """What a local Ray's processes run: this Python (the driver's, which Ray starts its
+    workers and agents with) and the binaries in Ray's package (its GCS server, raylet)."""
+    spec = importlib.util.find_spec("ray")
+    package = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
+    return os.path.realpath(sys.executable), package + os.sep if package else ""
+
+
 def _end_local_ray(session_dir: str, driver_sid: int) -> int:
     """End the processes of the driver's own Ray that outlived it: those of the driver's
-    session holding files open under Ray's `session_dir` (its logs). SIGKILL at once: their
-    driver is gone, and the agents ignore SIGTERM. Returns how many there were."""
+    session that run Ray's programs (`_ray_programs`) and hold files open under Ray's
+    `session_dir` (its logs); a `tail -f` of a Ray log in the driver's terminal is not Ray's
+    and is left. SIGKILL at once: their driver is gone, and the agents ignore SIGTERM.
+    Returns how many there were."""
     import psutil
 
     prefix = session_dir.rstrip("/") + "/"
+    python, package = _ray_programs()
     left = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if proc.pid == os.getpid() or os.getsid(proc.pid) != driver_sid:
+                continue
+            exe = proc.exe()
+            if exe != python and not (package and exe.startswith(package)):
                 continue
             if any(f.path.startswith(prefix) for f in proc.open_files()):
                 left.append(proc)

@@ -35,14 +35,17 @@ else:
 
 
 RAY_DRIVER = """
-import sys, time
+import pathlib, subprocess, sys, time
 from tune import bridge
 from tune.guard import watch
 uri, parent = sys.argv[1:]
 bridge.init_local_ray(1, 0)
 session = bridge.local_ray_session_dir()
 guard = watch(uri, parent, "job", {resume!r}, session)
-print(guard.process.pid, session, flush=True)
+log = sorted(pathlib.Path(session, "logs").glob("*.out"))[0]
+quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+tail = subprocess.Popen(["tail", "-f", str(log)], **quiet)  # the user's, in the same terminal
+print(guard.process.pid, session, tail.pid, flush=True)
 time.sleep(300)  # until the test kills it
 """
 
@@ -133,7 +136,8 @@ def test_a_tracking_server_gone_with_the_driver_is_named_and_the_resume_still_sa
 def test_a_killed_driver_leaves_no_process_of_its_own_ray(sqlite_uri: str) -> None:
     """The OOM killer takes the driver alone: Ray's dashboard and runtime-env agents outlived
     it (about 250 MB until the machine restarted). The watcher ends every process of the
-    driver's own Ray before it says how to continue."""
+    driver's own Ray before it says how to continue, and leaves the user's `tail -f` of a Ray
+    log in the same terminal."""
     _, parent, _ = _job_with_a_trial(sqlite_uri)
     driver = subprocess.Popen(
         [sys.executable, "-c", RAY_DRIVER.format(resume=RESUME), sqlite_uri, parent],
@@ -144,8 +148,9 @@ def test_a_killed_driver_leaves_no_process_of_its_own_ray(sqlite_uri: str) -> No
     )
     try:
         assert driver.stdout is not None
-        _, session = driver.stdout.readline().split()
-        ray_processes = _processes_with_files_under(session)
+        _, session, tail_pid = driver.stdout.readline().split()
+        tail = psutil.Process(int(tail_pid))
+        ray_processes = [p for p in _processes_with_files_under(session) if p != tail]
         assert len(ray_processes) >= 3, ray_processes  # its GCS, raylet and agents
         driver.kill()
         _, err = driver.communicate(timeout=90)  # its stderr closes once the watcher is done
@@ -153,7 +158,7 @@ def test_a_killed_driver_leaves_no_process_of_its_own_ray(sqlite_uri: str) -> No
         assert last.endswith(f"Continue it with: {RESUME}"), err
         assert "processes its local Ray left were ended" in last, err
         left = [p for p in _processes_with_files_under(session) if p.status() != "zombie"]
-        assert not left, [p.cmdline() for p in left]
+        assert left == [tail], [p.cmdline() for p in left]
     finally:
         for proc in psutil.process_iter():  # nothing of this test's Ray outlives it
             with contextlib.suppress(psutil.Error, OSError):
