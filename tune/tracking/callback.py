@@ -613,7 +613,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         A step its run already holds (logged before the trial was restored) is not logged
         twice; the tags go with the first epoch that carries them."""
         trial = ops[0].trial
-        run_id = self._open(trial) if ops[0].opening else self._run_id(trial)
+        run_id = self._open(trial) if any(op.opening for op in ops) else self._run_id(trial)
         done = self._logged.get(trial.trial_id, 0)
         metrics: list[Metric] = []
         tags: list[RunTag] = []
