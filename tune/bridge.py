@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optuna
@@ -776,7 +776,9 @@ def consistent_experiment_uploads() -> None:
     Patched: `_FilesystemSyncer._sync_up_command` (private) builds the upload from a sibling
     folder filled in the driver's thread, after the save: hard links to the saved files (a
     rename replaces the name, never the linked file; Tune's loggers only append), a copy of the
-    experiment-state JSON (rewritten in place), and no hidden temporary files. Idempotent.
+    experiment-state JSON (rewritten in place), and no hidden temporary files; a file the last
+    successful upload sent and unchanged since is left out (`upload_copy`), so a snapshot sends
+    what changed, not every ended trial's logs again. Idempotent.
     """
     from ray.train._internal import storage
 
@@ -791,9 +793,17 @@ def consistent_experiment_uploads() -> None:
         previous = getattr(self, "_toxtune_upload_dir", None)
         if previous:  # Tune asks for a new upload only once the last one has ended
             shutil.rmtree(previous, ignore_errors=True)
-        frozen = upload_copy(local_path)
+        sent = self.__dict__.setdefault("_toxtune_sent", {})
+        uploaded = sent.get((local_path, uri), {})
+        frozen, copied = upload_copy(local_path, uploaded)
         self._toxtune_upload_dir = frozen
-        return original(self, frozen, uri, exclude)
+        upload, kwargs = original(self, frozen, uri, exclude)
+
+        def upload_and_note(**kw: Any) -> None:
+            upload(**kw)
+            sent[(local_path, uri)] = {**uploaded, **copied}  # once it is in the storage
+
+        return upload_and_note, kwargs
 
     _sync_up_command._toxtune = True  # type: ignore[attr-defined]
     syncer._sync_up_command = _sync_up_command
@@ -869,20 +879,41 @@ class CheckpointDeletions(ray_tune.Callback):
 REWRITTEN_IN_PLACE = ("experiment_state",)  # TuneController.save_to_dir: open("w"), no rename
 
 
-def upload_copy(folder: str) -> str:
+FileState = tuple[int, int, int]  # inode, size, modification time (ns)
+
+
+def upload_copy(
+    folder: str, uploaded: Mapping[str, FileState] | None = None
+) -> tuple[str, dict[str, FileState]]:
     """A sibling of `folder` holding what it holds now: hard links (a copy where the file is
-    rewritten in place or links fail), hidden files left out; returns its path."""
+    rewritten in place or links fail), hidden files left out, and left out too each file
+    whose state is the one `uploaded` gives for its relative path (sent by an earlier
+    upload, unchanged since). Returns its path and the state of each file it holds.
+
+    So an experiment snapshot uploads what changed since the last one: the state, the
+    searcher's, and the logs of trials that reported, not every ended trial's whole history
+    again (a snapshot's cost grew with the job's results so far; RESULTS "Snapshots that
+    grow with the job")."""
+    uploaded = uploaded or {}
     parent, name = os.path.split(os.path.normpath(folder))
     target = os.path.join(parent, f".{name}-upload-{uuid.uuid4().hex[:8]}")
+    os.makedirs(target)
+    copied: dict[str, FileState] = {}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        out = os.path.join(target, os.path.relpath(root, folder))
-        os.makedirs(out, exist_ok=True)
+        rel_root = os.path.relpath(root, folder)
+        out = os.path.join(target, rel_root)
         for file in files:
             if file.startswith("."):  # a save's temporary file, renamed any moment
                 continue
             src, dst = os.path.join(root, file), os.path.join(out, file)
+            rel = os.path.normpath(os.path.join(rel_root, file))
             try:
+                st = os.stat(src)
+                state = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if uploaded.get(rel) == state:
+                    continue
+                os.makedirs(out, exist_ok=True)
                 if file.startswith(REWRITTEN_IN_PLACE):
                     shutil.copyfile(src, dst)
                 else:
@@ -892,7 +923,8 @@ def upload_copy(folder: str) -> str:
                         shutil.copyfile(src, dst)
             except FileNotFoundError:  # removed since it was listed: not part of this state
                 continue
-    return target
+            copied[rel] = state  # a later change (an append) makes it differ: sent again
+    return target, copied
 
 
 def stop_retrying(trial: Any) -> None:

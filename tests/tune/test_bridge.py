@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -140,6 +141,54 @@ def test_a_save_during_an_experiment_upload_cannot_break_it(
     assert not [p.name for p in remote.iterdir() if p.name.startswith(".")]
     uploads = [p for p in tmp_path.iterdir() if p.name.startswith(".driver_artifacts-upload")]
     assert len(uploads) <= 1  # each upload's folder goes when the next one starts
+
+
+def test_a_snapshot_uploads_what_changed_since_the_last_upload_that_succeeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every snapshot uploaded the whole staging folder, each ended trial's logs again, so its
+    cost grew with the job's results so far. Now an unchanged file the last successful upload
+    sent stays out; a failed upload counts for nothing, so what it carried goes next time."""
+    import pyarrow.fs
+    from ray.train._internal import storage
+
+    staging, remote = tmp_path / "driver_artifacts", tmp_path / "remote"
+    (staging / "trial_a").mkdir(parents=True)
+    (staging / "trial_b").mkdir()
+    (staging / "experiment_state-x.json").write_text('{"step": 1}')
+    (staging / "trial_a" / "result.json").write_text('{"epoch": 1}\n')  # an ended trial
+    running = staging / "trial_b" / "result.json"
+    running.write_text('{"epoch": 1}\n')
+    bridge.consistent_experiment_uploads()
+    syncer = storage._FilesystemSyncer(
+        storage_filesystem=pyarrow.fs.LocalFileSystem(), sync_period=0, sync_timeout=60
+    )
+
+    def sync() -> None:
+        assert syncer.sync_up(str(staging), str(remote))
+        syncer.wait()  # raises what the upload raised
+
+    sync()
+    assert (remote / "trial_a" / "result.json").read_text() == '{"epoch": 1}\n'
+    (remote / "trial_a" / "result.json").write_text("not sent again")  # marks a second send
+    (staging / "experiment_state-x.json").write_text('{"step": 2}')  # rewritten in place
+    with running.open("a") as log:
+        log.write('{"epoch": 2}\n')
+    sync()
+    assert (remote / "experiment_state-x.json").read_text() == '{"step": 2}'
+    assert (remote / "trial_b" / "result.json").read_text().count("epoch") == 2
+    assert (remote / "trial_a" / "result.json").read_text() == "not sent again"
+
+    real = storage._pyarrow_fs_copy_files
+    monkeypatch.setattr(storage, "_pyarrow_fs_copy_files", mock.Mock(side_effect=OSError("down")))
+    with running.open("a") as log:
+        log.write('{"epoch": 3}\n')
+    with pytest.raises(OSError, match="down"):
+        sync()
+    monkeypatch.setattr(storage, "_pyarrow_fs_copy_files", real)
+    sync()  # nothing changed since the failed upload: what it carried goes now
+    assert (remote / "trial_b" / "result.json").read_text().count("epoch") == 3
+    assert (remote / "trial_a" / "result.json").read_text() == "not sent again"
 
 
 def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
