@@ -17,15 +17,18 @@ Off the Tune loop: a Tune hook only queues its operation; a sender thread sends 
 trial's operations in order, so the driver's loop never waits for MLflow. The epochs that
 arrive between two sends (or while a request is in flight) go together: each trial's queued
 results are one `log_batch` request (MLflow's batch is per run), and they may pass another
-trial's start or end in the queue, never their own trial's. A trial that completed ends in
-that same request (its best row's per-task scores and ending tags beside its last epochs) and
-one that ends the run: under ASHA most trials stop right after an epoch, so a trial's run
-costs the server one request fewer. A request costs a team's server about 8 ms of CPU and an
-epoch in it about 1 ms more (`benchmarks/mlflow_server.py`), so the sender paces itself by
-the trials it sends for: every SEND_EVERY_S with a few trials in flight, every trials /
-REQUESTS_PER_S seconds with more (at most MAX_SEND_EVERY_S, how far the MLflow charts may lag
-behind the trials), so that requests per second stay near REQUESTS_PER_S however many trials
-report, and each carries more epochs (`benchmarks/driver.py`).
+trial's start or end in the queue, never their own trial's. A trial's start and end go with
+its epochs: once its run is made, its params join the first request the send makes for it (at
+once when no epoch is queued yet), and a trial that completed ends in that same request (its
+best row's per-task scores and ending tags beside its last epochs) and one that ends the run.
+Under ASHA a trial that stops at its grace period lives a few seconds, so at many trials in
+flight its run costs the server four requests instead of six. A request costs a team's
+server about 8 ms of CPU and an epoch in it about 1 ms more (`benchmarks/mlflow_server.py`),
+so the sender paces itself by the trials it sends for: every SEND_EVERY_S with a few trials in
+flight, every trials / REQUESTS_PER_S seconds with more (at most MAX_SEND_EVERY_S, how far the
+MLflow charts may lag behind the trials), so that requests per second stay near
+REQUESTS_PER_S however many trials report, and each carries more epochs
+(`benchmarks/driver.py`).
 
 Resilience: every MLflow call goes through that ordered buffer. When the server is unreachable
 (connection refused, timeout, 5xx) the operation stays queued and is replayed later, with
@@ -445,9 +448,9 @@ class MlflowTrialCallback(ray_tune.Callback):
 
     def _take(self) -> list[_Op]:
         """The head operation when it is not a result; else the queued results (batched)
-        that may go now, with the closing of a trial that completed: each trial's in order,
+        that may go now, with the starts and closings of their trials: each trial's in order,
         none past an earlier operation of its own trial or of the job's (a trial's results may
-        pass another trial's start or end)."""
+        pass another trial's operation), nothing of a trial past its closing."""
         with self._wake:
             if self._queue[0].trial is None:
                 return [self._queue.popleft()]
