@@ -1029,6 +1029,8 @@ def check() -> None:
         missing.append("_ExperimentCheckpointManager.on_trial_checkpoint (forced snapshots)")
     if not callable(getattr(storage._FilesystemSyncer, "_sync_up_command", None)):
         missing.append("ray.train._internal.storage._FilesystemSyncer._sync_up_command")
+    if "cmd, kwargs = self._current_cmd" not in inspect.getsource(storage._FilesystemSyncer.retry):
+        missing.append("_FilesystemSyncer.retry running a (function, kwargs) sync command")
 
     run_source = inspect.getsource(importlib.import_module("ray.tune.tune").run)
     handler_at = run_source.find("_setup_signal_catching()")
