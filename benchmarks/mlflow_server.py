@@ -148,7 +148,7 @@ def trial_lives(pg_url: str, n: int) -> list[tuple[str, float, float, float]]:
     out = []
     with team_mlflow(pg_url, tempfile.mkdtemp(), Path(tempfile.mkdtemp())) as server:
         parent = start_job_run(server.url, "lives", "job", {}, resume=False)
-        callback = MlflowTrialCallback(server.url, "lives", parent, 3, dataset)
+        callback = MlflowTrialCallback(server.url, "lives", parent, max_epochs=3, dataset=dataset)
 
         def live(trial: SimTrial, phase: str) -> None:
             if phase in ("start", "whole life"):

@@ -116,8 +116,8 @@ def measure(
             (staging / "experiment_state-x.json").write_text(json.dumps(state))
             for folder in live:
                 append_epoch(folder, template[min(snapshot + 1, epochs - 1)])
-            if mode == "every file":
-                syncer.__dict__.pop("_toxtune_sent", None)
+            if mode == "every file" and snapshot:  # forget what was sent: all goes again
+                assert syncer.__dict__.pop("_toxtune_sent", None) is not None, "patch renamed?"
             t0, c0, m0 = time.perf_counter(), time.process_time(), moto_cpu()
             assert syncer.sync_up(str(staging), path)
             upload_dir = syncer._toxtune_upload_dir

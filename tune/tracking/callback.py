@@ -155,7 +155,7 @@ def ending_tags(status: str, epochs: int, reason: str) -> dict[str, str]:
     return tags
 
 
-def log_metrics(
+def log_batched(
     client: MlflowClient,
     run_id: str,
     metrics: list[Metric],
@@ -185,7 +185,7 @@ def end_run(
 ) -> None:
     """Log a trial's last metrics and its ending tags together, and end its run with `status`
     (quietly: no console lines a trial)."""
-    log_metrics(client, run_id, metrics, [RunTag(k, v) for k, v in tags.items()])
+    log_batched(client, run_id, metrics, [RunTag(k, v) for k, v in tags.items()])
     end_run_quietly(client, run_id, status)
 
 
@@ -542,7 +542,8 @@ class MlflowTrialCallback(ray_tune.Callback):
     def _run_id(self, trial: Any) -> str:
         """The trial's child run: one made before (a resumed job's, or one whose creation
         this driver tried before, its answer lost) or made now, once. The params it lacks wait
-        in `_unsent` for the caller's first request to the run (`_params`)."""
+        in `_unsent` for the first request to the run (`_log_results`' batch, or
+        `_run_with_params`)."""
         trial_id = str(trial.trial_id)
         if trial_id in self._runs:
             return self._runs[trial_id]
@@ -597,12 +598,12 @@ class MlflowTrialCallback(ray_tune.Callback):
         self.client.set_tag(run_id, STATUS_TAG, "running")
         return run_id
 
-    def _params(self, trial: Any) -> str:
+    def _run_with_params(self, trial: Any) -> str:
         """The trial's run, its params sent now if they were waiting (a failure's fn, which
         sends no batch of its own)."""
         run_id = self._run_id(trial)
         if self._unsent.get(trial.trial_id):
-            log_metrics(self.client, run_id, [], [], self._unsent[trial.trial_id])
+            log_batched(self.client, run_id, [], [], self._unsent[trial.trial_id])
         self._unsent.pop(trial.trial_id, None)
         return run_id
 
@@ -630,7 +631,7 @@ class MlflowTrialCallback(ray_tune.Callback):
             metrics += closing.best
             tags += [RunTag(k, v) for k, v in closing.tags.items()]
         params = self._unsent.get(trial.trial_id, [])
-        self.requests += log_metrics(self.client, run_id, metrics, tags, params)
+        self.requests += log_batched(self.client, run_id, metrics, tags, params)
         self._unsent.pop(trial.trial_id, None)
         self._logged[trial.trial_id] = done
         if closing is not None:
@@ -696,7 +697,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         }
 
         def op() -> None:
-            run_id = self._params(trial)
+            run_id = self._run_with_params(trial)
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.log_text(run_id, text, f"errors/attempt-{attempt}.txt")
 
@@ -726,7 +727,7 @@ class MlflowTrialCallback(ray_tune.Callback):
         best = self._best.pop(trial.trial_id, [])
 
         def op() -> None:
-            run_id = self._params(trial)
+            run_id = self._run_with_params(trial)
             self.client.log_text(run_id, full, "error.txt")
             self.client.log_text(run_id, latest, f"errors/attempt-{attempt}.txt")
             self._close(trial, "FAILED", tags, best)
