@@ -104,11 +104,13 @@ def tox21_result(
 
 def simulated_trial(config: dict[str, Any]) -> None:
     """Wait an epoch, report a Tox21 trial's metrics; a small checkpoint every few epochs."""
+    import logging
+
     from ray import tune as ray_tune
 
-    from tune import settings
-
-    settings.quiet_worker_logs()  # as toxtune's trials do: no INFO line per checkpoint
+    # No INFO line per checkpoint on the console, in every stack (toxtune's trials quiet it in
+    # `settings.configure_trial_process`, which `run_toxtune`'s trials call).
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     epoch_s, every = float(config["_epoch_s"]), int(config["_checkpoint_every"])
     trial_id = ray_tune.get_context().get_trial_id() or ""
     rng = np.random.default_rng(zlib.crc32(trial_id.encode()))
@@ -471,6 +473,7 @@ def run_toxtune(
     fixed = {"_epoch_s": cell.epoch_s, "_epochs": epochs, "_checkpoint_every": every}
 
     def trial(config: dict[str, Any]) -> None:
+        settings.configure_trial_process()  # as toxtune's trials start
         simulated_trial({**config, **fixed})
 
     trainable = ray_tune.with_resources(trial, {"cpu": 1})

@@ -57,7 +57,19 @@ def configure_process() -> None:
         tune_log.addFilter(_RayResumeHint())
 
 
-def quiet_worker_logs() -> None:
-    """In a trial's worker process: Ray logs an INFO line per saved checkpoint, which with one
-    checkpoint per best epoch floods the console."""
+def configure_trial_process() -> None:
+    """In a trial's worker process, at each trial's start (idempotent): quiet Ray's INFO line
+    per saved checkpoint (one per epoch floods the console), and send an object store's
+    filesystem by its options, so the driver makes it once rather than once per checkpoint
+    (`storage.filesystem_from_options`)."""
+    import ray
+
+    from tune import storage
+
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    for cls in storage.SENT_BY_OPTIONS:
+        ray.util.register_serializer(
+            cls,
+            serializer=storage.filesystem_options,
+            deserializer=storage.filesystem_from_options,
+        )

@@ -127,7 +127,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     if config.get(ABORT_KEY):
         raise NonRetryableTrialError(str(config[ABORT_KEY]))
     context = ray_tune.get_context()
-    settings.quiet_worker_logs()
+    settings.configure_trial_process()
     index = int(config.get("_index", -1))
     device, gpu_ids, share = trial_device()
     model_config, train_config = to_run_configs(
