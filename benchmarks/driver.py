@@ -338,25 +338,29 @@ def histories_of(grid: Any) -> dict[str, list[dict[str, Any]]]:
 
 @contextlib.contextmanager
 def ray_as_shipped() -> Iterator[None]:
-    """Ray's own snapshot and upload methods for a bare run: toxtune's driver replaces two
-    (`tune.bridge.consistent_experiment_uploads`, `snapshots_by_time_only`) process-wide."""
-    from ray.train._internal.storage import _FilesystemSyncer
+    """Ray's own snapshot and upload functions for a bare run: toxtune's driver replaces
+    three (`tune.bridge.consistent_experiment_uploads`, `snapshots_by_time_only`,
+    `object_store_uploads`) process-wide."""
+    from ray.train._internal import storage
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     patched = (
-        _FilesystemSyncer._sync_up_command,
+        storage._FilesystemSyncer._sync_up_command,
         _ExperimentCheckpointManager.on_trial_checkpoint,
+        storage._upload_to_fs_path,
     )
-    _FilesystemSyncer._sync_up_command = SHIPPED[0]
+    storage._FilesystemSyncer._sync_up_command = SHIPPED[0]
     _ExperimentCheckpointManager.on_trial_checkpoint = SHIPPED[1]
+    storage._upload_to_fs_path = SHIPPED[2]
     try:
         yield
     finally:
-        _FilesystemSyncer._sync_up_command = patched[0]
+        storage._FilesystemSyncer._sync_up_command = patched[0]
         _ExperimentCheckpointManager.on_trial_checkpoint = patched[1]
+        storage._upload_to_fs_path = patched[2]
 
 
-SHIPPED: tuple[Any, Any] = (None, None)  # set in main(), before anything is patched
+SHIPPED: tuple[Any, Any, Any] = (None, None, None)  # set in main(), before any patch
 
 
 def run_bare(
@@ -462,7 +466,11 @@ def run_toxtune(
 
     for key, value in settings.TUNE_ENV.items():
         os.environ[key] = value
-    for name in ("consistent_experiment_uploads", "snapshots_by_time_only"):
+    for name in (
+        "consistent_experiment_uploads",
+        "snapshots_by_time_only",
+        "object_store_uploads",
+    ):
         getattr(bridge, name, lambda: None)()  # as tune.search.search does (when it does)
     job = job_for(cell, storage, tracking, study_url, epochs, run_s, grace)
     job.storage.check_writable()
@@ -591,13 +599,18 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
+    from ray.train._internal import storage
     from ray.train._internal.storage import _FilesystemSyncer
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     from tune import settings
 
     global SHIPPED
-    SHIPPED = (_FilesystemSyncer._sync_up_command, _ExperimentCheckpointManager.on_trial_checkpoint)
+    SHIPPED = (
+        _FilesystemSyncer._sync_up_command,
+        _ExperimentCheckpointManager.on_trial_checkpoint,
+        storage._upload_to_fs_path,
+    )
     settings.configure_process()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; Ray {ray.__version__}")
     ray.init(

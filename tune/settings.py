@@ -59,12 +59,15 @@ def configure_process() -> None:
 
 def configure_trial_process() -> None:
     """In a trial's worker process, at each trial's start (idempotent): quiet Ray's INFO line
-    per saved checkpoint (one per epoch floods the console), and send an object store's
+    per saved checkpoint (one per epoch floods the console); send an object store's
     filesystem by its options, so the driver makes it once rather than once per checkpoint
-    (`storage.filesystem_from_options`)."""
+    (`storage.filesystem_from_options`); upload a checkpoint to a bucket one request a file
+    (`bridge.object_store_uploads`)."""
     import ray
 
-    from tune import storage
+    from tune import bridge, storage
+
+    bridge.object_store_uploads()
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     for cls in storage.SENT_BY_OPTIONS:

@@ -15,7 +15,10 @@ starts, so a missing bucket, missing credentials or an unknown scheme is refused
 from __future__ import annotations
 
 import functools
+import os
 import pickle
+import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -191,3 +194,29 @@ def filesystem_from_options(options: bytes) -> pafs.FileSystem:
     threads, so the driver keeps one per set of options."""
     constructor, args = pickle.loads(options)
     return constructor(*args)
+
+
+def upload_files(local_path: str, fs: pafs.S3FileSystem, fs_path: str) -> None:
+    """Copy a local file, or each file under a local folder, to `fs_path` in a bucket: one PUT
+    a file (a file larger than a part still goes in parts), and no folder, which a bucket
+    does not need (a folder is a key prefix; an empty local folder is left out)."""
+    writer = _writer(filesystem_options(fs))
+    if os.path.isfile(local_path):
+        pairs = [(local_path, fs_path)]
+    else:
+        pairs = []
+        for root, _, files in os.walk(local_path):
+            rel = os.path.relpath(root, local_path)
+            prefix = fs_path if rel == "." else posixpath.join(fs_path, *rel.split(os.sep))
+            pairs += [(os.path.join(root, name), f"{prefix}/{name}") for name in files]
+    for source, target in pairs:
+        with open(source, "rb") as src, writer.open_output_stream(target) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+
+
+@functools.lru_cache(maxsize=16)
+def _writer(options: bytes) -> pafs.FileSystem:
+    """The filesystem of `options` with delayed opens: a stream closed before its first part
+    is full is sent as one PUT, not as a three-request multipart upload."""
+    constructor, (kwargs,) = pickle.loads(options)
+    return constructor({**kwargs, "allow_delayed_open": True})

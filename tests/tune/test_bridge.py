@@ -501,3 +501,51 @@ def _job_study(url: str, tmp_path: Path, earlier: list[Any]) -> Any:
     )
     found.add_trials(earlier)
     return found
+
+
+@pytest.mark.slow
+def test_a_checkpoint_and_a_snapshot_reach_a_bucket_in_one_request_a_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray made each folder of the path (bucket checks and a marker object a level) and sent
+    each file as a three-request multipart upload: this three-file checkpoint cost 21
+    requests. Now the trial's storage check and one PUT a file; the files land where Ray puts
+    them, and a snapshot's folder goes as one PUT a file."""
+    import logging
+
+    import pyarrow.fs as pafs
+    from ray import tune as ray_tune
+    from ray.train._internal import storage as ray_storage
+
+    from tests.team_stack import s3_server
+
+    bridge.object_store_uploads()
+    saved = tmp_path / "checkpoint"
+    (saved / "sub").mkdir(parents=True)
+    files = {"model.pt": b"m" * 70_000, "best_row.json": b"{}", "sub/progress.json": b"[]"}
+    for name, data in files.items():
+        (saved / name).write_bytes(data)
+    with s3_server() as s3:
+        context = ray_storage.StorageContext(
+            storage_path=f"{s3.uri}/results", experiment_dir_name="job", trial_dir_name="t1"
+        )
+        context.current_checkpoint_index = 3
+        caplog.set_level(logging.INFO, logger="werkzeug")
+        caplog.clear()
+        persisted = context.persist_current_checkpoint(
+            ray_tune.Checkpoint.from_directory(str(saved))
+        )
+        requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+        assert len(requests) == 1 + len(files), requests  # the storage check, a PUT a file
+        assert persisted.path == f"{s3.bucket}/results/job/t1/checkpoint_000003"
+        with persisted.as_directory() as folder:
+            assert {n: (Path(folder) / n).read_bytes() for n in files} == files
+
+        caplog.clear()  # a snapshot: the driver's staging folder, uploaded by Ray's syncer
+        fs, _ = pafs.FileSystem.from_uri(s3.uri)
+        ray_storage._upload_to_fs_path(str(saved), fs, f"{s3.bucket}/results/job")
+        requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+        assert len(requests) == len(files), requests
+        for name, data in files.items():
+            with fs.open_input_stream(f"{s3.bucket}/results/job/{name}") as stream:
+                assert stream.read() == data
