@@ -854,9 +854,15 @@ def object_store_uploads() -> None:
     ray_storage.StorageContext.persist_current_checkpoint = persist_current_checkpoint
 
 
+# Deletions at once: a bucket's round trips, not the driver's CPU, bound how many a second go
+DELETION_THREADS = 4
+
+
 class CheckpointDeletions(ray_tune.Callback):
-    """Delete the checkpoints `CheckpointConfig(num_to_keep=...)` drops in a thread of their
-    own, in the order Tune drops them; the experiment's end waits for every one.
+    """Delete the checkpoints `CheckpointConfig(num_to_keep=...)` drops in threads of their own
+    (`DELETION_THREADS`, taken in the order Tune drops them); the experiment's end waits for
+    every one. In an S3 bucket a checkpoint is deleted by pyarrow's `delete_dir` alone: five
+    requests, where Ray's `_delete_fs_path` first asks whether the path is a folder (seven).
 
     ray 2.60.0: `_CheckpointManager.register_checkpoint` deletes a trial's oldest checkpoint
     synchronously in the Tune loop (`_delete_fs_path`), one storage round trip per checkpoint
@@ -871,19 +877,25 @@ class CheckpointDeletions(ray_tune.Callback):
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[Any, str] | None] | None = None
-        self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles its callbacks with the experiment; the queue and thread stay."""
-        return {"_queue": None, "_thread": None}
+        """Tune pickles its callbacks with the experiment; the queue and threads stay."""
+        return {"_queue": None}
 
     def setup(self, **info: Any) -> None:
         from ray.train._internal import checkpoint_manager, storage
 
-        self._queue, self._delete = queue.Queue(), storage._delete_fs_path  # logs a failure
-        self._thread = threading.Thread(target=self._run, args=(self._queue,), daemon=True)
-        self._thread.start()
+        self._queue, self._ray_delete = queue.Queue(), storage._delete_fs_path  # logs a failure
+        for _ in range(DELETION_THREADS):
+            threading.Thread(target=self._run, args=(self._queue,), daemon=True).start()
         checkpoint_manager._delete_fs_path = self.enqueue
+
+    def _delete(self, fs: Any, fs_path: str) -> None:
+        if not isinstance(fs, pafs.S3FileSystem):
+            self._ray_delete(fs=fs, fs_path=fs_path)
+            return
+        with contextlib.suppress(FileNotFoundError):  # gone already, lost with a killed driver
+            fs.delete_dir(fs_path)
 
     def enqueue(self, fs: Any, fs_path: str) -> None:
         """What Tune's checkpoint manager calls instead of deleting `fs_path` itself."""
@@ -916,8 +928,9 @@ class CheckpointDeletions(ray_tune.Callback):
             return
         self.wait()
         if checkpoint_manager._delete_fs_path == self.enqueue:
-            checkpoint_manager._delete_fs_path = self._delete
-        self._queue.put(None)
+            checkpoint_manager._delete_fs_path = self._ray_delete
+        for _ in range(DELETION_THREADS):
+            self._queue.put(None)
         self._queue = None
 
 

@@ -196,7 +196,7 @@ def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
 ) -> None:
     """Issue 24: Tune deleted a trial's oldest checkpoint (`num_to_keep`) in its loop, a storage
     round trip per saved checkpoint. With `CheckpointDeletions` the loop only queues it; every
-    deletion is done by the experiment's end, oldest first, the newest `num_to_keep` kept."""
+    deletion is done by the experiment's end, the newest `num_to_keep` kept."""
     import threading
 
     from ray.train import Checkpoint, CheckpointConfig
@@ -222,7 +222,7 @@ def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
         manager.register_checkpoint(result)
     deletions.on_experiment_end(trials=[])
     loop = threading.current_thread().name
-    assert [name for name, _ in deleted] == [f"checkpoint_{e:06d}" for e in range(3)]
+    assert sorted(name for name, _ in deleted) == [f"checkpoint_{e:06d}" for e in range(3)]
     assert all(thread != loop for _, thread in deleted), deleted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "checkpoint_000004"]
     assert checkpoint_manager._delete_fs_path is spy  # Tune's own deletion is back
@@ -509,8 +509,9 @@ def test_a_checkpoint_and_a_snapshot_reach_a_bucket_in_one_request_a_file(
 ) -> None:
     """Ray made each folder of the path (bucket checks and a marker object a level) and sent
     each file as a three-request multipart upload: this three-file checkpoint cost 21
-    requests. Now the trial's storage check and one PUT a file; the files land where Ray puts
-    them, and a snapshot's folder goes as one PUT a file."""
+    requests, and its deletion seven. Now the trial's storage check and one PUT a file (the
+    files land where Ray puts them), its deletion five, and a snapshot's folder one PUT a
+    file."""
     import logging
 
     import pyarrow.fs as pafs
@@ -540,6 +541,18 @@ def test_a_checkpoint_and_a_snapshot_reach_a_bucket_in_one_request_a_file(
         assert persisted.path == f"{s3.bucket}/results/job/t1/checkpoint_000003"
         with persisted.as_directory() as folder:
             assert {n: (Path(folder) / n).read_bytes() for n in files} == files
+
+        caplog.clear()  # Tune drops it (num_to_keep): deleted off the loop, in five requests
+        deletions = bridge.CheckpointDeletions()
+        deletions.setup()
+        deletions.enqueue(persisted.filesystem, persisted.path)
+        deletions.enqueue(persisted.filesystem, persisted.path + "-gone")  # already gone
+        deletions.on_experiment_end(trials=[])
+        requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+        assert len(requests) == 5 + 2, requests  # the gone one: a look and a listing
+        assert not persisted.filesystem.get_file_info(
+            pafs.FileSelector(persisted.path, allow_not_found=True)
+        )
 
         caplog.clear()  # a snapshot: the driver's staging folder, uploaded by Ray's syncer
         fs, _ = pafs.FileSystem.from_uri(s3.uri)
