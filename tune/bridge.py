@@ -819,8 +819,8 @@ def object_store_uploads() -> None:
     the driver uploading a snapshot (`_upload_to_fs_path`) first make the destination folder,
     which pyarrow's S3 filesystem answers with two bucket checks and an empty marker object for
     each level of the path, then copy each file as a multipart upload (three requests, however
-    small the file). With its deletion, a checkpoint of two files cost the bucket 18 requests
-    (RESULTS "Requests a checkpoint costs the bucket"). Both private functions are wrapped:
+    small the file). With its deletion, a checkpoint of two files cost the bucket about 20
+    requests (RESULTS "Requests a checkpoint costs the bucket"). Both private functions are wrapped:
     for an S3 bucket (and a local checkpoint, no exclusions) the files alone are uploaded
     (`storage.upload_files`), otherwise Ray's own run. In the driver and in each trial
     process; idempotent.
@@ -1093,6 +1093,9 @@ def check() -> None:
         for text in ("self._check_validation_file()", "self.checkpoint_fs_path", "__class__(")
     ):
         missing.append("ray.train._internal.storage.StorageContext.persist_current_checkpoint")
+    constructor, args = pafs.S3FileSystem(region="us-east-1").__reduce__()
+    if not (callable(constructor) and len(args) == 1 and "allow_delayed_open" in args[0]):
+        missing.append("pyarrow S3FileSystem.__reduce__ as (constructor, (options,))")
     if not callable(getattr(storage._FilesystemSyncer, "_sync_up_command", None)):
         missing.append("ray.train._internal.storage._FilesystemSyncer._sync_up_command")
     if "cmd, kwargs = self._current_cmd" not in inspect.getsource(storage._FilesystemSyncer.retry):

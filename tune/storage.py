@@ -190,8 +190,8 @@ def filesystem_from_options(options: bytes) -> pafs.FileSystem:
     afresh, a pyarrow `S3FileSystem` whose credentials come from the environment builds AWS's
     default credential chain, which loads the system's CA certificates: 9.3 ms of the driver's
     CPU per checkpoint here, and toxtune's trials checkpoint every epoch (RESULTS "A
-    checkpoint's filesystem"). A pyarrow filesystem is immutable and safe to share between
-    threads, so the driver keeps one per set of options."""
+    checkpoint's filesystem, made once in the driver"). A pyarrow filesystem is immutable and
+    safe to share between threads, so the driver keeps one per set of options."""
     constructor, args = pickle.loads(options)
     return constructor(*args)
 
@@ -217,6 +217,7 @@ def upload_files(local_path: str, fs: pafs.S3FileSystem, fs_path: str) -> None:
 @functools.lru_cache(maxsize=16)
 def _writer(options: bytes) -> pafs.FileSystem:
     """The filesystem of `options` with delayed opens: a stream closed before its first part
-    is full is sent as one PUT, not as a three-request multipart upload."""
+    is full is sent as one PUT, not as a three-request multipart upload. `options` is
+    pyarrow's reduction, (constructor, (options,)), which `bridge.check` checks."""
     constructor, (kwargs,) = pickle.loads(options)
     return constructor({**kwargs, "allow_delayed_open": True})
