@@ -62,6 +62,39 @@ def _kill_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(timeout=timeout)
 
 
+def run_or_show_stacks(
+    argv: list[str], timeout: float, merged: bool = False, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(argv, capture_output=True, text=True, ...)` (`merged`: stderr into
+    stdout) for a toxtune command that, past `timeout` seconds, is told to print its threads'
+    stacks (`tune.settings.STACKS_SIGNAL`) before its process group is killed, and fails the
+    test with the tail of what it wrote: a hung command says where it hung (in CI too, where
+    nobody can attach a debugger)."""
+    from tune.settings import STACKS_SIGNAL
+
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(STACKS_SIGNAL)
+        time.sleep(3)
+        _kill_group(proc, timeout=5)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(argv)} ran past {timeout:.0f} s; its stdout ends:\n{out[-12000:]}\n"
+            f"its stderr (with its threads' stacks) ends:\n{(err or '')[-12000:]}"
+        ) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @dataclass
 class MlflowServer:
     """A running `mlflow server` with served artifacts: by default a SQLite backend and

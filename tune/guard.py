@@ -15,7 +15,8 @@ that run Ray's programs and hold files open in that Ray's session folder; a clus
 are never touched.
 
 The watcher ignores SIGINT, SIGTERM and SIGHUP (a scheduler's cancel signals every process of
-the job; Ctrl-C is the driver's to handle) and runs in a session of its own, so a terminal's
+the job; Ctrl-C is the driver's to handle), prints its stacks on `settings.STACKS_SIGNAL` as the
+driver does, and runs in a session of its own, so a terminal's
 Ctrl-C never reaches it; a SIGKILL to every process (a node lost) ends it with the driver, which
 leaves the runs for the resume to settle, as before. `watch` returns once the watcher ignores
 those signals (its start costs the job about 40 ms and the machine 13 MB); it imports MLflow
@@ -25,12 +26,15 @@ only after the driver died.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from tune.settings import STACKS_SIGNAL
 
 SETTLED = b"settled\n"  # the driver's word: it ended its job run itself
 
@@ -138,6 +142,7 @@ def _settle(
 def main(argv: list[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # as its driver: answers, goes on
     sys.stdout.write("ready\n")
     sys.stdout.close()
     tracking_uri, parent_run_id, job_name, resume, pid, ray_session = argv

@@ -3,9 +3,11 @@ script, the test session), never by library code as a side effect of a call."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
+import signal
 
 # Ray Tune environment variables toxtune relies on; a value the user set is kept.
 TUNE_ENV = {
@@ -37,6 +39,12 @@ TUNE_ENV = {
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
+# `kill -USR2 <pid>` makes a toxtune process print every thread's Python stack to its stderr and
+# go on: where a job that looks stuck waits, without a debugger (py-spy needs ptrace, which
+# containers often refuse). SIGUSR1 is not free: Ray Tune stops a run on it.
+STACKS_SIGNAL = signal.SIGUSR2
+
+
 class _RayResumeHint(logging.Filter):
     """Drops Ray Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after a
     stop. A toxtune job continues with the `--resume` command its own stop line names; a bare
@@ -48,10 +56,12 @@ class _RayResumeHint(logging.Filter):
 
 def configure_process() -> None:
     """Set the environment toxtune's driver needs (before Ray starts), the collector's
-    thresholds (GC_THRESHOLDS) and the filter of Ray Tune's resume hint."""
+    thresholds (GC_THRESHOLDS), the stacks on STACKS_SIGNAL and the filter of Ray Tune's
+    resume hint."""
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
     gc.set_threshold(*GC_THRESHOLDS)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     tune_log = logging.getLogger("ray.tune.tune")  # the logger of ray/tune/tune.py (2.60.0)
     if not any(isinstance(f, _RayResumeHint) for f in tune_log.filters):
         tune_log.addFilter(_RayResumeHint())

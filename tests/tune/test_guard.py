@@ -16,6 +16,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from tune.settings import STACKS_SIGNAL
 from tune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, start_job_run
 
 RESUME = "toxtune tune --resume job"
@@ -86,10 +87,12 @@ def test_a_driver_killed_outright_has_its_runs_ended_killed_and_the_resume_said(
     """The OOM killer, or a scheduler's cancel whose SIGTERM stopped the job's local Ray first
     (Ray then exits the driver at once): no `finally` runs in the driver. The watcher outlives
     the cancel's signals (which reach every process of the job), then ends the job run and its
-    open trial runs KILLED and prints the command that continues the job, as the last line."""
+    open trial runs KILLED and prints the command that continues the job, as the last line.
+    Asked for its stacks (`pkill -USR2 -f "toxtune tune"` reaches it too), it prints them into
+    the job's log and goes on."""
     client, parent, trial = _job_with_a_trial(sqlite_uri)
     driver, watcher = _driver(sqlite_uri, parent, "killed")
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STACKS_SIGNAL):
         watcher.send_signal(signum)
     time.sleep(1.0)
     assert watcher.is_running() and watcher.status() != psutil.STATUS_ZOMBIE
@@ -97,6 +100,7 @@ def test_a_driver_killed_outright_has_its_runs_ended_killed_and_the_resume_said(
     driver.kill()
     _, err = driver.communicate(timeout=90)  # its stderr closes once the watcher is done
     assert err.strip().splitlines()[-1].endswith(f"Continue it with: {RESUME}"), err
+    assert "guard.py" in err and " in main" in err, err  # its stack, waiting on its driver
     assert "ended unfinished" in err and f"pid {driver.pid}" in err
     assert client.get_run(parent).info.status == "KILLED"
     assert client.get_run(trial).info.status == "KILLED"

@@ -23,7 +23,7 @@ import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.services import MlflowServer
+from tests.services import MlflowServer, run_or_show_stacks
 from toxmodel.checkpoint import load_checkpoint
 from toxmodel.model import Ensemble
 from tune.config import JobConfig, load_config
@@ -371,18 +371,8 @@ def kill_and_resume(
     restorable = snapshot - set(before)
     reopened = reopen_a_finished_trial_run(job, set(before), "KILLED" if settled else "RUNNING")
 
-    out = subprocess.run(
-        [
-            TOXTUNE,
-            "tune",
-            "--resume",
-            job.name,
-            "--storage-path",
-            job.storage.uri,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
+    out = run_or_show_stacks(
+        [TOXTUNE, "tune", "--resume", job.name, "--storage-path", job.storage.uri], timeout=400
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -497,12 +487,10 @@ def test_ctrl_c_stops_the_job_unregistered_and_resume_completes_it(
     if sig == signal.SIGTERM:
         return
 
-    out = subprocess.run(
+    out = run_or_show_stacks(
         [TOXTUNE, "tune", "--resume", job.name, "--storage-path", job.storage.uri],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=400,
+        merged=True,
     )
     assert out.returncode == 0, out.stdout[-3000:]
     # the summary is the last word: Ray stopped before it, its workers' lines came first

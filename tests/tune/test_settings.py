@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 from toxmodel.data import load_table
@@ -41,3 +44,41 @@ def test_reading_a_large_table_does_not_rescan_the_imported_heap(tmp_path: Path)
         gc.set_threshold(*default)
         gc.unfreeze()
     assert len(heap) == 100_000
+
+
+STUCK = textwrap.dedent(
+    """
+    import sys, threading, time
+    from tune import settings
+
+    settings.configure_process()
+
+    def waiting_on_the_bucket():
+        time.sleep(120)
+
+    threading.Thread(target=waiting_on_the_bucket, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print("went on", flush=True)
+    """
+)
+
+
+def test_a_process_told_to_print_its_stacks_names_every_threads_wait_and_goes_on() -> None:
+    """`kill -USR2` on a toxtune process (its entry point made the settings) prints where each
+    thread waits, the main one and the others, and the process carries on."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(settings.STACKS_SIGNAL)
+        out, err = proc.communicate("\n", timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out == "went on\n", (proc.returncode, err)
+    assert "waiting_on_the_bucket" in err and "in <module>" in err, err

@@ -24,6 +24,7 @@ from tests.services import (
     kill_ray_node,
     model_server,
     ray_cluster,
+    run_or_show_stacks,
     start_submit,
     submitted_job_id,
     wait_for_trial_on,
@@ -348,12 +349,10 @@ def test_a_node_that_cannot_reach_the_bucket_fails_the_job_at_start_by_name(
             **{"ray.address": cluster.address, "ray.num_cpus": None},
         )
         config.write_text(yaml.safe_dump(job.to_dict()))
-        out = subprocess.run(
+        out = run_or_show_stacks(
             [str(Path(sys.executable).parent / "toxtune"), "tune", "--config", str(config)],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
             timeout=600,
+            env=cluster.env,
         )
         nodes = {n.node_id: n for n in alive_nodes(cluster.dashboard_url)}
     assert out.returncode == 1, out.stderr[-3000:]
