@@ -142,7 +142,7 @@ def _settle(
 def main(argv: list[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # as its driver: answers, goes on
+    faulthandler.register(STACKS_SIGNAL, file=2, all_threads=True)  # as its driver does
     sys.stdout.write("ready\n")
     sys.stdout.close()
     tracking_uri, parent_run_id, job_name, resume, pid, ray_session = argv

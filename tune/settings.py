@@ -61,7 +61,7 @@ def configure_process() -> None:
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
     gc.set_threshold(*GC_THRESHOLDS)
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    faulthandler.register(STACKS_SIGNAL, file=2, all_threads=True)  # stderr, even when captured
     tune_log = logging.getLogger("ray.tune.tune")  # the logger of ray/tune/tune.py (2.60.0)
     if not any(isinstance(f, _RayResumeHint) for f in tune_log.filters):
         tune_log.addFilter(_RayResumeHint())
