@@ -6,14 +6,17 @@
 Every 5 s Tune writes the experiment state (one JSON holding every trial's state, ended trials
 included) and uploads it whole. Each trial's state pickles the trial's storage, which shares
 the driver's syncer; toxtune's snapshot patch (`tune.bridge.consistent_experiment_uploads`)
-notes on that syncer every file its uploads sent. Real toxtune jobs (`configs/quick.yaml`'s
-search: 8 epochs, ASHA, two trials at a time, on the first `--rows` rows of `--data`) with
-`--trials` trials, two ways side by side:
+notes on that syncer every file its uploads sent. Each trial's state also holds Ray's running
+statistics of every metric it reports. Real toxtune jobs (`configs/quick.yaml`'s search: 8
+epochs, ASHA, two trials at a time, on the first `--rows` rows of `--data`) with `--trials`
+trials, three ways side by side:
 
 - `noted`: what toxtune did before 2026-12-07 (the syncer pickled with its note: Ray's own
-  `__getstate__`);
-- `without notes`: toxtune now (`state_without_notes` leaves the note and the last upload's
-  command out of the pickle).
+  `__getstate__`; statistics of every metric);
+- `without notes`: `state_without_notes` leaves the note and the last upload's command out of
+  the pickle (statistics of every metric);
+- `one metric`: toxtune now, also with Ray's statistics of the search metric only
+  (`tune.bridge.metric_statistics_only`).
 
 Per job: the newest experiment state's size (MB), the largest trial's pickled storage (KB),
 and the job's wall seconds. The jobs write to a temporary folder, removed at the end.
@@ -36,18 +39,29 @@ from tune import bridge, settings
 from tune.config import load_config
 from tune.job import run_job
 
-MODES = ("noted", "without notes")
+MODES = ("noted", "without notes", "one metric")
+STATISTICS_ONLY = bridge.metric_statistics_only  # the job calls it; the first modes skip it
 QUICK = Path(bridge.__file__).parent / "configs" / "quick.yaml"
 
 
-def pickled_getstate(mode: str) -> None:
-    """Make Tune's syncer pickle as `mode` says (the patch itself is applied once)."""
+def every_metric(metrics: object) -> None:
+    """Ray's own statistics of every metric (what the job's call does in the first modes)."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    update = _TrainingRunMetadata.update_metric
+    _TrainingRunMetadata.update_metric = getattr(update, "_toxtune_original", update)
+
+
+def configured(mode: str) -> None:
+    """Make Tune's syncer pickle, and Ray keep statistics, as `mode` says."""
     from ray.train._internal import storage
     from ray.train._internal.syncer import _BackgroundSyncer
 
+    bridge.metric_statistics_only = STATISTICS_ONLY if mode == "one metric" else every_metric
+
     bridge.consistent_experiment_uploads()
-    patched = getattr(pickled_getstate, "patched", None) or storage._FilesystemSyncer.__getstate__
-    pickled_getstate.patched = patched  # type: ignore[attr-defined]
+    patched = getattr(configured, "patched", None) or storage._FilesystemSyncer.__getstate__
+    configured.patched = patched  # type: ignore[attr-defined]
     ray_own = _BackgroundSyncer.__getstate__
     storage._FilesystemSyncer.__getstate__ = ray_own if mode == "noted" else patched
 
@@ -75,7 +89,7 @@ def main() -> None:
             data.write_text("".join(itertools.islice(src, args.rows + 1)))
         for n in args.trials:
             for mode in MODES:
-                pickled_getstate(mode)
+                configured(mode)
                 name = f"state-{n}-{mode.replace(' ', '-')}"
                 job = load_config(
                     QUICK,
@@ -93,7 +107,7 @@ def main() -> None:
                 mb, kb = state_figures(job.storage_root / job.name)
                 rows.append((n, mode, mb, kb, wall))
                 print(f"[{n} trials, {mode}: {mb:.1f} MB, {kb:.1f} KB, {wall:.0f} s]", flush=True)
-    print(f"{'trials':>7} {'syncer':<14}{'state MB':>9}{'storage KB':>11}{'wall s':>8}")
+    print(f"{'trials':>7} {'mode':<14}{'state MB':>9}{'storage KB':>11}{'wall s':>8}")
     for n, mode, mb, kb, wall in rows:
         print(f"{n:>7} {mode:<14}{mb:>9.1f}{kb:>11.1f}{wall:>8.0f}")
 

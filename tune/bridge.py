@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import optuna
@@ -788,7 +788,7 @@ def consistent_experiment_uploads() -> None:
     storage shares the driver's syncer and is pickled into each experiment snapshot and sent to
     each trial's process, so a note of every file sent so far made the snapshot grow with the
     square of the trials (37.7 MB at 200 trials; RESULTS "The syncer's note kept out of the
-    snapshot"). A copy elsewhere starts with no note: its first upload sends every file.
+    snapshot, ..."). A copy elsewhere starts with no note: its first upload sends every file.
     """
     from ray.train._internal import storage
 
@@ -829,6 +829,32 @@ def consistent_experiment_uploads() -> None:
     _sync_up_command._toxtune = True  # type: ignore[attr-defined]
     syncer._sync_up_command = _sync_up_command
     syncer.__getstate__ = state_without_notes
+
+
+def metric_statistics_only(metrics: Collection[str]) -> None:
+    """Keep Ray Tune's running statistics of `metrics` only, not of every metric a trial reports.
+
+    ray 2.60.0: `Trial.update_last_result` keeps, for every number in every result, its max,
+    min, mean and last-5 and last-10 means with the last ten values
+    (`_TrainingRunMetadata.update_metric`), and each trial's state in every experiment snapshot
+    carries them: a trial's state was 52 KB with them, 18 KB without (RESULTS "The syncer's
+    note kept out of the snapshot, and Ray's statistics of one metric"). Only
+    `ExperimentAnalysis.get_best_trial` reads them, for the metric it is asked about; toxtune
+    never calls it, and its search metric keeps them. The method is wrapped in the driver; the
+    set is the last one given.
+    """
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    update = _TrainingRunMetadata.update_metric
+    original = getattr(update, "_toxtune_original", update)
+    keep = frozenset(metrics)
+
+    def update_metric(self: Any, metric: str, value: Any, step: int | None = 1) -> None:
+        if metric in keep:
+            original(self, metric, value, step=step)
+
+    update_metric._toxtune_original = original  # type: ignore[attr-defined]
+    _TrainingRunMetadata.update_metric = update_metric
 
 
 def object_store_uploads() -> None:
@@ -1123,7 +1149,12 @@ def check() -> None:
     if "cmd, kwargs = self._current_cmd" not in inspect.getsource(storage._FilesystemSyncer.retry):
         missing.append("_FilesystemSyncer.retry running a (function, kwargs) sync command")
     from ray.train._internal.syncer import _BackgroundSyncer  # the base, never patched
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
 
+    if "self.run_metadata.update_metric(" not in inspect.getsource(Trial.update_last_result):
+        missing.append("ray.tune.experiment.Trial.update_last_result: run_metadata.update_metric")
+    if not callable(getattr(_TrainingRunMetadata, "update_metric", None)):
+        missing.append("ray.tune.trainable.metadata._TrainingRunMetadata.update_metric")
     getstate = inspect.getsource(_BackgroundSyncer.__getstate__)
     if "self.__dict__.copy()" not in getstate:  # state_without_notes edits the copy it returns
         missing.append("ray.train._internal.syncer._BackgroundSyncer.__getstate__")

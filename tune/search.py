@@ -235,6 +235,7 @@ def search(
     bridge.consistent_experiment_uploads()  # no save can break Tune's upload of its state
     bridge.snapshots_by_time_only()  # TUNE_GLOBAL_CHECKPOINT_S decides (tune/settings.py)
     bridge.object_store_uploads()  # a snapshot's files to a bucket, one request each
+    bridge.metric_statistics_only({METRIC})  # Ray's per-metric statistics, in every snapshot
     if job.ray.address or os.environ.get("RAY_ADDRESS"):
         # Every node must see the results folder: refuse before any trial runs (names the node).
         check_cluster_storage(job.storage.uri)

@@ -229,6 +229,29 @@ def test_the_syncers_note_of_files_sent_stays_out_of_its_pickled_copies(tmp_path
     assert (remote / "trial_0000" / "result.json").read_text() == '{"epoch": 1}\n'
 
 
+def test_ray_keeps_running_statistics_of_the_search_metric_only() -> None:
+    """Ray kept, for every number of every result, a max, min, mean and last-10 window in each
+    trial's state, about 34 of its 52 KB in every snapshot. Now only the search metric's: the
+    result itself stays whole, and the trial's state is smaller by the rest."""
+    from ray.tune.experiment import Trial
+
+    from tune.study import METRIC
+
+    def reported(trial: Trial) -> Trial:
+        for epoch in range(1, 11):
+            tasks = {f"val_roc_auc_{task}": 0.5 + epoch / 100 for task in range(12)}
+            trial.update_last_result({"training_iteration": epoch, METRIC: 0.7, **tasks})
+        return trial
+
+    bridge.metric_statistics_only(set())
+    nothing_kept = len(reported(Trial("__fake", stub=True)).run_metadata.get_json_state())
+    bridge.metric_statistics_only({METRIC})
+    trial = reported(Trial("__fake", stub=True))
+    assert set(trial.metric_analysis) == {METRIC} and trial.metric_analysis[METRIC]["max"] == 0.7
+    assert trial.last_result["val_roc_auc_3"] == 0.6  # the result whole
+    assert len(trial.run_metadata.get_json_state()) < nothing_kept + 1_000
+
+
 def test_dropped_checkpoints_are_deleted_off_the_tune_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
