@@ -338,26 +338,30 @@ def histories_of(grid: Any) -> dict[str, list[dict[str, Any]]]:
 
 @contextlib.contextmanager
 def ray_as_shipped() -> Iterator[None]:
-    """Ray's own snapshot and upload functions for a bare run: toxtune's driver replaces
-    three (`tune.bridge.consistent_experiment_uploads`, `snapshots_by_time_only`,
-    `object_store_uploads`) process-wide."""
+    """Ray's own snapshot, upload and statistics functions for a bare run: toxtune's driver
+    replaces four (`tune.bridge.consistent_experiment_uploads`, `snapshots_by_time_only`,
+    `object_store_uploads`, `metric_statistics_only`) process-wide."""
     from ray.train._internal import storage
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
 
     patched = (
         storage._FilesystemSyncer._sync_up_command,
         _ExperimentCheckpointManager.on_trial_checkpoint,
         storage._upload_to_fs_path,
+        _TrainingRunMetadata.update_metric,
     )
     storage._FilesystemSyncer._sync_up_command = SHIPPED[0]
     _ExperimentCheckpointManager.on_trial_checkpoint = SHIPPED[1]
     storage._upload_to_fs_path = SHIPPED[2]
+    _TrainingRunMetadata.update_metric = getattr(patched[3], "_toxtune_original", patched[3])
     try:
         yield
     finally:
         storage._FilesystemSyncer._sync_up_command = patched[0]
         _ExperimentCheckpointManager.on_trial_checkpoint = patched[1]
         storage._upload_to_fs_path = patched[2]
+        _TrainingRunMetadata.update_metric = patched[3]
 
 
 SHIPPED: tuple[Any, Any, Any] = (None, None, None)  # set in main(), before any patch
@@ -460,7 +464,7 @@ def run_toxtune(
 ) -> Cell:
     from ray import tune as ray_tune
 
-    from tune import bridge, settings
+    from tune import bridge, settings, study
     from tune import tracking as tr
     from tune.search import build_tuner, driver_callbacks
 
@@ -472,6 +476,8 @@ def run_toxtune(
         "object_store_uploads",
     ):
         getattr(bridge, name, lambda: None)()  # as tune.search.search does (when it does)
+    if hasattr(bridge, "metric_statistics_only"):
+        bridge.metric_statistics_only({study.METRIC})
     job = job_for(cell, storage, tracking, study_url, epochs, run_s, grace)
     job.storage.check_writable()
     parent = tr.start_job_run(
