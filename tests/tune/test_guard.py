@@ -88,8 +88,8 @@ def test_a_driver_killed_outright_has_its_runs_ended_killed_and_the_resume_said(
     (Ray then exits the driver at once): no `finally` runs in the driver. The watcher outlives
     the cancel's signals (which reach every process of the job), then ends the job run and its
     open trial runs KILLED and prints the command that continues the job, as the last line.
-    Asked for its stacks (`pkill -USR2 -f "toxtune tune"` reaches it too), it prints them into
-    the job's log and goes on."""
+    Asked for its stacks (`kill -USR2`, as for its driver), it prints them into the job's log
+    and goes on."""
     client, parent, trial = _job_with_a_trial(sqlite_uri)
     driver, watcher = _driver(sqlite_uri, parent, "killed")
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STACKS_SIGNAL):
