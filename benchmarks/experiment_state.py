@@ -52,18 +52,16 @@ def every_metric(metrics: object) -> None:
     _TrainingRunMetadata.update_metric = getattr(update, "_toxtune_original", update)
 
 
-def configured(mode: str) -> None:
-    """Make Tune's syncer pickle, and Ray keep statistics, as `mode` says."""
+def configured(mode: str, without_notes: object) -> None:
+    """Make Tune's syncer pickle, and Ray keep statistics, as `mode` says. `without_notes`:
+    the snapshot patch's `__getstate__` (the patch is applied once, before the first job; the
+    job's own call then changes nothing)."""
     from ray.train._internal import storage
     from ray.train._internal.syncer import _BackgroundSyncer
 
     bridge.metric_statistics_only = STATISTICS_ONLY if mode == "one metric" else every_metric
-
-    bridge.consistent_experiment_uploads()
-    patched = getattr(configured, "patched", None) or storage._FilesystemSyncer.__getstate__
-    configured.patched = patched  # type: ignore[attr-defined]
     ray_own = _BackgroundSyncer.__getstate__
-    storage._FilesystemSyncer.__getstate__ = ray_own if mode == "noted" else patched
+    storage._FilesystemSyncer.__getstate__ = ray_own if mode == "noted" else without_notes
 
 
 def state_figures(job_dir: Path) -> tuple[float, float]:
@@ -82,6 +80,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {platform.processor() or 'cpu'}")
+    from ray.train._internal import storage
+
+    bridge.consistent_experiment_uploads()
+    without_notes = storage._FilesystemSyncer.__getstate__
     rows: list[tuple[int, str, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp, "molecules.csv")
@@ -89,7 +91,7 @@ def main() -> None:
             data.write_text("".join(itertools.islice(src, args.rows + 1)))
         for n in args.trials:
             for mode in MODES:
-                configured(mode)
+                configured(mode, without_notes)
                 name = f"state-{n}-{mode.replace(' ', '-')}"
                 job = load_config(
                     QUICK,
