@@ -312,6 +312,55 @@ def test_a_dropped_checkpoint_already_gone_does_not_stop_the_deletions(tmp_path:
     assert not kept.exists()
 
 
+def test_checkpoints_dropped_while_a_deletion_runs_are_deleted_together(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At a checkpoint an epoch many trials drop checkpoints faster than one deletion at a time
+    keeps up with (pyarrow's, five round trips each). What Tune drops while a deletion runs
+    waits in the queue, and the next batch takes all of it: twenty checkpoints, one delete
+    request for all their objects."""
+    import logging
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from tests.team_stack import bucket_keys, s3_server
+    from tune import storage
+
+    first_started, go_on = threading.Event(), threading.Event()
+    batches: list[int] = []
+    delete_folders = storage.delete_folders
+
+    def held(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
+        batches.append(len(paths))
+        first_started.set()
+        assert go_on.wait(timeout=30)
+        return delete_folders(fs, paths)
+
+    monkeypatch.setattr(storage, "delete_folders", held)
+    with s3_server() as s3:
+        fs, _ = pafs.FileSystem.from_uri(s3.uri)
+        folders = [f"{s3.bucket}/job/t{i % 4}/checkpoint_{i:06d}" for i in range(21)]
+        for folder in folders:
+            for name in ("model.pt", "best_row.json"):
+                with fs.open_output_stream(f"{folder}/{name}") as out:
+                    out.write(b"x")
+        caplog.set_level(logging.INFO, logger="werkzeug")
+        deletions = bridge.CheckpointDeletions()
+        deletions.setup()
+        deletions.enqueue(fs, folders[0])
+        assert first_started.wait(timeout=30)
+        caplog.clear()  # the first batch's requests are still to come: counted from here
+        for folder in folders[1:]:
+            deletions.enqueue(fs, folder)
+        go_on.set()
+        deletions.on_experiment_end(trials=[])
+        requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+        assert batches == [1, 20]
+        assert len([r for r in requests if "?delete" in r]) == 2, requests
+        assert bucket_keys(s3, "job/") == []
+
+
 def _study_with_trials(url: str, n: int) -> tuple[object, list[object]]:
     import optuna
 
@@ -571,8 +620,8 @@ def test_a_checkpoint_and_a_snapshot_reach_a_bucket_in_one_request_a_file(
     """Ray made each folder of the path (bucket checks and a marker object a level) and sent
     each file as a three-request multipart upload: this three-file checkpoint cost 21
     requests, and its deletion seven. Now the trial's storage check and one PUT a file (the
-    files land where Ray puts them), its deletion five, and a snapshot's folder one PUT a
-    file."""
+    files land where Ray puts them), its deletion a listing and one request for its objects,
+    and a snapshot's folder one PUT a file."""
     import logging
 
     import pyarrow.fs as pafs
@@ -603,14 +652,14 @@ def test_a_checkpoint_and_a_snapshot_reach_a_bucket_in_one_request_a_file(
         with persisted.as_directory() as folder:
             assert {n: (Path(folder) / n).read_bytes() for n in files} == files
 
-        caplog.clear()  # Tune drops it (num_to_keep): deleted off the loop, in five requests
+        caplog.clear()  # Tune drops it (num_to_keep): deleted off the loop, in two requests
         deletions = bridge.CheckpointDeletions()
         deletions.setup()
         deletions.enqueue(persisted.filesystem, persisted.path)
         deletions.enqueue(persisted.filesystem, persisted.path + "-gone")  # already gone
         deletions.on_experiment_end(trials=[])
         requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
-        assert len(requests) == 5 + 2, requests  # the gone one: a look and a listing
+        assert len(requests) == 2 + 1, requests  # the gone one: a listing
         assert not persisted.filesystem.get_file_info(
             pafs.FileSelector(persisted.path, allow_not_found=True)
         )

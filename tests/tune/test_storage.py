@@ -10,10 +10,11 @@ import ray
 
 from tests.team_stack import bucket_keys, postgres_available, postgres_server, s3_server
 from tests.tune.conftest import tiny_job
+from tune import storage as storage_module
 from tune.config import load_config
 from tune.errors import ConfigError
 from tune.job import run_job
-from tune.storage import Storage
+from tune.storage import DELETE_BATCH, Storage, delete_folders
 
 
 def test_local_storage_reads_writes_and_stages_files(tmp_path: Path) -> None:
@@ -153,3 +154,61 @@ def test_a_trials_checkpoints_reach_the_driver_on_one_filesystem(no_ray: None) -
     assert [c.path for c in received] == [f"bucket/trial/checkpoint_{e:06d}" for e in (1, 2, 3)]
     assert all(c.filesystem is received[0].filesystem for c in received)
     assert received[0].filesystem.__reduce__()[1] == ray.get(trial.options.remote())
+
+
+def _requests(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The requests moto's server answered since the log was last cleared."""
+    return [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+
+
+@pytest.mark.parametrize("batch", [DELETE_BATCH, 40])
+def test_folders_deleted_together_cost_a_listing_each_and_one_request_per_batch_of_objects(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """Thirty dropped checkpoints of three objects: pyarrow's `delete_dir` sent five requests
+    for each (150). Now a listing each and one DeleteObjects request per `batch` objects; a
+    folder already gone is no error, and a folder whose name extends a deleted one's
+    (checkpoint_1, checkpoint_10) keeps every object."""
+    import logging
+
+    import pyarrow.fs as pafs
+
+    monkeypatch.setattr(storage_module, "DELETE_BATCH", batch)
+    with s3_server() as s3:
+        fs, _ = pafs.FileSystem.from_uri(s3.uri)
+        folders = [f"{s3.bucket}/job/t{i % 3}/checkpoint_{i}" for i in range(1, 31)]
+        kept = f"{s3.bucket}/job/t1/checkpoint_100"  # checkpoint_1's name, extended
+        for folder in [*folders, kept]:
+            for name in ("model.pt", "best_row.json", "sub/progress.json"):
+                with fs.open_output_stream(f"{folder}/{name}") as out:
+                    out.write(name.encode())
+        caplog.set_level(logging.INFO, logger="werkzeug")
+        caplog.clear()
+        failed = delete_folders(fs, [*folders, f"{s3.bucket}/job/t9/checkpoint_9"])  # gone
+        requests = _requests(caplog)
+        assert failed == {}
+        deletes = [r for r in requests if "POST" in r and "?delete" in r]
+        assert len(deletes) == -(-90 // batch), requests  # 90 objects
+        assert len(requests) == len(deletes) + 31, requests  # and a listing a folder
+        left = bucket_keys(s3, "job/")
+        assert sorted(left) == sorted(
+            f"job/t1/checkpoint_100/{n}" for n in ("model.pt", "best_row.json", "sub/progress.json")
+        )
+
+
+def test_folders_are_deleted_one_by_one_where_boto3_cannot_be_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without boto3 (or for options it is not given, e.g. an assumed role) each folder goes
+    through pyarrow's `delete_dir`; the result is the same."""
+    import pyarrow.fs as pafs
+
+    monkeypatch.setattr(storage_module, "s3_client", lambda options: None)
+    with s3_server() as s3:
+        fs, _ = pafs.FileSystem.from_uri(s3.uri)
+        for i in range(3):
+            with fs.open_output_stream(f"{s3.bucket}/job/checkpoint_{i}/model.pt") as out:
+                out.write(b"m")
+        failed = delete_folders(fs, [f"{s3.bucket}/job/checkpoint_{i}" for i in (0, 1, 5)])
+        assert failed == {}
+        assert bucket_keys(s3, "job/") == ["job/checkpoint_2/model.pt"]
