@@ -238,8 +238,9 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     request per DELETE_BATCH objects of all the folders. Returns {path: why} for each folder
     not wholly deleted; a folder already gone is no error. Through boto3 (pyarrow has no
     batched delete, and its `delete_dir` costs five requests a folder: a look, the listing,
-    the delete, the folder's marker and a new marker for its parent); without boto3, or for
-    options it does not take (`s3_client`), one `delete_dir` a folder.
+    the delete, the folder's marker and a new marker for its parent); without boto3, for
+    options it does not take (`s3_client`), or where a DeleteObjects request fails (a store
+    that lacks it), one `delete_dir` a folder.
 
     Why: a trial that checkpoints every epoch drops a checkpoint every epoch
     (`num_to_keep`), and one thread at five round trips a folder deletes 1 / (5 x RTT) of
@@ -266,9 +267,9 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
                     Bucket=bucket,
                     Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
                 )
-            except Exception as exc:  # the endpoint, credentials: every folder of the chunk
-                for key in chunk:
-                    failed.setdefault(owner[(bucket, key)], _first_line(exc))
+            except Exception:  # a store without DeleteObjects, or an outage: one at a time
+                folders = sorted({owner[(bucket, key)] for key in chunk})
+                failed.update(_delete_each(fs, folders))
                 continue
             for error in answer.get("Errors", []):
                 why = f"{error.get('Code', '')} {error.get('Message', '')}".strip()

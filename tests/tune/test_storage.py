@@ -196,14 +196,33 @@ def test_folders_deleted_together_cost_a_listing_each_and_one_request_per_batch_
         )
 
 
-def test_folders_are_deleted_one_by_one_where_boto3_cannot_be_used(
-    monkeypatch: pytest.MonkeyPatch,
+class _NoBatchDelete:
+    """A boto3 client whose store answers DeleteObjects with an error."""
+
+    def __init__(self, client: object) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    def delete_objects(self, **kwargs: object) -> None:
+        raise RuntimeError("NotImplemented: DeleteObjects")
+
+
+@pytest.mark.parametrize("client", ["none", "no batch delete"])
+def test_folders_are_deleted_one_by_one_where_a_batch_cannot_be_used(
+    monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
-    """Without boto3 (or for options it is not given, e.g. an assumed role) each folder goes
-    through pyarrow's `delete_dir`; the result is the same."""
+    """Without boto3 (or for options it is not given, e.g. an assumed role), or on a store
+    that refuses DeleteObjects, each folder goes through pyarrow's `delete_dir`; the result is
+    the same."""
     import pyarrow.fs as pafs
 
-    monkeypatch.setattr(storage_module, "s3_client", lambda options: None)
+    real = storage_module.s3_client
+    if client == "none":
+        monkeypatch.setattr(storage_module, "s3_client", lambda options: None)
+    else:
+        monkeypatch.setattr(storage_module, "s3_client", lambda o: _NoBatchDelete(real(o)))
     with s3_server() as s3:
         fs, _ = pafs.FileSystem.from_uri(s3.uri)
         for i in range(3):
