@@ -236,7 +236,8 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     """Delete every object under each folder of `paths` (pyarrow's "bucket/prefix" form) in a
     bucket, together: one listing a folder (LIST_THREADS at once), then one DeleteObjects
     request per DELETE_BATCH objects of all the folders. Returns {path: why} for each folder
-    not wholly deleted; a folder already gone is no error. Through boto3 (pyarrow has no
+    not wholly deleted; a folder already gone is no error, and a path naming a bucket itself is
+    refused, never emptied. Through boto3 (pyarrow has no
     batched delete, and its `delete_dir` costs five requests a folder: a look, the listing,
     the delete, the folder's marker and a new marker for its parent); without boto3, for
     options it does not take (`s3_client`), or where a DeleteObjects request fails (a store
@@ -245,11 +246,12 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     Why: a trial that checkpoints every epoch drops a checkpoint every epoch
     (`num_to_keep`), and one thread at five round trips a folder deletes 1 / (5 x RTT) of
     them a second, fewer than many trials save."""
-    client = s3_client(filesystem_options(fs))
+    failed = {p: "a whole bucket, not a folder in one: not deleted" for p in paths if _is_bucket(p)}
+    paths = [p for p in paths if p not in failed]
+    client = s3_client(filesystem_options(fs)) if paths else None
     if client is None:
-        return _delete_each(fs, paths)
-    failed: dict[str, str] = {}
-    with ThreadPoolExecutor(min(LIST_THREADS, len(paths)) or 1) as pool:
+        return {**failed, **_delete_each(fs, paths)}
+    with ThreadPoolExecutor(min(LIST_THREADS, len(paths))) as pool:
         listed = list(pool.map(lambda p: _listing(client, p), paths))
     owner: dict[tuple[str, str], str] = {}
     for path, (keys, error) in zip(paths, listed, strict=True):
@@ -277,6 +279,10 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     return failed
 
 
+def _is_bucket(path: str) -> bool:
+    return not path.strip("/").partition("/")[2].strip("/")
+
+
 def _listing(client: Any, path: str) -> tuple[list[tuple[str, str]], str]:
     """(bucket, key) of every object under the folder `path`, or the listing's error. The
     prefix ends in "/": checkpoint_1 is not a prefix of checkpoint_10's keys."""
@@ -284,7 +290,7 @@ def _listing(client: Any, path: str) -> tuple[list[tuple[str, str]], str]:
     keys: list[tuple[str, str]] = []
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+            Bucket=bucket, Prefix=f"{prefix.rstrip('/')}/"
         )
         for page in pages:
             keys += [(bucket, o["Key"]) for o in page.get("Contents", [])]

@@ -167,8 +167,8 @@ def test_folders_deleted_together_cost_a_listing_each_and_one_request_per_batch_
 ) -> None:
     """Thirty dropped checkpoints of three objects: pyarrow's `delete_dir` sent five requests
     for each (150). Now a listing each and one DeleteObjects request per `batch` objects; a
-    folder already gone is no error, and a folder whose name extends a deleted one's
-    (checkpoint_1, checkpoint_10) keeps every object."""
+    folder already gone is no error, a folder whose name extends a deleted one's
+    (checkpoint_1, checkpoint_10) keeps every object, and a bucket is never emptied."""
     import logging
 
     import pyarrow.fs as pafs
@@ -184,9 +184,10 @@ def test_folders_deleted_together_cost_a_listing_each_and_one_request_per_batch_
                     out.write(name.encode())
         caplog.set_level(logging.INFO, logger="werkzeug")
         caplog.clear()
-        failed = delete_folders(fs, [*folders, f"{s3.bucket}/job/t9/checkpoint_9"])  # gone
+        gone, whole = f"{s3.bucket}/job/t9/checkpoint_9", f"{s3.bucket}/"
+        failed = delete_folders(fs, [*folders, gone, whole])
         requests = _requests(caplog)
-        assert failed == {}
+        assert list(failed) == [whole] and "whole bucket" in failed[whole]  # never listed
         deletes = [r for r in requests if "POST" in r and "?delete" in r]
         assert len(deletes) == -(-90 // batch), requests  # 90 objects
         assert len(requests) == len(deletes) + 31, requests  # and a listing a folder
