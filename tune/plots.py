@@ -63,8 +63,25 @@ def history(study: optuna.Study | None, path: Path) -> str:
     return ""
 
 
+# fANOVA (a random forest over every complete trial) up to this many trials, PED-ANOVA beyond:
+# fANOVA took 0.2 s at 30 trials, 2.4 s at 300 and 12.7 s at 1,000 here, PED-ANOVA 0.05 s at
+# 1,000; PED-ANOVA reads only the best tenth of the trials, too few in a small study (it warns).
+FANOVA_MAX_TRIALS = 300
+
+
+def importance_method(n_trials: int) -> tuple[str, Any]:
+    """The name and evaluator of the importance drawn for a study of `n_trials` complete
+    trials. Named explicitly: Optuna 5.1's default is PED-ANOVA, earlier versions' fANOVA."""
+    import optuna
+
+    if n_trials <= FANOVA_MAX_TRIALS:
+        return "fANOVA", optuna.importance.FanovaImportanceEvaluator(seed=0)
+    return "PED-ANOVA", optuna.importance.PedAnovaImportanceEvaluator()
+
+
 def importance(study: optuna.Study | None, path: Path) -> str:
-    """fANOVA hyperparameter importance."""
+    """Hyperparameter importance, by the method `importance_method` picks for the study's size
+    (its name on the axis)."""
     if study is None:
         return "no Optuna study given"
     n = len(_complete_trials(study))
@@ -72,14 +89,15 @@ def importance(study: optuna.Study | None, path: Path) -> str:
         return f"parameter importance needs at least 2 complete trials, got {n}"
     import optuna
 
-    scores = optuna.importance.get_param_importances(study)
+    method, evaluator = importance_method(n)
+    scores = optuna.importance.get_param_importances(study, evaluator=evaluator)
     if not scores:
         return "no parameter varied between the complete trials"
     names, values = zip(*sorted(scores.items(), key=lambda kv: kv[1]), strict=True)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     ax.barh(names, values)
-    ax.set(xlabel="importance (fANOVA)", title="Hyperparameter importance")
+    ax.set(xlabel=f"importance ({method}, {n} trials)", title="Hyperparameter importance")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

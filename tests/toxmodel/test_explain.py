@@ -246,7 +246,7 @@ def test_members_with_their_own_scalers_are_explained_each_on_its_own_inputs() -
     assert [e.probability for e in found] == pytest.approx(probs.tolist(), abs=1e-5)
     width = fingerprint_width(config)
     w = [m.head.weight[0].detach().double().numpy() for m in members]
-    b = [float(m.head.bias[0]) for m in members]
+    b = [float(m.head.bias[0].detach()) for m in members]
 
     def logit_of_mean(logits: list[float]) -> float:
         p = np.mean([1 / (1 + np.exp(-v)) for v in logits])

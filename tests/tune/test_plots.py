@@ -101,3 +101,60 @@ def test_thin_curve_keeps_short_curves_and_the_ends_of_long_ones() -> None:
     assert len(thin_x) == 100 and thin_x[0] == x[0] and thin_x[-1] == x[-1]
     np.testing.assert_array_equal(thin_y, thin_x**2)  # points of the curve, not new ones
     assert np.all(np.diff(thin_x) >= 0)
+
+
+def _study(n: int) -> object:
+    """A study of `n` trials whose objective is `dropout` alone, `norm` not asked in one trial
+    (as toxtune's space leaves it out for selu): a regime of one trial, which PED-ANOVA warns
+    of."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    rng = np.random.default_rng(0)
+    space = {
+        "lr": FloatDistribution(1e-4, 3e-3, log=True),
+        "norm": CategoricalDistribution(["none", "batch", "layer"]),
+        "dropout": FloatDistribution(0.0, 0.6),
+    }
+    study = optuna.create_study(direction="maximize")
+    for i in range(n):
+        params = {
+            "lr": float(np.exp(rng.uniform(np.log(1e-4), np.log(3e-3)))),
+            "norm": ("none", "batch", "layer")[i % 3],
+            "dropout": float(rng.uniform(0.0, 0.6)),
+        }
+        if i == 0:
+            del params["norm"]
+        asked = {k: d for k, d in space.items() if k in params}
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=asked, value=params["dropout"])
+        )
+    return study
+
+
+@pytest.mark.parametrize("n", [8, 12])
+def test_importance_names_its_method_and_ranks_the_driving_parameter_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    """A job's study of a few trials gets fANOVA (Optuna 5.1's default, PED-ANOVA, warned on
+    every small job that its estimate may be inaccurate), a large one PED-ANOVA (fANOVA took
+    12.7 s at 1,000 trials); the axis says which, and either ranks `dropout` first."""
+    import warnings
+
+    import optuna
+
+    from tune import plots
+
+    monkeypatch.setattr(plots, "FANOVA_MAX_TRIALS", 10)  # 12 trials: the large-study branch
+    method, evaluator = plots.importance_method(n)
+    assert method == ("fANOVA" if n <= 10 else "PED-ANOVA")
+    study = _study(n)
+    path = tmp_path / "importance.png"
+    with warnings.catch_warnings():
+        # No library warning in a small job's output; the 12-trial stand-in for a large study
+        # keeps its one-trial regime, of which PED-ANOVA warns.
+        warnings.simplefilter("error" if n <= 10 else "ignore")
+        assert plots.importance(study, path) == ""
+        ranked = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    assert path.stat().st_size > 0
+    assert next(iter(ranked)) == "dropout", ranked
