@@ -237,11 +237,10 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     bucket, together: one listing a folder (LIST_THREADS at once), then one DeleteObjects
     request per DELETE_BATCH objects of all the folders. Returns {path: why} for each folder
     not wholly deleted; a folder already gone is no error, and a path naming a bucket itself is
-    refused, never emptied. Through boto3 (pyarrow has no
-    batched delete, and its `delete_dir` costs five requests a folder: a look, the listing,
-    the delete, the folder's marker and a new marker for its parent); without boto3, for
-    options it does not take (`s3_client`), or where a DeleteObjects request fails (a store
-    that lacks it), one `delete_dir` a folder.
+    refused, never emptied. Through boto3 (pyarrow has no batched delete, and its `delete_dir`
+    costs five requests a folder: a look, the listing, the delete, the folder's marker and a
+    new marker for its parent); without boto3, for options it does not take (`s3_client`), or
+    where a DeleteObjects request fails (a store that lacks it), one `delete_dir` a folder.
 
     Why: a trial that checkpoints every epoch drops a checkpoint every epoch
     (`num_to_keep`), and one thread at five round trips a folder deletes 1 / (5 x RTT) of
