@@ -153,7 +153,7 @@ class Storage:
             ) from exc
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: Exception) -> str:
     text = str(exc)
     hints = {
         "NO_SUCH_BUCKET": "the bucket does not exist",
@@ -294,7 +294,7 @@ def _listing(client: Any, path: str) -> tuple[list[tuple[str, str]], str]:
         for page in pages:
             keys += [(bucket, o["Key"]) for o in page.get("Contents", [])]
     except Exception as exc:
-        return keys, _first_line(exc)
+        return keys, _reason(exc)
     return keys, ""
 
 
@@ -306,13 +306,8 @@ def _delete_each(fs: pafs.FileSystem, paths: list[str]) -> dict[str, str]:
         except FileNotFoundError:
             pass  # gone already
         except OSError as exc:
-            failed[path] = _first_line(exc)
+            failed[path] = _reason(exc)
     return failed
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 _CLIENT_LOCK = threading.Lock()
