@@ -221,9 +221,16 @@ def upload_files(local_path: str, fs: pafs.S3FileSystem, fs_path: str) -> None:
 def _writer(options: bytes) -> pafs.FileSystem:
     """The filesystem of `options` with delayed opens: a stream closed before its first part
     is full is sent as one PUT, not as a three-request multipart upload. `options` is
-    pyarrow's reduction, (constructor, (options,)), which `bridge.check` checks."""
-    constructor, (kwargs,) = pickle.loads(options)
+    pyarrow's reduction (`s3_options`)."""
+    constructor, kwargs = s3_options(options)
     return constructor({**kwargs, "allow_delayed_open": True})
+
+
+def s3_options(options: bytes) -> tuple[Any, dict[str, Any]]:
+    """The constructor and keyword options of an S3 filesystem `filesystem_options` sent:
+    pyarrow's reduction, (constructor, (options,)), whose shape `bridge.check` checks."""
+    constructor, (kwargs,) = pickle.loads(options)
+    return constructor, kwargs
 
 
 # S3's limit on the keys of one DeleteObjects request.
@@ -252,14 +259,14 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
         return {**failed, **_delete_each(fs, paths)}
     with ThreadPoolExecutor(min(LIST_THREADS, len(paths))) as pool:
         listed = list(pool.map(lambda p: _listing(client, p), paths))
-    owner: dict[tuple[str, str], str] = {}
+    owner: dict[tuple[str, str], str] = {}  # (bucket, key): the folder it is deleted for
+    by_bucket: dict[str, list[str]] = {}
     for path, (keys, error) in zip(paths, listed, strict=True):
         if error:
             failed[path] = error
-        owner.update({key: path for key in keys})
-    by_bucket: dict[str, list[str]] = {}
-    for bucket, key in owner:
-        by_bucket.setdefault(bucket, []).append(key)
+        for bucket, key in keys:
+            owner[(bucket, key)] = path
+            by_bucket.setdefault(bucket, []).append(key)
     for bucket, keys in by_bucket.items():
         for start in range(0, len(keys), DELETE_BATCH):
             chunk = keys[start : start + DELETE_BATCH]
@@ -315,9 +322,8 @@ _CLIENT_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=16)
 def _cached_client(options: bytes) -> Any | None:
-    _, args = pickle.loads(options)
-    kwargs = args[0] if len(args) == 1 and isinstance(args[0], dict) else None
-    if kwargs is None or kwargs.get("role_arn") or (kwargs.get("proxy_options") or {}).get("host"):
+    _, kwargs = s3_options(options)
+    if kwargs.get("role_arn") or (kwargs.get("proxy_options") or {}).get("host"):
         return None  # options boto3 would be told differently: pyarrow's own path
     try:
         import boto3
