@@ -247,7 +247,8 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     refused, never emptied. Through boto3 (pyarrow has no batched delete, and its `delete_dir`
     costs five requests a folder: a look, the listing, the delete, the folder's marker and a
     new marker for its parent); without boto3, for options it does not take (`s3_client`), or
-    where a DeleteObjects request fails (a store that lacks it), one `delete_dir` a folder.
+    where the store refuses a DeleteObjects request (one that lacks it), one `delete_dir` a
+    folder. A request that gets no answer (an outage) fails its folders, named in the result.
 
     Why: a trial that checkpoints every epoch drops a checkpoint every epoch
     (`num_to_keep`), and one thread at five round trips a folder deletes 1 / (5 x RTT) of
@@ -275,14 +276,22 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
                     Bucket=bucket,
                     Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
                 )
-            except Exception:  # a store without DeleteObjects, or an outage: one at a time
+            except Exception as exc:
                 folders = sorted({owner[(bucket, key)] for key in chunk})
-                failed.update(_delete_each(fs, folders))
+                if _answered(exc):  # the store refused it (it lacks DeleteObjects): one by one
+                    failed.update(_delete_each(fs, folders))
+                else:  # it did not answer (an outage): five requests a folder would not either
+                    failed.update(dict.fromkeys(folders, _reason(exc)))
                 continue
             for error in answer.get("Errors", []):
                 why = f"{error.get('Code', '')} {error.get('Message', '')}".strip()
                 failed.setdefault(owner[(bucket, error["Key"])], f"{error['Key']}: {why}")
     return failed
+
+
+def _answered(exc: Exception) -> bool:
+    """Whether boto3's error is the store's answer (an S3 error code), not a lost connection."""
+    return hasattr(exc, "response") and bool(getattr(exc, "response", {}).get("Error"))
 
 
 def _is_bucket(path: str) -> bool:

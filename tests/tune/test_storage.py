@@ -197,17 +197,24 @@ def test_folders_deleted_together_cost_a_listing_each_and_one_request_per_batch_
         )
 
 
-class _NoBatchDelete:
-    """A boto3 client whose store answers DeleteObjects with an error."""
+class _FailingBatchDelete:
+    """A boto3 client whose DeleteObjects fails with `error`."""
 
-    def __init__(self, client: object) -> None:
-        self._client = client
+    def __init__(self, client: object, error: Exception) -> None:
+        self._client, self._error = client, error
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._client, name)
 
     def delete_objects(self, **kwargs: object) -> None:
-        raise RuntimeError("NotImplemented: DeleteObjects")
+        raise self._error
+
+
+def _refused() -> Exception:
+    from botocore.exceptions import ClientError
+
+    answer = {"Error": {"Code": "NotImplemented", "Message": "DeleteObjects is not supported"}}
+    return ClientError(answer, "DeleteObjects")
 
 
 @pytest.mark.parametrize("client", ["none", "no batch delete"])
@@ -223,7 +230,9 @@ def test_folders_are_deleted_one_by_one_where_a_batch_cannot_be_used(
     if client == "none":
         monkeypatch.setattr(storage_module, "s3_client", lambda options: None)
     else:
-        monkeypatch.setattr(storage_module, "s3_client", lambda o: _NoBatchDelete(real(o)))
+        monkeypatch.setattr(
+            storage_module, "s3_client", lambda o: _FailingBatchDelete(real(o), _refused())
+        )
     with s3_server() as s3:
         fs, _ = pafs.FileSystem.from_uri(s3.uri)
         for i in range(3):
@@ -232,3 +241,28 @@ def test_folders_are_deleted_one_by_one_where_a_batch_cannot_be_used(
         failed = delete_folders(fs, [f"{s3.bucket}/job/checkpoint_{i}" for i in (0, 1, 5)])
         assert failed == {}
         assert bucket_keys(s3, "job/") == ["job/checkpoint_2/model.pt"]
+
+
+def test_a_batch_delete_that_gets_no_answer_names_its_folders_and_tries_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An outage between the listings and the delete: the folders are reported with the
+    reason, left in place, and not tried again one by one (five more requests a folder that
+    would not be answered either)."""
+    import pyarrow.fs as pafs
+    from botocore.exceptions import EndpointConnectionError
+
+    real = storage_module.s3_client
+    lost = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    monkeypatch.setattr(storage_module, "s3_client", lambda o: _FailingBatchDelete(real(o), lost))
+    monkeypatch.setattr(storage_module, "_delete_each", lambda fs, paths: pytest.fail(paths))
+    with s3_server() as s3:
+        fs, _ = pafs.FileSystem.from_uri(s3.uri)
+        folders = [f"{s3.bucket}/job/checkpoint_{i}" for i in range(2)]
+        for folder in folders:
+            with fs.open_output_stream(f"{folder}/model.pt") as out:
+                out.write(b"m")
+        failed = delete_folders(fs, folders)
+        assert sorted(failed) == folders
+        assert all("Could not connect" in why for why in failed.values()), failed
+        assert len(bucket_keys(s3, "job/")) == 2
