@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,8 +78,6 @@ def fill(fs: object, n: int, tag: str) -> list[str]:
         for name, data in FILES.items():
             with fs.open_output_stream(f"{path}/{name}") as out:  # type: ignore[attr-defined]
                 out.write(data)
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(put, paths))
