@@ -228,13 +228,18 @@ def size(b: Bench) -> dict[str, Any]:
     return out
 
 
-def blend(b: Bench, n: int) -> dict[str, Any]:
-    folds = b.folds(K, b.seed)
+def configurations(b: Bench, n: int) -> list[dict[str, Any]]:
+    """The default point and n - 1 configurations drawn at random from the search space
+    (Optuna's RandomSampler, seeded 1000 + split seed): the same n for `blend` and `pick`."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1000 + b.seed))
     space = build_space()
-    points = [dict(DEFAULT_POINT)] + [sample(study.ask(), space) for _ in range(n - 1)]
+    return [dict(DEFAULT_POINT)] + [sample(study.ask(), space) for _ in range(n - 1)]
+
+
+def blend(b: Bench, n: int) -> dict[str, Any]:
+    folds = b.folds(K, b.seed)
     oofs, tests = [], []
-    for point in points:
+    for point in configurations(b, n):
         models = b.fit(point, list(folds.splits), range(K))
         oofs.append(b.oof(models, folds))
         tests.append(np.mean(b.probs(models, b.test), axis=0))
@@ -263,14 +268,11 @@ def blend(b: Bench, n: int) -> dict[str, Any]:
 
 def pick(b: Bench, n: int) -> dict[str, Any]:
     folds = b.folds(K, b.seed)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1000 + b.seed))
-    space = build_space()
-    points = [dict(DEFAULT_POINT)] + [sample(study.ask(), space) for _ in range(n - 1)]
     data = replace(b.data, folds=folds)
     y_oof, tasks = b.data.labels[folds.rows], list(b.data.table.tasks)
     f = b.data.features
     configs, tree_test = [], None
-    for i, point in enumerate(points):
+    for i, point in enumerate(configurations(b, n)):
         models = b.fit(point, list(folds.splits), range(K))
         networks = _ensemble(models)
         net_oof = b.oof(models, folds)
