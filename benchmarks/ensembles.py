@@ -59,11 +59,10 @@ about F against the Tox21 tasks (617 assays hold 14x Tox21's training labels).
 networks alone. The configurations of `blend`, each a fold ensemble; one set of fold trees (they
 read the same inputs whatever the configuration: the fold's scaled features); each configuration
 blended with them at its own share chosen out of fold. Then the configuration a job would
-register, chosen three ways on what a job may read: by the fold mean of its networks' validation
-ROC-AUC (near what the search ranks trials by today: the mean of the fold models' best
-validation ROC-AUC), by its networks' pooled out-of-fold ROC-AUC,
-and by its blend's out-of-fold ROC-AUC; each reported as its blend's test ROC-AUC, beside the
-default point's blend (every search's first trial).
+register, chosen three ways on what a job may read: by the mean of its fold models' best
+validation ROC-AUC (near the search's ranking today, the best epoch of the fold mean), by its
+networks' pooled out-of-fold ROC-AUC, and by its blend's out-of-fold ROC-AUC; each reported as
+its blend's test ROC-AUC, beside the default point's blend (every search's first trial).
 
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
