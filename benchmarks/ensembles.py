@@ -60,7 +60,7 @@ networks alone. The configurations of `blend`, each a fold ensemble; one set of 
 read the same inputs whatever the configuration: the fold's scaled features); each configuration
 blended with them at its own share chosen out of fold. Then the configuration a job would
 register, chosen three ways on what a job may read: by the mean of its fold models' best
-validation ROC-AUC (near the search's ranking today, the best epoch of the fold mean), by its
+validation ROC-AUC (what the search ranks trials by: `FoldScores.best_mean`), by its
 networks' pooled out-of-fold ROC-AUC, and by its blend's out-of-fold ROC-AUC; each reported as
 its blend's test ROC-AUC, beside the default point's blend (every search's first trial).
 
