@@ -273,10 +273,10 @@ def pick(b: Bench, n: int) -> dict[str, Any]:
     configs, tree_test = [], None
     for i, point in enumerate(configurations(b, n)):
         models = b.fit(point, list(folds.splits), range(K))
-        networks = _ensemble(models)
         net_oof = b.oof(models, folds)
         net_test = np.mean(b.probs(models, b.test), axis=0)
         if tree_test is None:  # the trees read each fold's scaled inputs: one set serves all
+            networks = _ensemble(models)
             grown, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
             inputs = networks.inputs(f.fingerprint[b.test], f.descriptors[b.test])
             tree_test = replace(networks, trees=grown).tree_probabilities(inputs)
