@@ -247,8 +247,8 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     refused, never emptied. Through boto3 (pyarrow has no batched delete, and its `delete_dir`
     costs five requests a folder: a look, the listing, the delete, the folder's marker and a
     new marker for its parent); without boto3, for options it does not take (`s3_client`), or
-    where the store refuses a DeleteObjects request (one that lacks it), one `delete_dir` a
-    folder. A request that gets no answer (an outage) fails its folders, named in the result.
+    on a store that answers it has no DeleteObjects, one `delete_dir` a folder. A request that
+    fails otherwise (no answer, throttling, a denial) fails its folders, named in the result.
 
     Why: a trial that checkpoints every epoch drops a checkpoint every epoch
     (`num_to_keep`), and one thread at five round trips a folder deletes 1 / (5 x RTT) of
@@ -278,10 +278,10 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
                 )
             except Exception as exc:
                 folders = sorted({owner[(bucket, key)] for key in chunk})
-                if _answered(exc):  # the store refused it (it lacks DeleteObjects): one by one
+                if _lacks_batch_delete(exc):  # a store without DeleteObjects: one by one
                     failed.update(_delete_each(fs, folders))
-                else:  # it did not answer (an outage): five requests a folder would not either
-                    failed.update(dict.fromkeys(folders, _reason(exc)))
+                else:  # an outage, throttling, a denial: five requests a folder would not do
+                    failed.update(dict.fromkeys(folders, _reason(exc)))  # better, only more
                 continue
             for error in answer.get("Errors", []):
                 why = f"{error.get('Code', '')} {error.get('Message', '')}".strip()
@@ -289,9 +289,19 @@ def delete_folders(fs: pafs.S3FileSystem, paths: list[str]) -> dict[str, str]:
     return failed
 
 
-def _answered(exc: Exception) -> bool:
-    """Whether boto3's error is the store's answer (an S3 error code), not a lost connection."""
-    return hasattr(exc, "response") and bool(getattr(exc, "response", {}).get("Error"))
+# A store's answers that it has no DeleteObjects (S3's code for an operation a store lacks,
+# and the HTTP statuses of one it does not route).
+_NO_BATCH_DELETE_CODES = frozenset({"NotImplemented", "MethodNotAllowed", "501", "405"})
+
+
+def _lacks_batch_delete(exc: Exception) -> bool:
+    """Whether boto3's error is the store saying it has no DeleteObjects; not a lost
+    connection, a throttling answer (SlowDown) or a denial, which each folder's own
+    `delete_dir` would meet again at five times the requests."""
+    answer = getattr(exc, "response", None) or {}
+    code = str(answer.get("Error", {}).get("Code", ""))
+    status = str(answer.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return bool({code, status} & _NO_BATCH_DELETE_CODES)
 
 
 def _is_bucket(path: str) -> bool:

@@ -243,18 +243,35 @@ def test_folders_are_deleted_one_by_one_where_a_batch_cannot_be_used(
         assert bucket_keys(s3, "job/") == ["job/checkpoint_2/model.pt"]
 
 
+def _throttled() -> Exception:
+    from botocore.exceptions import ClientError
+
+    answer = {
+        "Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+        "ResponseMetadata": {"HTTPStatusCode": 503},
+    }
+    return ClientError(answer, "DeleteObjects")
+
+
+@pytest.mark.parametrize("failure", ["no answer", "throttled"])
 def test_a_batch_delete_that_gets_no_answer_names_its_folders_and_tries_no_more(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    """An outage between the listings and the delete: the folders are reported with the
-    reason, left in place, and not tried again one by one (five more requests a folder that
-    would not be answered either)."""
+    """An outage between the listings and the delete, or a store throttling the job: the
+    folders are reported with the reason, left in place, and not tried again one by one (five
+    more requests a folder, which would not be answered either, or would throttle it more)."""
     import pyarrow.fs as pafs
     from botocore.exceptions import EndpointConnectionError
 
     real = storage_module.s3_client
-    lost = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
-    monkeypatch.setattr(storage_module, "s3_client", lambda o: _FailingBatchDelete(real(o), lost))
+    error, said = {
+        "no answer": (
+            EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+            "Could not connect",
+        ),
+        "throttled": (_throttled(), "SlowDown"),
+    }[failure]
+    monkeypatch.setattr(storage_module, "s3_client", lambda o: _FailingBatchDelete(real(o), error))
     monkeypatch.setattr(storage_module, "_delete_each", lambda fs, paths: pytest.fail(paths))
     with s3_server() as s3:
         fs, _ = pafs.FileSystem.from_uri(s3.uri)
@@ -264,5 +281,5 @@ def test_a_batch_delete_that_gets_no_answer_names_its_folders_and_tries_no_more(
                 out.write(b"m")
         failed = delete_folders(fs, folders)
         assert sorted(failed) == folders
-        assert all("Could not connect" in why for why in failed.values()), failed
+        assert all(said in why for why in failed.values()), failed
         assert len(bucket_keys(s3, "job/")) == 2
