@@ -7,6 +7,7 @@
     python benchmarks/ensembles.py tree-settings --split scaffold --split-seed 0
     python benchmarks/ensembles.py auxiliary --split random --split-seed 0
     python benchmarks/ensembles.py pick --split scaffold --split-seed 0 --configs 8
+    python benchmarks/ensembles.py auc-loss --split scaffold --split-seed 0 --auc-weight 1
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
 (`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
@@ -64,6 +65,15 @@ validation ROC-AUC (what the search ranks trials by: `FoldScores.best_mean`), by
 networks' pooled out-of-fold ROC-AUC, and by its blend's out-of-fold ROC-AUC; each reported as
 its blend's test ROC-AUC, beside the default point's blend (every search's first trial).
 
+`auc-loss`: whether a loss aimed at the ranking the figure measures lifts it. The default
+point's fold ensemble trained with the masked cross-entropy alone (today) and with a pairwise
+ROC-AUC surrogate added at each `--auc-weight` W: per member and task, over the batch's
+labelled positive-negative pairs, the mean of (1 - (p_pos - p_neg))^2 on the sigmoid scores
+(the square loss of Ying et al. 2016 and LibAUC's AUC-M, margin 1), times W, added to the
+cross-entropy. Early stopping still reads validation ROC-AUC. Reports each loss's networks
+out of fold and on test, and its blend with one set of fold trees (they read the fold's scaled
+inputs, whatever the loss) at the share chosen out of fold.
+
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
 
@@ -85,7 +95,9 @@ import pandas as pd
 import torch
 from quality import add_overrides, overrides  # benchmarks/quality.py: the same --set
 from scipy.special import expit, logit
+from torch import Tensor
 
+import toxmodel.fused as fused
 from toxmodel.checkpoint import Predictor
 from toxmodel.featurize import canonical_smiles
 from toxmodel.folds import Folds, make_folds, out_of_fold
@@ -300,6 +312,71 @@ def pick(b: Bench, n: int) -> dict[str, Any]:
     return out
 
 
+def _pairwise_auc_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """(K,) square pairwise ROC-AUC surrogates for logits (K, batch, tasks): per member and
+    task, the mean of (1 - (p_i - p_j))^2 over the batch's labelled positives i and negatives
+    j; the tasks' means averaged over the tasks with both classes in the batch."""
+    p = torch.sigmoid(logits)
+    m = mask.to(p.dtype)
+    pos, neg = m * (targets > 0.5).to(p.dtype), m * (targets <= 0.5).to(p.dtype)
+    diff = 1.0 - (p.unsqueeze(2) - p.unsqueeze(1))  # (K, i, j, tasks)
+    pairs = pos.unsqueeze(2) * neg.unsqueeze(1)
+    n = pairs.sum((1, 2))  # (K, tasks)
+    per_task = (diff.square() * pairs).sum((1, 2)) / n.clamp_min(1.0)
+    has = (n > 0).to(p.dtype)
+    return (per_task * has).sum(1) / has.sum(1).clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def _auc_loss_added(weight: float) -> Iterator[None]:
+    """`fit_many`'s loss with `_pairwise_auc_loss` x `weight` added, for the block."""
+    plain = fused._masked_bce_many
+
+    def with_auc(logits: Tensor, targets: Tensor, mask: Tensor, *rest: Any) -> Tensor:
+        return plain(logits, targets, mask, *rest) + weight * _pairwise_auc_loss(
+            logits, targets, mask
+        )
+
+    fused._masked_bce_many = with_auc
+    try:
+        yield
+    finally:
+        fused._masked_bce_many = plain
+
+
+def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
+    folds = b.folds(K, b.seed)
+    data = replace(b.data, folds=folds)
+    y_oof, tasks = b.data.labels[folds.rows], list(b.data.table.tasks)
+    f = b.data.features
+    out: dict[str, Any] = {}
+    tree_oof = tree_test = None
+    for w in [0.0, *weights]:
+        t0 = time.perf_counter()
+        with _auc_loss_added(w):
+            models = b.fit(dict(DEFAULT_POINT), list(folds.splits), range(K))
+        seconds = round(time.perf_counter() - t0, 1)
+        net_oof = b.oof(models, folds)
+        net_test = np.mean(b.probs(models, b.test), axis=0)
+        if tree_test is None:  # the trees read each fold's scaled inputs: one set serves all
+            networks = _ensemble(models)
+            grown, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
+            inputs = networks.inputs(f.fingerprint[b.test], f.descriptors[b.test])
+            tree_test = replace(networks, trees=grown).tree_probabilities(inputs)
+            out["test_trees"] = b.test_auc([tree_test])
+        share, scores = blend_weight(y_oof, net_oof, tree_oof, tasks)
+        out[f"auc_weight_{w:g}"] = {
+            "oof_networks": scores[0.0],
+            "test_networks": b.test_auc([net_test]),
+            "share": share,
+            "oof_blend": scores[share],
+            "test_blend": b.test_auc([blend_of(net_test, tree_test, share)]),
+            "epochs": [r.best_epoch for r in models],
+            "seconds": seconds,
+        }
+    return out
+
+
 def _ensemble(results: list[FitResult]) -> Predictor:
     """Fold models as one averaged predictor with each fold's own descriptor scaler."""
     scalers = [r.scaler for r in results]
@@ -448,8 +525,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "part",
-        choices=["members", "size", "blend", "pick", "trees", "tree-settings", "auxiliary"],
-    )
+        choices=[
+            "members", "size", "blend", "pick", "trees", "tree-settings", "auxiliary", "auc-loss",
+        ],
+    )  # fmt: skip
+    parser.add_argument(
+        "--auc-weight", type=float, action="append", default=[],
+        help="auc-loss: also with the pairwise ROC-AUC surrogate at this weight (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--auxiliary", default="../shared/data/toxcast.csv.gz")
     parser.add_argument(
         "--aux-fraction", type=float, action="append", default=[],
@@ -479,6 +562,8 @@ def main() -> None:
             out.update(auxiliary(b, args.auxiliary, args.aux_fraction))
         elif args.part == "pick":
             out.update(pick(b, args.configs))
+        elif args.part == "auc-loss":
+            out.update(auc_loss(b, args.auc_weight))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)
