@@ -8,6 +8,7 @@
     python benchmarks/ensembles.py auxiliary --split random --split-seed 0
     python benchmarks/ensembles.py pick --split scaffold --split-seed 0 --configs 8
     python benchmarks/ensembles.py auc-loss --split scaffold --split-seed 0 --auc-weight 1
+    python benchmarks/ensembles.py forest --split scaffold --split-seed 0
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
 (`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
@@ -74,6 +75,13 @@ cross-entropy. Early stopping still reads validation ROC-AUC. Reports each loss'
 out of fold and on test, and its blend with one set of fold trees (they read the fold's scaled
 inputs, whatever the loss) at the share chosen out of fold.
 
+`forest`: a random forest as a third learner beside the fold networks and their LightGBM trees
+(DeepTox's and MoleculeNet's classic baseline; its trees are grown deep on bootstrap samples,
+unlike LightGBM's shallow boosted ones). Per fold and task, scikit-learn's
+`RandomForestClassifier` (`--forest-trees` trees, `max_features="sqrt"`, balanced class weights
+per bootstrap sample) on the inputs the fold's network reads; then the three learners blended at
+the shares (in eighths) that score best out of fold, as `graph.py` blends its D-MPNN.
+
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
 
@@ -110,7 +118,12 @@ from toxmodel.trees import WEIGHTS, TreeConfig, blend_weight
 from toxmodel.trees import blend as blend_of
 from tune import settings
 from tune.config import JobConfig, load_config
-from tune.finalize import fold_trees, grow_fold_trees, out_of_fold_probabilities
+from tune.finalize import (
+    fold_members,
+    fold_trees,
+    grow_fold_trees,
+    out_of_fold_probabilities,
+)
 from tune.prepare import PreparedData, prepare_data
 from tune.space import DEFAULT_POINT, build_space, sample, to_run_configs
 
@@ -377,6 +390,92 @@ def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
     return out
 
 
+def shares(step: float = 0.125) -> list[tuple[float, float]]:
+    """(networks, trees) shares in steps of `step`; a third learner has the rest."""
+    grid = np.arange(0, 1 + 1e-9, step)
+    return [(float(a), float(t)) for a in grid for t in grid if a + t <= 1 + 1e-9]
+
+
+def three_learners(
+    b: Bench, folds: Folds, learners: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any]:
+    """Networks, trees and a third learner (`learners`: name -> (out-of-fold, test)
+    probabilities, in that order) blended at the shares that score best out of fold, the
+    networks and trees alone likewise; each learner's and blend's ROC-AUC out of fold and on
+    test, and the shares chosen."""
+    (net_oof, net_test), (tree_oof, tree_test), (third_oof, third_test) = learners.values()
+    third = list(learners)[2]
+    tasks, d = list(b.data.table.tasks), b.data
+
+    def mix(n: np.ndarray, t: np.ndarray, g: np.ndarray, w: tuple[float, float]) -> np.ndarray:
+        return w[0] * n + w[1] * t + (1 - w[0] - w[1]) * g
+
+    oof_labels, test_labels = d.labels[folds.rows], d.labels[b.test]
+    scores = {
+        w: evaluate(oof_labels, mix(net_oof, tree_oof, third_oof, w), tasks).roc_auc
+        for w in shares()
+    }
+    two = max((w for w in scores if abs(sum(w) - 1) < 1e-9), key=scores.get)
+    three = max(scores, key=scores.get)
+    out: dict[str, Any] = {
+        "oof": {k: evaluate(oof_labels, v[0], tasks).roc_auc for k, v in learners.items()},
+        "test": {k: evaluate(test_labels, v[1], tasks).roc_auc for k, v in learners.items()},
+    }
+    for name, w in (("networks+trees", two), ("all_three", three)):
+        out["oof"][name] = scores[w]
+        out["test"][name] = evaluate(
+            test_labels, mix(net_test, tree_test, third_test, w), tasks
+        ).roc_auc
+        out[f"shares_{name}"] = {"networks": w[0], "trees": w[1], third: 1 - w[0] - w[1]}
+    return out
+
+
+def forest(b: Bench, n_trees: int) -> dict[str, Any]:
+    from sklearn.ensemble import RandomForestClassifier
+
+    d, f = b.data, b.data.features
+    folds = b.folds(K, b.seed)
+    data = replace(d, folds=folds)
+    networks = fold_networks(b, folds)
+    t0 = time.perf_counter()
+    trees, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
+    net_oof = out_of_fold_probabilities(networks, data, folds)
+    fp, desc = f.fingerprint[b.test], f.descriptors[b.test]
+    net_test = networks.probabilities(fp, desc).astype(np.float64)
+    tree_test = replace(networks, trees=trees).tree_probabilities(networks.inputs(fp, desc))
+    out: dict[str, Any] = {"trees_seconds": round(time.perf_counter() - t0)}
+    t0 = time.perf_counter()
+    per_fold, forest_test = [], []
+    for i, (single, split) in enumerate(zip(fold_members(networks), folds.splits, strict=True)):
+
+        def inputs(rows: np.ndarray, single: Predictor = single) -> np.ndarray:
+            return single.inputs(f.fingerprint[rows], f.descriptors[rows])[0]
+
+        train, valid, test = inputs(split.train), inputs(split.valid), inputs(b.test)
+        valid_p = np.full((len(split.valid), d.labels.shape[1]), np.nan)
+        test_p = np.full((len(b.test), d.labels.shape[1]), np.nan)
+        for j in range(d.labels.shape[1]):
+            y = d.labels[split.train, j]
+            known = ~np.isnan(y)
+            model = RandomForestClassifier(
+                n_estimators=n_trees, max_features="sqrt", class_weight="balanced_subsample",
+                n_jobs=1, random_state=b.seed + 100 * i + j,
+            ).fit(train[known], y[known].astype(int))  # fmt: skip
+            valid_p[:, j] = model.predict_proba(valid)[:, 1]
+            test_p[:, j] = model.predict_proba(test)[:, 1]
+        per_fold.append((split.valid, valid_p))
+        forest_test.append(test_p)
+        print(json.dumps({"fold": i, "seconds": round(time.perf_counter() - t0)}), flush=True)
+    out["forest_seconds"] = round(time.perf_counter() - t0)
+    learners = {
+        "networks": (net_oof, net_test),
+        "trees": (tree_oof, tree_test),
+        "forest": (out_of_fold(folds, per_fold), np.mean(forest_test, axis=0)),
+    }
+    out.update(three_learners(b, folds, learners))
+    return out
+
+
 def _ensemble(results: list[FitResult]) -> Predictor:
     """Fold models as one averaged predictor with each fold's own descriptor scaler."""
     scalers = [r.scaler for r in results]
@@ -527,6 +626,7 @@ def main() -> None:
         "part",
         choices=[
             "members", "size", "blend", "pick", "trees", "tree-settings", "auxiliary", "auc-loss",
+            "forest",
         ],
     )  # fmt: skip
     parser.add_argument(
@@ -540,6 +640,7 @@ def main() -> None:
     )  # fmt: skip
     add_job_arguments(parser, split="scaffold")
     parser.add_argument("--configs", type=int, default=8, help="blend, pick: configurations")
+    parser.add_argument("--forest-trees", type=int, default=250, help="forest: trees a forest")
     add_overrides(parser, "config override, e.g. --set featurizer.radius=3 (repeatable)")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -564,6 +665,8 @@ def main() -> None:
             out.update(pick(b, args.configs))
         elif args.part == "auc-loss":
             out.update(auc_loss(b, args.auc_weight))
+        elif args.part == "forest":
+            out.update(forest(b, args.forest_trees))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)

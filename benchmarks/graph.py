@@ -35,6 +35,7 @@ from ensembles import (  # benchmarks/ensembles.py: the same job and folds
     add_job_arguments,
     fold_networks,
     prepared,
+    three_learners,
 )
 from rdkit import Chem, RDLogger
 from torch import nn
@@ -206,12 +207,6 @@ def train_fold(
     return model, best, epochs
 
 
-def shares(step: float = 0.125) -> list[tuple[float, float]]:
-    """(networks, trees) shares in steps of `step`; the graph network has the rest."""
-    grid = np.arange(0, 1 + 1e-9, step)
-    return [(float(a), float(t)) for a in grid for t in grid if a + t <= 1 + 1e-9]
-
-
 def run(b: Bench, max_epochs: int) -> dict[str, Any]:
     d, f = b.data, b.data.features
     tasks = list(d.table.tasks)
@@ -242,23 +237,9 @@ def run(b: Bench, max_epochs: int) -> dict[str, Any]:
     graph_test_mean = np.mean(graph_test, axis=0)
     out.update(graph_seconds=round(time.perf_counter() - t0), graph_folds=folds_run)
 
-    def mix(n: np.ndarray, t: np.ndarray, g: np.ndarray, w: tuple[float, float]) -> np.ndarray:
-        return w[0] * n + w[1] * t + (1 - w[0] - w[1]) * g
-
-    oof_labels, test_labels = d.labels[folds.rows], d.labels[b.test]
-    scores = {w: roc_auc(oof_labels, mix(net_oof, tree_oof, graph_oof, w), tasks) for w in shares()}
-    two = max((w for w in scores if abs(sum(w) - 1) < 1e-9), key=scores.get)
-    three = max(scores, key=scores.get)
     learners = {"networks": (net_oof, net_test), "trees": (tree_oof, tree_test)}
     learners["graph"] = (graph_oof, graph_test_mean)
-    out["oof"] = {k: roc_auc(oof_labels, v[0], tasks) for k, v in learners.items()}
-    out["test"] = {k: roc_auc(test_labels, v[1], tasks) for k, v in learners.items()}
-    for name, w in (("networks+trees", two), ("all_three", three)):
-        out["oof"][name] = scores[w]
-        out["test"][name] = roc_auc(
-            test_labels, mix(net_test, tree_test, graph_test_mean, w), tasks
-        )
-        out[f"shares_{name}"] = {"networks": w[0], "trees": w[1], "graph": 1 - w[0] - w[1]}
+    out.update(three_learners(b, folds, learners))
     return out
 
 
