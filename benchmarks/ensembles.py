@@ -294,17 +294,13 @@ def pick(b: Bench, n: int) -> dict[str, Any]:
     folds = b.folds(K, b.seed)
     data = replace(b.data, folds=folds)
     y_oof, tasks = b.data.labels[folds.rows], list(b.data.table.tasks)
-    f = b.data.features
     configs, tree_test = [], None
     for i, point in enumerate(configurations(b, n)):
         models = b.fit(point, list(folds.splits), range(K))
         net_oof = b.oof(models, folds)
         net_test = np.mean(b.probs(models, b.test), axis=0)
         if tree_test is None:  # the trees read each fold's scaled inputs: one set serves all
-            networks = _ensemble(models)
-            grown, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
-            inputs = networks.inputs(f.fingerprint[b.test], f.descriptors[b.test])
-            tree_test = replace(networks, trees=grown).tree_probabilities(inputs)
+            tree_oof, tree_test = fold_trees_of(b, _ensemble(models), data, folds)
         share, scores = blend_weight(y_oof, net_oof, tree_oof, tasks)
         configs.append(
             {
@@ -361,7 +357,6 @@ def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
     folds = b.folds(K, b.seed)
     data = replace(b.data, folds=folds)
     y_oof, tasks = b.data.labels[folds.rows], list(b.data.table.tasks)
-    f = b.data.features
     out: dict[str, Any] = {}
     tree_oof = tree_test = None
     for w in [0.0, *weights]:
@@ -372,10 +367,7 @@ def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
         net_oof = b.oof(models, folds)
         net_test = np.mean(b.probs(models, b.test), axis=0)
         if tree_test is None:  # the trees read each fold's scaled inputs: one set serves all
-            networks = _ensemble(models)
-            grown, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
-            inputs = networks.inputs(f.fingerprint[b.test], f.descriptors[b.test])
-            tree_test = replace(networks, trees=grown).tree_probabilities(inputs)
+            tree_oof, tree_test = fold_trees_of(b, _ensemble(models), data, folds)
             out["test_trees"] = b.test_auc([tree_test])
         share, scores = blend_weight(y_oof, net_oof, tree_oof, tasks)
         out[f"auc_weight_{w:g}"] = {
@@ -388,6 +380,31 @@ def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
             "seconds": seconds,
         }
     return out
+
+
+def fold_trees_of(
+    b: Bench, networks: Predictor, data: PreparedData, folds: Folds
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fold trees of a fold ensemble (`networks`), as a k-fold job with trees grows them:
+    their out-of-fold probabilities (aligned with `folds.rows`) and their test probabilities."""
+    f = data.features
+    grown, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
+    inputs = networks.inputs(f.fingerprint[b.test], f.descriptors[b.test])
+    return tree_oof, replace(networks, trees=grown).tree_probabilities(inputs)
+
+
+def networks_and_trees(
+    b: Bench, folds: Folds
+) -> tuple[Predictor, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The default point's fold ensemble and its fold trees: the ensemble, and each learner's
+    (out-of-fold, test) probabilities, the first two learners of `three_learners`."""
+    data = replace(b.data, folds=folds)
+    f = data.features
+    networks = fold_networks(b, folds)
+    tree_oof, tree_test = fold_trees_of(b, networks, data, folds)
+    net_oof = out_of_fold_probabilities(networks, data, folds)
+    net = networks.probabilities(f.fingerprint[b.test], f.descriptors[b.test]).astype(np.float64)
+    return networks, {"networks": (net_oof, net), "trees": (tree_oof, tree_test)}
 
 
 def shares(step: float = 0.125) -> list[tuple[float, float]]:
@@ -435,15 +452,9 @@ def forest(b: Bench, n_trees: int) -> dict[str, Any]:
 
     d, f = b.data, b.data.features
     folds = b.folds(K, b.seed)
-    data = replace(d, folds=folds)
-    networks = fold_networks(b, folds)
     t0 = time.perf_counter()
-    trees, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
-    net_oof = out_of_fold_probabilities(networks, data, folds)
-    fp, desc = f.fingerprint[b.test], f.descriptors[b.test]
-    net_test = networks.probabilities(fp, desc).astype(np.float64)
-    tree_test = replace(networks, trees=trees).tree_probabilities(networks.inputs(fp, desc))
-    out: dict[str, Any] = {"trees_seconds": round(time.perf_counter() - t0)}
+    networks, learners = networks_and_trees(b, folds)
+    out: dict[str, Any] = {"networks_trees_seconds": round(time.perf_counter() - t0)}
     t0 = time.perf_counter()
     per_fold, forest_test = [], []
     for i, (single, split) in enumerate(zip(fold_members(networks), folds.splits, strict=True)):
@@ -467,11 +478,7 @@ def forest(b: Bench, n_trees: int) -> dict[str, Any]:
         forest_test.append(test_p)
         print(json.dumps({"fold": i, "seconds": round(time.perf_counter() - t0)}), flush=True)
     out["forest_seconds"] = round(time.perf_counter() - t0)
-    learners = {
-        "networks": (net_oof, net_test),
-        "trees": (tree_oof, tree_test),
-        "forest": (out_of_fold(folds, per_fold), np.mean(forest_test, axis=0)),
-    }
+    learners["forest"] = (out_of_fold(folds, per_fold), np.mean(forest_test, axis=0))
     out.update(three_learners(b, folds, learners))
     return out
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ from ensembles import (  # benchmarks/ensembles.py: the same job and folds
     Bench,
     K,
     add_job_arguments,
-    fold_networks,
+    networks_and_trees,
     prepared,
     three_learners,
 )
@@ -44,7 +43,6 @@ from toxmodel.featurize import DescriptorScaler
 from toxmodel.folds import out_of_fold
 from toxmodel.metrics import evaluate
 from tune import settings
-from tune.finalize import grow_fold_trees, out_of_fold_probabilities
 
 ELEMENTS = [1, 5, 6, 7, 8, 9, 11, 14, 15, 16, 17, 19, 20, 26, 29, 30, 33, 34, 35, 50, 53]
 HYBRIDS = [
@@ -211,14 +209,8 @@ def run(b: Bench, max_epochs: int) -> dict[str, Any]:
     d, f = b.data, b.data.features
     tasks = list(d.table.tasks)
     folds = b.folds(K, b.seed)
-    data = replace(d, folds=folds)
     t0 = time.perf_counter()
-    networks = fold_networks(b, folds)
-    trees, tree_oof = grow_fold_trees(networks, data, folds, b.seed)
-    net_oof = out_of_fold_probabilities(networks, data, folds)
-    fp, desc = f.fingerprint[b.test], f.descriptors[b.test]
-    net_test = networks.probabilities(fp, desc).astype(np.float64)
-    tree_test = replace(networks, trees=trees).tree_probabilities(networks.inputs(fp, desc))
+    _, learners = networks_and_trees(b, folds)
     out: dict[str, Any] = {"networks_trees_seconds": round(time.perf_counter() - t0)}
 
     t0 = time.perf_counter()
@@ -237,7 +229,6 @@ def run(b: Bench, max_epochs: int) -> dict[str, Any]:
     graph_test_mean = np.mean(graph_test, axis=0)
     out.update(graph_seconds=round(time.perf_counter() - t0), graph_folds=folds_run)
 
-    learners = {"networks": (net_oof, net_test), "trees": (tree_oof, tree_test)}
     learners["graph"] = (graph_oof, graph_test_mean)
     out.update(three_learners(b, folds, learners))
     return out
