@@ -338,19 +338,33 @@ def _pairwise_auc_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def _auc_loss_added(weight: float) -> Iterator[None]:
-    """`fit_many`'s loss with `_pairwise_auc_loss` x `weight` added, for the block."""
-    plain = fused._masked_bce_many
+    """`fit_many`'s training loss with `_pairwise_auc_loss` x `weight` added on every step,
+    for the block: its stacked loss (`_masked_bce_many`) and the one-member loss it calls on
+    the CPU and for an epoch's last batches, where fold members of unequal sizes step alone
+    (`masked_bce`). The validation loss (computed without gradients) stays the cross-entropy."""
+    many, one = fused._masked_bce_many, fused.masked_bce
 
-    def with_auc(logits: Tensor, targets: Tensor, mask: Tensor, *rest: Any) -> Tensor:
-        return plain(logits, targets, mask, *rest) + weight * _pairwise_auc_loss(
-            logits, targets, mask
-        )
+    def with_auc_many(
+        logits: Tensor, targets: Tensor, mask: Tensor, weights: Any, weighted: Any, per_member: bool
+    ) -> Tensor:
+        loss = many(logits, targets, mask, weights, weighted, per_member)
+        if per_member:  # made of `masked_bce` calls, each with the term already
+            return loss
+        return loss + weight * _pairwise_auc_loss(logits, targets, mask)
 
-    fused._masked_bce_many = with_auc
+    def with_auc_one(
+        logits: Tensor, targets: Tensor, mask: Tensor, pos_weight: Tensor | None = None
+    ) -> Tensor:
+        loss = one(logits, targets, mask, pos_weight)
+        if not torch.is_grad_enabled():  # validation
+            return loss
+        return loss + weight * _pairwise_auc_loss(logits[None], targets[None], mask[None])[0]
+
+    fused._masked_bce_many, fused.masked_bce = with_auc_many, with_auc_one
     try:
         yield
     finally:
-        fused._masked_bce_many = plain
+        fused._masked_bce_many, fused.masked_bce = many, one
 
 
 def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
