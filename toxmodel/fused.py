@@ -67,8 +67,10 @@ from toxmodel.train import (
     block_rows,
     fit_scaler,
     masked_bce,
+    pairwise_auc_loss,
     pos_weights,
     resolve_device,
+    training_loss,
 )
 
 MemberCallback = Callable[[int, EpochResult], bool | None]
@@ -461,49 +463,56 @@ def _dropout(x: Tensor, mask: Tensor, layer: _Layer) -> Tensor:
     return x * mask.mul(a) + shift
 
 
-def _masked_bce_many(
+def _training_loss_many(
     logits: Tensor,
     targets: Tensor,
     mask: Tensor,
     weight: Tensor | None,
     weighted: list[bool] | None,
+    auc_weights: list[float],
     per_member: bool,
 ) -> Tensor:
-    """`masked_bce` per member: (K,) losses for logits (K, batch, tasks).
+    """`training_loss` per member: (K,) losses for logits (K, batch, tasks).
 
     `weight`: (tasks,) shared, or (K, tasks), one row per member (members on rows of their
     own). `weighted` picks the positive-weighted loss for the members that asked for it when
-    only some did (each member's loss is then exactly the one `fit` computes). `per_member`: one
-    `masked_bce` per member, as on the CPU (see `_Stack`).
+    only some did; `auc_weights` is each member's pairwise ROC-AUC weight (each member's loss
+    is then exactly the one `fit` computes). `per_member`: one `training_loss` per member, as
+    on the CPU (see `_Stack`).
     """
     if per_member:
         parts = zip(logits.unbind(0), targets.unbind(0), mask.unbind(0), strict=True)
         own = weight is not None and weight.dim() == 2
         return torch.stack(
             [
-                masked_bce(
+                training_loss(
                     x,
                     t,
                     m,
                     (weight[i] if own else weight) if weighted is None or weighted[i] else None,
+                    auc_weights[i],
                 )
                 for i, (x, t, m) in enumerate(parts)
             ]
         )
     if weight is not None and weight.dim() == 2:
         weight = weight.unsqueeze(1)
-    mask = mask.to(logits.dtype)
-    targets = torch.where(mask > 0, targets, torch.zeros_like(targets))
+    float_mask = mask.to(logits.dtype)
+    zeroed = torch.where(float_mask > 0, targets, torch.zeros_like(targets))
     loss = F.binary_cross_entropy_with_logits(
-        logits, targets, pos_weight=weight if weighted is None else None, reduction="none"
+        logits, zeroed, pos_weight=weight if weighted is None else None, reduction="none"
     )
     if weighted is not None:
         with_weight = F.binary_cross_entropy_with_logits(
-            logits, targets, pos_weight=weight, reduction="none"
+            logits, zeroed, pos_weight=weight, reduction="none"
         )
         use = torch.tensor(weighted, device=logits.device)[:, None, None]
         loss = torch.where(use, with_weight, loss)
-    return (loss * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+    loss = (loss * float_mask).flatten(1).sum(1) / float_mask.flatten(1).sum(1).clamp_min(1.0)
+    if any(auc_weights):
+        auc = torch.tensor(auc_weights, dtype=loss.dtype, device=loss.device)
+        loss = loss + auc * pairwise_auc_loss(logits, targets, mask)
+    return loss
 
 
 def _check_configs(configs: Sequence[TrainConfig]) -> None:
@@ -791,6 +800,7 @@ class _FusedRun:
         use = [self.configs[k].pos_weight for k in active]
         weight = split.weight if any(use) else None
         weighted = None if all(use) or not any(use) else use
+        auc = [self.configs[k].auc_weight for k in active]
         schedules = [self.schedules[k] for k in active]
         distinct = list(dict.fromkeys(schedules))
 
@@ -815,8 +825,8 @@ class _FusedRun:
                     x = torch.cat([x, desc[:, a:b]], 2)
                 mask = masks[:, a:b]
                 logits = stack.forward(x, True, noise)
-                loss = _masked_bce_many(
-                    logits, targets[:, a:b], mask, weight, weighted, stack.per_member
+                loss = _training_loss_many(
+                    logits, targets[:, a:b], mask, weight, weighted, auc, stack.per_member
                 )
                 stack.zero_grad()
                 loss.sum().backward()
@@ -848,6 +858,7 @@ class _FusedRun:
             torch.stack([s.weight for s in splits if s.weight is not None]) if any(use) else None
         )
         weighted = None if all(use) or not any(use) else use
+        auc = [self.configs[k].auc_weight for k in active]
         schedules = [self.schedules[k] for k in active]
         loss_sum = torch.zeros(len(active), device=dev)
         count = torch.zeros(len(active), device=dev)
@@ -865,7 +876,9 @@ class _FusedRun:
                     self._noise(active, exact_dropout),
                 )
                 targets = torch.stack([r.targets for r in rows])
-                loss = _masked_bce_many(logits, targets, mask, weight, weighted, stack.per_member)
+                loss = _training_loss_many(
+                    logits, targets, mask, weight, weighted, auc, stack.per_member
+                )
                 loss.sum().backward()
                 losses, n = loss.detach(), mask.flatten(1).sum(1)
             else:
@@ -874,7 +887,8 @@ class _FusedRun:
                     noise = self._noise([active[i]], exact_dropout)
                     logits = stack.forward(r.rows(0, size)[None], True, noise, [i])[0]
                     own = weight[i] if weight is not None and use[i] else None
-                    alone.append(masked_bce(logits, r.targets, r.mask, own))
+                    auc_weight = self.configs[active[i]].auc_weight
+                    alone.append(training_loss(logits, r.targets, r.mask, own, auc_weight))
                     alone[-1].backward()
                 losses = torch.stack([loss.detach() for loss in alone])
                 n = torch.stack([r.mask.sum() for r in rows])
@@ -918,8 +932,8 @@ class _FusedRun:
 
 
 def _schedule_key(cfg: TrainConfig) -> TrainConfig:
-    """What a learning-rate schedule depends on: the config without seed, patience, weights."""
-    return replace(cfg, seed=0, patience=0, pos_weight=False)
+    """What a learning-rate schedule depends on: the config without seed, patience, losses."""
+    return replace(cfg, seed=0, patience=0, pos_weight=False, auc_weight=0.0)
 
 
 def _validate_many(

@@ -100,6 +100,7 @@ def test_optimizers_schedules_and_mixed_settings_equal_separate_fits(
             weight_decay=1e-4 * k,
             scheduler=scheduler,
             pos_weight=k == 1,  # only one member weights positives
+            auc_weight=0.5 * (k == 2),  # only one adds the pairwise ROC-AUC loss
             patience=0,
             seed=10 + k,
         )
@@ -269,7 +270,10 @@ def test_stacked_gpu_code_path_agrees_with_fit_on_the_cpu(
         # A Linear bias before a BatchNorm has no true gradient, so Adam's normalised steps
         # turn rounding noise into lr-sized moves of it (in `fit` too): SGD keeps it still.
         members = [replace(c, optimizer="sgd", lr=0.05, scheduler="onecycle") for c in members]
-    configs = [replace(c, epochs=4, patience=0, pos_weight=k == 1) for k, c in enumerate(members)]
+    configs = [
+        replace(c, epochs=4, patience=0, pos_weight=k == 1, auc_weight=0.5 * (k != 1))
+        for k, c in enumerate(members)
+    ]
     one_by_one, fused = both_ways(d, model, configs)
     for a, b in zip(one_by_one, fused, strict=True):
         sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -342,6 +346,7 @@ def test_members_on_their_own_rows_equal_their_own_fits(model: ModelConfig, opti
             lr=1e-2,
             scheduler="onecycle",
             pos_weight=k != 1,
+            auc_weight=0.3 * (k == 1),
             patience=0,
             seed=k,
         )
@@ -365,7 +370,7 @@ def test_members_on_their_own_rows_on_the_stacked_gpu_code_path(
     d = with_descriptors(synthetic(n=500, n_bits=32))
     model = ModelConfig(hidden=(32, 16), dropout=0.2, input_dropout=0.1, norm="layer")
     configs = [
-        replace(c, epochs=4, batch_size=64, patience=0, pos_weight=k == 1)
+        replace(c, epochs=4, batch_size=64, patience=0, pos_weight=k == 1, auc_weight=0.3 * k)
         for k, c in enumerate(MEMBERS)
     ]
     splits = own_splits(d)
