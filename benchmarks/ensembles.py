@@ -71,7 +71,9 @@ point's fold ensemble trained with the masked cross-entropy alone (today) and wi
 ROC-AUC surrogate added at each `--auc-weight` W: per member and task, over the batch's
 labelled positive-negative pairs, the mean of (1 - (p_pos - p_neg))^2 on the sigmoid scores
 (the square loss of Ying et al. 2016 and LibAUC's AUC-M, margin 1), times W, added to the
-cross-entropy. Early stopping still reads validation ROC-AUC. Reports each loss's networks
+cross-entropy: the product's `TrainConfig.auc_weight` (`search.space.auc_weight`), which the
+first sittings patched in before it was built. Early stopping still reads validation ROC-AUC.
+Reports each loss's networks
 out of fold and on test, and its blend with one set of fold trees (they read the fold's scaled
 inputs, whatever the loss) at the share chosen out of fold.
 
@@ -103,9 +105,7 @@ import pandas as pd
 import torch
 from quality import add_overrides, overrides  # benchmarks/quality.py: the same --set
 from scipy.special import expit, logit
-from torch import Tensor
 
-import toxmodel.fused as fused
 from toxmodel.checkpoint import Predictor
 from toxmodel.featurize import canonical_smiles
 from toxmodel.folds import Folds, make_folds, out_of_fold
@@ -321,52 +321,6 @@ def pick(b: Bench, n: int) -> dict[str, Any]:
     return out
 
 
-def _pairwise_auc_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """(K,) square pairwise ROC-AUC surrogates for logits (K, batch, tasks): per member and
-    task, the mean of (1 - (p_i - p_j))^2 over the batch's labelled positives i and negatives
-    j; the tasks' means averaged over the tasks with both classes in the batch."""
-    p = torch.sigmoid(logits)
-    m = mask.to(p.dtype)
-    pos, neg = m * (targets > 0.5).to(p.dtype), m * (targets <= 0.5).to(p.dtype)
-    diff = 1.0 - (p.unsqueeze(2) - p.unsqueeze(1))  # (K, i, j, tasks)
-    pairs = pos.unsqueeze(2) * neg.unsqueeze(1)
-    n = pairs.sum((1, 2))  # (K, tasks)
-    per_task = (diff.square() * pairs).sum((1, 2)) / n.clamp_min(1.0)
-    has = (n > 0).to(p.dtype)
-    return (per_task * has).sum(1) / has.sum(1).clamp_min(1.0)
-
-
-@contextlib.contextmanager
-def _auc_loss_added(weight: float) -> Iterator[None]:
-    """`fit_many`'s training loss with `_pairwise_auc_loss` x `weight` added on every step,
-    for the block: its stacked loss (`_masked_bce_many`) and the one-member loss it calls on
-    the CPU and for an epoch's last batches, where fold members of unequal sizes step alone
-    (`masked_bce`). The validation loss (computed without gradients) stays the cross-entropy."""
-    many, one = fused._masked_bce_many, fused.masked_bce
-
-    def with_auc_many(
-        logits: Tensor, targets: Tensor, mask: Tensor, weights: Any, weighted: Any, per_member: bool
-    ) -> Tensor:
-        loss = many(logits, targets, mask, weights, weighted, per_member)
-        if per_member:  # made of `masked_bce` calls, each with the term already
-            return loss
-        return loss + weight * _pairwise_auc_loss(logits, targets, mask)
-
-    def with_auc_one(
-        logits: Tensor, targets: Tensor, mask: Tensor, pos_weight: Tensor | None = None
-    ) -> Tensor:
-        loss = one(logits, targets, mask, pos_weight)
-        if not torch.is_grad_enabled():  # validation
-            return loss
-        return loss + weight * _pairwise_auc_loss(logits[None], targets[None], mask[None])[0]
-
-    fused._masked_bce_many, fused.masked_bce = with_auc_many, with_auc_one
-    try:
-        yield
-    finally:
-        fused._masked_bce_many, fused.masked_bce = many, one
-
-
 def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
     folds = b.folds(K, b.seed)
     data = replace(b.data, folds=folds)
@@ -375,8 +329,7 @@ def auc_loss(b: Bench, weights: list[float]) -> dict[str, Any]:
     tree_oof = tree_test = None
     for w in [0.0, *weights]:
         t0 = time.perf_counter()
-        with _auc_loss_added(w):
-            models = b.fit(dict(DEFAULT_POINT), list(folds.splits), range(K))
+        models = b.fit(dict(DEFAULT_POINT), list(folds.splits), range(K), auc_weight=w)
         seconds = round(time.perf_counter() - t0, 1)
         net_oof = b.oof(models, folds)
         net_test = np.mean(b.probs(models, b.test), axis=0)

@@ -7,6 +7,10 @@ Names here are the names logged to MLflow and accepted in `search.space` overrid
         lr: {low: 1.0e-4, high: 3.0e-3, log: true}
         activation: {choices: [relu, selu]}
         n_layers: {low: 1, high: 2}
+        auc_weight: {choices: [0.0, 0.3]}
+
+`auc_weight` (the pairwise ROC-AUC loss beside the cross-entropy) is 0 unless a config asks;
+a search whose space holds only 0 does not ask Optuna for it, so its studies are as before.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ SPACE: dict[str, Param] = {
     "batch_size": Param("categorical", choices=(64, 128, 256, 512)),
     "scheduler": Param("categorical", choices=("none", "cosine")),
     "pos_weight": Param("categorical", choices=(False, True)),
+    "auc_weight": Param("float", 0.0, 0.0),  # off; e.g. {choices: [0.0, 0.3]} to search it
 }
 
 # Known-good first point: a 2-layer ReLU MLP with moderate dropout (evaluated first).
@@ -70,6 +75,7 @@ DEFAULT_POINT: dict[str, Any] = {
     "batch_size": 128,
     "scheduler": "cosine",
     "pos_weight": False,
+    "auc_weight": 0.0,
 }
 
 
@@ -133,6 +139,7 @@ RULES: dict[str, Rule] = {
     "batch_size": Rule(int, 1),
     "scheduler": Rule(str, values=SCHEDULERS),
     "pos_weight": Rule(bool),
+    "auc_weight": Rule(float, 0),
 }
 
 
@@ -207,7 +214,18 @@ def sample(trial: Any, space: dict[str, Param]) -> dict[str, Any]:
         params[name] = _suggest(trial, name, space[name])
     params["scheduler"] = _suggest(trial, "scheduler", space["scheduler"])
     params["pos_weight"] = _suggest(trial, "pos_weight", space["pos_weight"])
+    if asked("auc_weight", space):
+        params["auc_weight"] = _suggest(trial, "auc_weight", space["auc_weight"])
     return params
+
+
+def asked(name: str, space: dict[str, Param]) -> bool:
+    """Whether `sample` asks Optuna for `name`: `auc_weight` only where the space lets it be
+    more than 0 (a search without the pairwise loss keeps the parameters it always had)."""
+    if name != "auc_weight":
+        return True
+    p = space[name]
+    return any(p.choices) if p.kind == "categorical" else bool(p.high)
 
 
 def _nearest(param: Param, value: Any) -> Any:
@@ -217,6 +235,8 @@ def _nearest(param: Param, value: Any) -> Any:
     if param.kind == "categorical":
         numbers = [c for c in param.choices if _is_number(c)]
         if _is_number(value) and len(numbers) == len(param.choices):
+            if value <= 0:  # no ratio to 0 (auc_weight's default): the nearest by difference
+                return min(numbers, key=lambda c: abs(c - value))
             return min(numbers, key=lambda c: abs(math.log(c / value)) if c > 0 else abs(c - value))
         return None
     return type(value)(min(max(value, param.low), param.high))
@@ -229,7 +249,7 @@ def default_point(space: dict[str, Param]) -> dict[str, Any] | None:
     small space still starts from the same kind of network.
     """
     n_layers = _nearest(space["n_layers"], DEFAULT_POINT["n_layers"])
-    names = [k for k in DEFAULT_POINT if not k.startswith("width_")]
+    names = [k for k in DEFAULT_POINT if not k.startswith("width_") and asked(k, space)]
     names += [f"width_{i}" for i in range(int(n_layers))]
     point: dict[str, Any] = {}
     for name in names:
@@ -266,6 +286,7 @@ def to_run_configs(
         weight_decay=float(params["weight_decay"]),
         scheduler=str(params["scheduler"]),
         pos_weight=bool(params["pos_weight"]),
+        auc_weight=float(params.get("auc_weight", 0.0)),
         patience=patience,
         seed=seed,
     )

@@ -53,6 +53,30 @@ def test_same_seed_same_samples() -> None:
     assert _sample_many(space, 5, seed=3) != _sample_many(space, 5, seed=4)
 
 
+def test_the_pairwise_loss_is_off_and_unasked_unless_the_space_asks_for_it() -> None:
+    """A default space never asks Optuna for `auc_weight` (its studies keep the parameters
+    they always had) and trains with the cross-entropy alone; a space with choices or a range
+    samples it, starts from 0, and every trial's TrainConfig carries the value drawn."""
+    default = build_space()
+    assert all("auc_weight" not in params for params in _sample_many(default, 10))
+    assert "auc_weight" not in default_point(default)
+    _, train = to_run_configs(default_point(default), max_epochs=3, patience=0, seed=0)
+    assert train.auc_weight == 0.0
+
+    chosen = build_space({"auc_weight": {"choices": [0.0, 0.3]}})
+    assert default_point(chosen)["auc_weight"] == 0.0
+    drawn = [p["auc_weight"] for p in _sample_many(chosen, 20)]
+    assert set(drawn) == {0.0, 0.3}
+    for params in _sample_many(chosen, 5):
+        _, train = to_run_configs(params, max_epochs=3, patience=0, seed=0)
+        assert train.auc_weight == params["auc_weight"]
+    ranged = build_space({"auc_weight": {"low": 0.1, "high": 1.0}})
+    assert default_point(ranged)["auc_weight"] == 0.1  # 0 clipped into the range
+    assert all(0.1 <= p["auc_weight"] <= 1.0 for p in _sample_many(ranged, 10))
+    only = build_space({"auc_weight": {"choices": [0.5, 1.0]}})
+    assert default_point(only)["auc_weight"] == 0.5  # the nearest choice to 0
+
+
 def test_selu_gets_no_norm() -> None:
     params = {**DEFAULT_POINT, "activation": "selu", "norm": "batch"}
     model, _ = to_run_configs(params, max_epochs=3, patience=0, seed=0)
@@ -123,6 +147,10 @@ def test_categorical_choices_are_checked_against_what_the_library_accepts(
          "search.space.dropout: low (0.4) is greater than high (0.2)"),
         ({"pos_weight": {"choices": [0, 1]}},
          "search.space.pos_weight: choices must be true or false, got [0, 1]"),
+        ({"auc_weight": {"choices": [0.0, -0.3]}},
+         "search.space.auc_weight: choices must be numbers >= 0, got [-0.3]"),
+        ({"auc_weight": {"low": 0, "high": float("inf")}},
+         "search.space.auc_weight.high: values must be numbers >= 0, got inf"),
         ({"norm": {"choices": ["none", "group"]}},
          "search.space.norm: choices must be one of none, batch or layer, got ['group']"),
         ({"scheduler": {"choices": ["warp"]}},
