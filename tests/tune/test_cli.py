@@ -54,6 +54,33 @@ def test_help_and_the_jobs_commands_answer_without_loading_the_model_libraries()
     assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in done.stderr
 
 
+def test_the_command_freezes_its_heap_for_exit_and_a_caller_of_main_keeps_its_own(
+    capfd: pytest.CaptureFixture,
+) -> None:
+    """A `toxtune` process ends with its command, so its heap is frozen first: Python's
+    finalization would otherwise collect the imported libraries' objects again (3 s after a
+    job's report; benchmarks/RESULTS.md). A program calling `main(argv)` goes on, and its
+    collector is left as it was (frozen garbage is never freed)."""
+    import gc
+
+    before = gc.get_freeze_count()
+    code, out, _ = cli(capfd, "configs")
+    assert code == 0 and "quick" in out
+    assert gc.get_freeze_count() == before
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "sys.argv = ['toxtune', 'configs']\n"
+        "from tune.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "quick" in done.stdout  # the command's own output, whole
+    assert done.stdout.rstrip().endswith("frozen at exit: True"), done.stdout
+
+
 def test_data_summary_lists_invalid_rows_and_label_balance(
     tmp_path: Path, make_csv, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:

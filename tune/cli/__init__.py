@@ -38,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. `argv` None is the process's own command line (the
+    `toxtune` entry point): the process ends with the command, so the heap is frozen first
+    (`settings.freeze_heap_for_exit`); a caller passing `argv` keeps its collector as it was."""
+    try:
+        return _run(argv)
+    finally:
+        if argv is None:
+            settings.freeze_heap_for_exit()
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     settings.configure_process()
     logging.basicConfig(
