@@ -214,17 +214,16 @@ def sample(trial: Any, space: dict[str, Param]) -> dict[str, Any]:
         params[name] = _suggest(trial, name, space[name])
     params["scheduler"] = _suggest(trial, "scheduler", space["scheduler"])
     params["pos_weight"] = _suggest(trial, "pos_weight", space["pos_weight"])
-    if asked("auc_weight", space):
+    if _asks_auc_weight(space):
         params["auc_weight"] = _suggest(trial, "auc_weight", space["auc_weight"])
     return params
 
 
-def asked(name: str, space: dict[str, Param]) -> bool:
-    """Whether `sample` asks Optuna for `name`: `auc_weight` only where the space lets it be
-    more than 0 (a search without the pairwise loss keeps the parameters it always had)."""
-    if name != "auc_weight":
-        return True
-    p = space[name]
+def _asks_auc_weight(space: dict[str, Param]) -> bool:
+    """Whether `sample` asks Optuna for `auc_weight`: only where the space lets it be more
+    than 0, so a search without the pairwise loss keeps the parameters its studies always had
+    (the one parameter added after studies existed; every other is always asked)."""
+    p = space["auc_weight"]
     return any(p.choices) if p.kind == "categorical" else bool(p.high)
 
 
@@ -249,7 +248,9 @@ def default_point(space: dict[str, Param]) -> dict[str, Any] | None:
     small space still starts from the same kind of network.
     """
     n_layers = _nearest(space["n_layers"], DEFAULT_POINT["n_layers"])
-    names = [k for k in DEFAULT_POINT if not k.startswith("width_") and asked(k, space)]
+    names = [k for k in DEFAULT_POINT if not k.startswith("width_")]
+    if not _asks_auc_weight(space):
+        names.remove("auc_weight")
     names += [f"width_{i}" for i in range(int(n_layers))]
     point: dict[str, Any] = {}
     for name in names:
