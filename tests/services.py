@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,11 +27,39 @@ from tune.cli.ui import SERVER_ENV
 BIN = Path(sys.executable).parent
 
 
+# Ray's worker processes take ports 10002-19999 by default; ports we pick sit above them.
+_PICKED_PORTS_FROM = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out to `bind(port 0)`, e.g. (32768, 60999) on Linux."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range.
+
+    A port from `bind(port 0)` is free only until the next process binds port 0, and every
+    Ray node opens dozens: a CI run lost a test when its head node's GCS found the port this
+    function had picked taken by the Ray of the test beside it ("Failed to start the grpc
+    server"). The kernel never hands out a port below its ephemeral range, so one picked at
+    random there can only be taken by another caller of this function.
+    """
+    low, _ = _ephemeral_ports()
+    pick = random.SystemRandom()
+    for _ in range(1000):
+        port = pick.randrange(_PICKED_PORTS_FROM, max(low, _PICKED_PORTS_FROM + 1000))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PICKED_PORTS_FROM}-{low - 1} on 127.0.0.1")
 
 
 def wait_http(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
