@@ -278,21 +278,18 @@ def _ray(args: list[str], env: dict[str, str], check: bool = True) -> str:
     return out.stdout
 
 
-@contextlib.contextmanager
-def ray_cluster(
-    temp_dir: Path, num_cpus: int = 2, num_gpus: int = 0, dashboard: bool = False
-) -> Iterator[RayCluster]:
-    """Start a real Ray head node on 127.0.0.1 (free ports); stop every node afterwards."""
+# What `ray start` prints when a port it was given (or picked for itself) was taken before
+# its server bound it: two test runs' Ray nodes race for ports on one machine.
+_PORT_TAKEN = ("Address already in use", "Failed to start the grpc server")
+
+
+def _start_head(
+    env: dict[str, str], num_cpus: int, num_gpus: int, dashboard: bool
+) -> RayCluster | None:
+    """`ray start --head` on fresh free ports; None when it lost a port to another process."""
     # Ray's unix sockets need a short path.
-    temp_dir.mkdir(parents=True, exist_ok=True)
     short = Path(f"/tmp/rt{os.getpid()}_{free_port()}")
     port, dash_port = free_port(), free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    # Token auth as Ray defaults to for a new cluster, set explicitly so worker nodes and
-    # drivers agree with the head; the token is the user's default one, made if missing.
-    env["RAY_AUTH_MODE"] = "token"
-    _ray(["get-auth-token", "--generate"], env)
     args = [
         "start",
         "--head",
@@ -317,6 +314,34 @@ def ray_cluster(
     )
     try:
         _ray(args, env)
+    except RuntimeError as exc:
+        cluster.stop()
+        if any(sign in str(exc) for sign in _PORT_TAKEN):
+            return None
+        raise
+    return cluster
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    temp_dir: Path, num_cpus: int = 2, num_gpus: int = 0, dashboard: bool = False
+) -> Iterator[RayCluster]:
+    """Start a real Ray head node on 127.0.0.1 (free ports); stop every node afterwards."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    # Token auth as Ray defaults to for a new cluster, set explicitly so worker nodes and
+    # drivers agree with the head; the token is the user's default one, made if missing.
+    env["RAY_AUTH_MODE"] = "token"
+    _ray(["get-auth-token", "--generate"], env)
+    cluster = None
+    for _ in range(3):
+        cluster = _start_head(env, num_cpus, num_gpus, dashboard)
+        if cluster is not None:
+            break
+    if cluster is None:
+        raise RuntimeError("ray start --head lost its ports to other processes 3 times")
+    try:
         if dashboard:
             from tune.cluster.info import auth_headers
 
