@@ -9,6 +9,7 @@
     python benchmarks/ensembles.py pick --split scaffold --split-seed 0 --configs 8
     python benchmarks/ensembles.py auc-loss --split scaffold --split-seed 0 --auc-weight 1
     python benchmarks/ensembles.py forest --split scaffold --split-seed 0
+    python benchmarks/ensembles.py stack --split scaffold --split-seed 0
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
 (`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
@@ -83,6 +84,16 @@ unlike LightGBM's shallow boosted ones). Per fold and task, scikit-learn's
 `RandomForestClassifier` (`--forest-trees` trees, `max_features="sqrt"`, balanced class weights
 per bootstrap sample) on the inputs the fold's network reads; then the three learners blended at
 the shares (in eighths) that score best out of fold, as `graph.py` blends its D-MPNN.
+
+`stack`: whether the other tasks' predictions lift a task's. Tox21's twelve assays share
+mechanisms (the androgen and estrogen receptors' two assays each, aromatase against the estrogen
+receptor), and a molecule active in one is more often active in another. The default point's
+fold networks blended with their trees as a job blends them (share chosen out of fold), then
+per task a logistic regression on the log-odds of all twelve tasks' blended probabilities
+(scikit-learn, L2, `--stack-c` C), fitted on out-of-fold rows only: its own out-of-fold
+predictions by the same folds (fold i's rows predicted by a regression fitted on the other
+folds' rows), its test predictions by one fitted on every out-of-fold row. The stacked and the
+plain blend are mixed at the share (in quarters) that scores best out of fold.
 
 Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
 """
@@ -450,6 +461,59 @@ def forest(b: Bench, n_trees: int) -> dict[str, Any]:
     return out
 
 
+def stack(b: Bench, c: float) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+
+    d = b.data
+    folds = b.folds(K, b.seed)
+    t0 = time.perf_counter()
+    _, learners = networks_and_trees(b, folds)
+    (net_oof, net_test), (tree_oof, tree_test) = learners.values()
+    tasks = list(d.table.tasks)
+    y_oof = d.labels[folds.rows]
+    share, _ = blend_weight(y_oof, net_oof, tree_oof, tasks)
+    plain_oof, plain_test = blend_of(net_oof, tree_oof, share), blend_of(net_test, tree_test, share)
+
+    def log_odds(p: np.ndarray) -> np.ndarray:
+        return logit(np.clip(p, 1e-6, 1 - 1e-6))
+
+    x_oof, x_test = log_odds(plain_oof), log_odds(plain_test)
+
+    def fitted(rows: np.ndarray, j: int) -> LogisticRegression | None:
+        y = y_oof[rows, j]
+        known = ~np.isnan(y)
+        if len(np.unique(y[known])) < 2:
+            return None
+        return LogisticRegression(C=c, max_iter=2000).fit(x_oof[rows][known], y[known].astype(int))
+
+    stacked_oof = np.array(plain_oof)
+    stacked_test = np.array(plain_test)
+    for j in range(len(tasks)):
+        for i in range(len(folds.splits)):
+            inner, held = folds.fold != i, folds.fold == i
+            model = fitted(np.flatnonzero(inner), j)
+            if model is not None:
+                stacked_oof[held, j] = model.predict_proba(x_oof[held])[:, 1]
+        model = fitted(np.arange(len(folds.rows)), j)
+        if model is not None:
+            stacked_test[:, j] = model.predict_proba(x_test)[:, 1]
+    oof = {w: evaluate(y_oof, blend_of(plain_oof, stacked_oof, w), tasks).roc_auc for w in WEIGHTS}
+    w = max(sorted(oof), key=oof.get)
+    return {
+        "trees_share": share,
+        "oof_blend": oof[0.0],
+        "oof_stacked": oof[1.0],
+        "stacked_share": w,
+        "oof_chosen": oof[w],
+        "test_networks": b.test_auc([net_test]),
+        "test_blend": b.test_auc([plain_test]),
+        "test_stacked": b.test_auc([stacked_test]),
+        "test_chosen": b.test_auc([blend_of(plain_test, stacked_test, w)]),
+        "oof_shares": oof,
+        "seconds": round(time.perf_counter() - t0),
+    }
+
+
 def _ensemble(results: list[FitResult]) -> Predictor:
     """Fold models as one averaged predictor with each fold's own descriptor scaler."""
     scalers = [r.scaler for r in results]
@@ -600,7 +664,7 @@ def main() -> None:
         "part",
         choices=[
             "members", "size", "blend", "pick", "trees", "tree-settings", "auxiliary", "auc-loss",
-            "forest",
+            "forest", "stack",
         ],
     )  # fmt: skip
     parser.add_argument(
@@ -615,6 +679,7 @@ def main() -> None:
     add_job_arguments(parser, split="scaffold")
     parser.add_argument("--configs", type=int, default=8, help="blend, pick: configurations")
     parser.add_argument("--forest-trees", type=int, default=250, help="forest: trees a forest")
+    parser.add_argument("--stack-c", type=float, default=1.0, help="stack: the regressions' C")
     add_overrides(parser, "config override, e.g. --set featurizer.radius=3 (repeatable)")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -641,6 +706,8 @@ def main() -> None:
             out.update(auc_loss(b, args.auc_weight))
         elif args.part == "forest":
             out.update(forest(b, args.forest_trees))
+        elif args.part == "stack":
+            out.update(stack(b, args.stack_c))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)
