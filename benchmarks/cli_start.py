@@ -83,7 +83,7 @@ def job_commands(tree: Path, data: Path, rows: int, work: Path) -> dict[str, lis
     molecules.write_text("smiles\nCCO\nc1ccccc1O\nnot-a-smiles\n")
     predict = ["predict", "--model", "models:/toxtune-small@champion", str(molecules)]
     predict += ["--tracking-uri", f"sqlite:///{first / 'toxtune_results' / 'mlflow.db'}"]
-    predict += ["--output", str(work / "out.csv")]
+    predict += ["--output", "out.csv"]  # in each run's own folder: never an earlier run's file
     return {"tune (a small job)": tune, "predict (3 molecules)": predict}
 
 

@@ -29,6 +29,7 @@ def run_predict(code: Path, model: str, queries: Path, uri: str, out: Path) -> f
     toxtune = Path(sys.executable).with_name("toxtune")
     command = [str(toxtune), "predict", "--model", model, str(queries), "--output", str(out)]
     env = dict(os.environ, PYTHONPATH=str(code))
+    out.unlink(missing_ok=True)  # the last run's: predict refuses to replace it unasked
     started = time.perf_counter()
     subprocess.run([*command, "--tracking-uri", uri], env=env, check=True, capture_output=True)
     return time.perf_counter() - started

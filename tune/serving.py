@@ -384,6 +384,7 @@ def predict_file(
     output_csv: Path,
     tracking_uri: str | None = None,
     smiles_column: str = "smiles",
+    overwrite: bool = False,
 ) -> PredictedFile:
     """Score a CSV of SMILES with a logged/registered model into `output_csv`.
 
@@ -392,14 +393,15 @@ def predict_file(
     written back as they were. The output keeps the input's columns and adds `p_<task>` per task,
     `error`, `p_<task>_std` per task, `nn_similarity` and `in_domain` (columns already in the
     input get a `_pred` suffix); it is checked before the model is loaded (not a folder, not the
-    input file, writable, not named for a compression other than gzip) and written atomically,
+    input file, writable, not named for a compression other than gzip, not an existing file unless
+    `overwrite`: earlier predictions are never replaced unasked) and written atomically,
     gzip-compressed when its name ends in `.gz`. The result's `notes` say which extra columns
     the model leaves empty (a single network has no spread). Errors: DataError for the input,
     ServingError for the model and the output.
     """
     input_csv, output_csv = Path(input_csv), Path(output_csv)
     frame = read_table(input_csv, smiles_column)
-    part = _claim_output(output_csv, input_csv)
+    part = _claim_output(output_csv, input_csv, overwrite)
     try:
         with tempfile.TemporaryDirectory() as tmp, _open_output(part, output_csv) as text:
             model = load_model_or_explain(model_uri, tracking_uri, Path(tmp) / "model")
@@ -451,7 +453,7 @@ def _open_output(part: Path, output_csv: Path) -> Iterator[IO[str]]:
         yield stack.enter_context(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
 
 
-def _claim_output(output_csv: Path, input_csv: Path) -> Path:
+def _claim_output(output_csv: Path, input_csv: Path, overwrite: bool) -> Path:
     """Check the output path before any work, and create its temporary `.part` file."""
     if output_csv.name.lower().endswith(UNWRITTEN_COMPRESSION):
         raise ServingError(
@@ -464,6 +466,11 @@ def _claim_output(output_csv: Path, input_csv: Path) -> Path:
     if same or output_csv.resolve() == input_csv.resolve():
         raise ServingError(
             f"--output {output_csv} is the input file; write the predictions to another file"
+        )
+    if output_csv.exists() and not overwrite:
+        raise ServingError(
+            f"--output {output_csv} exists (earlier predictions?); pass --overwrite to replace "
+            "it, or give another --output"
         )
     part = output_csv.with_name(f".{output_csv.name}.part")
     try:

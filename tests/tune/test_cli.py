@@ -456,6 +456,24 @@ def test_the_report_lists_a_one_class_task_the_job_dropped(
     assert "12" in said[0]  # its counts: 12 of class 0, none of class 1
 
 
+def _registered_tiny_model(folder: Path) -> list[str]:
+    """A one-epoch model registered as toxtune-mols@champion in `folder`'s default store (the
+    caller's working folder) and five molecules in mols.csv; returns `toxtune predict`'s argv
+    up to its --output value."""
+    from tests.tune.conftest import tiny_fit
+    from tune.tracking import default_tracking_uri, register_best_model, start_job_run
+
+    checkpoint = tiny_fit(epochs=1).save(folder / "model.pt")
+    uri = default_tracking_uri(folder / "toxtune_results")
+    parent = start_job_run(uri, "exp", "job", {}, resume=False)
+    tags = {"searcher": "optuna", "seed": "0", "split": "random:0", "data_hash": "abc"}
+    register_best_model(uri, parent, checkpoint, "toxtune-mols", tags={**tags, "trial_id": "t1"})
+    (folder / "mols.csv").write_text(
+        "smiles,id\nCCO,a\nnot-a-smiles,b\nc1ccccc1N,c\nCCN,d\nCCCl,e\n"
+    )
+    return ["predict", "--model", "models:/toxtune-mols@champion", "mols.csv", "--output"]
+
+
 def test_predict_compresses_an_output_named_gz(
     tmp_path: Path,
     capfd: pytest.CaptureFixture,
@@ -467,19 +485,11 @@ def test_predict_compresses_an_output_named_gz(
 
     import pandas as pd
 
-    from tests.tune.conftest import tiny_fit
     from tune import serving
-    from tune.tracking import default_tracking_uri, register_best_model, start_job_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(serving, "PREDICT_CHUNK", 2)  # several chunks into one gzip stream
-    checkpoint = tiny_fit(epochs=1).save(tmp_path / "model.pt")
-    uri = default_tracking_uri(tmp_path / "toxtune_results")
-    parent = start_job_run(uri, "exp", "job", {}, resume=False)
-    tags = {"searcher": "optuna", "seed": "0", "split": "random:0", "data_hash": "abc"}
-    register_best_model(uri, parent, checkpoint, "toxtune-mols", tags={**tags, "trial_id": "t1"})
-    Path("mols.csv").write_text("smiles,id\nCCO,a\nnot-a-smiles,b\nc1ccccc1N,c\nCCN,d\nCCCl,e\n")
-    predict = ["predict", "--model", "models:/toxtune-mols@champion", "mols.csv", "--output"]
+    predict = _registered_tiny_model(tmp_path)
 
     code, out, err = cli(capfd, *predict, "preds.csv")
     assert code == 0, err
@@ -502,3 +512,39 @@ def test_predict_compresses_an_output_named_gz(
         assert not Path(name).exists()
     code, out, _ = cli(capfd, "predict", "--help")
     assert code == 0 and "gzip-compressed when the name ends in .gz" in " ".join(out.split())
+
+
+def test_predict_refuses_to_replace_earlier_predictions_unless_told(
+    tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second `toxtune predict` to the same --output (the default predictions.csv included)
+    used to replace the first one's predictions without a word; now it is refused before the
+    model loads, naming the file and --overwrite, and --overwrite replaces it whole."""
+    import pandas as pd
+
+    from tune import serving
+
+    monkeypatch.chdir(tmp_path)
+    predict = _registered_tiny_model(tmp_path)[:-1]  # without --output: predictions.csv
+    code, out, err = cli(capfd, *predict)
+    assert code == 0 and out.splitlines()[0] == "predictions written to predictions.csv", err
+    first = Path("predictions.csv").read_bytes()
+    Path("mols.csv").write_text("smiles,id\nCCCC,z\n")  # other molecules, same default output
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        pytest.fail("the model was loaded although its output would be refused")
+
+    with monkeypatch.context() as m:
+        m.setattr(serving, "load_model", must_not_load)
+        code, out, err = cli(capfd, *predict)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "toxtune predict: error: --output predictions.csv exists (earlier predictions?); pass "
+        "--overwrite to replace it, or give another --output"
+    ]
+    assert Path("predictions.csv").read_bytes() == first  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    code, out, err = cli(capfd, *predict, "--overwrite")
+    assert code == 0, err
+    assert list(pd.read_csv("predictions.csv")["id"]) == ["z"]  # replaced whole

@@ -4,7 +4,8 @@ The output adds, per input row: `p_<task>` (calibrated probability), `error`, `p
 (the ensemble's spread), `nn_similarity` and `in_domain` (applicability domain). A line per
 column the model leaves empty is printed after the output's path (e.g. a single network has no
 spread). An output named `*.gz` is written gzip-compressed; another compression suffix (.bz2,
-.xz, .zip, .zst) is refused before the model is loaded.
+.xz, .zip, .zst) is refused before the model is loaded, and so is an output file that exists
+(earlier predictions), unless `--overwrite`.
 
 Without --tracking-uri the model is looked up where `toxtune tune` registered it and where
 `toxtune ui` looks: the job config's tracking URI, by default the SQLite store under
@@ -38,7 +39,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tune.serving import predict_file
 
     out = predict_file(
-        args.model, Path(args.input), Path(args.output), tracking_uri(args), args.smiles_column
+        args.model,
+        Path(args.input),
+        Path(args.output),
+        tracking_uri(args),
+        args.smiles_column,
+        overwrite=args.overwrite,
     )
     print(f"predictions written to {out.path}")
     for note in out.notes:
@@ -54,7 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--output",
         default="predictions.csv",
         help="CSV to write (not the input); gzip-compressed when the name ends in .gz "
-        "(another compression suffix is refused)",
+        "(another compression suffix is refused); an existing file is refused unless "
+        "--overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it exists (earlier predictions)",
     )
     p.add_argument("--smiles-column", default="smiles")
     add_store_args(p)
