@@ -97,8 +97,39 @@ def test_data_summary_lists_invalid_rows_and_label_balance(
     written = report.read_text()
     # Again, from the feature cache (its matrices mapped, not read): the same summary and report.
     assert list((tmp_path / "cache" / "features").glob("*.npz"))
-    again = cli(capfd, "data", "--data", str(csv), "--invalid-report", str(report))
+    again = cli(capfd, "data", "--data", str(csv), "--invalid-report", str(report), "--overwrite")
     assert again[0] == 0 and again[1] == out and report.read_text() == written
+
+
+def test_data_never_writes_its_report_over_the_data_or_an_earlier_file(
+    tmp_path: Path, make_csv, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """`--invalid-report` used to be written wherever it pointed: over the data file itself
+    (`--data mols.csv --invalid-report mols.csv` left only the invalid rows) or over an earlier
+    file. Each is refused in one line, before anything is read, and --overwrite replaces an
+    earlier report, never the data."""
+    monkeypatch.setenv("TOXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    body = "smiles,toxic\nCCO,0\nnot_a_smiles,1\nCCN,1\n"
+    csv = make_csv(body, "mols.csv")
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text("a file the user keeps\n")
+    data = ["data", "--data", str(csv), "--invalid-report"]
+    for target, extra, said in (
+        (csv, [], "is the data file; write the report to another file"),
+        (csv, ["--overwrite"], "is the data file; write the report to another file"),
+        (earlier, [], "exists (an earlier report?); pass --overwrite to replace it"),
+        (tmp_path, [], "is a folder; give a file name"),
+    ):
+        code, out, err = cli(capfd, *data, str(target), *extra)
+        assert code == 2 and out == "", err
+        (line,) = err.splitlines()
+        assert line.startswith(f"toxtune data: error: --invalid-report {target} {said}"), line
+    assert csv.read_text() == body and earlier.read_text() == "a file the user keeps\n"
+    assert not (tmp_path / "cache").exists()  # refused before anything was read
+
+    code, _, err = cli(capfd, *data, str(earlier), "--overwrite")
+    assert code == 0, err
+    assert earlier.read_text().splitlines()[1].startswith("3,1,not_a_smiles,")
 
 
 def test_data_shows_progress_and_prints_a_summary_that_does_not_grow_with_the_rows(
