@@ -221,18 +221,26 @@ class RayCluster:
         """
         temp = Path(f"{self.temp_dir}_n{len(self.node_dirs)}")
         self.node_dirs.append(temp)
-        _ray(
-            [
-                "start",
-                f"--address={self.address}",
-                f"--num-cpus={num_cpus}",
-                f"--num-gpus={num_gpus}",
-                "--node-ip-address=127.0.0.1",
-                f"--temp-dir={temp}",
-                *_agent_port(),
-            ],
-            self.env,
-        )
+        for attempt in range(3):  # fresh ports when another process took one (`_PORT_TAKEN`)
+            try:
+                _ray(
+                    [
+                        "start",
+                        f"--address={self.address}",
+                        f"--num-cpus={num_cpus}",
+                        f"--num-gpus={num_gpus}",
+                        "--node-ip-address=127.0.0.1",
+                        f"--temp-dir={temp}",
+                        *_agent_port(),
+                    ],
+                    self.env,
+                )
+                return
+            except RuntimeError as exc:
+                kill_ray_node(temp)
+                shutil.rmtree(temp, ignore_errors=True)
+                if attempt == 2 or not any(sign in str(exc) for sign in _PORT_TAKEN):
+                    raise
 
     def stop(self) -> None:
         for path in [self.temp_dir, *self.node_dirs]:
