@@ -17,14 +17,15 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tune.cli.ui import SERVER_ENV
 
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
 
 
 # Ray's worker processes take ports 10002-19999 by default; ports we pick sit above them.
@@ -221,26 +222,21 @@ class RayCluster:
         """
         temp = Path(f"{self.temp_dir}_n{len(self.node_dirs)}")
         self.node_dirs.append(temp)
-        for attempt in range(3):  # fresh ports when another process took one (`_PORT_TAKEN`)
-            try:
-                _ray(
-                    [
-                        "start",
-                        f"--address={self.address}",
-                        f"--num-cpus={num_cpus}",
-                        f"--num-gpus={num_gpus}",
-                        "--node-ip-address=127.0.0.1",
-                        f"--temp-dir={temp}",
-                        *_agent_port(),
-                    ],
-                    self.env,
-                )
-                return
-            except RuntimeError as exc:
-                kill_ray_node(temp)
-                shutil.rmtree(temp, ignore_errors=True)
-                if attempt == 2 or not any(sign in str(exc) for sign in _PORT_TAKEN):
-                    raise
+        _on_fresh_ports(
+            lambda: _ray_start(
+                [
+                    "start",
+                    f"--address={self.address}",
+                    f"--num-cpus={num_cpus}",
+                    f"--num-gpus={num_gpus}",
+                    "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={temp}",
+                    *_agent_port(),  # a fresh port each try
+                ],
+                self.env,
+                temp,
+            )
+        )
 
     def stop(self) -> None:
         for path in [self.temp_dir, *self.node_dirs]:
@@ -291,10 +287,36 @@ def _ray(args: list[str], env: dict[str, str], check: bool = True) -> str:
 _PORT_TAKEN = ("Address already in use", "Failed to start the grpc server")
 
 
-def _start_head(
-    env: dict[str, str], num_cpus: int, num_gpus: int, dashboard: bool
-) -> RayCluster | None:
-    """`ray start --head` on fresh free ports; None when it lost a port to another process."""
+class _PortTakenError(RuntimeError):
+    """`ray start` lost a port to another process (its node was cleaned up)."""
+
+
+def _ray_start(args: list[str], env: dict[str, str], temp: Path) -> None:
+    """`ray start ARGS` for the node whose temp dir is `temp`; a node that failed is killed and
+    its folder removed, and one that lost a port raises `_PortTakenError`."""
+    try:
+        _ray(args, env)
+    except RuntimeError as exc:
+        kill_ray_node(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        if any(sign in str(exc) for sign in _PORT_TAKEN):
+            raise _PortTakenError(str(exc)) from exc
+        raise
+
+
+def _on_fresh_ports(start: Callable[[], T], tries: int = 3) -> T:
+    """`start()` (which picks fresh ports each call) again while it loses a port."""
+    for attempt in range(tries):
+        try:
+            return start()
+        except _PortTakenError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_head(env: dict[str, str], num_cpus: int, num_gpus: int, dashboard: bool) -> RayCluster:
+    """`ray start --head` on fresh free ports."""
     # Ray's unix sockets need a short path.
     short = Path(f"/tmp/rt{os.getpid()}_{free_port()}")
     port, dash_port = free_port(), free_port()
@@ -314,20 +336,13 @@ def _start_head(
         args += [f"--dashboard-port={dash_port}"]
     else:
         args += ["--include-dashboard=false"]
-    cluster = RayCluster(
+    _ray_start(args, env, short)
+    return RayCluster(
         address=f"127.0.0.1:{port}",
         dashboard_url=f"http://127.0.0.1:{dash_port}",
         temp_dir=short,
         env=env,
     )
-    try:
-        _ray(args, env)
-    except RuntimeError as exc:
-        cluster.stop()
-        if any(sign in str(exc) for sign in _PORT_TAKEN):
-            return None
-        raise
-    return cluster
 
 
 @contextlib.contextmanager
@@ -342,13 +357,7 @@ def ray_cluster(
     # drivers agree with the head; the token is the user's default one, made if missing.
     env["RAY_AUTH_MODE"] = "token"
     _ray(["get-auth-token", "--generate"], env)
-    cluster = None
-    for _ in range(3):
-        cluster = _start_head(env, num_cpus, num_gpus, dashboard)
-        if cluster is not None:
-            break
-    if cluster is None:
-        raise RuntimeError("ray start --head lost its ports to other processes 3 times")
+    cluster = _on_fresh_ports(lambda: _start_head(env, num_cpus, num_gpus, dashboard))
     try:
         if dashboard:
             from tune.cluster.info import auth_headers
