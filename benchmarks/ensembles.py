@@ -474,10 +474,7 @@ def stack(b: Bench, c: float) -> dict[str, Any]:
     share, _ = blend_weight(y_oof, net_oof, tree_oof, tasks)
     plain_oof, plain_test = blend_of(net_oof, tree_oof, share), blend_of(net_test, tree_test, share)
 
-    def log_odds(p: np.ndarray) -> np.ndarray:
-        return logit(np.clip(p, 1e-6, 1 - 1e-6))
-
-    x_oof, x_test = log_odds(plain_oof), log_odds(plain_test)
+    x_oof, x_test = _logit(plain_oof), _logit(plain_test)
 
     def fitted(rows: np.ndarray, j: int) -> LogisticRegression | None:
         y = y_oof[rows, j]
@@ -593,9 +590,13 @@ def tree_settings(b: Bench) -> dict[str, Any]:
     return out
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds of probabilities, kept finite at 0 and 1."""
+    return logit(np.clip(p, 1e-6, 1 - 1e-6))
+
+
 def _log_odds(networks: np.ndarray, trees: np.ndarray, weight: float) -> np.ndarray:
-    z = (1 - weight) * logit(np.clip(networks, 1e-6, 1 - 1e-6))
-    return expit(z + weight * logit(np.clip(trees, 1e-6, 1 - 1e-6)))
+    return expit((1 - weight) * _logit(networks) + weight * _logit(trees))
 
 
 def _log_odds_blend(
