@@ -10,6 +10,7 @@
     python benchmarks/ensembles.py auc-loss --split scaffold --split-seed 0 --auc-weight 1
     python benchmarks/ensembles.py forest --split scaffold --split-seed 0
     python benchmarks/ensembles.py stack --split scaffold --split-seed 0
+    python benchmarks/ensembles.py mordred --split scaffold --split-seed 0 --mordred-file /tmp/m.npy
 
 One configuration or a few, trained with `toxmodel.fused.fit_many` on one split seed of Tox21
 (`--config`'s features and limits, configs/tox21.yaml's: at most 40 epochs, patience 6), no Ray, no
@@ -95,7 +96,16 @@ predictions by the same folds (fold i's rows predicted by a regression fitted on
 folds' rows), its test predictions by one fitted on every out-of-fold row. The stacked and the
 plain blend are mixed at the share (in quarters) that scores best out of fold.
 
-Each prints one JSON line. Nothing is kept: the job's feature cache lives in a temporary folder.
+`mordred`: whether more descriptors lift the model: the 1,613 2D descriptors of Mordred
+(`mordredcommunity`, not a toxtune dependency: `pip install mordredcommunity` to run this part),
+appended to the job's RDKit descriptors (robust-scaled on each fold's training rows like them),
+then `trees` on the wider inputs (the fold networks, their trees and the blend). Mordred takes
+about 0.15 CPU-seconds a molecule; `--mordred-file PATH` keeps its matrix (one row a table row,
+NaN where a molecule or a descriptor fails) for the next run, outside the repository: computed
+and saved when PATH does not exist, read when it does (`--mordred-procs` processes compute it).
+
+Each prints one JSON line. Nothing is kept (but `--mordred-file`): the job's feature cache lives
+in a temporary folder.
 """
 
 from __future__ import annotations
@@ -547,6 +557,41 @@ def trees(b: Bench) -> dict[str, Any]:
     return out
 
 
+def mordred_matrix(smiles: list[str], path: Path | None, procs: int) -> np.ndarray:
+    """Mordred's 2D descriptors of each SMILES as float32 (NaN where it or RDKit fails), read
+    from `path` when it holds a matrix of as many rows, else computed (and saved to `path`)."""
+    if path is not None and path.exists():
+        matrix = np.load(path)
+        if matrix.shape[0] != len(smiles):
+            raise SystemExit(f"{path}: {matrix.shape[0]} rows, the table has {len(smiles)}")
+        return matrix
+    from mordred import Calculator, descriptors  # pip install mordredcommunity
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    calc = Calculator(descriptors, ignore_3D=True)
+    mols = [Chem.MolFromSmiles(s) for s in smiles]
+    parsed = [i for i, m in enumerate(mols) if m is not None]
+    values = calc.pandas([mols[i] for i in parsed], nproc=procs, quiet=True)
+    block = values.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    block[~np.isfinite(block) | (np.abs(block) > 3e38)] = np.nan  # float32 would overflow
+    matrix = np.full((len(smiles), len(calc.descriptors)), np.nan, np.float32)
+    matrix[parsed] = block.astype(np.float32)
+    if path is not None:
+        np.save(path, matrix)
+    return matrix
+
+
+def mordred(b: Bench, path: Path | None, procs: int) -> dict[str, Any]:
+    """`trees` with Mordred's descriptors appended to the job's RDKit descriptors."""
+    f = b.data.features
+    extra = mordred_matrix(list(b.data.table.smiles), path, procs)[f.valid_rows]
+    wider = replace(f, descriptors=np.concatenate([f.descriptors, extra], axis=1))
+    b.data = replace(b.data, features=wider)
+    out = {"descriptors": int(wider.descriptors.shape[1])}
+    return {**out, **trees(b)}
+
+
 TREE_SETTINGS = {
     "default": TreeConfig(),
     "sparser_columns": TreeConfig(colsample_bytree=0.1),
@@ -665,7 +710,7 @@ def main() -> None:
         "part",
         choices=[
             "members", "size", "blend", "pick", "trees", "tree-settings", "auxiliary", "auc-loss",
-            "forest", "stack",
+            "forest", "stack", "mordred",
         ],
     )  # fmt: skip
     parser.add_argument(
@@ -681,6 +726,8 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=8, help="blend, pick: configurations")
     parser.add_argument("--forest-trees", type=int, default=250, help="forest: trees a forest")
     parser.add_argument("--stack-c", type=float, default=1.0, help="stack: the regressions' C")
+    parser.add_argument("--mordred-file", type=Path, help="mordred: the matrix kept between runs")
+    parser.add_argument("--mordred-procs", type=int, default=1, help="mordred: processes")
     add_overrides(parser, "config override, e.g. --set featurizer.radius=3 (repeatable)")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -709,6 +756,8 @@ def main() -> None:
             out.update(forest(b, args.forest_trees))
         elif args.part == "stack":
             out.update(stack(b, args.stack_c))
+        elif args.part == "mordred":
+            out.update(mordred(b, args.mordred_file, args.mordred_procs))
         else:
             out.update(blend(b, args.configs))
     out["seconds"] = round(time.perf_counter() - t0, 1)
