@@ -102,7 +102,9 @@ appended to the job's RDKit descriptors (robust-scaled on each fold's training r
 then `trees` on the wider inputs (the fold networks, their trees and the blend). Mordred takes
 about 0.15 CPU-seconds a molecule; `--mordred-file PATH` keeps its matrix (one row a table row,
 NaN where a molecule or a descriptor fails) for the next run, outside the repository: computed
-and saved when PATH does not exist, read when it does (`--mordred-procs` processes compute it).
+and saved when PATH does not exist (with a digest of the SMILES beside it, `PATH.sha256`), read
+when it does and the digest matches the table's, refused otherwise (`--mordred-procs` processes
+compute it).
 
 Each prints one JSON line. Nothing is kept (but `--mordred-file`): the job's feature cache lives
 in a temporary folder.
@@ -112,6 +114,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import tempfile
 import time
@@ -559,12 +562,15 @@ def trees(b: Bench) -> dict[str, Any]:
 
 def mordred_matrix(smiles: list[str], path: Path | None, procs: int) -> np.ndarray:
     """Mordred's 2D descriptors of each SMILES as float32 (NaN where it or RDKit fails), read
-    from `path` when it holds a matrix of as many rows, else computed (and saved to `path`)."""
-    if path is not None and path.exists():
-        matrix = np.load(path)
-        if matrix.shape[0] != len(smiles):
-            raise SystemExit(f"{path}: {matrix.shape[0]} rows, the table has {len(smiles)}")
-        return matrix
+    from `path` when it was computed for these SMILES (a digest of them sits beside it in
+    `<path>.sha256`), else computed (and saved to `path`, with its digest)."""
+    digest = hashlib.sha256("\n".join(smiles).encode()).hexdigest()
+    sidecar = None if path is None else path.with_name(path.name + ".sha256")
+    if path is not None and sidecar is not None and path.exists():
+        kept = sidecar.read_text().strip() if sidecar.exists() else "none"
+        if kept != digest:
+            raise SystemExit(f"{path} was computed for other SMILES (digest {kept}); remove it")
+        return np.load(path)
     from mordred import Calculator, descriptors  # pip install mordredcommunity
     from rdkit import Chem, RDLogger
 
@@ -577,8 +583,9 @@ def mordred_matrix(smiles: list[str], path: Path | None, procs: int) -> np.ndarr
     block[~np.isfinite(block) | (np.abs(block) > 3e38)] = np.nan  # float32 would overflow
     matrix = np.full((len(smiles), len(calc.descriptors)), np.nan, np.float32)
     matrix[parsed] = block.astype(np.float32)
-    if path is not None:
+    if path is not None and sidecar is not None:
         np.save(path, matrix)
+        sidecar.write_text(digest + "\n")
     return matrix
 
 
