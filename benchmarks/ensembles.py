@@ -561,16 +561,26 @@ def trees(b: Bench) -> dict[str, Any]:
 
 
 def mordred_matrix(smiles: list[str], path: Path | None, procs: int) -> np.ndarray:
-    """Mordred's 2D descriptors of each SMILES as float32 (NaN where it or RDKit fails), read
-    from `path` when it was computed for these SMILES (a digest of them sits beside it in
-    `<path>.sha256`), else computed (and saved to `path`, with its digest)."""
+    """Mordred's 2D descriptors of each SMILES, read from `path` when it was computed for these
+    SMILES (a digest of them sits beside it in `<path>.sha256`), else computed (and saved to
+    `path`, with its digest)."""
+    if path is None:
+        return _mordred_of(smiles, procs)
     digest = hashlib.sha256("\n".join(smiles).encode()).hexdigest()
-    sidecar = None if path is None else path.with_name(path.name + ".sha256")
-    if path is not None and sidecar is not None and path.exists():
+    sidecar = path.with_name(path.name + ".sha256")
+    if path.exists():
         kept = sidecar.read_text().strip() if sidecar.exists() else "none"
         if kept != digest:
             raise SystemExit(f"{path} was computed for other SMILES (digest {kept}); remove it")
         return np.load(path)
+    matrix = _mordred_of(smiles, procs)
+    np.save(path, matrix)
+    sidecar.write_text(digest + "\n")
+    return matrix
+
+
+def _mordred_of(smiles: list[str], procs: int) -> np.ndarray:
+    """Mordred's 2D descriptors as float32, NaN where RDKit or a descriptor fails."""
     from mordred import Calculator, descriptors  # pip install mordredcommunity
     from rdkit import Chem, RDLogger
 
@@ -583,9 +593,6 @@ def mordred_matrix(smiles: list[str], path: Path | None, procs: int) -> np.ndarr
     block[~np.isfinite(block) | (np.abs(block) > 3e38)] = np.nan  # float32 would overflow
     matrix = np.full((len(smiles), len(calc.descriptors)), np.nan, np.float32)
     matrix[parsed] = block.astype(np.float32)
-    if path is not None and sidecar is not None:
-        np.save(path, matrix)
-        sidecar.write_text(digest + "\n")
     return matrix
 
 
