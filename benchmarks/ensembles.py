@@ -479,7 +479,6 @@ def stack(b: Bench, c: float) -> dict[str, Any]:
 
     d = b.data
     folds = b.folds(K, b.seed)
-    t0 = time.perf_counter()
     _, learners = networks_and_trees(b, folds)
     (net_oof, net_test), (tree_oof, tree_test) = learners.values()
     tasks = list(d.table.tasks)
@@ -520,7 +519,6 @@ def stack(b: Bench, c: float) -> dict[str, Any]:
         "test_stacked": b.test_auc([stacked_test]),
         "test_chosen": b.test_auc([blend_of(plain_test, stacked_test, w)]),
         "oof_shares": oof,
-        "seconds": round(time.perf_counter() - t0),
     }
 
 
